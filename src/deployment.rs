@@ -1,0 +1,206 @@
+//! Deployments as readers see them: which version a target moved to, how it was noticed, and
+//! the windows after it with their verdicts and findings. Pure types and rendering; the
+//! tracking itself lives in [`crate::tracker`].
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::status::rfc3339;
+use crate::window::{Verdict, Window};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentKind {
+    Deploy,
+    Rollback,
+}
+
+impl DeploymentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentKind::Deploy => "deploy",
+            DeploymentKind::Rollback => "rollback",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "deploy" => Some(DeploymentKind::Deploy),
+            "rollback" => Some(DeploymentKind::Rollback),
+            _ => None,
+        }
+    }
+}
+
+/// How a deployment became known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detection {
+    /// The version query's value changed.
+    VersionChange,
+    /// `POST /api/deployments` or `deploywatch deploy mark`.
+    Announced,
+    /// `[[deployments.declared]]` in the configuration.
+    Declared,
+}
+
+impl Detection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detection::VersionChange => "version_change",
+            Detection::Announced => "announced",
+            Detection::Declared => "declared",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "version_change" => Some(Detection::VersionChange),
+            "announced" => Some(Detection::Announced),
+            "declared" => Some(Detection::Declared),
+            _ => None,
+        }
+    }
+}
+
+/// The regression signals. A closed set: it is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    CheckFailure,
+    RollbackRatio,
+    Deadlocks,
+    Connections,
+    QueryLatency,
+    SeqScans,
+    UnusedIndex,
+    DbGrowth,
+    TopQueries,
+    Integrity,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 10] = [
+        Signal::CheckFailure,
+        Signal::RollbackRatio,
+        Signal::Deadlocks,
+        Signal::Connections,
+        Signal::QueryLatency,
+        Signal::SeqScans,
+        Signal::UnusedIndex,
+        Signal::DbGrowth,
+        Signal::TopQueries,
+        Signal::Integrity,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::CheckFailure => "check_failure",
+            Signal::RollbackRatio => "rollback_ratio",
+            Signal::Deadlocks => "deadlocks",
+            Signal::Connections => "connections",
+            Signal::QueryLatency => "query_latency",
+            Signal::SeqScans => "seq_scans",
+            Signal::UnusedIndex => "unused_index",
+            Signal::DbGrowth => "db_growth",
+            Signal::TopQueries => "top_queries",
+            Signal::Integrity => "integrity",
+        }
+    }
+}
+
+/// One regression or improvement, with the figures that justify it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub signal: Signal,
+    /// What it is about: a check, a query (id and text), a table or an index.
+    pub subject: String,
+    pub message: String,
+    /// Baseline and window figures, test statistics, sample counts.
+    pub evidence: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowView {
+    pub window: Window,
+    pub start: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    pub verdict: Verdict,
+    pub samples: usize,
+    pub regressions: Vec<Finding>,
+    pub improvements: Vec<Finding>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentView {
+    pub id: i64,
+    pub target: String,
+    pub kind: DeploymentKind,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    pub detected_by: Detection,
+    /// Unix seconds.
+    pub at: f64,
+    pub at_text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub current_window: Option<Window>,
+    pub baseline_samples: usize,
+    pub windows: Vec<WindowView>,
+    /// Why some signals could not be judged (e.g. pg_stat_statements is not installed).
+    pub limitations: Vec<String>,
+    pub rollbacks_seen: u64,
+}
+
+impl DeploymentView {
+    pub fn has_regressions(&self) -> bool {
+        self.windows.iter().any(|w| !w.regressions.is_empty())
+    }
+}
+
+pub fn describe_at(at: f64) -> String {
+    rfc3339(at)
+}
+
+/// The deployment part of the plain-text status.
+pub fn render_text(view: &DeploymentView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  deployment #{}: {} {} -> {} at {} ({}){}",
+        view.id,
+        view.kind.as_str(),
+        view.from_version.as_deref().unwrap_or("?"),
+        view.to_version,
+        view.at_text,
+        view.detected_by.as_str(),
+        match view.current_window {
+            Some(w) => format!(", now in {}", w.as_str()),
+            None => String::new(),
+        }
+    );
+    let _ = writeln!(out, "  baseline: {} samples", view.baseline_samples);
+    for window in &view.windows {
+        let _ = writeln!(
+            out,
+            "    {:<11} {:<12} samples {:<5} regressions {:<3} improvements {}",
+            window.window.as_str(),
+            window.verdict.as_str(),
+            window.samples,
+            window.regressions.len(),
+            window.improvements.len()
+        );
+        for finding in &window.regressions {
+            let _ = writeln!(out, "      REGRESSION {}: {}", finding.signal.as_str(), finding.message);
+        }
+        for finding in &window.improvements {
+            let _ = writeln!(out, "      improvement {}: {}", finding.signal.as_str(), finding.message);
+        }
+    }
+    for limitation in &view.limitations {
+        let _ = writeln!(out, "  note: {limitation}");
+    }
+    out
+}

@@ -1,0 +1,129 @@
+//! The `deploywatch` binary: parse the command line, start logging, load the configuration and
+//! dispatch. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use deploywatch::cli::{Cli, Command, DeployAction, LogFormat};
+use deploywatch::commands::{self, EXIT_UNREACHABLE};
+use deploywatch::config::Config;
+use deploywatch::daemon::{self, Event};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    Config::load(&cli.config).map_err(|error| {
+        eprintln!("{error}");
+        ExitCode::from(EXIT_UNREACHABLE)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let printed = |(code, output): (u8, String)| {
+        print!("{output}");
+        ExitCode::from(code)
+    };
+    match &cli.command {
+        Command::Run { listen } => {
+            let config = match load(&cli) {
+                Ok(config) => config,
+                Err(code) => return Ok(code),
+            };
+            let address = listen.unwrap_or(config.server.listen);
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving /metrics, /status, /healthz, /readyz");
+            let handle = daemon::start(config, listener)?;
+            forward_signals(handle.events.clone())?;
+            handle.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { target, check, format } => {
+            let config = match load(&cli) {
+                Ok(config) => config,
+                Err(code) => return Ok(code),
+            };
+            Ok(printed(commands::check(config, target.as_deref(), check.as_deref(), *format).await))
+        }
+        Command::Validate => Ok(match load(&cli) {
+            Ok(config) => printed((0, commands::validate(&config))),
+            Err(code) => code,
+        }),
+        Command::Status { url, target, format } => {
+            let config = Config::load(&cli.config).ok();
+            Ok(printed(commands::status(url.as_deref(), config.as_ref(), target.as_deref(), *format).await))
+        }
+        Command::Deploy { action: DeployAction::Mark { version, target, note, started_at, url, token_env } } => {
+            let config = Config::load(&cli.config).ok();
+            Ok(printed(
+                commands::deploy_mark(
+                    config.as_ref(),
+                    url.as_deref(),
+                    token_env.as_deref(),
+                    target.as_deref(),
+                    version,
+                    note.as_deref(),
+                    started_at.as_deref(),
+                )
+                .await,
+            ))
+        }
+        Command::Report { .. } | Command::Demo { .. } => {
+            eprintln!("not available yet");
+            Ok(ExitCode::from(EXIT_UNREACHABLE))
+        }
+    }
+}
+
+/// SIGHUP reloads, SIGTERM and SIGINT shut down gracefully.
+fn forward_signals(events: tokio::sync::mpsc::Sender<Event>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = hangup.recv() => Event::Reload,
+                _ = terminate.recv() => Event::Shutdown,
+                _ = interrupt.recv() => Event::Shutdown,
+            };
+            tracing::info!(?event, "signal received");
+            if events.send(event).await.is_err() || event == Event::Shutdown {
+                break;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! How to reach one target database: connection settings and where its password comes from.
+//!
+//! The password is never stored in the configuration structs; it is read from its source
+//! (an environment variable or a file) each time a connection is opened, so a rotated secret
+//! is picked up without a restart. Nothing in this module prints a password: `Debug` output of
+//! every type here is redacted.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The `application_name` every deploywatch session carries, so DBAs can see and count them.
+pub const APPLICATION_NAME: &str = "deploywatch";
+
+#[derive(Clone, PartialEq)]
+pub enum PasswordSource {
+    /// The name of an environment variable holding the secret.
+    Env(String),
+    /// A file whose contents (trailing newline trimmed) are the secret.
+    File(PathBuf),
+}
+
+impl fmt::Debug for PasswordSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PasswordSource::Env(var) => write!(f, "Env({var})"),
+            PasswordSource::File(path) => write!(f, "File({})", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("invalid connection string: {0}")]
+    InvalidConnectionString(String),
+    #[error("environment variable {0} (password_env) is not set")]
+    MissingEnv(String),
+    #[error("cannot read password file {path}: {source}")]
+    PasswordFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no host given: set url or host")]
+    NoHost,
+}
+
+impl PasswordSource {
+    /// Reads the secret now.
+    pub fn read(&self) -> Result<String, TargetError> {
+        match self {
+            PasswordSource::Env(var) => {
+                std::env::var(var).map_err(|_| TargetError::MissingEnv(var.clone()))
+            }
+            PasswordSource::File(path) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|source| TargetError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
+/// Everything needed to open a session on a target, except the password itself.
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    base: tokio_postgres::Config,
+    password: Option<PasswordSource>,
+    /// A human description without secrets, e.g. `postgres@127.0.0.1:5432/cognit`.
+    pub display: String,
+}
+
+impl fmt::Debug for ConnectionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionSettings")
+            .field("display", &self.display)
+            .field("password", &self.password)
+            .finish()
+    }
+}
+
+impl ConnectionSettings {
+    /// Builds settings from a connection string (libpq URL or `key=value` form) and/or parts.
+    /// Parts override what the string says.
+    pub fn new(
+        url: Option<&str>,
+        host: Option<String>,
+        port: Option<u16>,
+        dbname: Option<String>,
+        user: Option<String>,
+        password: Option<PasswordSource>,
+        connect_timeout: Duration,
+    ) -> Result<Self, TargetError> {
+        let mut base = match url {
+            // tokio-postgres' parse errors name the option, never its value, so they are safe
+            // to show even when the string holds a password.
+            Some(text) => tokio_postgres::Config::from_str(text)
+                .map_err(|e| TargetError::InvalidConnectionString(e.to_string()))?,
+            None => tokio_postgres::Config::new(),
+        };
+        if let Some(host) = host {
+            base.host(host);
+        }
+        if let Some(port) = port {
+            base.port(port);
+        }
+        if let Some(dbname) = dbname {
+            base.dbname(dbname);
+        }
+        if let Some(user) = user {
+            base.user(user);
+        }
+        if base.get_hosts().is_empty() {
+            return Err(TargetError::NoHost);
+        }
+        if base.get_user().is_none() {
+            base.user(std::env::var("PGUSER").unwrap_or_else(|_| "postgres".to_string()));
+        }
+        base.application_name(APPLICATION_NAME);
+        base.connect_timeout(connect_timeout);
+        // Keepalives notice a network that silently stopped forwarding.
+        base.keepalives(true);
+        base.keepalives_idle(Duration::from_secs(30));
+        base.keepalives_interval(Duration::from_secs(10));
+        base.keepalives_retries(3);
+        let display = describe(&base);
+        Ok(ConnectionSettings {
+            base,
+            password,
+            display,
+        })
+    }
+
+    /// The tokio-postgres configuration with the password read from its source now.
+    pub fn resolve(&self) -> Result<tokio_postgres::Config, TargetError> {
+        let mut config = self.base.clone();
+        if let Some(source) = &self.password {
+            config.password(source.read()?);
+        }
+        Ok(config)
+    }
+}
+
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "?".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{}:{}/{}",
+        config.get_user().unwrap_or("?"),
+        host,
+        port,
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_url_error_does_not_contain_password() {
+        let error = ConnectionSettings::new(
+            Some("postgres://u:S3cretPw!@host:notaport/db"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Duration::from_secs(1),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(error.contains("invalid connection string"), "{error}");
+        assert!(!error.contains("S3cretPw"), "{error}");
+    }
+
+    #[test]
+    fn debug_output_is_redacted() {
+        let settings = ConnectionSettings::new(
+            Some("host=db user=u password=S3cretPw dbname=x"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Duration::from_secs(1),
+        )
+        .expect("valid");
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("S3cretPw"), "{debug}");
+        assert_eq!(settings.display, "u@db:5432/x");
+    }
+
+    #[test]
+    fn parts_override_the_url() {
+        let settings = ConnectionSettings::new(
+            Some("postgres://a@h1:1/d1"),
+            Some("h2".into()),
+            Some(2),
+            Some("d2".into()),
+            Some("b".into()),
+            None,
+            Duration::from_secs(1),
+        )
+        .expect("valid");
+        assert_eq!(settings.display, "b@h2:2/d2");
+    }
+
+    #[test]
+    fn password_file_is_read_each_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "one\n").expect("write");
+        let source = PasswordSource::File(file.clone());
+        assert_eq!(source.read().expect("read"), "one");
+        std::fs::write(&file, "two").expect("write");
+        assert_eq!(source.read().expect("read"), "two");
+    }
+}

@@ -1,0 +1,215 @@
+//! Shared test support: a real PostgreSQL per test (via `deploywatch::pgcluster`), the cognit
+//! fixture at a chosen version, configuration files pointing at it, an in-process daemon on a
+//! free port, and small matchers over a real Prometheus exposition parse.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use deploywatch::config::Config;
+use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/cognit").join(name)
+}
+
+/// A throwaway PostgreSQL. Fails loudly (with the fix) when PostgreSQL is not installed.
+pub fn cluster() -> PgCluster {
+    let options = ClusterOptions {
+        shared_preload_libraries: vec!["pg_stat_statements".to_string()],
+        ..ClusterOptions::default()
+    };
+    match PgCluster::start(options) {
+        Ok(cluster) => cluster,
+        Err(error) => panic!("cannot start a test PostgreSQL: {error}"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Version {
+    V360,
+    V370,
+}
+
+/// Creates database `name` holding the cognit application at `version` with generated data.
+pub fn cognit_db(cluster: &PgCluster, name: &str, version: Version) {
+    cluster.create_database(name).expect("create database");
+    cluster
+        .psql_file(name, &fixture("schema_3.6.0.sql"))
+        .expect("schema 3.6.0");
+    cluster
+        .psql_file(name, &fixture("generate.sql"))
+        .expect("generator");
+    cluster
+        .psql(name, "SELECT cognit_generate(1)")
+        .expect("generate data");
+    if version == Version::V370 {
+        migrate(cluster, name).expect("migration");
+    }
+}
+
+pub fn migrate(cluster: &PgCluster, name: &str) -> Result<String, deploywatch::pgcluster::PgClusterError> {
+    cluster.psql_file(name, &fixture("001_pragmatic_schema_fixes.sql"))
+}
+
+pub fn corrupt(cluster: &PgCluster, name: &str, script: &str) {
+    cluster
+        .psql_file(name, &fixture(&format!("corrupt/{script}.sql")))
+        .unwrap_or_else(|e| panic!("corruption {script}: {e}"));
+}
+
+pub fn repair(cluster: &PgCluster, name: &str, script: &str) {
+    cluster
+        .psql_file(name, &fixture(&format!("repair/{script}.sql")))
+        .unwrap_or_else(|e| panic!("repair {script}: {e}"));
+}
+
+/// A directory with a main config file and (optionally) check packs.
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl ConfigDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("checks")).expect("checks dir");
+        ConfigDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn main(&self) -> PathBuf {
+        self.dir.path().join("deploywatch.toml")
+    }
+
+    pub fn write(&self, relative: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(relative);
+        std::fs::write(&path, text).expect("write config file");
+        path
+    }
+
+    /// Copies one of the shipped packs into `checks/`.
+    pub fn add_shipped_pack(&self, file: &str) {
+        let text = std::fs::read_to_string(repo().join("config/checks").join(file)).expect("pack");
+        self.write(&format!("checks/{file}"), &text);
+    }
+
+    pub fn load(&self) -> Config {
+        match Config::load(&self.main()) {
+            Ok(config) => config,
+            Err(error) => panic!("config should load: {error}"),
+        }
+    }
+}
+
+/// A `[[targets]]` entry for a database of a test cluster.
+pub fn target_toml(name: &str, cluster: &PgCluster, db: &str) -> String {
+    format!(
+        "[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
+        cluster.port()
+    )
+}
+
+/// An HTTP GET against the daemon; returns status code and body.
+pub async fn get(url: &str) -> (u16, String) {
+    let (code, body) = deploywatch::client::request(hyper::Method::GET, url, "*/*", None, None)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (code.as_u16(), body)
+}
+
+/// Polls `probe` until it returns Some or the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A parsed Prometheus scrape with small matchers.
+pub struct Scrape(pub prometheus_parse::Scrape);
+
+pub fn parse_metrics(text: &str) -> Scrape {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    Scrape(prometheus_parse::Scrape::parse(lines).expect("valid exposition format"))
+}
+
+pub struct Query<'a> {
+    scrape: &'a Scrape,
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+impl Scrape {
+    pub fn metric(&self, name: &str) -> Query<'_> {
+        Query {
+            scrape: self,
+            name: name.to_string(),
+            labels: Vec::new(),
+        }
+    }
+
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        self.0.samples.iter().map(|s| s.metric.clone()).collect()
+    }
+}
+
+impl Query<'_> {
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn samples(&self) -> Vec<&prometheus_parse::Sample> {
+        self.scrape
+            .0
+            .samples
+            .iter()
+            .filter(|s| s.metric == self.name)
+            .filter(|s| {
+                self.labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k).map(|x| x == v).unwrap_or(false))
+            })
+            .collect()
+    }
+
+    /// The single matching sample's value; panics if there is not exactly one.
+    pub fn value(&self) -> f64 {
+        let samples = self.samples();
+        assert_eq!(
+            samples.len(),
+            1,
+            "expected one sample of {}{:?}, found {}",
+            self.name,
+            self.labels,
+            samples.len()
+        );
+        match samples[0].value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("unexpected sample type"),
+        }
+    }
+
+    pub fn value_opt(&self) -> Option<f64> {
+        (self.samples().len() == 1).then(|| self.value())
+    }
+}

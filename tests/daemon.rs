@@ -1,0 +1,425 @@
+//! `deploywatch run` against real PostgreSQL servers: the endpoints, the metrics contract,
+//! databases that go down or hang, the connection cap, overlapping runs, reload and shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{cluster, cognit_db, eventually, get, parse_metrics, target_toml, ConfigDir, Version};
+use deploywatch::daemon::{self, DaemonHandle};
+use deploywatch::pgcluster::PgCluster;
+
+const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[deployments]\nenabled = false\n\n";
+
+async fn start(dir: &ConfigDir) -> DaemonHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    daemon::start(dir.load(), listener).expect("daemon starts")
+}
+
+fn base(handle: &DaemonHandle) -> String {
+    format!("http://{}", handle.local_addr)
+}
+
+async fn scrape(handle: &DaemonHandle) -> common::Scrape {
+    let (code, body) = get(&format!("{}/metrics", base(handle))).await;
+    assert_eq!(code, 200);
+    parse_metrics(&body)
+}
+
+async fn wait_ready(handle: &DaemonHandle) {
+    let url = format!("{}/readyz", base(handle));
+    eventually("readyz", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { (get(&url).await.0 == 200).then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until every check of every target has run at least once.
+async fn wait_all_ran(handle: &DaemonHandle) {
+    let state = handle.state.clone();
+    eventually("every check ran", Duration::from_secs(60), || {
+        let state = state.clone();
+        async move {
+            let snapshot = state.snapshot();
+            snapshot
+                .targets
+                .values()
+                .all(|t| t.checks.values().all(|c| c.runs > 0))
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+fn two_targets(a: &PgCluster, b: &PgCluster) -> ConfigDir {
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write(
+        "deploywatch.toml",
+        &format!("{FAST}{}\n{}", target_toml("migrated", a, "cognit"), target_toml("legacy", b, "cognit")),
+    );
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_show_every_check_of_every_target() {
+    let a = cluster();
+    cognit_db(&a, "cognit", Version::V370);
+    let b = cluster();
+    cognit_db(&b, "cognit", Version::V360);
+    let dir = two_targets(&a, &b);
+    let handle = start(&dir).await;
+    wait_ready(&handle).await;
+    wait_all_ran(&handle).await;
+
+    let m = scrape(&handle).await;
+    assert_eq!(m.metric("deploywatch_up").label("target", "migrated").value(), 1.0);
+    assert_eq!(m.metric("deploywatch_up").label("target", "legacy").value(), 1.0);
+    assert_eq!(m.metric("deploywatch_build_info").value(), 1.0);
+    assert_eq!(m.metric("deploywatch_config_last_reload_successful").value(), 1.0);
+    let config = dir.load();
+    for check in &config.targets[0].checks {
+        let success = m
+            .metric("deploywatch_check_success")
+            .label("target", "migrated")
+            .label("check", &check.name)
+            .label("category", check.category.as_str())
+            .label("severity", check.severity.as_str())
+            .value();
+        assert_eq!(success, 1.0, "{} on migrated", check.name);
+        assert!(m.metric("deploywatch_check_duration_seconds").label("check", &check.name).label("target", "migrated").value() >= 0.0);
+        assert!(m.metric("deploywatch_check_last_run_timestamp_seconds").label("check", &check.name).label("target", "migrated").value() > 1.7e9);
+    }
+    let legacy_version = m.metric("deploywatch_check_success").label("target", "legacy").label("check", "schema_version").value();
+    assert_eq!(legacy_version, 0.0);
+    assert_eq!(
+        m.metric("deploywatch_check_status").label("target", "legacy").label("check", "schema_version").label("status", "fail").value(),
+        1.0
+    );
+    assert_eq!(m.metric("deploywatch_check_value").label("target", "legacy").label("check", "image_id_type_consistency").value(), 2.0);
+    assert_eq!(m.metric("deploywatch_check_value").label("target", "migrated").label("check", "orphaned_payments").value(), 0.0);
+    let partial = m
+        .metric("deploywatch_check_value")
+        .label("target", "migrated")
+        .label("check", "partial_index_usage")
+        .label("column", "scans")
+        .samples();
+    assert!(partial.len() >= 9, "one scans series per partial index, got {}", partial.len());
+    assert!(partial.iter().all(|s| s.labels.get("indexname").is_some()));
+
+    // /status says the same.
+    let (code, body) = get(&format!("{}/status", base(&handle))).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(status["status"], "failing", "legacy is on 3.6.0");
+    let targets = status["targets"].as_array().expect("targets");
+    let legacy = targets.iter().find(|t| t["name"] == "legacy").expect("legacy");
+    assert_eq!(legacy["reachable"], true);
+    assert_eq!(legacy["schema_version"], serde_json::Value::Null);
+    let version_check = legacy["checks"].as_array().expect("checks").iter().find(|c| c["name"] == "schema_version").expect("check");
+    assert_eq!(version_check["status"], "fail");
+    assert_eq!(version_check["value"], "3.6.0");
+    assert_eq!(version_check["expectation"], "== \"3.7.0\"");
+    assert_eq!(version_check["severity"], "critical");
+    assert!(version_check["runbook"].is_string());
+    assert!(version_check["last_run"].is_string());
+
+    // Filters and the text table.
+    let (_, body) = get(&format!("{}/status?target=migrated&status=fail", base(&handle))).await;
+    let filtered: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(filtered["targets"].as_array().map(|t| t.len()), Some(1));
+    assert_eq!(filtered["targets"][0]["checks"].as_array().map(|c| c.len()), Some(0));
+    let (_, text) = get(&format!("{}/status?format=text", base(&handle))).await;
+    assert!(text.contains("FAIL    schema_version") || text.lines().any(|l| l.contains("FAIL") && l.contains("schema_version")), "{text}");
+
+    // `deploywatch status` against the running daemon.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .args(["status", "--url", &base(&handle), "--target", "migrated"])
+        .output()
+        .await
+        .expect("status command");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("target migrated"), "{stdout}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+    assert_eq!(output.status.code(), Some(1), "overall state is failing: {stdout}");
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_answer_404_405_and_probes() {
+    let a = cluster();
+    cognit_db(&a, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write("deploywatch.toml", &format!("{FAST}{}", target_toml("db", &a, "cognit")));
+    let handle = start(&dir).await;
+    let url = base(&handle);
+    assert_eq!(get(&format!("{url}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{url}/nope")).await.0, 404);
+    let (code, _) = deploywatch::client::request(hyper::Method::POST, &format!("{url}/metrics"), "*/*", None, Some("x".into()))
+        .await
+        .expect("post");
+    assert_eq!(code.as_u16(), 405);
+    assert_eq!(get(&format!("{url}/status?status=bogus")).await.0, 400);
+    wait_ready(&handle).await;
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
+    let mut a = cluster();
+    cognit_db(&a, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write("deploywatch.toml", &format!("{FAST}{}", target_toml("db", &a, "cognit")));
+    let handle = start(&dir).await;
+    wait_ready(&handle).await;
+    wait_all_ran(&handle).await;
+
+    a.stop().expect("stop postgres");
+    let url = base(&handle);
+    eventually("up = 0", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let (_, body) = get(&format!("{url}/metrics")).await;
+            let m = parse_metrics(&body);
+            (m.metric("deploywatch_up").label("target", "db").value() == 0.0).then_some(())
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let (_, body) = get(&format!("{url}/metrics")).await;
+    let (status_code, status_body) = get(&format!("{url}/status")).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "scrapes must not wait on the database");
+    assert_eq!(status_code, 200);
+    let m = parse_metrics(&body);
+    let connection_errors: f64 = m
+        .metric("deploywatch_check_errors_total")
+        .label("target", "db")
+        .label("kind", "connection")
+        .samples()
+        .iter()
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(connection_errors >= 1.0, "connection errors are counted");
+    let status: serde_json::Value = serde_json::from_str(&status_body).expect("json");
+    assert_eq!(status["targets"][0]["reachable"], false);
+    assert!(status["targets"][0]["connection_error"].as_str().unwrap_or("").contains("connect"), "{status_body}");
+
+    a.start_again().expect("start postgres");
+    eventually("up = 1 again", Duration::from_secs(60), || {
+        let url = url.clone();
+        async move {
+            let (_, body) = get(&format!("{url}/metrics")).await;
+            let m = parse_metrics(&body);
+            let up = m.metric("deploywatch_up").label("target", "db").value() == 1.0;
+            let passing = m.metric("deploywatch_check_success").label("target", "db").label("check", "orphaned_payments").value() == 1.0;
+            (up && passing).then_some(())
+        }
+    })
+    .await;
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+fn deploywatch_sessions(pg: &PgCluster) -> i64 {
+    pg.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_times_out_without_delaying_other_targets() {
+    let hung = cluster();
+    cognit_db(&hung, "cognit", Version::V370);
+    let healthy = cluster();
+    cognit_db(&healthy, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/light.toml",
+        "[pack]\nname = \"light\"\n\n[[check]]\nname = \"ping\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n\n[[check]]\nname = \"orphans\"\ncategory = \"integrity\"\nseverity = \"critical\"\nsql = \"SELECT count(*) FROM payments p WHERE NOT EXISTS (SELECT 1 FROM participants WHERE participant_id = p.participant_id)\"\nexpect = \"== 0\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!("{}{}\n{}", FAST.replace("timeout = \"2s\"", "timeout = \"1s\""), target_toml("hung", &hung, "cognit"), target_toml("healthy", &healthy, "cognit")),
+    );
+    let handle = start(&dir).await;
+    wait_ready(&handle).await;
+    wait_all_ran(&handle).await;
+
+    hung.pause().expect("SIGSTOP postgres");
+    let state = handle.state.clone();
+    let runs_of_healthy = |state: &deploywatch::state::State| state.snapshot().targets["healthy"].checks["ping"].runs;
+    let before = runs_of_healthy(&state);
+    let url = base(&handle);
+    eventually("hung checks time out", Duration::from_secs(30), || {
+        let state = state.clone();
+        async move {
+            let snapshot = state.snapshot();
+            let check = &snapshot.targets["hung"].checks["ping"];
+            (check.errors.keys().any(|k| k.as_str() == "timeout")).then_some(())
+        }
+    })
+    .await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (code, _) = get(&format!("{url}/metrics")).await;
+        assert_eq!(code, 200);
+        assert!(started.elapsed() < Duration::from_secs(2), "scrapes stay fast while a target hangs");
+    }
+    let after = runs_of_healthy(&state);
+    assert!(after >= before + 3, "the healthy target kept its schedule ({before} -> {after})");
+
+    hung.resume().expect("SIGCONT postgres");
+    eventually("hung target recovers", Duration::from_secs(60), || {
+        let state = state.clone();
+        async move {
+            let snapshot = state.snapshot();
+            let check = &snapshot.targets["hung"].checks["ping"];
+            (check.status == deploywatch::outcome::Status::Pass && snapshot.targets["hung"].reachable == Some(true)).then_some(())
+        }
+    })
+    .await;
+    // Sessions abandoned during the hang are gone; at most the cap remain.
+    let sessions = eventually("abandoned sessions are closed", Duration::from_secs(30), || {
+        let n = deploywatch_sessions(&hung);
+        async move { (0..=2).contains(&n).then_some(n) }
+    })
+    .await;
+    assert!(sessions <= 2);
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    let mut pack = String::from("[pack]\nname = \"many\"\n");
+    for i in 0..50 {
+        pack.push_str(&format!(
+            "\n[[check]]\nname = \"sleepy_{i}\"\ncategory = \"performance\"\nseverity = \"info\"\ninterval = \"1s\"\nsql = \"SELECT count(*) FROM pg_sleep(0.05)\"\nexpect = \"== 1\"\n"
+        ));
+    }
+    dir.write("checks/many.toml", &pack);
+    dir.write(
+        "deploywatch.toml",
+        &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\nmax_connections = 2\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()),
+    );
+    let handle = start(&dir).await;
+    let mut max_seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        max_seen = max_seen.max(deploywatch_sessions(&pg));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(max_seen >= 1, "checks were running");
+    assert!(max_seen <= 2, "PostgreSQL saw {max_seen} deploywatch sessions with a cap of 2");
+    let runs: u64 = handle.state.snapshot().targets["db"].checks.values().map(|c| c.runs).sum();
+    assert!(runs >= 50, "the queue drained: {runs} runs");
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/slow.toml",
+        "[pack]\nname = \"slow\"\n\n[[check]]\nname = \"slow\"\ncategory = \"performance\"\nseverity = \"info\"\ninterval = \"1s\"\ntimeout = \"10s\"\nsql = \"SELECT count(*) FROM pg_sleep(2.5)\"\nexpect = \"== 1\"\n",
+    );
+    dir.write("deploywatch.toml", &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\nmax_connections = 4\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()));
+    let handle = start(&dir).await;
+    let mut max_running = 0;
+    let deadline = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < deadline {
+        let n = pg
+            .psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' AND query LIKE '%pg_sleep(2.5)%' AND state = 'active'")
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        max_running = max_running.max(n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(max_running, 1, "never two runs of one check at once");
+    let m = scrape(&handle).await;
+    let skipped = m.metric("deploywatch_check_skipped_total").label("check", "slow").value();
+    assert!(skipped >= 2.0, "skipped runs are counted: {skipped}");
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+/// The binary with real signals: SIGHUP with a good and a bad configuration, then SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    let one = "[pack]\nname = \"p\"\n\n[[check]]\nname = \"first\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n";
+    dir.write("checks/p.toml", one);
+    let main = format!("{FAST}{}", target_toml("db", &pg, "cognit"));
+    dir.write("deploywatch.toml", &main);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn daemon");
+    let url = format!("http://127.0.0.1:{port}");
+    let metrics = |url: String| async move {
+        deploywatch::client::request(hyper::Method::GET, &format!("{url}/metrics"), "*/*", None, None)
+            .await
+            .ok()
+            .map(|(_, body)| parse_metrics(&body))
+    };
+    eventually("first check reported", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { metrics(url).await.and_then(|m| m.metric("deploywatch_check_success").label("check", "first").value_opt()) }
+    })
+    .await;
+    let pid = child.id().expect("pid") as i32;
+    let signal = |sig: &str| {
+        std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill");
+    };
+
+    // A good new configuration: a second check appears.
+    dir.write("checks/p.toml", &format!("{one}\n[[check]]\nname = \"second\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 2\"\nexpect = \"== 2\"\n"));
+    signal("-HUP");
+    eventually("second check after reload", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { metrics(url).await.and_then(|m| m.metric("deploywatch_check_success").label("check", "second").value_opt()).filter(|v| *v == 1.0) }
+    })
+    .await;
+
+    // A bad one: rejected, the old checks keep running.
+    dir.write("checks/p.toml", "[pack]\nname = \"p\"\n\n[[check]]\nname = \"broken\"\n");
+    signal("-HUP");
+    eventually("reload failure reported", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { metrics(url).await.and_then(|m| m.metric("deploywatch_config_last_reload_successful").value_opt()).filter(|v| *v == 0.0) }
+    })
+    .await;
+    let runs = |m: &common::Scrape| m.metric("deploywatch_check_runs_total").label("check", "second").value();
+    let before = runs(&metrics(url.clone()).await.expect("scrape"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = runs(&metrics(url.clone()).await.expect("scrape"));
+    assert!(after > before, "the previous configuration keeps running ({before} -> {after})");
+
+    signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits within the grace period").expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    assert!(stderr.contains("configuration reload rejected"), "{stderr}");
+    assert!(stderr.contains("check[0] (broken)"), "the log names the key: {stderr}");
+}
