@@ -185,3 +185,45 @@ pub async fn deploy_mark(
 pub fn exit(code: u8) -> ExitCode {
     ExitCode::from(code)
 }
+
+/// `deploywatch report`: reads the state store named in the configuration.
+pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) -> (u8, String) {
+    let Some(path) = &config.store.path else {
+        return (
+            EXIT_UNREACHABLE,
+            "no [store] path in the configuration: deployments are only kept in memory\n".to_string(),
+        );
+    };
+    if !path.exists() {
+        return (
+            EXIT_UNREACHABLE,
+            format!("the state store {} does not exist yet: run the daemon first\n", path.display()),
+        );
+    }
+    let result = (|| -> Result<Option<String>, crate::store::StoreError> {
+        let store = crate::store::Store::open(path)?;
+        let record = match deployment {
+            Some(id) => store.deployment(id)?,
+            None => store.deployments(target)?.into_iter().next(),
+        };
+        let Some(record) = record else { return Ok(None) };
+        let before = store.samples(&record.target, record.at - 7.0 * 86400.0, record.at)?;
+        let now = unix_now();
+        let after = store.samples(&record.target, record.at, now + 1.0)?;
+        let verdicts = store.verdicts(record.id)?;
+        let version = store.last_version(&record.target)?;
+        Ok(Some(crate::report::render(&crate::report::ReportInput {
+            deployment: &record,
+            before: before.last(),
+            after: &after,
+            verdicts: &verdicts,
+            current_version: version.as_deref(),
+            now,
+        })))
+    })();
+    match result {
+        Ok(Some(text)) => (EXIT_OK, text),
+        Ok(None) => (EXIT_FAILED, "no deployment recorded yet\n".to_string()),
+        Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
+    }
+}

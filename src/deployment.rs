@@ -204,3 +204,57 @@ pub fn render_text(view: &DeploymentView) -> String {
     }
     out
 }
+
+/// Orders two version strings: numeric parts numerically ("3.10.0" > "3.9.1"), other parts as
+/// text. Used to tell a deployment from a rollback.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let (left, right) = (parts(a), parts(b));
+    for (x, y) in left.iter().zip(right.iter()) {
+        let ordering = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => x.cmp(y),
+        };
+        if ordering != std::cmp::Ordering::Equal {
+            return ordering;
+        }
+    }
+    left.len().cmp(&right.len())
+}
+
+/// A move to a lower version is a rollback.
+pub fn kind_of(from: Option<&str>, to: &str) -> DeploymentKind {
+    match from {
+        Some(from) if compare_versions(to, from) == std::cmp::Ordering::Less => DeploymentKind::Rollback,
+        _ => DeploymentKind::Deploy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cmp::Ordering;
+
+    #[test]
+    fn versions_compare_numerically() {
+        let check = |a: &str, b: &str, expected: Ordering| assert_eq!(compare_versions(a, b), expected, "{a} vs {b}");
+        check("3.7.0", "3.6.0", Ordering::Greater);
+        check("3.10.0", "3.9.9", Ordering::Greater);
+        check("3.6.0", "3.6.0", Ordering::Equal);
+        check("3.6", "3.6.1", Ordering::Less);
+        check("v2", "v10", Ordering::Less);
+        check("20261124_01", "20261123_07", Ordering::Greater);
+    }
+
+    #[test]
+    fn going_back_is_a_rollback() {
+        assert_eq!(kind_of(Some("3.7.0"), "3.6.0"), DeploymentKind::Rollback);
+        assert_eq!(kind_of(Some("3.6.0"), "3.7.0"), DeploymentKind::Deploy);
+        assert_eq!(kind_of(None, "3.7.0"), DeploymentKind::Deploy);
+    }
+}

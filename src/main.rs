@@ -99,9 +99,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await,
             ))
         }
-        Command::Report { .. } | Command::Demo { .. } => {
-            eprintln!("not available yet");
-            Ok(ExitCode::from(EXIT_UNREACHABLE))
+        Command::Report { target, deployment } => Ok(match load(&cli) {
+            Ok(config) => printed(commands::report(&config, target.as_deref(), *deployment)),
+            Err(code) => code,
+        }),
+        Command::Demo { no_story, step, listen, exit_after_story } => {
+            let options = deploywatch::demo::DemoOptions {
+                step: step.clone(),
+                listen: *listen,
+                story: !no_story,
+                exit_after_story: *exit_after_story,
+            };
+            match deploywatch::demo::run(options).await {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(error) => {
+                    eprintln!("demo: {error}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
     }
 }

@@ -14,3 +14,8 @@ pub struct WindowDurations { pub first_hour: Duration, pub first_day: Duration, 
 impl Default for WindowDurations { fn default() -> Self { WindowDurations { first_hour: Duration::from_secs(1), first_day: Duration::from_secs(2), first_week: Duration::from_secs(3) } } }
 #[derive(Debug, thiserror::Error)] pub enum WindowError { #[error("x")] X }
 impl WindowDurations { pub fn validate(&self) -> Result<(), WindowError> { Ok(()) } }
+pub type UnixSeconds = f64;
+pub fn bounds(_w: Window, a: f64, _d: &WindowDurations) -> (f64, Option<f64>) { (a, None) }
+pub fn window_at(_a: f64, _n: f64, _d: &WindowDurations) -> Option<Window> { None }
+pub fn verdict(_c: bool, _r: usize, _s: usize, _m: usize) -> Verdict { Verdict::Watching }
+pub fn baseline_range(a: f64, _s: Duration, _p: Option<f64>) -> (f64, f64) { (a, a) }

@@ -170,13 +170,13 @@ impl Scrape {
     }
 }
 
-impl Query<'_> {
+impl<'a> Query<'a> {
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.push((key.to_string(), value.to_string()));
         self
     }
 
-    pub fn samples(&self) -> Vec<&prometheus_parse::Sample> {
+    pub fn samples(&self) -> Vec<&'a prometheus_parse::Sample> {
         self.scrape
             .0
             .samples

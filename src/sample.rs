@@ -1,0 +1,366 @@
+//! Samples of a target's cumulative statistics and the deltas between them.
+//!
+//! [`RawStats`] is what one sampling pass read (cumulative counters, as PostgreSQL keeps them).
+//! [`delta`] turns two consecutive passes into a [`Sample`]: what happened in between. Counter
+//! resets (a restart, `pg_stat_reset()`, `pg_stat_statements_reset()`) and query ids that
+//! disappear are detected here and leave the affected part of the sample out, so they can never
+//! look like a change in behaviour. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Counters of the current database from `pg_stat_database`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DbCounters {
+    pub xact_commit: f64,
+    pub xact_rollback: f64,
+    pub deadlocks: f64,
+    pub conflicts: f64,
+    pub temp_files: f64,
+    pub temp_bytes: f64,
+    pub blks_read: f64,
+    pub blks_hit: f64,
+}
+
+impl DbCounters {
+    fn fields(&self) -> [f64; 8] {
+        [
+            self.xact_commit,
+            self.xact_rollback,
+            self.deadlocks,
+            self.conflicts,
+            self.temp_files,
+            self.temp_bytes,
+            self.blks_read,
+            self.blks_hit,
+        ]
+    }
+
+    fn minus(&self, earlier: &DbCounters) -> Option<DbCounters> {
+        let delta = DbCounters {
+            xact_commit: self.xact_commit - earlier.xact_commit,
+            xact_rollback: self.xact_rollback - earlier.xact_rollback,
+            deadlocks: self.deadlocks - earlier.deadlocks,
+            conflicts: self.conflicts - earlier.conflicts,
+            temp_files: self.temp_files - earlier.temp_files,
+            temp_bytes: self.temp_bytes - earlier.temp_bytes,
+            blks_read: self.blks_read - earlier.blks_read,
+            blks_hit: self.blks_hit - earlier.blks_hit,
+        };
+        delta.fields().iter().all(|v| *v >= 0.0).then_some(delta)
+    }
+}
+
+/// One statement of `pg_stat_statements` (all users' executions of one query id summed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatementCounters {
+    pub calls: f64,
+    pub total_ms: f64,
+    pub rows: f64,
+    pub query: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexCounters {
+    pub table: String,
+    pub scans: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableCounters {
+    pub seq_scan: f64,
+    pub seq_tup_read: f64,
+    pub idx_scan: f64,
+}
+
+/// A check's state at sampling time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckPoint {
+    pub category: String,
+    /// pass, fail, error or pending.
+    pub status: String,
+    pub value: Option<f64>,
+}
+
+/// What one sampling pass read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RawStats {
+    pub at: f64,
+    pub database: Option<DbCounters>,
+    /// `pg_stat_database.stats_reset`, as text.
+    pub database_reset: Option<String>,
+    /// `None` when pg_stat_statements is not available.
+    pub statements: Option<BTreeMap<String, StatementCounters>>,
+    /// `pg_stat_statements_info.stats_reset` where the extension version has it.
+    pub statements_reset: Option<String>,
+    /// Keyed by `schema.index`.
+    pub indexes: BTreeMap<String, IndexCounters>,
+    /// Keyed by `schema.table`.
+    pub tables: BTreeMap<String, TableCounters>,
+    pub size_bytes: f64,
+    pub connections: f64,
+    pub max_connections: f64,
+    pub checks: BTreeMap<String, CheckPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatementDelta {
+    pub calls: f64,
+    pub total_ms: f64,
+    pub rows: f64,
+    /// The query text, shortened.
+    pub query: String,
+}
+
+impl StatementDelta {
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.calls > 0.0).then(|| self.total_ms / self.calls)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexDelta {
+    pub table: String,
+    pub scans: f64,
+}
+
+/// What happened on a target between two sampling passes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// End of the interval (unix seconds).
+    pub at: f64,
+    /// Length of the interval.
+    pub seconds: f64,
+    /// `None` when the counters were reset in the interval.
+    pub database: Option<DbCounters>,
+    /// `None` when pg_stat_statements is unavailable or was reset in the interval. Only
+    /// statements that ran in the interval are present.
+    pub statements: Option<BTreeMap<String, StatementDelta>>,
+    pub indexes: BTreeMap<String, IndexDelta>,
+    pub tables: BTreeMap<String, TableCounters>,
+    pub size_bytes: f64,
+    pub connections: f64,
+    pub max_connections: f64,
+    pub checks: BTreeMap<String, CheckPoint>,
+    /// Which sources were reset in the interval (and left out).
+    pub resets: Vec<String>,
+    /// Whether pg_stat_statements was available at all.
+    pub statements_available: bool,
+}
+
+/// Longest query text kept with a statement.
+const QUERY_TEXT_CHARS: usize = 200;
+
+fn shorten(query: &str) -> String {
+    let one_line: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() > QUERY_TEXT_CHARS {
+        format!("{}…", one_line.chars().take(QUERY_TEXT_CHARS).collect::<String>())
+    } else {
+        one_line
+    }
+}
+
+/// The delta between two consecutive passes.
+pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
+    let mut resets = Vec::new();
+    let database = match (&previous.database, &current.database) {
+        (Some(before), Some(after)) if previous.database_reset == current.database_reset => {
+            let d = after.minus(before);
+            if d.is_none() {
+                resets.push("pg_stat_database".to_string());
+            }
+            d
+        }
+        (Some(_), Some(_)) => {
+            resets.push("pg_stat_database".to_string());
+            None
+        }
+        _ => None,
+    };
+    let statements = match (&previous.statements, &current.statements) {
+        (Some(before), Some(after)) => {
+            let total = |m: &BTreeMap<String, StatementCounters>| m.values().map(|s| s.calls).sum::<f64>();
+            let reset_marker_changed = previous.statements_reset != current.statements_reset;
+            // After pg_stat_statements_reset() most ids vanish or restart from zero, so the
+            // total number of calls drops.
+            if reset_marker_changed || total(after) < total(before) {
+                resets.push("pg_stat_statements".to_string());
+                None
+            } else {
+                let mut map = BTreeMap::new();
+                for (id, now) in after {
+                    // An id that is new (or came back after eviction) has no earlier value
+                    // to subtract; it is left out of this interval rather than guessed.
+                    let Some(then) = before.get(id) else { continue };
+                    let calls = now.calls - then.calls;
+                    let total_ms = now.total_ms - then.total_ms;
+                    if calls <= 0.0 || total_ms < 0.0 {
+                        continue;
+                    }
+                    map.insert(
+                        id.clone(),
+                        StatementDelta {
+                            calls,
+                            total_ms,
+                            rows: (now.rows - then.rows).max(0.0),
+                            query: shorten(&now.query),
+                        },
+                    );
+                }
+                Some(map)
+            }
+        }
+        _ => None,
+    };
+    let mut indexes = BTreeMap::new();
+    for (name, now) in &current.indexes {
+        match previous.indexes.get(name) {
+            Some(then) if now.scans >= then.scans => {
+                indexes.insert(
+                    name.clone(),
+                    IndexDelta {
+                        table: now.table.clone(),
+                        scans: now.scans - then.scans,
+                    },
+                );
+            }
+            Some(_) => {
+                if !resets.iter().any(|r| r == "pg_stat_user_indexes") {
+                    resets.push("pg_stat_user_indexes".to_string());
+                }
+            }
+            // A new index: it exists from now on; its scans so far count in this interval.
+            None => {
+                indexes.insert(
+                    name.clone(),
+                    IndexDelta {
+                        table: now.table.clone(),
+                        scans: now.scans,
+                    },
+                );
+            }
+        }
+    }
+    let mut tables = BTreeMap::new();
+    for (name, now) in &current.tables {
+        if let Some(then) = previous.tables.get(name) {
+            let d = TableCounters {
+                seq_scan: now.seq_scan - then.seq_scan,
+                seq_tup_read: now.seq_tup_read - then.seq_tup_read,
+                idx_scan: now.idx_scan - then.idx_scan,
+            };
+            if d.seq_scan >= 0.0 && d.seq_tup_read >= 0.0 && d.idx_scan >= 0.0 {
+                tables.insert(name.clone(), d);
+            } else if !resets.iter().any(|r| r == "pg_stat_user_tables") {
+                resets.push("pg_stat_user_tables".to_string());
+            }
+        }
+    }
+    Sample {
+        at: current.at,
+        seconds: (current.at - previous.at).max(0.0),
+        database,
+        statements,
+        indexes,
+        tables,
+        size_bytes: current.size_bytes,
+        connections: current.connections,
+        max_connections: current.max_connections,
+        checks: current.checks.clone(),
+        resets,
+        statements_available: current.statements.is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(at: f64, commits: f64, calls: f64, total_ms: f64) -> RawStats {
+        let mut statements = BTreeMap::new();
+        statements.insert(
+            "42".to_string(),
+            StatementCounters {
+                calls,
+                total_ms,
+                rows: calls,
+                query: "SELECT   1\n FROM t".to_string(),
+            },
+        );
+        RawStats {
+            at,
+            database: Some(DbCounters {
+                xact_commit: commits,
+                ..DbCounters::default()
+            }),
+            statements: Some(statements),
+            ..RawStats::default()
+        }
+    }
+
+    #[test]
+    fn delta_subtracts_counters() {
+        let s = delta(&raw(0.0, 10.0, 5.0, 50.0), &raw(60.0, 25.0, 15.0, 250.0));
+        assert_eq!(s.seconds, 60.0);
+        assert_eq!(s.database.map(|d| d.xact_commit), Some(15.0));
+        let statement = &s.statements.as_ref().expect("statements")["42"];
+        assert_eq!(statement.calls, 10.0);
+        assert_eq!(statement.mean_ms(), Some(20.0));
+        assert_eq!(statement.query, "SELECT 1 FROM t");
+        assert!(s.resets.is_empty());
+    }
+
+    #[test]
+    fn a_database_counter_going_backwards_is_a_reset_not_a_drop() {
+        let s = delta(&raw(0.0, 100.0, 5.0, 50.0), &raw(60.0, 3.0, 15.0, 250.0));
+        assert_eq!(s.database, None);
+        assert_eq!(s.resets, vec!["pg_stat_database".to_string()]);
+    }
+
+    #[test]
+    fn a_changed_stats_reset_time_is_a_reset() {
+        let mut before = raw(0.0, 10.0, 5.0, 50.0);
+        before.database_reset = Some("a".into());
+        let mut after = raw(60.0, 20.0, 15.0, 250.0);
+        after.database_reset = Some("b".into());
+        assert_eq!(delta(&before, &after).database, None);
+    }
+
+    #[test]
+    fn pg_stat_statements_reset_drops_the_statements_of_the_interval() {
+        let s = delta(&raw(0.0, 10.0, 500.0, 50.0), &raw(60.0, 20.0, 3.0, 1.0));
+        assert_eq!(s.statements, None);
+        assert!(s.resets.contains(&"pg_stat_statements".to_string()));
+        assert!(s.database.is_some());
+    }
+
+    #[test]
+    fn a_new_or_vanished_query_id_is_left_out() {
+        let before = raw(0.0, 10.0, 5.0, 50.0);
+        let mut after = raw(60.0, 20.0, 15.0, 250.0);
+        let statements = after.statements.as_mut().expect("statements");
+        let old = statements.remove("42").expect("42");
+        statements.insert("43".into(), old);
+        let s = delta(&before, &after);
+        assert_eq!(s.statements.map(|m| m.len()), Some(0));
+    }
+
+    #[test]
+    fn a_new_index_counts_its_scans_so_far() {
+        let before = RawStats::default();
+        let mut after = RawStats {
+            at: 10.0,
+            ..RawStats::default()
+        };
+        after.indexes.insert(
+            "public.idx_new".into(),
+            IndexCounters {
+                table: "public.t".into(),
+                scans: 3.0,
+            },
+        );
+        let s = delta(&before, &after);
+        assert_eq!(s.indexes["public.idx_new"].scans, 3.0);
+    }
+}

@@ -1,0 +1,424 @@
+//! Deployments, windows and regressions against a real PostgreSQL on a compressed clock:
+//! detection by version change, announcement and rollback; an injected regression; a
+//! deployment that changes nothing; counter resets and restarts; `kill -9` of the daemon.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster, cognit_db, eventually, get, parse_metrics, ConfigDir, Version};
+use deploywatch::daemon::{self, DaemonHandle};
+use deploywatch::deployment::{DeploymentKind, DeploymentView, Detection, Signal};
+use deploywatch::pgcluster::PgCluster;
+use deploywatch::window::{Verdict, Window};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token-5f1c";
+
+/// Windows of `hour`, `2*hour`, `3*hour` seconds, sampling every second.
+fn config(dir: &ConfigDir, pg: &PgCluster, db: &str, hour: u32) {
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write("token", TOKEN);
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\napi_token_file = \"token\"\n\n\
+             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n\
+             [store]\npath = \"state.sqlite\"\n\n\
+             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
+             latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
+             [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
+            hour * 2,
+            hour * 3,
+            pg.port()
+        ),
+    );
+}
+
+async fn start(dir: &ConfigDir) -> DaemonHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    daemon::start(dir.load(), listener).expect("daemon starts")
+}
+
+async fn workload(pg: &PgCluster, db: &str, cancel: &CancellationToken) {
+    let (_handle, _counters) = deploywatch::workload::spawn(
+        &pg.connection_string(db),
+        40,
+        Duration::from_millis(200),
+        cancel.clone(),
+    )
+    .await
+    .expect("workload");
+}
+
+/// The latest deployment view of the only target, once `accept` holds.
+async fn deployment_where(
+    handle: &DaemonHandle,
+    what: &str,
+    timeout: Duration,
+    accept: impl Fn(&DeploymentView) -> bool,
+) -> DeploymentView {
+    let state = handle.state.clone();
+    eventually(what, timeout, || {
+        let view = state.snapshot().deployments.get("cognit").cloned();
+        let accepted = view.filter(|v| accept(v));
+        async move { accepted }
+    })
+    .await
+}
+
+fn verdict(view: &DeploymentView, window: Window) -> Option<Verdict> {
+    view.windows.iter().find(|w| w.window == window).map(|w| w.verdict)
+}
+
+fn closed(view: &DeploymentView, window: Window) -> bool {
+    verdict(view, window).is_some_and(|v| v != Verdict::Watching)
+}
+
+async fn wait_baseline(handle: &DaemonHandle, samples: usize) {
+    // Samples are written every second; wait until the baseline has enough of them.
+    let state = handle.state.clone();
+    eventually("schema version seen", Duration::from_secs(30), || {
+        let seen = state.snapshot().targets["cognit"].schema_version.clone();
+        async move { seen }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(samples as u64 + 2)).await;
+}
+
+async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
+    let body = serde_json::json!({ "version": version, "note": "test" }).to_string();
+    let (code, body) = deploywatch::client::request(
+        hyper::Method::POST,
+        &format!("http://{}/api/deployments", handle.local_addr),
+        "application/json",
+        Some(TOKEN),
+        Some(body),
+    )
+    .await
+    .expect("post");
+    (code.as_u16(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_is_detected_and_its_windows_close_in_order() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V360);
+    let cancel = CancellationToken::new();
+    workload(&pg, "cognit", &cancel).await;
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 6);
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 6).await;
+
+    common::migrate(&pg, "cognit").expect("migration");
+    let view = deployment_where(&handle, "deployment detected", Duration::from_secs(20), |_| true).await;
+    assert_eq!(view.kind, DeploymentKind::Deploy);
+    assert_eq!(view.detected_by, Detection::VersionChange);
+    assert_eq!(view.from_version.as_deref(), Some("3.6.0"));
+    assert_eq!(view.to_version, "3.7.0");
+    assert!(view.baseline_samples >= 4, "baseline: {}", view.baseline_samples);
+    assert_eq!(view.current_window, Some(Window::FirstHour));
+    assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Watching));
+
+    // first_hour closes before first_day, which closes before first_week.
+    let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(30), |v| closed(v, Window::FirstHour)).await;
+    assert!(!closed(&view, Window::FirstDay));
+    assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Pass), "{view:#?}");
+    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(30), |v| closed(v, Window::FirstDay)).await;
+    assert!(!closed(&view, Window::FirstWeek));
+    // The workload never touches images by AI flag and category: the new partial index on it
+    // stays unused, and says so.
+    let first_day = view.windows.iter().find(|w| w.window == Window::FirstDay).expect("first_day");
+    let unused: Vec<_> = first_day.regressions.iter().filter(|f| f.signal == Signal::UnusedIndex).collect();
+    assert!(
+        unused.iter().any(|f| f.subject.contains("idx_images_ai_generated_true")),
+        "{:#?}",
+        first_day.regressions
+    );
+    assert!(
+        unused.iter().all(|f| !f.subject.contains("idx_rewards_pending")),
+        "an index the workload uses is not flagged: {unused:#?}"
+    );
+    assert_eq!(first_day.verdict, Verdict::Regression);
+    let view = deployment_where(&handle, "first_week closed", Duration::from_secs(30), |v| closed(v, Window::FirstWeek)).await;
+    assert_eq!(view.current_window, Some(Window::Steady));
+
+    let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
+    let m = parse_metrics(&body);
+    assert_eq!(
+        m.metric("deploywatch_deployment_info").label("version", "3.7.0").label("previous_version", "3.6.0").label("kind", "deploy").value(),
+        1.0
+    );
+    assert_eq!(m.metric("deploywatch_deployment_window").label("window", "steady").value(), 1.0);
+    assert_eq!(m.metric("deploywatch_window_verdict").label("window", "first_hour").label("verdict", "pass").value(), 1.0);
+    assert!(m.metric("deploywatch_regressions").label("window", "first_day").label("signal", "unused_index").value() >= 1.0);
+    assert!(m.metric("deploywatch_deployment_timestamp_seconds").value() > 1.7e9);
+
+    // `deploywatch report` fills in the checklist's notes from the store.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .arg("report")
+        .output()
+        .expect("report");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("3.6.0 -> 3.7.0"), "{text}");
+    assert!(text.contains("**Database Size Before**:") && !text.contains("not sampled"), "{text}");
+    assert!(text.contains("first_day: regression"), "{text}");
+    assert!(text.contains("unused_index"), "{text}");
+    assert!(text.contains("[x] Schema version is 3.7.0"), "{text}");
+    cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
+    let pg = cluster();
+    pg.create_database("cognit").expect("db");
+    pg.psql_file("cognit", &common::fixture("schema_3.6.0.sql")).expect("schema");
+    pg.psql_file("cognit", &common::fixture("generate.sql")).expect("generator");
+    pg.psql("cognit", "SELECT cognit_generate(25)").expect("data");
+    common::migrate(&pg, "cognit").expect("migration");
+    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements").expect("extension");
+    let cancel = CancellationToken::new();
+    workload(&pg, "cognit", &cancel).await;
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 8);
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 8).await;
+
+    let (code, body) = announce(&handle, "3.7.1").await;
+    assert_eq!(code, 201, "{body}");
+    pg.psql("cognit", "DROP INDEX idx_submissions_participant").expect("drop index");
+
+    let view = deployment_where(&handle, "query latency regression", Duration::from_secs(40), |v| {
+        v.windows.iter().any(|w| w.regressions.iter().any(|f| f.signal == Signal::QueryLatency))
+    })
+    .await;
+    let finding = view
+        .windows
+        .iter()
+        .flat_map(|w| w.regressions.iter())
+        .find(|f| f.signal == Signal::QueryLatency)
+        .expect("finding");
+    assert!(finding.message.contains("submissions WHERE participant_id"), "{finding:#?}");
+    for key in ["baseline_median_ms", "window_median_ms", "p_value", "n_baseline", "n_window"] {
+        assert!(finding.evidence.keys().any(|k| k.contains(key.split('_').next().unwrap_or(key))), "{key} in {:#?}", finding.evidence);
+    }
+    let view = deployment_where(&handle, "sequential scans regression", Duration::from_secs(40), |v| {
+        v.windows.iter().any(|w| w.regressions.iter().any(|f| f.signal == Signal::SeqScans))
+    })
+    .await;
+    let seq = view
+        .windows
+        .iter()
+        .find(|w| w.regressions.iter().any(|f| f.signal == Signal::SeqScans))
+        .expect("window");
+    assert_eq!(seq.window, Window::FirstDay);
+    assert!(seq.regressions.iter().any(|f| f.signal == Signal::SeqScans && f.subject.contains("submissions")), "{seq:#?}");
+    let status = get(&format!("http://{}/status", handle.local_addr)).await.1;
+    assert!(status.contains("query_latency") && status.contains("evidence"), "{status}");
+    cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_that_change_nothing_pass() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements").expect("extension");
+    let cancel = CancellationToken::new();
+    workload(&pg, "cognit", &cancel).await;
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 4);
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 5).await;
+    let mut alarms = 0;
+    let rounds = 3;
+    for round in 0..rounds {
+        let version = format!("3.7.{}", round + 1);
+        let (code, body) = announce(&handle, &version).await;
+        assert_eq!(code, 201, "{body}");
+        let view = deployment_where(&handle, "first_day closed", Duration::from_secs(40), |v| {
+            v.to_version == version && closed(v, Window::FirstDay)
+        })
+        .await;
+        for window in [Window::FirstHour, Window::FirstDay] {
+            match verdict(&view, window) {
+                Some(Verdict::Regression) => {
+                    alarms += 1;
+                    eprintln!("false alarm in {window:?}: {view:#?}");
+                }
+                Some(Verdict::Pass) => {}
+                other => panic!("{window:?} ended {other:?}: {view:#?}"),
+            }
+        }
+    }
+    assert_eq!(alarms, 0, "false alarms in {rounds} no-change deployments");
+    cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 30);
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 2).await;
+    pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql")).expect("rollback script");
+    let view = deployment_where(&handle, "rollback detected", Duration::from_secs(20), |_| true).await;
+    assert_eq!(view.kind, DeploymentKind::Rollback);
+    assert_eq!(view.from_version.as_deref(), Some("3.7.0"));
+    assert_eq!(view.to_version, "3.6.0");
+    assert_eq!(view.rollbacks_seen, 1);
+    let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
+    let m = parse_metrics(&body);
+    assert_eq!(m.metric("deploywatch_deployment_info").label("kind", "rollback").label("version", "3.6.0").value(), 1.0);
+    assert_eq!(m.metric("deploywatch_rollbacks_total").label("target", "cognit").value(), 1.0);
+    let (_, text) = get(&format!("http://{}/status?format=text", handle.local_addr)).await;
+    assert!(text.contains("rollback 3.7.0 -> 3.6.0"), "{text}");
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_resets_and_a_restart_raise_no_alarm() {
+    let mut pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements").expect("extension");
+    let cancel = CancellationToken::new();
+    workload(&pg, "cognit", &cancel).await;
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 10);
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 6).await;
+    let (code, body) = announce(&handle, "3.7.1").await;
+    assert_eq!(code, 201, "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.psql("cognit", "SELECT pg_stat_statements_reset()").expect("statements reset");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.psql("cognit", "SELECT pg_stat_reset()").expect("stats reset");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cancel.cancel();
+    pg.restart().expect("restart postgres");
+    let cancel = CancellationToken::new();
+    workload(&pg, "cognit", &cancel).await;
+    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| closed(v, Window::FirstDay)).await;
+    assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Pass), "{view:#?}");
+    assert_eq!(verdict(&view, Window::FirstDay), Some(Verdict::Pass), "{view:#?}");
+    cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployment_api_checks_its_token_and_its_body() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 30);
+    let handle = start(&dir).await;
+    let url = format!("http://{}/api/deployments", handle.local_addr);
+    let post = |token: Option<&'static str>, body: &'static str| {
+        let url = url.clone();
+        async move {
+            let (code, body) = deploywatch::client::request(hyper::Method::POST, &url, "application/json", token, Some(body.to_string()))
+                .await
+                .expect("post");
+            (code.as_u16(), body)
+        }
+    };
+    assert_eq!(post(None, "{\"version\": \"3.8.0\"}").await.0, 401);
+    let (code, body) = post(Some("wrong"), "{\"version\": \"3.8.0\"}").await;
+    assert_eq!(code, 401);
+    assert!(!body.contains(TOKEN));
+    let (code, body) = post(Some(TOKEN), "{\"version\": ").await;
+    assert_eq!(code, 400);
+    assert!(body.contains("malformed body"), "{body}");
+    let (code, body) = post(Some(TOKEN), "{\"version\": \"3.8.0\", \"target\": \"nope\"}").await;
+    assert_eq!(code, 400);
+    assert!(body.contains("no target is named"), "{body}");
+    let (code, body) = post(Some(TOKEN), "{\"version\": \"3.8.0\", \"started_at\": \"yesterday\"}").await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = post(Some(TOKEN), "{\"version\": \"3.8.0\", \"note\": \"release train 42\"}").await;
+    assert_eq!(code, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(created["to_version"], "3.8.0");
+    assert_eq!(created["detected_by"], "announced");
+    assert_eq!(created["note"], "release train 42");
+
+    // `deploywatch deploy mark` from a pipeline.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["deploy", "mark", "--version", "3.8.1", "--url", &format!("http://{}", handle.local_addr)])
+        .output()
+        .await
+        .expect("deploy mark");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("\"to_version\": \"3.8.1\""), "{stdout}");
+    let (_, listed) = get(&url).await;
+    assert!(listed.contains("3.8.1"), "{listed}");
+    handle.shutdown().await.expect("shutdown");
+}
+
+/// `kill -9` mid-window: the restarted daemon still has the baseline, the deployment and the
+/// window timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_window_loses_nothing() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 6);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .arg("--config")
+            .arg(dir.main())
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn daemon")
+    };
+    let status = |port: u16| async move {
+        deploywatch::client::request(hyper::Method::GET, &format!("http://127.0.0.1:{port}/status"), "application/json", None, None)
+            .await
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+    };
+    let mut child = spawn();
+    eventually("daemon up", Duration::from_secs(30), || status(port)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let body = serde_json::json!({ "version": "3.7.1" }).to_string();
+    let (code, _) = deploywatch::client::request(hyper::Method::POST, &format!("http://127.0.0.1:{port}/api/deployments"), "application/json", Some(TOKEN), Some(body))
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 201);
+    let before = eventually("first_hour closed", Duration::from_secs(30), || async move {
+        let s = status(port).await?;
+        let d = s["targets"][0]["deployment"].clone();
+        (d["windows"][0]["verdict"] != "watching" && d["windows"][0]["verdict"].is_string()).then_some(d)
+    })
+    .await;
+    std::process::Command::new("kill").args(["-9", &child.id().expect("pid").to_string()]).status().expect("kill -9");
+    let _ = child.wait().await;
+
+    let mut child = spawn();
+    let after = eventually("deployment restored", Duration::from_secs(30), || async move {
+        let s = status(port).await?;
+        let d = s["targets"][0]["deployment"].clone();
+        d["id"].is_number().then_some(d)
+    })
+    .await;
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["at"], before["at"]);
+    assert_eq!(after["to_version"], "3.7.1");
+    assert!(after["baseline_samples"].as_u64() >= before["baseline_samples"].as_u64(), "{after:#}");
+    assert!(before["baseline_samples"].as_u64().unwrap_or(0) >= 4, "{before:#}");
+    assert_eq!(after["windows"][0]["verdict"], before["windows"][0]["verdict"]);
+    assert_ne!(after["current_window"], "first_hour", "the clock kept running: {after:#}");
+    let _ = child.kill().await;
+}
