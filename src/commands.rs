@@ -47,6 +47,13 @@ pub async fn check(
     state.apply_config(&config, unix_now());
     let pools = Pools::for_config(&Pools::default(), &config);
     scheduler::run_once(&config, &pools, &state).await;
+    for target in &config.targets {
+        if let Some(pool) = pools.get(&target.name) {
+            if let Ok(version) = crate::sampler::read_version(pool, &target.version_query).await {
+                state.set_schema_version(&target.name, version);
+            }
+        }
+    }
     pools.close_all();
     let snapshot = state.snapshot();
     let report = status::build(&snapshot, &Filter::default(), unix_now());
