@@ -74,6 +74,8 @@ struct Generation {
 /// Starts the daemon on an already-bound listener.
 pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, DaemonError> {
     let state = Arc::new(State::new());
+    // Readers see every configured target and check (as pending) from the first moment.
+    state.apply_config(&config, unix_now());
     let registry = metrics::registry(state.clone())?;
     let store = match &config.store.path {
         Some(path) => Store::open(path)?,

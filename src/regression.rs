@@ -428,7 +428,10 @@ fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
         return;
     }
     let (Some(b), Some(w)) = (growth_per_hour(baseline), growth_per_hour(window)) else { return };
-    if w > 3.0 * b.max(0.0) && w >= MIB {
+    // PostgreSQL grows in pages and segments: over a short span one extension looks like a
+    // steep rate, so the window must also have grown by a material amount in absolute terms.
+    let grown = window.last().map(|s| s.size_bytes).unwrap_or(0.0) - window.first().map(|s| s.size_bytes).unwrap_or(0.0);
+    if w > 3.0 * b.max(0.0) && w >= MIB && grown >= MIB {
         j.regressions.push(finding(
             Signal::DbGrowth,
             "database size".into(),
@@ -436,6 +439,7 @@ fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
             evidence(&[
                 ("baseline_bytes_per_hour", number(rounded(b, 0))),
                 ("window_bytes_per_hour", number(rounded(w, 0))),
+                ("window_growth_bytes", number(grown)),
                 ("n_baseline", number(baseline.len() as f64)),
                 ("n_window", number(window.len() as f64)),
             ]),
@@ -745,6 +749,13 @@ mod tests {
         assert!(open.regressions.is_empty());
         let closed = judge(Window::FirstDay, &baseline, &since, &since, true, &t());
         assert_eq!(signals(&closed.regressions), vec![(Signal::UnusedIndex, "public.idx_new_true".to_string())]);
+    }
+
+    #[test]
+    fn a_single_page_extension_over_seconds_is_not_growth() {
+        let baseline: Vec<Sample> = (0..5).map(|i| Sample { at: i as f64, size_bytes: 1e7, ..Sample::default() }).collect();
+        let window: Vec<Sample> = (0..3).map(|i| Sample { at: 10.0 + i as f64, size_bytes: 1e7 + 8192.0 * i as f64, ..Sample::default() }).collect();
+        assert!(judge(Window::FirstDay, &baseline, &window, &window, false, &t()).regressions.is_empty());
     }
 
     #[test]

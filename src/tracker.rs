@@ -158,6 +158,7 @@ pub fn start(
             previous: None,
             support: None,
             passes: 0,
+            last_pass_at: None,
             baseline_cache: None,
             last_judged: HashMap::new(),
             published: HashMap::new(),
@@ -176,6 +177,8 @@ struct Tracker {
     previous: Option<RawStats>,
     support: Option<StatementsSupport>,
     passes: u64,
+    /// When the previous pass read the version: a change happened after it.
+    last_pass_at: Option<f64>,
     /// Baseline samples of one deployment, loaded once.
     baseline_cache: Option<(i64, Vec<Sample>)>,
     /// When each open window of the current deployment was last judged.
@@ -294,6 +297,13 @@ impl Tracker {
     /// Notes the version the database reports; a change is a deployment unless an
     /// announcement already covers it.
     fn observe_version(&mut self, version: &str, now: f64) -> Result<(), StoreError> {
+        // The change happened between the previous pass and this one. Dating it at the previous
+        // pass keeps that pass's sample, which may already see the migration, out of the
+        // baseline.
+        let changed_at = self
+            .last_pass_at
+            .filter(|t| now - t <= 3.0 * self.settings.sample_interval.as_secs_f64())
+            .unwrap_or(now);
         let last = self.store.last_version(self.name())?;
         match last.as_deref() {
             None => {
@@ -313,7 +323,7 @@ impl Tracker {
                         version,
                         kind,
                         Detection::VersionChange,
-                        now,
+                        changed_at,
                         None,
                         None,
                     )?;
@@ -335,6 +345,7 @@ impl Tracker {
                 if let Err(error) = self.observe_version(&version, now) {
                     tracing::warn!(target = %self.name(), %error, "cannot record the schema version");
                 }
+                self.last_pass_at = Some(now);
             }
             Ok(None) => self.state.set_schema_version(self.name(), None),
             Err(error) => {
