@@ -68,7 +68,8 @@ async fn run() {
         ));
     }
     std::fs::write(dir.join("checks/bench.toml"), pack).expect("pack");
-    let mut main = String::from("[defaults]\ninterval = \"10s\"\n\n[deployments]\nenabled = false\n");
+    let mut main =
+        String::from("[defaults]\ninterval = \"10s\"\n\n[deployments]\nenabled = false\n");
     for t in 0..TARGETS {
         let db = format!("bench_{t}");
         cluster.create_database(&db).expect("database");
@@ -79,7 +80,9 @@ async fn run() {
     }
     std::fs::write(dir.join("deploywatch.toml"), main).expect("config");
     let config = Config::load(&dir.join("deploywatch.toml")).expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let handle = daemon::start(config, listener).expect("daemon");
     let url = format!("http://{}/metrics", handle.local_addr);
 
@@ -87,14 +90,23 @@ async fn run() {
     let settle = Instant::now();
     loop {
         let snapshot = handle.state.snapshot();
-        let done = snapshot.targets.values().all(|t| t.checks.values().all(|c| c.runs >= 1));
+        let done = snapshot
+            .targets
+            .values()
+            .all(|t| t.checks.values().all(|c| c.runs >= 1));
         if done || settle.elapsed() > Duration::from_secs(60) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let runs = |h: &daemon::DaemonHandle| -> u64 {
-        h.state.snapshot().targets.values().flat_map(|t| t.checks.values()).map(|c| c.runs).sum()
+        h.state
+            .snapshot()
+            .targets
+            .values()
+            .flat_map(|t| t.checks.values())
+            .map(|c| c.runs)
+            .sum()
     };
     // Idle: measure CPU over 30 s of scheduling (3 cycles of 300 checks).
     let cpu_start = cpu_seconds();
@@ -103,7 +115,9 @@ async fn run() {
     let cpu_used = cpu_seconds() - cpu_start;
     let runs_done = runs(&handle) - runs_start;
     let rss_idle = rss_kib();
-    let (_, body) = deploywatch::client::request(hyper::Method::GET, &url, "*/*", None, None).await.expect("scrape");
+    let (_, body) = deploywatch::client::request(hyper::Method::GET, &url, "*/*", None, None)
+        .await
+        .expect("scrape");
     let series = body.lines().filter(|l| !l.starts_with('#')).count();
 
     let wrk = tokio::process::Command::new("wrk")
@@ -136,11 +150,17 @@ async fn run() {
     println!("| figure | value |\n| --- | --- |");
     println!("| series in one scrape | {series} |");
     println!("| scrape size | {} KiB |", body.len() / 1024);
-    println!("| /metrics p50 latency (wrk -t2 -c16 -d20s) | {} |", pick("50%"));
+    println!(
+        "| /metrics p50 latency (wrk -t2 -c16 -d20s) | {} |",
+        pick("50%")
+    );
     println!("| /metrics p99 latency | {} |", pick("99%"));
     println!("| /metrics throughput | {requests} requests/s |");
     println!("| resident memory, idle | {} MiB |", rss_idle / 1024);
-    println!("| resident memory, peak under load | {} MiB |", rss_load / 1024);
+    println!(
+        "| resident memory, peak under load | {} MiB |",
+        rss_load / 1024
+    );
     println!(
         "| CPU per check run (idle scheduling, 30 s) | {:.3} ms ({runs_done} runs, {cpu_used:.2} CPU s) |",
         if runs_done > 0 { cpu_used * 1000.0 / runs_done as f64 } else { 0.0 }
@@ -148,7 +168,11 @@ async fn run() {
     println!(
         "| CPU per check cycle ({} checks) | {:.1} ms |",
         TARGETS * CHECKS,
-        if runs_done > 0 { cpu_used * 1000.0 / runs_done as f64 * (TARGETS * CHECKS) as f64 } else { 0.0 }
+        if runs_done > 0 {
+            cpu_used * 1000.0 / runs_done as f64 * (TARGETS * CHECKS) as f64
+        } else {
+            0.0
+        }
     );
     println!("\nwrk output:\n```\n{}```", text);
     let _ = handle.shutdown().await;

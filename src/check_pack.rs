@@ -15,7 +15,9 @@ use crate::config::{parameter_text, parse_duration, Defaults, Problems};
 use crate::expectation::{self, Expectation};
 
 /// Label names a rows check may not use: deploywatch sets them itself.
-const RESERVED_LABELS: &[&str] = &["target", "check", "category", "severity", "column", "status"];
+const RESERVED_LABELS: &[&str] = &[
+    "target", "check", "category", "severity", "column", "status",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
@@ -239,14 +241,23 @@ pub(crate) fn parse(file: &Path, text: &str, problems: &mut Problems) -> Option<
     })
 }
 
-fn check_def(file: &Path, index: usize, raw: RawCheck, problems: &mut Problems) -> Option<CheckDef> {
+fn check_def(
+    file: &Path,
+    index: usize,
+    raw: RawCheck,
+    problems: &mut Problems,
+) -> Option<CheckDef> {
     let key = match &raw.name {
         Some(name) => format!("check[{index}] ({name})"),
         None => format!("check[{index}]"),
     };
     let mut ok = true;
     let mut missing = |field: &str, problems: &mut Problems| {
-        problems.push(file, format!("{key}.{field}"), format!("{field} is required"));
+        problems.push(
+            file,
+            format!("{key}.{field}"),
+            format!("{field} is required"),
+        );
         ok = false;
     };
     let name = raw.name.clone().unwrap_or_default();
@@ -443,6 +454,7 @@ pub(crate) fn resolve(
         def.interval.as_deref(),
         defaults.interval,
     );
+    let interval = defaults.interval_override.unwrap_or(interval);
     let timeout = parse_duration(
         problems,
         file,

@@ -14,7 +14,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 )]
 pub struct Cli {
     /// The main configuration file.
-    #[arg(long, short, global = true, env = "DEPLOYWATCH_CONFIG", default_value = "config/deploywatch.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "DEPLOYWATCH_CONFIG",
+        default_value = "config/deploywatch.toml"
+    )]
     pub config: PathBuf,
 
     /// Log format.

@@ -30,17 +30,22 @@ pub async fn request(
     bearer: Option<&str>,
     body: Option<String>,
 ) -> Result<(StatusCode, String), ClientError> {
-    let uri: hyper::Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| ClientError::Url {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })?;
+    let uri: hyper::Uri =
+        url.parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| ClientError::Url {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
     if uri.scheme_str() != Some("http") {
         return Err(ClientError::Url {
             url: url.to_string(),
             reason: "only http:// URLs are supported".to_string(),
         });
     }
-    let mut builder = Request::builder().method(method).uri(uri).header(ACCEPT, accept);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(ACCEPT, accept);
     if let Some(token) = bearer {
         builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -55,10 +60,13 @@ pub async fn request(
         })?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| ClientError::Unreachable {
-            url: url.to_string(),
-            reason: error_chain(&e),
-        })?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.to_string(),
+                reason: error_chain(&e),
+            })?;
         let status = response.status();
         let bytes = response
             .into_body()

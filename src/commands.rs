@@ -35,7 +35,10 @@ pub async fn check(
         config.targets.retain(|t| t.name == name);
     }
     if let Some(name) = check {
-        let known = config.targets.iter().any(|t| t.checks.iter().any(|c| c.name == name));
+        let known = config
+            .targets
+            .iter()
+            .any(|t| t.checks.iter().any(|c| c.name == name));
         if !known {
             return (EXIT_UNREACHABLE, format!("no check is named {name:?}\n"));
         }
@@ -127,16 +130,31 @@ pub async fn status(
     let body = match client::request(Method::GET, &full, "application/json", None, None).await {
         Ok((code, body)) if code.is_success() => body,
         Ok((code, body)) => {
-            return (EXIT_UNREACHABLE, format!("deploywatch at {base} answered {code}: {body}\n"))
+            return (
+                EXIT_UNREACHABLE,
+                format!("deploywatch at {base} answered {code}: {body}\n"),
+            )
         }
         Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
     };
     let value: serde_json::Value = match serde_json::from_str(&body) {
         Ok(value) => value,
-        Err(error) => return (EXIT_UNREACHABLE, format!("unexpected answer from {base}: {error}\n")),
+        Err(error) => {
+            return (
+                EXIT_UNREACHABLE,
+                format!("unexpected answer from {base}: {error}\n"),
+            )
+        }
     };
-    let overall = value.get("status").and_then(|s| s.as_str()).unwrap_or("failing");
-    let code = if overall == Overall::Ok.as_str() { EXIT_OK } else { EXIT_FAILED };
+    let overall = value
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("failing");
+    let code = if overall == Overall::Ok.as_str() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    };
     let output = match format {
         OutputFormat::Json => body,
         OutputFormat::Table => {
@@ -182,9 +200,20 @@ pub async fn deploy_mark(
         "started_at": started_at,
     });
     let url = format!("{base}/api/deployments");
-    match client::request(Method::POST, &url, "application/json", Some(&token), Some(body.to_string())).await {
+    match client::request(
+        Method::POST,
+        &url,
+        "application/json",
+        Some(&token),
+        Some(body.to_string()),
+    )
+    .await
+    {
         Ok((code, body)) if code.is_success() => (EXIT_OK, body + "\n"),
-        Ok((code, body)) => (EXIT_FAILED, format!("deploywatch refused the deployment ({code}): {body}\n")),
+        Ok((code, body)) => (
+            EXIT_FAILED,
+            format!("deploywatch refused the deployment ({code}): {body}\n"),
+        ),
         Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
     }
 }
@@ -198,13 +227,17 @@ pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) ->
     let Some(path) = &config.store.path else {
         return (
             EXIT_UNREACHABLE,
-            "no [store] path in the configuration: deployments are only kept in memory\n".to_string(),
+            "no [store] path in the configuration: deployments are only kept in memory\n"
+                .to_string(),
         );
     };
     if !path.exists() {
         return (
             EXIT_UNREACHABLE,
-            format!("the state store {} does not exist yet: run the daemon first\n", path.display()),
+            format!(
+                "the state store {} does not exist yet: run the daemon first\n",
+                path.display()
+            ),
         );
     }
     let result = (|| -> Result<Option<String>, crate::store::StoreError> {
@@ -213,7 +246,9 @@ pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) ->
             Some(id) => store.deployment(id)?,
             None => store.deployments(target)?.into_iter().next(),
         };
-        let Some(record) = record else { return Ok(None) };
+        let Some(record) = record else {
+            return Ok(None);
+        };
         let before = store.samples(&record.target, record.at - 7.0 * 86400.0, record.at)?;
         let now = unix_now();
         let after = store.samples(&record.target, record.at, now + 1.0)?;

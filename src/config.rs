@@ -132,6 +132,7 @@ struct RawDefaults {
 #[serde(deny_unknown_fields)]
 struct RawChecks {
     files: Option<Vec<String>>,
+    interval_override: Option<String>,
     #[serde(default)]
     parameters: BTreeMap<String, toml::Value>,
 }
@@ -219,6 +220,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct Defaults {
     pub interval: Duration,
+    /// Runs every check at this interval whatever its pack says (demos, tests, drills).
+    pub interval_override: Option<Duration>,
     pub timeout: Duration,
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
@@ -269,8 +272,7 @@ pub struct TargetConfig {
     pub checks: Vec<Arc<CheckSpec>>,
 }
 
-pub const DEFAULT_VERSION_QUERY: &str =
-    "SELECT value FROM database_metadata WHERE key = 'version'";
+pub const DEFAULT_VERSION_QUERY: &str = "SELECT value FROM database_metadata WHERE key = 'version'";
 
 impl Config {
     /// Loads and validates the main file, its environment overrides and every check pack it
@@ -446,7 +448,17 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     };
 
     let d = &raw.defaults;
+    let interval_override = raw.checks.interval_override.as_deref().map(|text| {
+        parse_duration(
+            problems,
+            path,
+            "checks.interval_override",
+            Some(text),
+            Duration::from_secs(60),
+        )
+    });
     let defaults = Defaults {
+        interval_override,
         interval: parse_duration(
             problems,
             path,
@@ -550,14 +562,19 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
 
     let mut global_parameters = BTreeMap::new();
     for (name, value) in &raw.checks.parameters {
-        if let Some(text) = parameter_text(problems, path, &format!("checks.parameters.{name}"), value)
+        if let Some(text) =
+            parameter_text(problems, path, &format!("checks.parameters.{name}"), value)
         {
             global_parameters.insert(name.clone(), text);
         }
     }
 
     if raw.targets.is_empty() {
-        problems.push(path, "targets", "at least one [[targets]] entry is required");
+        problems.push(
+            path,
+            "targets",
+            "at least one [[targets]] entry is required",
+        );
     }
     let mut targets = Vec::new();
     let mut target_names = HashSet::new();
@@ -605,7 +622,11 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     })
 }
 
-fn validate_deployments(path: &Path, raw: RawDeployments, problems: &mut Problems) -> DeploymentConfig {
+fn validate_deployments(
+    path: &Path,
+    raw: RawDeployments,
+    problems: &mut Problems,
+) -> DeploymentConfig {
     let defaults = WindowDurations::default();
     let windows = WindowDurations {
         first_hour: parse_duration(
@@ -651,18 +672,22 @@ fn validate_deployments(path: &Path, raw: RawDeployments, problems: &mut Problem
             Err(error) => problems.push(
                 path,
                 format!("deployments.declared[{index}].at"),
-                format!("{:?} is not a time like \"2026-11-24T10:00:00Z\" ({error})", d.at),
+                format!(
+                    "{:?} is not a time like \"2026-11-24T10:00:00Z\" ({error})",
+                    d.at
+                ),
             ),
         }
     }
-    let fraction = |problems: &mut Problems, key: &str, value: Option<f64>, default: f64| match value {
-        None => default,
-        Some(v) if v > 0.0 && v.is_finite() => v,
-        Some(v) => {
-            problems.push(path, key, format!("must be a positive number, found {v}"));
-            default
-        }
-    };
+    let fraction =
+        |problems: &mut Problems, key: &str, value: Option<f64>, default: f64| match value {
+            None => default,
+            Some(v) if v > 0.0 && v.is_finite() => v,
+            Some(v) => {
+                problems.push(path, key, format!("must be a positive number, found {v}"));
+                default
+            }
+        };
     DeploymentConfig {
         enabled: raw.enabled.unwrap_or(true),
         sample_interval: parse_duration(
@@ -707,7 +732,12 @@ fn validate_deployments(path: &Path, raw: RawDeployments, problems: &mut Problem
             raw.latency_min_calls,
             5,
         ) as u64,
-        latency_p_value: fraction(problems, "deployments.latency_p_value", raw.latency_p_value, 0.01),
+        latency_p_value: fraction(
+            problems,
+            "deployments.latency_p_value",
+            raw.latency_p_value,
+            0.01,
+        ),
         declared,
     }
 }
@@ -758,7 +788,11 @@ fn validate_target(
         Some(p) => match u16::try_from(p) {
             Ok(p) if p > 0 => Some(p),
             _ => {
-                problems.push(path, format!("{key}.port"), format!("{p} is not a TCP port"));
+                problems.push(
+                    path,
+                    format!("{key}.port"),
+                    format!("{p} is not a TCP port"),
+                );
                 None
             }
         },
@@ -812,7 +846,8 @@ fn validate_target(
     let mut checks = Vec::new();
     for pack in selected {
         for def in &pack.checks {
-            if let Some(spec) = check_pack::resolve(pack, def, &parameters, defaults, &name, problems)
+            if let Some(spec) =
+                check_pack::resolve(pack, def, &parameters, defaults, &name, problems)
             {
                 checks.push(Arc::new(spec));
             }

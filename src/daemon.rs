@@ -164,23 +164,25 @@ async fn main_loop(
     while let Some(event) = events.recv().await {
         match event {
             Event::Shutdown => break,
-            Event::Reload => match Config::load(&generation.config.source) {
-                Ok(new_config) => {
-                    if new_config.server.listen != generation.config.server.listen {
-                        tracing::warn!("server.listen changed; the new address takes effect after a restart");
+            Event::Reload => {
+                match Config::load(&generation.config.source) {
+                    Ok(new_config) => {
+                        if new_config.server.listen != generation.config.server.listen {
+                            tracing::warn!("server.listen changed; the new address takes effect after a restart");
+                        }
+                        tracing::info!(config = %new_config.source.display(), "configuration reloaded");
+                        generation.cancel.cancel();
+                        let previous = generation.pools.clone();
+                        generation = start_generation(
+                            new_config, &previous, &state, &store, &announcer, &tasks, &root,
+                        );
                     }
-                    tracing::info!(config = %new_config.source.display(), "configuration reloaded");
-                    generation.cancel.cancel();
-                    let previous = generation.pools.clone();
-                    generation = start_generation(
-                        new_config, &previous, &state, &store, &announcer, &tasks, &root,
-                    );
+                    Err(error) => {
+                        state.set_reload_failed();
+                        tracing::error!(%error, "configuration reload rejected; the previous configuration keeps running");
+                    }
                 }
-                Err(error) => {
-                    state.set_reload_failed();
-                    tracing::error!(%error, "configuration reload rejected; the previous configuration keeps running");
-                }
-            },
+            }
         }
     }
 

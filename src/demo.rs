@@ -82,7 +82,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     ));
     cluster.create_database(DATABASE)?;
     let connection_string = cluster.connection_string(DATABASE);
-    let (admin, connection) = tokio_postgres::connect(&connection_string, tokio_postgres::NoTls).await?;
+    let (admin, connection) =
+        tokio_postgres::connect(&connection_string, tokio_postgres::NoTls).await?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -97,8 +98,13 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     say("  loaded the cognit application at schema version 3.6.0");
 
     let cancel = CancellationToken::new();
-    let (workload_task, _) =
-        workload::spawn(&connection_string, 40, Duration::from_millis(100), cancel.clone()).await?;
+    let (workload_task, _) = workload::spawn(
+        &connection_string,
+        40,
+        Duration::from_millis(100),
+        cancel.clone(),
+    )
+    .await?;
     say("  a light application workload is running (registrations, consents, submissions, payments)");
 
     let dir = tempdir_for_config()?;
@@ -124,6 +130,10 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         Ok(())
     };
     let keep_running = !options.story || !options.exit_after_story;
+    if outcome.is_ok() && !keep_running {
+        // Leave the final state up for one more step, for whoever is watching /status.
+        tokio::time::sleep(step).await;
+    }
     if outcome.is_ok() && keep_running {
         say("\nPress Ctrl-C to stop the demo and remove the cluster.");
         let _ = tokio::signal::ctrl_c().await;
@@ -140,7 +150,11 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     say(&format!(
         "done; {} {}",
         base_dir.display(),
-        if base_dir.exists() { "could not be removed" } else { "is removed" }
+        if base_dir.exists() {
+            "could not be removed"
+        } else {
+            "is removed"
+        }
     ));
     outcome
 }
@@ -161,7 +175,8 @@ mod tempfile_dir {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0);
-            let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
             std::fs::create_dir_all(path.join("checks"))?;
             Ok(TempDir(path))
         }
@@ -210,7 +225,9 @@ async fn wait_for<T>(
             return Ok(value);
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(DemoError::Stalled(format!("{what} did not happen within {limit:?}")));
+            return Err(DemoError::Stalled(format!(
+                "{what} did not happen within {limit:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -235,7 +252,10 @@ async fn story(
 ) -> Result<(), DemoError> {
     let state = &handle.state;
     let limit = step * 12;
-    say(&format!("[1/5] baseline: recording {:?} of normal traffic before the deployment", step * 2));
+    say(&format!(
+        "[1/5] baseline: recording {:?} of normal traffic before the deployment",
+        step * 2
+    ));
     wait_for(state, "first check results", limit, |s| {
         check_status(s, "schema_version").filter(|s| *s != Status::Pending)
     })
@@ -245,7 +265,10 @@ async fn story(
 
     say("[2/5] applying 001_pragmatic_schema_fixes.sql (3.6.0 -> 3.7.0)");
     admin.batch_execute(fixtures::MIGRATION_001).await?;
-    let view = wait_for(state, "the deployment to be detected", limit, |s| deployment(s).cloned()).await?;
+    let view = wait_for(state, "the deployment to be detected", limit, |s| {
+        deployment(s).cloned()
+    })
+    .await?;
     say(&format!(
         "      /status: deployment #{} detected by {}: {} -> {} with {} baseline samples; window first_hour is watching",
         view.id,
@@ -269,10 +292,15 @@ async fn story(
             .map(|w| w.verdict)
     })
     .await?;
-    say(&format!("      /status: first_hour verdict {}", verdict.as_str()));
+    say(&format!(
+        "      /status: first_hour verdict {}",
+        verdict.as_str()
+    ));
 
     say("[4/5] injecting an integrity violation: payments of participants that do not exist");
-    admin.batch_execute(fixtures::CORRUPT_ORPHANED_PAYMENTS).await?;
+    admin
+        .batch_execute(fixtures::CORRUPT_ORPHANED_PAYMENTS)
+        .await?;
     let value = wait_for(state, "orphaned_payments to fail", limit, |s| {
         let check = s.targets.get(DATABASE)?.checks.get("orphaned_payments")?;
         (check.status == Status::Fail)
@@ -283,7 +311,9 @@ async fn story(
     say(&format!(
         "      /status: orphaned_payments FAIL ({value} rows, expected == 0); deploywatch_check_success{{check=\"orphaned_payments\"}} 0 pages via Alertmanager"
     ));
-    admin.batch_execute(fixtures::REPAIR_ORPHANED_PAYMENTS).await?;
+    admin
+        .batch_execute(fixtures::REPAIR_ORPHANED_PAYMENTS)
+        .await?;
     wait_for(state, "orphaned_payments to pass again", limit, |s| {
         (check_status(s, "orphaned_payments") == Some(Status::Pass)).then_some(())
     })

@@ -193,10 +193,20 @@ pub fn render_text(view: &DeploymentView) -> String {
             window.improvements.len()
         );
         for finding in &window.regressions {
-            let _ = writeln!(out, "      REGRESSION {}: {}", finding.signal.as_str(), finding.message);
+            let _ = writeln!(
+                out,
+                "      REGRESSION {}: {}",
+                finding.signal.as_str(),
+                finding.message
+            );
         }
         for finding in &window.improvements {
-            let _ = writeln!(out, "      improvement {}: {}", finding.signal.as_str(), finding.message);
+            let _ = writeln!(
+                out,
+                "      improvement {}: {}",
+                finding.signal.as_str(),
+                finding.message
+            );
         }
     }
     for limitation in &view.limitations {
@@ -230,7 +240,9 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 /// A move to a lower version is a rollback.
 pub fn kind_of(from: Option<&str>, to: &str) -> DeploymentKind {
     match from {
-        Some(from) if compare_versions(to, from) == std::cmp::Ordering::Less => DeploymentKind::Rollback,
+        Some(from) if compare_versions(to, from) == std::cmp::Ordering::Less => {
+            DeploymentKind::Rollback
+        }
         _ => DeploymentKind::Deploy,
     }
 }
@@ -242,7 +254,9 @@ mod tests {
 
     #[test]
     fn versions_compare_numerically() {
-        let check = |a: &str, b: &str, expected: Ordering| assert_eq!(compare_versions(a, b), expected, "{a} vs {b}");
+        let check = |a: &str, b: &str, expected: Ordering| {
+            assert_eq!(compare_versions(a, b), expected, "{a} vs {b}")
+        };
         check("3.7.0", "3.6.0", Ordering::Greater);
         check("3.10.0", "3.9.9", Ordering::Greater);
         check("3.6.0", "3.6.0", Ordering::Equal);

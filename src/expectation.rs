@@ -86,7 +86,9 @@ pub enum ExpectationError {
     Empty,
     #[error("expected an operator (==, !=, <, <=, >, >=) or \"between\" at column {column}, found {found:?}")]
     ExpectedOperator { column: usize, found: String },
-    #[error("expected a value (a number, \"text\" or $parameter) at column {column}, found {found:?}")]
+    #[error(
+        "expected a value (a number, \"text\" or $parameter) at column {column}, found {found:?}"
+    )]
     ExpectedValue { column: usize, found: String },
     #[error("unterminated string starting at column {column}")]
     UnterminatedString { column: usize },
@@ -285,10 +287,9 @@ impl Parser<'_> {
         }
         match self.value()? {
             (Value::Number(n), _) => Ok(n),
-            (Value::Text(t), column) => Err(ExpectationError::BetweenNeedsNumbers {
-                column,
-                found: t,
-            }),
+            (Value::Text(t), column) => {
+                Err(ExpectationError::BetweenNeedsNumbers { column, found: t })
+            }
         }
     }
 
@@ -317,8 +318,10 @@ impl Parser<'_> {
             None => return Err(ExpectationError::Empty),
             Some((Token::Op(op), _)) => {
                 let (value, column) = self.value()?;
-                if let (Value::Text(text), CompareOp::Lt | CompareOp::Le | CompareOp::Gt | CompareOp::Ge) =
-                    (&value, op)
+                if let (
+                    Value::Text(text),
+                    CompareOp::Lt | CompareOp::Le | CompareOp::Gt | CompareOp::Ge,
+                ) = (&value, op)
                 {
                     return Err(ExpectationError::OrderingNeedsNumber {
                         op: op.as_str(),
@@ -398,9 +401,10 @@ impl Expectation {
             match observed {
                 Observed::Number(n) => Ok(*n),
                 Observed::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
-                Observed::Text(t) => t.trim().parse::<f64>().map_err(|_| EvaluationError::NotNumeric {
-                    found: t.clone(),
-                }),
+                Observed::Text(t) => t
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| EvaluationError::NotNumeric { found: t.clone() }),
             }
         };
         match self {
@@ -450,8 +454,14 @@ mod tests {
     }
 
     fn check_error(input: &str, message: &str) {
-        let error = parse(input, &params).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(error.contains(message), "{input:?}: {error:?} should contain {message:?}");
+        let error = parse(input, &params)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains(message),
+            "{input:?}: {error:?} should contain {message:?}"
+        );
     }
 
     #[test]
@@ -473,20 +483,34 @@ mod tests {
     #[test]
     fn errors_point_at_the_problem() {
         check_error("", "empty expectation");
-        check_error("=> 0", "operator (==, !=, <, <=, >, >=) or \"between\" at column 1, found \"=>\"");
+        check_error(
+            "=> 0",
+            "operator (==, !=, <, <=, >, >=) or \"between\" at column 1, found \"=>\"",
+        );
         check_error("0", "at column 1, found \"0\"");
         check_error("== \"3.7", "unterminated string starting at column 4");
-        check_error("== $expected_versoin", "unknown parameter $expected_versoin at column 4");
+        check_error(
+            "== $expected_versoin",
+            "unknown parameter $expected_versoin at column 4",
+        );
         check_error("between a and 1", "\"between\" needs numbers");
-        check_error("between 1 and 0", "low bound 1 is greater than high bound 0");
-        check_error("between 0 or 1", "expected \"and\" at column 11, found \"or\"");
+        check_error(
+            "between 1 and 0",
+            "low bound 1 is greater than high bound 0",
+        );
+        check_error(
+            "between 0 or 1",
+            "expected \"and\" at column 11, found \"or\"",
+        );
         check_error("== 0 x", "unexpected trailing input \"x\" at column 6");
         check_error("< \"a\"", "< needs a number");
         check_error("==", "expected a value");
     }
 
     fn eval(expectation: &str, observed: Observed) -> Result<bool, EvaluationError> {
-        parse(expectation, &params).expect("valid").evaluate(&observed)
+        parse(expectation, &params)
+            .expect("valid")
+            .evaluate(&observed)
     }
 
     #[test]
@@ -497,14 +521,22 @@ mod tests {
         assert_eq!(eval("< 0.9", Observed::Number(0.9)), Ok(false));
         assert_eq!(eval("between 0 and 1", Observed::Number(1.0)), Ok(true));
         assert_eq!(eval("not between 0 and 1", Observed::Number(1.5)), Ok(true));
-        assert_eq!(eval("== $expected_version", Observed::Text("3.7.0".into())), Ok(true));
-        assert_eq!(eval("!= \"3.7.0\"", Observed::Text("3.6.0".into())), Ok(true));
+        assert_eq!(
+            eval("== $expected_version", Observed::Text("3.7.0".into())),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("!= \"3.7.0\"", Observed::Text("3.6.0".into())),
+            Ok(true)
+        );
         assert_eq!(eval("== \"3\"", Observed::Number(3.0)), Ok(true));
         assert_eq!(eval("== 1", Observed::Bool(true)), Ok(true));
         assert_eq!(eval(">= 4", Observed::Text("5".into())), Ok(true));
         assert_eq!(
             eval(">= 4", Observed::Text("many".into())),
-            Err(EvaluationError::NotNumeric { found: "many".into() })
+            Err(EvaluationError::NotNumeric {
+                found: "many".into()
+            })
         );
     }
 

@@ -69,22 +69,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             handle.wait().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { target, check, format } => {
+        Command::Check {
+            target,
+            check,
+            format,
+        } => {
             let config = match load(&cli) {
                 Ok(config) => config,
                 Err(code) => return Ok(code),
             };
-            Ok(printed(commands::check(config, target.as_deref(), check.as_deref(), *format).await))
+            Ok(printed(
+                commands::check(config, target.as_deref(), check.as_deref(), *format).await,
+            ))
         }
         Command::Validate => Ok(match load(&cli) {
             Ok(config) => printed((0, commands::validate(&config))),
             Err(code) => code,
         }),
-        Command::Status { url, target, format } => {
+        Command::Status {
+            url,
+            target,
+            format,
+        } => {
             let config = Config::load(&cli.config).ok();
-            Ok(printed(commands::status(url.as_deref(), config.as_ref(), target.as_deref(), *format).await))
+            Ok(printed(
+                commands::status(url.as_deref(), config.as_ref(), target.as_deref(), *format).await,
+            ))
         }
-        Command::Deploy { action: DeployAction::Mark { version, target, note, started_at, url, token_env } } => {
+        Command::Deploy {
+            action:
+                DeployAction::Mark {
+                    version,
+                    target,
+                    note,
+                    started_at,
+                    url,
+                    token_env,
+                },
+        } => {
             let config = Config::load(&cli.config).ok();
             Ok(printed(
                 commands::deploy_mark(
@@ -103,7 +125,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(config) => printed(commands::report(&config, target.as_deref(), *deployment)),
             Err(code) => code,
         }),
-        Command::Demo { no_story, step, listen, exit_after_story } => {
+        Command::Demo {
+            no_story,
+            step,
+            listen,
+            exit_after_story,
+        } => {
             let options = deploywatch::demo::DemoOptions {
                 step: step.clone(),
                 listen: *listen,

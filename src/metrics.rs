@@ -63,7 +63,13 @@ impl StateCollector {
         let descs = FAMILIES
             .iter()
             .filter_map(|(name, help, _)| {
-                Desc::new(name.to_string(), help.to_string(), vec![], Default::default()).ok()
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    vec![],
+                    Default::default(),
+                )
+                .ok()
             })
             .collect();
         StateCollector {
@@ -144,7 +150,11 @@ pub fn families(snapshot: &Snapshot, version: &str) -> Vec<MetricFamily> {
         flag(snapshot.config_reload_ok),
     );
     if let Some(ts) = snapshot.config_last_reload_success {
-        f.push("deploywatch_config_last_reload_success_timestamp_seconds", &[], ts);
+        f.push(
+            "deploywatch_config_last_reload_success_timestamp_seconds",
+            &[],
+            ts,
+        );
     }
     for (target, t) in &snapshot.targets {
         let target = target.as_str();
@@ -183,7 +193,11 @@ pub fn families(snapshot: &Snapshot, version: &str) -> Vec<MetricFamily> {
             for status in Status::ALL {
                 let mut labels = full.to_vec();
                 labels.push(("status", status.as_str()));
-                f.push("deploywatch_check_status", &labels, flag(c.status == status));
+                f.push(
+                    "deploywatch_check_status",
+                    &labels,
+                    flag(c.status == status),
+                );
             }
             match c.outcome.as_ref().and_then(|o| o.observation.as_ref()) {
                 Some(Observation::Number(n)) => f.push("deploywatch_check_value", &full, *n),
@@ -216,7 +230,11 @@ pub fn families(snapshot: &Snapshot, version: &str) -> Vec<MetricFamily> {
             for (kind, count) in &c.errors {
                 f.push(
                     "deploywatch_check_errors_total",
-                    &[("target", target), ("check", check), ("kind", kind.as_str())],
+                    &[
+                        ("target", target),
+                        ("check", check),
+                        ("kind", kind.as_str()),
+                    ],
                     *count as f64,
                 );
             }
@@ -234,7 +252,11 @@ pub fn families(snapshot: &Snapshot, version: &str) -> Vec<MetricFamily> {
             ],
             1.0,
         );
-        f.push("deploywatch_deployment_timestamp_seconds", &[("target", target)], d.at);
+        f.push(
+            "deploywatch_deployment_timestamp_seconds",
+            &[("target", target)],
+            d.at,
+        );
         f.push(
             "deploywatch_rollbacks_total",
             &[("target", target)],
@@ -252,14 +274,22 @@ pub fn families(snapshot: &Snapshot, version: &str) -> Vec<MetricFamily> {
             for verdict in Verdict::ALL {
                 f.push(
                     "deploywatch_window_verdict",
-                    &[("target", target), ("window", window), ("verdict", verdict.as_str())],
+                    &[
+                        ("target", target),
+                        ("window", window),
+                        ("verdict", verdict.as_str()),
+                    ],
                     flag(w.verdict == verdict),
                 );
             }
             for signal in Signal::ALL {
                 let regressions = w.regressions.iter().filter(|r| r.signal == signal).count();
                 let improvements = w.improvements.iter().filter(|r| r.signal == signal).count();
-                let labels = [("target", target), ("window", window), ("signal", signal.as_str())];
+                let labels = [
+                    ("target", target),
+                    ("window", window),
+                    ("signal", signal.as_str()),
+                ];
                 f.push("deploywatch_regressions", &labels, regressions as f64);
                 f.push("deploywatch_improvements", &labels, improvements as f64);
             }

@@ -244,7 +244,14 @@ pub fn evaluate(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
             values,
             max_series,
             expect_column,
-        } => evaluate_rows(spec, table, labels, values, *max_series, expect_column.as_deref()),
+        } => evaluate_rows(
+            spec,
+            table,
+            labels,
+            values,
+            *max_series,
+            expect_column.as_deref(),
+        ),
     }
 }
 
@@ -310,7 +317,12 @@ fn evaluate_scalar(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
             status: if passed { Status::Pass } else { Status::Fail },
             observation: Some(observation),
             error: None,
-            detail: (!passed).then(|| format!("observed {cell_text}, expected {expectation}", cell_text = describe_cell(&cell))),
+            detail: (!passed).then(|| {
+                format!(
+                    "observed {cell_text}, expected {expectation}",
+                    cell_text = describe_cell(&cell)
+                )
+            }),
         },
         Err(EvaluationError::NotNumeric { found }) => shape_error(
             ErrorKind::NotNumeric,
@@ -388,7 +400,12 @@ fn evaluate_rows(
     for row in &table.rows {
         let row_labels: Vec<(String, String)> = label_indexes
             .iter()
-            .map(|(name, i)| (name.clone(), row.get(*i).map(Cell::as_label).unwrap_or_default()))
+            .map(|(name, i)| {
+                (
+                    name.clone(),
+                    row.get(*i).map(Cell::as_label).unwrap_or_default(),
+                )
+            })
             .collect();
         for (name, i) in &value_indexes {
             let cell = row.get(*i).cloned().unwrap_or(Cell::Null);
@@ -497,12 +514,42 @@ mod tests {
     fn scalar_outcomes() {
         check(Some("== 0"), scalar(Cell::Int(0)), Status::Pass, None);
         check(Some("== 0"), scalar(Cell::Int(3)), Status::Fail, None);
-        check(Some(">= 4"), scalar(Cell::Text("5".into())), Status::Pass, None);
-        check(Some("== \"3.7.0\""), scalar(Cell::Text("3.7.0".into())), Status::Pass, None);
-        check(Some("== \"3.7.0\""), scalar(Cell::Text("3.6.0".into())), Status::Fail, None);
-        check(Some("between 0 and 1"), scalar(Cell::Float(0.5)), Status::Pass, None);
-        check(None, scalar(Cell::Text("PostgreSQL 15".into())), Status::Pass, None);
-        check(Some("== 0"), scalar(Cell::Null), Status::Error, Some(ErrorKind::NullValue));
+        check(
+            Some(">= 4"),
+            scalar(Cell::Text("5".into())),
+            Status::Pass,
+            None,
+        );
+        check(
+            Some("== \"3.7.0\""),
+            scalar(Cell::Text("3.7.0".into())),
+            Status::Pass,
+            None,
+        );
+        check(
+            Some("== \"3.7.0\""),
+            scalar(Cell::Text("3.6.0".into())),
+            Status::Fail,
+            None,
+        );
+        check(
+            Some("between 0 and 1"),
+            scalar(Cell::Float(0.5)),
+            Status::Pass,
+            None,
+        );
+        check(
+            None,
+            scalar(Cell::Text("PostgreSQL 15".into())),
+            Status::Pass,
+            None,
+        );
+        check(
+            Some("== 0"),
+            scalar(Cell::Null),
+            Status::Error,
+            Some(ErrorKind::NullValue),
+        );
         check(
             Some("== 0"),
             scalar(Cell::Text("abc".into())),
@@ -576,12 +623,18 @@ mod tests {
     #[test]
     fn rows_over_the_cap_are_an_error() {
         let outcome = evaluate(&spec(None, rows_shape(5, None)), &index_table(3));
-        assert_eq!(outcome.error.map(|e| e.kind), Some(ErrorKind::TooManySeries));
+        assert_eq!(
+            outcome.error.map(|e| e.kind),
+            Some(ErrorKind::TooManySeries)
+        );
     }
 
     #[test]
     fn rows_expectation_names_the_failing_rows() {
-        let outcome = evaluate(&spec(Some(">= 1"), rows_shape(10, Some("scans"))), &index_table(2));
+        let outcome = evaluate(
+            &spec(Some(">= 1"), rows_shape(10, Some("scans"))),
+            &index_table(2),
+        );
         assert_eq!(outcome.status, Status::Fail);
         let detail = outcome.detail.unwrap_or_default();
         assert!(detail.contains("indexname=idx_0 scans=0"), "{detail}");

@@ -123,7 +123,9 @@ pub fn find_bindir() -> Result<PathBuf, PgClusterError> {
 fn is_root() -> bool {
     // The owner of /proc/self is the effective user of this process.
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 fn postgres_user_exists() -> bool {
@@ -191,21 +193,28 @@ impl PgCluster {
             running: false,
         };
         if as_postgres {
-            cluster.run_checked(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.base))?;
+            cluster.run_checked(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&cluster.base),
+            )?;
         }
         let data = cluster.data_dir();
-        let initdb = cluster.server_command("initdb", &[
-            "-D",
-            &data.to_string_lossy(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-locale",
-            "--no-sync",
-        ]);
+        let initdb = cluster.server_command(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+        );
         cluster.run_checked_server(initdb)?;
         let mut conf = format!(
             "\n# deploywatch test cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
@@ -257,20 +266,21 @@ impl PgCluster {
     fn server_command(&self, binary: &str, args: &[&str]) -> Command {
         let program = self.bindir.join(binary);
         if self.as_postgres {
-            let mut command = if Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(&program).args(args);
-                c
-            } else {
-                let mut line = shell_quote(&program.to_string_lossy());
-                for arg in args {
-                    line.push(' ');
-                    line.push_str(&shell_quote(arg));
-                }
-                let mut c = Command::new("su");
-                c.args(["postgres", "-s", "/bin/sh", "-c", &line]);
-                c
-            };
+            let mut command =
+                if Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists() {
+                    let mut c = Command::new("runuser");
+                    c.args(["-u", "postgres", "--"]).arg(&program).args(args);
+                    c
+                } else {
+                    let mut line = shell_quote(&program.to_string_lossy());
+                    for arg in args {
+                        line.push(' ');
+                        line.push_str(&shell_quote(arg));
+                    }
+                    let mut c = Command::new("su");
+                    c.args(["postgres", "-s", "/bin/sh", "-c", &line]);
+                    c
+                };
             command.current_dir(&self.base);
             command
         } else {
@@ -328,16 +338,26 @@ impl PgCluster {
         let data = self.data_dir().to_string_lossy().to_string();
         let log = self.log_path().to_string_lossy().to_string();
         let options = format!("-p {}", self.port);
-        let command = self.server_command("pg_ctl", &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"]);
-        self.run_checked_server(command).map(|_| ()).map_err(|error| PgClusterError::Start {
-            message: error.to_string(),
-            log: tail(&self.log_path(), 30),
-        })
+        let command = self.server_command(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+            ],
+        );
+        self.run_checked_server(command)
+            .map(|_| ())
+            .map_err(|error| PgClusterError::Start {
+                message: error.to_string(),
+                log: tail(&self.log_path(), 30),
+            })
     }
 
     fn pg_ctl_stop(&self, mode: &str) -> Result<(), PgClusterError> {
         let data = self.data_dir().to_string_lossy().to_string();
-        let command = self.server_command("pg_ctl", &["-D", &data, "-m", mode, "-w", "-t", "60", "stop"]);
+        let command = self.server_command(
+            "pg_ctl",
+            &["-D", &data, "-m", mode, "-w", "-t", "60", "stop"],
+        );
         self.run_checked_server(command).map(|_| ())
     }
 
@@ -363,7 +383,10 @@ impl PgCluster {
 
     /// `key=value` connection string for the superuser.
     pub fn connection_string(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 
     pub fn url(&self, dbname: &str) -> String {
@@ -376,9 +399,23 @@ impl PgCluster {
 
     fn psql_command(&self, dbname: &str) -> Command {
         let psql = self.bindir.join("psql");
-        let mut command = Command::new(if psql.is_file() { psql } else { PathBuf::from("psql") });
+        let mut command = Command::new(if psql.is_file() {
+            psql
+        } else {
+            PathBuf::from("psql")
+        });
         command
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1", "-U", "postgres"])
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-d")
@@ -388,10 +425,15 @@ impl PgCluster {
     }
 
     pub fn create_database(&self, name: &str) -> Result<(), PgClusterError> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
             return Err(PgClusterError::InvalidName(name.to_string()));
         }
-        self.psql("postgres", &format!("CREATE DATABASE {name}")).map(|_| ())
+        self.psql("postgres", &format!("CREATE DATABASE {name}"))
+            .map(|_| ())
     }
 
     /// Runs SQL with psql and returns its unaligned output.
@@ -450,7 +492,11 @@ impl PgCluster {
         let mut pids = vec![root];
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for entry in entries.filter_map(Result::ok) {
-                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
                     continue;
                 };
                 let parent = std::fs::read_to_string(entry.path().join("stat"))
@@ -472,7 +518,8 @@ impl PgCluster {
         if pids.is_empty() {
             return Ok(());
         }
-        self.run_checked(Command::new("kill").arg(signal).args(&pids)).map(|_| ())
+        self.run_checked(Command::new("kill").arg(signal).args(&pids))
+            .map(|_| ())
     }
 
     /// Freezes the server (SIGSTOP to the postmaster and its children): a hung database.
@@ -519,9 +566,18 @@ mod tests {
     fn a_cluster_starts_answers_and_leaves_nothing_behind() {
         let mut cluster = PgCluster::start(ClusterOptions::default()).expect("start");
         cluster.create_database("probe").expect("create");
-        assert_eq!(cluster.psql("probe", "SELECT 40 + 2").expect("query").trim(), "42");
+        assert_eq!(
+            cluster
+                .psql("probe", "SELECT 40 + 2")
+                .expect("query")
+                .trim(),
+            "42"
+        );
         cluster.restart().expect("restart");
-        assert_eq!(cluster.psql("probe", "SELECT 1").expect("query").trim(), "1");
+        assert_eq!(
+            cluster.psql("probe", "SELECT 1").expect("query").trim(),
+            "1"
+        );
         let base = cluster.base_dir().to_path_buf();
         let pid = cluster.postmaster_pid().expect("pid");
         drop(cluster);
@@ -529,9 +585,15 @@ mod tests {
         // A zombie (state Z) is gone too: it only waits for its reaper.
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim().chars().next()))
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim().chars().next())
+            })
             .flatten();
-        assert!(matches!(state, None | Some('Z')), "postmaster gone, state {state:?}");
+        assert!(
+            matches!(state, None | Some('Z')),
+            "postmaster gone, state {state:?}"
+        );
     }
 
     #[test]
@@ -539,10 +601,16 @@ mod tests {
         let cluster = PgCluster::start(ClusterOptions::default()).expect("start");
         cluster.pause().expect("pause");
         let mut command = cluster.psql_command("postgres");
-        command.env("PGCONNECT_TIMEOUT", "2").arg("-c").arg("SELECT 1");
+        command
+            .env("PGCONNECT_TIMEOUT", "2")
+            .arg("-c")
+            .arg("SELECT 1");
         let frozen = command.output().expect("psql");
         assert!(!frozen.status.success(), "no answer while paused");
         cluster.resume().expect("resume");
-        assert_eq!(cluster.psql("postgres", "SELECT 1").expect("query").trim(), "1");
+        assert_eq!(
+            cluster.psql("postgres", "SELECT 1").expect("query").trim(),
+            "1"
+        );
     }
 }

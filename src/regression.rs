@@ -50,10 +50,18 @@ fn rounded(value: f64, digits: i32) -> f64 {
 }
 
 fn evidence(pairs: &[(&str, Value)]) -> Map<String, Value> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
-fn finding(signal: Signal, subject: String, message: String, evidence: Map<String, Value>) -> Finding {
+fn finding(
+    signal: Signal,
+    subject: String,
+    message: String,
+    evidence: Map<String, Value>,
+) -> Finding {
     Finding {
         signal,
         subject,
@@ -80,7 +88,14 @@ pub fn judge(
             query_latency(baseline, window_samples, t, SHARP_INCREASE, false, &mut j);
         }
         Window::FirstDay => {
-            query_latency(baseline, window_samples, t, t.latency_min_increase, true, &mut j);
+            query_latency(
+                baseline,
+                window_samples,
+                t,
+                t.latency_min_increase,
+                true,
+                &mut j,
+            );
             seq_scans(baseline, window_samples, t, &mut j);
             if closed {
                 unused_indexes(baseline, since_deployment, &mut j);
@@ -118,11 +133,16 @@ fn check_failures(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
             if !relevant || point.status != "fail" || failed_before.contains(name.as_str()) {
                 continue;
             }
-            let Some(passes) = passed_before.get(name.as_str()) else { continue };
+            let Some(passes) = passed_before.get(name.as_str()) else {
+                continue;
+            };
             if !flagged.insert(name.clone()) {
                 continue;
             }
-            let value = point.value.map(|v| format!(" (value {v})")).unwrap_or_default();
+            let value = point
+                .value
+                .map(|v| format!(" (value {v})"))
+                .unwrap_or_default();
             j.regressions.push(finding(
                 Signal::CheckFailure,
                 name.clone(),
@@ -157,7 +177,8 @@ fn database_totals(samples: &[Sample]) -> Option<(crate::sample::DbCounters, f64
 }
 
 fn rollback_ratio(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
-    let (Some((b, _, nb)), Some((w, _, nw))) = (database_totals(baseline), database_totals(window)) else {
+    let (Some((b, _, nb)), Some((w, _, nw))) = (database_totals(baseline), database_totals(window))
+    else {
         return;
     };
     let ratio = |d: &crate::sample::DbCounters| {
@@ -191,7 +212,9 @@ fn rollback_ratio(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
 }
 
 fn deadlocks(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
-    let (Some((b, bs, nb)), Some((w, ws, nw))) = (database_totals(baseline), database_totals(window)) else {
+    let (Some((b, bs, nb)), Some((w, ws, nw))) =
+        (database_totals(baseline), database_totals(window))
+    else {
         return;
     };
     if bs <= 0.0 || ws <= 0.0 {
@@ -202,7 +225,10 @@ fn deadlocks(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
         j.regressions.push(finding(
             Signal::Deadlocks,
             "deadlocks".into(),
-            format!("deadlocks {rb:.1}/h -> {rw:.1}/h ({} in the window)", w.deadlocks),
+            format!(
+                "deadlocks {rb:.1}/h -> {rw:.1}/h ({} in the window)",
+                w.deadlocks
+            ),
             evidence(&[
                 ("baseline_per_hour", number(rounded(rb, 3))),
                 ("window_per_hour", number(rounded(rw, 3))),
@@ -230,7 +256,11 @@ fn connections(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
         j.regressions.push(finding(
             Signal::Connections,
             "connections".into(),
-            format!("backends reached {:.0} % of max_connections (baseline peak {:.0} %)", w * 100.0, b * 100.0),
+            format!(
+                "backends reached {:.0} % of max_connections (baseline peak {:.0} %)",
+                w * 100.0,
+                b * 100.0
+            ),
             evidence(&[
                 ("baseline_peak_share", number(rounded(b, 4))),
                 ("window_peak_share", number(rounded(w, 4))),
@@ -241,12 +271,17 @@ fn connections(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
     }
 }
 
-/// Per query id: the per-sample mean time per call, from samples with enough calls, and the
-/// query text.
-fn latency_series(samples: &[Sample], min_calls: u64) -> BTreeMap<String, (Vec<f64>, String, f64, f64)> {
-    let mut series: BTreeMap<String, (Vec<f64>, String, f64, f64)> = BTreeMap::new();
+/// Per query: the per-sample mean times per call (from samples with enough calls), the query
+/// text, and the summed total time and calls.
+type LatencySeries = (Vec<f64>, String, f64, f64);
+
+/// Per query id: its [`LatencySeries`].
+fn latency_series(samples: &[Sample], min_calls: u64) -> BTreeMap<String, LatencySeries> {
+    let mut series: BTreeMap<String, LatencySeries> = BTreeMap::new();
     for sample in samples {
-        let Some(statements) = &sample.statements else { continue };
+        let Some(statements) = &sample.statements else {
+            continue;
+        };
         for (id, s) in statements {
             let entry = series
                 .entry(id.clone())
@@ -280,13 +315,21 @@ fn query_latency(
     let before = latency_series(baseline, t.latency_min_calls);
     let after = latency_series(window, t.latency_min_calls);
     for (id, (b, query, _, _)) in &before {
-        let Some((w, _, _, calls)) = after.get(id) else { continue };
+        let Some((w, _, _, calls)) = after.get(id) else {
+            continue;
+        };
         if b.len() < t.min_samples || w.len() < t.min_samples {
             continue;
         }
-        let (Some(mb), Some(mw)) = (stats::median(b), stats::median(w)) else { continue };
-        let Some(change) = stats::relative_change(mb, mw) else { continue };
-        let (Some(slower), Some(faster)) = (mann_whitney(b, w), mann_whitney(w, b)) else { continue };
+        let (Some(mb), Some(mw)) = (stats::median(b), stats::median(w)) else {
+            continue;
+        };
+        let Some(change) = stats::relative_change(mb, mw) else {
+            continue;
+        };
+        let (Some(slower), Some(faster)) = (mann_whitney(b, w), mann_whitney(w, b)) else {
+            continue;
+        };
         let make_evidence = |p: f64, z: f64, u: f64| {
             evidence(&[
                 ("query_id", Value::String(id.clone())),
@@ -316,7 +359,10 @@ fn query_latency(
                 ),
                 make_evidence(slower.p_greater, slower.z, slower.u),
             ));
-        } else if improvements && change <= -t.latency_min_increase && faster.p_greater < t.latency_p_value {
+        } else if improvements
+            && change <= -t.latency_min_increase
+            && faster.p_greater < t.latency_p_value
+        {
             j.improvements.push(finding(
                 Signal::QueryLatency,
                 format!("query {id}"),
@@ -351,13 +397,18 @@ fn seq_scans(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
     let before = seq_rates(baseline);
     let after = seq_rates(window);
     for (table, (ws, wr, wsec, wn)) in &after {
-        let Some((bs, br, bsec, bn)) = before.get(table) else { continue };
+        let Some((bs, br, bsec, bn)) = before.get(table) else {
+            continue;
+        };
         if *wn < t.min_samples || *bn < t.min_samples || *wsec <= 0.0 || *bsec <= 0.0 {
             continue;
         }
         let (scan_b, scan_w) = (bs / bsec, ws / wsec);
         let (rows_b, rows_w) = (br / bsec, wr / wsec);
-        if scan_w >= 2.0 * scan_b && scan_w - scan_b >= SEQ_SCAN_MIN_RATE_INCREASE && rows_w > rows_b {
+        if scan_w >= 2.0 * scan_b
+            && scan_w - scan_b >= SEQ_SCAN_MIN_RATE_INCREASE
+            && rows_w > rows_b
+        {
             j.regressions.push(finding(
                 Signal::SeqScans,
                 table.clone(),
@@ -427,15 +478,22 @@ fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
     if baseline.len() < t.min_samples.max(2) || window.len() < t.min_samples.max(2) {
         return;
     }
-    let (Some(b), Some(w)) = (growth_per_hour(baseline), growth_per_hour(window)) else { return };
+    let (Some(b), Some(w)) = (growth_per_hour(baseline), growth_per_hour(window)) else {
+        return;
+    };
     // PostgreSQL grows in pages and segments: over a short span one extension looks like a
     // steep rate, so the window must also have grown by a material amount in absolute terms.
-    let grown = window.last().map(|s| s.size_bytes).unwrap_or(0.0) - window.first().map(|s| s.size_bytes).unwrap_or(0.0);
+    let grown = window.last().map(|s| s.size_bytes).unwrap_or(0.0)
+        - window.first().map(|s| s.size_bytes).unwrap_or(0.0);
     if w > 3.0 * b.max(0.0) && w >= MIB && grown >= MIB {
         j.regressions.push(finding(
             Signal::DbGrowth,
             "database size".into(),
-            format!("database grows {:.1} MiB/h, {:.1} MiB/h before", w / MIB, b / MIB),
+            format!(
+                "database grows {:.1} MiB/h, {:.1} MiB/h before",
+                w / MIB,
+                b / MIB
+            ),
             evidence(&[
                 ("baseline_bytes_per_hour", number(rounded(b, 0))),
                 ("window_bytes_per_hour", number(rounded(w, 0))),
@@ -451,16 +509,23 @@ fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
 fn top_queries(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Judgement) {
     let before = latency_series(baseline, t.latency_min_calls);
     let after = latency_series(window, t.latency_min_calls);
-    let mut ranked: Vec<(&String, &(Vec<f64>, String, f64, f64))> = before.iter().collect();
+    let mut ranked: Vec<(&String, &LatencySeries)> = before.iter().collect();
     ranked.sort_by(|a, b| b.1 .2.total_cmp(&a.1 .2));
     for (rank, (id, (b, query, b_total, b_calls))) in ranked.into_iter().take(10).enumerate() {
-        let Some((w, _, w_total, w_calls)) = after.get(id.as_str()) else { continue };
-        if b.len() < t.min_samples || w.len() < t.min_samples || *b_calls <= 0.0 || *w_calls <= 0.0 {
+        let Some((w, _, w_total, w_calls)) = after.get(id.as_str()) else {
+            continue;
+        };
+        if b.len() < t.min_samples || w.len() < t.min_samples || *b_calls <= 0.0 || *w_calls <= 0.0
+        {
             continue;
         }
         let (per_call_b, per_call_w) = (b_total / b_calls, w_total / w_calls);
-        let Some(change) = stats::relative_change(per_call_b, per_call_w) else { continue };
-        let (Some(slower), Some(faster)) = (mann_whitney(b, w), mann_whitney(w, b)) else { continue };
+        let Some(change) = stats::relative_change(per_call_b, per_call_w) else {
+            continue;
+        };
+        let (Some(slower), Some(faster)) = (mann_whitney(b, w), mann_whitney(w, b)) else {
+            continue;
+        };
         let make_evidence = |p: f64| {
             evidence(&[
                 ("rank", number((rank + 1) as f64)),
@@ -542,7 +607,10 @@ mod tests {
 
     impl Lcg {
         fn next(&mut self) -> f64 {
-            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             (self.0 >> 11) as f64 / (1u64 << 53) as f64
         }
     }
@@ -580,8 +648,14 @@ mod tests {
         }
     }
 
-    fn series(start: f64, n: usize, mut mean: impl FnMut(usize) -> Vec<(&'static str, f64)>) -> Vec<Sample> {
-        (0..n).map(|i| sample(start + 60.0 * i as f64, &mean(i))).collect()
+    fn series(
+        start: f64,
+        n: usize,
+        mut mean: impl FnMut(usize) -> Vec<(&'static str, f64)>,
+    ) -> Vec<Sample> {
+        (0..n)
+            .map(|i| sample(start + 60.0 * i as f64, &mean(i)))
+            .collect()
     }
 
     fn signals(j: &[Finding]) -> Vec<(Signal, String)> {
@@ -592,10 +666,25 @@ mod tests {
     fn a_5x_slower_query_is_flagged_and_only_that_one() {
         let mut rng = Lcg(7);
         let mut noise = move || 1.0 + 0.1 * (rng.next() - 0.5);
-        let baseline = series(0.0, 10, |_| vec![("1", 0.4 * noise()), ("2", 2.0 * noise()), ("3", 1.0 * noise())]);
-        let window = series(1000.0, 8, |_| vec![("1", 2.0 * noise()), ("2", 2.0 * noise()), ("3", 1.0 * noise())]);
+        let baseline = series(0.0, 10, |_| {
+            vec![
+                ("1", 0.4 * noise()),
+                ("2", 2.0 * noise()),
+                ("3", 1.0 * noise()),
+            ]
+        });
+        let window = series(1000.0, 8, |_| {
+            vec![
+                ("1", 2.0 * noise()),
+                ("2", 2.0 * noise()),
+                ("3", 1.0 * noise()),
+            ]
+        });
         let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
-        assert_eq!(signals(&j.regressions), vec![(Signal::QueryLatency, "query 1".to_string())]);
+        assert_eq!(
+            signals(&j.regressions),
+            vec![(Signal::QueryLatency, "query 1".to_string())]
+        );
         let f = &j.regressions[0];
         assert!(f.message.contains("SELECT 1"), "{}", f.message);
         assert!(f.evidence["p_value"].as_f64().unwrap_or(1.0) < 0.01);
@@ -612,7 +701,10 @@ mod tests {
         let hour = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
         assert!(hour.regressions.is_empty(), "{:?}", hour.regressions);
         let day = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
-        assert_eq!(signals(&day.regressions), vec![(Signal::QueryLatency, "query 1".to_string())]);
+        assert_eq!(
+            signals(&day.regressions),
+            vec![(Signal::QueryLatency, "query 1".to_string())]
+        );
     }
 
     #[test]
@@ -621,8 +713,15 @@ mod tests {
         let window = series(1000.0, 8, |i| vec![("1", 0.6 + 0.01 * i as f64)]);
         let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
         assert!(j.regressions.is_empty());
-        assert_eq!(signals(&j.improvements), vec![(Signal::QueryLatency, "query 1".to_string())]);
-        assert!(j.improvements[0].message.contains("faster"), "{}", j.improvements[0].message);
+        assert_eq!(
+            signals(&j.improvements),
+            vec![(Signal::QueryLatency, "query 1".to_string())]
+        );
+        assert!(
+            j.improvements[0].message.contains("faster"),
+            "{}",
+            j.improvements[0].message
+        );
     }
 
     #[test]
@@ -638,14 +737,21 @@ mod tests {
                 alarms += 1;
             }
         }
-        assert!(alarms <= 2, "{alarms} false alarms in 200 no-change comparisons");
+        assert!(
+            alarms <= 2,
+            "{alarms} false alarms in 200 no-change comparisons"
+        );
     }
 
     #[test]
     fn too_few_samples_are_never_judged() {
         let baseline = series(0.0, 2, |_| vec![("1", 1.0)]);
         let window = series(1000.0, 8, |_| vec![("1", 10.0)]);
-        assert!(judge(Window::FirstHour, &baseline, &window, &window, false, &t()).regressions.is_empty());
+        assert!(
+            judge(Window::FirstHour, &baseline, &window, &window, false, &t())
+                .regressions
+                .is_empty()
+        );
     }
 
     #[test]
@@ -674,16 +780,40 @@ mod tests {
 
     #[test]
     fn a_check_that_passed_before_and_fails_now_is_flagged() {
-        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![]).into_iter().map(|s| with_check(s, "orphans", "integrity", "pass", 0.0)).collect();
-        let window: Vec<Sample> = series(1000.0, 3, |_| vec![]).into_iter().map(|s| with_check(s, "orphans", "integrity", "fail", 5.0)).collect();
+        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![])
+            .into_iter()
+            .map(|s| with_check(s, "orphans", "integrity", "pass", 0.0))
+            .collect();
+        let window: Vec<Sample> = series(1000.0, 3, |_| vec![])
+            .into_iter()
+            .map(|s| with_check(s, "orphans", "integrity", "fail", 5.0))
+            .collect();
         let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
-        assert_eq!(signals(&j.regressions), vec![(Signal::CheckFailure, "orphans".to_string())]);
+        assert_eq!(
+            signals(&j.regressions),
+            vec![(Signal::CheckFailure, "orphans".to_string())]
+        );
         // A check that already failed before the deployment is not a regression of it.
-        let failing: Vec<Sample> = series(0.0, 5, |_| vec![]).into_iter().map(|s| with_check(s, "orphans", "integrity", "fail", 5.0)).collect();
-        assert!(judge(Window::FirstHour, &failing, &window, &window, false, &t()).regressions.is_empty());
+        let failing: Vec<Sample> = series(0.0, 5, |_| vec![])
+            .into_iter()
+            .map(|s| with_check(s, "orphans", "integrity", "fail", 5.0))
+            .collect();
+        assert!(
+            judge(Window::FirstHour, &failing, &window, &window, false, &t())
+                .regressions
+                .is_empty()
+        );
         // Info checks do not count.
-        let info: Vec<Sample> = window.iter().cloned().map(|s| with_check(s, "orphans", "performance", "fail", 5.0)).collect();
-        assert!(judge(Window::FirstHour, &baseline, &info, &info, false, &t()).regressions.is_empty());
+        let info: Vec<Sample> = window
+            .iter()
+            .cloned()
+            .map(|s| with_check(s, "orphans", "performance", "fail", 5.0))
+            .collect();
+        assert!(
+            judge(Window::FirstHour, &baseline, &info, &info, false, &t())
+                .regressions
+                .is_empty()
+        );
     }
 
     #[test]
@@ -701,8 +831,22 @@ mod tests {
         }
         let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
         let found: BTreeSet<Signal> = j.regressions.iter().map(|f| f.signal).collect();
-        assert_eq!(found, BTreeSet::from([Signal::RollbackRatio, Signal::Deadlocks, Signal::Connections]));
-        let same = judge(Window::FirstHour, &baseline, &baseline, &baseline, false, &t());
+        assert_eq!(
+            found,
+            BTreeSet::from([
+                Signal::RollbackRatio,
+                Signal::Deadlocks,
+                Signal::Connections
+            ])
+        );
+        let same = judge(
+            Window::FirstHour,
+            &baseline,
+            &baseline,
+            &baseline,
+            false,
+            &t(),
+        );
         assert!(same.regressions.is_empty());
     }
 
@@ -720,11 +864,29 @@ mod tests {
 
     #[test]
     fn more_sequential_scans_on_a_table_are_flagged() {
-        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![]).into_iter().map(|s| with_table(s, 1.0, 100.0)).collect();
-        let window: Vec<Sample> = series(1000.0, 5, |_| vec![]).into_iter().map(|s| with_table(s, 600.0, 6e6)).collect();
+        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![])
+            .into_iter()
+            .map(|s| with_table(s, 1.0, 100.0))
+            .collect();
+        let window: Vec<Sample> = series(1000.0, 5, |_| vec![])
+            .into_iter()
+            .map(|s| with_table(s, 600.0, 6e6))
+            .collect();
         let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
-        assert_eq!(signals(&j.regressions), vec![(Signal::SeqScans, "public.submissions".to_string())]);
-        assert!(judge(Window::FirstDay, &baseline, &baseline, &baseline, false, &t()).regressions.is_empty());
+        assert_eq!(
+            signals(&j.regressions),
+            vec![(Signal::SeqScans, "public.submissions".to_string())]
+        );
+        assert!(judge(
+            Window::FirstDay,
+            &baseline,
+            &baseline,
+            &baseline,
+            false,
+            &t()
+        )
+        .regressions
+        .is_empty());
     }
 
     fn with_index(mut s: Sample, name: &str, scans: f64) -> Sample {
@@ -740,30 +902,73 @@ mod tests {
 
     #[test]
     fn a_new_index_never_scanned_is_flagged_when_the_window_closes() {
-        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![]).into_iter().map(|s| with_index(s, "public.old", 3.0)).collect();
+        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![])
+            .into_iter()
+            .map(|s| with_index(s, "public.old", 3.0))
+            .collect();
         let since: Vec<Sample> = series(1000.0, 5, |_| vec![])
             .into_iter()
-            .map(|s| with_index(with_index(with_index(s, "public.old", 3.0), "public.idx_new_true", 0.0), "public.idx_used_paid", 2.0))
+            .map(|s| {
+                with_index(
+                    with_index(with_index(s, "public.old", 3.0), "public.idx_new_true", 0.0),
+                    "public.idx_used_paid",
+                    2.0,
+                )
+            })
             .collect();
         let open = judge(Window::FirstDay, &baseline, &since, &since, false, &t());
         assert!(open.regressions.is_empty());
         let closed = judge(Window::FirstDay, &baseline, &since, &since, true, &t());
-        assert_eq!(signals(&closed.regressions), vec![(Signal::UnusedIndex, "public.idx_new_true".to_string())]);
+        assert_eq!(
+            signals(&closed.regressions),
+            vec![(Signal::UnusedIndex, "public.idx_new_true".to_string())]
+        );
     }
 
     #[test]
     fn a_single_page_extension_over_seconds_is_not_growth() {
-        let baseline: Vec<Sample> = (0..5).map(|i| Sample { at: i as f64, size_bytes: 1e7, ..Sample::default() }).collect();
-        let window: Vec<Sample> = (0..3).map(|i| Sample { at: 10.0 + i as f64, size_bytes: 1e7 + 8192.0 * i as f64, ..Sample::default() }).collect();
-        assert!(judge(Window::FirstDay, &baseline, &window, &window, false, &t()).regressions.is_empty());
+        let baseline: Vec<Sample> = (0..5)
+            .map(|i| Sample {
+                at: i as f64,
+                size_bytes: 1e7,
+                ..Sample::default()
+            })
+            .collect();
+        let window: Vec<Sample> = (0..3)
+            .map(|i| Sample {
+                at: 10.0 + i as f64,
+                size_bytes: 1e7 + 8192.0 * i as f64,
+                ..Sample::default()
+            })
+            .collect();
+        assert!(
+            judge(Window::FirstDay, &baseline, &window, &window, false, &t())
+                .regressions
+                .is_empty()
+        );
     }
 
     #[test]
     fn faster_growth_is_flagged() {
-        let baseline: Vec<Sample> = (0..5).map(|i| Sample { at: 3600.0 * i as f64, size_bytes: 1e9 + 1e5 * i as f64, ..Sample::default() }).collect();
-        let window: Vec<Sample> = (0..5).map(|i| Sample { at: 1e5 + 3600.0 * i as f64, size_bytes: 2e9 + 1e8 * i as f64, ..Sample::default() }).collect();
+        let baseline: Vec<Sample> = (0..5)
+            .map(|i| Sample {
+                at: 3600.0 * i as f64,
+                size_bytes: 1e9 + 1e5 * i as f64,
+                ..Sample::default()
+            })
+            .collect();
+        let window: Vec<Sample> = (0..5)
+            .map(|i| Sample {
+                at: 1e5 + 3600.0 * i as f64,
+                size_bytes: 2e9 + 1e8 * i as f64,
+                ..Sample::default()
+            })
+            .collect();
         let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
-        assert_eq!(signals(&j.regressions), vec![(Signal::DbGrowth, "database size".to_string())]);
+        assert_eq!(
+            signals(&j.regressions),
+            vec![(Signal::DbGrowth, "database size".to_string())]
+        );
     }
 
     #[test]
@@ -775,7 +980,10 @@ mod tests {
             .collect();
         let j = judge(Window::FirstWeek, &baseline, &window, &window, false, &t());
         let found: BTreeSet<Signal> = j.regressions.iter().map(|f| f.signal).collect();
-        assert_eq!(found, BTreeSet::from([Signal::TopQueries, Signal::Integrity]));
+        assert_eq!(
+            found,
+            BTreeSet::from([Signal::TopQueries, Signal::Integrity])
+        );
     }
 
     #[test]

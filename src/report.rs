@@ -66,14 +66,26 @@ pub fn render(input: &ReportInput<'_>) -> String {
     let _ = writeln!(
         out,
         "**Database Size Before**: {}",
-        input.before.map(|s| size(s.size_bytes)).unwrap_or_else(|| "not sampled".into())
+        input
+            .before
+            .map(|s| size(s.size_bytes))
+            .unwrap_or_else(|| "not sampled".into())
     );
     let _ = writeln!(
         out,
         "**Database Size After**: {}",
-        input.after.last().map(|s| size(s.size_bytes)).unwrap_or_else(|| "not sampled yet".into())
+        input
+            .after
+            .last()
+            .map(|s| size(s.size_bytes))
+            .unwrap_or_else(|| "not sampled yet".into())
     );
-    let _ = writeln!(out, "**Watched**: {} sample(s) since the deployment, until {}", input.after.len(), rfc3339(input.now));
+    let _ = writeln!(
+        out,
+        "**Watched**: {} sample(s) since the deployment, until {}",
+        input.after.len(),
+        rfc3339(input.now)
+    );
     let _ = writeln!(out);
 
     let _ = writeln!(out, "## Windows");
@@ -98,31 +110,58 @@ pub fn render(input: &ReportInput<'_>) -> String {
     for sample in input.after {
         for (name, point) in &sample.checks {
             if point.status == "fail" || point.status == "error" {
-                let entry = failed
-                    .entry(name.as_str())
-                    .or_insert((sample.at, 0, point.status.clone(), point.value));
+                let entry = failed.entry(name.as_str()).or_insert((
+                    sample.at,
+                    0,
+                    point.status.clone(),
+                    point.value,
+                ));
                 entry.1 += 1;
                 entry.3 = point.value;
             }
         }
     }
-    let regressions: Vec<&Finding> = input.verdicts.iter().flat_map(|v| v.regressions.iter()).collect();
-    let improvements: Vec<&Finding> = input.verdicts.iter().flat_map(|v| v.improvements.iter()).collect();
+    let regressions: Vec<&Finding> = input
+        .verdicts
+        .iter()
+        .flat_map(|v| v.regressions.iter())
+        .collect();
+    let improvements: Vec<&Finding> = input
+        .verdicts
+        .iter()
+        .flat_map(|v| v.improvements.iter())
+        .collect();
     let _ = writeln!(out, "## Issues Encountered");
     if failed.is_empty() && regressions.is_empty() {
         let _ = writeln!(out, "- none");
     }
     for (name, (first, count, status, value)) in &failed {
-        let value = value.map(|v| format!(", last value {v}")).unwrap_or_default();
-        let _ = writeln!(out, "- check {name}: {status} in {count} sample(s), first at {}{value}", rfc3339(*first));
+        let value = value
+            .map(|v| format!(", last value {v}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "- check {name}: {status} in {count} sample(s), first at {}{value}",
+            rfc3339(*first)
+        );
     }
     for finding in &regressions {
-        let _ = writeln!(out, "- regression ({}): {}", finding.signal.as_str(), finding.message);
+        let _ = writeln!(
+            out,
+            "- regression ({}): {}",
+            finding.signal.as_str(),
+            finding.message
+        );
     }
     let _ = writeln!(out);
 
     let _ = writeln!(out, "## Performance Notes");
-    let performance = |f: &&&Finding| matches!(f.signal, Signal::QueryLatency | Signal::TopQueries | Signal::SeqScans | Signal::DbGrowth);
+    let performance = |f: &&&Finding| {
+        matches!(
+            f.signal,
+            Signal::QueryLatency | Signal::TopQueries | Signal::SeqScans | Signal::DbGrowth
+        )
+    };
     let slow: Vec<_> = regressions.iter().filter(performance).collect();
     let fast: Vec<_> = improvements.iter().filter(performance).collect();
     if slow.is_empty() && fast.is_empty() {
@@ -149,10 +188,16 @@ pub fn render(input: &ReportInput<'_>) -> String {
             .any(|c| c.category == "integrity" && c.status == "fail")
     });
     let performance_ok = !regressions.iter().any(|f| {
-        matches!(f.signal, Signal::QueryLatency | Signal::TopQueries | Signal::SeqScans)
+        matches!(
+            f.signal,
+            Signal::QueryLatency | Signal::TopQueries | Signal::SeqScans
+        )
     });
     let version_ok = input.current_version == Some(d.to_version.as_str());
-    let no_regression = input.verdicts.iter().all(|v| v.verdict != Verdict::Regression);
+    let no_regression = input
+        .verdicts
+        .iter()
+        .all(|v| v.verdict != Verdict::Regression);
     let _ = writeln!(out, "## Success Criteria");
     let _ = writeln!(
         out,
@@ -161,15 +206,32 @@ pub fn render(input: &ReportInput<'_>) -> String {
         d.to_version,
         input.current_version.unwrap_or("unknown")
     );
-    let _ = writeln!(out, "- {} All validation queries pass (latest sample)", tick(validation_passes));
-    let _ = writeln!(out, "- {} No regression flagged in a closed window", tick(no_regression));
-    let _ = writeln!(out, "- {} Query performance is same or better", tick(performance_ok));
+    let _ = writeln!(
+        out,
+        "- {} All validation queries pass (latest sample)",
+        tick(validation_passes)
+    );
+    let _ = writeln!(
+        out,
+        "- {} No regression flagged in a closed window",
+        tick(no_regression)
+    );
+    let _ = writeln!(
+        out,
+        "- {} Query performance is same or better",
+        tick(performance_ok)
+    );
     let _ = writeln!(out, "- {} Data integrity maintained", tick(integrity_kept));
-    let success = version_ok && validation_passes && no_regression && performance_ok && integrity_kept;
+    let success =
+        version_ok && validation_passes && no_regression && performance_ok && integrity_kept;
     let _ = writeln!(
         out,
         "\nMigration {}.",
-        if success { "is successful" } else { "does NOT meet the success criteria yet" }
+        if success {
+            "is successful"
+        } else {
+            "does NOT meet the success criteria yet"
+        }
     );
     out
 }
@@ -177,7 +239,7 @@ pub fn render(input: &ReportInput<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deployment::{Detection, DeploymentKind};
+    use crate::deployment::{DeploymentKind, Detection};
     use crate::sample::CheckPoint;
     use crate::window::Window;
 
@@ -242,7 +304,10 @@ mod tests {
     #[test]
     fn an_integrity_failure_is_an_issue_and_breaks_the_criteria() {
         let d = record();
-        let after = vec![sample(d.at + 60.0, 1.0, "fail"), sample(d.at + 120.0, 1.0, "pass")];
+        let after = vec![
+            sample(d.at + 60.0, 1.0, "fail"),
+            sample(d.at + 120.0, 1.0, "pass"),
+        ];
         let text = render(&ReportInput {
             deployment: &d,
             before: None,
@@ -251,7 +316,10 @@ mod tests {
             current_version: Some("3.7.0"),
             now: d.at + 200.0,
         });
-        assert!(text.contains("check orphaned_payments: fail in 1 sample(s)"), "{text}");
+        assert!(
+            text.contains("check orphaned_payments: fail in 1 sample(s)"),
+            "{text}"
+        );
         assert!(text.contains("[ ] Data integrity maintained"), "{text}");
         assert!(text.contains("does NOT meet"), "{text}");
     }

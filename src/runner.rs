@@ -26,7 +26,8 @@ pub struct RunReport {
 /// Runs one check once.
 pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
     let started = Instant::now();
-    let result = query_read_only(pool, &spec.sql, &spec.bind, spec.timeout, spec.lock_timeout).await;
+    let result =
+        query_read_only(pool, &spec.sql, &spec.bind, spec.timeout, spec.lock_timeout).await;
     let duration = started.elapsed();
     match result {
         Ok(table) => RunReport {
@@ -70,7 +71,12 @@ pub async fn query_read_only(
             .map_err(classify)?;
         let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = bind
             .iter()
-            .map(|value| (value as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT))
+            .map(|value| {
+                (
+                    value as &(dyn tokio_postgres::types::ToSql + Sync),
+                    Type::TEXT,
+                )
+            })
             .collect();
         let result = session.client.query_typed(sql, &params).await;
         // Always roll back: nothing a check does is ever kept, and an aborted transaction

@@ -155,7 +155,10 @@ const QUERY_TEXT_CHARS: usize = 200;
 fn shorten(query: &str) -> String {
     let one_line: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() > QUERY_TEXT_CHARS {
-        format!("{}…", one_line.chars().take(QUERY_TEXT_CHARS).collect::<String>())
+        format!(
+            "{}…",
+            one_line.chars().take(QUERY_TEXT_CHARS).collect::<String>()
+        )
     } else {
         one_line
     }
@@ -180,7 +183,8 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
     };
     let statements = match (&previous.statements, &current.statements) {
         (Some(before), Some(after)) => {
-            let total = |m: &BTreeMap<String, StatementCounters>| m.values().map(|s| s.calls).sum::<f64>();
+            let total =
+                |m: &BTreeMap<String, StatementCounters>| m.values().map(|s| s.calls).sum::<f64>();
             let reset_marker_changed = previous.statements_reset != current.statements_reset;
             // After pg_stat_statements_reset() most ids vanish or restart from zero, so the
             // total number of calls drops.

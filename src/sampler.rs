@@ -82,7 +82,11 @@ pub async fn statements_support(pool: &TargetPool) -> Result<StatementsSupport, 
         ),
     )
     .await?;
-    let names: Vec<String> = columns.rows.iter().filter_map(|r| text(r.first())).collect();
+    let names: Vec<String> = columns
+        .rows
+        .iter()
+        .filter_map(|r| text(r.first()))
+        .collect();
     let total_column = if names.iter().any(|n| n == "total_exec_time") {
         "total_exec_time"
     } else if names.iter().any(|n| n == "total_time") {

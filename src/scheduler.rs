@@ -182,8 +182,12 @@ pub async fn run_once(config: &Config, pools: &Pools, state: &Arc<State>) {
             continue;
         };
         for spec in &target.checks {
-            let (target, spec, pool, state) =
-                (target.name.clone(), spec.clone(), pool.clone(), state.clone());
+            let (target, spec, pool, state) = (
+                target.name.clone(),
+                spec.clone(),
+                pool.clone(),
+                state.clone(),
+            );
             runs.spawn(async move {
                 if state.claim(&target, &spec.name) == Claim::Started {
                     let report = run_check(&pool, &spec).await;

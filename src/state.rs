@@ -125,7 +125,9 @@ impl State {
             targets.insert(target.name.clone(), state);
         }
         inner.targets = targets;
-        inner.deployments.retain(|name, _| config.target(name).is_some());
+        inner
+            .deployments
+            .retain(|name, _| config.target(name).is_some());
         inner.config_reload_ok = true;
         inner.config_last_reload_success = Some(now);
         inner.config_source = config.source.display().to_string();

@@ -126,15 +126,17 @@ pub fn normal_sf(z: f64) -> f64 {
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     if x >= 0.0 {
         r
     } else {
@@ -175,12 +177,14 @@ mod tests {
     #[test]
     fn mann_whitney_known_answers() {
         // No overlap: window all larger. scipy: U = 25, p = 0.006093, two-sided 0.012186.
-        let r = mann_whitney(&[1.0, 2.0, 3.0, 4.0, 5.0], &[6.0, 7.0, 8.0, 9.0, 10.0]).expect("test");
+        let r =
+            mann_whitney(&[1.0, 2.0, 3.0, 4.0, 5.0], &[6.0, 7.0, 8.0, 9.0, 10.0]).expect("test");
         assert_eq!(r.u, 25.0);
         assert!(close(r.p_greater, 0.006_093, 1e-6), "{r:?}");
         assert!(close(r.p_two_sided, 0.012_186, 1e-6), "{r:?}");
         // Window all smaller: not greater.
-        let r = mann_whitney(&[6.0, 7.0, 8.0, 9.0, 10.0], &[1.0, 2.0, 3.0, 4.0, 5.0]).expect("test");
+        let r =
+            mann_whitney(&[6.0, 7.0, 8.0, 9.0, 10.0], &[1.0, 2.0, 3.0, 4.0, 5.0]).expect("test");
         assert_eq!(r.u, 0.0);
         assert!(r.p_greater > 0.99, "{r:?}");
         // Interleaved with a tie (window 2, 4, 6, 8 vs baseline 1, 3, 5, 7, 8). scipy: U = 10.5,

@@ -142,7 +142,9 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
                     error_kind: outcome
                         .and_then(|o| o.error.as_ref())
                         .map(|e| e.kind.as_str().to_string()),
-                    error: outcome.and_then(|o| o.error.as_ref()).map(|e| e.to_string()),
+                    error: outcome
+                        .and_then(|o| o.error.as_ref())
+                        .map(|e| e.to_string()),
                     last_run: c.last_run.map(rfc3339),
                     last_success: c.last_success.map(rfc3339),
                     last_pass: c.last_pass.map(rfc3339),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::deployment::{Detection, DeploymentKind, Finding};
+use crate::deployment::{DeploymentKind, Detection, Finding};
 use crate::sample::Sample;
 use crate::window::{Verdict, Window};
 
@@ -256,21 +256,26 @@ impl Store {
 
     pub fn deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
         let connection = self.lock();
-        let sql = format!("SELECT {} FROM deployments WHERE id = ?1", Self::DEPLOYMENT_COLUMNS);
+        let sql = format!(
+            "SELECT {} FROM deployments WHERE id = ?1",
+            Self::DEPLOYMENT_COLUMNS
+        );
         Ok(connection
             .query_row(&sql, params![id], Self::read_deployment)
             .optional()?)
     }
 
     /// Time of the deployment before `at` on `target`, which bounds the next one's baseline.
-    pub fn previous_deployment_time(&self, target: &str, at: f64) -> Result<Option<f64>, StoreError> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT max(at) FROM deployments WHERE target = ?1 AND at < ?2",
-                params![target, at],
-                |r| r.get::<_, Option<f64>>(0),
-            )?)
+    pub fn previous_deployment_time(
+        &self,
+        target: &str,
+        at: f64,
+    ) -> Result<Option<f64>, StoreError> {
+        Ok(self.lock().query_row(
+            "SELECT max(at) FROM deployments WHERE target = ?1 AND at < ?2",
+            params![target, at],
+            |r| r.get::<_, Option<f64>>(0),
+        )?)
     }
 
     pub fn rollback_count(&self, target: &str) -> Result<u64, StoreError> {
@@ -282,8 +287,14 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    pub fn set_verdict(&self, deployment_id: i64, record: &VerdictRecord) -> Result<(), StoreError> {
-        let encode = |f: &Vec<Finding>| serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()));
+    pub fn set_verdict(
+        &self,
+        deployment_id: i64,
+        record: &VerdictRecord,
+    ) -> Result<(), StoreError> {
+        let encode = |f: &Vec<Finding>| {
+            serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))
+        };
         self.lock().execute(
             "INSERT OR REPLACE INTO verdicts (deployment_id, window, verdict, samples, regressions, improvements, closed_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -374,11 +385,26 @@ mod tests {
         let id = {
             let store = Store::open(&path).expect("open");
             store
-                .add_sample("t", &Sample { at: 10.0, ..Sample::default() })
+                .add_sample(
+                    "t",
+                    &Sample {
+                        at: 10.0,
+                        ..Sample::default()
+                    },
+                )
                 .expect("sample");
             store.set_last_version("t", "3.6.0", 5.0).expect("version");
             let record = store
-                .add_deployment("t", Some("3.6.0"), "3.7.0", DeploymentKind::Deploy, Detection::VersionChange, 20.0, None, None)
+                .add_deployment(
+                    "t",
+                    Some("3.6.0"),
+                    "3.7.0",
+                    DeploymentKind::Deploy,
+                    Detection::VersionChange,
+                    20.0,
+                    None,
+                    None,
+                )
                 .expect("deployment");
             store
                 .set_verdict(
@@ -397,12 +423,21 @@ mod tests {
         };
         let store = Store::open(&path).expect("reopen");
         assert_eq!(store.samples("t", 0.0, 100.0).expect("samples").len(), 1);
-        assert_eq!(store.last_version("t").expect("version").as_deref(), Some("3.6.0"));
+        assert_eq!(
+            store.last_version("t").expect("version").as_deref(),
+            Some("3.6.0")
+        );
         let latest = store.latest_deployment("t").expect("query").expect("one");
         assert_eq!(latest.id, id);
         assert_eq!(latest.to_version, "3.7.0");
-        assert_eq!(store.verdicts(id).expect("verdicts")[0].verdict, Verdict::Pass);
-        assert_eq!(store.previous_deployment_time("t", 25.0).expect("prev"), Some(20.0));
+        assert_eq!(
+            store.verdicts(id).expect("verdicts")[0].verdict,
+            Verdict::Pass
+        );
+        assert_eq!(
+            store.previous_deployment_time("t", 25.0).expect("prev"),
+            Some(20.0)
+        );
         assert_eq!(store.prune(100.0).expect("prune"), 1);
     }
 }

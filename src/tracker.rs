@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, DeploymentConfig, StoreConfig, TargetConfig};
-use crate::deployment::{kind_of, describe_at, Detection, DeploymentView, WindowView};
+use crate::deployment::{describe_at, kind_of, DeploymentView, Detection, WindowView};
 use crate::outcome::Observation;
 use crate::pool::TargetPool;
 use crate::regression::{self, Thresholds};
@@ -80,7 +80,10 @@ impl Announcer {
         Announcer::default()
     }
 
-    pub async fn announce(&self, announcement: Announcement) -> Result<DeploymentView, TrackerError> {
+    pub async fn announce(
+        &self,
+        announcement: Announcement,
+    ) -> Result<DeploymentView, TrackerError> {
         let sender = {
             let trackers = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
             match &announcement.target {
@@ -99,7 +102,10 @@ impl Announcer {
         let target = announcement.target.clone().unwrap_or_default();
         let (reply, answer) = oneshot::channel();
         sender
-            .send(Request { announcement, reply })
+            .send(Request {
+                announcement,
+                reply,
+            })
             .await
             .map_err(|_| TrackerError::NotRunning(target.clone()))?;
         answer.await.map_err(|_| TrackerError::NotRunning(target))?
@@ -210,7 +216,12 @@ impl Tracker {
 
     /// Records the deployments the configuration declares, once each.
     fn declare(&self) {
-        for declared in self.settings.declared.iter().filter(|d| d.target == self.target.name) {
+        for declared in self
+            .settings
+            .declared
+            .iter()
+            .filter(|d| d.target == self.target.name)
+        {
             let known = self
                 .store
                 .deployments(Some(self.name()))
@@ -257,7 +268,9 @@ impl Tracker {
             None => now,
         };
         if at > now + 300.0 {
-            return Err(TrackerError::Invalid("started_at is in the future".to_string()));
+            return Err(TrackerError::Invalid(
+                "started_at is in the future".to_string(),
+            ));
         }
         let finished_at = a
             .finished_at
@@ -312,9 +325,9 @@ impl Tracker {
             Some(last) if last == version => return Ok(()),
             Some(last) => {
                 let latest = self.store.latest_deployment(self.name())?;
-                let announced = latest
-                    .as_ref()
-                    .is_some_and(|d| d.to_version == version && d.detection != Detection::VersionChange);
+                let announced = latest.as_ref().is_some_and(|d| {
+                    d.to_version == version && d.detection != Detection::VersionChange
+                });
                 if !announced {
                     let kind = kind_of(Some(last), version);
                     self.store.add_deployment(
@@ -341,7 +354,8 @@ impl Tracker {
         self.passes += 1;
         match sampler::read_version(&self.pool, &self.target.version_query).await {
             Ok(Some(version)) => {
-                self.state.set_schema_version(self.name(), Some(version.clone()));
+                self.state
+                    .set_schema_version(self.name(), Some(version.clone()));
                 if let Err(error) = self.observe_version(&version, now) {
                     tracing::warn!(target = %self.name(), %error, "cannot record the schema version");
                 }
@@ -401,7 +415,9 @@ impl Tracker {
         match self.store.latest_deployment(self.name()) {
             Ok(Some(record)) => match self.view(&record, now) {
                 Ok(view) => self.state.set_deployment(self.name(), view),
-                Err(error) => tracing::warn!(target = %self.name(), %error, "cannot judge the deployment"),
+                Err(error) => {
+                    tracing::warn!(target = %self.name(), %error, "cannot judge the deployment")
+                }
             },
             Ok(None) => {}
             Err(error) => tracing::warn!(target = %self.name(), %error, "cannot read deployments"),
@@ -449,7 +465,9 @@ impl Tracker {
                 return Ok(samples.clone());
             }
         }
-        let previous = self.store.previous_deployment_time(self.name(), record.at)?;
+        let previous = self
+            .store
+            .previous_deployment_time(self.name(), record.at)?;
         let (from, to) = window::baseline_range(record.at, self.settings.baseline_span, previous);
         let mut samples = self.store.samples(self.name(), from, to)?;
         if samples.len() > MAX_BASELINE_SAMPLES {
@@ -514,11 +532,26 @@ impl Tracker {
             let end_time = end.unwrap_or(f64::MAX);
             let all = match &since_deployment {
                 Some(all) => all,
-                None => since_deployment.insert(self.store.samples(self.name(), record.at, now + 1.0)?),
+                None => since_deployment.insert(self.store.samples(
+                    self.name(),
+                    record.at,
+                    now + 1.0,
+                )?),
             };
             let up_to_end: Vec<Sample> = all.iter().filter(|s| s.at < end_time).cloned().collect();
-            let in_window: Vec<Sample> = up_to_end.iter().filter(|s| s.at >= start).cloned().collect();
-            let judgement = regression::judge(window, &baseline, &in_window, &up_to_end, closed, &thresholds);
+            let in_window: Vec<Sample> = up_to_end
+                .iter()
+                .filter(|s| s.at >= start)
+                .cloned()
+                .collect();
+            let judgement = regression::judge(
+                window,
+                &baseline,
+                &in_window,
+                &up_to_end,
+                closed,
+                &thresholds,
+            );
             // Without a baseline there is nothing to compare against: such a window can
             // only end inconclusive, unless something is plainly broken.
             let judged_samples = if baseline.len() < self.settings.min_baseline_samples {

@@ -98,7 +98,11 @@ pub fn bounds(
 }
 
 /// The window `now` falls in; `None` before the deployment.
-pub fn window_at(deployed_at: UnixSeconds, now: UnixSeconds, d: &WindowDurations) -> Option<Window> {
+pub fn window_at(
+    deployed_at: UnixSeconds,
+    now: UnixSeconds,
+    d: &WindowDurations,
+) -> Option<Window> {
     if now < deployed_at {
         return None;
     }
@@ -109,7 +113,11 @@ pub fn window_at(deployed_at: UnixSeconds, now: UnixSeconds, d: &WindowDurations
 }
 
 /// Windows that have ended by `now`, in order.
-pub fn closed_windows(deployed_at: UnixSeconds, now: UnixSeconds, d: &WindowDurations) -> Vec<Window> {
+pub fn closed_windows(
+    deployed_at: UnixSeconds,
+    now: UnixSeconds,
+    d: &WindowDurations,
+) -> Vec<Window> {
     Window::ALL
         .into_iter()
         .filter(|w| bounds(*w, deployed_at, d).1.is_some_and(|end| end <= now))
@@ -191,7 +199,11 @@ mod tests {
     }
 
     fn check(seconds_after: f64, expected: Option<Window>) {
-        assert_eq!(window_at(1000.0, 1000.0 + seconds_after, &d()), expected, "{seconds_after}");
+        assert_eq!(
+            window_at(1000.0, 1000.0 + seconds_after, &d()),
+            expected,
+            "{seconds_after}"
+        );
     }
 
     #[test]
@@ -235,7 +247,10 @@ mod tests {
             closed_windows(0.0, 8.0 * 86_400.0, &d()),
             vec![Window::FirstHour, Window::FirstDay, Window::FirstWeek]
         );
-        assert_eq!(time_until_close(Window::FirstHour, 0.0, 600.0, &d()), Some(3000.0));
+        assert_eq!(
+            time_until_close(Window::FirstHour, 0.0, 600.0, &d()),
+            Some(3000.0)
+        );
         assert_eq!(time_until_close(Window::FirstHour, 0.0, 4000.0, &d()), None);
         assert_eq!(time_until_close(Window::Steady, 0.0, 4000.0, &d()), None);
     }

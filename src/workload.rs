@@ -17,7 +17,8 @@ pub mod fixtures {
     pub const GENERATE: &str = include_str!("../tests/fixtures/cognit/generate.sql");
     pub const MIGRATION_001: &str =
         include_str!("../tests/fixtures/cognit/001_pragmatic_schema_fixes.sql");
-    pub const ROLLBACK_TO_3_6_0: &str = include_str!("../tests/fixtures/cognit/rollback_to_3.6.0.sql");
+    pub const ROLLBACK_TO_3_6_0: &str =
+        include_str!("../tests/fixtures/cognit/rollback_to_3.6.0.sql");
     pub const WORKLOAD: &str = include_str!("../tests/fixtures/cognit/workload.sql");
     pub const CORRUPT_ORPHANED_PAYMENTS: &str =
         include_str!("../tests/fixtures/cognit/corrupt/orphaned_payments.sql");
@@ -66,14 +67,18 @@ pub async fn spawn(
     mix_every: Duration,
     cancel: CancellationToken,
 ) -> Result<(JoinHandle<()>, Arc<WorkloadCounters>), WorkloadError> {
-    let (client, connection) = tokio_postgres::connect(connection_string, tokio_postgres::NoTls).await?;
+    let (client, connection) =
+        tokio_postgres::connect(connection_string, tokio_postgres::NoTls).await?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
     let counters = Arc::new(WorkloadCounters::default());
     let mix = statements(fixtures::WORKLOAD);
     let max_participant: i64 = client
-        .query_one("SELECT coalesce(max(participant_id), 1) FROM participants", &[])
+        .query_one(
+            "SELECT coalesce(max(participant_id), 1) FROM participants",
+            &[],
+        )
         .await
         .ok()
         .and_then(|row| row.try_get::<_, i64>(0).ok())

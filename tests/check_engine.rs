@@ -31,7 +31,10 @@ fn shipped_config(cluster: &PgCluster, db: &str) -> ConfigDir {
     dir.add_shipped_pack("postgres.toml");
     dir.write(
         "deploywatch.toml",
-        &format!("[checks]\nfiles = [\"checks/*.toml\"]\n\n{}", target_toml("cognit", cluster, db)),
+        &format!(
+            "[checks]\nfiles = [\"checks/*.toml\"]\n\n{}",
+            target_toml("cognit", cluster, db)
+        ),
     );
     dir
 }
@@ -52,7 +55,10 @@ async fn run_all(config: &Config) -> BTreeMap<String, CheckState> {
 }
 
 fn status_of(checks: &BTreeMap<String, CheckState>, name: &str) -> Status {
-    checks.get(name).unwrap_or_else(|| panic!("no check {name}")).status
+    checks
+        .get(name)
+        .unwrap_or_else(|| panic!("no check {name}"))
+        .status
 }
 
 fn number_of(checks: &BTreeMap<String, CheckState>, name: &str) -> f64 {
@@ -78,11 +84,28 @@ async fn on_360_the_health_checks_fail_for_the_right_reasons() {
     cognit_db(&pg, "cognit", Version::V360);
     let checks = run_all(&shipped_config(&pg, "cognit").load()).await;
     let all = describe(&checks);
-    for failing in ["schema_version", "image_id_type_consistency", "image_id_varchar_200", "score_check_constraints", "partial_indexes"] {
-        assert_eq!(status_of(&checks, failing), Status::Fail, "{failing}\n{all}");
+    for failing in [
+        "schema_version",
+        "image_id_type_consistency",
+        "image_id_varchar_200",
+        "score_check_constraints",
+        "partial_indexes",
+    ] {
+        assert_eq!(
+            status_of(&checks, failing),
+            Status::Fail,
+            "{failing}\n{all}"
+        );
     }
-    let version = checks["schema_version"].outcome.as_ref().and_then(|o| o.detail.clone()).unwrap_or_default();
-    assert!(version.contains("\"3.6.0\"") && version.contains("\"3.7.0\""), "{version}");
+    let version = checks["schema_version"]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.detail.clone())
+        .unwrap_or_default();
+    assert!(
+        version.contains("\"3.6.0\"") && version.contains("\"3.7.0\""),
+        "{version}"
+    );
     assert_eq!(number_of(&checks, "image_id_type_consistency"), 2.0);
     for check in INTEGRITY {
         assert_eq!(status_of(&checks, check), Status::Pass, "{check}\n{all}");
@@ -102,15 +125,27 @@ async fn after_the_migration_every_check_passes() {
     }
     assert!(number_of(&checks, "score_check_constraints") >= 4.0);
     assert!(number_of(&checks, "partial_indexes") >= 9.0);
-    match checks["partial_index_usage"].outcome.as_ref().and_then(|o| o.observation.clone()) {
+    match checks["partial_index_usage"]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.observation.clone())
+    {
         Some(Observation::Rows(series)) => {
             let indexes: std::collections::BTreeSet<_> = series
                 .iter()
-                .filter_map(|s| s.labels.iter().find(|(k, _)| k == "indexname").map(|(_, v)| v.clone()))
+                .filter_map(|s| {
+                    s.labels
+                        .iter()
+                        .find(|(k, _)| k == "indexname")
+                        .map(|(_, v)| v.clone())
+                })
                 .collect();
             assert!(indexes.len() >= 9, "{indexes:?}");
-            assert!(indexes.iter().all(|i| i.ends_with("_true") || i.ends_with("_paid") || i.ends_with("_pending")));
-            let columns: std::collections::BTreeSet<_> = series.iter().map(|s| s.column.clone()).collect();
+            assert!(indexes
+                .iter()
+                .all(|i| i.ends_with("_true") || i.ends_with("_paid") || i.ends_with("_pending")));
+            let columns: std::collections::BTreeSet<_> =
+                series.iter().map(|s| s.column.clone()).collect();
             assert_eq!(
                 columns.into_iter().collect::<Vec<_>>(),
                 vec!["scans", "size_bytes", "tuples_fetched", "tuples_read"]
@@ -138,10 +173,17 @@ async fn each_corruption_fails_exactly_its_own_integrity_check_with_its_count() 
             if other == script {
                 assert_eq!(status_of(&checks, other), Status::Fail, "{script}");
                 assert_eq!(number_of(&checks, other), count, "{script}");
-                let detail = checks[other].outcome.as_ref().and_then(|o| o.detail.clone());
+                let detail = checks[other]
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| o.detail.clone());
                 assert_eq!(detail, Some(format!("observed {count}, expected == 0")));
             } else {
-                assert_eq!(status_of(&checks, other), Status::Pass, "{other} after {script}");
+                assert_eq!(
+                    status_of(&checks, other),
+                    Status::Pass,
+                    "{other} after {script}"
+                );
             }
         }
         // The migration refuses corrupted data and leaves 3.6.0 in place.
@@ -149,13 +191,20 @@ async fn each_corruption_fails_exactly_its_own_integrity_check_with_its_count() 
             let result = common::migrate(&pg, script);
             assert!(result.is_err(), "migration should fail on {script}");
             let version = pg
-                .psql(script, "SELECT value FROM database_metadata WHERE key = 'version'")
+                .psql(
+                    script,
+                    "SELECT value FROM database_metadata WHERE key = 'version'",
+                )
                 .expect("version");
             assert_eq!(version.trim(), "3.6.0");
         }
         common::repair(&pg, script, script);
         let checks = run_all(&shipped_config(&pg, script).load()).await;
-        assert_eq!(status_of(&checks, script), Status::Pass, "{script} after repair");
+        assert_eq!(
+            status_of(&checks, script),
+            Status::Pass,
+            "{script} after repair"
+        );
     }
 }
 
@@ -187,9 +236,20 @@ async fn reported_values_equal_the_checklist_queries_run_verbatim() {
         assert_eq!(number_of(&checks, check), verbatim(sql), "{check}");
     }
     assert_eq!(number_of(&checks, "orphaned_payments"), 5.0);
-    let version = pg.psql("cognit", "SELECT value FROM database_metadata WHERE key = 'version';").expect("version");
-    let reported = checks["schema_version"].outcome.as_ref().and_then(|o| o.observation.clone());
-    assert_eq!(reported, Some(Observation::Text(version.trim().to_string())));
+    let version = pg
+        .psql(
+            "cognit",
+            "SELECT value FROM database_metadata WHERE key = 'version';",
+        )
+        .expect("version");
+    let reported = checks["schema_version"]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.observation.clone());
+    assert_eq!(
+        reported,
+        Some(Observation::Text(version.trim().to_string()))
+    );
 }
 
 const BROKEN_PACK: &str = r#"
@@ -279,11 +339,24 @@ async fn broken_checks_report_their_own_error_kind_while_the_others_pass() {
             .and_then(|o| o.error.as_ref())
             .map(|e| e.kind)
     };
-    assert_eq!(status_of(&checks, "good"), Status::Pass, "{}", describe(&checks));
+    assert_eq!(
+        status_of(&checks, "good"),
+        Status::Pass,
+        "{}",
+        describe(&checks)
+    );
     assert_eq!(kind("syntax_error"), Some(ErrorKind::Sql));
-    let syntax = checks["syntax_error"].outcome.as_ref().and_then(|o| o.error.clone()).expect("error");
+    let syntax = checks["syntax_error"]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.error.clone())
+        .expect("error");
     assert_eq!(syntax.sqlstate.as_deref(), Some("42601"));
-    assert!(syntax.message.contains("syntax error"), "{}", syntax.message);
+    assert!(
+        syntax.message.contains("syntax error"),
+        "{}",
+        syntax.message
+    );
     assert_eq!(kind("too_slow"), Some(ErrorKind::Timeout));
     assert_eq!(kind("tries_to_write"), Some(ErrorKind::ReadOnly));
     assert_eq!(kind("returns_null"), Some(ErrorKind::NullValue));
@@ -292,7 +365,9 @@ async fn broken_checks_report_their_own_error_kind_while_the_others_pass() {
     assert_eq!(kind("too_many_rows"), Some(ErrorKind::TooManyRows));
     assert_eq!(kind("too_many_series"), Some(ErrorKind::TooManySeries));
     // The write was refused: the data is untouched.
-    let count = pg.psql("cognit", "SELECT count(*) FROM participants").expect("count");
+    let count = pg
+        .psql("cognit", "SELECT count(*) FROM participants")
+        .expect("count");
     assert!(count.trim().parse::<i64>().unwrap_or(0) > 0);
 }
 
@@ -301,25 +376,57 @@ async fn check_command_gates_a_deployment_with_its_exit_code() {
     let pg = cluster();
     cognit_db(&pg, "before", Version::V360);
     cognit_db(&pg, "after", Version::V370);
-    let (code, output) = commands::check(shipped_config(&pg, "before").load(), None, None, OutputFormat::Table).await;
+    let (code, output) = commands::check(
+        shipped_config(&pg, "before").load(),
+        None,
+        None,
+        OutputFormat::Table,
+    )
+    .await;
     assert_eq!(code, 1, "{output}");
-    assert!(output.lines().any(|l| l.trim_start().starts_with("FAIL") && l.contains("schema_version")), "{output}");
+    assert!(
+        output
+            .lines()
+            .any(|l| l.trim_start().starts_with("FAIL") && l.contains("schema_version")),
+        "{output}"
+    );
     assert!(output.contains("schema version 3.6.0"), "{output}");
-    let (code, output) = commands::check(shipped_config(&pg, "after").load(), None, None, OutputFormat::Table).await;
+    let (code, output) = commands::check(
+        shipped_config(&pg, "after").load(),
+        None,
+        None,
+        OutputFormat::Table,
+    )
+    .await;
     assert_eq!(code, 0, "{output}");
-    assert!(!output.contains("FAIL") && !output.contains("ERROR"), "{output}");
-    let (code, output) =
-        commands::check(shipped_config(&pg, "before").load(), None, Some("orphaned_payments"), OutputFormat::Json).await;
+    assert!(
+        !output.contains("FAIL") && !output.contains("ERROR"),
+        "{output}"
+    );
+    let (code, output) = commands::check(
+        shipped_config(&pg, "before").load(),
+        None,
+        Some("orphaned_payments"),
+        OutputFormat::Json,
+    )
+    .await;
     assert_eq!(code, 0, "{output}");
     let json: serde_json::Value = serde_json::from_str(&output).expect("json");
-    assert_eq!(json["targets"][0]["checks"].as_array().map(|a| a.len()), Some(1));
+    assert_eq!(
+        json["targets"][0]["checks"].as_array().map(|a| a.len()),
+        Some(1)
+    );
     assert_eq!(json["targets"][0]["checks"][0]["status"], "pass");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_target_exits_2_with_a_clear_message() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
     dir.write(
@@ -329,7 +436,10 @@ async fn an_unreachable_target_exits_2_with_a_clear_message() {
     let (code, output) = commands::check(dir.load(), None, None, OutputFormat::Table).await;
     assert_eq!(code, 2, "{output}");
     assert!(output.contains("UNREACHABLE"), "{output}");
-    assert!(output.contains("Connection refused") || output.contains("connection refused"), "{output}");
+    assert!(
+        output.contains("Connection refused") || output.contains("connection refused"),
+        "{output}"
+    );
 }
 
 /// The binary itself, as a pipeline would call it.
@@ -345,8 +455,28 @@ fn the_binary_prints_every_checklist_check_as_passing_on_a_migrated_database() {
         .output()
         .expect("run deploywatch");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    for check in ["connection", "schema_version", "image_id_type_consistency", "score_check_constraints", "partial_indexes", "orphaned_submissions", "partial_index_usage", "long_running_queries"] {
-        assert!(stdout.contains(&format!("PASS    {check}")) || stdout.lines().any(|l| l.contains("PASS") && l.contains(check)), "{check}\n{stdout}");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for check in [
+        "connection",
+        "schema_version",
+        "image_id_type_consistency",
+        "score_check_constraints",
+        "partial_indexes",
+        "orphaned_submissions",
+        "partial_index_usage",
+        "long_running_queries",
+    ] {
+        assert!(
+            stdout.contains(&format!("PASS    {check}"))
+                || stdout
+                    .lines()
+                    .any(|l| l.contains("PASS") && l.contains(check)),
+            "{check}\n{stdout}"
+        );
     }
 }

@@ -30,55 +30,104 @@ fn check(main: &str, pack: &str, file: &str, key: &str, message: &str) {
         Err(error) => error,
     };
     let text = error.to_string();
-    let found = error.problems().iter().any(|p| {
-        p.file.ends_with(file) && p.key.contains(key) && p.message.contains(message)
-    });
+    let found = error
+        .problems()
+        .iter()
+        .any(|p| p.file.ends_with(file) && p.key.contains(key) && p.message.contains(message));
     assert!(found, "expected {file} / {key} / {message:?} in:\n{text}");
 }
 
 #[test]
 fn unknown_key_in_the_main_file() {
-    check(&format!("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n{TARGET}"), GOOD_CHECK, "deploywatch.toml", "server", "unknown field `listne`");
+    check(
+        &format!("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server",
+        "unknown field `listne`",
+    );
 }
 
 #[test]
 fn unknown_key_in_a_target() {
-    check(&format!("{TARGET}pasword_env = \"X\"\n"), GOOD_CHECK, "deploywatch.toml", "targets[0]", "unknown field `pasword_env`");
+    check(
+        &format!("{TARGET}pasword_env = \"X\"\n"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "targets[0]",
+        "unknown field `pasword_env`",
+    );
 }
 
 #[test]
 fn bad_duration() {
-    check(&format!("[defaults]\ninterval = \"5 parsecs\"\n{TARGET}"), GOOD_CHECK, "deploywatch.toml", "defaults.interval", "invalid duration");
+    check(
+        &format!("[defaults]\ninterval = \"5 parsecs\"\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "defaults.interval",
+        "invalid duration",
+    );
 }
 
 #[test]
 fn bad_duration_in_a_check() {
     let pack = GOOD_CHECK.replace("sql = ", "interval = \"often\"\nsql = ");
-    check(TARGET, &pack, "pack.toml", "check[0] (one).interval", "invalid duration");
+    check(
+        TARGET,
+        &pack,
+        "pack.toml",
+        "check[0] (one).interval",
+        "invalid duration",
+    );
 }
 
 #[test]
 fn check_without_sql() {
     let pack = GOOD_CHECK.replace("sql = \"SELECT 0\"\n", "");
-    check(TARGET, &pack, "pack.toml", "check[0] (one).sql", "sql is required");
+    check(
+        TARGET,
+        &pack,
+        "pack.toml",
+        "check[0] (one).sql",
+        "sql is required",
+    );
 }
 
 #[test]
 fn duplicate_check_name() {
     let pack = format!("{GOOD_CHECK}\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n");
-    check(TARGET, &pack, "pack.toml", "check[1] (one).name", "duplicate check name");
+    check(
+        TARGET,
+        &pack,
+        "pack.toml",
+        "check[1] (one).name",
+        "duplicate check name",
+    );
 }
 
 #[test]
 fn unparsable_expectation_points_at_the_problem() {
     let pack = GOOD_CHECK.replace("== 0", "=> 0");
-    check(TARGET, &pack, "pack.toml", "check[0] (one).expect", "column 1");
+    check(
+        TARGET,
+        &pack,
+        "pack.toml",
+        "check[0] (one).expect",
+        "column 1",
+    );
 }
 
 #[test]
 fn unknown_parameter_in_an_expectation() {
     let pack = GOOD_CHECK.replace("== 0", "== $expected_versoin");
-    check(TARGET, &pack, "pack.toml", "check[0] (one).expect", "expected_versoin");
+    check(
+        TARGET,
+        &pack,
+        "pack.toml",
+        "check[0] (one).expect",
+        "expected_versoin",
+    );
 }
 
 #[test]
@@ -95,26 +144,45 @@ fn unknown_category() {
 
 #[test]
 fn no_targets() {
-    check("[server]\nlisten = \"127.0.0.1:1\"\n", GOOD_CHECK, "deploywatch.toml", "targets", "at least one");
+    check(
+        "[server]\nlisten = \"127.0.0.1:1\"\n",
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "targets",
+        "at least one",
+    );
 }
 
 #[test]
 fn malformed_connection_url_does_not_echo_the_password() {
-    let main = "[[targets]]\nname = \"db\"\nurl = \"postgres://u:Hunter2Secret@host:notaport/db\"\n";
-    check(main, GOOD_CHECK, "deploywatch.toml", "targets[0].url", "invalid connection string");
+    let main =
+        "[[targets]]\nname = \"db\"\nurl = \"postgres://u:Hunter2Secret@host:notaport/db\"\n";
+    check(
+        main,
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "targets[0].url",
+        "invalid connection string",
+    );
     let dir = ConfigDir::new();
     dir.write("deploywatch.toml", main);
     dir.write("checks/pack.toml", GOOD_CHECK);
-    let text = Config::load(&dir.main()).err().map(|e| e.to_string()).unwrap_or_default();
+    let text = Config::load(&dir.main())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(!text.contains("Hunter2Secret"), "{text}");
 }
 
 #[test]
 fn every_problem_is_reported_at_once() {
     let dir = ConfigDir::new();
-    dir.write("deploywatch.toml", &format!("[defaults]\ninterval = \"x\"\ntimeout = \"y\"\n{TARGET}"));
+    dir.write(
+        "deploywatch.toml",
+        &format!("[defaults]\ninterval = \"x\"\ntimeout = \"y\"\n{TARGET}"),
+    );
     dir.write("checks/pack.toml", GOOD_CHECK);
-    let error = Config::load(&dir.main()).err().expect("rejected");
+    let error = Config::load(&dir.main()).expect_err("rejected");
     assert!(error.problems().len() >= 2, "{error}");
 }
 
@@ -124,20 +192,42 @@ fn environment_overrides_a_section_but_leaves_secrets_alone() {
     dir.write("deploywatch.toml", TARGET);
     dir.write("checks/pack.toml", GOOD_CHECK);
     let env = vec![
-        ("DEPLOYWATCH_SERVER__LISTEN".to_string(), "127.0.0.1:9999".to_string()),
-        ("DEPLOYWATCH_DEFAULTS__INTERVAL".to_string(), "7s".to_string()),
-        ("DEPLOYWATCH_COGNIT_PASSWORD".to_string(), "not-a-key".to_string()),
+        (
+            "DEPLOYWATCH_SERVER__LISTEN".to_string(),
+            "127.0.0.1:9999".to_string(),
+        ),
+        (
+            "DEPLOYWATCH_DEFAULTS__INTERVAL".to_string(),
+            "7s".to_string(),
+        ),
+        (
+            "DEPLOYWATCH_COGNIT_PASSWORD".to_string(),
+            "not-a-key".to_string(),
+        ),
     ];
     let config = Config::load_with_env(&dir.main(), env).expect("loads");
     assert_eq!(config.server.listen.port(), 9999);
-    assert_eq!(config.targets[0].checks[0].interval, std::time::Duration::from_secs(7));
+    assert_eq!(
+        config.targets[0].checks[0].interval,
+        std::time::Duration::from_secs(7)
+    );
 }
 
 #[test]
 fn the_shipped_configuration_is_valid() {
-    let config = Config::load(&common::repo().join("config/deploywatch.toml")).expect("shipped config");
-    let names: Vec<_> = config.targets[0].checks.iter().map(|c| c.name.as_str()).collect();
-    for expected in ["schema_version", "orphaned_payments", "partial_index_usage", "invalid_indexes"] {
+    let config =
+        Config::load(&common::repo().join("config/deploywatch.toml")).expect("shipped config");
+    let names: Vec<_> = config.targets[0]
+        .checks
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    for expected in [
+        "schema_version",
+        "orphaned_payments",
+        "partial_index_usage",
+        "invalid_indexes",
+    ] {
         assert!(names.contains(&expected), "{expected} in {names:?}");
     }
 }

@@ -9,10 +9,12 @@ use common::{cluster, cognit_db, eventually, get, parse_metrics, target_toml, Co
 use deploywatch::daemon::{self, DaemonHandle};
 use deploywatch::pgcluster::PgCluster;
 
-const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[deployments]\nenabled = false\n\n";
+const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
 
 async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     daemon::start(dir.load(), listener).expect("daemon starts")
 }
 
@@ -57,7 +59,11 @@ fn two_targets(a: &PgCluster, b: &PgCluster) -> ConfigDir {
     dir.add_shipped_pack("cognit-3.7.0.toml");
     dir.write(
         "deploywatch.toml",
-        &format!("{FAST}{}\n{}", target_toml("migrated", a, "cognit"), target_toml("legacy", b, "cognit")),
+        &format!(
+            "{FAST}{}\n{}",
+            target_toml("migrated", a, "cognit"),
+            target_toml("legacy", b, "cognit")
+        ),
     );
     dir
 }
@@ -74,10 +80,22 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     wait_all_ran(&handle).await;
 
     let m = scrape(&handle).await;
-    assert_eq!(m.metric("deploywatch_up").label("target", "migrated").value(), 1.0);
-    assert_eq!(m.metric("deploywatch_up").label("target", "legacy").value(), 1.0);
+    assert_eq!(
+        m.metric("deploywatch_up")
+            .label("target", "migrated")
+            .value(),
+        1.0
+    );
+    assert_eq!(
+        m.metric("deploywatch_up").label("target", "legacy").value(),
+        1.0
+    );
     assert_eq!(m.metric("deploywatch_build_info").value(), 1.0);
-    assert_eq!(m.metric("deploywatch_config_last_reload_successful").value(), 1.0);
+    assert_eq!(
+        m.metric("deploywatch_config_last_reload_successful")
+            .value(),
+        1.0
+    );
     let config = dir.load();
     for check in &config.targets[0].checks {
         let success = m
@@ -88,24 +106,60 @@ async fn metrics_and_status_show_every_check_of_every_target() {
             .label("severity", check.severity.as_str())
             .value();
         assert_eq!(success, 1.0, "{} on migrated", check.name);
-        assert!(m.metric("deploywatch_check_duration_seconds").label("check", &check.name).label("target", "migrated").value() >= 0.0);
-        assert!(m.metric("deploywatch_check_last_run_timestamp_seconds").label("check", &check.name).label("target", "migrated").value() > 1.7e9);
+        assert!(
+            m.metric("deploywatch_check_duration_seconds")
+                .label("check", &check.name)
+                .label("target", "migrated")
+                .value()
+                >= 0.0
+        );
+        assert!(
+            m.metric("deploywatch_check_last_run_timestamp_seconds")
+                .label("check", &check.name)
+                .label("target", "migrated")
+                .value()
+                > 1.7e9
+        );
     }
-    let legacy_version = m.metric("deploywatch_check_success").label("target", "legacy").label("check", "schema_version").value();
+    let legacy_version = m
+        .metric("deploywatch_check_success")
+        .label("target", "legacy")
+        .label("check", "schema_version")
+        .value();
     assert_eq!(legacy_version, 0.0);
     assert_eq!(
-        m.metric("deploywatch_check_status").label("target", "legacy").label("check", "schema_version").label("status", "fail").value(),
+        m.metric("deploywatch_check_status")
+            .label("target", "legacy")
+            .label("check", "schema_version")
+            .label("status", "fail")
+            .value(),
         1.0
     );
-    assert_eq!(m.metric("deploywatch_check_value").label("target", "legacy").label("check", "image_id_type_consistency").value(), 2.0);
-    assert_eq!(m.metric("deploywatch_check_value").label("target", "migrated").label("check", "orphaned_payments").value(), 0.0);
+    assert_eq!(
+        m.metric("deploywatch_check_value")
+            .label("target", "legacy")
+            .label("check", "image_id_type_consistency")
+            .value(),
+        2.0
+    );
+    assert_eq!(
+        m.metric("deploywatch_check_value")
+            .label("target", "migrated")
+            .label("check", "orphaned_payments")
+            .value(),
+        0.0
+    );
     let partial = m
         .metric("deploywatch_check_value")
         .label("target", "migrated")
         .label("check", "partial_index_usage")
         .label("column", "scans")
         .samples();
-    assert!(partial.len() >= 9, "one scans series per partial index, got {}", partial.len());
+    assert!(
+        partial.len() >= 9,
+        "one scans series per partial index, got {}",
+        partial.len()
+    );
     assert!(partial.iter().all(|s| s.labels.get("indexname").is_some()));
 
     // /status says the same.
@@ -114,10 +168,18 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     let status: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(status["status"], "failing", "legacy is on 3.6.0");
     let targets = status["targets"].as_array().expect("targets");
-    let legacy = targets.iter().find(|t| t["name"] == "legacy").expect("legacy");
+    let legacy = targets
+        .iter()
+        .find(|t| t["name"] == "legacy")
+        .expect("legacy");
     assert_eq!(legacy["reachable"], true);
     assert_eq!(legacy["schema_version"], serde_json::Value::Null);
-    let version_check = legacy["checks"].as_array().expect("checks").iter().find(|c| c["name"] == "schema_version").expect("check");
+    let version_check = legacy["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "schema_version")
+        .expect("check");
     assert_eq!(version_check["status"], "fail");
     assert_eq!(version_check["value"], "3.6.0");
     assert_eq!(version_check["expectation"], "== \"3.7.0\"");
@@ -126,12 +188,25 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     assert!(version_check["last_run"].is_string());
 
     // Filters and the text table.
-    let (_, body) = get(&format!("{}/status?target=migrated&status=fail", base(&handle))).await;
+    let (_, body) = get(&format!(
+        "{}/status?target=migrated&status=fail",
+        base(&handle)
+    ))
+    .await;
     let filtered: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(filtered["targets"].as_array().map(|t| t.len()), Some(1));
-    assert_eq!(filtered["targets"][0]["checks"].as_array().map(|c| c.len()), Some(0));
+    assert_eq!(
+        filtered["targets"][0]["checks"].as_array().map(|c| c.len()),
+        Some(0)
+    );
     let (_, text) = get(&format!("{}/status?format=text", base(&handle))).await;
-    assert!(text.contains("FAIL    schema_version") || text.lines().any(|l| l.contains("FAIL") && l.contains("schema_version")), "{text}");
+    assert!(
+        text.contains("FAIL    schema_version")
+            || text
+                .lines()
+                .any(|l| l.contains("FAIL") && l.contains("schema_version")),
+        "{text}"
+    );
 
     // `deploywatch status` against the running daemon.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
@@ -142,7 +217,11 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("target migrated"), "{stdout}");
     assert!(stdout.contains("PASS"), "{stdout}");
-    assert_eq!(output.status.code(), Some(1), "overall state is failing: {stdout}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "overall state is failing: {stdout}"
+    );
     handle.shutdown().await.expect("clean shutdown");
 }
 
@@ -152,14 +231,23 @@ async fn endpoints_answer_404_405_and_probes() {
     cognit_db(&a, "cognit", Version::V370);
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
-    dir.write("deploywatch.toml", &format!("{FAST}{}", target_toml("db", &a, "cognit")));
+    dir.write(
+        "deploywatch.toml",
+        &format!("{FAST}{}", target_toml("db", &a, "cognit")),
+    );
     let handle = start(&dir).await;
     let url = base(&handle);
     assert_eq!(get(&format!("{url}/healthz")).await.0, 200);
     assert_eq!(get(&format!("{url}/nope")).await.0, 404);
-    let (code, _) = deploywatch::client::request(hyper::Method::POST, &format!("{url}/metrics"), "*/*", None, Some("x".into()))
-        .await
-        .expect("post");
+    let (code, _) = deploywatch::client::request(
+        hyper::Method::POST,
+        &format!("{url}/metrics"),
+        "*/*",
+        None,
+        Some("x".into()),
+    )
+    .await
+    .expect("post");
     assert_eq!(code.as_u16(), 405);
     assert_eq!(get(&format!("{url}/status?status=bogus")).await.0, 400);
     wait_ready(&handle).await;
@@ -172,7 +260,10 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     cognit_db(&a, "cognit", Version::V370);
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
-    dir.write("deploywatch.toml", &format!("{FAST}{}", target_toml("db", &a, "cognit")));
+    dir.write(
+        "deploywatch.toml",
+        &format!("{FAST}{}", target_toml("db", &a, "cognit")),
+    );
     let handle = start(&dir).await;
     wait_ready(&handle).await;
     wait_all_ran(&handle).await;
@@ -191,7 +282,10 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     let started = Instant::now();
     let (_, body) = get(&format!("{url}/metrics")).await;
     let (status_code, status_body) = get(&format!("{url}/status")).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "scrapes must not wait on the database");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "scrapes must not wait on the database"
+    );
     assert_eq!(status_code, 200);
     let m = parse_metrics(&body);
     let connection_errors: f64 = m
@@ -208,7 +302,13 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     assert!(connection_errors >= 1.0, "connection errors are counted");
     let status: serde_json::Value = serde_json::from_str(&status_body).expect("json");
     assert_eq!(status["targets"][0]["reachable"], false);
-    assert!(status["targets"][0]["connection_error"].as_str().unwrap_or("").contains("connect"), "{status_body}");
+    assert!(
+        status["targets"][0]["connection_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("connect"),
+        "{status_body}"
+    );
 
     a.start_again().expect("start postgres");
     eventually("up = 1 again", Duration::from_secs(60), || {
@@ -217,7 +317,12 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
             let (_, body) = get(&format!("{url}/metrics")).await;
             let m = parse_metrics(&body);
             let up = m.metric("deploywatch_up").label("target", "db").value() == 1.0;
-            let passing = m.metric("deploywatch_check_success").label("target", "db").label("check", "orphaned_payments").value() == 1.0;
+            let passing = m
+                .metric("deploywatch_check_success")
+                .label("target", "db")
+                .label("check", "orphaned_payments")
+                .value()
+                == 1.0;
             (up && passing).then_some(())
         }
     })
@@ -226,10 +331,13 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
 }
 
 fn deploywatch_sessions(pg: &PgCluster) -> i64 {
-    pg.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(-1)
+    pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'",
+    )
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(-1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +353,12 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     );
     dir.write(
         "deploywatch.toml",
-        &format!("{}{}\n{}", FAST.replace("timeout = \"2s\"", "timeout = \"1s\""), target_toml("hung", &hung, "cognit"), target_toml("healthy", &healthy, "cognit")),
+        &format!(
+            "{}{}\n{}",
+            FAST.replace("timeout = \"2s\"", "timeout = \"1s\""),
+            target_toml("hung", &hung, "cognit"),
+            target_toml("healthy", &healthy, "cognit")
+        ),
     );
     let handle = start(&dir).await;
     wait_ready(&handle).await;
@@ -253,7 +366,8 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
 
     hung.pause().expect("SIGSTOP postgres");
     let state = handle.state.clone();
-    let runs_of_healthy = |state: &deploywatch::state::State| state.snapshot().targets["healthy"].checks["ping"].runs;
+    let runs_of_healthy =
+        |state: &deploywatch::state::State| state.snapshot().targets["healthy"].checks["ping"].runs;
     let before = runs_of_healthy(&state);
     let url = base(&handle);
     eventually("hung checks time out", Duration::from_secs(30), || {
@@ -269,10 +383,16 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
         let started = Instant::now();
         let (code, _) = get(&format!("{url}/metrics")).await;
         assert_eq!(code, 200);
-        assert!(started.elapsed() < Duration::from_secs(2), "scrapes stay fast while a target hangs");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "scrapes stay fast while a target hangs"
+        );
     }
     let after = runs_of_healthy(&state);
-    assert!(after >= before + 3, "the healthy target kept its schedule ({before} -> {after})");
+    assert!(
+        after >= before + 3,
+        "the healthy target kept its schedule ({before} -> {after})"
+    );
 
     hung.resume().expect("SIGCONT postgres");
     eventually("hung target recovers", Duration::from_secs(60), || {
@@ -280,15 +400,21 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
         async move {
             let snapshot = state.snapshot();
             let check = &snapshot.targets["hung"].checks["ping"];
-            (check.status == deploywatch::outcome::Status::Pass && snapshot.targets["hung"].reachable == Some(true)).then_some(())
+            (check.status == deploywatch::outcome::Status::Pass
+                && snapshot.targets["hung"].reachable == Some(true))
+            .then_some(())
         }
     })
     .await;
     // Sessions abandoned during the hang are gone; at most the cap remain.
-    let sessions = eventually("abandoned sessions are closed", Duration::from_secs(30), || {
-        let n = deploywatch_sessions(&hung);
-        async move { (0..=2).contains(&n).then_some(n) }
-    })
+    let sessions = eventually(
+        "abandoned sessions are closed",
+        Duration::from_secs(30),
+        || {
+            let n = deploywatch_sessions(&hung);
+            async move { (0..=2).contains(&n).then_some(n) }
+        },
+    )
     .await;
     assert!(sessions <= 2);
     handle.shutdown().await.expect("clean shutdown");
@@ -318,8 +444,15 @@ async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(max_seen >= 1, "checks were running");
-    assert!(max_seen <= 2, "PostgreSQL saw {max_seen} deploywatch sessions with a cap of 2");
-    let runs: u64 = handle.state.snapshot().targets["db"].checks.values().map(|c| c.runs).sum();
+    assert!(
+        max_seen <= 2,
+        "PostgreSQL saw {max_seen} deploywatch sessions with a cap of 2"
+    );
+    let runs: u64 = handle.state.snapshot().targets["db"]
+        .checks
+        .values()
+        .map(|c| c.runs)
+        .sum();
     assert!(runs >= 50, "the queue drained: {runs} runs");
     handle.shutdown().await.expect("clean shutdown");
 }
@@ -348,7 +481,10 @@ async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
     }
     assert_eq!(max_running, 1, "never two runs of one check at once");
     let m = scrape(&handle).await;
-    let skipped = m.metric("deploywatch_check_skipped_total").label("check", "slow").value();
+    let skipped = m
+        .metric("deploywatch_check_skipped_total")
+        .label("check", "slow")
+        .value();
     assert!(skipped >= 2.0, "skipped runs are counted: {skipped}");
     handle.shutdown().await.expect("clean shutdown");
 }
@@ -363,7 +499,11 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     dir.write("checks/p.toml", one);
     let main = format!("{FAST}{}", target_toml("db", &pg, "cognit"));
     dir.write("deploywatch.toml", &main);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())
@@ -374,19 +514,34 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         .expect("spawn daemon");
     let url = format!("http://127.0.0.1:{port}");
     let metrics = |url: String| async move {
-        deploywatch::client::request(hyper::Method::GET, &format!("{url}/metrics"), "*/*", None, None)
-            .await
-            .ok()
-            .map(|(_, body)| parse_metrics(&body))
+        deploywatch::client::request(
+            hyper::Method::GET,
+            &format!("{url}/metrics"),
+            "*/*",
+            None,
+            None,
+        )
+        .await
+        .ok()
+        .map(|(_, body)| parse_metrics(&body))
     };
     eventually("first check reported", Duration::from_secs(30), || {
         let url = url.clone();
-        async move { metrics(url).await.and_then(|m| m.metric("deploywatch_check_success").label("check", "first").value_opt()) }
+        async move {
+            metrics(url).await.and_then(|m| {
+                m.metric("deploywatch_check_success")
+                    .label("check", "first")
+                    .value_opt()
+            })
+        }
     })
     .await;
     let pid = child.id().expect("pid") as i32;
     let signal = |sig: &str| {
-        std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill");
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill");
     };
 
     // A good new configuration: a second check appears.
@@ -394,26 +549,56 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     signal("-HUP");
     eventually("second check after reload", Duration::from_secs(30), || {
         let url = url.clone();
-        async move { metrics(url).await.and_then(|m| m.metric("deploywatch_check_success").label("check", "second").value_opt()).filter(|v| *v == 1.0) }
+        async move {
+            metrics(url)
+                .await
+                .and_then(|m| {
+                    m.metric("deploywatch_check_success")
+                        .label("check", "second")
+                        .value_opt()
+                })
+                .filter(|v| *v == 1.0)
+        }
     })
     .await;
 
     // A bad one: rejected, the old checks keep running.
-    dir.write("checks/p.toml", "[pack]\nname = \"p\"\n\n[[check]]\nname = \"broken\"\n");
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"broken\"\n",
+    );
     signal("-HUP");
     eventually("reload failure reported", Duration::from_secs(30), || {
         let url = url.clone();
-        async move { metrics(url).await.and_then(|m| m.metric("deploywatch_config_last_reload_successful").value_opt()).filter(|v| *v == 0.0) }
+        async move {
+            metrics(url)
+                .await
+                .and_then(|m| {
+                    m.metric("deploywatch_config_last_reload_successful")
+                        .value_opt()
+                })
+                .filter(|v| *v == 0.0)
+        }
     })
     .await;
-    let runs = |m: &common::Scrape| m.metric("deploywatch_check_runs_total").label("check", "second").value();
+    let runs = |m: &common::Scrape| {
+        m.metric("deploywatch_check_runs_total")
+            .label("check", "second")
+            .value()
+    };
     let before = runs(&metrics(url.clone()).await.expect("scrape"));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = runs(&metrics(url.clone()).await.expect("scrape"));
-    assert!(after > before, "the previous configuration keeps running ({before} -> {after})");
+    assert!(
+        after > before,
+        "the previous configuration keeps running ({before} -> {after})"
+    );
 
     signal("-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits within the grace period").expect("wait");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("wait");
     assert_eq!(status.code(), Some(0));
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
@@ -421,5 +606,8 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         let _ = pipe.read_to_string(&mut stderr).await;
     }
     assert!(stderr.contains("configuration reload rejected"), "{stderr}");
-    assert!(stderr.contains("check[0] (broken)"), "the log names the key: {stderr}");
+    assert!(
+        stderr.contains("check[0] (broken)"),
+        "the log names the key: {stderr}"
+    );
 }

@@ -23,7 +23,7 @@ fn config(dir: &ConfigDir, pg: &PgCluster, db: &str, hour: u32) {
         "deploywatch.toml",
         &format!(
             "[server]\napi_token_file = \"token\"\n\n\
-             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n\
+             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
              [store]\npath = \"state.sqlite\"\n\n\
              [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
              latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
@@ -36,7 +36,9 @@ fn config(dir: &ConfigDir, pg: &PgCluster, db: &str, hour: u32) {
 }
 
 async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     daemon::start(dir.load(), listener).expect("daemon starts")
 }
 
@@ -68,7 +70,10 @@ async fn deployment_where(
 }
 
 fn verdict(view: &DeploymentView, window: Window) -> Option<Verdict> {
-    view.windows.iter().find(|w| w.window == window).map(|w| w.verdict)
+    view.windows
+        .iter()
+        .find(|w| w.window == window)
+        .map(|w| w.verdict)
 }
 
 fn closed(view: &DeploymentView, window: Window) -> bool {
@@ -112,25 +117,49 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
     wait_baseline(&handle, 6).await;
 
     common::migrate(&pg, "cognit").expect("migration");
-    let view = deployment_where(&handle, "deployment detected", Duration::from_secs(20), |_| true).await;
+    let view = deployment_where(
+        &handle,
+        "deployment detected",
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .await;
     assert_eq!(view.kind, DeploymentKind::Deploy);
     assert_eq!(view.detected_by, Detection::VersionChange);
     assert_eq!(view.from_version.as_deref(), Some("3.6.0"));
     assert_eq!(view.to_version, "3.7.0");
-    assert!(view.baseline_samples >= 4, "baseline: {}", view.baseline_samples);
+    assert!(
+        view.baseline_samples >= 4,
+        "baseline: {}",
+        view.baseline_samples
+    );
     assert_eq!(view.current_window, Some(Window::FirstHour));
     assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Watching));
 
     // first_hour closes before first_day, which closes before first_week.
-    let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(30), |v| closed(v, Window::FirstHour)).await;
+    let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(30), |v| {
+        closed(v, Window::FirstHour)
+    })
+    .await;
     assert!(!closed(&view, Window::FirstDay));
-    assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Pass), "{view:#?}");
-    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(30), |v| closed(v, Window::FirstDay)).await;
+    assert_eq!(
+        verdict(&view, Window::FirstHour),
+        Some(Verdict::Pass),
+        "{view:#?}"
+    );
+    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(30), |v| {
+        closed(v, Window::FirstDay)
+    })
+    .await;
     assert!(!closed(&view, Window::FirstWeek));
     // New partial indexes the workload never scanned are flagged, and only those: at this
     // scale the planner seq-scans the small images table, while the submissions queries use
     // their partial indexes from the start.
-    let first_day = view.windows.iter().find(|w| w.window == Window::FirstDay).expect("first_day");
+    let first_day = view
+        .windows
+        .iter()
+        .find(|w| w.window == Window::FirstDay)
+        .expect("first_day");
     let unused: Vec<&str> = first_day
         .regressions
         .iter()
@@ -141,27 +170,57 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
         .psql("cognit", "SELECT 'public.' || indexrelname FROM pg_stat_user_indexes WHERE indexrelname ~ '(_true|_paid|_pending)$' AND indexrelname NOT IN ('idx_consents_active') AND idx_scan = 0")
         .expect("index scans");
     let never_scanned: Vec<&str> = never_scanned.lines().collect();
-    assert!(never_scanned.contains(&"public.idx_images_ai_generated_true"), "{never_scanned:?}");
+    assert!(
+        never_scanned.contains(&"public.idx_images_ai_generated_true"),
+        "{never_scanned:?}"
+    );
     for index in &never_scanned {
-        assert!(unused.contains(index), "{index} was never scanned and should be flagged: {unused:?}");
+        assert!(
+            unused.contains(index),
+            "{index} was never scanned and should be flagged: {unused:?}"
+        );
     }
     assert!(
         !unused.contains(&"public.idx_submissions_flagged_true"),
         "an index the workload uses is not flagged: {unused:?}"
     );
     assert_eq!(first_day.verdict, Verdict::Regression);
-    let view = deployment_where(&handle, "first_week closed", Duration::from_secs(30), |v| closed(v, Window::FirstWeek)).await;
+    let view = deployment_where(&handle, "first_week closed", Duration::from_secs(30), |v| {
+        closed(v, Window::FirstWeek)
+    })
+    .await;
     assert_eq!(view.current_window, Some(Window::Steady));
 
     let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
     let m = parse_metrics(&body);
     assert_eq!(
-        m.metric("deploywatch_deployment_info").label("version", "3.7.0").label("previous_version", "3.6.0").label("kind", "deploy").value(),
+        m.metric("deploywatch_deployment_info")
+            .label("version", "3.7.0")
+            .label("previous_version", "3.6.0")
+            .label("kind", "deploy")
+            .value(),
         1.0
     );
-    assert_eq!(m.metric("deploywatch_deployment_window").label("window", "steady").value(), 1.0);
-    assert_eq!(m.metric("deploywatch_window_verdict").label("window", "first_hour").label("verdict", "pass").value(), 1.0);
-    assert!(m.metric("deploywatch_regressions").label("window", "first_day").label("signal", "unused_index").value() >= 1.0);
+    assert_eq!(
+        m.metric("deploywatch_deployment_window")
+            .label("window", "steady")
+            .value(),
+        1.0
+    );
+    assert_eq!(
+        m.metric("deploywatch_window_verdict")
+            .label("window", "first_hour")
+            .label("verdict", "pass")
+            .value(),
+        1.0
+    );
+    assert!(
+        m.metric("deploywatch_regressions")
+            .label("window", "first_day")
+            .label("signal", "unused_index")
+            .value()
+            >= 1.0
+    );
     assert!(m.metric("deploywatch_deployment_timestamp_seconds").value() > 1.7e9);
 
     // `deploywatch report` fills in the checklist's notes from the store.
@@ -173,7 +232,10 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
         .expect("report");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("3.6.0 -> 3.7.0"), "{text}");
-    assert!(text.contains("**Database Size Before**:") && !text.contains("not sampled"), "{text}");
+    assert!(
+        text.contains("**Database Size Before**:") && !text.contains("not sampled"),
+        "{text}"
+    );
     assert!(text.contains("first_day: regression"), "{text}");
     assert!(text.contains("unused_index"), "{text}");
     assert!(text.contains("[x] Schema version is 3.7.0"), "{text}");
@@ -185,11 +247,15 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
 async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
     let pg = cluster();
     pg.create_database("cognit").expect("db");
-    pg.psql_file("cognit", &common::fixture("schema_3.6.0.sql")).expect("schema");
-    pg.psql_file("cognit", &common::fixture("generate.sql")).expect("generator");
-    pg.psql("cognit", "SELECT cognit_generate(25)").expect("data");
+    pg.psql_file("cognit", &common::fixture("schema_3.6.0.sql"))
+        .expect("schema");
+    pg.psql_file("cognit", &common::fixture("generate.sql"))
+        .expect("generator");
+    pg.psql("cognit", "SELECT cognit_generate(25)")
+        .expect("data");
     common::migrate(&pg, "cognit").expect("migration");
-    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements").expect("extension");
+    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
+        .expect("extension");
     let cancel = CancellationToken::new();
     workload(&pg, "cognit", &cancel).await;
     let dir = ConfigDir::new();
@@ -199,11 +265,21 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
 
     let (code, body) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201, "{body}");
-    pg.psql("cognit", "DROP INDEX idx_submissions_participant").expect("drop index");
+    pg.psql("cognit", "DROP INDEX idx_submissions_participant")
+        .expect("drop index");
 
-    let view = deployment_where(&handle, "query latency regression", Duration::from_secs(40), |v| {
-        v.windows.iter().any(|w| w.regressions.iter().any(|f| f.signal == Signal::QueryLatency))
-    })
+    let view = deployment_where(
+        &handle,
+        "query latency regression",
+        Duration::from_secs(40),
+        |v| {
+            v.windows.iter().any(|w| {
+                w.regressions
+                    .iter()
+                    .any(|f| f.signal == Signal::QueryLatency)
+            })
+        },
+    )
     .await;
     let finding = view
         .windows
@@ -211,13 +287,36 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
         .flat_map(|w| w.regressions.iter())
         .find(|f| f.signal == Signal::QueryLatency)
         .expect("finding");
-    assert!(finding.message.contains("submissions WHERE participant_id"), "{finding:#?}");
-    for key in ["baseline_median_ms", "window_median_ms", "p_value", "n_baseline", "n_window"] {
-        assert!(finding.evidence.keys().any(|k| k.contains(key.split('_').next().unwrap_or(key))), "{key} in {:#?}", finding.evidence);
+    assert!(
+        finding.message.contains("submissions WHERE participant_id"),
+        "{finding:#?}"
+    );
+    for key in [
+        "baseline_median_ms",
+        "window_median_ms",
+        "p_value",
+        "n_baseline",
+        "n_window",
+    ] {
+        assert!(
+            finding
+                .evidence
+                .keys()
+                .any(|k| k.contains(key.split('_').next().unwrap_or(key))),
+            "{key} in {:#?}",
+            finding.evidence
+        );
     }
-    let view = deployment_where(&handle, "sequential scans regression", Duration::from_secs(40), |v| {
-        v.windows.iter().any(|w| w.regressions.iter().any(|f| f.signal == Signal::SeqScans))
-    })
+    let view = deployment_where(
+        &handle,
+        "sequential scans regression",
+        Duration::from_secs(40),
+        |v| {
+            v.windows
+                .iter()
+                .any(|w| w.regressions.iter().any(|f| f.signal == Signal::SeqScans))
+        },
+    )
     .await;
     let seq = view
         .windows
@@ -225,9 +324,17 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
         .find(|w| w.regressions.iter().any(|f| f.signal == Signal::SeqScans))
         .expect("window");
     assert_eq!(seq.window, Window::FirstDay);
-    assert!(seq.regressions.iter().any(|f| f.signal == Signal::SeqScans && f.subject.contains("submissions")), "{seq:#?}");
+    assert!(
+        seq.regressions
+            .iter()
+            .any(|f| f.signal == Signal::SeqScans && f.subject.contains("submissions")),
+        "{seq:#?}"
+    );
     let status = get(&format!("http://{}/status", handle.local_addr)).await.1;
-    assert!(status.contains("query_latency") && status.contains("evidence"), "{status}");
+    assert!(
+        status.contains("query_latency") && status.contains("evidence"),
+        "{status}"
+    );
     cancel.cancel();
     handle.shutdown().await.expect("shutdown");
 }
@@ -236,7 +343,8 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
 async fn deployments_that_change_nothing_pass() {
     let pg = cluster();
     cognit_db(&pg, "cognit", Version::V370);
-    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements").expect("extension");
+    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
+        .expect("extension");
     let cancel = CancellationToken::new();
     workload(&pg, "cognit", &cancel).await;
     let dir = ConfigDir::new();
@@ -277,16 +385,34 @@ async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
     config(&dir, &pg, "cognit", 30);
     let handle = start(&dir).await;
     wait_baseline(&handle, 2).await;
-    pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql")).expect("rollback script");
-    let view = deployment_where(&handle, "rollback detected", Duration::from_secs(20), |_| true).await;
+    pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql"))
+        .expect("rollback script");
+    let view = deployment_where(
+        &handle,
+        "rollback detected",
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .await;
     assert_eq!(view.kind, DeploymentKind::Rollback);
     assert_eq!(view.from_version.as_deref(), Some("3.7.0"));
     assert_eq!(view.to_version, "3.6.0");
     assert_eq!(view.rollbacks_seen, 1);
     let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
     let m = parse_metrics(&body);
-    assert_eq!(m.metric("deploywatch_deployment_info").label("kind", "rollback").label("version", "3.6.0").value(), 1.0);
-    assert_eq!(m.metric("deploywatch_rollbacks_total").label("target", "cognit").value(), 1.0);
+    assert_eq!(
+        m.metric("deploywatch_deployment_info")
+            .label("kind", "rollback")
+            .label("version", "3.6.0")
+            .value(),
+        1.0
+    );
+    assert_eq!(
+        m.metric("deploywatch_rollbacks_total")
+            .label("target", "cognit")
+            .value(),
+        1.0
+    );
     let (_, text) = get(&format!("http://{}/status?format=text", handle.local_addr)).await;
     assert!(text.contains("rollback 3.7.0 -> 3.6.0"), "{text}");
     handle.shutdown().await.expect("shutdown");
@@ -296,7 +422,8 @@ async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
 async fn statistics_resets_and_a_restart_raise_no_alarm() {
     let mut pg = cluster();
     cognit_db(&pg, "cognit", Version::V370);
-    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements").expect("extension");
+    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
+        .expect("extension");
     let cancel = CancellationToken::new();
     workload(&pg, "cognit", &cancel).await;
     let dir = ConfigDir::new();
@@ -306,17 +433,30 @@ async fn statistics_resets_and_a_restart_raise_no_alarm() {
     let (code, body) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201, "{body}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    pg.psql("cognit", "SELECT pg_stat_statements_reset()").expect("statements reset");
+    pg.psql("cognit", "SELECT pg_stat_statements_reset()")
+        .expect("statements reset");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    pg.psql("cognit", "SELECT pg_stat_reset()").expect("stats reset");
+    pg.psql("cognit", "SELECT pg_stat_reset()")
+        .expect("stats reset");
     tokio::time::sleep(Duration::from_secs(1)).await;
     cancel.cancel();
     pg.restart().expect("restart postgres");
     let cancel = CancellationToken::new();
     workload(&pg, "cognit", &cancel).await;
-    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| closed(v, Window::FirstDay)).await;
-    assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Pass), "{view:#?}");
-    assert_eq!(verdict(&view, Window::FirstDay), Some(Verdict::Pass), "{view:#?}");
+    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| {
+        closed(v, Window::FirstDay)
+    })
+    .await;
+    assert_eq!(
+        verdict(&view, Window::FirstHour),
+        Some(Verdict::Pass),
+        "{view:#?}"
+    );
+    assert_eq!(
+        verdict(&view, Window::FirstDay),
+        Some(Verdict::Pass),
+        "{view:#?}"
+    );
     cancel.cancel();
     handle.shutdown().await.expect("shutdown");
 }
@@ -332,9 +472,15 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
     let post = |token: Option<&'static str>, body: &'static str| {
         let url = url.clone();
         async move {
-            let (code, body) = deploywatch::client::request(hyper::Method::POST, &url, "application/json", token, Some(body.to_string()))
-                .await
-                .expect("post");
+            let (code, body) = deploywatch::client::request(
+                hyper::Method::POST,
+                &url,
+                "application/json",
+                token,
+                Some(body.to_string()),
+            )
+            .await
+            .expect("post");
             (code.as_u16(), body)
         }
     };
@@ -345,12 +491,24 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
     let (code, body) = post(Some(TOKEN), "{\"version\": ").await;
     assert_eq!(code, 400);
     assert!(body.contains("malformed body"), "{body}");
-    let (code, body) = post(Some(TOKEN), "{\"version\": \"3.8.0\", \"target\": \"nope\"}").await;
+    let (code, body) = post(
+        Some(TOKEN),
+        "{\"version\": \"3.8.0\", \"target\": \"nope\"}",
+    )
+    .await;
     assert_eq!(code, 400);
     assert!(body.contains("no target is named"), "{body}");
-    let (code, body) = post(Some(TOKEN), "{\"version\": \"3.8.0\", \"started_at\": \"yesterday\"}").await;
+    let (code, body) = post(
+        Some(TOKEN),
+        "{\"version\": \"3.8.0\", \"started_at\": \"yesterday\"}",
+    )
+    .await;
     assert_eq!(code, 400, "{body}");
-    let (code, body) = post(Some(TOKEN), "{\"version\": \"3.8.0\", \"note\": \"release train 42\"}").await;
+    let (code, body) = post(
+        Some(TOKEN),
+        "{\"version\": \"3.8.0\", \"note\": \"release train 42\"}",
+    )
+    .await;
     assert_eq!(code, 201, "{body}");
     let created: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(created["to_version"], "3.8.0");
@@ -361,12 +519,24 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())
-        .args(["deploy", "mark", "--version", "3.8.1", "--url", &format!("http://{}", handle.local_addr)])
+        .args([
+            "deploy",
+            "mark",
+            "--version",
+            "3.8.1",
+            "--url",
+            &format!("http://{}", handle.local_addr),
+        ])
         .output()
         .await
         .expect("deploy mark");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("\"to_version\": \"3.8.1\""), "{stdout}");
     let (_, listed) = get(&url).await;
     assert!(listed.contains("3.8.1"), "{listed}");
@@ -381,7 +551,11 @@ async fn kill_9_mid_window_loses_nothing() {
     cognit_db(&pg, "cognit", Version::V370);
     let dir = ConfigDir::new();
     config(&dir, &pg, "cognit", 6);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let spawn = || {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
             .arg("--config")
@@ -393,41 +567,77 @@ async fn kill_9_mid_window_loses_nothing() {
             .expect("spawn daemon")
     };
     let status = |port: u16| async move {
-        deploywatch::client::request(hyper::Method::GET, &format!("http://127.0.0.1:{port}/status"), "application/json", None, None)
-            .await
-            .ok()
-            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        deploywatch::client::request(
+            hyper::Method::GET,
+            &format!("http://127.0.0.1:{port}/status"),
+            "application/json",
+            None,
+            None,
+        )
+        .await
+        .ok()
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
     };
     let mut child = spawn();
     eventually("daemon up", Duration::from_secs(30), || status(port)).await;
     tokio::time::sleep(Duration::from_secs(7)).await;
     let body = serde_json::json!({ "version": "3.7.1" }).to_string();
-    let (code, _) = deploywatch::client::request(hyper::Method::POST, &format!("http://127.0.0.1:{port}/api/deployments"), "application/json", Some(TOKEN), Some(body))
-        .await
-        .expect("announce");
+    let (code, _) = deploywatch::client::request(
+        hyper::Method::POST,
+        &format!("http://127.0.0.1:{port}/api/deployments"),
+        "application/json",
+        Some(TOKEN),
+        Some(body),
+    )
+    .await
+    .expect("announce");
     assert_eq!(code.as_u16(), 201);
-    let before = eventually("first_hour closed", Duration::from_secs(30), || async move {
-        let s = status(port).await?;
-        let d = s["targets"][0]["deployment"].clone();
-        (d["windows"][0]["verdict"] != "watching" && d["windows"][0]["verdict"].is_string()).then_some(d)
-    })
+    let before = eventually(
+        "first_hour closed",
+        Duration::from_secs(30),
+        || async move {
+            let s = status(port).await?;
+            let d = s["targets"][0]["deployment"].clone();
+            (d["windows"][0]["verdict"] != "watching" && d["windows"][0]["verdict"].is_string())
+                .then_some(d)
+        },
+    )
     .await;
-    std::process::Command::new("kill").args(["-9", &child.id().expect("pid").to_string()]).status().expect("kill -9");
+    std::process::Command::new("kill")
+        .args(["-9", &child.id().expect("pid").to_string()])
+        .status()
+        .expect("kill -9");
     let _ = child.wait().await;
 
     let mut child = spawn();
-    let after = eventually("deployment restored", Duration::from_secs(30), || async move {
-        let s = status(port).await?;
-        let d = s["targets"][0]["deployment"].clone();
-        d["id"].is_number().then_some(d)
-    })
+    let after = eventually(
+        "deployment restored",
+        Duration::from_secs(30),
+        || async move {
+            let s = status(port).await?;
+            let d = s["targets"][0]["deployment"].clone();
+            d["id"].is_number().then_some(d)
+        },
+    )
     .await;
     assert_eq!(after["id"], before["id"]);
     assert_eq!(after["at"], before["at"]);
     assert_eq!(after["to_version"], "3.7.1");
-    assert!(after["baseline_samples"].as_u64() >= before["baseline_samples"].as_u64(), "{after:#}");
-    assert!(before["baseline_samples"].as_u64().unwrap_or(0) >= 4, "{before:#}");
-    assert_eq!(after["windows"][0]["verdict"], before["windows"][0]["verdict"]);
-    assert_ne!(after["current_window"], "first_hour", "the clock kept running: {after:#}");
+    assert!(
+        after["baseline_samples"].as_u64() >= before["baseline_samples"].as_u64(),
+        "{after:#}"
+    );
+    assert!(
+        before["baseline_samples"].as_u64().unwrap_or(0) >= 4,
+        "{before:#}"
+    );
+    assert_eq!(
+        after["windows"][0]["verdict"],
+        before["windows"][0]["verdict"]
+    );
+    assert_ne!(
+        after["current_window"], "first_hour",
+        "the clock kept running: {after:#}"
+    );
     let _ = child.kill().await;
 }

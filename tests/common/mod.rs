@@ -52,7 +52,10 @@ pub fn cognit_db(cluster: &PgCluster, name: &str, version: Version) {
     }
 }
 
-pub fn migrate(cluster: &PgCluster, name: &str) -> Result<String, deploywatch::pgcluster::PgClusterError> {
+pub fn migrate(
+    cluster: &PgCluster,
+    name: &str,
+) -> Result<String, deploywatch::pgcluster::PgClusterError> {
     cluster.psql_file(name, &fixture("001_pragmatic_schema_fixes.sql"))
 }
 

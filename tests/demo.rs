@@ -1,0 +1,117 @@
+//! `deploywatch demo` end to end on a very short clock: every story step shows up in /status,
+//! and the throwaway cluster is gone afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .args([
+            "demo",
+            "--step",
+            "3s",
+            "--exit-after-story",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let url = format!("http://127.0.0.1:{port}/status");
+
+    // What /status showed over the story.
+    let mut saw_deployment = false;
+    let mut saw_first_hour_pass = false;
+    let mut saw_integrity_failure = false;
+    let mut saw_regression = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo did not finish in time"
+        );
+        if let Ok((_, body)) =
+            deploywatch::client::request(hyper::Method::GET, &url, "application/json", None, None)
+                .await
+        {
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) {
+                let target = &json["targets"][0];
+                let deployment = &target["deployment"];
+                saw_deployment |=
+                    deployment["to_version"] == "3.7.0" && deployment["from_version"] == "3.6.0";
+                if let Some(windows) = deployment["windows"].as_array() {
+                    saw_first_hour_pass |= windows
+                        .iter()
+                        .any(|w| w["window"] == "first_hour" && w["verdict"] == "pass");
+                    saw_regression |= windows.iter().any(|w| {
+                        w["regressions"].as_array().is_some_and(|r| {
+                            r.iter().any(|f| {
+                                f["signal"] == "query_latency" || f["signal"] == "seq_scans"
+                            })
+                        })
+                    });
+                }
+                if let Some(checks) = target["checks"].as_array() {
+                    saw_integrity_failure |= checks.iter().any(|c| {
+                        c["name"] == "orphaned_payments"
+                            && c["status"] == "fail"
+                            && c["value"] == 5.0
+                    });
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut stdout = String::new();
+    if let Some(mut pipe) = child.stdout.take() {
+        let _ = pipe.read_to_string(&mut stdout).await;
+    }
+    assert!(status.success(), "{stdout}");
+    assert!(
+        saw_deployment,
+        "deployment 3.6.0 -> 3.7.0 in /status\n{stdout}"
+    );
+    assert!(saw_first_hour_pass, "first_hour pass in /status\n{stdout}");
+    assert!(
+        saw_integrity_failure,
+        "orphaned_payments failing with 5 in /status\n{stdout}"
+    );
+    assert!(
+        saw_regression,
+        "a regression with evidence in /status\n{stdout}"
+    );
+    for step in [
+        "[1/5]",
+        "[2/5]",
+        "[3/5]",
+        "[4/5]",
+        "[5/5]",
+        "REGRESSION",
+        "The story is over",
+    ] {
+        assert!(stdout.contains(step), "{step} announced\n{stdout}");
+    }
+    let directory = stdout
+        .lines()
+        .find_map(|l| l.split("cluster directory ").nth(1))
+        .map(|rest| rest.trim_end_matches(')').to_string())
+        .expect("the demo names its cluster directory");
+    assert!(
+        !std::path::Path::new(&directory).exists(),
+        "{directory} is removed"
+    );
+}
