@@ -218,11 +218,23 @@ pub fn render_text(view: &DeploymentView) -> String {
 /// Orders two version strings: numeric parts numerically ("3.10.0" > "3.9.1"), other parts as
 /// text. Used to tell a deployment from a rollback.
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    // Runs of digits and runs of letters, separators dropped: "v2.10-rc1" -> v, 2, 10, rc, 1.
     let parts = |s: &str| -> Vec<String> {
-        s.split(|c: char| !c.is_ascii_alphanumeric())
-            .filter(|p| !p.is_empty())
-            .map(str::to_string)
-            .collect()
+        let mut parts: Vec<String> = Vec::new();
+        let mut last_digit: Option<bool> = None;
+        for c in s.chars() {
+            if !c.is_ascii_alphanumeric() {
+                last_digit = None;
+                continue;
+            }
+            let digit = c.is_ascii_digit();
+            match (last_digit, parts.last_mut()) {
+                (Some(previous), Some(part)) if previous == digit => part.push(c),
+                _ => parts.push(c.to_string()),
+            }
+            last_digit = Some(digit);
+        }
+        parts
     };
     let (left, right) = (parts(a), parts(b));
     for (x, y) in left.iter().zip(right.iter()) {

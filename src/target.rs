@@ -99,11 +99,10 @@ impl ConnectionSettings {
                 .map_err(|e| TargetError::InvalidConnectionString(e.to_string()))?,
             None => tokio_postgres::Config::new(),
         };
-        if let Some(host) = host {
-            base.host(host);
-        }
-        if let Some(port) = port {
-            base.port(port);
+        // tokio-postgres appends hosts and ports (for multi-host strings); a part given
+        // separately replaces what the string said instead.
+        if host.is_some() || port.is_some() {
+            base = replace_endpoint(&base, host, port);
         }
         if let Some(dbname) = dbname {
             base.dbname(dbname);
@@ -140,6 +139,57 @@ impl ConnectionSettings {
         }
         Ok(config)
     }
+}
+
+/// A copy of `config` with its host and/or port replaced.
+fn replace_endpoint(
+    config: &tokio_postgres::Config,
+    host: Option<String>,
+    port: Option<u16>,
+) -> tokio_postgres::Config {
+    let mut fresh = tokio_postgres::Config::new();
+    match host {
+        Some(host) => {
+            fresh.host(host);
+        }
+        None => {
+            for h in config.get_hosts() {
+                match h {
+                    tokio_postgres::config::Host::Tcp(name) => {
+                        fresh.host(name);
+                    }
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(path) => {
+                        fresh.host_path(path);
+                    }
+                }
+            }
+        }
+    }
+    match port {
+        Some(port) => {
+            fresh.port(port);
+        }
+        None => {
+            for p in config.get_ports() {
+                fresh.port(*p);
+            }
+        }
+    }
+    if let Some(user) = config.get_user() {
+        fresh.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        fresh.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        fresh.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        fresh.options(options);
+    }
+    fresh.ssl_mode(config.get_ssl_mode());
+    fresh
 }
 
 fn describe(config: &tokio_postgres::Config) -> String {
