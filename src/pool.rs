@@ -152,6 +152,9 @@ pub struct TargetPool {
     pool: managed::Pool<Manager>,
     target: String,
     wait: Duration,
+    /// Bound on opening one session, handshake included: a server that accepts TCP but never
+    /// answers (stopped, overloaded) must not hold a check forever.
+    create: Duration,
 }
 
 impl TargetPool {
@@ -161,6 +164,7 @@ impl TargetPool {
         settings: ConnectionSettings,
         max_connections: usize,
         wait: Duration,
+        connect_timeout: Duration,
     ) -> TargetPool {
         let manager = Manager {
             target: target.to_string(),
@@ -177,6 +181,7 @@ impl TargetPool {
             pool,
             target: target.to_string(),
             wait,
+            create: connect_timeout * 2 + Duration::from_secs(2),
         }
     }
 
@@ -184,12 +189,21 @@ impl TargetPool {
     pub async fn get(&self) -> Result<managed::Object<Manager>, PoolError> {
         let timeouts = managed::Timeouts {
             wait: Some(self.wait),
-            create: None,
+            create: Some(self.create),
             recycle: Some(Duration::from_secs(5)),
         };
         match self.pool.timeout_get(&timeouts).await {
             Ok(object) => Ok(object),
             Err(managed::PoolError::Backend(error)) => Err(error),
+            Err(managed::PoolError::Timeout(managed::TimeoutType::Create)) => {
+                Err(PoolError::Connect {
+                    target: self.target.clone(),
+                    message: format!(
+                        "the server did not complete the connection handshake within {:?}",
+                        self.create
+                    ),
+                })
+            }
             Err(managed::PoolError::Timeout(_)) => Err(PoolError::Exhausted {
                 target: self.target.clone(),
                 waited: self.wait,

@@ -87,6 +87,7 @@ fn new_pool(target: &TargetConfig, config: &Config) -> TargetPool {
         target.connection.clone(),
         target.max_connections,
         wait,
+        config.defaults.connect_timeout,
     )
 }
 
