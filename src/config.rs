@@ -159,6 +159,7 @@ struct RawDeployments {
     latency_min_increase: Option<f64>,
     latency_min_calls: Option<i64>,
     latency_p_value: Option<f64>,
+    latency_min_delta_ms: Option<f64>,
     #[serde(default)]
     declared: Vec<RawDeclaredDeployment>,
 }
@@ -250,6 +251,8 @@ pub struct DeploymentConfig {
     pub latency_min_calls: u64,
     /// One-sided Mann–Whitney p-value below which a latency change is significant.
     pub latency_p_value: f64,
+    /// Smallest change of a query's median time per call (ms) that can be a regression.
+    pub latency_min_delta_ms: f64,
     pub declared: Vec<DeclaredDeployment>,
 }
 
@@ -737,6 +740,12 @@ fn validate_deployments(
             "deployments.latency_p_value",
             raw.latency_p_value,
             0.01,
+        ),
+        latency_min_delta_ms: fraction(
+            problems,
+            "deployments.latency_min_delta_ms",
+            raw.latency_min_delta_ms,
+            0.05,
         ),
         declared,
     }

@@ -23,6 +23,9 @@ pub struct Thresholds {
     pub latency_p_value: f64,
     /// Samples needed on each side of any comparison.
     pub min_samples: usize,
+    /// Smallest change of the median time per call, in milliseconds, that counts: a
+    /// microsecond query that gets "30 % slower" under a busy CPU is noise, not a regression.
+    pub latency_min_delta_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -345,7 +348,8 @@ fn query_latency(
                 ("window_calls", number(*calls)),
             ])
         };
-        if change >= min_increase && slower.p_greater < t.latency_p_value {
+        let material = (mw - mb).abs() >= t.latency_min_delta_ms;
+        if material && change >= min_increase && slower.p_greater < t.latency_p_value {
             j.regressions.push(finding(
                 Signal::QueryLatency,
                 format!("query {id}"),
@@ -539,7 +543,8 @@ fn top_queries(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut J
                 ("n_window", number(w.len() as f64)),
             ])
         };
-        if change >= t.latency_min_increase && slower.p_greater < t.latency_p_value {
+        let material = (per_call_w - per_call_b).abs() >= t.latency_min_delta_ms;
+        if material && change >= t.latency_min_increase && slower.p_greater < t.latency_p_value {
             j.regressions.push(finding(
                 Signal::TopQueries,
                 format!("query {id}"),
@@ -551,7 +556,10 @@ fn top_queries(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut J
                 ),
                 make_evidence(slower.p_greater),
             ));
-        } else if change <= -t.latency_min_increase && faster.p_greater < t.latency_p_value {
+        } else if material
+            && change <= -t.latency_min_increase
+            && faster.p_greater < t.latency_p_value
+        {
             j.improvements.push(finding(
                 Signal::TopQueries,
                 format!("query {id}"),
@@ -599,6 +607,7 @@ mod tests {
             latency_min_calls: 5,
             latency_p_value: 0.01,
             min_samples: 3,
+            latency_min_delta_ms: 0.05,
         }
     }
 
@@ -741,6 +750,14 @@ mod tests {
             alarms <= 2,
             "{alarms} false alarms in 200 no-change comparisons"
         );
+    }
+
+    #[test]
+    fn a_microsecond_change_is_not_material() {
+        let baseline = series(0.0, 10, |i| vec![("1", 0.020 + 0.0001 * i as f64)]);
+        let window = series(1000.0, 10, |i| vec![("1", 0.030 + 0.0001 * i as f64)]);
+        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        assert!(j.regressions.is_empty(), "{:?}", j.regressions);
     }
 
     #[test]
