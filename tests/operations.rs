@@ -103,9 +103,20 @@ fn expressions() -> Vec<String> {
         .collect()
 }
 
+/// Metric names in PromQL text (string literals, such as label values, are skipped).
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    let bytes: Vec<char> = expr.chars().collect();
+    let mut unquoted = String::new();
+    let mut in_string = false;
+    for c in expr.chars() {
+        if c == '"' {
+            in_string = !in_string;
+            unquoted.push(' ');
+        } else if !in_string {
+            unquoted.push(c);
+        }
+    }
+    let bytes: Vec<char> = unquoted.chars().collect();
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i].is_ascii_alphabetic() || bytes[i] == '_' {
@@ -116,7 +127,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 i += 1;
             }
             let word: String = bytes[start..i].iter().collect();
-            if word.starts_with("deploywatch") {
+            if word.starts_with("deploywatch_") || word.starts_with("deploywatch:") {
                 names.insert(word);
             }
         } else {
@@ -166,6 +177,7 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
         used.extend(metric_names(line));
     }
 
+    assert!(used.len() >= 15, "metric names found: {used:?}");
     let mut pg = cluster();
     cognit_db(&pg, "cognit", Version::V370);
     let dir = ConfigDir::new();
