@@ -67,6 +67,9 @@ pub enum Command {
         check: Option<String>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
+        /// Instead of running the checks, report which ones the role cannot run (EXPLAIN only).
+        #[arg(long)]
+        privileges: bool,
     },
     /// Validate the configuration and the check packs without connecting anywhere.
     Validate,

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod pgcluster;
 pub mod pool;
+pub mod privileges;
 pub mod regression;
 pub mod report;
 pub mod runner;

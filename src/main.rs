@@ -73,11 +73,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             check,
             format,
+            privileges,
         } => {
             let config = match load(&cli) {
                 Ok(config) => config,
                 Err(code) => return Ok(code),
             };
+            if *privileges {
+                let report = deploywatch::privileges::report(&config).await;
+                return Ok(printed((u8::from(!report.all_runnable()), report.render())));
+            }
             Ok(printed(
                 commands::check(config, target.as_deref(), check.as_deref(), *format).await,
             ))

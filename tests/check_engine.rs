@@ -480,3 +480,68 @@ fn the_binary_prints_every_checklist_check_as_passing_on_a_migrated_database() {
         );
     }
 }
+
+/// A role with only pg_monitor: the privilege report names exactly the checks that read
+/// application tables.
+#[test]
+fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    pg.psql(
+        "cognit",
+        "CREATE ROLE watcher LOGIN; GRANT pg_monitor TO watcher",
+    )
+    .expect("role");
+    let dir = shipped_config(&pg, "cognit");
+    let main = std::fs::read_to_string(dir.main())
+        .expect("config")
+        .replace("user = \"postgres\"", "user = \"watcher\"");
+    dir.write("deploywatch.toml", &main);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["check", "--privileges"])
+        .output()
+        .expect("run deploywatch");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("role watcher is a member of pg_monitor"),
+        "{stdout}"
+    );
+    let denied: std::collections::BTreeSet<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("cognit / "))
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    let expected: std::collections::BTreeSet<&str> = [
+        "schema_version",
+        "invalid_attention_score",
+        "invalid_quality_score",
+        "ai_suspected_without_quality_score",
+        "orphaned_payments",
+        "orphaned_submissions",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(denied, expected, "{stdout}");
+    assert!(stdout.contains("permission denied"), "{stdout}");
+    // Granting SELECT on the tables the checks read makes every check runnable.
+    pg.psql(
+        "cognit",
+        "GRANT SELECT ON database_metadata, attention_stats, submissions, payments, participants TO watcher",
+    )
+    .expect("grant");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["check", "--privileges"])
+        .output()
+        .expect("run deploywatch");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("checks can run with these privileges"),
+        "{stdout}"
+    );
+}
