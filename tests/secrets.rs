@@ -1,0 +1,237 @@
+//! Secrets never leak: a distinctive password and API token are driven through the error paths
+//! (wrong password, unreachable host, malformed connection string, SQL errors, refused API
+//! calls, a rejected reload) and must not appear in logs at any level, stderr, `/status` or
+//! `/metrics`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster, eventually, ConfigDir};
+use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+
+const PASSWORD: &str = "Zx9-LEAK-CANARY-pw-7q";
+const WRONG_PASSWORD: &str = "Wr0ng-LEAK-CANARY-pw-3k";
+const TOKEN: &str = "Tk4-LEAK-CANARY-token-9m";
+
+fn password_cluster() -> PgCluster {
+    let pg = PgCluster::start(ClusterOptions {
+        hba: Some(
+            "local all postgres trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+                .to_string(),
+        ),
+        ..ClusterOptions::default()
+    })
+    .expect("PostgreSQL with password authentication");
+    pg.create_database("app").expect("db");
+    pg.psql("app", &format!("SET password_encryption = 'scram-sha-256'; CREATE ROLE secretive LOGIN PASSWORD '{PASSWORD}'"))
+        .expect("role");
+    pg
+}
+
+fn assert_clean(what: &str, text: &str) {
+    for secret in [PASSWORD, WRONG_PASSWORD, TOKEN, "LEAK-CANARY"] {
+        assert!(!text.contains(secret), "{what} leaks {secret}:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
+    let pg = password_cluster();
+    let _unused = cluster(); // a second server whose port we point at with a wrong password
+    let dir = ConfigDir::new();
+    dir.write("pw", PASSWORD);
+    dir.write("wrong", WRONG_PASSWORD);
+    dir.write("token", TOKEN);
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"ok\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n\n[[check]]\nname = \"broken\"\ncategory = \"health\"\nseverity = \"warning\"\nsql = \"SELECT * FROM no_such_table\"\n",
+    );
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let main = format!(
+        "[server]\napi_token_file = \"token\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nsample_interval = \"1s\"\n\n\
+         [[targets]]\nname = \"good\"\nurl = \"postgres://secretive@127.0.0.1:{port}/app\"\npassword_file = \"pw\"\n\n\
+         [[targets]]\nname = \"wrong_password\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"app\"\nuser = \"secretive\"\npassword_file = \"wrong\"\n\n\
+         [[targets]]\nname = \"no_server\"\nhost = \"127.0.0.1\"\nport = {closed_port}\ndbname = \"app\"\nuser = \"secretive\"\npassword_file = \"pw\"\n",
+        port = pg.port()
+    );
+    dir.write("deploywatch.toml", &main);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args([
+            "--log-level",
+            "trace",
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn daemon");
+    // Drain the pipes while the daemon runs, or a full pipe would block its logging.
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text).await;
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stderr_task = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    );
+    let stdout_task = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let status = eventually(
+        "every target tried, the good one passing",
+        Duration::from_secs(60),
+        || {
+            let base = base.clone();
+            async move {
+                let (_, body) = deploywatch::client::request(
+                    hyper::Method::GET,
+                    &format!("{base}/status"),
+                    "application/json",
+                    None,
+                    None,
+                )
+                .await
+                .ok()?;
+                let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let targets = json["targets"].as_array()?;
+                let good_ok = targets
+                    .iter()
+                    .any(|t| t["name"] == "good" && t["reachable"] == true);
+                let all_tried = targets.iter().all(|t| t["reachable"].is_boolean());
+                (good_ok && all_tried).then_some(body)
+            }
+        },
+    )
+    .await;
+    assert!(
+        status.contains("password authentication failed"),
+        "the wrong password is reported, not shown: {status}"
+    );
+    // A refused and a malformed announcement.
+    for (token, body) in [
+        (Some("not-the-token"), "{\"version\": \"1\"}"),
+        (Some(TOKEN), "{\"version\": "),
+    ] {
+        let (_, answer) = deploywatch::client::request(
+            hyper::Method::POST,
+            &format!("{base}/api/deployments"),
+            "application/json",
+            token,
+            Some(body.to_string()),
+        )
+        .await
+        .expect("post");
+        assert_clean("an API answer", &answer);
+    }
+    // A reload with a malformed connection string that holds the password.
+    dir.write(
+        "deploywatch.toml",
+        &format!("{main}\n[[targets]]\nname = \"malformed\"\nurl = \"postgres://secretive:{PASSWORD}@127.0.0.1:notaport/app\"\n"),
+    );
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (_, metrics) = deploywatch::client::request(
+        hyper::Method::GET,
+        &format!("{base}/metrics"),
+        "*/*",
+        None,
+        None,
+    )
+    .await
+    .expect("metrics");
+    let (_, status) = deploywatch::client::request(
+        hyper::Method::GET,
+        &format!("{base}/status"),
+        "application/json",
+        None,
+        None,
+    )
+    .await
+    .expect("status");
+    let (_, text) = deploywatch::client::request(
+        hyper::Method::GET,
+        &format!("{base}/status?format=text"),
+        "text/plain",
+        None,
+        None,
+    )
+    .await
+    .expect("status");
+    assert!(
+        metrics.contains("deploywatch_config_last_reload_successful 0"),
+        "the bad reload was rejected"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    let logs = stderr_task.await.expect("stderr") + &stdout_task.await.expect("stdout");
+    assert!(logs.contains("configuration reload rejected"), "{logs}");
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "logs were captured at every level"
+    );
+    assert_clean("/metrics", &metrics);
+    assert_clean("/status", &status);
+    assert_clean("/status?format=text", &text);
+    assert_clean("the logs", &logs);
+
+    // The CLI's own error paths.
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .arg("check")
+        .output()
+        .expect("check");
+    assert_eq!(check.status.code(), Some(2));
+    assert_clean(
+        "`check` with a malformed URL",
+        &format!(
+            "{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        ),
+    );
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--help")
+        .output()
+        .expect("help");
+    assert_clean("--help", &String::from_utf8_lossy(&help.stdout));
+}
