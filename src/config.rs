@@ -189,6 +189,10 @@ struct RawTarget {
     #[serde(default)]
     parameters: BTreeMap<String, toml::Value>,
     version_query: Option<String>,
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -806,6 +810,24 @@ fn validate_target(
             }
         },
     };
+    let mut tls_options = BTreeMap::new();
+    if let Some(mode) = raw.sslmode {
+        tls_options.insert("sslmode".to_string(), mode);
+    }
+    if let Some(root) = raw.sslrootcert {
+        let value = if root == "system" {
+            root
+        } else {
+            base.join(root).display().to_string()
+        };
+        tls_options.insert("sslrootcert".to_string(), value);
+    }
+    if let Some(cert) = raw.sslcert {
+        tls_options.insert("sslcert".to_string(), base.join(cert).display().to_string());
+    }
+    if let Some(key) = raw.sslkey {
+        tls_options.insert("sslkey".to_string(), base.join(key).display().to_string());
+    }
     let connection = match ConnectionSettings::new(
         raw.url.as_deref(),
         raw.host,
@@ -814,6 +836,7 @@ fn validate_target(
         raw.user,
         password,
         defaults.connect_timeout,
+        tls_options,
     ) {
         Ok(settings) => Some(settings),
         Err(error) => {

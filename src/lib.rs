@@ -32,6 +32,7 @@ pub mod stats;
 pub mod status;
 pub mod store;
 pub mod target;
+pub mod tls;
 pub mod tracker;
 pub mod window;
 pub mod workload;

@@ -75,15 +75,32 @@ impl managed::Manager for Manager {
             return Err(error);
         }
         let config = self.settings.resolve()?;
-        match config.connect(tokio_postgres::NoTls).await {
-            Ok((client, connection)) => {
-                self.record_success();
-                let target = self.target.clone();
-                let driver = tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(target = %target, %error, "session closed with an error");
-                    }
+        let tls = match self.settings.tls.client_config() {
+            Ok(tls) => tls,
+            Err(error) => {
+                let message = error.to_string();
+                self.record_failure(&message);
+                return Err(PoolError::Connect {
+                    target: self.target.clone(),
+                    message,
                 });
+            }
+        };
+        let target = self.target.clone();
+        // The driver task owns the socket; its type depends on TLS, the client's does not.
+        let connected = match tls {
+            None => config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map(|(client, connection)| (client, tokio::spawn(drive(connection, target)))),
+            Some(tls) => config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await
+                .map(|(client, connection)| (client, tokio::spawn(drive(connection, target)))),
+        };
+        match connected {
+            Ok((client, driver)) => {
+                self.record_success();
                 Ok(Session { client, driver })
             }
             Err(error) => {
@@ -127,6 +144,16 @@ impl Manager {
         backoff.failures = backoff.failures.saturating_add(1);
         backoff.retry_at = Some(Instant::now() + Backoff::delay(backoff.failures));
         backoff.last_error = message.to_string();
+    }
+}
+
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>, target: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = connection.await {
+        tracing::debug!(target = %target, %error, "session closed with an error");
     }
 }
 

@@ -5,10 +5,13 @@
 //! is picked up without a restart. Nothing in this module prints a password: `Debug` output of
 //! every type here is redacted.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use crate::tls::{split_options, TlsSettings};
 
 /// The `application_name` every deploywatch session carries, so DBAs can see and count them.
 pub const APPLICATION_NAME: &str = "deploywatch";
@@ -43,6 +46,8 @@ pub enum TargetError {
     },
     #[error("no host given: set url or host")]
     NoHost,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl PasswordSource {
@@ -67,6 +72,7 @@ impl PasswordSource {
 pub struct ConnectionSettings {
     base: tokio_postgres::Config,
     password: Option<PasswordSource>,
+    pub tls: TlsSettings,
     /// A human description without secrets, e.g. `postgres@127.0.0.1:5432/cognit`.
     pub display: String,
 }
@@ -76,13 +82,16 @@ impl fmt::Debug for ConnectionSettings {
         f.debug_struct("ConnectionSettings")
             .field("display", &self.display)
             .field("password", &self.password)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl ConnectionSettings {
     /// Builds settings from a connection string (libpq URL or `key=value` form) and/or parts.
-    /// Parts override what the string says.
+    /// Parts override what the string says; `tls_options` (sslmode, sslrootcert, sslcert,
+    /// sslkey) override the string's TLS options.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         url: Option<&str>,
         host: Option<String>,
@@ -91,14 +100,22 @@ impl ConnectionSettings {
         user: Option<String>,
         password: Option<PasswordSource>,
         connect_timeout: Duration,
+        tls_options: BTreeMap<String, String>,
     ) -> Result<Self, TargetError> {
+        let (rest, mut options) = match url {
+            Some(text) => split_options(text),
+            None => (String::new(), BTreeMap::new()),
+        };
+        options.extend(tls_options);
+        let tls = TlsSettings::from_options(&options)?;
         let mut base = match url {
             // tokio-postgres' parse errors name the option, never its value, so they are safe
             // to show even when the string holds a password.
-            Some(text) => tokio_postgres::Config::from_str(text)
+            Some(_) => tokio_postgres::Config::from_str(&rest)
                 .map_err(|e| TargetError::InvalidConnectionString(e.to_string()))?,
             None => tokio_postgres::Config::new(),
         };
+        base.ssl_mode(tls.mode.for_driver());
         // tokio-postgres appends hosts and ports (for multi-host strings); a part given
         // separately replaces what the string said instead.
         if host.is_some() || port.is_some() {
@@ -127,6 +144,7 @@ impl ConnectionSettings {
         Ok(ConnectionSettings {
             base,
             password,
+            tls,
             display,
         })
     }
@@ -223,6 +241,7 @@ mod tests {
             None,
             None,
             Duration::from_secs(1),
+            BTreeMap::new(),
         )
         .err()
         .map(|e| e.to_string())
@@ -241,6 +260,7 @@ mod tests {
             None,
             None,
             Duration::from_secs(1),
+            BTreeMap::new(),
         )
         .expect("valid");
         let debug = format!("{settings:?}");
@@ -258,6 +278,7 @@ mod tests {
             Some("b".into()),
             None,
             Duration::from_secs(1),
+            BTreeMap::new(),
         )
         .expect("valid");
         assert_eq!(settings.display, "b@h2:2/d2");
