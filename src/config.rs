@@ -115,6 +115,7 @@ struct RawServer {
     shutdown_grace: Option<String>,
     api_token_env: Option<String>,
     api_token_file: Option<PathBuf>,
+    web_config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +221,8 @@ pub struct ServerConfig {
     /// Where the bearer token for `POST /api/deployments` comes from. Without one, the
     /// endpoint refuses every request.
     pub api_token: Option<PasswordSource>,
+    /// TLS and basic authentication of the endpoints (exporter-toolkit format).
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -448,10 +451,17 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         (None, Some(file)) => Some(PasswordSource::File(base.join(file))),
         (None, None) => None,
     };
+    let web_config_file = raw.server.web_config_file.map(|p| base.join(p));
+    if let Some(file) = &web_config_file {
+        if let Err(error) = crate::web_config::WebConfig::load(file) {
+            problems.push(path, "server.web_config_file", error.to_string());
+        }
+    }
     let server = ServerConfig {
         listen,
         shutdown_grace,
         api_token,
+        web_config_file,
     };
 
     let d = &raw.defaults;

@@ -41,6 +41,8 @@ pub enum DaemonError {
     Store(#[from] crate::store::StoreError),
     #[error("the daemon task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    WebConfig(#[from] crate::web_config::WebConfigError),
 }
 
 /// A running daemon, for callers that drive it (tests, `main`, the demo).
@@ -86,11 +88,16 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
         .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let (events_tx, events_rx) = mpsc::channel(8);
     let announcer = Announcer::new();
+    let web = match &config.server.web_config_file {
+        Some(path) => Some(crate::web_config::WebConfig::load(path)?),
+        None => None,
+    };
     let ctx = Arc::new(AppContext {
         state: state.clone(),
         registry,
         announcer: config.deployments.enabled.then(|| announcer.clone()),
         api_token: config.server.api_token.clone(),
+        web,
     });
     let task = tokio::spawn(main_loop(
         config,

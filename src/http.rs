@@ -42,6 +42,8 @@ pub struct AppContext {
     pub announcer: Option<Announcer>,
     /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
     pub api_token: Option<PasswordSource>,
+    /// TLS and basic authentication, when a web configuration file is given.
+    pub web: Option<crate::web_config::WebConfig>,
 }
 
 type Body = Full<Bytes>;
@@ -113,25 +115,17 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AppContext>, shutdown: Cancel
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let service = service_fn(move |request| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(&ctx, request, peer).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES.max(8192))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            let acceptor = ctx.web.as_ref().and_then(|w| w.tls.clone());
+            match acceptor {
+                None => serve_stream(stream, peer, ctx, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_stream(tls, peer, ctx, shutdown).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
                 }
             }
         });
@@ -140,9 +134,57 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AppContext>, shutdown: Cancel
     let _ = tokio::time::timeout(Duration::from_secs(3), connections.wait()).await;
 }
 
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS).
+async fn serve_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<AppContext>,
+    shutdown: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, request, peer).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
+        }
+    }
+}
+
 async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
+    // Basic authentication, where configured. Announcements carry their own bearer token.
+    if let Some(web) = &ctx.web {
+        let announcement = path == "/api/deployments" && method == Method::POST;
+        let header = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !announcement && web.protects(&path) && !web.authorized(header) {
+            let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"deploywatch\""),
+            );
+            return response;
+        }
+    }
     let response = match path.as_str() {
         "/" => match method {
             Method::GET | Method::HEAD => text(

@@ -34,5 +34,6 @@ pub mod store;
 pub mod target;
 pub mod tls;
 pub mod tracker;
+pub mod web_config;
 pub mod window;
 pub mod workload;

@@ -1,0 +1,241 @@
+//! Protected endpoints with the exporter toolkit's web configuration: `/metrics` over TLS with
+//! basic auth, 401 without the right password, probes left open, and a client without a
+//! certificate refused when one is required.
+
+mod common;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::ConfigDir;
+use http_body_util::{BodyExt, Empty};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "web test CA");
+    let ca = params.self_signed(&key).expect("ca").pem();
+    let issuer = Issuer::new(params, key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(names)
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca,
+        server: leaf(vec!["localhost".into()]),
+        client: leaf(vec![]),
+    }
+}
+
+fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("certs")
+}
+
+/// GET over TLS; returns the status, or the error text when the handshake fails.
+async fn https_get(
+    port: u16,
+    path: &str,
+    ca: &str,
+    client: Option<&(String, String)>,
+    basic: Option<(&str, &str)>,
+) -> Result<u16, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem_certs(ca) {
+        roots.add(cert).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => {
+            let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key.as_bytes())
+                .expect("key")
+                .expect("key");
+            builder
+                .with_client_auth_cert(pem_certs(cert), key)
+                .expect("client cert")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request =
+        hyper::Request::get(format!("https://localhost:{port}{path}")).header("host", "localhost");
+    if let Some((user, password)) = basic {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        request = request.header("authorization", format!("Basic {encoded}"));
+    }
+    let response = sender
+        .send_request(request.body(Empty::<Bytes>::new()).expect("request"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    Ok(status)
+}
+
+async fn daemon(dir: &ConfigDir, web: &str) -> deploywatch::daemon::DaemonHandle {
+    dir.write("web.yml", web);
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"c\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        "[server]\nweb_config_file = \"web.yml\"\n\n[deployments]\nenabled = false\n\n[[targets]]\nname = \"nowhere\"\nhost = \"127.0.0.1\"\nport = 1\ndbname = \"x\"\n",
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    deploywatch::daemon::start(dir.load(), listener).expect("daemon")
+}
+
+fn write_pki(dir: &ConfigDir, pki: &Pki) {
+    dir.write("ca.pem", &pki.ca);
+    dir.write("server.pem", &pki.server.0);
+    dir.write("server.key", &pki.server.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_over_tls_with_basic_auth() {
+    let pki = pki();
+    let dir = ConfigDir::new();
+    write_pki(&dir, &pki);
+    let hash = bcrypt::hash("scrape-pass", 4).expect("hash");
+    let handle = daemon(
+        &dir,
+        &format!("tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\nbasic_auth_users:\n  prometheus: '{hash}'\n"),
+    )
+    .await;
+    let port = handle.local_addr.port();
+    assert_eq!(
+        https_get(
+            port,
+            "/metrics",
+            &pki.ca,
+            None,
+            Some(("prometheus", "scrape-pass"))
+        )
+        .await,
+        Ok(200)
+    );
+    assert_eq!(
+        https_get(
+            port,
+            "/metrics",
+            &pki.ca,
+            None,
+            Some(("prometheus", "wrong"))
+        )
+        .await,
+        Ok(401)
+    );
+    assert_eq!(
+        https_get(port, "/metrics", &pki.ca, None, None).await,
+        Ok(401)
+    );
+    assert_eq!(
+        https_get(
+            port,
+            "/status",
+            &pki.ca,
+            None,
+            Some(("nobody", "scrape-pass"))
+        )
+        .await,
+        Ok(401)
+    );
+    assert_eq!(
+        https_get(port, "/healthz", &pki.ca, None, None).await,
+        Ok(200),
+        "probes stay open"
+    );
+    // Plain HTTP is not served on a TLS port.
+    let plain = deploywatch::client::request(
+        hyper::Method::GET,
+        &format!("http://127.0.0.1:{port}/metrics"),
+        "*/*",
+        None,
+        None,
+    )
+    .await;
+    assert!(plain.is_err() || plain.as_ref().is_ok_and(|(code, _)| code.as_u16() != 200));
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_is_refused_when_one_is_required() {
+    let pki = pki();
+    let dir = ConfigDir::new();
+    write_pki(&dir, &pki);
+    let handle = daemon(
+        &dir,
+        "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n",
+    )
+    .await;
+    let port = handle.local_addr.port();
+    assert_eq!(
+        https_get(port, "/metrics", &pki.ca, Some(&pki.client), None).await,
+        Ok(200)
+    );
+    assert!(
+        https_get(port, "/metrics", &pki.ca, None, None)
+            .await
+            .is_err(),
+        "no client certificate, no answer"
+    );
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[test]
+fn a_broken_web_configuration_names_the_file_and_key() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "web.yml",
+        "tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n",
+    );
+    dir.write("checks/p.toml", "[pack]\nname = \"p\"\n\n[[check]]\nname = \"c\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n");
+    dir.write(
+        "deploywatch.toml",
+        "[server]\nweb_config_file = \"web.yml\"\n\n[[targets]]\nname = \"t\"\nhost = \"h\"\n",
+    );
+    let error = deploywatch::config::Config::load(&dir.main())
+        .expect_err("rejected")
+        .to_string();
+    assert!(
+        error.contains("server.web_config_file") && error.contains("tls_server_config.cert_file"),
+        "{error}"
+    );
+}
