@@ -127,11 +127,28 @@ impl ConnectionSettings {
         if let Some(user) = user {
             base.user(user);
         }
+        // libpq's environment variables fill what the target leaves out.
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         if base.get_hosts().is_empty() {
-            return Err(TargetError::NoHost);
+            match env("PGHOST") {
+                Some(host) => {
+                    base.host(host);
+                }
+                None => return Err(TargetError::NoHost),
+            }
+        }
+        if base.get_ports().is_empty() {
+            if let Some(port) = env("PGPORT").and_then(|p| p.parse::<u16>().ok()) {
+                base.port(port);
+            }
+        }
+        if base.get_dbname().is_none() {
+            if let Some(dbname) = env("PGDATABASE") {
+                base.dbname(dbname);
+            }
         }
         if base.get_user().is_none() {
-            base.user(std::env::var("PGUSER").unwrap_or_else(|_| "postgres".to_string()));
+            base.user(env("PGUSER").unwrap_or_else(|| "postgres".to_string()));
         }
         base.application_name(APPLICATION_NAME);
         base.connect_timeout(connect_timeout);
@@ -154,9 +171,72 @@ impl ConnectionSettings {
         let mut config = self.base.clone();
         if let Some(source) = &self.password {
             config.password(source.read()?);
+        } else if config.get_password().is_none() {
+            if let Some(password) = self.pgpass() {
+                config.password(password);
+            }
         }
         Ok(config)
     }
+
+    /// The password from `PGPASSFILE` or `~/.pgpass` for this host, port, database and user,
+    /// read on every connect like the other sources.
+    fn pgpass(&self) -> Option<String> {
+        let path = std::env::var_os("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".pgpass")))?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let host = match self.base.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => "localhost".to_string(),
+        };
+        let port = self
+            .base
+            .get_ports()
+            .first()
+            .copied()
+            .unwrap_or(5432)
+            .to_string();
+        let dbname = self.base.get_dbname().unwrap_or_default().to_string();
+        let user = self.base.get_user().unwrap_or_default().to_string();
+        pgpass_lookup(&text, &[&host, &port, &dbname, &user])
+    }
+}
+
+/// Finds the password in `.pgpass` text: `host:port:database:user:password` lines, `*` matching
+/// anything, `\:` and `\\` escaping; the first matching line wins.
+pub fn pgpass_lookup(text: &str, wanted: &[&str; 4]) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut current = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(next) = chars.next() {
+                        current.push(next);
+                    }
+                }
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut current)),
+                other => current.push(other),
+            }
+        }
+        fields.push(current);
+        if fields.len() != 5 {
+            continue;
+        }
+        let matches = fields
+            .iter()
+            .zip(wanted.iter())
+            .all(|(field, want)| field == "*" || field == want);
+        if matches {
+            return fields.pop();
+        }
+    }
+    None
 }
 
 /// A copy of `config` with its host and/or port replaced.
@@ -282,6 +362,20 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(settings.display, "b@h2:2/d2");
+    }
+
+    #[test]
+    fn pgpass_lines_match_with_wildcards_and_escapes() {
+        let text = "# comment\ndb:5432:app:u:first\n*:*:*:admin:a\\:b\\\\c\nother:*:*:*:nope\n";
+        assert_eq!(
+            pgpass_lookup(text, &["db", "5432", "app", "u"]).as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            pgpass_lookup(text, &["x", "1", "y", "admin"]).as_deref(),
+            Some("a:b\\c")
+        );
+        assert_eq!(pgpass_lookup(text, &["db", "5433", "app", "u"]), None);
     }
 
     #[test]

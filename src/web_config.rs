@@ -117,18 +117,19 @@ impl WebConfig {
             Some(t) => {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
                 let builder = rustls::ServerConfig::builder_with_provider(provider.clone());
-                let builder =
-                    match t.min_version.as_deref() {
-                        None | Some("TLS12") => builder.with_safe_default_protocol_versions(),
-                        Some("TLS13") => builder.with_protocol_versions(&[&rustls::version::TLS13]),
-                        Some(other) => return Err(invalid(
+                let builder = match t.min_version.as_deref() {
+                    None | Some("TLS12") => builder.with_safe_default_protocol_versions(),
+                    Some("TLS13") => builder.with_protocol_versions(&[&rustls::version::TLS13]),
+                    Some(other) => {
+                        return Err(invalid(
                             path,
                             format!(
                                 "tls_server_config.min_version: {other:?} is not TLS12 or TLS13"
                             ),
-                        )),
+                        ))
                     }
-                    .map_err(|e| invalid(path, e.to_string()))?;
+                }
+                .map_err(|e| invalid(path, e.to_string()))?;
                 let client_auth = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
                 let builder = match (client_auth, &t.client_ca_file) {
                     ("NoClientCert", _) => builder.with_no_client_auth(),
