@@ -38,6 +38,8 @@ pub struct Judgement {
 const SHARP_INCREASE: f64 = 1.0;
 /// Sequential scans must at least double and rise by this many per second.
 const SEQ_SCAN_MIN_RATE_INCREASE: f64 = 0.05;
+/// ... and add at least this many scans over the window.
+const SEQ_SCAN_MIN_EXTRA: f64 = 20.0;
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// A finite number for the evidence (JSON has no NaN or infinity).
@@ -418,8 +420,16 @@ fn seq_scans(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
         }
         let (scan_b, scan_w) = (bs / bsec, ws / wsec);
         let (rows_b, rows_w) = (br / bsec, wr / wsec);
+        // Scans are counted events: at the baseline rate the window should have seen about
+        // `expected` of them. A rise must be large against that Poisson noise (z >= 3) and
+        // amount to a real number of extra scans, not a handful in a short window.
+        let expected = scan_b * wsec;
+        let extra = ws - expected;
+        let z = extra / expected.max(1.0).sqrt();
         if scan_w >= 2.0 * scan_b
             && scan_w - scan_b >= SEQ_SCAN_MIN_RATE_INCREASE
+            && extra >= SEQ_SCAN_MIN_EXTRA
+            && z >= 3.0
             && rows_w > rows_b
         {
             j.regressions.push(finding(
@@ -434,6 +444,8 @@ fn seq_scans(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
                     ("window_seq_scans_per_second", number(rounded(scan_w, 4))),
                     ("baseline_rows_read_per_second", number(rounded(rows_b, 2))),
                     ("window_rows_read_per_second", number(rounded(rows_w, 2))),
+                    ("extra_scans", number(rounded(extra, 1))),
+                    ("poisson_z", number(rounded(z, 2))),
                     ("n_baseline", number(*bn as f64)),
                     ("n_window", number(*wn as f64)),
                 ]),
@@ -886,6 +898,42 @@ mod tests {
             },
         );
         s
+    }
+
+    #[test]
+    fn a_few_extra_scans_in_a_short_window_are_noise() {
+        // 0.14/s -> 0.33/s over three seconds: one scan more than expected.
+        let baseline: Vec<Sample> = (0..8)
+            .map(|i| {
+                with_table(
+                    Sample {
+                        at: i as f64,
+                        seconds: 1.0,
+                        ..Sample::default()
+                    },
+                    if i % 7 == 0 { 1.0 } else { 0.0 },
+                    40.0,
+                )
+            })
+            .collect();
+        let window: Vec<Sample> = (0..3)
+            .map(|i| {
+                with_table(
+                    Sample {
+                        at: 10.0 + i as f64,
+                        seconds: 1.0,
+                        ..Sample::default()
+                    },
+                    if i == 0 { 1.0 } else { 0.0 },
+                    100.0,
+                )
+            })
+            .collect();
+        assert!(
+            judge(Window::FirstDay, &baseline, &window, &window, false, &t())
+                .regressions
+                .is_empty()
+        );
     }
 
     #[test]

@@ -641,3 +641,61 @@ async fn kill_9_mid_window_loses_nothing() {
     );
     let _ = child.kill().await;
 }
+
+/// A deployment declared in the configuration is recorded once, with its windows, and survives
+/// a reload without being recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_declared_in_config_is_recorded_once() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 30);
+    let main = std::fs::read_to_string(dir.main()).expect("config").replace(
+        "[[targets]]",
+        "[[deployments.declared]]\ntarget = \"cognit\"\nversion = \"3.7.0\"\nat = \"2026-01-05T10:00:00Z\"\nnote = \"release train 12\"\n\n[[targets]]",
+    );
+    dir.write("deploywatch.toml", &main);
+    let handle = start(&dir).await;
+    let view = deployment_where(
+        &handle,
+        "declared deployment",
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .await;
+    assert_eq!(view.detected_by, Detection::Declared);
+    assert_eq!(view.to_version, "3.7.0");
+    assert_eq!(view.note.as_deref(), Some("release train 12"));
+    assert_eq!(view.at_text, "2026-01-05T10:00:00Z");
+    assert_eq!(
+        view.current_window,
+        Some(Window::Steady),
+        "long past: every window has closed"
+    );
+    handle
+        .events
+        .send(deploywatch::daemon::Event::Reload)
+        .await
+        .expect("reload");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["report"])
+        .output()
+        .expect("report");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("# Deployment notes: cognit #1"),
+        "recorded once: {text}"
+    );
+    handle.shutdown().await.expect("shutdown");
+    let store = deploywatch::store::Store::open(&dir.path().join("state.sqlite")).expect("store");
+    assert_eq!(
+        store
+            .deployments(Some("cognit"))
+            .expect("deployments")
+            .len(),
+        1
+    );
+}

@@ -58,6 +58,20 @@ fn promtool_checks_and_unit_tests_the_rules() {
         "deploywatch-rules.test.yml",
     ]));
     assert!(tested.contains("SUCCESS"), "{tested}");
+    // The Prometheus Operator resource carries exactly these rules.
+    let operator: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/kubernetes/prometheusrule.yaml"))
+            .expect("PrometheusRule"),
+    )
+    .expect("yaml");
+    let plain: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.join("deploywatch-rules.yml")).expect("rules"),
+    )
+    .expect("yaml");
+    assert_eq!(
+        operator["spec"], plain,
+        "run deploy/kubernetes/sync_prometheusrule.py"
+    );
     // Every alert has a unit test.
     let rules = std::fs::read_to_string(dir.join("deploywatch-rules.yml")).expect("rules");
     let tests = std::fs::read_to_string(dir.join("deploywatch-rules.test.yml")).expect("tests");
@@ -97,6 +111,44 @@ fn expressions() -> Vec<String> {
         }
     }
     assert!(found.len() >= 15, "the dashboard has its panels");
+    // The structure Grafana's importer needs.
+    assert_eq!(dashboard["uid"], "deploywatch");
+    assert!(
+        dashboard["title"].is_string() && dashboard["schemaVersion"].as_u64().unwrap_or(0) >= 30
+    );
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, vec!["datasource", "target"]);
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("panel id")),
+            "panel ids are unique"
+        );
+        assert!(panel["type"].is_string() && panel["title"].is_string());
+        for key in ["x", "y", "w", "h"] {
+            assert!(
+                panel["gridPos"][key].is_u64(),
+                "gridPos.{key} of {}",
+                panel["title"]
+            );
+        }
+        for target in panel["targets"].as_array().expect("targets") {
+            assert!(target["refId"].is_string());
+            assert_eq!(
+                target["datasource"]["uid"], "${datasource}",
+                "every query uses the datasource variable"
+            );
+            assert!(
+                target["expr"].as_str().unwrap_or("").contains("$target"),
+                "every query filters by target"
+            );
+        }
+    }
     found
         .into_iter()
         .map(|e| e.replace("$target", ".*"))

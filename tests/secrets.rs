@@ -1,6 +1,6 @@
 //! Secrets never leak: a distinctive password and API token are driven through the error paths
-//! (wrong password, unreachable host, malformed connection string, SQL errors, refused API
-//! calls, a rejected reload) and must not appear in logs at any level, stderr, `/status` or
+//! (wrong password, unreachable host, a server that refuses TLS, malformed connection string, SQL
+//! errors, refused API calls, a rejected reload) and must not appear in logs at any level, stderr, `/status` or
 //! `/metrics`.
 
 mod common;
@@ -56,7 +56,8 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         "[server]\napi_token_file = \"token\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nsample_interval = \"1s\"\n\n\
          [[targets]]\nname = \"good\"\nurl = \"postgres://secretive@127.0.0.1:{port}/app\"\npassword_file = \"pw\"\n\n\
          [[targets]]\nname = \"wrong_password\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"app\"\nuser = \"secretive\"\npassword_file = \"wrong\"\n\n\
-         [[targets]]\nname = \"no_server\"\nhost = \"127.0.0.1\"\nport = {closed_port}\ndbname = \"app\"\nuser = \"secretive\"\npassword_file = \"pw\"\n",
+         [[targets]]\nname = \"no_server\"\nhost = \"127.0.0.1\"\nport = {closed_port}\ndbname = \"app\"\nuser = \"secretive\"\npassword_file = \"pw\"\n\n\
+         [[targets]]\nname = \"tls_refused\"\nurl = \"postgres://secretive@127.0.0.1:{port}/app?sslmode=require\"\npassword_file = \"pw\"\n",
         port = pg.port()
     );
     dir.write("deploywatch.toml", &main);
