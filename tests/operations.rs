@@ -495,3 +495,31 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
     let _ = am.kill().await;
     handle.shutdown().await.expect("shutdown");
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let analyze = tool(&["systemd-analyze"]);
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/deploywatch.service"))
+        .expect("unit")
+        .replace(
+            "/usr/local/bin/deploywatch",
+            env!("CARGO_BIN_EXE_deploywatch"),
+        );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("deploywatch.service");
+    std::fs::write(&path, unit).expect("write");
+    let output = Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+}

@@ -236,3 +236,58 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         .expect("help");
     assert_clean("--help", &String::from_utf8_lossy(&help.stdout));
 }
+
+/// A target that names only itself: host, port, database and user come from libpq's
+/// environment variables, the password from the file PGPASSFILE names.
+#[test]
+fn libpq_environment_and_pgpass_fill_what_the_target_leaves_out() {
+    let pg = password_cluster();
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"who\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT current_user::text\"\nexpect = \"== \\\"secretive\\\"\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        "[deployments]\nenabled = false\n\n[[targets]]\nname = \"from_env\"\n",
+    );
+    let pgpass = dir.write(
+        "pgpass",
+        &format!(
+            "# host:port:db:user:password\n127.0.0.1:{}:app:secretive:{PASSWORD}\n",
+            pg.port()
+        ),
+    );
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let run = |passfile: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .arg("--config")
+            .arg(dir.main())
+            .arg("check")
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", pg.port().to_string())
+            .env("PGDATABASE", "app")
+            .env("PGUSER", "secretive")
+            .env("PGPASSFILE", passfile)
+            .output()
+            .expect("check")
+    };
+    let output = run(&pgpass);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("secretive@127.0.0.1"), "{stdout}");
+    assert_clean("`check` output", &stdout);
+    // Without a matching .pgpass line the server refuses, and says so without a secret.
+    let empty = dir.write("empty-pgpass", "");
+    let output = run(&empty);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("password"), "{stdout}");
+    assert_clean("`check` output", &stdout);
+}
