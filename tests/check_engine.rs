@@ -422,11 +422,7 @@ async fn check_command_gates_a_deployment_with_its_exit_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_target_exits_2_with_a_clear_message() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = common::free_port();
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
     dir.write(

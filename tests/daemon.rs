@@ -506,11 +506,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     dir.write("checks/p.toml", one);
     let main = format!("{FAST}{}", target_toml("db", &pg, "cognit"));
     dir.write("deploywatch.toml", &main);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = common::free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())

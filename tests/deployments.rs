@@ -551,11 +551,7 @@ async fn kill_9_mid_window_loses_nothing() {
     cognit_db(&pg, "cognit", Version::V370);
     let dir = ConfigDir::new();
     config(&dir, &pg, "cognit", 6);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = common::free_port();
     let spawn = || {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
             .arg("--config")

@@ -324,14 +324,6 @@ async fn webhook() -> (u16, Arc<Mutex<Vec<String>>>) {
     (port, received)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn alert_in(bodies: &[String], status: &str) -> Option<serde_json::Value> {
     bodies
         .iter()
@@ -378,7 +370,7 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
     // The webhook, Alertmanager and Prometheus, all on loopback.
     let (hook_port, received) = webhook().await;
     let work = tempfile::tempdir().expect("tempdir");
-    let am_port = free_port();
+    let am_port = common::free_port();
     write(
         &work.path().join("alertmanager.yml"),
         &format!(
@@ -415,7 +407,7 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
         .collect::<Vec<_>>()
         .join("\n");
     write(&work.path().join("rules.yml"), &rules);
-    let prom_port = free_port();
+    let prom_port = common::free_port();
     write(
         &work.path().join("prometheus.yml"),
         &format!(

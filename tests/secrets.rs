@@ -47,11 +47,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         "checks/p.toml",
         "[pack]\nname = \"p\"\n\n[[check]]\nname = \"ok\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n\n[[check]]\nname = \"broken\"\ncategory = \"health\"\nseverity = \"warning\"\nsql = \"SELECT * FROM no_such_table\"\n",
     );
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let closed_port = common::free_port();
     let main = format!(
         "[server]\napi_token_file = \"token\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nsample_interval = \"1s\"\n\n\
          [[targets]]\nname = \"good\"\nurl = \"postgres://secretive@127.0.0.1:{port}/app\"\npassword_file = \"pw\"\n\n\
@@ -61,11 +57,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         port = pg.port()
     );
     dir.write("deploywatch.toml", &main);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = common::free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())

@@ -119,6 +119,14 @@ pub fn target_toml(name: &str, cluster: &PgCluster, db: &str) -> String {
     )
 }
 
+/// A port nothing listens on right now (for servers a test starts and for closed ports).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// An HTTP GET against the daemon; returns status code and body.
 pub async fn get(url: &str) -> (u16, String) {
     let (code, body) = deploywatch::client::request(hyper::Method::GET, url, "*/*", None, None)
