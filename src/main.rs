@@ -11,15 +11,25 @@ use deploywatch::config::Config;
 use deploywatch::daemon::{self, Event};
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat, filter: &str) {
+/// Logs go to stderr through a bounded, lossy buffer: if whatever reads stderr stalls, log lines
+/// are dropped rather than the daemon (and its /metrics) blocking on the write. The guard
+/// flushes what is buffered when `main` returns.
+fn init_logging(format: LogFormat, filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .finish(std::io::stderr());
+    // Colours only for a person at a terminal, not in journald or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn load(cli: &Cli) -> Result<Config, ExitCode> {
@@ -31,7 +41,7 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level);
+    let _log_guard = init_logging(cli.log_format, &cli.log_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
