@@ -98,6 +98,7 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
         announcer: config.deployments.enabled.then(|| announcer.clone()),
         api_token: config.server.api_token.clone(),
         web,
+        metrics_cache: std::sync::Mutex::new(None),
     });
     let task = tokio::spawn(main_loop(
         config,

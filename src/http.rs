@@ -44,6 +44,27 @@ pub struct AppContext {
     pub api_token: Option<PasswordSource>,
     /// TLS and basic authentication, when a web configuration file is given.
     pub web: Option<crate::web_config::WebConfig>,
+    /// The last rendering of /metrics and the state generation it shows: scrapes between two
+    /// changes are served without rendering again.
+    pub metrics_cache: std::sync::Mutex<Option<(u64, Bytes)>>,
+}
+
+impl AppContext {
+    fn metrics_text(&self) -> Result<Bytes, crate::metrics::MetricsError> {
+        let generation = self.state.generation();
+        {
+            let cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((cached, text)) = cache.as_ref() {
+                if *cached == generation {
+                    return Ok(text.clone());
+                }
+            }
+        }
+        let text = Bytes::from(crate::metrics::render(&self.registry)?);
+        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+        *cache = Some((generation, text.clone()));
+        Ok(text)
+    }
 }
 
 type Body = Full<Bytes>;
@@ -195,7 +216,7 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
             _ => method_not_allowed("GET, HEAD"),
         },
         "/metrics" => match method {
-            Method::GET | Method::HEAD => match crate::metrics::render(&ctx.registry) {
+            Method::GET | Method::HEAD => match ctx.metrics_text() {
                 Ok(body) => response(StatusCode::OK, crate::metrics::CONTENT_TYPE, body),
                 Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
             },

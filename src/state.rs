@@ -5,6 +5,7 @@
 //! section is a few field updates, so scrapes never wait on the database.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -81,6 +82,8 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub struct State {
     inner: Mutex<Snapshot>,
+    /// Bumped by every change, so readers can tell whether a rendering is still current.
+    generation: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -102,10 +105,22 @@ impl State {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The lock, for a change: the generation moves on.
+    fn write(&self) -> MutexGuard<'_, Snapshot> {
+        let guard = self.lock();
+        self.generation.fetch_add(1, Ordering::Release);
+        guard
+    }
+
+    /// Changes so far; equal generations mean equal contents.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Makes the targets and checks match a (new) configuration. Results and counters of
     /// checks that still exist are kept; removed ones disappear from the output.
     pub fn apply_config(&self, config: &Config, now: Timestamp) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let mut targets = BTreeMap::new();
         for target in &config.targets {
             let mut state = inner.targets.remove(&target.name).unwrap_or_default();
@@ -134,12 +149,12 @@ impl State {
     }
 
     pub fn set_reload_failed(&self) {
-        self.lock().config_reload_ok = false;
+        self.write().config_reload_ok = false;
     }
 
     /// Marks a check as running unless it already is.
     pub fn claim(&self, target: &str, check: &str) -> Claim {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let Some(state) = inner
             .targets
             .get_mut(target)
@@ -157,7 +172,7 @@ impl State {
     }
 
     pub fn record_skip(&self, target: &str, check: &str) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         if let Some(state) = inner
             .targets
             .get_mut(target)
@@ -169,7 +184,7 @@ impl State {
 
     /// Stores the result of a run and releases the claim.
     pub fn record(&self, target: &str, check: &str, report: &RunReport, now: Timestamp) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let Some(target_state) = inner.targets.get_mut(target) else {
             return;
         };
@@ -199,7 +214,7 @@ impl State {
 
     /// Releases a claim without a result (the run was cancelled at shutdown).
     pub fn release(&self, target: &str, check: &str) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         if let Some(state) = inner
             .targets
             .get_mut(target)
@@ -210,7 +225,7 @@ impl State {
     }
 
     pub fn set_reachable(&self, target: &str, reachable: bool, error: Option<String>) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.reachable = Some(reachable);
             state.last_connection_error = error;
@@ -218,21 +233,21 @@ impl State {
     }
 
     pub fn set_schema_version(&self, target: &str, version: Option<String>) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.schema_version = version;
         }
     }
 
     pub fn set_connections(&self, target: &str, in_use: f64, max: f64) {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.connections = Some((in_use, max));
         }
     }
 
     pub fn set_deployment(&self, target: &str, view: crate::deployment::DeploymentView) {
-        self.lock().deployments.insert(target.to_string(), view);
+        self.write().deployments.insert(target.to_string(), view);
     }
 
     /// Every target has been tried at least once (readiness).
