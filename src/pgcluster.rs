@@ -365,10 +365,6 @@ impl PgCluster {
         self.port
     }
 
-    pub fn host(&self) -> &'static str {
-        "127.0.0.1"
-    }
-
     pub fn base_dir(&self) -> &Path {
         &self.base
     }
@@ -377,20 +373,12 @@ impl PgCluster {
         self.base.join("data")
     }
 
-    pub fn bindir(&self) -> &Path {
-        &self.bindir
-    }
-
     /// `key=value` connection string for the superuser.
     pub fn connection_string(&self, dbname: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname={dbname}",
             self.port
         )
-    }
-
-    pub fn url(&self, dbname: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
     }
 
     pub fn pg_stat_statements_available(&self) -> bool {

@@ -251,10 +251,6 @@ impl TargetPool {
     pub fn close(&self) {
         self.pool.close();
     }
-
-    pub fn size(&self) -> usize {
-        self.pool.status().size
-    }
 }
 
 #[cfg(test)]

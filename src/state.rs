@@ -212,26 +212,6 @@ impl State {
         state.outcome = Some(report.outcome.clone());
     }
 
-    /// Releases a claim without a result (the run was cancelled at shutdown).
-    pub fn release(&self, target: &str, check: &str) {
-        let mut inner = self.write();
-        if let Some(state) = inner
-            .targets
-            .get_mut(target)
-            .and_then(|t| t.checks.get_mut(check))
-        {
-            state.running = false;
-        }
-    }
-
-    pub fn set_reachable(&self, target: &str, reachable: bool, error: Option<String>) {
-        let mut inner = self.write();
-        if let Some(state) = inner.targets.get_mut(target) {
-            state.reachable = Some(reachable);
-            state.last_connection_error = error;
-        }
-    }
-
     pub fn set_schema_version(&self, target: &str, version: Option<String>) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {

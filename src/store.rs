@@ -162,15 +162,6 @@ impl Store {
         Ok(samples)
     }
 
-    pub fn sample_count(&self, target: &str) -> Result<usize, StoreError> {
-        let n: i64 = self.lock().query_row(
-            "SELECT count(*) FROM samples WHERE target = ?1",
-            params![target],
-            |r| r.get(0),
-        )?;
-        Ok(usize::try_from(n).unwrap_or(0))
-    }
-
     /// Deletes samples older than `before`. Deployments and verdicts are kept: they are small
     /// and they are the history `report` reads.
     pub fn prune(&self, before: f64) -> Result<usize, StoreError> {

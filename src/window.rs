@@ -112,29 +112,6 @@ pub fn window_at(
     })
 }
 
-/// Windows that have ended by `now`, in order.
-pub fn closed_windows(
-    deployed_at: UnixSeconds,
-    now: UnixSeconds,
-    d: &WindowDurations,
-) -> Vec<Window> {
-    Window::ALL
-        .into_iter()
-        .filter(|w| bounds(*w, deployed_at, d).1.is_some_and(|end| end <= now))
-        .collect()
-}
-
-/// Seconds until `window` ends; `None` for steady or an ended window.
-pub fn time_until_close(
-    window: Window,
-    deployed_at: UnixSeconds,
-    now: UnixSeconds,
-    d: &WindowDurations,
-) -> Option<f64> {
-    let end = bounds(window, deployed_at, d).1?;
-    (end > now).then_some(end - now)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
@@ -237,22 +214,6 @@ mod tests {
             assert!(window >= last);
             last = window;
         }
-    }
-
-    #[test]
-    fn closed_windows_and_time_left() {
-        assert_eq!(closed_windows(0.0, 10.0, &d()), vec![]);
-        assert_eq!(closed_windows(0.0, 3600.0, &d()), vec![Window::FirstHour]);
-        assert_eq!(
-            closed_windows(0.0, 8.0 * 86_400.0, &d()),
-            vec![Window::FirstHour, Window::FirstDay, Window::FirstWeek]
-        );
-        assert_eq!(
-            time_until_close(Window::FirstHour, 0.0, 600.0, &d()),
-            Some(3000.0)
-        );
-        assert_eq!(time_until_close(Window::FirstHour, 0.0, 4000.0, &d()), None);
-        assert_eq!(time_until_close(Window::Steady, 0.0, 4000.0, &d()), None);
     }
 
     #[test]
