@@ -283,3 +283,86 @@ fn libpq_environment_and_pgpass_fill_what_the_target_leaves_out() {
     assert!(stdout.contains("password"), "{stdout}");
     assert_clean("`check` output", &stdout);
 }
+
+/// A password file is read at every connect: rotating the role's password and then the file
+/// (as a Kubernetes secret update does) brings the target back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_file_is_picked_up_without_a_restart() {
+    const ROTATED: &str = "Rot8-LEAK-CANARY-pw-5v";
+    let pg = password_cluster();
+    let dir = ConfigDir::new();
+    dir.write("pw", PASSWORD);
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"ok\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n\
+             [[targets]]\nname = \"rotating\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"secretive\"\npassword_file = \"pw\"\n",
+            pg.port()
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let handle = deploywatch::daemon::start(dir.load(), listener).expect("daemon starts");
+    let base = format!("http://{}", handle.local_addr);
+    let target = |base: String| async move {
+        let (_, body) = common::get(&format!("{base}/status")).await;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some((json["targets"][0].clone(), body))
+    };
+    eventually("the first password works", Duration::from_secs(30), || {
+        let base = base.clone();
+        async move {
+            let (t, _) = target(base).await?;
+            (t["reachable"] == true && t["checks"][0]["status"] == "pass").then_some(())
+        }
+    })
+    .await;
+
+    // The role's password changes and its sessions end: the old file no longer opens one.
+    pg.psql(
+        "app",
+        &format!(
+            "ALTER ROLE secretive PASSWORD '{ROTATED}'; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'secretive'"
+        ),
+    )
+    .expect("rotate the role's password");
+    let refused = eventually(
+        "the old password is refused",
+        Duration::from_secs(30),
+        || {
+            let base = base.clone();
+            async move {
+                let (t, body) = target(base).await?;
+                (t["reachable"] == false).then_some(body)
+            }
+        },
+    )
+    .await;
+    assert!(
+        refused.contains("password authentication failed"),
+        "{refused}"
+    );
+
+    // The secret is updated in place; the daemon is not told.
+    dir.write("pw", ROTATED);
+    let recovered = eventually(
+        "the rotated password is used",
+        Duration::from_secs(60),
+        || {
+            let base = base.clone();
+            async move {
+                let (t, body) = target(base).await?;
+                (t["reachable"] == true && t["checks"][0]["status"] == "pass").then_some(body)
+            }
+        },
+    )
+    .await;
+    assert_clean("/status", &recovered);
+    handle.shutdown().await.expect("clean shutdown");
+}
