@@ -9,6 +9,7 @@ use hyper::Method;
 use crate::cli::OutputFormat;
 use crate::client;
 use crate::config::Config;
+use crate::discovery::{self, Expanded};
 use crate::outcome::{ErrorKind, Status};
 use crate::scheduler::{self, unix_now, Pools};
 use crate::state::State;
@@ -23,16 +24,25 @@ pub const EXIT_UNREACHABLE: u8 = 2;
 
 /// `deploywatch check`: runs the selected checks once and prints the results.
 pub async fn check(
-    mut config: Config,
+    config: Config,
     target: Option<&str>,
     check: Option<&str>,
     format: OutputFormat,
 ) -> (u8, String) {
+    // Targets with `databases` patterns stand for the databases their server lists now.
+    let Expanded {
+        mut config,
+        failures,
+    } = discovery::expand(&config).await;
     if let Some(name) = target {
-        if config.target(name).is_none() {
+        // A template's name selects every database discovered under it.
+        let prefix = format!("{name}/");
+        let selected =
+            |t: &crate::config::TargetConfig| t.name == name || t.name.starts_with(&prefix);
+        if !config.targets.iter().any(selected) {
             return (EXIT_UNREACHABLE, format!("no target is named {name:?}\n"));
         }
-        config.targets.retain(|t| t.name == name);
+        config.targets.retain(selected);
     }
     if let Some(name) = check {
         let known = config
@@ -48,6 +58,9 @@ pub async fn check(
     }
     let state = Arc::new(State::new());
     state.apply_config(&config, unix_now());
+    for (name, message) in failures {
+        state.set_unreachable(&name, message);
+    }
     let pools = Pools::for_config(&Pools::default(), &config);
     scheduler::run_once(&config, &pools, &state).await;
     for target in &config.targets {

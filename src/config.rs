@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::check_pack::{self, CheckSpec, Pack};
+use crate::discovery::Discovery;
 use crate::target::{ConnectionSettings, PasswordSource};
 use crate::window::WindowDurations;
 
@@ -127,6 +128,7 @@ struct RawDefaults {
     connect_timeout: Option<String>,
     max_connections_per_target: Option<i64>,
     max_series: Option<i64>,
+    discovery_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +196,9 @@ struct RawTarget {
     sslrootcert: Option<String>,
     sslcert: Option<PathBuf>,
     sslkey: Option<PathBuf>,
+    /// Glob patterns: the target stands for every matching database of its server.
+    databases: Option<Vec<String>>,
+    exclude_databases: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -235,6 +240,8 @@ pub struct Defaults {
     pub connect_timeout: Duration,
     pub max_connections_per_target: usize,
     pub max_series: usize,
+    /// How often targets with `databases` patterns ask their server again.
+    pub discovery_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +287,9 @@ pub struct TargetConfig {
     pub max_connections: usize,
     pub version_query: String,
     pub checks: Vec<Arc<CheckSpec>>,
+    /// `Some` for a template that stands for the matching databases of its server; see
+    /// [`crate::discovery`].
+    pub discover: Option<Discovery>,
 }
 
 pub const DEFAULT_VERSION_QUERY: &str = "SELECT value FROM database_metadata WHERE key = 'version'";
@@ -512,6 +522,13 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             2,
         ),
         max_series: positive(problems, path, "defaults.max_series", d.max_series, 500),
+        discovery_interval: parse_duration(
+            problems,
+            path,
+            "defaults.discovery_interval",
+            d.discovery_interval.as_deref(),
+            Duration::from_secs(300),
+        ),
     };
 
     let store = StoreConfig {
@@ -838,6 +855,7 @@ fn validate_target(
     if let Some(key) = raw.sslkey {
         tls_options.insert("sslkey".to_string(), base.join(key).display().to_string());
     }
+    let discover = validate_discovery(path, key, raw.databases, raw.exclude_databases, problems);
     let connection = match ConnectionSettings::new(
         raw.url.as_deref(),
         raw.host,
@@ -848,6 +866,10 @@ fn validate_target(
         defaults.connect_timeout,
         tls_options,
     ) {
+        // Discovery asks the server from its maintenance database unless told otherwise.
+        Ok(settings) if discover.is_some() && settings.dbname().is_none() => {
+            Some(settings.with_dbname("postgres"))
+        }
         Ok(settings) => Some(settings),
         Err(error) => {
             problems.push(path, format!("{key}.url"), error.to_string());
@@ -906,5 +928,53 @@ fn validate_target(
             .version_query
             .unwrap_or_else(|| default_version_query.to_string()),
         checks,
+        discover,
     })
+}
+
+fn validate_discovery(
+    path: &Path,
+    key: &str,
+    include: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    problems: &mut Problems,
+) -> Option<Discovery> {
+    let patterns = |problems: &mut Problems, field: &str, list: Vec<String>| {
+        let mut out = Vec::new();
+        for (index, text) in list.iter().enumerate() {
+            match glob::Pattern::new(text) {
+                Ok(pattern) => out.push(pattern),
+                Err(error) => problems.push(
+                    path,
+                    format!("{key}.{field}[{index}]"),
+                    format!("{text:?} is not a valid pattern: {}", error.msg),
+                ),
+            }
+        }
+        out
+    };
+    match (include, exclude) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            problems.push(
+                path,
+                format!("{key}.exclude_databases"),
+                "exclude_databases needs databases (the patterns to include)",
+            );
+            None
+        }
+        (Some(include), exclude) => {
+            if include.is_empty() {
+                problems.push(
+                    path,
+                    format!("{key}.databases"),
+                    "give at least one pattern, e.g. [\"*\"] for every database",
+                );
+            }
+            Some(Discovery {
+                include: patterns(problems, "databases", include),
+                exclude: patterns(problems, "exclude_databases", exclude.unwrap_or_default()),
+            })
+        }
+    }
 }

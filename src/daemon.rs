@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::discovery::{self, Expanded};
 use crate::http::{self, AppContext};
 use crate::metrics::{self, MetricsError};
 use crate::scheduler::{self, unix_now, Pools};
@@ -66,9 +67,13 @@ impl DaemonHandle {
     }
 }
 
-/// Everything the running configuration owns; replaced as a whole on reload.
+/// Everything the running configuration owns; replaced as a whole on reload, or when database
+/// discovery finds a different set of databases.
 struct Generation {
-    config: Arc<Config>,
+    /// The configuration as loaded, discovery templates unexpanded.
+    base: Arc<Config>,
+    /// The targets that run and the templates that could not be expanded.
+    shape: (Vec<String>, Vec<String>),
     pools: Pools,
     cancel: CancellationToken,
 }
@@ -117,26 +122,59 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
     })
 }
 
+/// What a generation starts with and shares.
+struct Runtime<'a> {
+    state: &'a Arc<State>,
+    store: &'a Store,
+    announcer: &'a Announcer,
+    tasks: &'a TaskTracker,
+    root: &'a CancellationToken,
+}
+
 fn start_generation(
-    config: Config,
+    base: Arc<Config>,
+    expanded: Expanded,
     previous: &Pools,
-    state: &Arc<State>,
-    store: &Store,
-    announcer: &Announcer,
-    tasks: &TaskTracker,
-    root: &CancellationToken,
+    rt: &Runtime<'_>,
 ) -> Generation {
-    let config = Arc::new(config);
+    let shape = expanded.shape();
+    let config = expanded.config;
     let pools = Pools::for_config(previous, &config);
-    state.apply_config(&config, unix_now());
-    let cancel = root.child_token();
-    scheduler::start(&config, &pools, state, tasks, &cancel);
-    tracker::start(&config, &pools, state, store, announcer, tasks, &cancel);
+    rt.state.apply_config(&config, unix_now());
+    for (name, message) in expanded.failures {
+        rt.state.set_unreachable(&name, message);
+    }
+    let cancel = rt.root.child_token();
+    scheduler::start(&config, &pools, rt.state, rt.tasks, &cancel);
+    tracker::start(
+        &config,
+        &pools,
+        rt.state,
+        rt.store,
+        rt.announcer,
+        rt.tasks,
+        &cancel,
+    );
     Generation {
-        config,
+        base,
+        shape,
         pools,
         cancel,
     }
+}
+
+/// Replaces the running generation with one for `base` as discovery expanded it.
+fn restart(generation: &mut Generation, base: Arc<Config>, expanded: Expanded, rt: &Runtime<'_>) {
+    generation.cancel.cancel();
+    let previous = generation.pools.clone();
+    *generation = start_generation(base, expanded, &previous, rt);
+}
+
+fn discovery_timer(config: &Config) -> tokio::time::Interval {
+    let every = config.defaults.discovery_interval;
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
 }
 
 async fn main_loop(
@@ -153,41 +191,80 @@ async fn main_loop(
     let http_cancel = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let http_task = tokio::spawn(http::serve(listener, ctx, http_cancel.clone()));
+    let rt = Runtime {
+        state: &state,
+        store: &store,
+        announcer: &announcer,
+        tasks: &tasks,
+        root: &root,
+    };
+    let base = Arc::new(config);
+    let expanded = tokio::select! {
+        expanded = discovery::expand(&base) => expanded,
+        // A shutdown asked for while the servers are still being asked for their databases.
+        _ = wait_for_shutdown(&mut events) => {
+            http_cancel.cancel();
+            let _ = http_task.await;
+            return Ok(());
+        }
+    };
     tracing::info!(
-        config = %config.source.display(),
-        targets = config.targets.len(),
-        checks = config.targets.iter().map(|t| t.checks.len()).sum::<usize>(),
+        config = %base.source.display(),
+        targets = expanded.config.targets.len(),
+        checks = expanded.config.targets.iter().map(|t| t.checks.len()).sum::<usize>(),
         "deploywatch started"
     );
-    let mut generation = start_generation(
-        config,
-        &Pools::default(),
-        &state,
-        &store,
-        &announcer,
-        &tasks,
-        &root,
-    );
+    let mut generation = start_generation(base, expanded, &Pools::default(), &rt);
 
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Shutdown => break,
-            Event::Reload => {
-                match Config::load(&generation.config.source) {
+    // Discovery passes run beside the loop; `epoch` tells a pass started before a reload
+    // from a current one.
+    let (found_tx, mut found_rx) = mpsc::channel::<(u64, Expanded)>(1);
+    let mut epoch = 0u64;
+    let mut discovering = false;
+    let mut rediscover = discovery_timer(&generation.base);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                None | Some(Event::Shutdown) => break,
+                Some(Event::Reload) => match Config::load(&generation.base.source) {
                     Ok(new_config) => {
-                        if new_config.server.listen != generation.config.server.listen {
+                        if new_config.server.listen != generation.base.server.listen {
                             tracing::warn!("server.listen changed; the new address takes effect after a restart");
                         }
+                        let expanded = discovery::expand(&new_config).await;
                         tracing::info!(config = %new_config.source.display(), "configuration reloaded");
-                        generation.cancel.cancel();
-                        let previous = generation.pools.clone();
-                        generation = start_generation(
-                            new_config, &previous, &state, &store, &announcer, &tasks, &root,
-                        );
+                        rediscover = discovery_timer(&new_config);
+                        epoch += 1;
+                        restart(&mut generation, Arc::new(new_config), expanded, &rt);
                     }
                     Err(error) => {
                         state.set_reload_failed();
                         tracing::error!(%error, "configuration reload rejected; the previous configuration keeps running");
+                    }
+                },
+            },
+            _ = rediscover.tick(), if !discovering && discovery::has_templates(&generation.base) => {
+                discovering = true;
+                let (base, found, cancel, pass) = (generation.base.clone(), found_tx.clone(), root.clone(), epoch);
+                tasks.spawn(async move {
+                    tokio::select! {
+                        expanded = discovery::expand(&base) => { let _ = found.send((pass, expanded)).await; }
+                        _ = cancel.cancelled() => {}
+                    }
+                });
+            }
+            Some((pass, expanded)) = found_rx.recv() => {
+                discovering = false;
+                if pass != epoch {
+                    continue;
+                }
+                if expanded.shape() != generation.shape {
+                    tracing::info!(targets = ?expanded.shape().0, "discovered databases changed");
+                    let base = generation.base.clone();
+                    restart(&mut generation, base, expanded, &rt);
+                } else {
+                    for (name, message) in expanded.failures {
+                        state.set_unreachable(&name, message);
                     }
                 }
             }
@@ -205,4 +282,14 @@ async fn main_loop(
     let _ = http_task.await;
     tracing::info!("deploywatch stopped");
     Ok(())
+}
+
+/// Resolves when a shutdown is asked for (or nobody can ask any more); reloads are dropped, as
+/// the configuration they would re-read has not started yet.
+async fn wait_for_shutdown(events: &mut mpsc::Receiver<Event>) {
+    while let Some(event) = events.recv().await {
+        if event == Event::Shutdown {
+            return;
+        }
+    }
 }

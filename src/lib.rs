@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod deployment;
+pub mod discovery;
 pub mod expectation;
 pub mod http;
 pub mod metrics;

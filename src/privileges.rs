@@ -74,8 +74,18 @@ impl PrivilegeReport {
 
 /// Plans every check of every target and collects what is denied.
 pub async fn report(config: &Config) -> PrivilegeReport {
+    let expanded = crate::discovery::expand(config).await;
+    let config = &expanded.config;
     let pools = Pools::for_config(&Pools::default(), config);
     let mut report = PrivilegeReport::default();
+    for (target, message) in &expanded.failures {
+        report.denied.push(Denied {
+            target: target.clone(),
+            check: "(connection)".to_string(),
+            reason: message.clone(),
+            sqlstate: None,
+        });
+    }
     for target in &config.targets {
         let Some(pool) = pools.get(&target.name) else {
             continue;

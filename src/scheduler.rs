@@ -41,7 +41,8 @@ pub struct Pools {
 impl Pools {
     pub fn for_config(previous: &Pools, config: &Config) -> Pools {
         let mut pools = HashMap::new();
-        for target in &config.targets {
+        // A discovery template that could not be expanded has no pool: nothing runs on it.
+        for target in config.targets.iter().filter(|t| t.discover.is_none()) {
             let key = format!("{:?}", target.connection);
             let pool = match previous.pools.get(&target.name) {
                 Some((old_key, old_max, pool))

@@ -126,7 +126,13 @@ impl State {
             let mut state = inner.targets.remove(&target.name).unwrap_or_default();
             state.display = target.connection.display.clone();
             let mut checks = BTreeMap::new();
-            for spec in &target.checks {
+            // A discovery template stands for databases not found yet: it runs no checks.
+            let specs = if target.discover.is_some() {
+                &[][..]
+            } else {
+                &target.checks[..]
+            };
+            for spec in specs {
                 let check = match state.checks.remove(&spec.name) {
                     Some(mut existing) => {
                         existing.spec = spec.clone();
@@ -210,6 +216,16 @@ impl State {
             state.last_pass = Some(now);
         }
         state.outcome = Some(report.outcome.clone());
+    }
+
+    /// Marks a target unreachable without a check run (a discovery template whose server
+    /// could not be asked).
+    pub fn set_unreachable(&self, target: &str, message: String) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.reachable = Some(false);
+            state.last_connection_error = Some(message);
+        }
     }
 
     pub fn set_schema_version(&self, target: &str, version: Option<String>) {

@@ -166,6 +166,23 @@ impl ConnectionSettings {
         })
     }
 
+    /// The database these settings open, when one is named.
+    pub fn dbname(&self) -> Option<&str> {
+        self.base.get_dbname()
+    }
+
+    /// The same server, user, password source and TLS, on another database.
+    pub fn with_dbname(&self, dbname: &str) -> ConnectionSettings {
+        let mut base = self.base.clone();
+        base.dbname(dbname);
+        ConnectionSettings {
+            display: describe(&base),
+            base,
+            password: self.password.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
     /// The tokio-postgres configuration with the password read from its source now.
     pub fn resolve(&self) -> Result<tokio_postgres::Config, TargetError> {
         let mut config = self.base.clone();

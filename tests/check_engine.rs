@@ -541,3 +541,63 @@ fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
         "{stdout}"
     );
 }
+
+/// `check` on a target with `databases` patterns runs the checks in every matching database,
+/// and `--target` with the template's name selects them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_runs_in_every_discovered_database() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit_before", Version::V360);
+    cognit_db(&pg, "cognit_after", Version::V370);
+    pg.create_database("unrelated").expect("create database");
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[deployments]\nenabled = false\n\n[[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"cognit_*\"]\n",
+            pg.port()
+        ),
+    );
+    let (code, output) = commands::check(
+        dir.load(),
+        Some("cognit"),
+        Some("schema_version"),
+        OutputFormat::Json,
+    )
+    .await;
+    assert_eq!(
+        code, 1,
+        "the 3.6.0 database fails the version check: {output}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&output).expect("json");
+    let verdicts: BTreeMap<String, String> = json["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap_or_default().to_string(),
+                t["checks"][0]["status"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        BTreeMap::from([
+            ("cognit/cognit_after".to_string(), "pass".to_string()),
+            ("cognit/cognit_before".to_string(), "fail".to_string()),
+        ])
+    );
+    let (code, output) = commands::check(
+        dir.load(),
+        Some("cognit/cognit_after"),
+        None,
+        OutputFormat::Table,
+    )
+    .await;
+    assert_eq!(code, 0, "{output}");
+}

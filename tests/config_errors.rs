@@ -231,3 +231,25 @@ fn the_shipped_configuration_is_valid() {
         assert!(names.contains(&expected), "{expected} in {names:?}");
     }
 }
+
+#[test]
+fn malformed_database_pattern() {
+    check(
+        &format!("{TARGET}databases = [\"app_*\", \"[tenant\"]\n"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "targets[0].databases[1]",
+        "\"[tenant\" is not a valid pattern",
+    );
+}
+
+#[test]
+fn excluded_databases_without_included_ones() {
+    check(
+        &format!("{TARGET}exclude_databases = [\"*_test\"]\n"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "targets[0].exclude_databases",
+        "needs databases",
+    );
+}

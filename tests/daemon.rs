@@ -614,3 +614,121 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         "the log names the key: {stderr}"
     );
 }
+
+/// A target with `databases` patterns watches every matching database of its server, picks up
+/// databases created later and lets dropped ones go; a server that cannot be asked shows as
+/// an unreachable target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_matching_a_pattern_are_discovered_and_followed() {
+    let pg = cluster();
+    for db in ["app_eu", "app_us", "app_us_test", "reporting"] {
+        pg.create_database(db).expect("create database");
+    }
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"db\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT current_database()::text\"\nexpect = \"!= \\\"\\\"\"\n",
+    );
+    let closed_port = common::free_port();
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
+             [deployments]\nenabled = false\n\n\
+             [[targets]]\nname = \"fleet\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n\
+             databases = [\"app_*\"]\nexclude_databases = [\"*_test\"]\n\n\
+             [[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {closed_port}\nuser = \"postgres\"\ndatabases = [\"*\"]\n",
+            pg.port()
+        ),
+    );
+    let handle = start(&dir).await;
+    wait_ready(&handle).await;
+    let url = base(&handle);
+    let targets_up = |url: String| async move {
+        let (_, body) = get(&format!("{url}/metrics")).await;
+        let m = parse_metrics(&body);
+        let mut up: Vec<(String, f64)> = m
+            .metric("deploywatch_up")
+            .samples()
+            .iter()
+            .filter_map(|s| {
+                let value = match s.value {
+                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                    _ => return None,
+                };
+                Some((s.labels.get("target")?.to_string(), value))
+            })
+            .collect();
+        up.sort_by(|a, b| a.0.cmp(&b.0));
+        up
+    };
+    let expect = |names: &[(&str, f64)]| -> Vec<(String, f64)> {
+        names.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+    };
+    eventually(
+        "both matching databases are watched",
+        Duration::from_secs(30),
+        || {
+            let (url, want) = (
+                url.clone(),
+                expect(&[("fleet/app_eu", 1.0), ("fleet/app_us", 1.0), ("gone", 0.0)]),
+            );
+            async move { (targets_up(url).await == want).then_some(()) }
+        },
+    )
+    .await;
+    let (_, status) = get(&format!("{url}/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let targets = status["targets"].as_array().expect("targets");
+    let eu = targets
+        .iter()
+        .find(|t| t["name"] == "fleet/app_eu")
+        .expect("fleet/app_eu");
+    eventually(
+        "the check ran in the discovered database",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                let (_, body) = get(&format!("{url}/status?target=fleet/app_eu")).await;
+                body.contains("\"app_eu\"").then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        eu["checks"].as_array().is_some_and(|c| c.len() == 1),
+        "{eu}"
+    );
+    let gone = targets.iter().find(|t| t["name"] == "gone").expect("gone");
+    assert_eq!(gone["reachable"], false);
+    assert!(
+        gone["connection_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("discovery"),
+        "{gone}"
+    );
+
+    // A new database is picked up; a dropped one goes away; no restart.
+    pg.create_database("app_asia").expect("create database");
+    pg.psql("postgres", "DROP DATABASE app_us WITH (FORCE)")
+        .expect("drop database");
+    eventually(
+        "the fleet follows the server",
+        Duration::from_secs(30),
+        || {
+            let (url, want) = (
+                url.clone(),
+                expect(&[
+                    ("fleet/app_asia", 1.0),
+                    ("fleet/app_eu", 1.0),
+                    ("gone", 0.0),
+                ]),
+            );
+            async move { (targets_up(url).await == want).then_some(()) }
+        },
+    )
+    .await;
+    handle.shutdown().await.expect("clean shutdown");
+}
