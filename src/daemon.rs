@@ -94,7 +94,7 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
     let (events_tx, events_rx) = mpsc::channel(8);
     let announcer = Announcer::new();
     let web = match &config.server.web_config_file {
-        Some(path) => Some(crate::web_config::WebConfig::load(path)?),
+        Some(path) => Some(crate::web_config::LiveWebConfig::load(path)?),
         None => None,
     };
     let ctx = Arc::new(AppContext {

@@ -43,7 +43,7 @@ pub struct AppContext {
     /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
     pub api_token: Option<PasswordSource>,
     /// TLS and basic authentication, when a web configuration file is given.
-    pub web: Option<crate::web_config::WebConfig>,
+    pub web: Option<crate::web_config::LiveWebConfig>,
     /// The last rendering of /metrics and the state generation it shows: scrapes between two
     /// changes are served without rendering again.
     pub metrics_cache: std::sync::Mutex<Option<(u64, Bytes)>>,
@@ -136,7 +136,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AppContext>, shutdown: Cancel
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let acceptor = ctx.web.as_ref().and_then(|w| w.tls.clone());
+            let acceptor = ctx.web.as_ref().and_then(|w| w.current().tls.clone());
             match acceptor {
                 None => serve_stream(stream, peer, ctx, shutdown).await,
                 Some(acceptor) => {
@@ -191,7 +191,7 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     // Basic authentication, where configured. Announcements carry their own bearer token.
-    if let Some(web) = &ctx.web {
+    if let Some(web) = ctx.web.as_ref().map(|w| w.current()) {
         let announcement = path == "/api/deployments" && method == Method::POST;
         let header = request
             .headers()

@@ -14,10 +14,16 @@
 //! `/healthz` and `/readyz` stay open for probes unless `protect_probes: true`. Credentials are
 //! checked with bcrypt, whose comparison takes the same time whatever the input; answers to
 //! wrong or missing credentials say only "unauthorized".
+//!
+//! Like the exporter toolkit, the daemon follows the file as it changes ([`LiveWebConfig`]):
+//! when the web configuration or a certificate, key or CA file it names is replaced (a renewed
+//! certificate, a new user), new connections and requests use the new version. A broken new
+//! version is logged and the previous one stays in force.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -61,6 +67,8 @@ pub struct WebConfig {
     verified: Mutex<HashSet<String>>,
     /// A hash of the users' cost, checked for unknown users so they take as long as known ones.
     dummy: String,
+    /// The configuration file and every file it names, to notice a change.
+    files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for WebConfig {
@@ -104,6 +112,12 @@ impl WebConfig {
             serde_yaml::from_str(&text).map_err(|e| invalid(path, e.to_string()))?;
         let _ = raw.http_server_config;
         let base = path.parent().unwrap_or(Path::new("."));
+        let mut files = vec![path.to_path_buf()];
+        if let Some(t) = &raw.tls_server_config {
+            files.push(base.join(&t.cert_file));
+            files.push(base.join(&t.key_file));
+            files.extend(t.client_ca_file.as_ref().map(|ca| base.join(ca)));
+        }
         for (user, hash) in &raw.basic_auth_users {
             if !hash.starts_with("$2") {
                 return Err(invalid(
@@ -190,7 +204,13 @@ impl WebConfig {
             protect_probes: raw.protect_probes,
             verified: Mutex::new(HashSet::new()),
             dummy,
+            files,
         })
+    }
+
+    /// Modification times of the files this configuration was read from.
+    fn stamps(&self) -> Vec<Option<SystemTime>> {
+        modification_times(&self.files)
     }
 
     /// Whether `path` needs credentials at all.
@@ -236,6 +256,81 @@ impl WebConfig {
             verified.insert(value.to_string());
         }
         ok
+    }
+}
+
+fn modification_times(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// How often [`LiveWebConfig::current`] looks at the files' modification times.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A web configuration that follows its files: see the module documentation.
+#[derive(Debug)]
+pub struct LiveWebConfig {
+    path: PathBuf,
+    current: RwLock<Arc<WebConfig>>,
+    /// When the files were last looked at, and their modification times then.
+    seen: Mutex<(Instant, Vec<Option<SystemTime>>)>,
+}
+
+impl LiveWebConfig {
+    pub fn load(path: &Path) -> Result<LiveWebConfig, WebConfigError> {
+        let config = WebConfig::load(path)?;
+        let stamps = config.stamps();
+        Ok(LiveWebConfig {
+            path: path.to_path_buf(),
+            current: RwLock::new(Arc::new(config)),
+            seen: Mutex::new((Instant::now(), stamps)),
+        })
+    }
+
+    /// The configuration in force. At most once a second it first checks whether a file
+    /// changed, and if so reads the new version; one that does not load is logged and ignored
+    /// until its files change again.
+    pub fn current(&self) -> Arc<WebConfig> {
+        if self.changed() {
+            match WebConfig::load(&self.path) {
+                Ok(config) => {
+                    tracing::info!(path = %self.path.display(), "web configuration reloaded");
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "new web configuration rejected; the previous one stays in force");
+                }
+            }
+        }
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether a file changed since the last look (the new times are recorded, so a file
+    /// written later is noticed at a later look).
+    fn changed(&self) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.0.elapsed() < RECHECK_EVERY {
+            return false;
+        }
+        seen.0 = Instant::now();
+        // The files of the version in force, which may name files the first one did not.
+        let files = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .files
+            .clone();
+        let stamps = modification_times(&files);
+        if stamps == seen.1 {
+            return false;
+        }
+        seen.1 = stamps;
+        true
     }
 }
 

@@ -239,3 +239,82 @@ fn a_broken_web_configuration_names_the_file_and_key() {
         "{error}"
     );
 }
+
+/// The web configuration follows its files: a renewed certificate (from a new CA) and a changed
+/// user list take effect without a restart, and a broken new version leaves the last good one
+/// in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_and_users_take_effect_without_a_restart() {
+    let old = pki();
+    let dir = ConfigDir::new();
+    write_pki(&dir, &old);
+    let alice = bcrypt::hash("alice-pass", 4).expect("hash");
+    let tls = "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n";
+    let handle = daemon(
+        &dir,
+        &format!("{tls}basic_auth_users:\n  alice: '{alice}'\n"),
+    )
+    .await;
+    let port = handle.local_addr.port();
+    assert_eq!(
+        https_get(
+            port,
+            "/metrics",
+            &old.ca,
+            None,
+            Some(("alice", "alice-pass"))
+        )
+        .await,
+        Ok(200)
+    );
+
+    // cert-manager renews the certificate from another CA; the users change too.
+    let new = pki();
+    let bob = bcrypt::hash("bob-pass", 4).expect("hash");
+    write_pki(&dir, &new);
+    dir.write(
+        "web.yml",
+        &format!("{tls}basic_auth_users:\n  bob: '{bob}'\n"),
+    );
+    common::eventually(
+        "the new certificate is served",
+        std::time::Duration::from_secs(10),
+        || async {
+            (https_get(port, "/metrics", &new.ca, None, Some(("bob", "bob-pass"))).await == Ok(200))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        https_get(port, "/metrics", &old.ca, None, Some(("bob", "bob-pass")))
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
+    assert_eq!(
+        https_get(
+            port,
+            "/metrics",
+            &new.ca,
+            None,
+            Some(("alice", "alice-pass"))
+        )
+        .await,
+        Ok(401),
+        "a removed user is refused"
+    );
+
+    // A broken version (a password instead of a hash) is ignored: bob still gets in.
+    dir.write(
+        "web.yml",
+        &format!("{tls}basic_auth_users:\n  bob: plain-text\n"),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for _ in 0..2 {
+        assert_eq!(
+            https_get(port, "/metrics", &new.ca, None, Some(("bob", "bob-pass"))).await,
+            Ok(200)
+        );
+    }
+    handle.shutdown().await.expect("shutdown");
+}
