@@ -86,6 +86,32 @@ pub async fn request(
         })?
 }
 
+/// What a pipeline says when it announces a deployment (`POST /api/deployments`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Announcement<'a> {
+    pub target: Option<&'a str>,
+    pub version: &'a str,
+    pub note: Option<&'a str>,
+    pub started_at: Option<&'a str>,
+}
+
+/// Announces a deployment to the daemon at `base` (`http://host:port`) with the API token.
+pub async fn announce(
+    base: &str,
+    token: &str,
+    announcement: &Announcement<'_>,
+) -> Result<(StatusCode, String), ClientError> {
+    let body = serde_json::to_string(announcement).unwrap_or_default();
+    request(
+        Method::POST,
+        &format!("{}/api/deployments", base.trim_end_matches('/')),
+        "application/json",
+        Some(token),
+        Some(body),
+    )
+    .await
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();

@@ -206,22 +206,13 @@ pub async fn deploy_mark(
                 .to_string(),
         );
     };
-    let body = serde_json::json!({
-        "target": target,
-        "version": version,
-        "note": note,
-        "started_at": started_at,
-    });
-    let url = format!("{base}/api/deployments");
-    match client::request(
-        Method::POST,
-        &url,
-        "application/json",
-        Some(&token),
-        Some(body.to_string()),
-    )
-    .await
-    {
+    let announcement = client::Announcement {
+        target,
+        version,
+        note,
+        started_at,
+    };
+    match client::announce(&base, &token, &announcement).await {
         Ok((code, body)) if code.is_success() => (EXIT_OK, body + "\n"),
         Ok((code, body)) => (
             EXIT_FAILED,

@@ -92,13 +92,15 @@ async fn wait_baseline(handle: &DaemonHandle, samples: usize) {
 }
 
 async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
-    let body = serde_json::json!({ "version": version, "note": "test" }).to_string();
-    let (code, body) = deploywatch::client::request(
-        hyper::Method::POST,
-        &format!("http://{}/api/deployments", handle.local_addr),
-        "application/json",
-        Some(TOKEN),
-        Some(body),
+    let announcement = deploywatch::client::Announcement {
+        version,
+        note: Some("test"),
+        ..Default::default()
+    };
+    let (code, body) = deploywatch::client::announce(
+        &format!("http://{}", handle.local_addr),
+        TOKEN,
+        &announcement,
     )
     .await
     .expect("post");
