@@ -44,14 +44,14 @@ pub struct AppContext {
     pub api_token: Option<PasswordSource>,
     /// TLS and basic authentication, when a web configuration file is given.
     pub web: Option<crate::web_config::LiveWebConfig>,
-    /// The last rendering of /metrics and the state generation it shows: scrapes between two
-    /// changes are served without rendering again.
-    pub metrics_cache: std::sync::Mutex<Option<(u64, Bytes)>>,
+    /// The last rendering of /metrics, with the state generation and dropped-log-line count
+    /// it shows: scrapes between two changes are served without rendering again.
+    pub metrics_cache: std::sync::Mutex<Option<((u64, u64), Bytes)>>,
 }
 
 impl AppContext {
     fn metrics_text(&self) -> Result<Bytes, crate::metrics::MetricsError> {
-        let generation = self.state.generation();
+        let generation = (self.state.generation(), crate::metrics::log_lines_dropped());
         {
             let cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((cached, text)) = cache.as_ref() {

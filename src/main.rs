@@ -19,6 +19,7 @@ fn init_logging(format: LogFormat, filter: &str) -> tracing_appender::non_blocki
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .finish(std::io::stderr());
+    deploywatch::metrics::count_dropped_log_lines(writer.error_counter());
     // Colours only for a person at a terminal, not in journald or a file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

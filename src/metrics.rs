@@ -4,7 +4,7 @@
 //! are bounded (target, check, category, severity, an error kind, a window, a signal).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
@@ -49,7 +49,23 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_regressions", "Regressions flagged in a window, by signal.", MetricType::GAUGE),
     ("deploywatch_improvements", "Improvements found in a window, by signal.", MetricType::GAUGE),
     ("deploywatch_rollbacks_total", "Schema version rollbacks seen on the target.", MetricType::COUNTER),
+    ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::COUNTER),
 ];
+
+/// The lossy log writer's count of dropped lines, when the process logs through one.
+static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Exports the lossy log writer's dropped-line count (`main` calls this once).
+pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
+    let _ = LOG_DROPS.set(counter);
+}
+
+/// Log lines dropped so far (0 when logging is not lossy).
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPS
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
 
 /// Renders a [`State`] as metric families.
 pub struct StateCollector {
@@ -141,9 +157,14 @@ fn flag(b: bool) -> f64 {
 }
 
 /// Pure rendering of a snapshot into families (tested without a registry).
-pub fn families(snapshot: &Snapshot, version: &str) -> Vec<MetricFamily> {
+pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> Vec<MetricFamily> {
     let mut f = Families::new();
     f.push("deploywatch_build_info", &[("version", version)], 1.0);
+    f.push(
+        "deploywatch_log_lines_dropped_total",
+        &[],
+        log_lines_dropped as f64,
+    );
     f.push(
         "deploywatch_config_last_reload_successful",
         &[],
@@ -304,7 +325,7 @@ impl Collector for StateCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        families(&self.state.snapshot(), &self.version)
+        families(&self.state.snapshot(), &self.version, log_lines_dropped())
     }
 }
 
@@ -327,3 +348,37 @@ pub fn render(registry: &Registry) -> Result<String, MetricsError> {
 }
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(families: &[MetricFamily], name: &str) -> Option<f64> {
+        let family = families.iter().find(|f| f.get_name() == name)?;
+        let metric = family.get_metric().first()?;
+        Some(match family.get_field_type() {
+            MetricType::COUNTER => metric.get_counter().get_value(),
+            _ => metric.get_gauge().get_value(),
+        })
+    }
+
+    #[test]
+    fn dropped_log_lines_are_a_counter_even_when_none_were_dropped() {
+        let snapshot = Snapshot::default();
+        let none = families(&snapshot, "1.0.0", 0);
+        assert_eq!(
+            value(&none, "deploywatch_log_lines_dropped_total"),
+            Some(0.0)
+        );
+        let some = families(&snapshot, "1.0.0", 7);
+        assert_eq!(
+            value(&some, "deploywatch_log_lines_dropped_total"),
+            Some(7.0)
+        );
+        let family = some
+            .iter()
+            .find(|f| f.get_name() == "deploywatch_log_lines_dropped_total")
+            .map(|f| f.get_field_type());
+        assert_eq!(family, Some(MetricType::COUNTER));
+    }
+}

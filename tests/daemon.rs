@@ -732,3 +732,22 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
     .await;
     handle.shutdown().await.expect("clean shutdown");
 }
+
+/// Every metric family the daemon exports is documented in the README's metrics reference.
+#[test]
+fn every_exported_metric_is_documented() {
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).expect("README");
+    let source =
+        std::fs::read_to_string(common::repo().join("src/metrics.rs")).expect("metrics.rs");
+    let exported: Vec<&str> = source
+        .split('"')
+        .filter(|s| s.starts_with("deploywatch_") && !s.contains(' '))
+        .collect();
+    assert!(exported.len() >= 20, "{exported:?}");
+    for name in exported {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "{name} is not in the README"
+        );
+    }
+}
