@@ -90,7 +90,11 @@ pub async fn expand(config: &Config) -> Expanded {
         match list_databases(target, config).await {
             Ok(names) => {
                 let selected = discovery.select(names.iter().map(String::as_str));
-                tracing::debug!(target = %target.name, databases = ?selected, "databases discovered");
+                if selected.is_empty() {
+                    tracing::warn!(target = %target.name, "no database of the server matches the target's patterns");
+                } else {
+                    tracing::debug!(target = %target.name, databases = ?selected, "databases discovered");
+                }
                 for database in selected {
                     targets.push(concrete(target, &database));
                 }
