@@ -118,7 +118,7 @@ pub fn judge(
         }
         Window::FirstWeek => {
             top_queries(baseline, window_samples, t, &mut j);
-            integrity(window_samples, &mut j);
+            integrity(baseline, window_samples, &mut j);
         }
         Window::Steady => {}
     }
@@ -597,23 +597,41 @@ fn top_queries(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut J
 }
 
 /// Integrity counts that crept back above zero by the end of the window.
-fn integrity(window: &[Sample], j: &mut Judgement) {
-    let Some(last) = window.last() else { return };
+/// An integrity count that was 0 (in the baseline or earlier in the window) and is above 0 at
+/// the window's latest sample: it crept back. A count that was never seen at 0 is a standing
+/// problem the check itself reports, not something this deployment did.
+fn integrity(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
+    let Some((last, earlier)) = window.split_last() else {
+        return;
+    };
     for (name, point) in &last.checks {
-        if point.category == "integrity" {
-            if let Some(value) = point.value.filter(|v| *v > 0.0) {
-                j.regressions.push(finding(
-                    Signal::Integrity,
-                    name.clone(),
-                    format!("integrity check {name} counts {value} (should be 0)"),
-                    evidence(&[
-                        ("check", Value::String(name.clone())),
-                        ("value", number(value)),
-                        ("n_window", number(window.len() as f64)),
-                    ]),
-                ));
-            }
+        if point.category != "integrity" {
+            continue;
         }
+        let Some(value) = point.value.filter(|v| *v > 0.0) else {
+            continue;
+        };
+        let zero_seen = |samples: &[Sample]| {
+            samples
+                .iter()
+                .rev()
+                .find(|s| s.checks.get(name).and_then(|p| p.value) == Some(0.0))
+                .map(|s| s.at)
+        };
+        let Some(clean_at) = zero_seen(earlier).or_else(|| zero_seen(baseline)) else {
+            continue;
+        };
+        j.regressions.push(finding(
+            Signal::Integrity,
+            name.clone(),
+            format!("integrity check {name} was 0 and counts {value} again (should be 0)"),
+            evidence(&[
+                ("check", Value::String(name.clone())),
+                ("value", number(value)),
+                ("last_zero_at", number(clean_at)),
+                ("n_window", number(window.len() as f64)),
+            ]),
+        ));
     }
 }
 
@@ -1047,7 +1065,10 @@ mod tests {
 
     #[test]
     fn first_week_compares_top_queries_and_integrity() {
-        let baseline = series(0.0, 6, |i| vec![("1", 1.0 + 0.01 * i as f64)]);
+        let baseline: Vec<Sample> = series(0.0, 6, |i| vec![("1", 1.0 + 0.01 * i as f64)])
+            .into_iter()
+            .map(|s| with_check(s, "orphans", "integrity", "pass", 0.0))
+            .collect();
         let window: Vec<Sample> = series(1000.0, 6, |i| vec![("1", 1.5 + 0.01 * i as f64)])
             .into_iter()
             .map(|s| with_check(s, "orphans", "integrity", "fail", 2.0))
@@ -1057,6 +1078,45 @@ mod tests {
         assert_eq!(
             found,
             BTreeSet::from([Signal::TopQueries, Signal::Integrity])
+        );
+    }
+
+    #[test]
+    fn integrity_counts_that_never_were_zero_are_not_this_deployments_doing() {
+        let dirty = |start: f64, value: f64| -> Vec<Sample> {
+            series(start, 6, |_| vec![("1", 1.0)])
+                .into_iter()
+                .map(|s| with_check(s, "orphans", "integrity", "fail", value))
+                .collect()
+        };
+        let j = judge(
+            Window::FirstWeek,
+            &dirty(0.0, 3.0),
+            &dirty(1000.0, 3.0),
+            &[],
+            true,
+            &t(),
+        );
+        assert!(
+            !j.regressions.iter().any(|f| f.signal == Signal::Integrity),
+            "{:?}",
+            j.regressions
+        );
+        // Repaired during the window, then back: that is a creep.
+        let mut window = dirty(1000.0, 3.0);
+        window[2] = with_check(window[2].clone(), "orphans", "integrity", "pass", 0.0);
+        let j = judge(
+            Window::FirstWeek,
+            &dirty(0.0, 3.0),
+            &window,
+            &[],
+            true,
+            &t(),
+        );
+        assert!(
+            j.regressions.iter().any(|f| f.signal == Signal::Integrity),
+            "{:?}",
+            j.regressions
         );
     }
 

@@ -118,10 +118,12 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
         if deployment.as_ref().is_some_and(|d| d.has_regressions()) {
             target_status = target_status.max(Overall::Degraded);
         }
-        overall = overall.max(target_status);
+        // The overall state is that of the targets asked about (all of them without a target
+        // filter); the status and check filters only narrow what is listed.
         if filter.target.as_ref().is_some_and(|t| t != name) {
             continue;
         }
+        overall = overall.max(target_status);
         let checks = target
             .checks
             .values()

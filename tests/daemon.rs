@@ -219,9 +219,23 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     assert!(stdout.contains("PASS"), "{stdout}");
     assert_eq!(
         output.status.code(),
-        Some(1),
-        "overall state is failing: {stdout}"
+        Some(0),
+        "the migrated target alone is ok: {stdout}"
     );
+    for args in [&["--target", "legacy"][..], &[][..]] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .args(["status", "--url", &base(&handle)])
+            .args(args)
+            .output()
+            .await
+            .expect("status command");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{args:?}: the 3.6.0 target is failing: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
     handle.shutdown().await.expect("clean shutdown");
 }
 
