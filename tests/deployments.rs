@@ -283,32 +283,37 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
         },
     )
     .await;
-    let finding = view
+    let (window, finding) = view
         .windows
         .iter()
-        .flat_map(|w| w.regressions.iter())
-        .find(|f| f.signal == Signal::QueryLatency)
+        .flat_map(|w| w.regressions.iter().map(move |f| (w.window, f)))
+        .find(|(_, f)| f.signal == Signal::QueryLatency)
         .expect("finding");
+    // The index goes right after the deployment: the sharp rise is a first-hour signal, the
+    // statistical one a first-day signal; nothing later.
+    assert!(
+        matches!(window, Window::FirstHour | Window::FirstDay),
+        "{window:?}: {finding:#?}"
+    );
     assert!(
         finding.message.contains("submissions WHERE participant_id"),
         "{finding:#?}"
     );
-    for key in [
-        "baseline_median_ms",
-        "window_median_ms",
-        "p_value",
-        "n_baseline",
-        "n_window",
-    ] {
-        assert!(
-            finding
-                .evidence
-                .keys()
-                .any(|k| k.contains(key.split('_').next().unwrap_or(key))),
-            "{key} in {:#?}",
-            finding.evidence
-        );
-    }
+    let figure = |key: &str| {
+        finding
+            .evidence
+            .get(key)
+            .and_then(|v| v.as_f64())
+            .unwrap_or_else(|| panic!("evidence {key} in {:#?}", finding.evidence))
+    };
+    assert!(
+        figure("window_median_ms") > figure("baseline_median_ms") * 1.2,
+        "{finding:#?}"
+    );
+    assert!(figure("p_value") < 0.01, "{finding:#?}");
+    assert!(figure("n_baseline") >= 4.0, "{finding:#?}");
+    assert!(figure("n_window") >= 3.0, "{finding:#?}");
+    assert!(figure("window_calls") >= 5.0, "{finding:#?}");
     let view = deployment_where(
         &handle,
         "sequential scans regression",
