@@ -20,13 +20,15 @@
 //! certificate, a new user), new connections and requests use the new version. A broken new
 //! version is logged and the previous one stays in force.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use serde::Deserialize;
+use sha2::Digest as _;
+use subtle::ConstantTimeEq as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebConfigError {
@@ -63,8 +65,9 @@ pub struct WebConfig {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     users: BTreeMap<String, String>,
     protect_probes: bool,
-    /// Authorization headers already verified: bcrypt is deliberately slow, scrapes are frequent.
-    verified: Mutex<HashSet<String>>,
+    /// SHA-256 digests of Authorization headers already verified: bcrypt is deliberately slow,
+    /// scrapes are frequent. Compared in constant time, every entry every time.
+    verified: Mutex<Vec<[u8; 32]>>,
     /// A hash of the users' cost, checked for unknown users so they take as long as known ones.
     dummy: String,
     /// The configuration file and every file it names, to notice a change.
@@ -202,7 +205,7 @@ impl WebConfig {
             tls,
             users: raw.basic_auth_users,
             protect_probes: raw.protect_probes,
-            verified: Mutex::new(HashSet::new()),
+            verified: Mutex::new(Vec::new()),
             dummy,
             files,
         })
@@ -225,9 +228,15 @@ impl WebConfig {
     /// Checks an `Authorization: Basic ...` header value.
     pub fn authorized(&self, header: Option<&str>) -> bool {
         let Some(value) = header else { return false };
+        let digest: [u8; 32] = sha2::Sha256::digest(value.as_bytes()).into();
         {
             let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if verified.contains(value) {
+            let seen = verified
+                .iter()
+                .fold(subtle::Choice::from(0), |seen, known| {
+                    seen | known.ct_eq(&digest)
+                });
+            if bool::from(seen) {
                 return true;
             }
         }
@@ -250,10 +259,10 @@ impl WebConfig {
         let ok = bcrypt::verify(password, hash).unwrap_or(false) && known;
         if ok {
             let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if verified.len() > 64 {
+            if verified.len() >= 64 {
                 verified.clear();
             }
-            verified.insert(value.to_string());
+            verified.push(digest);
         }
         ok
     }
