@@ -6,6 +6,9 @@
 //!
 //! As in libpq, `prefer` and `require` encrypt without checking who answers; `verify-ca`
 //! checks the chain against the root certificates; `verify-full` also checks the host name.
+//! Without `sslrootcert`, libpq's default `~/.postgresql/root.crt` is used when it exists, and
+//! `require` with a root certificate (given or default) checks the chain like `verify-ca`, as
+//! libpq does for backwards compatibility. `allow` is taken as `prefer`: TLS is tried first.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -78,7 +81,7 @@ pub struct TlsSettings {
 pub enum TlsError {
     #[error("invalid sslmode {0:?}: use disable, prefer, require, verify-ca or verify-full")]
     Mode(String),
-    #[error("sslmode={0} needs sslrootcert (a CA file, or \"system\")")]
+    #[error("sslmode={0} needs sslrootcert (a CA file, or \"system\"), or ~/.postgresql/root.crt")]
     NoRootCert(&'static str),
     #[error("cannot read {what} {path}: {reason}")]
     File {
@@ -175,6 +178,11 @@ impl TlsSettings {
                 } else {
                     RootCert::File(PathBuf::from(v))
                 }
+            })
+            .or_else(|| {
+                // libpq's default root certificate file, when there is one.
+                let default = PathBuf::from(env("HOME")?).join(".postgresql/root.crt");
+                (mode != SslMode::Disable && default.is_file()).then_some(RootCert::File(default))
             });
         let client_cert = options.get("sslcert").map(PathBuf::from);
         let client_key = options.get("sslkey").map(PathBuf::from);
@@ -202,19 +210,23 @@ impl TlsSettings {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
-            SslMode::VerifyCa | SslMode::VerifyFull => {
-                let roots = Arc::new(self.roots()?);
-                let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                    .build()
-                    .map_err(|e| TlsError::Rustls(e.to_string()))?;
-                if self.mode == SslMode::VerifyFull {
-                    webpki
-                } else {
-                    Arc::new(IgnoreHostName(webpki))
-                }
+        let verify_chain = match self.mode {
+            SslMode::VerifyCa | SslMode::VerifyFull => true,
+            SslMode::Require => self.root_cert.is_some(),
+            SslMode::Disable | SslMode::Prefer => false,
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = if verify_chain {
+            let roots = Arc::new(self.roots()?);
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| TlsError::Rustls(e.to_string()))?;
+            if self.mode == SslMode::VerifyFull {
+                webpki
+            } else {
+                Arc::new(IgnoreHostName(webpki))
             }
-            _ => Arc::new(EncryptOnly(provider)),
+        } else {
+            Arc::new(EncryptOnly(provider))
         };
         let builder = builder
             .dangerous()

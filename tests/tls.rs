@@ -196,6 +196,23 @@ async fn sslmodes_behave_like_libpq() {
         connect(&pg, "127.0.0.1", &[("sslmode", "require".to_string())]).await,
         Ok(true)
     );
+    // As in libpq, require with a root certificate checks the chain (like verify-ca).
+    let require_with = |ca: &str| {
+        vec![
+            ("sslmode", "require".to_string()),
+            ("sslrootcert", path(&pki, ca)),
+        ]
+    };
+    assert_eq!(
+        connect(&pg, "127.0.0.1", &require_with("ca.pem")).await,
+        Ok(true)
+    );
+    assert!(
+        connect(&pg, "127.0.0.1", &require_with("other-ca.pem"))
+            .await
+            .is_err(),
+        "require with a root certificate refuses a server it does not vouch for"
+    );
     assert_eq!(
         connect(&pg, "127.0.0.1", &[("sslmode", "prefer".to_string())]).await,
         Ok(true)
