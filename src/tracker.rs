@@ -146,6 +146,20 @@ pub fn start(
 ) {
     announcer.retain(config);
     if !config.deployments.enabled {
+        // Without deployment tracking the schema version is still shown in /status and
+        // metrics: it is read on the sampling interval, nothing more.
+        for target in &config.targets {
+            if let Some(pool) = pools.get(&target.name) {
+                tasks.spawn(watch_version(
+                    target.name.clone(),
+                    target.version_query.clone(),
+                    pool.clone(),
+                    state.clone(),
+                    config.deployments.sample_interval,
+                    cancel.clone(),
+                ));
+            }
+        }
         return;
     }
     for target in &config.targets {
@@ -170,6 +184,31 @@ pub fn start(
             published: HashMap::new(),
         };
         tasks.spawn(tracker.run(receiver, cancel.clone()));
+    }
+}
+
+/// Keeps a target's schema version current when deployments are not tracked.
+async fn watch_version(
+    target: String,
+    sql: String,
+    pool: TargetPool,
+    state: Arc<State>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match sampler::read_version(&pool, &sql).await {
+            Ok(version) => state.set_schema_version(&target, version),
+            Err(error) => {
+                tracing::debug!(target = %target, error = %error.message, "schema version not readable")
+            }
+        }
     }
 }
 

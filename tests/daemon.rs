@@ -162,7 +162,25 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     );
     assert!(partial.iter().all(|s| s.labels.get("indexname").is_some()));
 
-    // /status says the same.
+    // /status says the same, with each target's schema version (read even though deployment
+    // tracking is off here).
+    let url = base(&handle);
+    eventually("schema versions read", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let (_, body) = get(&format!("{url}/metrics")).await;
+            let m = parse_metrics(&body);
+            let seen = |target: &str, version: &str| {
+                m.metric("deploywatch_schema_version_info")
+                    .label("target", target)
+                    .label("version", version)
+                    .value_opt()
+                    == Some(1.0)
+            };
+            (seen("legacy", "3.6.0") && seen("migrated", "3.7.0")).then_some(())
+        }
+    })
+    .await;
     let (code, body) = get(&format!("{}/status", base(&handle))).await;
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -173,7 +191,7 @@ async fn metrics_and_status_show_every_check_of_every_target() {
         .find(|t| t["name"] == "legacy")
         .expect("legacy");
     assert_eq!(legacy["reachable"], true);
-    assert_eq!(legacy["schema_version"], serde_json::Value::Null);
+    assert_eq!(legacy["schema_version"], "3.6.0");
     let version_check = legacy["checks"]
         .as_array()
         .expect("checks")
