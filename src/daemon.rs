@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::discovery::{self, Expanded};
-use crate::http::{self, AppContext};
+use crate::http::{self, AppContext, HttpSettings};
 use crate::metrics::{self, MetricsError};
 use crate::scheduler::{self, unix_now, Pools};
 use crate::state::State;
@@ -100,8 +100,8 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
     let ctx = Arc::new(AppContext {
         state: state.clone(),
         registry,
-        announcer: config.deployments.enabled.then(|| announcer.clone()),
-        api_token: config.server.api_token.clone(),
+        announcer: announcer.clone(),
+        settings: std::sync::RwLock::new(HttpSettings::from_config(&config)),
         web,
         metrics_cache: std::sync::Mutex::new(None),
     });
@@ -190,7 +190,7 @@ async fn main_loop(
     let tasks = TaskTracker::new();
     let http_cancel = CancellationToken::new();
     let grace = config.server.shutdown_grace;
-    let http_task = tokio::spawn(http::serve(listener, ctx, http_cancel.clone()));
+    let http_task = tokio::spawn(http::serve(listener, ctx.clone(), http_cancel.clone()));
     let rt = Runtime {
         state: &state,
         store: &store,
@@ -235,6 +235,7 @@ async fn main_loop(
                         tracing::info!(config = %new_config.source.display(), "configuration reloaded");
                         rediscover = discovery_timer(&new_config);
                         epoch += 1;
+                        ctx.apply(&new_config);
                         restart(&mut generation, Arc::new(new_config), expanded, &rt);
                     }
                     Err(error) => {

@@ -35,13 +35,31 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The part of the configuration the handlers follow across reloads.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Whether deployments are tracked (announcements are refused with 503 otherwise).
+    pub tracking: bool,
+    /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
+    pub api_token: Option<PasswordSource>,
+}
+
+impl HttpSettings {
+    pub fn from_config(config: &crate::config::Config) -> HttpSettings {
+        HttpSettings {
+            tracking: config.deployments.enabled,
+            api_token: config.server.api_token.clone(),
+        }
+    }
+}
+
 /// What the handlers need.
 pub struct AppContext {
     pub state: Arc<State>,
     pub registry: Registry,
-    pub announcer: Option<Announcer>,
-    /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
-    pub api_token: Option<PasswordSource>,
+    pub announcer: Announcer,
+    /// What a configuration reload can change for the handlers.
+    pub settings: std::sync::RwLock<HttpSettings>,
     /// TLS and basic authentication, when a web configuration file is given.
     pub web: Option<crate::web_config::LiveWebConfig>,
     /// The last rendering of /metrics, with the state generation and dropped-log-line count
@@ -50,6 +68,20 @@ pub struct AppContext {
 }
 
 impl AppContext {
+    /// The settings in force now.
+    pub fn settings(&self) -> HttpSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes the settings of a (re)loaded configuration.
+    pub fn apply(&self, config: &crate::config::Config) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) =
+            HttpSettings::from_config(config);
+    }
+
     fn metrics_text(&self) -> Result<Bytes, crate::metrics::MetricsError> {
         let generation = (self.state.generation(), crate::metrics::log_lines_dropped());
         {
@@ -318,7 +350,8 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 fn authorized(ctx: &AppContext, request: &Request<Incoming>) -> bool {
-    let Some(expected) = ctx.api_token.as_ref().and_then(|s| s.read().ok()) else {
+    let token = ctx.settings().api_token;
+    let Some(expected) = token.as_ref().and_then(|s| s.read().ok()) else {
         return false;
     };
     if expected.is_empty() {
@@ -342,12 +375,13 @@ async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body
         );
         return response;
     }
-    let Some(announcer) = &ctx.announcer else {
+    if !ctx.settings().tracking {
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "deployment tracking is disabled in the configuration",
         );
-    };
+    }
+    let announcer = &ctx.announcer;
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),

@@ -783,3 +783,132 @@ fn every_exported_metric_is_documented() {
         );
     }
 }
+
+/// SIGTERM while a check is running: the daemon waits for it (within the grace period), then
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"slow\"\ncategory = \"performance\"\nseverity = \"info\"\nsql = \"SELECT pg_sleep(3)::text\"\ntimeout = \"10s\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\nshutdown_grace = \"8s\"\n\n{FAST}{}",
+            target_toml("db", &pg, "app")
+        ),
+    );
+    let port = common::free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn daemon");
+    // Wait until PostgreSQL shows the check running.
+    let pg_ref = &pg;
+    eventually("the slow check is running", Duration::from_secs(30), || async move {
+        let running = pg_ref
+            .psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' AND query LIKE '%pg_sleep(3)%' AND state = 'active'",
+            )
+            .ok()?;
+        (running.trim() == "1").then_some(())
+    })
+    .await;
+    let pid = child.id().expect("pid").to_string();
+    let asked = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    let took = asked.elapsed();
+    assert_eq!(status.code(), Some(0));
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    assert!(
+        stderr.contains("waiting for checks in flight") && !stderr.contains("grace period expired"),
+        "{stderr}"
+    );
+    // The check had up to 3 s left when SIGTERM came: the daemon waited for it, and no longer
+    // than the grace period allows.
+    assert!(
+        took > Duration::from_millis(500) && took < Duration::from_secs(8 + 3),
+        "exited after {took:?}"
+    );
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'"
+        )
+        .expect("sessions")
+        .trim(),
+        "0",
+        "sessions are closed"
+    );
+}
+
+/// A reload applies the deployment settings too: tracking switched on and an API token given
+/// in the new configuration take effect for `POST /api/deployments` without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_the_deployment_api_settings() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write("token", "reload-token");
+    dir.write(
+        "deploywatch.toml",
+        &format!("{FAST}{}", target_toml("db", &pg, "cognit")),
+    );
+    let handle = start(&dir).await;
+    let announce = |base: String| async move {
+        let announcement = deploywatch::client::Announcement {
+            version: "3.7.1",
+            ..Default::default()
+        };
+        deploywatch::client::announce(&base, "reload-token", &announcement)
+            .await
+            .expect("post")
+    };
+    let (code, body) = announce(base(&handle)).await;
+    assert_eq!(code.as_u16(), 401, "no token is configured yet: {body}");
+
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\napi_token_file = \"token\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nsample_interval = \"1s\"\n\n{}",
+            target_toml("db", &pg, "cognit")
+        ),
+    );
+    handle
+        .events
+        .send(daemon::Event::Reload)
+        .await
+        .expect("reload");
+    let url = base(&handle);
+    let body = eventually("the announcement is taken", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let (code, body) = announce(url).await;
+            (code.as_u16() == 201).then_some(body)
+        }
+    })
+    .await;
+    assert!(body.contains("3.7.1"), "{body}");
+    handle.shutdown().await.expect("clean shutdown");
+}
