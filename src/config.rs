@@ -548,6 +548,21 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         .clone()
         .unwrap_or_else(|| DEFAULT_VERSION_QUERY.to_string());
     let deployments = validate_deployments(path, raw.deployments, problems);
+    // A sample is needed for as long as it can be part of a baseline that a window open now
+    // is judged against: the baseline span before a deployment plus the longest window.
+    let needed = deployments.baseline_span + deployments.windows.first_week;
+    if deployments.enabled && store.retention < needed {
+        problems.push(
+            path,
+            "store.retention",
+            format!(
+                "{} is shorter than deployments.baseline_span + deployments.first_week ({}): \
+                 baselines would be deleted while windows still need them",
+                humantime::format_duration(store.retention),
+                humantime::format_duration(needed)
+            ),
+        );
+    }
 
     // Packs: every file matched by every pattern, relative to the main file.
     let patterns = raw

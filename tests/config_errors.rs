@@ -253,3 +253,14 @@ fn excluded_databases_without_included_ones() {
         "needs databases",
     );
 }
+
+#[test]
+fn retention_shorter_than_a_baseline_and_its_windows() {
+    check(
+        &format!("[store]\nretention = \"3d\"\n\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "store.retention",
+        "shorter than deployments.baseline_span + deployments.first_week (14days)",
+    );
+}
