@@ -70,11 +70,27 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         .ok()
         .filter(|d| *d >= Duration::from_secs(2))
         .ok_or_else(|| DemoError::Step(options.step.clone()))?;
+    let stop = stop_on_signal()?;
     say("deploywatch demo: starting a throwaway PostgreSQL ...");
     let cluster = PgCluster::start(ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".to_string()],
         ..ClusterOptions::default()
     })?;
+    // From here on the cluster is removed when `cluster` is dropped, on every path out.
+    let interrupted = |cluster: PgCluster| {
+        let base_dir = cluster.base_dir().to_path_buf();
+        drop(cluster);
+        say(&format!(
+            "\ninterrupted; {} {}",
+            base_dir.display(),
+            if base_dir.exists() {
+                "could not be removed"
+            } else {
+                "is removed"
+            }
+        ));
+        Ok(())
+    };
     say(&format!(
         "  PostgreSQL on 127.0.0.1:{} (cluster directory {})",
         cluster.port(),
@@ -87,13 +103,29 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    admin.batch_execute(fixtures::SCHEMA_3_6_0).await?;
-    admin.batch_execute(fixtures::GENERATE).await?;
-    admin.batch_execute("SELECT cognit_generate(10)").await?;
-    if cluster.pg_stat_statements_available() {
-        admin
-            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .await?;
+    let load = async {
+        admin.batch_execute(fixtures::SCHEMA_3_6_0).await?;
+        admin.batch_execute(fixtures::GENERATE).await?;
+        admin.batch_execute("SELECT cognit_generate(10)").await?;
+        if cluster.pg_stat_statements_available() {
+            admin
+                .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .await?;
+        }
+        Ok::<_, DemoError>(())
+    };
+    tokio::select! {
+        loaded = load => loaded?,
+        _ = stop.cancelled() => {
+            drop(admin);
+            driver.abort();
+            return interrupted(cluster);
+        }
+    }
+    if stop.is_cancelled() {
+        drop(admin);
+        driver.abort();
+        return interrupted(cluster);
     }
     say("  loaded the cognit application at schema version 3.6.0");
 
@@ -124,19 +156,22 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let outcome = if options.story {
         tokio::select! {
             result = story(&handle, &admin, step) => result,
-            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = stop.cancelled() => Ok(()),
         }
     } else {
         Ok(())
     };
     let keep_running = !options.story || !options.exit_after_story;
-    if outcome.is_ok() && !keep_running {
+    if outcome.is_ok() && !keep_running && !stop.is_cancelled() {
         // Leave the final state up for one more step, for whoever is watching /status.
-        tokio::time::sleep(step).await;
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = stop.cancelled() => {}
+        }
     }
-    if outcome.is_ok() && keep_running {
+    if outcome.is_ok() && keep_running && !stop.is_cancelled() {
         say("\nPress Ctrl-C to stop the demo and remove the cluster.");
-        let _ = tokio::signal::ctrl_c().await;
+        stop.cancelled().await;
     }
     say("\nstopping: daemon, workload, PostgreSQL ...");
     cancel.cancel();
@@ -159,38 +194,31 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     outcome
 }
 
-fn tempdir_for_config() -> Result<tempfile_dir::TempDir, std::io::Error> {
-    tempfile_dir::TempDir::new("deploywatch-demo-config")
+fn tempdir_for_config() -> Result<tempfile::TempDir, std::io::Error> {
+    let dir = tempfile::Builder::new()
+        .prefix("deploywatch-demo-config")
+        .tempdir()?;
+    std::fs::create_dir_all(dir.path().join("checks"))?;
+    Ok(dir)
 }
 
-/// A directory removed on drop (the demo's configuration lives there).
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(prefix: &str) -> std::io::Result<TempDir> {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let path =
-                std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
-            std::fs::create_dir_all(path.join("checks"))?;
-            Ok(TempDir(path))
+/// Cancelled on the first SIGINT (Ctrl-C) or SIGTERM. Installed before anything is started,
+/// so a signal at any moment is handled here and the cleanup runs instead of the process
+/// dying with a cluster directory left behind.
+fn stop_on_signal() -> Result<CancellationToken, std::io::Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+        token.cancel();
+    });
+    Ok(stop)
 }
 
 fn seconds(d: Duration) -> String {
@@ -292,10 +320,14 @@ async fn story(
             .map(|w| w.verdict)
     })
     .await?;
-    say(&format!(
-        "      /status: first_hour verdict {}",
-        verdict.as_str()
-    ));
+    if verdict == Verdict::Pass {
+        say("      /status: first_hour verdict pass: nothing got worse than the baseline");
+    } else {
+        say(&format!(
+            "      /status: first_hour verdict {} (see /status for why)",
+            verdict.as_str()
+        ));
+    }
 
     say("[4/5] injecting an integrity violation: payments of participants that do not exist");
     admin

@@ -30,6 +30,7 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
     let mut saw_deployment = false;
     let mut saw_first_hour_pass = false;
     let mut saw_integrity_failure = false;
+    let mut saw_repair = false;
     let mut saw_regression = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let status = loop {
@@ -56,7 +57,8 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
                     saw_regression |= windows.iter().any(|w| {
                         w["regressions"].as_array().is_some_and(|r| {
                             r.iter().any(|f| {
-                                f["signal"] == "query_latency" || f["signal"] == "seq_scans"
+                                (f["signal"] == "query_latency" || f["signal"] == "seq_scans")
+                                    && f["evidence"].as_object().is_some_and(|e| e.len() >= 3)
                             })
                         })
                     });
@@ -67,6 +69,10 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
                             && c["status"] == "fail"
                             && c["value"] == 5.0
                     });
+                    saw_repair |= saw_integrity_failure
+                        && checks
+                            .iter()
+                            .any(|c| c["name"] == "orphaned_payments" && c["status"] == "pass");
                 }
             }
         }
@@ -85,6 +91,10 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
     assert!(
         saw_integrity_failure,
         "orphaned_payments failing with 5 in /status\n{stdout}"
+    );
+    assert!(
+        saw_repair,
+        "orphaned_payments passing again after the repair\n{stdout}"
     );
     assert!(
         saw_regression,
@@ -110,4 +120,68 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
         !std::path::Path::new(&directory).exists(),
         "{directory} is removed"
     );
+}
+
+/// Ctrl-C while the demo is still setting up (loading the fixture) stops it cleanly: the
+/// cluster directory is removed all the same, and so on SIGTERM once it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_demo_leaves_nothing_behind() {
+    use tokio::io::AsyncBufReadExt;
+    for (signal, wait_for) in [
+        ("-INT", "PostgreSQL on"),
+        ("-TERM", "deploywatch is watching"),
+    ] {
+        let port = common::free_port();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .args([
+                "demo",
+                "--step",
+                "3s",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn demo");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut directory = None;
+        let mut seen = String::new();
+        let reached = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if let Some(rest) = line.split("cluster directory ").nth(1) {
+                    directory = Some(rest.trim_end_matches(')').to_string());
+                }
+                if line.contains(wait_for) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(reached, Ok(true), "{wait_for:?} never printed:\n{seen}");
+        let directory = directory.expect("the demo names its cluster directory");
+        assert!(std::path::Path::new(&directory).exists());
+        let pid = child.id().expect("pid").to_string();
+        std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .expect("the demo stops")
+            .expect("wait");
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        assert!(status.success(), "{signal}: {status:?}\n{seen}");
+        assert!(
+            !std::path::Path::new(&directory).exists(),
+            "{signal}: {directory} is removed\n{seen}"
+        );
+    }
 }
