@@ -642,6 +642,46 @@ async fn kill_9_mid_window_loses_nothing() {
         after["current_window"], "first_hour",
         "the clock kept running: {after:#}"
     );
+    // Every window keeps its place on the clock: same start and end as before the kill.
+    let bounds = |d: &serde_json::Value| -> Vec<(String, String, String)> {
+        d["windows"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .map(|w| {
+                        (
+                            w["window"].as_str().unwrap_or_default().to_string(),
+                            w["start"].as_str().unwrap_or_default().to_string(),
+                            w["end"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (was, is) = (bounds(&before), bounds(&after));
+    assert!(was.len() >= 2, "first_hour and first_day were open: {before:#}");
+    assert_eq!(is[..was.len()], was[..], "{before:#}\n{after:#}");
+    // The window that was open when the daemon died still closes, with a verdict.
+    let closed = eventually(
+        "first_day closes after the restart",
+        Duration::from_secs(30),
+        || async move {
+            let s = status(port).await?;
+            let d = s["targets"][0]["deployment"].clone();
+            let day = d["windows"]
+                .as_array()?
+                .iter()
+                .find(|w| w["window"] == "first_day")?
+                .clone();
+            (day["verdict"] != "watching").then_some(day)
+        },
+    )
+    .await;
+    assert!(
+        matches!(closed["verdict"].as_str(), Some("pass" | "regression" | "inconclusive")),
+        "{closed:#}"
+    );
     let _ = child.kill().await;
 }
 
