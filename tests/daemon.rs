@@ -395,6 +395,13 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     let handle = start(&dir).await;
     wait_ready(&handle).await;
     wait_all_ran(&handle).await;
+    // The daemon runs on this test's runtime: its tasks are counted here.
+    let alive_tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let tasks_before = alive_tasks();
 
     hung.pause().expect("SIGSTOP postgres");
     let state = handle.state.clone();
@@ -456,6 +463,17 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     )
     .await;
     assert!(sessions <= 2);
+    // Runs abandoned during the hang left no tasks behind (a little slack for connections of
+    // the test's own HTTP client winding down).
+    let tasks_after = eventually("no leaked tasks", Duration::from_secs(30), || {
+        let n = alive_tasks();
+        async move { (n <= tasks_before + 2).then_some(n) }
+    })
+    .await;
+    assert!(
+        tasks_after <= tasks_before + 2,
+        "{tasks_before} -> {tasks_after}"
+    );
     handle.shutdown().await.expect("clean shutdown");
 }
 

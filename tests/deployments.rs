@@ -660,7 +660,10 @@ async fn kill_9_mid_window_loses_nothing() {
             .unwrap_or_default()
     };
     let (was, is) = (bounds(&before), bounds(&after));
-    assert!(was.len() >= 2, "first_hour and first_day were open: {before:#}");
+    assert!(
+        was.len() >= 2,
+        "first_hour and first_day were open: {before:#}"
+    );
     assert_eq!(is[..was.len()], was[..], "{before:#}\n{after:#}");
     // The window that was open when the daemon died still closes, with a verdict.
     let closed = eventually(
@@ -679,7 +682,10 @@ async fn kill_9_mid_window_loses_nothing() {
     )
     .await;
     assert!(
-        matches!(closed["verdict"].as_str(), Some("pass" | "regression" | "inconclusive")),
+        matches!(
+            closed["verdict"].as_str(),
+            Some("pass" | "regression" | "inconclusive")
+        ),
         "{closed:#}"
     );
     let _ = child.kill().await;
