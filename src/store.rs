@@ -144,11 +144,36 @@ impl Store {
 
     /// Samples of `target` with `from <= at < to`, oldest first.
     pub fn samples(&self, target: &str, from: f64, to: f64) -> Result<Vec<Sample>, StoreError> {
+        self.samples_spread(target, from, to, usize::MAX)
+    }
+
+    /// As [`Store::samples`], but at most `max` of them, spread evenly over the range and
+    /// always including the latest: a week of minute samples becomes a baseline that still
+    /// covers the whole week (daily and weekly cycles) at a bounded cost in memory.
+    pub fn samples_spread(
+        &self,
+        target: &str,
+        from: f64,
+        to: f64,
+        max: usize,
+    ) -> Result<Vec<Sample>, StoreError> {
         let connection = self.lock();
+        let count: i64 = connection
+            .prepare_cached(
+                "SELECT count(*) FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3",
+            )?
+            .query_row(params![target, from, to], |r| r.get(0))?;
+        let stride = spread_stride(usize::try_from(count).unwrap_or(0), max);
         let mut statement = connection.prepare_cached(
-            "SELECT data FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3 ORDER BY at",
+            "SELECT data FROM ( \
+                 SELECT data, at, row_number() OVER (ORDER BY at DESC) - 1 AS back \
+                 FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3) \
+             WHERE back % ?4 = 0 ORDER BY at",
         )?;
-        let rows = statement.query_map(params![target, from, to], |r| r.get::<_, String>(0))?;
+        let rows = statement.query_map(
+            params![target, from, to, i64::try_from(stride).unwrap_or(i64::MAX)],
+            |r| r.get::<_, String>(0),
+        )?;
         let mut samples = Vec::new();
         for row in rows {
             let text = row?;
@@ -365,9 +390,54 @@ impl Store {
     }
 }
 
+/// Every how many samples one is kept so that at most `max` of `count` remain.
+pub fn spread_stride(count: usize, max: usize) -> usize {
+    if max == 0 || count <= max {
+        1
+    } else {
+        count.div_ceil(max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stride_keeps_at_most_max() {
+        assert_eq!(spread_stride(10, 2000), 1);
+        assert_eq!(spread_stride(2000, 2000), 1);
+        assert_eq!(spread_stride(2001, 2000), 2);
+        assert_eq!(spread_stride(10_080, 2000), 6);
+        for count in [1usize, 5, 1999, 4001, 10_080, 20_160] {
+            let kept = count.div_ceil(spread_stride(count, 2000));
+            assert!(kept <= 2000, "{count} -> {kept}");
+        }
+    }
+
+    #[test]
+    fn spread_samples_cover_the_whole_range_and_keep_the_latest() {
+        let store = Store::in_memory().expect("store");
+        for i in 0..100 {
+            store
+                .add_sample(
+                    "t",
+                    &Sample {
+                        at: f64::from(i),
+                        ..Sample::default()
+                    },
+                )
+                .expect("sample");
+        }
+        let all = store.samples("t", 0.0, 1000.0).expect("all");
+        assert_eq!(all.len(), 100);
+        let spread = store.samples_spread("t", 0.0, 1000.0, 10).expect("spread");
+        let at: Vec<f64> = spread.iter().map(|s| s.at).collect();
+        assert_eq!(at.len(), 10);
+        assert_eq!(at.last(), Some(&99.0), "the latest sample is kept");
+        assert!(at[0] < 10.0, "the oldest part is covered: {at:?}");
+        assert!(at.windows(2).all(|w| w[1] - w[0] == 10.0), "{at:?}");
+    }
 
     #[test]
     fn deployments_samples_and_verdicts_survive_reopening() {

@@ -32,7 +32,7 @@ use crate::status::rfc3339;
 use crate::store::{DeploymentRecord, Store, StoreError, VerdictRecord};
 use crate::window::{self, Window};
 
-/// At most this many baseline samples are compared (the most recent ones).
+/// At most this many baseline samples are compared, spread evenly over the baseline span.
 const MAX_BASELINE_SAMPLES: usize = 2000;
 /// How often pg_stat_statements support is looked up again (in sampling passes).
 const SUPPORT_REFRESH_PASSES: u64 = 30;
@@ -509,10 +509,9 @@ impl Tracker {
             .store
             .previous_deployment_time(self.name(), record.at)?;
         let (from, to) = window::baseline_range(record.at, self.settings.baseline_span, previous);
-        let mut samples = self.store.samples(self.name(), from, to)?;
-        if samples.len() > MAX_BASELINE_SAMPLES {
-            samples.drain(..samples.len() - MAX_BASELINE_SAMPLES);
-        }
+        let samples = self
+            .store
+            .samples_spread(self.name(), from, to, MAX_BASELINE_SAMPLES)?;
         self.baseline_cache = Some((record.id, samples.clone()));
         Ok(samples)
     }
