@@ -4,7 +4,8 @@
 //! A real PostgreSQL with pg_stat_statements runs one query, `SELECT pg_sleep($1)`, about 18
 //! times a second with a base time of 2 ms. The daemon samples every second. Each round: a
 //! baseline at the base time, then a deployment is announced and at the same moment the query
-//! becomes `factor` times slower (1 = no change, the false-alarm row). Detection is a
+//! becomes `factor` times slower (1 = no change, the false-alarm row); after the window, the
+//! speed is restored by a deployment of its own, so each baseline is clean. Detection is a
 //! `query_latency` regression on that query in `first_hour` or `first_day`; time to detect is
 //! from the announcement to the first `/status` that shows it. `DEPLOYWATCH_BENCH_ROUNDS`
 //! sets the rounds per factor (default 5).
@@ -131,7 +132,20 @@ async fn run() {
             windows: Vec::new(),
         };
         for _ in 0..rounds {
+            // The previous round's slowdown is undone by a deployment of its own, so the
+            // baseline of the next one (the samples since the last deployment) is clean.
             sleep.store(BASE_SECONDS.to_bits(), Ordering::Relaxed);
+            version += 1;
+            let restore = format!("1.0.{version}");
+            let announcement = deploywatch::client::Announcement {
+                version: &restore,
+                note: Some("restore"),
+                ..Default::default()
+            };
+            let (code, answer) = deploywatch::client::announce(&base, TOKEN, &announcement)
+                .await
+                .expect("announce");
+            assert_eq!(code.as_u16(), 201, "{answer}");
             tokio::time::sleep(Duration::from_secs(BASELINE)).await;
             version += 1;
             let to_version = format!("1.0.{version}");
