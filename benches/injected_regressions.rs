@@ -172,14 +172,20 @@ async fn run() {
                         break view;
                     }
                 }
-                assert!(Instant::now() < deadline, "first_day of {to_version} never closed");
+                assert!(
+                    Instant::now() < deadline,
+                    "first_day of {to_version} never closed"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             };
             if detected(&view) {
                 row.detected += 1;
                 row.seconds_to_detect.push(first_seen.unwrap_or(f64::NAN));
                 for w in &view.windows {
-                    if w.regressions.iter().any(|f| f.signal == Signal::QueryLatency) {
+                    if w.regressions
+                        .iter()
+                        .any(|f| f.signal == Signal::QueryLatency)
+                    {
                         row.windows.push(w.window.as_str());
                         break;
                     }
