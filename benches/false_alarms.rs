@@ -11,14 +11,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use deploywatch::config::Config;
 use deploywatch::deployment::DeploymentView;
 use deploywatch::pgcluster::{ClusterOptions, PgCluster};
 use deploywatch::window::{Verdict, Window};
 use deploywatch::workload::fixtures;
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "bench-token";
+mod common;
 
 fn verdict(view: &DeploymentView, window: Window) -> Verdict {
     view.windows
@@ -66,31 +65,11 @@ async fn run() {
     .await
     .expect("workload");
 
-    let dir = std::env::temp_dir().join(format!("deploywatch-fa-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("checks")).expect("dir");
     let pack =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/checks/cognit-3.7.0.toml");
-    std::fs::copy(pack, dir.join("checks/cognit-3.7.0.toml")).expect("pack");
-    std::fs::write(dir.join("token"), TOKEN).expect("token");
-    std::fs::write(
-        dir.join("deploywatch.toml"),
-        format!(
-            "[server]\napi_token_file = \"token\"\n\n\
-             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
-             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
-             latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-             [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"postgres\"\n",
-            hour * 2,
-            hour * 3,
-            cluster.port()
-        ),
-    )
-    .expect("config");
-    let config = Config::load(&dir.join("deploywatch.toml")).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = deploywatch::daemon::start(config, listener).expect("daemon");
+    let pack_text = std::fs::read_to_string(pack).expect("pack");
+    let daemon = common::start(&cluster, "cognit", "cognit-3.7.0.toml", &pack_text, hour).await;
+    let handle = &daemon.handle;
     // A baseline of a dozen samples first.
     tokio::time::sleep(Duration::from_secs(12)).await;
 
@@ -100,19 +79,7 @@ async fn run() {
     let mut with_alarm = 0;
     for round in 0..rounds {
         let version = format!("3.7.{}", round + 1);
-        let announcement = deploywatch::client::Announcement {
-            version: &version,
-            note: Some("no change"),
-            ..Default::default()
-        };
-        let (code, answer) = deploywatch::client::announce(
-            &format!("http://{}", handle.local_addr),
-            TOKEN,
-            &announcement,
-        )
-        .await
-        .expect("announce");
-        assert_eq!(code.as_u16(), 201, "{answer}");
+        common::announce(&daemon, &version, "no change").await;
         let deadline = Instant::now() + Duration::from_secs(hour * 2 + 30);
         let view = loop {
             let view = handle.state.snapshot().deployments.get("cognit").cloned();
@@ -149,9 +116,8 @@ async fn run() {
     let elapsed = started.elapsed();
     cancel.cancel();
     let _ = workload.await;
-    handle.shutdown().await.expect("shutdown");
+    daemon.stop().await;
     driver.abort();
-    let _ = std::fs::remove_dir_all(&dir);
     drop(cluster);
 
     println!("## False alarms end to end: no-change deployments on a real PostgreSQL\n");

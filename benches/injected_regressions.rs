@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploywatch::config::Config;
 use deploywatch::deployment::{DeploymentView, Signal};
 use deploywatch::pgcluster::{ClusterOptions, PgCluster};
 use deploywatch::window::{Verdict, Window};
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "bench-token";
+mod common;
+
 const BASE_SECONDS: f64 = 0.002;
 /// `first_hour` in seconds; `first_day` ends at twice that.
 const HOUR: u64 = 6;
@@ -92,34 +92,15 @@ async fn run() {
         })
     };
 
-    let dir = std::env::temp_dir().join(format!("deploywatch-inj-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("checks")).expect("dir");
-    std::fs::write(
-        dir.join("checks/p.toml"),
+    let daemon = common::start(
+        &cluster,
+        "bench",
+        "p.toml",
         "[pack]\nname = \"p\"\n\n[[check]]\nname = \"up\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
+        HOUR,
     )
-    .expect("pack");
-    std::fs::write(dir.join("token"), TOKEN).expect("token");
-    std::fs::write(
-        dir.join("deploywatch.toml"),
-        format!(
-            "[server]\napi_token_file = \"token\"\n\n\
-             [defaults]\ninterval = \"1s\"\n\n\
-             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
-             latency_min_calls = 5\nfirst_hour = \"{HOUR}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-             [[targets]]\nname = \"bench\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"bench\"\nuser = \"postgres\"\n",
-            HOUR * 2,
-            HOUR * 3,
-            cluster.port()
-        ),
-    )
-    .expect("config");
-    let config = Config::load(&dir.join("deploywatch.toml")).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = deploywatch::daemon::start(config, listener).expect("daemon");
-    let base = format!("http://{}", handle.local_addr);
+    .await;
+    let handle = &daemon.handle;
 
     let mut rows = Vec::new();
     let mut version = 0;
@@ -137,29 +118,13 @@ async fn run() {
             sleep.store(BASE_SECONDS.to_bits(), Ordering::Relaxed);
             version += 1;
             let restore = format!("1.0.{version}");
-            let announcement = deploywatch::client::Announcement {
-                version: &restore,
-                note: Some("restore"),
-                ..Default::default()
-            };
-            let (code, answer) = deploywatch::client::announce(&base, TOKEN, &announcement)
-                .await
-                .expect("announce");
-            assert_eq!(code.as_u16(), 201, "{answer}");
+            common::announce(&daemon, &restore, "restore").await;
             tokio::time::sleep(Duration::from_secs(BASELINE)).await;
             version += 1;
             let to_version = format!("1.0.{version}");
-            let announcement = deploywatch::client::Announcement {
-                version: &to_version,
-                note: Some("injected"),
-                ..Default::default()
-            };
             sleep.store((BASE_SECONDS * factor).to_bits(), Ordering::Relaxed);
             let announced = Instant::now();
-            let (code, answer) = deploywatch::client::announce(&base, TOKEN, &announcement)
-                .await
-                .expect("announce");
-            assert_eq!(code.as_u16(), 201, "{answer}");
+            common::announce(&daemon, &to_version, "injected").await;
             let deadline = announced + Duration::from_secs(HOUR * 2 + 30);
             let mut first_seen = None;
             let view = loop {
@@ -196,9 +161,8 @@ async fn run() {
     }
     cancel.cancel();
     let _ = workload.await;
-    handle.shutdown().await.expect("shutdown");
+    daemon.stop().await;
     driver.abort();
-    let _ = std::fs::remove_dir_all(&dir);
     drop(cluster);
 
     println!("## Injected regressions end to end on a real PostgreSQL\n");

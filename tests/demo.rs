@@ -7,23 +7,28 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
-    let port = common::free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+/// `deploywatch demo` on a 3-second clock, listening on `port`, its stdout captured.
+fn spawn_demo(port: u16, extra: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .args([
             "demo",
             "--step",
             "3s",
-            "--exit-after-story",
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn demo");
+        .expect("spawn demo")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
+    let port = common::free_port();
+    let mut child = spawn_demo(port, &["--exit-after-story"]);
     let url = format!("http://127.0.0.1:{port}/status");
 
     // What /status showed over the story.
@@ -131,20 +136,7 @@ async fn an_interrupted_demo_leaves_nothing_behind() {
         ("-INT", "PostgreSQL on"),
         ("-TERM", "deploywatch is watching"),
     ] {
-        let port = common::free_port();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .args([
-                "demo",
-                "--step",
-                "3s",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn demo");
+        let mut child = spawn_demo(common::free_port(), &[]);
         let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
         let mut directory = None;
         let mut seen = String::new();

@@ -1,0 +1,75 @@
+//! What the end-to-end benchmarks share: a daemon on compressed windows, watching one database
+//! of a benchmark's PostgreSQL, taking announcements with a known token.
+
+use std::path::PathBuf;
+
+use deploywatch::config::Config;
+use deploywatch::daemon::DaemonHandle;
+use deploywatch::pgcluster::PgCluster;
+
+pub const TOKEN: &str = "bench-token";
+
+/// A running daemon and its configuration directory.
+pub struct BenchDaemon {
+    pub handle: DaemonHandle,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    dir: PathBuf,
+}
+
+impl BenchDaemon {
+    /// Shuts the daemon down and removes its configuration directory.
+    pub async fn stop(self) {
+        self.handle.shutdown().await.expect("shutdown");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts the daemon on target `db` with one check pack (`pack_file`, `pack_text`), sampling
+/// and checking every second, `first_hour` of `hour` seconds, `first_day` twice that.
+pub async fn start(
+    cluster: &PgCluster,
+    db: &str,
+    pack_file: &str,
+    pack_text: &str,
+    hour: u64,
+) -> BenchDaemon {
+    let dir = std::env::temp_dir().join(format!("deploywatch-bench-{db}-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("checks")).expect("dir");
+    std::fs::write(dir.join("checks").join(pack_file), pack_text).expect("pack");
+    std::fs::write(dir.join("token"), TOKEN).expect("token");
+    std::fs::write(
+        dir.join("deploywatch.toml"),
+        format!(
+            "[server]\napi_token_file = \"token\"\n\n\
+             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
+             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
+             latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
+             [[targets]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
+            hour * 2,
+            hour * 3,
+            cluster.port()
+        ),
+    )
+    .expect("config");
+    let config = Config::load(&dir.join("deploywatch.toml")).expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let handle = deploywatch::daemon::start(config, listener).expect("daemon");
+    let base = format!("http://{}", handle.local_addr);
+    BenchDaemon { handle, base, dir }
+}
+
+/// Announces deployment `version` (with `note`) and expects it taken.
+pub async fn announce(daemon: &BenchDaemon, version: &str, note: &str) {
+    let announcement = deploywatch::client::Announcement {
+        version,
+        note: Some(note),
+        ..Default::default()
+    };
+    let (code, answer) = deploywatch::client::announce(&daemon.base, TOKEN, &announcement)
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 201, "{answer}");
+}
