@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use deploywatch::deployment::DeploymentView;
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
 use deploywatch::window::{Verdict, Window};
 use deploywatch::workload::fixtures;
 use tokio_util::sync::CancellationToken;
@@ -27,20 +26,9 @@ fn verdict(view: &DeploymentView, window: Window) -> Verdict {
 }
 
 async fn run() {
-    let rounds: usize = std::env::var("DEPLOYWATCH_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20);
-    let hour: u64 = std::env::var("DEPLOYWATCH_BENCH_HOUR")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(4);
-    let cluster = PgCluster::start(ClusterOptions {
-        shared_preload_libraries: vec!["pg_stat_statements".into()],
-        ..ClusterOptions::default()
-    })
-    .expect("PostgreSQL");
-    cluster.create_database("cognit").expect("db");
+    let rounds: usize = common::setting("DEPLOYWATCH_BENCH_ROUNDS", 20);
+    let hour: u64 = common::setting("DEPLOYWATCH_BENCH_HOUR", 4);
+    let cluster = common::cluster_with_statements("cognit");
     let connection_string = cluster.connection_string("cognit");
     let (admin, connection) = tokio_postgres::connect(&connection_string, tokio_postgres::NoTls)
         .await

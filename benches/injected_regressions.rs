@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deploywatch::deployment::{DeploymentView, Signal};
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
 use deploywatch::window::{Verdict, Window};
 use tokio_util::sync::CancellationToken;
 
@@ -50,16 +49,8 @@ struct Row {
 }
 
 async fn run() {
-    let rounds: usize = std::env::var("DEPLOYWATCH_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
-    let cluster = PgCluster::start(ClusterOptions {
-        shared_preload_libraries: vec!["pg_stat_statements".into()],
-        ..ClusterOptions::default()
-    })
-    .expect("PostgreSQL");
-    cluster.create_database("bench").expect("db");
+    let rounds: usize = common::setting("DEPLOYWATCH_BENCH_ROUNDS", 5);
+    let cluster = common::cluster_with_statements("bench");
     cluster
         .psql(
             "bench",

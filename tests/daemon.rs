@@ -18,28 +18,6 @@ async fn start(dir: &ConfigDir) -> DaemonHandle {
     daemon::start(dir.load(), listener).expect("daemon starts")
 }
 
-/// `deploywatch run` as a process of its own (for signals), its stderr captured.
-fn spawn_daemon(dir: &ConfigDir, port: u16) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn daemon")
-}
-
-/// Everything the process wrote to stderr (once it has exited).
-async fn stderr_of(child: &mut tokio::process::Child) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr).await;
-    }
-    stderr
-}
-
 fn base(handle: &DaemonHandle) -> String {
     format!("http://{}", handle.local_addr)
 }
@@ -579,7 +557,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     let main = format!("{FAST}{}", target_toml("db", &pg, "cognit"));
     dir.write("deploywatch.toml", &main);
     let port = common::free_port();
-    let mut child = spawn_daemon(&dir, port);
+    let mut child = common::spawn_daemon(&dir, port);
     let url = format!("http://127.0.0.1:{port}");
     let metrics = |url: String| async move {
         deploywatch::client::request(
@@ -668,7 +646,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         .expect("exits within the grace period")
         .expect("wait");
     assert_eq!(status.code(), Some(0));
-    let stderr = stderr_of(&mut child).await;
+    let stderr = common::stderr_of(&mut child).await;
     assert!(stderr.contains("configuration reload rejected"), "{stderr}");
     assert!(
         stderr.contains("check[0] (broken)"),
@@ -832,7 +810,7 @@ async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
         ),
     );
     let port = common::free_port();
-    let mut child = spawn_daemon(&dir, port);
+    let mut child = common::spawn_daemon(&dir, port);
     // Wait until PostgreSQL shows the check running.
     let pg_ref = &pg;
     eventually("the slow check is running", Duration::from_secs(30), || async move {
@@ -857,7 +835,7 @@ async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
         .expect("wait");
     let took = asked.elapsed();
     assert_eq!(status.code(), Some(0));
-    let stderr = stderr_of(&mut child).await;
+    let stderr = common::stderr_of(&mut child).await;
     assert!(
         stderr.contains("waiting for checks in flight") && !stderr.contains("grace period expired"),
         "{stderr}"

@@ -559,16 +559,7 @@ async fn kill_9_mid_window_loses_nothing() {
     let dir = ConfigDir::new();
     config(&dir, &pg, "cognit", 6);
     let port = common::free_port();
-    let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .arg("--config")
-            .arg(dir.main())
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn daemon")
-    };
+    let spawn = || common::spawn_daemon(&dir, port);
     let status = |port: u16| async move {
         deploywatch::client::request(
             hyper::Method::GET,

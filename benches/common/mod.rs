@@ -2,10 +2,11 @@
 //! of a benchmark's PostgreSQL, taking announcements with a known token.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use deploywatch::config::Config;
 use deploywatch::daemon::DaemonHandle;
-use deploywatch::pgcluster::PgCluster;
+use deploywatch::pgcluster::{ClusterOptions, PgCluster};
 
 pub const TOKEN: &str = "bench-token";
 
@@ -72,4 +73,23 @@ pub async fn announce(daemon: &BenchDaemon, version: &str, note: &str) {
         .await
         .expect("announce");
     assert_eq!(code.as_u16(), 201, "{answer}");
+}
+
+/// A benchmark setting from the environment, or its default.
+pub fn setting<T: FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A throwaway PostgreSQL with pg_stat_statements loaded and database `db` created.
+pub fn cluster_with_statements(db: &str) -> PgCluster {
+    let cluster = PgCluster::start(ClusterOptions {
+        shared_preload_libraries: vec!["pg_stat_statements".into()],
+        ..ClusterOptions::default()
+    })
+    .expect("PostgreSQL");
+    cluster.create_database(db).expect("db");
+    cluster
 }

@@ -224,3 +224,25 @@ impl<'a> Query<'a> {
         (self.samples().len() == 1).then(|| self.value())
     }
 }
+
+/// `deploywatch run` as a process of its own (for signals), its stderr captured.
+pub fn spawn_daemon(dir: &ConfigDir, port: u16) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn daemon")
+}
+
+/// Everything the process wrote to stderr (once it has exited).
+pub async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    stderr
+}
