@@ -129,6 +129,8 @@ async fn check_loop(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // Cancellation wins over a tick that is also ready: no new run after it.
+            biased;
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }

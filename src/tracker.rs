@@ -200,6 +200,8 @@ async fn watch_version(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // Cancellation wins over a tick that is also ready: no new run after it.
+            biased;
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
@@ -239,6 +241,8 @@ impl Tracker {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Cancellation wins over a tick that is also ready: no new run after it.
+                biased;
                 _ = cancel.cancelled() => return,
                 Some(request) = requests.recv() => {
                     let result = self.announce(request.announcement, unix_now());

@@ -93,6 +93,8 @@ pub async fn spawn(
         let mut next = 0usize;
         loop {
             let result = tokio::select! {
+                // Cancellation wins over a tick that is also ready: no new run after it.
+                biased;
                 _ = cancel.cancelled() => break,
                 _ = hot.tick() => {
                     let id: i64 = rand::thread_rng().gen_range(1..=max_participant.max(1));
