@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use deploywatch::config::Config;
 use deploywatch::daemon;
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 const TARGETS: usize = 10;
 const CHECKS: usize = 30;
@@ -115,9 +115,10 @@ async fn run() {
     let cpu_used = cpu_seconds() - cpu_start;
     let runs_done = runs(&handle) - runs_start;
     let rss_idle = rss_kib();
-    let (_, body) = deploywatch::client::request(hyper::Method::GET, &url, "*/*", None, None)
-        .await
-        .expect("scrape");
+    let (_, body) =
+        deploywatch::commands::client::request(hyper::Method::GET, &url, "*/*", None, None)
+            .await
+            .expect("scrape");
     let series = body.lines().filter(|l| !l.starts_with('#')).count();
 
     let wrk = tokio::process::Command::new("wrk")

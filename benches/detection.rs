@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use deploywatch::analysis::regression::{judge, Thresholds};
+use deploywatch::analysis::sample::{Sample, StatementDelta};
+use deploywatch::analysis::window::Window;
 use deploywatch::config::Config;
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
-use deploywatch::regression::{judge, Thresholds};
-use deploywatch::sample::{Sample, StatementDelta};
-use deploywatch::window::Window;
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 struct Lcg(u64);
 
@@ -193,9 +193,9 @@ async fn sampling_cost() {
     )
     .expect("config");
     let config = Config::load(&dir.join("deploywatch.toml")).expect("config");
-    let pools = deploywatch::scheduler::Pools::for_config(&Default::default(), &config);
+    let pools = deploywatch::watch::scheduler::Pools::for_config(&Default::default(), &config);
     let pool = pools.get("bench").expect("pool");
-    let support = deploywatch::sampler::statements_support(pool)
+    let support = deploywatch::postgres::sampler::statements_support(pool)
         .await
         .expect("support");
     let runs = 20;
@@ -203,7 +203,7 @@ async fn sampling_cost() {
     let mut rows = 0;
     for _ in 0..runs {
         let started = Instant::now();
-        let raw = deploywatch::sampler::read(pool, &support, 0.0)
+        let raw = deploywatch::postgres::sampler::read(pool, &support, 0.0)
             .await
             .expect("sample");
         durations.push(started.elapsed());

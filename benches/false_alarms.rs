@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use deploywatch::deployment::DeploymentView;
-use deploywatch::window::{Verdict, Window};
-use deploywatch::workload::fixtures;
+use deploywatch::analysis::deployment::DeploymentView;
+use deploywatch::analysis::window::{Verdict, Window};
+use deploywatch_testkit::workload::fixtures;
 use tokio_util::sync::CancellationToken;
 
 mod common;
@@ -44,7 +44,7 @@ async fn run() {
         admin.batch_execute(sql).await.expect("fixture");
     }
     let cancel = CancellationToken::new();
-    let (workload, _) = deploywatch::workload::spawn(
+    let (workload, _) = deploywatch_testkit::workload::spawn(
         &connection_string,
         40,
         Duration::from_millis(200),

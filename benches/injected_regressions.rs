@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploywatch::deployment::{DeploymentView, Signal};
-use deploywatch::window::{Verdict, Window};
+use deploywatch::analysis::deployment::{DeploymentView, Signal};
+use deploywatch::analysis::window::{Verdict, Window};
 use tokio_util::sync::CancellationToken;
 
 mod common;

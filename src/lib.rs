@@ -1,40 +1,29 @@
 //! deploywatch: watches PostgreSQL after a schema migration.
 //!
-//! Data flows config → scheduler → checks on a target → results in [`state`] → [`metrics`],
-//! [`status`] and the deployment [`tracker`]. See ARCHITECTURE.md for the map.
+//! The layers, from the bottom up (each depends only on those below it; ARCHITECTURE.md has the
+//! map and `tests/architecture.rs` enforces it):
+//!
+//! - [`time`]: the one time type, the injectable clock, durations and RFC 3339.
+//! - [`checks`]: check specifications, the expectation grammar, outcome evaluation. Pure.
+//! - [`analysis`]: samples, windows, statistics, regression rules, deployments, reports. Pure.
+//! - [`storage`]: the embedded store.
+//! - [`postgres`]: the database edge, the only layer that sends SQL.
+//! - [`config`]: the configuration files and check packs, validated.
+//! - [`watch`]: the work: scheduler, deployment tracker, discovery, in-memory state.
+//! - [`server`]: HTTP, metrics, status rendering.
+//! - [`daemon`]: the lifecycle that wires them together.
+//! - [`commands`]: the CLI.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-pub mod check_pack;
-pub mod cli;
-pub mod client;
+pub mod analysis;
+pub mod checks;
 pub mod commands;
 pub mod config;
 pub mod daemon;
-pub mod demo;
-pub mod deployment;
-pub mod discovery;
-pub mod expectation;
-pub mod http;
-pub mod metrics;
-pub mod outcome;
-pub mod pgcluster;
-pub mod pool;
-pub mod privileges;
-pub mod regression;
-pub mod report;
-pub mod runner;
-pub mod sample;
-pub mod sampler;
-pub mod scheduler;
-pub mod state;
-pub mod stats;
-pub mod status;
-pub mod store;
-pub mod target;
-pub mod tls;
-pub mod tracker;
-pub mod web_config;
-pub mod window;
-pub mod workload;
+pub mod postgres;
+pub mod server;
+pub mod storage;
+pub mod time;
+pub mod watch;

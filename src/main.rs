@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use deploywatch::cli::{Cli, Command, DeployAction, LogFormat};
+use deploywatch::commands::cli::{Cli, Command, DeployAction, LogFormat};
 use deploywatch::commands::{self, EXIT_UNREACHABLE};
 use deploywatch::config::Config;
 use deploywatch::daemon::{self, Event};
@@ -19,7 +19,7 @@ fn init_logging(format: LogFormat, filter: &str) -> tracing_appender::non_blocki
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .finish(std::io::stderr());
-    deploywatch::metrics::count_dropped_log_lines(writer.error_counter());
+    deploywatch::server::metrics::count_dropped_log_lines(writer.error_counter());
     // Colours only for a person at a terminal, not in journald or a file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -91,7 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             if *privileges {
-                let report = deploywatch::privileges::report(&config).await;
+                let report = deploywatch::commands::privileges::report(&config).await;
                 return Ok(printed((u8::from(!report.all_runnable()), report.render())));
             }
             Ok(printed(
@@ -147,13 +147,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             exit_after_story,
         } => {
-            let options = deploywatch::demo::DemoOptions {
+            let options = deploywatch::commands::demo::DemoOptions {
                 step: step.clone(),
                 listen: *listen,
                 story: !no_story,
                 exit_after_story: *exit_after_story,
             };
-            match deploywatch::demo::run(options).await {
+            match deploywatch::commands::demo::run(options).await {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(error) => {
                     eprintln!("demo: {error}");

@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::{cluster, cognit_db, target_toml, ConfigDir, Version};
-use deploywatch::cli::OutputFormat;
+use deploywatch::checks::outcome::{ErrorKind, Observation, Status};
 use deploywatch::commands;
+use deploywatch::commands::cli::OutputFormat;
 use deploywatch::config::Config;
-use deploywatch::outcome::{ErrorKind, Observation, Status};
-use deploywatch::pgcluster::PgCluster;
-use deploywatch::scheduler::{self, Pools};
-use deploywatch::state::{CheckState, State};
+use deploywatch::watch::scheduler::{self, Pools};
+use deploywatch::watch::state::{CheckState, State};
+use deploywatch_testkit::pgcluster::PgCluster;
 
 const INTEGRITY: [&str; 5] = [
     "invalid_attention_score",

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{cluster, cognit_db, eventually, get, parse_metrics, target_toml, ConfigDir, Version};
 use deploywatch::daemon::{self, DaemonHandle};
-use deploywatch::pgcluster::PgCluster;
+use deploywatch_testkit::pgcluster::PgCluster;
 
 const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
 
@@ -271,7 +271,7 @@ async fn endpoints_answer_404_405_and_probes() {
     let url = base(&handle);
     assert_eq!(get(&format!("{url}/healthz")).await.0, 200);
     assert_eq!(get(&format!("{url}/nope")).await.0, 404);
-    let (code, _) = deploywatch::client::request(
+    let (code, _) = deploywatch::commands::client::request(
         hyper::Method::POST,
         &format!("{url}/metrics"),
         "*/*",
@@ -405,8 +405,9 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
 
     hung.pause().expect("SIGSTOP postgres");
     let state = handle.state.clone();
-    let runs_of_healthy =
-        |state: &deploywatch::state::State| state.snapshot().targets["healthy"].checks["ping"].runs;
+    let runs_of_healthy = |state: &deploywatch::watch::state::State| {
+        state.snapshot().targets["healthy"].checks["ping"].runs
+    };
     let before = runs_of_healthy(&state);
     let url = base(&handle);
     // A query in flight hits the client deadline (timeout); a new session's handshake hits the
@@ -446,7 +447,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
         async move {
             let snapshot = state.snapshot();
             let check = &snapshot.targets["hung"].checks["ping"];
-            (check.status == deploywatch::outcome::Status::Pass
+            (check.status == deploywatch::checks::outcome::Status::Pass
                 && snapshot.targets["hung"].reachable == Some(true))
             .then_some(())
         }
@@ -560,7 +561,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     let mut child = common::spawn_daemon(&dir, port);
     let url = format!("http://127.0.0.1:{port}");
     let metrics = |url: String| async move {
-        deploywatch::client::request(
+        deploywatch::commands::client::request(
             hyper::Method::GET,
             &format!("{url}/metrics"),
             "*/*",
@@ -873,11 +874,11 @@ async fn a_reload_applies_the_deployment_api_settings() {
     );
     let handle = start(&dir).await;
     let announce = |base: String| async move {
-        let announcement = deploywatch::client::Announcement {
+        let announcement = deploywatch::commands::client::Announcement {
             version: "3.7.1",
             ..Default::default()
         };
-        deploywatch::client::announce(&base, "reload-token", &announcement)
+        deploywatch::commands::client::announce(&base, "reload-token", &announcement)
             .await
             .expect("post")
     };

@@ -7,10 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{cluster, cognit_db, eventually, get, parse_metrics, ConfigDir, Version};
+use deploywatch::analysis::deployment::{DeploymentKind, DeploymentView, Detection, Signal};
+use deploywatch::analysis::window::{Verdict, Window};
 use deploywatch::daemon::{self, DaemonHandle};
-use deploywatch::deployment::{DeploymentKind, DeploymentView, Detection, Signal};
-use deploywatch::pgcluster::PgCluster;
-use deploywatch::window::{Verdict, Window};
+use deploywatch_testkit::pgcluster::PgCluster;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "test-token-5f1c";
@@ -43,7 +43,7 @@ async fn start(dir: &ConfigDir) -> DaemonHandle {
 }
 
 async fn workload(pg: &PgCluster, db: &str, cancel: &CancellationToken) {
-    let (_handle, _counters) = deploywatch::workload::spawn(
+    let (_handle, _counters) = deploywatch_testkit::workload::spawn(
         &pg.connection_string(db),
         40,
         Duration::from_millis(200),
@@ -92,12 +92,12 @@ async fn wait_baseline(handle: &DaemonHandle, samples: usize) {
 }
 
 async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
-    let announcement = deploywatch::client::Announcement {
+    let announcement = deploywatch::commands::client::Announcement {
         version,
         note: Some("test"),
         ..Default::default()
     };
-    let (code, body) = deploywatch::client::announce(
+    let (code, body) = deploywatch::commands::client::announce(
         &format!("http://{}", handle.local_addr),
         TOKEN,
         &announcement,
@@ -479,7 +479,7 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
     let post = |token: Option<&'static str>, body: &'static str| {
         let url = url.clone();
         async move {
-            let (code, body) = deploywatch::client::request(
+            let (code, body) = deploywatch::commands::client::request(
                 hyper::Method::POST,
                 &url,
                 "application/json",
@@ -561,7 +561,7 @@ async fn kill_9_mid_window_loses_nothing() {
     let port = common::free_port();
     let spawn = || common::spawn_daemon(&dir, port);
     let status = |port: u16| async move {
-        deploywatch::client::request(
+        deploywatch::commands::client::request(
             hyper::Method::GET,
             &format!("http://127.0.0.1:{port}/status"),
             "application/json",
@@ -576,7 +576,7 @@ async fn kill_9_mid_window_loses_nothing() {
     eventually("daemon up", Duration::from_secs(30), || status(port)).await;
     tokio::time::sleep(Duration::from_secs(7)).await;
     let body = serde_json::json!({ "version": "3.7.1" }).to_string();
-    let (code, _) = deploywatch::client::request(
+    let (code, _) = deploywatch::commands::client::request(
         hyper::Method::POST,
         &format!("http://127.0.0.1:{port}/api/deployments"),
         "application/json",
@@ -730,7 +730,7 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
         "recorded once: {text}"
     );
     handle.shutdown().await.expect("shutdown");
-    let store = deploywatch::store::Store::open(&dir.path().join("state.sqlite")).expect("store");
+    let store = deploywatch::storage::Store::open(&dir.path().join("state.sqlite")).expect("store");
     assert_eq!(
         store
             .deployments(Some("cognit"))

@@ -183,7 +183,7 @@ async fn metrics_over_tls_with_basic_auth() {
         "probes stay open"
     );
     // Plain HTTP is not served on a TLS port.
-    let plain = deploywatch::client::request(
+    let plain = deploywatch::commands::client::request(
         hyper::Method::GET,
         &format!("http://127.0.0.1:{port}/metrics"),
         "*/*",

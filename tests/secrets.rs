@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{cluster, eventually, ConfigDir};
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 const PASSWORD: &str = "Zx9-LEAK-CANARY-pw-7q";
 const WRONG_PASSWORD: &str = "Wr0ng-LEAK-CANARY-pw-3k";
@@ -103,7 +103,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         || {
             let base = base.clone();
             async move {
-                let (_, body) = deploywatch::client::request(
+                let (_, body) = deploywatch::commands::client::request(
                     hyper::Method::GET,
                     &format!("{base}/status"),
                     "application/json",
@@ -132,7 +132,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         (Some("not-the-token"), "{\"version\": \"1\"}"),
         (Some(TOKEN), "{\"version\": "),
     ] {
-        let (_, answer) = deploywatch::client::request(
+        let (_, answer) = deploywatch::commands::client::request(
             hyper::Method::POST,
             &format!("{base}/api/deployments"),
             "application/json",
@@ -155,7 +155,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         .expect("kill");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let (_, metrics) = deploywatch::client::request(
+    let (_, metrics) = deploywatch::commands::client::request(
         hyper::Method::GET,
         &format!("{base}/metrics"),
         "*/*",
@@ -164,7 +164,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     )
     .await
     .expect("metrics");
-    let (_, status) = deploywatch::client::request(
+    let (_, status) = deploywatch::commands::client::request(
         hyper::Method::GET,
         &format!("{base}/status"),
         "application/json",
@@ -173,7 +173,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     )
     .await
     .expect("status");
-    let (_, text) = deploywatch::client::request(
+    let (_, text) = deploywatch::commands::client::request(
         hyper::Method::GET,
         &format!("{base}/status?format=text"),
         "text/plain",

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
-use deploywatch::pool::TargetPool;
-use deploywatch::runner::query_read_only;
-use deploywatch::target::ConnectionSettings;
+use deploywatch::postgres::pool::TargetPool;
+use deploywatch::postgres::runner::query_read_only;
+use deploywatch::postgres::target::ConnectionSettings;
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 struct Pki {
@@ -138,7 +138,7 @@ async fn connect(pg: &PgCluster, host: &str, options: &[(&str, String)]) -> Resu
     let table = result.map_err(|e| e.message)?;
     Ok(matches!(
         table.rows.first().and_then(|r| r.first()),
-        Some(deploywatch::outcome::Cell::Bool(true))
+        Some(deploywatch::checks::outcome::Cell::Bool(true))
     ))
 }
 

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use deploywatch::config::Config;
 use deploywatch::daemon::DaemonHandle;
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 pub const TOKEN: &str = "bench-token";
 
@@ -64,14 +64,15 @@ pub async fn start(
 
 /// Announces deployment `version` (with `note`) and expects it taken.
 pub async fn announce(daemon: &BenchDaemon, version: &str, note: &str) {
-    let announcement = deploywatch::client::Announcement {
+    let announcement = deploywatch::commands::client::Announcement {
         version,
         note: Some(note),
         ..Default::default()
     };
-    let (code, answer) = deploywatch::client::announce(&daemon.base, TOKEN, &announcement)
-        .await
-        .expect("announce");
+    let (code, answer) =
+        deploywatch::commands::client::announce(&daemon.base, TOKEN, &announcement)
+            .await
+            .expect("announce");
     assert_eq!(code.as_u16(), 201, "{answer}");
 }
 

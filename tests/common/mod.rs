@@ -1,4 +1,4 @@
-//! Shared test support: a real PostgreSQL per test (via `deploywatch::pgcluster`), the cognit
+//! Shared test support: a real PostgreSQL per test (via `deploywatch_testkit::pgcluster`), the cognit
 //! fixture at a chosen version, configuration files pointing at it, an in-process daemon on a
 //! free port, and small matchers over a real Prometheus exposition parse.
 #![allow(dead_code)]
@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use deploywatch::config::Config;
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    repo().join("tests/fixtures/cognit").join(name)
+    repo().join("testkit/fixtures/cognit").join(name)
 }
 
 /// A throwaway PostgreSQL. Fails loudly (with the fix) when PostgreSQL is not installed.
@@ -55,7 +55,7 @@ pub fn cognit_db(cluster: &PgCluster, name: &str, version: Version) {
 pub fn migrate(
     cluster: &PgCluster,
     name: &str,
-) -> Result<String, deploywatch::pgcluster::PgClusterError> {
+) -> Result<String, deploywatch_testkit::pgcluster::PgClusterError> {
     cluster.psql_file(name, &fixture("001_pragmatic_schema_fixes.sql"))
 }
 
@@ -129,9 +129,10 @@ pub fn free_port() -> u16 {
 
 /// An HTTP GET against the daemon; returns status code and body.
 pub async fn get(url: &str) -> (u16, String) {
-    let (code, body) = deploywatch::client::request(hyper::Method::GET, url, "*/*", None, None)
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let (code, body) =
+        deploywatch::commands::client::request(hyper::Method::GET, url, "*/*", None, None)
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     (code.as_u16(), body)
 }
 

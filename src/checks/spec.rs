@@ -1,0 +1,117 @@
+//! A check as it runs on one target: its category, severity, SQL, bound parameters, parsed
+//! expectation, timing and result shape. Packs ([`crate::config::packs`]) produce these.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checks::expectation::Expectation;
+
+/// Label names a rows check may not use: deploywatch sets them itself.
+pub(crate) const RESERVED_LABELS: &[&str] = &[
+    "target", "check", "category", "severity", "column", "status",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Health,
+    Integrity,
+    IndexUsage,
+    Performance,
+    Activity,
+}
+
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Health => "health",
+            Category::Integrity => "integrity",
+            Category::IndexUsage => "index_usage",
+            Category::Performance => "performance",
+            Category::Activity => "activity",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Critical,
+    Warning,
+    Info,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result shape a check's SQL returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// Exactly one row with one column.
+    Scalar,
+    /// Any number of rows: `labels` columns become Prometheus labels and each `values` column
+    /// becomes one series per row.
+    Rows {
+        labels: Vec<String>,
+        values: Vec<String>,
+        max_series: usize,
+        /// The value column the expectation is applied to on every row.
+        expect_column: Option<String>,
+    },
+}
+
+/// A check ready to run on one target.
+#[derive(Debug, Clone)]
+pub struct CheckSpec {
+    pub name: String,
+    pub pack: String,
+    pub category: Category,
+    pub severity: Severity,
+    pub description: String,
+    pub sql: String,
+    /// Values bound to `$1`, `$2`, ... as text.
+    pub bind: Vec<String>,
+    pub expectation: Option<Expectation>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub lock_timeout: Duration,
+    pub runbook: Option<String>,
+    pub shape: Shape,
+}
+
+/// Check, target and pack names: letters, digits, `_` and `-`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+pub(crate) fn valid_label(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+}

@@ -1,0 +1,129 @@
+//! A small HTTP client for the CLI commands that talk to a running daemon
+//! (`deploywatch status`, `deploywatch deploy mark`). Only this module knows hyper's client side.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot reach deploywatch at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("deploywatch at {url} did not answer within {TIMEOUT:?}")]
+    Timeout { url: String },
+}
+
+/// A `GET`: the status and body. The status comes as hyper's type so callers need not know it.
+pub async fn get(url: &str, accept: &str) -> Result<(StatusCode, String), ClientError> {
+    request(Method::GET, url, accept, None, None).await
+}
+
+/// Sends one request and returns the status and body.
+pub async fn request(
+    method: Method,
+    url: &str,
+    accept: &str,
+    bearer: Option<&str>,
+    body: Option<String>,
+) -> Result<(StatusCode, String), ClientError> {
+    let uri: hyper::Uri =
+        url.parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| ClientError::Url {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
+    if uri.scheme_str() != Some("http") {
+        return Err(ClientError::Url {
+            url: url.to_string(),
+            reason: "only http:// URLs are supported".to_string(),
+        });
+    }
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(ACCEPT, accept);
+    if let Some(token) = bearer {
+        builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        builder = builder.header(CONTENT_TYPE, "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| ClientError::Url {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.to_string(),
+                reason: error_chain(&e),
+            })?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            url: url.to_string(),
+        })?
+}
+
+/// What a pipeline says when it announces a deployment (`POST /api/deployments`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Announcement<'a> {
+    pub target: Option<&'a str>,
+    pub version: &'a str,
+    pub note: Option<&'a str>,
+    pub started_at: Option<&'a str>,
+}
+
+/// Announces a deployment to the daemon at `base` (`http://host:port`) with the API token.
+pub async fn announce(
+    base: &str,
+    token: &str,
+    announcement: &Announcement<'_>,
+) -> Result<(StatusCode, String), ClientError> {
+    let body = serde_json::to_string(announcement).unwrap_or_default();
+    request(
+        Method::POST,
+        &format!("{}/api/deployments", base.trim_end_matches('/')),
+        "application/json",
+        Some(token),
+        Some(body),
+    )
+    .await
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    message
+}

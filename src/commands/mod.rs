@@ -1,0 +1,282 @@
+//! What each CLI subcommand does, as library functions returning an exit code, so tests can
+//! call them and `main` stays a flat dispatch.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub mod cli;
+pub mod client;
+pub mod demo;
+pub mod privileges;
+
+use crate::checks::outcome::{ErrorKind, Status};
+use crate::commands::cli::OutputFormat;
+use crate::config::Config;
+use crate::server::status::{self, Filter, Overall};
+use crate::time::unix_now;
+use crate::watch::discovery::{self, Expanded};
+use crate::watch::scheduler::{self, Pools};
+use crate::watch::state::State;
+
+/// Exit code: everything passed.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: a check failed or errored (or the daemon reports a problem).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: a target or the daemon cannot be reached, or the configuration is invalid.
+pub const EXIT_UNREACHABLE: u8 = 2;
+
+/// `deploywatch check`: runs the selected checks once and prints the results.
+pub async fn check(
+    config: Config,
+    target: Option<&str>,
+    check: Option<&str>,
+    format: OutputFormat,
+) -> (u8, String) {
+    // Targets with `databases` patterns stand for the databases their server lists now.
+    let Expanded {
+        mut config,
+        failures,
+    } = discovery::expand(&config).await;
+    if let Some(name) = target {
+        // A template's name selects every database discovered under it.
+        let prefix = format!("{name}/");
+        let selected =
+            |t: &crate::config::TargetConfig| t.name == name || t.name.starts_with(&prefix);
+        if !config.targets.iter().any(selected) {
+            return (EXIT_UNREACHABLE, format!("no target is named {name:?}\n"));
+        }
+        config.targets.retain(selected);
+    }
+    if let Some(name) = check {
+        let known = config
+            .targets
+            .iter()
+            .any(|t| t.checks.iter().any(|c| c.name == name));
+        if !known {
+            return (EXIT_UNREACHABLE, format!("no check is named {name:?}\n"));
+        }
+        for t in &mut config.targets {
+            t.checks.retain(|c| c.name == name);
+        }
+    }
+    let state = Arc::new(State::new());
+    state.apply_config(&config, unix_now());
+    for (name, message) in failures {
+        state.set_unreachable(&name, message);
+    }
+    let pools = Pools::for_config(&Pools::default(), &config);
+    scheduler::run_once(&config, &pools, &state).await;
+    for target in &config.targets {
+        if let Some(pool) = pools.get(&target.name) {
+            if let Ok(version) =
+                crate::postgres::sampler::read_version(pool, &target.version_query).await
+            {
+                state.set_schema_version(&target.name, version);
+            }
+        }
+    }
+    pools.close_all();
+    let snapshot = state.snapshot();
+    let report = status::build(&snapshot, &Filter::default(), unix_now());
+    let unreachable = snapshot.targets.values().any(|t| {
+        t.reachable == Some(false)
+            || t.checks.values().any(|c| {
+                c.outcome
+                    .as_ref()
+                    .and_then(|o| o.error.as_ref())
+                    .is_some_and(|e| e.kind == ErrorKind::Connection)
+            })
+    });
+    let any_bad = snapshot
+        .targets
+        .values()
+        .flat_map(|t| t.checks.values())
+        .any(|c| c.status != Status::Pass);
+    let code = if unreachable {
+        EXIT_UNREACHABLE
+    } else if any_bad {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    };
+    let output = match format {
+        OutputFormat::Table => status::render_text(&report),
+        OutputFormat::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+    };
+    (code, output)
+}
+
+/// `deploywatch validate`.
+pub fn validate(config: &Config) -> String {
+    let checks: usize = config.targets.iter().map(|t| t.checks.len()).sum();
+    format!(
+        "{}: valid ({} target(s), {} pack(s), {} check(s) in all)\n",
+        config.source.display(),
+        config.targets.len(),
+        config.packs.len(),
+        checks
+    )
+}
+
+fn base_url(url: Option<&str>, config: Option<&Config>) -> String {
+    match (url, config) {
+        (Some(url), _) => url.trim_end_matches('/').to_string(),
+        (None, Some(config)) => {
+            let mut addr = config.server.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+        (None, None) => format!("http://{}", crate::config::DEFAULT_LISTEN),
+    }
+}
+
+/// `deploywatch status`: asks a running daemon.
+pub async fn status(
+    url: Option<&str>,
+    config: Option<&Config>,
+    target: Option<&str>,
+    format: OutputFormat,
+) -> (u8, String) {
+    let base = base_url(url, config);
+    let mut full = format!("{base}/status?format=json");
+    if let Some(target) = target {
+        full.push_str("&target=");
+        full.push_str(&url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>());
+    }
+    let body = match client::get(&full, "application/json").await {
+        Ok((code, body)) if code.is_success() => body,
+        Ok((code, body)) => {
+            return (
+                EXIT_UNREACHABLE,
+                format!("deploywatch at {base} answered {code}: {body}\n"),
+            )
+        }
+        Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
+    };
+    let value: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(value) => value,
+        Err(error) => {
+            return (
+                EXIT_UNREACHABLE,
+                format!("unexpected answer from {base}: {error}\n"),
+            )
+        }
+    };
+    let overall = value
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("failing");
+    let code = if overall == Overall::Ok.as_str() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    };
+    let output = match format {
+        OutputFormat::Json => body,
+        OutputFormat::Table => {
+            let text_url = full.replace("format=json", "format=text");
+            match client::get(&text_url, "text/plain").await {
+                Ok((_, text)) => text,
+                Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
+            }
+        }
+    };
+    (code, output)
+}
+
+/// `deploywatch deploy mark`.
+#[allow(clippy::too_many_arguments)]
+pub async fn deploy_mark(
+    config: Option<&Config>,
+    url: Option<&str>,
+    token_env: Option<&str>,
+    target: Option<&str>,
+    version: &str,
+    note: Option<&str>,
+    started_at: Option<&str>,
+) -> (u8, String) {
+    let base = base_url(url, config);
+    let token = match token_env {
+        Some(var) => std::env::var(var).ok(),
+        None => config
+            .and_then(|c| c.server.api_token.as_ref())
+            .and_then(|source| source.read().ok()),
+    };
+    let Some(token) = token else {
+        return (
+            EXIT_UNREACHABLE,
+            "no API token: set server.api_token_env (or api_token_file) in the configuration, or pass --token-env\n"
+                .to_string(),
+        );
+    };
+    let announcement = client::Announcement {
+        target,
+        version,
+        note,
+        started_at,
+    };
+    match client::announce(&base, &token, &announcement).await {
+        Ok((code, body)) if code.is_success() => (EXIT_OK, body + "\n"),
+        Ok((code, body)) => (
+            EXIT_FAILED,
+            format!("deploywatch refused the deployment ({code}): {body}\n"),
+        ),
+        Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
+    }
+}
+
+pub fn exit(code: u8) -> ExitCode {
+    ExitCode::from(code)
+}
+
+/// `deploywatch report`: reads the state store named in the configuration.
+pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) -> (u8, String) {
+    let Some(path) = &config.store.path else {
+        return (
+            EXIT_UNREACHABLE,
+            "no [store] path in the configuration: deployments are only kept in memory\n"
+                .to_string(),
+        );
+    };
+    if !path.exists() {
+        return (
+            EXIT_UNREACHABLE,
+            format!(
+                "the state store {} does not exist yet: run the daemon first\n",
+                path.display()
+            ),
+        );
+    }
+    let result = (|| -> Result<Option<String>, crate::storage::StoreError> {
+        let store = crate::storage::Store::open(path)?;
+        let record = match deployment {
+            Some(id) => store.deployment(id)?,
+            None => store.deployments(target)?.into_iter().next(),
+        };
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let before = store.samples(&record.target, record.at - 7.0 * 86400.0, record.at)?;
+        let now = unix_now();
+        let after = store.samples(&record.target, record.at, now + 1.0)?;
+        let verdicts = store.verdicts(record.id)?;
+        let version = store.last_version(&record.target)?;
+        Ok(Some(crate::analysis::report::render(
+            &crate::analysis::report::ReportInput {
+                deployment: &record,
+                before: before.last(),
+                after: &after,
+                verdicts: &verdicts,
+                current_version: version.as_deref(),
+                now,
+            },
+        )))
+    })();
+    match result {
+        Ok(Some(text)) => (EXIT_OK, text),
+        Ok(None) => (EXIT_FAILED, "no deployment recorded yet\n".to_string()),
+        Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
+    }
+}

@@ -1,0 +1,993 @@
+//! Configuration: the main file (`config/deploywatch.toml`) with `DEPLOYWATCH_<SECTION>__<KEY>`
+//! environment overrides, and the check packs it names.
+//!
+//! Loading happens in two stages. The files are first deserialized into raw structs that mirror
+//! them (unknown keys are refused), then converted into a validated [`Config`] while every problem
+//! is collected with the file and key it belongs to. Nothing connects to a database here.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub mod databases;
+pub mod packs;
+pub mod web;
+
+use crate::analysis::window::WindowDurations;
+use crate::config::databases::Discovery;
+use crate::config::packs::{CheckSpec, Pack};
+use crate::postgres::target::{ConnectionSettings, PasswordSource};
+
+/// Default address of the HTTP server. 9788 is not used by any well-known exporter.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9788";
+
+/// The sections an environment override may address (`DEPLOYWATCH_SERVER__LISTEN`). Other
+/// `DEPLOYWATCH_*` variables are left alone: they commonly hold passwords named by `password_env`.
+const ENV_SECTIONS: &[&str] = &["server", "defaults", "checks", "store", "deployments"];
+
+/// One thing wrong with the configuration: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration:\n{}", list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Collects problems while a configuration is validated.
+#[derive(Default)]
+pub(crate) struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub(crate) fn push(&mut self, file: &Path, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw form: exactly what the file says.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    checks: RawChecks,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    deployments: RawDeployments,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    shutdown_grace: Option<String>,
+    api_token_env: Option<String>,
+    api_token_file: Option<PathBuf>,
+    web_config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    interval: Option<String>,
+    timeout: Option<String>,
+    lock_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    max_connections_per_target: Option<i64>,
+    max_series: Option<i64>,
+    discovery_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChecks {
+    files: Option<Vec<String>>,
+    interval_override: Option<String>,
+    #[serde(default)]
+    parameters: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<PathBuf>,
+    retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployments {
+    enabled: Option<bool>,
+    sample_interval: Option<String>,
+    baseline_span: Option<String>,
+    min_baseline_samples: Option<i64>,
+    min_window_samples: Option<i64>,
+    version_query: Option<String>,
+    first_hour: Option<String>,
+    first_day: Option<String>,
+    first_week: Option<String>,
+    latency_min_increase: Option<f64>,
+    latency_min_calls: Option<i64>,
+    latency_p_value: Option<f64>,
+    latency_min_delta_ms: Option<f64>,
+    #[serde(default)]
+    declared: Vec<RawDeclaredDeployment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeclaredDeployment {
+    target: String,
+    version: String,
+    at: String,
+    note: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Option<String>,
+    url: Option<String>,
+    host: Option<String>,
+    port: Option<i64>,
+    dbname: Option<String>,
+    user: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    max_connections: Option<i64>,
+    packs: Option<Vec<String>>,
+    #[serde(default)]
+    parameters: BTreeMap<String, toml::Value>,
+    version_query: Option<String>,
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
+    /// Glob patterns: the target stands for every matching database of its server.
+    databases: Option<Vec<String>>,
+    exclude_databases: Option<Vec<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated form.
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration the daemon and the CLI run on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main file it was loaded from, for reloads and messages.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub defaults: Defaults,
+    pub store: StoreConfig,
+    pub deployments: DeploymentConfig,
+    pub targets: Vec<TargetConfig>,
+    /// Every pack that was loaded, in load order.
+    pub packs: Vec<Arc<Pack>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    /// Where the bearer token for `POST /api/deployments` comes from. Without one, the
+    /// endpoint refuses every request.
+    pub api_token: Option<PasswordSource>,
+    /// TLS and basic authentication of the endpoints (exporter-toolkit format).
+    pub web_config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub interval: Duration,
+    /// Runs every check at this interval whatever its pack says (demos, tests, drills).
+    pub interval_override: Option<Duration>,
+    pub timeout: Duration,
+    pub lock_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_connections_per_target: usize,
+    pub max_series: usize,
+    /// How often targets with `databases` patterns ask their server again.
+    pub discovery_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `None` keeps deployment state in memory only (no baseline survives a restart).
+    pub path: Option<PathBuf>,
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeploymentConfig {
+    pub enabled: bool,
+    pub sample_interval: Duration,
+    pub baseline_span: Duration,
+    pub min_baseline_samples: usize,
+    pub min_window_samples: usize,
+    pub windows: WindowDurations,
+    /// Relative increase of a query's mean time that counts as a regression (0.2 = +20 %).
+    pub latency_min_increase: f64,
+    /// Calls per sample a query needs before its latency is judged.
+    pub latency_min_calls: u64,
+    /// One-sided Mann–Whitney p-value below which a latency change is significant.
+    pub latency_p_value: f64,
+    /// Smallest change of a query's median time per call (ms) that can be a regression.
+    pub latency_min_delta_ms: f64,
+    pub declared: Vec<DeclaredDeployment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeclaredDeployment {
+    pub target: String,
+    pub version: String,
+    /// Unix seconds.
+    pub at: f64,
+    pub note: Option<String>,
+}
+
+/// One database deploywatch watches, with the checks resolved for it.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    pub connection: ConnectionSettings,
+    pub max_connections: usize,
+    pub version_query: String,
+    pub checks: Vec<Arc<CheckSpec>>,
+    /// `Some` for a template that stands for the matching databases of its server; see
+    /// [`crate::postgres::discovery`].
+    pub discover: Option<Discovery>,
+}
+
+pub const DEFAULT_VERSION_QUERY: &str = "SELECT value FROM database_metadata WHERE key = 'version'";
+
+impl Config {
+    /// Loads and validates the main file, its environment overrides and every check pack it
+    /// names. Every problem found is reported at once.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Problems::default();
+        let raw = read_raw(path, env, &mut problems);
+        let config = raw.and_then(|raw| validate(path, raw, &mut problems));
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid(problems.0)),
+        }
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+fn read_raw(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Problems,
+) -> Option<RawConfig> {
+    if !path.is_file() {
+        problems.push(path, "", "configuration file not found");
+        return None;
+    }
+    let overrides: config::Map<String, String> = env
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let rest = key.strip_prefix("DEPLOYWATCH_")?;
+            let section = rest.split("__").next()?.to_ascii_lowercase();
+            (ENV_SECTIONS.contains(&section.as_str()) && rest.contains("__"))
+                .then(|| (key.clone(), value))
+        })
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("DEPLOYWATCH")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        )
+        .build();
+    let built = match built {
+        Ok(built) => built,
+        Err(error) => {
+            problems.push(path, "", error.to_string());
+            return None;
+        }
+    };
+    match serde_path_to_error::deserialize::<_, RawConfig>(built) {
+        Ok(raw) => Some(raw),
+        Err(error) => {
+            let key = error.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            problems.push(path, key, error.into_inner().to_string());
+            None
+        }
+    }
+}
+
+pub(crate) fn parse_duration(
+    problems: &mut Problems,
+    file: &Path,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Duration {
+    let Some(text) = value else { return default };
+    match crate::time::parse_duration(text) {
+        Ok(duration) if !duration.is_zero() => duration,
+        Ok(_) => {
+            problems.push(file, key, "duration must be greater than zero");
+            default
+        }
+        Err(error) => {
+            problems.push(
+                file,
+                key,
+                format!("invalid duration {text:?} ({error}); write e.g. \"30s\", \"5m\", \"1h\""),
+            );
+            default
+        }
+    }
+}
+
+fn positive(
+    problems: &mut Problems,
+    file: &Path,
+    key: &str,
+    value: Option<i64>,
+    default: usize,
+) -> usize {
+    match value {
+        None => default,
+        Some(v) if v >= 1 => usize::try_from(v).unwrap_or(default),
+        Some(v) => {
+            problems.push(file, key, format!("must be at least 1, found {v}"));
+            default
+        }
+    }
+}
+
+/// Parameters are written as TOML strings, numbers or booleans; they are kept as text.
+pub(crate) fn parameter_text(
+    problems: &mut Problems,
+    file: &Path,
+    key: &str,
+    value: &toml::Value,
+) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => {
+            problems.push(file, key, "a parameter must be a string, number or boolean");
+            None
+        }
+    }
+}
+
+fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Config> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let listen_text = raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen = match listen_text.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            problems.push(
+                path,
+                "server.listen",
+                format!("{listen_text:?} is not an address with a port, e.g. \"127.0.0.1:9788\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9788))
+        }
+    };
+    let shutdown_grace = parse_duration(
+        problems,
+        path,
+        "server.shutdown_grace",
+        raw.server.shutdown_grace.as_deref(),
+        Duration::from_secs(10),
+    );
+    let api_token = match (raw.server.api_token_env, raw.server.api_token_file) {
+        (Some(_), Some(_)) => {
+            problems.push(
+                path,
+                "server.api_token_env",
+                "give api_token_env or api_token_file, not both",
+            );
+            None
+        }
+        (Some(var), None) => Some(PasswordSource::Env(var)),
+        (None, Some(file)) => Some(PasswordSource::File(base.join(file))),
+        (None, None) => None,
+    };
+    let web_config_file = raw.server.web_config_file.map(|p| base.join(p));
+    if let Some(file) = &web_config_file {
+        if let Err(error) = crate::config::web::WebConfig::load(file) {
+            problems.push(path, "server.web_config_file", error.to_string());
+        }
+    }
+    let server = ServerConfig {
+        listen,
+        shutdown_grace,
+        api_token,
+        web_config_file,
+    };
+
+    let d = &raw.defaults;
+    let interval_override = raw.checks.interval_override.as_deref().map(|text| {
+        parse_duration(
+            problems,
+            path,
+            "checks.interval_override",
+            Some(text),
+            Duration::from_secs(60),
+        )
+    });
+    let defaults = Defaults {
+        interval_override,
+        interval: parse_duration(
+            problems,
+            path,
+            "defaults.interval",
+            d.interval.as_deref(),
+            Duration::from_secs(60),
+        ),
+        timeout: parse_duration(
+            problems,
+            path,
+            "defaults.timeout",
+            d.timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        lock_timeout: parse_duration(
+            problems,
+            path,
+            "defaults.lock_timeout",
+            d.lock_timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+        connect_timeout: parse_duration(
+            problems,
+            path,
+            "defaults.connect_timeout",
+            d.connect_timeout.as_deref(),
+            Duration::from_secs(5),
+        ),
+        max_connections_per_target: positive(
+            problems,
+            path,
+            "defaults.max_connections_per_target",
+            d.max_connections_per_target,
+            2,
+        ),
+        max_series: positive(problems, path, "defaults.max_series", d.max_series, 500),
+        discovery_interval: parse_duration(
+            problems,
+            path,
+            "defaults.discovery_interval",
+            d.discovery_interval.as_deref(),
+            Duration::from_secs(300),
+        ),
+    };
+
+    let store = StoreConfig {
+        path: raw.store.path.map(|p| base.join(p)),
+        retention: parse_duration(
+            problems,
+            path,
+            "store.retention",
+            raw.store.retention.as_deref(),
+            Duration::from_secs(30 * 24 * 3600),
+        ),
+    };
+
+    let default_version_query = raw
+        .deployments
+        .version_query
+        .clone()
+        .unwrap_or_else(|| DEFAULT_VERSION_QUERY.to_string());
+    let deployments = validate_deployments(path, raw.deployments, problems);
+    // A sample is needed for as long as it can be part of a baseline that a window open now
+    // is judged against: the baseline span before a deployment plus the longest window.
+    let needed = deployments.baseline_span + deployments.windows.first_week;
+    if deployments.enabled && store.retention < needed {
+        problems.push(
+            path,
+            "store.retention",
+            format!(
+                "{} is shorter than deployments.baseline_span + deployments.first_week ({}): \
+                 baselines would be deleted while windows still need them",
+                humantime::format_duration(store.retention),
+                humantime::format_duration(needed)
+            ),
+        );
+    }
+
+    // Packs: every file matched by every pattern, relative to the main file.
+    let patterns = raw
+        .checks
+        .files
+        .unwrap_or_else(|| vec!["checks/*.toml".to_string()]);
+    let mut pack_files: Vec<PathBuf> = Vec::new();
+    for (index, pattern) in patterns.iter().enumerate() {
+        let key = format!("checks.files[{index}]");
+        let full = base.join(pattern);
+        let Some(full_text) = full.to_str() else {
+            problems.push(path, key, "path is not valid UTF-8");
+            continue;
+        };
+        match glob::glob(full_text) {
+            Ok(paths) => {
+                let mut matched: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
+                matched.sort();
+                if matched.is_empty() {
+                    problems.push(path, key, format!("{pattern:?} matches no check file"));
+                }
+                for file in matched {
+                    if !pack_files.contains(&file) {
+                        pack_files.push(file);
+                    }
+                }
+            }
+            Err(error) => problems.push(path, key, format!("bad pattern {pattern:?}: {error}")),
+        }
+    }
+    let packs: Vec<Arc<Pack>> = pack_files
+        .iter()
+        .filter_map(|file| packs::load(file, problems).map(Arc::new))
+        .collect();
+    packs::reject_duplicates(&packs, problems);
+    let mut pack_names = HashSet::new();
+    for pack in &packs {
+        if !pack_names.insert(pack.name.clone()) {
+            problems.push(
+                &pack.file,
+                "pack.name",
+                format!("pack name {:?} is used by another file", pack.name),
+            );
+        }
+    }
+
+    let mut global_parameters = BTreeMap::new();
+    for (name, value) in &raw.checks.parameters {
+        if let Some(text) =
+            parameter_text(problems, path, &format!("checks.parameters.{name}"), value)
+        {
+            global_parameters.insert(name.clone(), text);
+        }
+    }
+
+    if raw.targets.is_empty() {
+        problems.push(
+            path,
+            "targets",
+            "at least one [[targets]] entry is required",
+        );
+    }
+    let mut targets = Vec::new();
+    let mut target_names = HashSet::new();
+    for (index, raw_target) in raw.targets.into_iter().enumerate() {
+        let key = format!("targets[{index}]");
+        if let Some(target) = validate_target(
+            path,
+            base,
+            &key,
+            raw_target,
+            &defaults,
+            &packs,
+            &global_parameters,
+            &default_version_query,
+            problems,
+        ) {
+            if !target_names.insert(target.name.clone()) {
+                problems.push(
+                    path,
+                    format!("{key}.name"),
+                    format!("target name {:?} is used twice", target.name),
+                );
+            }
+            targets.push(target);
+        }
+    }
+    for (index, declared) in deployments.declared.iter().enumerate() {
+        if !target_names.contains(&declared.target) {
+            problems.push(
+                path,
+                format!("deployments.declared[{index}].target"),
+                format!("no target is named {:?}", declared.target),
+            );
+        }
+    }
+
+    Some(Config {
+        source: path.to_path_buf(),
+        server,
+        defaults,
+        store,
+        deployments,
+        targets,
+        packs,
+    })
+}
+
+fn validate_deployments(
+    path: &Path,
+    raw: RawDeployments,
+    problems: &mut Problems,
+) -> DeploymentConfig {
+    let defaults = WindowDurations::default();
+    let windows = WindowDurations {
+        first_hour: parse_duration(
+            problems,
+            path,
+            "deployments.first_hour",
+            raw.first_hour.as_deref(),
+            defaults.first_hour,
+        ),
+        first_day: parse_duration(
+            problems,
+            path,
+            "deployments.first_day",
+            raw.first_day.as_deref(),
+            defaults.first_day,
+        ),
+        first_week: parse_duration(
+            problems,
+            path,
+            "deployments.first_week",
+            raw.first_week.as_deref(),
+            defaults.first_week,
+        ),
+    };
+    if let Err(error) = windows.validate() {
+        problems.push(path, "deployments.first_hour", error.to_string());
+    }
+    let mut declared = Vec::new();
+    for (index, d) in raw.declared.into_iter().enumerate() {
+        match crate::time::parse_rfc3339(&d.at) {
+            Ok(at) => {
+                declared.push(DeclaredDeployment {
+                    target: d.target,
+                    version: d.version,
+                    at,
+                    note: d.note,
+                });
+            }
+            Err(error) => problems.push(
+                path,
+                format!("deployments.declared[{index}].at"),
+                format!(
+                    "{:?} is not a time like \"2026-11-24T10:00:00Z\" ({error})",
+                    d.at
+                ),
+            ),
+        }
+    }
+    let fraction =
+        |problems: &mut Problems, key: &str, value: Option<f64>, default: f64| match value {
+            None => default,
+            Some(v) if v > 0.0 && v.is_finite() => v,
+            Some(v) => {
+                problems.push(path, key, format!("must be a positive number, found {v}"));
+                default
+            }
+        };
+    DeploymentConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        sample_interval: parse_duration(
+            problems,
+            path,
+            "deployments.sample_interval",
+            raw.sample_interval.as_deref(),
+            Duration::from_secs(60),
+        ),
+        baseline_span: parse_duration(
+            problems,
+            path,
+            "deployments.baseline_span",
+            raw.baseline_span.as_deref(),
+            Duration::from_secs(7 * 24 * 3600),
+        ),
+        min_baseline_samples: positive(
+            problems,
+            path,
+            "deployments.min_baseline_samples",
+            raw.min_baseline_samples,
+            5,
+        ),
+        min_window_samples: positive(
+            problems,
+            path,
+            "deployments.min_window_samples",
+            raw.min_window_samples,
+            3,
+        ),
+        windows,
+        latency_min_increase: fraction(
+            problems,
+            "deployments.latency_min_increase",
+            raw.latency_min_increase,
+            0.2,
+        ),
+        latency_min_calls: positive(
+            problems,
+            path,
+            "deployments.latency_min_calls",
+            raw.latency_min_calls,
+            5,
+        ) as u64,
+        latency_p_value: fraction(
+            problems,
+            "deployments.latency_p_value",
+            raw.latency_p_value,
+            0.01,
+        ),
+        latency_min_delta_ms: fraction(
+            problems,
+            "deployments.latency_min_delta_ms",
+            raw.latency_min_delta_ms,
+            0.05,
+        ),
+        declared,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate_target(
+    path: &Path,
+    base: &Path,
+    key: &str,
+    raw: RawTarget,
+    defaults: &Defaults,
+    packs: &[Arc<Pack>],
+    global_parameters: &BTreeMap<String, String>,
+    default_version_query: &str,
+    problems: &mut Problems,
+) -> Option<TargetConfig> {
+    let before = problems.0.len();
+    let name = match raw.name {
+        Some(name) if crate::config::packs::valid_name(&name) => name,
+        Some(name) => {
+            problems.push(
+                path,
+                format!("{key}.name"),
+                format!("{name:?} is not a valid name: use letters, digits, '_' and '-'"),
+            );
+            return None;
+        }
+        None => {
+            problems.push(path, format!("{key}.name"), "every target needs a name");
+            return None;
+        }
+    };
+    let password = match (raw.password_env, raw.password_file) {
+        (Some(_), Some(_)) => {
+            problems.push(
+                path,
+                format!("{key}.password_env"),
+                "give password_env or password_file, not both",
+            );
+            None
+        }
+        (Some(var), None) => Some(PasswordSource::Env(var)),
+        (None, Some(file)) => Some(PasswordSource::File(base.join(file))),
+        (None, None) => None,
+    };
+    let port = match raw.port {
+        None => None,
+        Some(p) => match u16::try_from(p) {
+            Ok(p) if p > 0 => Some(p),
+            _ => {
+                problems.push(
+                    path,
+                    format!("{key}.port"),
+                    format!("{p} is not a TCP port"),
+                );
+                None
+            }
+        },
+    };
+    let mut tls_options = BTreeMap::new();
+    if let Some(mode) = raw.sslmode {
+        tls_options.insert("sslmode".to_string(), mode);
+    }
+    if let Some(root) = raw.sslrootcert {
+        let value = if root == "system" {
+            root
+        } else {
+            base.join(root).display().to_string()
+        };
+        tls_options.insert("sslrootcert".to_string(), value);
+    }
+    if let Some(cert) = raw.sslcert {
+        tls_options.insert("sslcert".to_string(), base.join(cert).display().to_string());
+    }
+    if let Some(key) = raw.sslkey {
+        tls_options.insert("sslkey".to_string(), base.join(key).display().to_string());
+    }
+    let discover = validate_discovery(path, key, raw.databases, raw.exclude_databases, problems);
+    let connection = match ConnectionSettings::new(
+        raw.url.as_deref(),
+        raw.host,
+        port,
+        raw.dbname,
+        raw.user,
+        password,
+        defaults.connect_timeout,
+        tls_options,
+    ) {
+        // Discovery asks the server from its maintenance database unless told otherwise.
+        Ok(settings) if discover.is_some() && settings.dbname().is_none() => {
+            Some(settings.with_dbname("postgres"))
+        }
+        Ok(settings) => Some(settings),
+        Err(error) => {
+            problems.push(path, format!("{key}.url"), error.to_string());
+            None
+        }
+    };
+    let max_connections = positive(
+        problems,
+        path,
+        &format!("{key}.max_connections"),
+        raw.max_connections,
+        defaults.max_connections_per_target,
+    );
+
+    let mut parameters = global_parameters.clone();
+    for (name, value) in &raw.parameters {
+        if let Some(text) =
+            parameter_text(problems, path, &format!("{key}.parameters.{name}"), value)
+        {
+            parameters.insert(name.clone(), text);
+        }
+    }
+    let selected: Vec<&Arc<Pack>> = match &raw.packs {
+        None => packs.iter().collect(),
+        Some(names) => {
+            for (index, wanted) in names.iter().enumerate() {
+                if !packs.iter().any(|p| &p.name == wanted) {
+                    problems.push(
+                        path,
+                        format!("{key}.packs[{index}]"),
+                        format!("no loaded check pack is named {wanted:?}"),
+                    );
+                }
+            }
+            packs.iter().filter(|p| names.contains(&p.name)).collect()
+        }
+    };
+    let mut checks = Vec::new();
+    for pack in selected {
+        for def in &pack.checks {
+            if let Some(spec) = packs::resolve(pack, def, &parameters, defaults, &name, problems) {
+                checks.push(Arc::new(spec));
+            }
+        }
+    }
+    if problems.0.len() > before {
+        return None;
+    }
+    Some(TargetConfig {
+        name,
+        connection: connection?,
+        max_connections,
+        version_query: raw
+            .version_query
+            .unwrap_or_else(|| default_version_query.to_string()),
+        checks,
+        discover,
+    })
+}
+
+fn validate_discovery(
+    path: &Path,
+    key: &str,
+    include: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    problems: &mut Problems,
+) -> Option<Discovery> {
+    let patterns = |problems: &mut Problems, field: &str, list: Vec<String>| {
+        let mut out = Vec::new();
+        for (index, text) in list.iter().enumerate() {
+            match glob::Pattern::new(text) {
+                Ok(pattern) => out.push(pattern),
+                Err(error) => problems.push(
+                    path,
+                    format!("{key}.{field}[{index}]"),
+                    format!("{text:?} is not a valid pattern: {}", error.msg),
+                ),
+            }
+        }
+        out
+    };
+    match (include, exclude) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            problems.push(
+                path,
+                format!("{key}.exclude_databases"),
+                "exclude_databases needs databases (the patterns to include)",
+            );
+            None
+        }
+        (Some(include), exclude) => {
+            if include.is_empty() {
+                problems.push(
+                    path,
+                    format!("{key}.databases"),
+                    "give at least one pattern, e.g. [\"*\"] for every database",
+                );
+            }
+            Some(Discovery {
+                include: patterns(problems, "databases", include),
+                exclude: patterns(problems, "exclude_databases", exclude.unwrap_or_default()),
+            })
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Check packs: the TOML files under `config/checks/` that define what deploywatch runs.
+//!
+//! A pack is parsed into [`CheckDef`]s (what the file says) and, per target, resolved into
+//! [`CheckSpec`]s: parameters bound, expectation parsed, interval and timeout filled from the
+//! defaults. All problems are reported with the pack file and the check's key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::checks::expectation;
+use crate::checks::spec::{valid_label, RESERVED_LABELS};
+pub use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
+use crate::config::{parameter_text, parse_duration, Defaults, Problems};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPack {
+    pack: RawPackHeader,
+    #[serde(default)]
+    check: Vec<RawCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPackHeader {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: Option<String>,
+    category: Option<Category>,
+    severity: Option<Severity>,
+    #[serde(default)]
+    description: String,
+    sql: Option<String>,
+    expect: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    runbook: Option<String>,
+    #[serde(default)]
+    params: Vec<String>,
+    shape: Option<String>,
+    labels: Option<Vec<String>>,
+    values: Option<Vec<String>>,
+    max_series: Option<i64>,
+    expect_column: Option<String>,
+}
+
+/// A loaded pack file.
+#[derive(Debug, Clone)]
+pub struct Pack {
+    pub name: String,
+    pub description: String,
+    pub file: PathBuf,
+    pub parameters: BTreeMap<String, String>,
+    pub checks: Vec<CheckDef>,
+}
+
+/// A check as its pack defines it, before a target's parameters are bound.
+#[derive(Debug, Clone)]
+pub struct CheckDef {
+    pub name: String,
+    /// Where the check sits in its file, e.g. `check[3]`, for error messages.
+    pub key: String,
+    pub category: Category,
+    pub severity: Severity,
+    pub description: String,
+    pub sql: String,
+    pub expect: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub runbook: Option<String>,
+    pub params: Vec<String>,
+    pub shape: Shape,
+}
+/// Reads one pack file. Problems go to `problems`; `None` when the file could not be read at all.
+pub(crate) fn load(file: &Path, problems: &mut Problems) -> Option<Pack> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(error) => {
+            problems.push(file, "", format!("cannot read check pack: {error}"));
+            return None;
+        }
+    };
+    parse(file, &text, problems)
+}
+
+pub(crate) fn parse(file: &Path, text: &str, problems: &mut Problems) -> Option<Pack> {
+    let raw: RawPack = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(error) => {
+            // toml's message already carries the line, column and the offending key.
+            problems.push(file, "", error.to_string().trim_end().to_string());
+            return None;
+        }
+    };
+    if !valid_name(&raw.pack.name.replace('.', "_")) {
+        problems.push(
+            file,
+            "pack.name",
+            format!("{:?} is not a valid pack name", raw.pack.name),
+        );
+    }
+    let mut parameters = BTreeMap::new();
+    for (name, value) in &raw.pack.parameters {
+        if let Some(text) =
+            parameter_text(problems, file, &format!("pack.parameters.{name}"), value)
+        {
+            parameters.insert(name.clone(), text);
+        }
+    }
+    let mut checks = Vec::new();
+    for (index, raw_check) in raw.check.into_iter().enumerate() {
+        if let Some(def) = check_def(file, index, raw_check, problems) {
+            checks.push(def);
+        }
+    }
+    Some(Pack {
+        name: raw.pack.name,
+        description: raw.pack.description,
+        file: file.to_path_buf(),
+        parameters,
+        checks,
+    })
+}
+
+fn check_def(
+    file: &Path,
+    index: usize,
+    raw: RawCheck,
+    problems: &mut Problems,
+) -> Option<CheckDef> {
+    let key = match &raw.name {
+        Some(name) => format!("check[{index}] ({name})"),
+        None => format!("check[{index}]"),
+    };
+    let mut ok = true;
+    let mut missing = |field: &str, problems: &mut Problems| {
+        problems.push(
+            file,
+            format!("{key}.{field}"),
+            format!("{field} is required"),
+        );
+        ok = false;
+    };
+    let name = raw.name.clone().unwrap_or_default();
+    if raw.name.is_none() {
+        missing("name", problems);
+    }
+    if raw.category.is_none() {
+        missing("category", problems);
+    }
+    if raw.severity.is_none() {
+        missing("severity", problems);
+    }
+    let sql = raw.sql.clone().unwrap_or_default();
+    if sql.trim().is_empty() {
+        missing("sql", problems);
+    }
+    if raw.name.is_some() && !valid_name(&name) {
+        problems.push(
+            file,
+            format!("{key}.name"),
+            format!("{name:?} is not a valid check name: use letters, digits, '_' and '-'"),
+        );
+        ok = false;
+    }
+    let shape = match raw.shape.as_deref().unwrap_or("scalar") {
+        "scalar" => {
+            for (field, present) in [
+                ("labels", raw.labels.is_some()),
+                ("values", raw.values.is_some()),
+                ("max_series", raw.max_series.is_some()),
+                ("expect_column", raw.expect_column.is_some()),
+            ] {
+                if present {
+                    problems.push(
+                        file,
+                        format!("{key}.{field}"),
+                        format!("{field} only applies to shape = \"rows\""),
+                    );
+                    ok = false;
+                }
+            }
+            Shape::Scalar
+        }
+        "rows" => {
+            let labels = raw.labels.clone().unwrap_or_default();
+            let values = raw.values.clone().unwrap_or_default();
+            if values.is_empty() {
+                problems.push(
+                    file,
+                    format!("{key}.values"),
+                    "a rows check needs at least one value column",
+                );
+                ok = false;
+            }
+            for label in &labels {
+                if !valid_label(label) || RESERVED_LABELS.contains(&label.as_str()) {
+                    problems.push(
+                        file,
+                        format!("{key}.labels"),
+                        format!(
+                            "{label:?} cannot be a label name (reserved: {})",
+                            RESERVED_LABELS.join(", ")
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            if let Some(column) = &raw.expect_column {
+                if !values.contains(column) {
+                    problems.push(
+                        file,
+                        format!("{key}.expect_column"),
+                        format!("{column:?} is not one of the value columns"),
+                    );
+                    ok = false;
+                }
+            }
+            let max_series = match raw.max_series {
+                None => 0, // filled from the defaults when resolved
+                Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+                Some(n) => {
+                    problems.push(
+                        file,
+                        format!("{key}.max_series"),
+                        format!("must be at least 1, found {n}"),
+                    );
+                    ok = false;
+                    0
+                }
+            };
+            Shape::Rows {
+                labels,
+                values,
+                max_series,
+                expect_column: raw.expect_column.clone(),
+            }
+        }
+        other => {
+            problems.push(
+                file,
+                format!("{key}.shape"),
+                format!("unknown shape {other:?}: use \"scalar\" or \"rows\""),
+            );
+            ok = false;
+            Shape::Scalar
+        }
+    };
+    if !ok {
+        return None;
+    }
+    Some(CheckDef {
+        name,
+        key,
+        category: raw.category?,
+        severity: raw.severity?,
+        description: raw.description,
+        sql,
+        expect: raw.expect,
+        interval: raw.interval,
+        timeout: raw.timeout,
+        runbook: raw.runbook,
+        params: raw.params,
+        shape,
+    })
+}
+
+/// Check names are unique across every loaded pack.
+pub(crate) fn reject_duplicates(packs: &[std::sync::Arc<Pack>], problems: &mut Problems) {
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    for pack in packs {
+        for def in &pack.checks {
+            if let Some(first) = seen.insert(&def.name, &pack.file) {
+                problems.push(
+                    &pack.file,
+                    format!("{}.name", def.key),
+                    format!(
+                        "duplicate check name {:?} (already defined in {})",
+                        def.name,
+                        first.display()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Binds a check to one target: parameters (pack defaults, then the main file's, then the
+/// target's), expectation, interval and timeouts.
+pub(crate) fn resolve(
+    pack: &Pack,
+    def: &CheckDef,
+    overrides: &BTreeMap<String, String>,
+    defaults: &Defaults,
+    target: &str,
+    problems: &mut Problems,
+) -> Option<CheckSpec> {
+    let file = pack.file.as_path();
+    let mut parameters = pack.parameters.clone();
+    parameters.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let before = problems_len(problems);
+
+    let expectation = match &def.expect {
+        None => None,
+        Some(text) => {
+            let lookup = |name: &str| parameters.get(name).cloned();
+            match expectation::parse(text, &lookup) {
+                Ok(e) => Some(e),
+                Err(error) => {
+                    problems.push(
+                        file,
+                        format!("{}.expect", def.key),
+                        format!("{error} in {text:?} (target {target})"),
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let mut bind = Vec::new();
+    for name in &def.params {
+        match parameters.get(name) {
+            Some(value) => bind.push(value.clone()),
+            None => problems.push(
+                file,
+                format!("{}.params", def.key),
+                format!("unknown parameter {name:?} (target {target})"),
+            ),
+        }
+    }
+    let interval = parse_duration(
+        problems,
+        file,
+        &format!("{}.interval", def.key),
+        def.interval.as_deref(),
+        defaults.interval,
+    );
+    let interval = defaults.interval_override.unwrap_or(interval);
+    let timeout = parse_duration(
+        problems,
+        file,
+        &format!("{}.timeout", def.key),
+        def.timeout.as_deref(),
+        defaults.timeout,
+    );
+    let shape = match &def.shape {
+        Shape::Rows {
+            labels,
+            values,
+            max_series,
+            expect_column,
+        } => Shape::Rows {
+            labels: labels.clone(),
+            values: values.clone(),
+            max_series: if *max_series == 0 {
+                defaults.max_series
+            } else {
+                *max_series
+            },
+            expect_column: expect_column.clone(),
+        },
+        Shape::Scalar => Shape::Scalar,
+    };
+    if problems_len(problems) > before {
+        return None;
+    }
+    Some(CheckSpec {
+        name: def.name.clone(),
+        pack: pack.name.clone(),
+        category: def.category,
+        severity: def.severity,
+        description: def.description.clone(),
+        sql: def.sql.clone(),
+        bind,
+        expectation,
+        interval,
+        timeout,
+        lock_timeout: defaults.lock_timeout.min(timeout),
+        runbook: def.runbook.clone(),
+        shape,
+    })
+}
+
+fn problems_len(problems: &Problems) -> usize {
+    problems.len()
+}

@@ -1,0 +1,297 @@
+//! `deploywatch run`: wires configuration, scheduler, deployment tracker and HTTP server
+//! together, and owns the lifecycle.
+//!
+//! The daemon is driven by a closed set of [`Event`]s. `main` turns signals into events
+//! (SIGHUP → reload, SIGTERM/SIGINT → shutdown); tests send them directly. The caller binds the
+//! listener, so tests can use port 0.
+//!
+//! Shutdown: stop scheduling, let in-flight checks finish within the grace period, close the
+//! sessions, stop the HTTP server. Reload: a bad new configuration is rejected and the old one
+//! keeps running.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::server::http::{self, AppContext, HttpSettings};
+use crate::server::metrics::{self, MetricsError};
+use crate::storage::Store;
+use crate::time::unix_now;
+use crate::watch::discovery::{self, Expanded};
+use crate::watch::scheduler::{self, Pools};
+use crate::watch::state::State;
+use crate::watch::tracker::{self, Announcer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Re-read the configuration file.
+    Reload,
+    /// Stop gracefully.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot open the state store: {0}")]
+    Store(#[from] crate::storage::StoreError),
+    #[error("the daemon task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    WebConfig(#[from] crate::config::web::WebConfigError),
+}
+
+/// A running daemon, for callers that drive it (tests, `main`, the demo).
+pub struct DaemonHandle {
+    pub events: mpsc::Sender<Event>,
+    pub state: Arc<State>,
+    pub local_addr: std::net::SocketAddr,
+    task: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl DaemonHandle {
+    /// Asks for a graceful shutdown and waits for it.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        let _ = self.events.send(Event::Shutdown).await;
+        self.task.await?
+    }
+
+    /// Waits for the daemon to end (after a shutdown event sent elsewhere).
+    pub async fn wait(self) -> Result<(), DaemonError> {
+        self.task.await?
+    }
+}
+
+/// Everything the running configuration owns; replaced as a whole on reload, or when database
+/// discovery finds a different set of databases.
+struct Generation {
+    /// The configuration as loaded, discovery templates unexpanded.
+    base: Arc<Config>,
+    /// The targets that run and the templates that could not be expanded.
+    shape: (Vec<String>, Vec<String>),
+    pools: Pools,
+    cancel: CancellationToken,
+}
+
+/// Starts the daemon on an already-bound listener.
+pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, DaemonError> {
+    let state = Arc::new(State::new());
+    // Readers see every configured target and check (as pending) from the first moment.
+    state.apply_config(&config, unix_now());
+    let registry = metrics::registry(state.clone())?;
+    let store = match &config.store.path {
+        Some(path) => Store::open(path)?,
+        None => Store::in_memory()?,
+    };
+    let local_addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (events_tx, events_rx) = mpsc::channel(8);
+    let announcer = Announcer::new();
+    let web = match &config.server.web_config_file {
+        Some(path) => Some(crate::config::web::LiveWebConfig::load(path)?),
+        None => None,
+    };
+    let ctx = Arc::new(AppContext {
+        state: state.clone(),
+        registry,
+        announcer: announcer.clone(),
+        settings: std::sync::RwLock::new(HttpSettings::from_config(&config)),
+        web,
+        metrics_cache: std::sync::Mutex::new(None),
+    });
+    let task = tokio::spawn(main_loop(
+        config,
+        listener,
+        ctx,
+        state.clone(),
+        store,
+        announcer,
+        events_rx,
+    ));
+    Ok(DaemonHandle {
+        events: events_tx,
+        state,
+        local_addr,
+        task,
+    })
+}
+
+/// What a generation starts with and shares.
+struct Runtime<'a> {
+    state: &'a Arc<State>,
+    store: &'a Store,
+    announcer: &'a Announcer,
+    tasks: &'a TaskTracker,
+    root: &'a CancellationToken,
+}
+
+fn start_generation(
+    base: Arc<Config>,
+    expanded: Expanded,
+    previous: &Pools,
+    rt: &Runtime<'_>,
+) -> Generation {
+    let shape = expanded.shape();
+    let config = expanded.config;
+    let pools = Pools::for_config(previous, &config);
+    rt.state.apply_config(&config, unix_now());
+    for (name, message) in expanded.failures {
+        rt.state.set_unreachable(&name, message);
+    }
+    let cancel = rt.root.child_token();
+    scheduler::start(&config, &pools, rt.state, rt.tasks, &cancel);
+    tracker::start(
+        &config,
+        &pools,
+        rt.state,
+        rt.store,
+        rt.announcer,
+        rt.tasks,
+        &cancel,
+    );
+    Generation {
+        base,
+        shape,
+        pools,
+        cancel,
+    }
+}
+
+/// Replaces the running generation with one for `base` as discovery expanded it.
+fn restart(generation: &mut Generation, base: Arc<Config>, expanded: Expanded, rt: &Runtime<'_>) {
+    generation.cancel.cancel();
+    let previous = generation.pools.clone();
+    *generation = start_generation(base, expanded, &previous, rt);
+}
+
+fn discovery_timer(config: &Config) -> tokio::time::Interval {
+    let every = config.defaults.discovery_interval;
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
+}
+
+async fn main_loop(
+    config: Config,
+    listener: TcpListener,
+    ctx: Arc<AppContext>,
+    state: Arc<State>,
+    store: Store,
+    announcer: Announcer,
+    mut events: mpsc::Receiver<Event>,
+) -> Result<(), DaemonError> {
+    let root = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let http_cancel = CancellationToken::new();
+    let grace = config.server.shutdown_grace;
+    let http_task = tokio::spawn(http::serve(listener, ctx.clone(), http_cancel.clone()));
+    let rt = Runtime {
+        state: &state,
+        store: &store,
+        announcer: &announcer,
+        tasks: &tasks,
+        root: &root,
+    };
+    let base = Arc::new(config);
+    let expanded = tokio::select! {
+        expanded = discovery::expand(&base) => expanded,
+        // A shutdown asked for while the servers are still being asked for their databases.
+        _ = wait_for_shutdown(&mut events) => {
+            http_cancel.cancel();
+            let _ = http_task.await;
+            return Ok(());
+        }
+    };
+    tracing::info!(
+        config = %base.source.display(),
+        targets = expanded.config.targets.len(),
+        checks = expanded.config.targets.iter().map(|t| t.checks.len()).sum::<usize>(),
+        "deploywatch started"
+    );
+    let mut generation = start_generation(base, expanded, &Pools::default(), &rt);
+
+    // Discovery passes run beside the loop; `epoch` tells a pass started before a reload
+    // from a current one.
+    let (found_tx, mut found_rx) = mpsc::channel::<(u64, Expanded)>(1);
+    let mut epoch = 0u64;
+    let mut discovering = false;
+    let mut rediscover = discovery_timer(&generation.base);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                None | Some(Event::Shutdown) => break,
+                Some(Event::Reload) => match Config::load(&generation.base.source) {
+                    Ok(new_config) => {
+                        if new_config.server.listen != generation.base.server.listen {
+                            tracing::warn!("server.listen changed; the new address takes effect after a restart");
+                        }
+                        let expanded = discovery::expand(&new_config).await;
+                        tracing::info!(config = %new_config.source.display(), "configuration reloaded");
+                        rediscover = discovery_timer(&new_config);
+                        epoch += 1;
+                        ctx.apply(&new_config);
+                        restart(&mut generation, Arc::new(new_config), expanded, &rt);
+                    }
+                    Err(error) => {
+                        state.set_reload_failed();
+                        tracing::error!(%error, "configuration reload rejected; the previous configuration keeps running");
+                    }
+                },
+            },
+            _ = rediscover.tick(), if !discovering && discovery::has_templates(&generation.base) => {
+                discovering = true;
+                let (base, found, cancel, pass) = (generation.base.clone(), found_tx.clone(), root.clone(), epoch);
+                tasks.spawn(async move {
+                    tokio::select! {
+                        expanded = discovery::expand(&base) => { let _ = found.send((pass, expanded)).await; }
+                        _ = cancel.cancelled() => {}
+                    }
+                });
+            }
+            Some((pass, expanded)) = found_rx.recv() => {
+                discovering = false;
+                if pass != epoch {
+                    continue;
+                }
+                if expanded.shape() != generation.shape {
+                    tracing::info!(targets = ?expanded.shape().0, "discovered databases changed");
+                    let base = generation.base.clone();
+                    restart(&mut generation, base, expanded, &rt);
+                } else {
+                    for (name, message) in expanded.failures {
+                        state.set_unreachable(&name, message);
+                    }
+                }
+            }
+        }
+    }
+
+    tracing::info!(grace = ?grace, "shutting down: waiting for checks in flight");
+    root.cancel();
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(grace = ?grace, "grace period expired with checks still running; abandoning them");
+    }
+    generation.pools.close_all();
+    http_cancel.cancel();
+    let _ = http_task.await;
+    tracing::info!("deploywatch stopped");
+    Ok(())
+}
+
+/// Resolves when a shutdown is asked for (or nobody can ask any more); reloads are dropped, as
+/// the configuration they would re-read has not started yet.
+async fn wait_for_shutdown(events: &mut mpsc::Receiver<Event>) {
+    while let Some(event) = events.recv().await {
+        if event == Event::Shutdown {
+            return;
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Lists the databases of a server for discovery, through the same capped, read-only path
+//! checks use. Templates and databases that refuse connections are never listed.
+
+use std::time::Duration;
+
+use crate::checks::outcome::Cell;
+use crate::postgres::pool::TargetPool;
+use crate::postgres::runner::query_read_only;
+use crate::postgres::target::ConnectionSettings;
+
+/// Databases that can never be monitored: templates and databases that refuse connections
+/// are excluded by the query itself.
+const LIST_DATABASES: &str =
+    "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("database discovery on {server} failed: {message}")]
+    Query { server: String, message: String },
+    #[error("database discovery on {server}: pg_database returned an unexpected row")]
+    Shape { server: String },
+}
+
+/// How long listing may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ListTimeouts {
+    pub connect: Duration,
+    pub statement: Duration,
+    pub lock: Duration,
+}
+
+/// The names of the databases of `connection`'s server that accept connections, asked from
+/// its maintenance database with one session that is closed afterwards.
+pub async fn list_databases(
+    name: &str,
+    connection: &ConnectionSettings,
+    timeouts: ListTimeouts,
+) -> Result<Vec<String>, DiscoveryError> {
+    let server = connection.display.clone();
+    let pool = TargetPool::new(
+        name,
+        connection.clone(),
+        1,
+        timeouts.connect * 2 + timeouts.statement,
+        timeouts.connect,
+    );
+    let result = query_read_only(
+        &pool,
+        LIST_DATABASES,
+        &[],
+        timeouts.statement,
+        timeouts.lock,
+    )
+    .await;
+    pool.close();
+    let table = result.map_err(|error| DiscoveryError::Query {
+        server: server.clone(),
+        message: error.message,
+    })?;
+    table
+        .rows
+        .iter()
+        .map(|row| match row.first() {
+            Some(Cell::Text(name)) => Ok(name.clone()),
+            _ => Err(DiscoveryError::Shape {
+                server: server.clone(),
+            }),
+        })
+        .collect()
+}

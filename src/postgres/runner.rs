@@ -1,0 +1,208 @@
+//! Runs SQL on a target without hurting it: every query goes through a capped pool, inside a
+//! `READ ONLY` transaction that is always rolled back, with its own `statement_timeout` and
+//! `lock_timeout`, and under a client-side deadline so a hung server cannot hold a check
+//! forever. Errors are classified into [`ErrorKind`]s here, at the database edge.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::{FromSql, Type};
+
+use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
+use crate::checks::spec::CheckSpec;
+use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
+
+/// Extra time the client waits beyond `statement_timeout` before it gives up on the server.
+const CLIENT_GRACE: Duration = Duration::from_secs(3);
+
+/// The result of one run of one check.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub outcome: CheckOutcome,
+    pub duration: Duration,
+    /// Whether a session to the target could be used (false: the target looks down).
+    pub reachable: bool,
+}
+
+/// Runs one check once.
+pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
+    let started = Instant::now();
+    let result =
+        query_read_only(pool, &spec.sql, &spec.bind, spec.timeout, spec.lock_timeout).await;
+    let duration = started.elapsed();
+    match result {
+        Ok(table) => RunReport {
+            outcome: outcome::evaluate(spec, &table),
+            duration,
+            reachable: true,
+        },
+        Err(error) => RunReport {
+            reachable: error.kind != ErrorKind::Connection,
+            outcome: CheckOutcome::error(error),
+            duration,
+        },
+    }
+}
+
+/// Runs one read-only query with the given text parameters and returns its rows.
+pub async fn query_read_only(
+    pool: &TargetPool,
+    sql: &str,
+    bind: &[String],
+    timeout: Duration,
+    lock_timeout: Duration,
+) -> Result<ResultTable, CheckError> {
+    let session = pool.get().await.map_err(|error| match error {
+        PoolError::Exhausted { .. } => CheckError::new(ErrorKind::Timeout, error.to_string()),
+        other => CheckError::new(ErrorKind::Connection, other.to_string()),
+    })?;
+    let deadline = timeout + CLIENT_GRACE;
+    let work = async {
+        let setup = format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = {}",
+            millis(timeout),
+            millis(lock_timeout),
+            millis(deadline + CLIENT_GRACE),
+        );
+        session
+            .client
+            .batch_execute(&setup)
+            .await
+            .map_err(classify)?;
+        let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = bind
+            .iter()
+            .map(|value| {
+                (
+                    value as &(dyn tokio_postgres::types::ToSql + Sync),
+                    Type::TEXT,
+                )
+            })
+            .collect();
+        let result = session.client.query_typed(sql, &params).await;
+        // Always roll back: nothing a check does is ever kept, and an aborted transaction
+        // must be closed before the session is reused.
+        let rollback = session.client.batch_execute("ROLLBACK").await;
+        let rows = result.map_err(classify)?;
+        rollback.map_err(classify)?;
+        decode(&rows)
+    };
+    match tokio::time::timeout(deadline, work).await {
+        Ok(Ok(table)) => Ok(table),
+        Ok(Err(error)) => {
+            if error.kind == ErrorKind::Connection {
+                TargetPool::discard(session);
+            }
+            Err(error)
+        }
+        Err(_) => {
+            // The server did not answer at all; the session is in an unknown state.
+            TargetPool::discard(session);
+            Err(CheckError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no answer from the server within {:.1}s (statement_timeout {:.1}s)",
+                    deadline.as_secs_f64(),
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
+    }
+}
+
+fn millis(d: Duration) -> u128 {
+    d.as_millis().max(1)
+}
+
+/// Maps a tokio-postgres error to a check error kind, keeping PostgreSQL's message and SQLSTATE.
+fn classify(error: tokio_postgres::Error) -> CheckError {
+    match error.as_db_error() {
+        Some(db) => {
+            let code = db.code().code().to_string();
+            let kind = match code.as_str() {
+                // query_canceled (statement_timeout) and lock_not_available (lock_timeout)
+                "57014" | "55P03" => ErrorKind::Timeout,
+                "25006" => ErrorKind::ReadOnly,
+                // admin_shutdown, crash_shutdown, cannot_connect_now
+                "57P01" | "57P02" | "57P03" => ErrorKind::Connection,
+                _ => ErrorKind::Sql,
+            };
+            let mut message = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                message.push_str(": ");
+                message.push_str(detail);
+            }
+            CheckError {
+                kind,
+                message,
+                sqlstate: Some(code),
+            }
+        }
+        None => CheckError::new(ErrorKind::Connection, describe_connect_error(&error)),
+    }
+}
+
+fn decode(rows: &[tokio_postgres::Row]) -> Result<ResultTable, CheckError> {
+    let columns = match rows.first() {
+        Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
+        None => Vec::new(),
+    };
+    let mut table = ResultTable {
+        columns,
+        rows: Vec::with_capacity(rows.len()),
+    };
+    for row in rows {
+        let mut cells = Vec::with_capacity(row.len());
+        for (index, column) in row.columns().iter().enumerate() {
+            let cell: AnyCell = row.try_get(index).map_err(|error| {
+                CheckError::new(
+                    ErrorKind::NotNumeric,
+                    format!(
+                        "column {:?} has type {} which deploywatch cannot read ({error}); \
+                         cast it to text or a number",
+                        column.name(),
+                        column.type_()
+                    ),
+                )
+            })?;
+            cells.push(cell.0);
+        }
+        table.rows.push(cells);
+    }
+    Ok(table)
+}
+
+/// Decodes any column type deploywatch understands into a [`Cell`].
+struct AnyCell(Cell);
+
+impl<'a> FromSql<'a> for AnyCell {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let cell = match *ty {
+            Type::BOOL => Cell::Bool(bool::from_sql(ty, raw)?),
+            Type::INT2 => Cell::Int(i16::from_sql(ty, raw)?.into()),
+            Type::INT4 => Cell::Int(i32::from_sql(ty, raw)?.into()),
+            Type::INT8 => Cell::Int(i64::from_sql(ty, raw)?),
+            Type::OID => Cell::Int(u32::from_sql(ty, raw)?.into()),
+            Type::FLOAT4 => Cell::Float(f32::from_sql(ty, raw)?.into()),
+            Type::FLOAT8 => Cell::Float(f64::from_sql(ty, raw)?),
+            Type::NUMERIC => {
+                let decimal = rust_decimal::Decimal::from_sql(ty, raw)?;
+                let text = decimal.to_string();
+                Cell::Float(text.parse::<f64>()?)
+            }
+            _ if <String as FromSql>::accepts(ty) => Cell::Text(String::from_sql(ty, raw)?),
+            _ => return Err(format!("unsupported type {ty}").into()),
+        };
+        Ok(AnyCell(cell))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(AnyCell(Cell::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}

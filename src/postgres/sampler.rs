@@ -1,0 +1,246 @@
+//! Reads a target's cumulative statistics for the deployment tracker: `pg_stat_database`,
+//! `pg_stat_statements` (when installed), `pg_stat_user_indexes`, `pg_stat_user_tables`,
+//! database size and backends in use. Every query is read-only and goes through the target's
+//! capped pool like a check.
+//!
+//! The catalog is asked what the server offers rather than assuming a version: the
+//! pg_stat_statements schema, whether it has `total_exec_time` (1.8+) or `total_time`, and
+//! whether `pg_stat_statements_info` exists (1.9+).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::analysis::sample::{
+    DbCounters, IndexCounters, RawStats, StatementCounters, TableCounters,
+};
+use crate::checks::outcome::{Cell, CheckError, ResultTable};
+use crate::postgres::pool::TargetPool;
+use crate::postgres::runner::query_read_only;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the server offers for statement statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatementsSupport {
+    Available {
+        /// `schema.pg_stat_statements`, quoted.
+        relation: String,
+        total_column: &'static str,
+        /// `schema.pg_stat_statements_info`, when present.
+        info_relation: Option<String>,
+    },
+    Unavailable(String),
+}
+
+async fn query(pool: &TargetPool, sql: &str) -> Result<ResultTable, CheckError> {
+    query_read_only(pool, sql, &[], TIMEOUT, LOCK_TIMEOUT).await
+}
+
+fn number(cell: Option<&Cell>) -> f64 {
+    match cell {
+        Some(Cell::Int(i)) => *i as f64,
+        Some(Cell::Float(f)) => *f,
+        Some(Cell::Text(t)) => t.parse().unwrap_or(0.0),
+        Some(Cell::Bool(b)) => f64::from(u8::from(*b)),
+        _ => 0.0,
+    }
+}
+
+fn text(cell: Option<&Cell>) -> Option<String> {
+    match cell {
+        Some(Cell::Text(t)) => Some(t.clone()),
+        Some(Cell::Int(i)) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Finds out whether and how pg_stat_statements can be read in this database.
+pub async fn statements_support(pool: &TargetPool) -> Result<StatementsSupport, CheckError> {
+    let table = query(
+        pool,
+        "SELECT n.nspname::text, e.extversion::text FROM pg_extension e \
+         JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_stat_statements'",
+    )
+    .await?;
+    let Some(row) = table.rows.first() else {
+        return Ok(StatementsSupport::Unavailable(
+            "pg_stat_statements is not installed in this database (CREATE EXTENSION pg_stat_statements; \
+             it also needs shared_preload_libraries); query latency and top-query signals are not judged"
+                .to_string(),
+        ));
+    };
+    let schema = text(row.first()).unwrap_or_else(|| "public".to_string());
+    let relation = format!("{}.pg_stat_statements", quote_ident(&schema));
+    let columns = query(
+        pool,
+        &format!(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
+            relation.replace('\'', "''")
+        ),
+    )
+    .await?;
+    let names: Vec<String> = columns
+        .rows
+        .iter()
+        .filter_map(|r| text(r.first()))
+        .collect();
+    let total_column = if names.iter().any(|n| n == "total_exec_time") {
+        "total_exec_time"
+    } else if names.iter().any(|n| n == "total_time") {
+        "total_time"
+    } else {
+        return Ok(StatementsSupport::Unavailable(
+            "pg_stat_statements has neither total_exec_time nor total_time".to_string(),
+        ));
+    };
+    let info = query(
+        pool,
+        &format!(
+            "SELECT to_regclass('{}.pg_stat_statements_info')::text",
+            quote_ident(&schema).replace('\'', "''")
+        ),
+    )
+    .await?;
+    let info_relation = info.rows.first().and_then(|r| text(r.first()));
+    // Reading the view fails when the library is not preloaded; find out now.
+    if let Err(error) = query(pool, &format!("SELECT count(*) FROM {relation} LIMIT 1")).await {
+        return Ok(StatementsSupport::Unavailable(format!(
+            "pg_stat_statements cannot be read: {}",
+            error.message
+        )));
+    }
+    Ok(StatementsSupport::Available {
+        relation,
+        total_column,
+        info_relation,
+    })
+}
+
+/// Reads everything but the checks (which the tracker takes from the in-memory state).
+pub async fn read(
+    pool: &TargetPool,
+    support: &StatementsSupport,
+    at: f64,
+) -> Result<RawStats, CheckError> {
+    let mut raw = RawStats {
+        at,
+        ..RawStats::default()
+    };
+    let db = query(
+        pool,
+        "SELECT xact_commit, xact_rollback, deadlocks, conflicts, temp_files, temp_bytes, blks_read, blks_hit, \
+                stats_reset::text, pg_database_size(current_database()), \
+                (SELECT count(*) FROM pg_stat_activity WHERE datname IS NOT NULL AND backend_type = 'client backend'), \
+                current_setting('max_connections')::int \
+         FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .await?;
+    if let Some(row) = db.rows.first() {
+        let n = |i: usize| number(row.get(i));
+        raw.database = Some(DbCounters {
+            xact_commit: n(0),
+            xact_rollback: n(1),
+            deadlocks: n(2),
+            conflicts: n(3),
+            temp_files: n(4),
+            temp_bytes: n(5),
+            blks_read: n(6),
+            blks_hit: n(7),
+        });
+        raw.database_reset = text(row.get(8));
+        raw.size_bytes = n(9);
+        raw.connections = n(10);
+        raw.max_connections = n(11);
+    }
+    let indexes = query(
+        pool,
+        "SELECT schemaname || '.' || indexrelname, schemaname || '.' || relname, idx_scan FROM pg_stat_user_indexes",
+    )
+    .await?;
+    for row in &indexes.rows {
+        if let Some(name) = text(row.first()) {
+            raw.indexes.insert(
+                name,
+                IndexCounters {
+                    table: text(row.get(1)).unwrap_or_default(),
+                    scans: number(row.get(2)),
+                },
+            );
+        }
+    }
+    let tables = query(
+        pool,
+        "SELECT schemaname || '.' || relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0) FROM pg_stat_user_tables",
+    )
+    .await?;
+    for row in &tables.rows {
+        if let Some(name) = text(row.first()) {
+            raw.tables.insert(
+                name,
+                TableCounters {
+                    seq_scan: number(row.get(1)),
+                    seq_tup_read: number(row.get(2)),
+                    idx_scan: number(row.get(3)),
+                },
+            );
+        }
+    }
+    if let StatementsSupport::Available {
+        relation,
+        total_column,
+        info_relation,
+    } = support
+    {
+        let statements = query(
+            pool,
+            &format!(
+                "SELECT queryid::text, sum(calls)::float8, sum({total_column})::float8, sum(rows)::float8, min(query) \
+                 FROM {relation} \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND queryid IS NOT NULL \
+                 GROUP BY queryid"
+            ),
+        )
+        .await?;
+        let mut map = BTreeMap::new();
+        for row in &statements.rows {
+            if let Some(id) = text(row.first()) {
+                map.insert(
+                    id,
+                    StatementCounters {
+                        calls: number(row.get(1)),
+                        total_ms: number(row.get(2)),
+                        rows: number(row.get(3)),
+                        query: text(row.get(4)).unwrap_or_default(),
+                    },
+                );
+            }
+        }
+        raw.statements = Some(map);
+        if let Some(info) = info_relation {
+            let reset = query(pool, &format!("SELECT stats_reset::text FROM {info}")).await?;
+            raw.statements_reset = reset.rows.first().and_then(|r| text(r.first()));
+        }
+    }
+    Ok(raw)
+}
+
+/// Reads the schema version with the target's version query. `Ok(None)` when the query runs
+/// but returns nothing usable.
+pub async fn read_version(pool: &TargetPool, sql: &str) -> Result<Option<String>, CheckError> {
+    let table = query(pool, sql).await?;
+    Ok(table
+        .rows
+        .first()
+        .and_then(|row| match row.first() {
+            Some(Cell::Text(t)) => Some(t.trim().to_string()),
+            Some(Cell::Int(i)) => Some(i.to_string()),
+            Some(Cell::Float(f)) => Some(f.to_string()),
+            _ => None,
+        })
+        .filter(|v| !v.is_empty()))
+}

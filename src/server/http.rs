@@ -1,0 +1,429 @@
+//! The HTTP server (hyper 1.x): `/metrics`, `/status`, `/healthz`, `/readyz` and the deployment
+//! API. Only this module knows hyper's server side. Handlers read the in-memory state and never
+//! query a database, so they answer quickly whatever the databases do.
+//!
+//! Requests are bounded: headers must arrive within a few seconds and fit in a small buffer,
+//! bodies are capped in size and time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::checks::outcome::Status;
+use crate::postgres::target::PasswordSource;
+use crate::server::status::{self, Filter};
+use crate::time::unix_now;
+use crate::watch::state::State;
+use crate::watch::tracker::{Announcement, Announcer};
+
+const MAX_BODY_BYTES: usize = 64 * 1024;
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The part of the configuration the handlers follow across reloads.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Whether deployments are tracked (announcements are refused with 503 otherwise).
+    pub tracking: bool,
+    /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
+    pub api_token: Option<PasswordSource>,
+}
+
+impl HttpSettings {
+    pub fn from_config(config: &crate::config::Config) -> HttpSettings {
+        HttpSettings {
+            tracking: config.deployments.enabled,
+            api_token: config.server.api_token.clone(),
+        }
+    }
+}
+
+/// What the handlers need.
+pub struct AppContext {
+    pub state: Arc<State>,
+    pub registry: Registry,
+    pub announcer: Announcer,
+    /// What a configuration reload can change for the handlers.
+    pub settings: std::sync::RwLock<HttpSettings>,
+    /// TLS and basic authentication, when a web configuration file is given.
+    pub web: Option<crate::config::web::LiveWebConfig>,
+    /// The last rendering of /metrics, with the state generation and dropped-log-line count
+    /// it shows: scrapes between two changes are served without rendering again.
+    pub metrics_cache: std::sync::Mutex<Option<((u64, u64), Bytes)>>,
+}
+
+impl AppContext {
+    /// The settings in force now.
+    pub fn settings(&self) -> HttpSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes the settings of a (re)loaded configuration.
+    pub fn apply(&self, config: &crate::config::Config) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) =
+            HttpSettings::from_config(config);
+    }
+
+    fn metrics_text(&self) -> Result<Bytes, crate::server::metrics::MetricsError> {
+        let generation = (
+            self.state.generation(),
+            crate::server::metrics::log_lines_dropped(),
+        );
+        {
+            let cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((cached, text)) = cache.as_ref() {
+                if *cached == generation {
+                    return Ok(text.clone());
+                }
+            }
+        }
+        let text = Bytes::from(crate::server::metrics::render(&self.registry)?);
+        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+        *cache = Some((generation, text.clone()));
+        Ok(text)
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => response(status, "application/json", body),
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode JSON: {error}"),
+        ),
+    }
+}
+
+fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn method_not_allowed(allowed: &str) -> Response<Body> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    if let Ok(value) = HeaderValue::from_str(allowed) {
+        response.headers_mut().insert(ALLOW, value);
+    }
+    response
+}
+
+fn query_pairs(request: &Request<Incoming>) -> Vec<(String, String)> {
+    request
+        .uri()
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Serves until `shutdown` fires. Connections in progress are given a moment to finish.
+pub async fn serve(listener: TcpListener, ctx: Arc<AppContext>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let acceptor = ctx.web.as_ref().and_then(|w| w.current().tls.clone());
+            match acceptor {
+                None => serve_stream(stream, peer, ctx, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_stream(tls, peer, ctx, shutdown).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), connections.wait()).await;
+}
+
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS).
+async fn serve_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<AppContext>,
+    shutdown: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, request, peer).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
+        }
+    }
+}
+
+async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    // Basic authentication, where configured. Announcements carry their own bearer token.
+    if let Some(web) = ctx.web.as_ref().map(|w| w.current()) {
+        let announcement = path == "/api/deployments" && method == Method::POST;
+        let header = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !announcement && web.protects(&path) && !web.authorized(header) {
+            let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"deploywatch\""),
+            );
+            return response;
+        }
+    }
+    let response = match path.as_str() {
+        "/" => match method {
+            Method::GET | Method::HEAD => text(
+                StatusCode::OK,
+                "deploywatch\n\n/metrics  Prometheus metrics\n/status   checks and deployments (JSON; ?format=text)\n\
+                 /healthz  liveness\n/readyz   readiness\n/api/deployments  announce (POST) or list (GET) deployments\n",
+            ),
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/metrics" => match method {
+            Method::GET | Method::HEAD => match ctx.metrics_text() {
+                Ok(body) => response(StatusCode::OK, crate::server::metrics::CONTENT_TYPE, body),
+                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+            },
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/status" => match method {
+            Method::GET | Method::HEAD => status_page(ctx, &request),
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/healthz" => match method {
+            Method::GET | Method::HEAD => text(StatusCode::OK, "ok\n"),
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/readyz" => match method {
+            Method::GET | Method::HEAD => {
+                if ctx.state.all_targets_tried() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: not every target has been tried yet\n",
+                    )
+                }
+            }
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/api/deployments" => match method {
+            Method::POST => announce(ctx, request).await,
+            Method::GET => {
+                let snapshot = ctx.state.snapshot();
+                let target = query_pairs(&request)
+                    .into_iter()
+                    .find(|(k, _)| k == "target")
+                    .map(|(_, v)| v);
+                let list: Vec<_> = snapshot
+                    .deployments
+                    .values()
+                    .filter(|d| target.as_ref().is_none_or(|t| t == &d.target))
+                    .collect();
+                json(StatusCode::OK, &list)
+            }
+            _ => method_not_allowed("GET, POST"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    tracing::debug!(%peer, %method, %path, status = response.status().as_u16(), "HTTP request");
+    response
+}
+
+fn status_page(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
+    let mut filter = Filter::default();
+    let mut as_text = request
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/plain") && !accept.contains("json"));
+    for (key, value) in query_pairs(request) {
+        match key.as_str() {
+            "format" => match value.as_str() {
+                "text" => as_text = true,
+                "json" => as_text = false,
+                other => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown format {other:?}: use text or json\n"),
+                    )
+                }
+            },
+            "target" => filter.target = Some(value),
+            "check" => filter.check = Some(value),
+            "status" => match Status::parse(&value) {
+                Some(status) => filter.status = Some(status),
+                None => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown status {value:?}: use pending, pass, fail or error\n"),
+                    )
+                }
+            },
+            _ => {}
+        }
+    }
+    let report = status::build(&ctx.state.snapshot(), &filter, unix_now());
+    if as_text {
+        text(StatusCode::OK, status::render_text(&report))
+    } else {
+        json(StatusCode::OK, &report)
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from response times.
+/// Digests first, so neither the content nor the length of the token shows in the timing.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    use sha2::Digest as _;
+    use subtle::ConstantTimeEq as _;
+    let given = sha2::Sha256::digest(given);
+    let expected = sha2::Sha256::digest(expected);
+    bool::from(given.as_slice().ct_eq(expected.as_slice()))
+}
+
+fn authorized(ctx: &AppContext, request: &Request<Incoming>) -> bool {
+    let token = ctx.settings().api_token;
+    let Some(expected) = token.as_ref().and_then(|s| s.read().ok()) else {
+        return false;
+    };
+    if expected.is_empty() {
+        return false;
+    }
+    let given = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    same_secret(given.as_bytes(), expected.as_bytes())
+}
+
+async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body> {
+    if !authorized(ctx, &request) {
+        let mut response = json_error(StatusCode::UNAUTHORIZED, "unauthorized");
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    if !ctx.settings().tracking {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "deployment tracking is disabled in the configuration",
+        );
+    }
+    let announcer = &ctx.announcer;
+    let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(_)) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {MAX_BODY_BYTES} bytes"),
+            )
+        }
+        Err(_) => return json_error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+    };
+    let announcement: Announcement = match serde_json::from_slice(&bytes) {
+        Ok(a) => a,
+        Err(error) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "malformed body: {error}; expected JSON like \
+                     {{\"target\": \"cognit\", \"version\": \"3.7.0\", \"started_at\": \"2026-11-24T10:00:00Z\", \"note\": \"...\"}}"
+                ),
+            )
+        }
+    };
+    match announcer.announce(announcement).await {
+        Ok(view) => json(StatusCode::CREATED, &view),
+        Err(error) => json_error(StatusCode::BAD_REQUEST, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"abcd", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
+}

@@ -1,0 +1,276 @@
+//! The SRE's view: overall state, each target and each check, as JSON (`/status`) or as a
+//! plain-text table (`/status?format=text`, `deploywatch status`, `deploywatch check`).
+//! Pure: it renders a [`Snapshot`] and never touches the database or the clock.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::deployment::DeploymentView;
+use crate::checks::outcome::{format_number, Observation, Status};
+use crate::checks::spec::Severity;
+use crate::time::{rfc3339, Timestamp};
+use crate::watch::state::Snapshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Overall {
+    Ok,
+    Degraded,
+    Failing,
+}
+
+impl Overall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overall::Ok => "ok",
+            Overall::Degraded => "degraded",
+            Overall::Failing => "failing",
+        }
+    }
+}
+
+/// Which parts of the report to show.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub target: Option<String>,
+    pub status: Option<Status>,
+    pub check: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub status: Overall,
+    pub generated_at: String,
+    pub config_reload_successful: bool,
+    pub targets: Vec<TargetReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetReport {
+    pub name: String,
+    pub connection: String,
+    pub status: Overall,
+    /// `null` until the first attempt.
+    pub reachable: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_error: Option<String>,
+    pub schema_version: Option<String>,
+    pub checks: Vec<CheckReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub name: String,
+    pub pack: String,
+    pub category: String,
+    pub severity: String,
+    pub description: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Observation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expectation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub last_run: Option<String>,
+    pub last_success: Option<String>,
+    pub last_pass: Option<String>,
+    pub duration_seconds: Option<f64>,
+    pub interval_seconds: f64,
+    pub runs: u64,
+    pub skipped: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runbook: Option<String>,
+}
+
+fn check_weight(status: Status, severity: Severity) -> Overall {
+    match (status, severity) {
+        (Status::Fail | Status::Error, Severity::Critical) => Overall::Failing,
+        (Status::Fail | Status::Error, Severity::Warning) => Overall::Degraded,
+        _ => Overall::Ok,
+    }
+}
+
+/// Builds the report. `now` is only used for `generated_at`.
+pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusReport {
+    let mut targets = Vec::new();
+    let mut overall = Overall::Ok;
+    for (name, target) in &snapshot.targets {
+        let mut target_status = match target.reachable {
+            Some(false) => Overall::Failing,
+            _ => Overall::Ok,
+        };
+        for check in target.checks.values() {
+            target_status = target_status.max(check_weight(check.status, check.spec.severity));
+        }
+        let deployment = snapshot.deployments.get(name).cloned();
+        if deployment.as_ref().is_some_and(|d| d.has_regressions()) {
+            target_status = target_status.max(Overall::Degraded);
+        }
+        // The overall state is that of the targets asked about (all of them without a target
+        // filter); the status and check filters only narrow what is listed.
+        if filter.target.as_ref().is_some_and(|t| t != name) {
+            continue;
+        }
+        overall = overall.max(target_status);
+        let checks = target
+            .checks
+            .values()
+            .filter(|c| filter.status.is_none_or(|s| s == c.status))
+            .filter(|c| filter.check.as_ref().is_none_or(|n| n == &c.spec.name))
+            .map(|c| {
+                let outcome = c.outcome.as_ref();
+                CheckReport {
+                    name: c.spec.name.clone(),
+                    pack: c.spec.pack.clone(),
+                    category: c.spec.category.as_str().to_string(),
+                    severity: c.spec.severity.as_str().to_string(),
+                    description: c.spec.description.clone(),
+                    status: c.status,
+                    value: outcome.and_then(|o| o.observation.clone()),
+                    expectation: c.spec.expectation.as_ref().map(|e| e.to_string()),
+                    detail: outcome.and_then(|o| o.detail.clone()),
+                    error_kind: outcome
+                        .and_then(|o| o.error.as_ref())
+                        .map(|e| e.kind.as_str().to_string()),
+                    error: outcome
+                        .and_then(|o| o.error.as_ref())
+                        .map(|e| e.to_string()),
+                    last_run: c.last_run.map(rfc3339),
+                    last_success: c.last_success.map(rfc3339),
+                    last_pass: c.last_pass.map(rfc3339),
+                    duration_seconds: c.duration_seconds,
+                    interval_seconds: c.spec.interval.as_secs_f64(),
+                    runs: c.runs,
+                    skipped: c.skipped,
+                    runbook: c.spec.runbook.clone(),
+                }
+            })
+            .collect();
+        targets.push(TargetReport {
+            name: name.clone(),
+            connection: target.display.clone(),
+            status: target_status,
+            reachable: target.reachable,
+            connection_error: target.last_connection_error.clone(),
+            schema_version: target.schema_version.clone(),
+            checks,
+            deployment,
+        });
+    }
+    StatusReport {
+        status: overall,
+        generated_at: rfc3339(now),
+        config_reload_successful: snapshot.config_reload_ok,
+        targets,
+    }
+}
+
+fn short_value(value: &Option<Observation>) -> String {
+    match value {
+        None => "-".to_string(),
+        Some(Observation::Number(n)) => format_number(*n),
+        Some(Observation::Text(t)) => {
+            let t = t.replace('\n', " ");
+            if t.chars().count() > 28 {
+                format!("{}…", t.chars().take(27).collect::<String>())
+            } else {
+                t
+            }
+        }
+        Some(Observation::Rows(series)) => format!("{} series", series.len()),
+    }
+}
+
+/// The plain-text table.
+pub fn render_text(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "deploywatch status: {}   (generated {}{})",
+        report.status.as_str().to_uppercase(),
+        report.generated_at,
+        if report.config_reload_successful {
+            ""
+        } else {
+            ", LAST CONFIG RELOAD FAILED"
+        }
+    );
+    for target in &report.targets {
+        let reach = match target.reachable {
+            None => "not tried yet",
+            Some(true) => "reachable",
+            Some(false) => "UNREACHABLE",
+        };
+        let _ = writeln!(
+            out,
+            "\ntarget {} ({}): {}, {}, schema version {}",
+            target.name,
+            target.connection,
+            target.status.as_str(),
+            reach,
+            target.schema_version.as_deref().unwrap_or("unknown")
+        );
+        if let Some(error) = &target.connection_error {
+            let _ = writeln!(out, "  connection error: {error}");
+        }
+        let rows: Vec<[String; 6]> = target
+            .checks
+            .iter()
+            .map(|c| {
+                let note = c
+                    .error
+                    .clone()
+                    .or_else(|| c.detail.clone())
+                    .unwrap_or_default();
+                [
+                    c.status.as_str().to_uppercase(),
+                    c.name.clone(),
+                    c.severity.clone(),
+                    short_value(&c.value),
+                    c.expectation.clone().unwrap_or_else(|| "(observe)".into()),
+                    note,
+                ]
+            })
+            .collect();
+        let headers = ["STATUS", "CHECK", "SEVERITY", "VALUE", "EXPECT", "NOTE"];
+        let mut widths = headers.map(str::len);
+        for row in &rows {
+            for (i, cell) in row.iter().enumerate().take(5) {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let line = |cells: [&str; 6]| {
+            let mut s = String::from("  ");
+            for (i, cell) in cells.iter().enumerate() {
+                if i < 5 {
+                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    s.push_str(cell);
+                    s.push_str(&" ".repeat(pad + 2));
+                } else {
+                    s.push_str(cell);
+                }
+            }
+            s.trim_end().to_string()
+        };
+        let _ = writeln!(out, "{}", line(headers));
+        for row in &rows {
+            let _ = writeln!(
+                out,
+                "{}",
+                line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]])
+            );
+        }
+        if let Some(deployment) = &target.deployment {
+            out.push_str(&crate::analysis::deployment::render_text(deployment));
+        }
+    }
+    out
+}

@@ -1,0 +1,95 @@
+//! Database discovery: a target that names `databases` patterns instead of one database stands
+//! for every database of its server whose name matches, found by asking the server.
+//!
+//! The configuration keeps such a target as a *template*. [`expand`] connects to the
+//! template's maintenance database (its `dbname`, default `postgres`) through the same capped,
+//! read-only path checks use, lists `pg_database`, and replaces the template with one concrete
+//! target per matching database, named `TEMPLATE/DATABASE`. When the server cannot be asked,
+//! the template stays in the configuration as a placeholder with no checks, so `/status` and
+//! `deploywatch_up` show the failure. The daemon expands again on every reload and every
+//! `defaults.discovery_interval`, so databases that appear or go away are picked up.
+//!
+//! Which names match is [`crate::config::databases`]' (pure); the listing is
+//! [`crate::postgres::discovery`]'s.
+
+use crate::config::databases::discovered_name;
+use crate::config::{Config, TargetConfig};
+use crate::postgres::discovery::{list_databases, ListTimeouts};
+
+/// A configuration with its templates expanded, and the templates that could not be.
+#[derive(Debug, Clone)]
+pub struct Expanded {
+    pub config: Config,
+    /// Template target name and why its server could not be asked.
+    pub failures: Vec<(String, String)>,
+}
+
+impl Expanded {
+    /// The concrete targets' names and the failed templates, to tell whether a new discovery
+    /// pass changed anything.
+    pub fn shape(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.config.targets.iter().map(|t| t.name.clone()).collect(),
+            self.failures.iter().map(|(name, _)| name.clone()).collect(),
+        )
+    }
+}
+
+/// True when some target of `config` is a discovery template.
+pub fn has_templates(config: &Config) -> bool {
+    config.targets.iter().any(|t| t.discover.is_some())
+}
+
+/// Replaces every template of `config` by the targets its server lists. Targets without
+/// `databases` are kept as they are.
+pub async fn expand(config: &Config) -> Expanded {
+    let mut targets = Vec::with_capacity(config.targets.len());
+    let mut failures = Vec::new();
+    for target in &config.targets {
+        let Some(discovery) = &target.discover else {
+            targets.push(target.clone());
+            continue;
+        };
+        let timeouts = ListTimeouts {
+            connect: config.defaults.connect_timeout,
+            statement: config.defaults.timeout,
+            lock: config.defaults.lock_timeout,
+        };
+        match list_databases(&target.name, &target.connection, timeouts).await {
+            Ok(names) => {
+                let selected = discovery.select(names.iter().map(String::as_str));
+                if selected.is_empty() {
+                    tracing::warn!(target = %target.name, "no database of the server matches the target's patterns");
+                } else {
+                    tracing::debug!(target = %target.name, databases = ?selected, "databases discovered");
+                }
+                for database in selected {
+                    targets.push(concrete(target, &database));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(target = %target.name, %error, "database discovery failed");
+                failures.push((target.name.clone(), error.to_string()));
+                targets.push(target.clone());
+            }
+        }
+    }
+    // A database listed by two templates, or a template that yields a name given to another
+    // target, is monitored once: the first wins, in configuration order.
+    let mut seen = std::collections::HashSet::new();
+    targets.retain(|t| seen.insert(t.name.clone()));
+    let mut config = config.clone();
+    config.targets = targets;
+    Expanded { config, failures }
+}
+
+fn concrete(template: &TargetConfig, database: &str) -> TargetConfig {
+    TargetConfig {
+        name: discovered_name(&template.name, database),
+        connection: template.connection.with_dbname(database),
+        max_connections: template.max_connections,
+        version_query: template.version_query.clone(),
+        checks: template.checks.clone(),
+        discover: None,
+    }
+}

@@ -1,0 +1,8 @@
+//! The daemon's work: the check scheduler ([`scheduler`]), the deployment tracker
+//! ([`tracker`]), the expansion of discovered databases into targets ([`discovery`]) and the
+//! in-memory results everything else reads ([`state`]).
+
+pub mod discovery;
+pub mod scheduler;
+pub mod state;
+pub mod tracker;

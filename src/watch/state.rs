@@ -1,0 +1,257 @@
+//! The latest known results, held in memory: what `/metrics`, `/status` and `deploywatch check`
+//! render. Writers are the scheduler and the deployment tracker; readers take a [`Snapshot`].
+//!
+//! A `std::sync::Mutex` guards it: no lock is ever held across an `.await`, and every critical
+//! section is a few field updates, so scrapes never wait on the database.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::checks::outcome::{CheckOutcome, ErrorKind, Status};
+use crate::checks::spec::CheckSpec;
+use crate::config::Config;
+use crate::postgres::runner::RunReport;
+
+pub use crate::time::Timestamp;
+
+#[derive(Debug, Clone)]
+pub struct CheckState {
+    pub spec: Arc<CheckSpec>,
+    pub status: Status,
+    pub outcome: Option<CheckOutcome>,
+    pub last_run: Option<Timestamp>,
+    /// Last run that completed with a verdict (pass or fail), i.e. without an error.
+    pub last_success: Option<Timestamp>,
+    /// Last run that passed.
+    pub last_pass: Option<Timestamp>,
+    pub duration_seconds: Option<f64>,
+    pub runs: u64,
+    pub errors: BTreeMap<ErrorKind, u64>,
+    pub skipped: u64,
+    /// True while a run is in flight.
+    pub running: bool,
+}
+
+impl CheckState {
+    fn new(spec: Arc<CheckSpec>) -> Self {
+        CheckState {
+            spec,
+            status: Status::Pending,
+            outcome: None,
+            last_run: None,
+            last_success: None,
+            last_pass: None,
+            duration_seconds: None,
+            runs: 0,
+            errors: BTreeMap::new(),
+            skipped: 0,
+            running: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TargetState {
+    /// Connection description without secrets.
+    pub display: String,
+    /// `None` until the first attempt.
+    pub reachable: Option<bool>,
+    pub last_connection_error: Option<String>,
+    pub schema_version: Option<String>,
+    pub checks: BTreeMap<String, CheckState>,
+    /// Backends in use and max_connections, as last sampled.
+    pub connections: Option<(f64, f64)>,
+}
+
+/// Deployment tracking as shown to readers; filled by the deployment tracker.
+pub type DeploymentViews = BTreeMap<String, crate::analysis::deployment::DeploymentView>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub targets: BTreeMap<String, TargetState>,
+    pub config_reload_ok: bool,
+    pub config_last_reload_success: Option<Timestamp>,
+    pub config_source: String,
+    pub deployments: DeploymentViews,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    inner: Mutex<Snapshot>,
+    /// Bumped by every change, so readers can tell whether a rendering is still current.
+    generation: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Claim {
+    /// The run may start.
+    Started,
+    /// The previous run is still going; this one is skipped (and counted).
+    Skipped,
+}
+
+impl State {
+    pub fn new() -> Self {
+        State::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Snapshot> {
+        // A panic while holding the lock cannot leave the data half-written in a way that
+        // matters more than losing metrics, so a poisoned lock is simply taken over.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock, for a change: the generation moves on.
+    fn write(&self) -> MutexGuard<'_, Snapshot> {
+        let guard = self.lock();
+        self.generation.fetch_add(1, Ordering::Release);
+        guard
+    }
+
+    /// Changes so far; equal generations mean equal contents.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Makes the targets and checks match a (new) configuration. Results and counters of
+    /// checks that still exist are kept; removed ones disappear from the output.
+    pub fn apply_config(&self, config: &Config, now: Timestamp) {
+        let mut inner = self.write();
+        let mut targets = BTreeMap::new();
+        for target in &config.targets {
+            let mut state = inner.targets.remove(&target.name).unwrap_or_default();
+            state.display = target.connection.display.clone();
+            let mut checks = BTreeMap::new();
+            // A discovery template stands for databases not found yet: it runs no checks.
+            let specs = if target.discover.is_some() {
+                &[][..]
+            } else {
+                &target.checks[..]
+            };
+            for spec in specs {
+                let check = match state.checks.remove(&spec.name) {
+                    Some(mut existing) => {
+                        existing.spec = spec.clone();
+                        existing
+                    }
+                    None => CheckState::new(spec.clone()),
+                };
+                checks.insert(spec.name.clone(), check);
+            }
+            state.checks = checks;
+            targets.insert(target.name.clone(), state);
+        }
+        inner.targets = targets;
+        inner
+            .deployments
+            .retain(|name, _| config.target(name).is_some());
+        inner.config_reload_ok = true;
+        inner.config_last_reload_success = Some(now);
+        inner.config_source = config.source.display().to_string();
+    }
+
+    pub fn set_reload_failed(&self) {
+        self.write().config_reload_ok = false;
+    }
+
+    /// Marks a check as running unless it already is.
+    pub fn claim(&self, target: &str, check: &str) -> Claim {
+        let mut inner = self.write();
+        let Some(state) = inner
+            .targets
+            .get_mut(target)
+            .and_then(|t| t.checks.get_mut(check))
+        else {
+            return Claim::Skipped;
+        };
+        if state.running {
+            state.skipped += 1;
+            Claim::Skipped
+        } else {
+            state.running = true;
+            Claim::Started
+        }
+    }
+
+    pub fn record_skip(&self, target: &str, check: &str) {
+        let mut inner = self.write();
+        if let Some(state) = inner
+            .targets
+            .get_mut(target)
+            .and_then(|t| t.checks.get_mut(check))
+        {
+            state.skipped += 1;
+        }
+    }
+
+    /// Stores the result of a run and releases the claim.
+    pub fn record(&self, target: &str, check: &str, report: &RunReport, now: Timestamp) {
+        let mut inner = self.write();
+        let Some(target_state) = inner.targets.get_mut(target) else {
+            return;
+        };
+        target_state.reachable = Some(report.reachable);
+        if report.reachable {
+            target_state.last_connection_error = None;
+        } else if let Some(error) = &report.outcome.error {
+            target_state.last_connection_error = Some(error.message.clone());
+        }
+        let Some(state) = target_state.checks.get_mut(check) else {
+            return;
+        };
+        state.running = false;
+        state.runs += 1;
+        state.last_run = Some(now);
+        state.duration_seconds = Some(report.duration.as_secs_f64());
+        state.status = report.outcome.status;
+        match &report.outcome.error {
+            Some(error) => *state.errors.entry(error.kind).or_insert(0) += 1,
+            None => state.last_success = Some(now),
+        }
+        if report.outcome.status == Status::Pass {
+            state.last_pass = Some(now);
+        }
+        state.outcome = Some(report.outcome.clone());
+    }
+
+    /// Marks a target unreachable without a check run (a discovery template whose server
+    /// could not be asked).
+    pub fn set_unreachable(&self, target: &str, message: String) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.reachable = Some(false);
+            state.last_connection_error = Some(message);
+        }
+    }
+
+    pub fn set_schema_version(&self, target: &str, version: Option<String>) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.schema_version = version;
+        }
+    }
+
+    pub fn set_connections(&self, target: &str, in_use: f64, max: f64) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.connections = Some((in_use, max));
+        }
+    }
+
+    pub fn set_deployment(&self, target: &str, view: crate::analysis::deployment::DeploymentView) {
+        self.write().deployments.insert(target.to_string(), view);
+    }
+
+    /// Every target has been tried at least once (readiness).
+    pub fn all_targets_tried(&self) -> bool {
+        let inner = self.lock();
+        !inner.targets.is_empty() && inner.targets.values().all(|t| t.reachable.is_some())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.lock().clone()
+    }
+}

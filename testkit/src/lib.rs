@@ -1,0 +1,10 @@
+//! Test support for deploywatch: a throwaway local PostgreSQL ([`pgcluster`]), the cognit
+//! application the checklist describes ([`workload::fixtures`]) and a light workload of it
+//! ([`workload`]). The integration tests, the benchmarks and `deploywatch demo` use it; the
+//! daemon itself never does.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod pgcluster;
+pub mod workload;
