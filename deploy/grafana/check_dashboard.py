@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Prints every PromQL expression of the dashboard, one per line, with Grafana variables
-replaced so the expressions parse as plain PromQL. With --rules-file OUT it writes them as
-recording rules, so `promtool check rules OUT` proves each one parses."""
+"""Prints every PromQL expression of the dashboard (deploywatch.json beside this script, or the
+file given), one per line, with Grafana variables replaced so the expressions parse as plain
+PromQL. With --rules-file OUT it writes them as recording rules, so `promtool check rules OUT`
+proves each one parses."""
 import json
+import os
 import sys
+
+# The dashboard next to this script, so it runs from any directory.
+DASHBOARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploywatch.json")
 
 def expressions(path):
     dashboard = json.load(open(path))
@@ -19,7 +24,7 @@ def expressions(path):
 
 def main():
     args = sys.argv[1:]
-    path = args[0] if args and not args[0].startswith("--") else "deploy/grafana/deploywatch.json"
+    path = args[0] if args and not args[0].startswith("--") else DASHBOARD
     exprs = expressions(path)
     if "--rules-file" in args:
         out = args[args.index("--rules-file") + 1]

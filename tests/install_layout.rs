@@ -1,0 +1,206 @@
+//! The shipped configuration, the systemd unit, the container image and the Kubernetes
+//! manifests agree on one install layout (deploy/README.md, "The install layout"): where the
+//! binary, the configuration, the packs and the state store are, so that the shipped
+//! configuration works wherever it is installed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::repo;
+
+const CONFIG: &str = "/etc/deploywatch/deploywatch.toml";
+const BINARY: &str = "/usr/local/bin/deploywatch";
+const STATE_DIR: &str = "/var/lib/deploywatch";
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(repo().join(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+/// `KEY=value` lines of a unit file (the last one wins).
+fn unit_value(unit: &str, key: &str) -> String {
+    unit.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("the unit has no {key}="))
+        .trim()
+        .to_string()
+}
+
+/// The shipped configuration's store path, as loaded (relative paths resolved against the file).
+fn shipped_store_path(main: &Path) -> PathBuf {
+    let config = deploywatch::config::Config::load(main)
+        .unwrap_or_else(|e| panic!("{} does not load: {e}", main.display()));
+    config
+        .store
+        .path
+        .clone()
+        .expect("the shipped configuration keeps its state in a store")
+}
+
+#[test]
+fn the_shipped_configuration_keeps_its_state_where_the_unit_may_write() {
+    let unit = read("deploy/systemd/deploywatch.service");
+    // Installed as deploy/README.md says: the main file and the packs under /etc/deploywatch.
+    let root = tempfile::tempdir().expect("tempdir");
+    let etc = root.path().join("etc/deploywatch");
+    std::fs::create_dir_all(etc.join("checks")).expect("mkdir");
+    std::fs::write(
+        etc.join("deploywatch.toml"),
+        read("config/deploywatch.toml"),
+    )
+    .expect("write");
+    for pack in ["postgres.toml", "cognit-3.7.0.toml"] {
+        std::fs::write(
+            etc.join("checks").join(pack),
+            read(&format!("config/checks/{pack}")),
+        )
+        .expect("write");
+    }
+    let store = shipped_store_path(&etc.join("deploywatch.toml"));
+    let state_dir = PathBuf::from("/var/lib").join(unit_value(&unit, "StateDirectory"));
+    assert_eq!(state_dir, Path::new(STATE_DIR));
+    assert!(
+        store.starts_with(&state_dir),
+        "installed, the shipped store.path resolves to {} which is outside the unit's writable \
+         StateDirectory {}",
+        store.display(),
+        state_dir.display()
+    );
+    // The unit runs the installed binary with the installed configuration, and validates it first.
+    assert_eq!(
+        unit_value(&unit, "ExecStart"),
+        format!("{BINARY} --config {CONFIG} run")
+    );
+    assert_eq!(
+        unit_value(&unit, "ExecStartPre"),
+        format!("{BINARY} --config {CONFIG} validate")
+    );
+    assert_eq!(unit_value(&unit, "ProtectSystem"), "strict");
+    // Its documentation links are the files the install steps put there.
+    let readme = read("deploy/README.md");
+    for link in unit_value(&unit, "Documentation").split_whitespace() {
+        let file = link.strip_prefix("file:").expect("a local file");
+        let dir = Path::new(file).parent().expect("dir").to_string_lossy();
+        let name = Path::new(file).file_name().expect("name").to_string_lossy();
+        assert!(
+            readme.contains(&format!("-t {dir} README.md docs/*.md")),
+            "{dir}"
+        );
+        assert!(
+            repo().join(&*name).is_file() || repo().join("docs").join(&*name).is_file(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn the_container_image_uses_the_same_layout() {
+    let dockerfile = read("deploy/container/Dockerfile");
+    let lines: Vec<&str> = dockerfile.lines().map(str::trim).collect();
+    let has = |line: &str| lines.contains(&line);
+    assert!(has(&format!(
+        "COPY --from=build /src/target/release/deploywatch {BINARY}"
+    )));
+    assert!(has("COPY config/checks /etc/deploywatch/checks"));
+    assert!(has(&format!("COPY config/deploywatch.toml {CONFIG}")));
+    assert!(has(&format!("VOLUME [\"{STATE_DIR}\"]")));
+    assert!(has(&format!("CMD [\"--config\", \"{CONFIG}\", \"run\"]")));
+    assert!(
+        has("ENV DEPLOYWATCH_SERVER__LISTEN=0.0.0.0:9788"),
+        "inside a container the loopback address of the shipped configuration is unreachable"
+    );
+    // The build sees every file of the crate, whatever its layout, but not the local target/.
+    assert!(has("COPY . ."));
+    let ignore = read(".dockerignore");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target/"),
+        ".dockerignore"
+    );
+    // Every other path it copies exists.
+    for line in &lines {
+        if let Some(rest) = line.strip_prefix("COPY ") {
+            if rest.starts_with("--from") || rest == ". ." {
+                continue;
+            }
+            let source = rest.split_whitespace().next().expect("source");
+            assert!(repo().join(source).exists(), "COPY {source}: no such path");
+        }
+    }
+    let uid = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER");
+    let deployment = read("deploy/kubernetes/deployment.yaml");
+    assert!(
+        deployment.contains(&format!("runAsUser: {uid}")),
+        "the pod runs as the image's user {uid}"
+    );
+}
+
+#[test]
+fn the_kubernetes_manifests_use_the_same_layout() {
+    let deployment: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/kubernetes/deployment.yaml")).expect("yaml");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let config_at = args
+        .iter()
+        .position(|a| *a == "--config")
+        .map(|i| args[i + 1])
+        .expect("--config");
+    assert_eq!(config_at, CONFIG);
+    let mounts: Vec<(String, String)> = container["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().expect("name").to_string(),
+                m["mountPath"].as_str().expect("mountPath").to_string(),
+            )
+        })
+        .collect();
+    let mount = |name: &str| {
+        mounts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("no {name} mount"))
+    };
+    assert_eq!(mount("config"), CONFIG);
+    assert_eq!(mount("checks"), "/etc/deploywatch/checks");
+    assert_eq!(mount("state"), STATE_DIR);
+
+    // The ConfigMap's configuration, installed where the pod mounts it, keeps its state on the
+    // state volume and reads its password from the Secret's mount.
+    let documents: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&read("deploy/kubernetes/configmap.yaml"))
+            .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+            .collect();
+    let text = documents
+        .iter()
+        .find(|d| d["metadata"]["name"] == "deploywatch")
+        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
+        .expect("deploywatch.toml in the ConfigMap");
+    let dir = common::ConfigDir::new();
+    dir.add_shipped_pack("postgres.toml");
+    dir.write("deploywatch.toml", text);
+    let store = shipped_store_path(&dir.main());
+    assert!(store.starts_with(STATE_DIR), "{}", store.display());
+    let raw: toml::Value = toml::from_str(text).expect("toml");
+    let secret = mount("secret");
+    let password = raw["targets"][0]["password_file"]
+        .as_str()
+        .expect("password_file");
+    assert!(
+        password.starts_with(&secret),
+        "{password} is not on the Secret's mount {secret}"
+    );
+    assert_eq!(raw["checks"]["files"][0].as_str(), Some("checks/*.toml"));
+}
