@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use common::{cluster, cognit_db, free_port, repo, Version};
-use deploywatch::pgcluster::PgCluster;
+use deploywatch_testkit::pgcluster::PgCluster;
 
 const DOCUMENTED_ADDRESS: &str = "127.0.0.1:9788";
 
@@ -206,7 +206,7 @@ fn every_command_block_is_tested_and_parses() {
 /// Whether a command line parses with the real command-line definition (`--version` and
 /// `--help` count as parsing).
 fn parses(args: &[String]) -> Result<(), clap::Error> {
-    match deploywatch::cli::Cli::try_parse_from(args) {
+    match deploywatch::commands::cli::Cli::try_parse_from(args) {
         Ok(_) => Ok(()),
         Err(error)
             if matches!(
@@ -769,10 +769,15 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
     let mut child = common::spawn_daemon(&dir, port);
     let url = format!("http://127.0.0.1:{port}/status");
     let status = |url: String| async move {
-        let (code, body) =
-            deploywatch::client::request(hyper::Method::GET, &url, "application/json", None, None)
-                .await
-                .ok()?;
+        let (code, body) = deploywatch::commands::client::request(
+            hyper::Method::GET,
+            &url,
+            "application/json",
+            None,
+            None,
+        )
+        .await
+        .ok()?;
         code.is_success().then_some(())?;
         serde_json::from_str::<serde_json::Value>(&body).ok()
     };
