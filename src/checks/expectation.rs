@@ -10,29 +10,26 @@
 //!
 //! Parse errors name the column (1-based) and what was expected there. Pure: no I/O.
 
+use std::cmp::Ordering;
 use std::fmt;
 
-/// A literal in an expectation.
+use bigdecimal::BigDecimal;
+
+use crate::checks::number::{parse_decimal, Number};
+
+/// A literal in an expectation. Numbers are exact decimals.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
-    Number(f64),
+    Number(BigDecimal),
     Text(String),
 }
 
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::Number(n) => write!(f, "{}", number_text(*n)),
+            Value::Number(n) => write!(f, "{n}"),
             Value::Text(t) => write!(f, "\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")),
         }
-    }
-}
-
-fn number_text(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
-    } else {
-        format!("{n}")
     }
 }
 
@@ -61,8 +58,15 @@ impl CompareOp {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expectation {
-    Compare { op: CompareOp, value: Value },
-    Between { low: f64, high: f64, negated: bool },
+    Compare {
+        op: CompareOp,
+        value: Value,
+    },
+    Between {
+        low: BigDecimal,
+        high: BigDecimal,
+        negated: bool,
+    },
 }
 
 impl fmt::Display for Expectation {
@@ -73,8 +77,8 @@ impl fmt::Display for Expectation {
                 f,
                 "{}between {} and {}",
                 if *negated { "not " } else { "" },
-                number_text(*low),
-                number_text(*high)
+                low,
+                high
             ),
         }
     }
@@ -113,7 +117,7 @@ pub enum ExpectationError {
 /// What a check observed, as far as an expectation is concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observed {
-    Number(f64),
+    Number(Number),
     Text(String),
     Bool(bool),
 }
@@ -129,7 +133,7 @@ pub enum EvaluationError {
 enum Token {
     Op(CompareOp),
     Word(String),
-    Number(f64),
+    Number(BigDecimal),
     Text(String),
     Parameter(String),
     Other(String),
@@ -139,7 +143,7 @@ fn describe(token: &Token) -> String {
     match token {
         Token::Op(op) => op.as_str().to_string(),
         Token::Word(w) | Token::Other(w) => w.clone(),
-        Token::Number(n) => number_text(*n),
+        Token::Number(n) => n.to_string(),
         Token::Text(t) => format!("\"{t}\""),
         Token::Parameter(p) => format!("${p}"),
     }
@@ -224,9 +228,9 @@ fn tokenize(input: &str) -> Result<Vec<(Token, usize)>, ExpectationError> {
         let token = if text.chars().all(|c| c.is_ascii_alphabetic()) {
             Token::Word(text.to_ascii_lowercase())
         } else {
-            match text.parse::<f64>() {
-                Ok(n) if n.is_finite() => Token::Number(n),
-                _ => Token::Other(text),
+            match parse_decimal(&text) {
+                Some(n) => Token::Number(n),
+                None => Token::Other(text),
             }
         };
         tokens.push((token, column));
@@ -263,9 +267,9 @@ impl Parser<'_> {
             Some((Token::Number(n), column)) => Ok((Value::Number(n), column)),
             Some((Token::Text(t), column)) => Ok((Value::Text(t), column)),
             Some((Token::Parameter(name), column)) => match (self.params)(&name) {
-                Some(text) => match text.trim().parse::<f64>() {
-                    Ok(n) if n.is_finite() => Ok((Value::Number(n), column)),
-                    _ => Ok((Value::Text(text), column)),
+                Some(text) => match parse_decimal(&text) {
+                    Some(n) => Ok((Value::Number(n), column)),
+                    None => Ok((Value::Text(text), column)),
                 },
                 None => Err(ExpectationError::UnknownParameter { name, column }),
             },
@@ -276,7 +280,7 @@ impl Parser<'_> {
         }
     }
 
-    fn number(&mut self) -> Result<f64, ExpectationError> {
+    fn number(&mut self) -> Result<BigDecimal, ExpectationError> {
         if let Some((token @ (Token::Word(_) | Token::Other(_) | Token::Op(_)), column)) =
             self.tokens.get(self.position).cloned()
         {
@@ -305,8 +309,8 @@ impl Parser<'_> {
         let high = self.number()?;
         if low > high {
             return Err(ExpectationError::InvertedRange {
-                low: number_text(low),
-                high: number_text(high),
+                low: low.to_string(),
+                high: high.to_string(),
             });
         }
         Ok(Expectation::Between { low, high, negated })
@@ -373,14 +377,19 @@ pub fn parse(
     .expectation()
 }
 
-fn compare(op: CompareOp, left: f64, right: f64) -> bool {
+/// Whether an observation that compares as `ordering` with the literal satisfies `op`. An
+/// observation that does not compare at all (NaN) satisfies nothing, not even `!=`.
+fn compare(op: CompareOp, ordering: Option<Ordering>) -> bool {
+    let Some(ordering) = ordering else {
+        return false;
+    };
     match op {
-        CompareOp::Eq => left == right,
-        CompareOp::Ne => left != right,
-        CompareOp::Lt => left < right,
-        CompareOp::Le => left <= right,
-        CompareOp::Gt => left > right,
-        CompareOp::Ge => left >= right,
+        CompareOp::Eq => ordering == Ordering::Equal,
+        CompareOp::Ne => ordering != Ordering::Equal,
+        CompareOp::Lt => ordering == Ordering::Less,
+        CompareOp::Le => ordering != Ordering::Greater,
+        CompareOp::Gt => ordering == Ordering::Greater,
+        CompareOp::Ge => ordering != Ordering::Less,
     }
 }
 
@@ -397,28 +406,28 @@ impl Expectation {
     }
 
     pub fn evaluate(&self, observed: &Observed) -> Result<bool, EvaluationError> {
-        let as_number = |observed: &Observed| -> Result<f64, EvaluationError> {
+        let as_number = |observed: &Observed| -> Result<Number, EvaluationError> {
             match observed {
-                Observed::Number(n) => Ok(*n),
-                Observed::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
-                Observed::Text(t) => t
-                    .trim()
-                    .parse::<f64>()
-                    .map_err(|_| EvaluationError::NotNumeric { found: t.clone() }),
+                Observed::Number(n) => Ok(n.clone()),
+                Observed::Bool(b) => Ok(Number::from_i64(i64::from(*b))),
+                Observed::Text(t) => {
+                    Number::parse(t).ok_or_else(|| EvaluationError::NotNumeric { found: t.clone() })
+                }
             }
         };
         match self {
             Expectation::Compare {
                 op,
                 value: Value::Number(expected),
-            } => Ok(compare(*op, as_number(observed)?, *expected)),
+            } => Ok(compare(*op, as_number(observed)?.compare(expected))),
             Expectation::Compare {
                 op,
                 value: Value::Text(expected),
             } => {
                 let text = match observed {
                     Observed::Text(t) => t.clone(),
-                    Observed::Number(n) => number_text(*n),
+                    Observed::Number(n) if n.is_nan() => return Ok(false),
+                    Observed::Number(n) => n.to_string(),
                     Observed::Bool(b) => b.to_string(),
                 };
                 Ok(match op {
@@ -428,7 +437,13 @@ impl Expectation {
             }
             Expectation::Between { low, high, negated } => {
                 let n = as_number(observed)?;
-                Ok((n >= *low && n <= *high) != *negated)
+                match (n.compare(low), n.compare(high)) {
+                    (Some(from_low), Some(from_high)) => Ok((from_low != Ordering::Less
+                        && from_high != Ordering::Greater)
+                        != *negated),
+                    // NaN is neither inside nor outside a range.
+                    _ => Ok(false),
+                }
             }
         }
     }
@@ -507,6 +522,68 @@ mod tests {
         check_error("==", "expected a value");
     }
 
+    fn num(value: f64) -> Observed {
+        Observed::Number(Number::from_f64(value))
+    }
+
+    fn exact(text: &str) -> Observed {
+        Observed::Number(Number::parse(text).expect("a number"))
+    }
+
+    #[test]
+    fn integers_and_numerics_compare_exactly() {
+        let max = Observed::Number(Number::from_i64(i64::MAX));
+        assert_eq!(eval("== 9223372036854775806", max.clone()), Ok(false));
+        assert_eq!(eval("== 9223372036854775807", max.clone()), Ok(true));
+        assert_eq!(eval("> 9223372036854775806", max), Ok(true));
+        let big = exact("100000000000000000000000000000000000001");
+        assert_eq!(
+            eval("!= 100000000000000000000000000000000000000", big.clone()),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("between 0 and 100000000000000000000000000000000000000", big),
+            Ok(false)
+        );
+        assert_eq!(
+            eval(
+                "== 9223372036854775807",
+                Observed::Text("9223372036854775806".into())
+            ),
+            Ok(false)
+        );
+        assert_eq!(eval("> 1e400", exact("1.5e400")), Ok(true));
+    }
+
+    #[test]
+    fn nan_passes_nothing() {
+        for expectation in [
+            "== 0",
+            "!= 0",
+            "< 0",
+            "<= 0",
+            "> 0",
+            ">= 0",
+            "between 0 and 1",
+            "not between 0 and 1",
+            "!= \"x\"",
+            "== \"NaN\"",
+        ] {
+            assert_eq!(eval(expectation, num(f64::NAN)), Ok(false), "{expectation}");
+        }
+    }
+
+    #[test]
+    fn text_inf_and_nan_are_not_numbers() {
+        for text in ["inf", "-inf", "nan", "NaN", "Infinity", "0x10"] {
+            assert_eq!(
+                eval("!= 0", Observed::Text(text.into())),
+                Err(EvaluationError::NotNumeric { found: text.into() }),
+                "{text}"
+            );
+        }
+    }
+
     fn eval(expectation: &str, observed: Observed) -> Result<bool, EvaluationError> {
         parse(expectation, &params)
             .expect("valid")
@@ -515,12 +592,12 @@ mod tests {
 
     #[test]
     fn evaluates() {
-        assert_eq!(eval("== 0", Observed::Number(0.0)), Ok(true));
-        assert_eq!(eval("== 0", Observed::Number(3.0)), Ok(false));
-        assert_eq!(eval(">= 4", Observed::Number(9.0)), Ok(true));
-        assert_eq!(eval("< 0.9", Observed::Number(0.9)), Ok(false));
-        assert_eq!(eval("between 0 and 1", Observed::Number(1.0)), Ok(true));
-        assert_eq!(eval("not between 0 and 1", Observed::Number(1.5)), Ok(true));
+        assert_eq!(eval("== 0", num(0.0)), Ok(true));
+        assert_eq!(eval("== 0", num(3.0)), Ok(false));
+        assert_eq!(eval(">= 4", num(9.0)), Ok(true));
+        assert_eq!(eval("< 0.9", num(0.9)), Ok(false));
+        assert_eq!(eval("between 0 and 1", num(1.0)), Ok(true));
+        assert_eq!(eval("not between 0 and 1", num(1.5)), Ok(true));
         assert_eq!(
             eval("== $expected_version", Observed::Text("3.7.0".into())),
             Ok(true)
@@ -529,7 +606,7 @@ mod tests {
             eval("!= \"3.7.0\"", Observed::Text("3.6.0".into())),
             Ok(true)
         );
-        assert_eq!(eval("== \"3\"", Observed::Number(3.0)), Ok(true));
+        assert_eq!(eval("== \"3\"", num(3.0)), Ok(true));
         assert_eq!(eval("== 1", Observed::Bool(true)), Ok(true));
         assert_eq!(eval(">= 4", Observed::Text("5".into())), Ok(true));
         assert_eq!(

@@ -1,7 +1,8 @@
 //! What a check is and how its result is judged: the specification a pack yields
-//! ([`spec`]), the expectation grammar ([`expectation`]) and the evaluation of a query's rows
-//! into pass, fail or error ([`outcome`]). Pure: no I/O, no clock.
+//! ([`spec`]), the expectation grammar ([`expectation`]), exact numbers ([`number`]) and the
+//! evaluation of a query's rows into pass, fail or error ([`outcome`]). Pure: no I/O, no clock.
 
 pub mod expectation;
+pub mod number;
 pub mod outcome;
 pub mod spec;

@@ -4,12 +4,14 @@
 //! shape against the check's definition, applies the expectation and returns a [`CheckOutcome`].
 //! Nothing here does I/O.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::Serialize;
 
 use crate::checks::expectation::{EvaluationError, Observed};
 use crate::checks::spec::{CheckSpec, Shape};
+use crate::checks::number::Number;
 
 /// One cell of a result row, decoded from whatever PostgreSQL type it had.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,27 +20,34 @@ pub enum Cell {
     Bool(bool),
     Int(i64),
     Float(f64),
+    /// A `numeric`: exact, of any size, or NaN / ±Infinity.
+    Numeric(Number),
     Text(String),
 }
 
 impl Cell {
-    fn as_number(&self) -> Option<f64> {
+    /// The cell as a number: integers and numerics exactly, text only when it is decimal
+    /// notation (never `inf` or `nan`).
+    fn as_number(&self) -> Option<Number> {
         match self {
-            Cell::Int(i) => Some(*i as f64),
-            Cell::Float(f) => Some(*f),
-            Cell::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
-            Cell::Text(t) => t.trim().parse::<f64>().ok(),
+            Cell::Int(i) => Some(Number::from_i64(*i)),
+            Cell::Float(f) => Some(Number::from_f64(*f)),
+            Cell::Numeric(n) => Some(n.clone()),
+            Cell::Bool(b) => Some(Number::from_i64(i64::from(*b))),
+            Cell::Text(t) => Number::parse(t),
             Cell::Null => None,
         }
     }
 
-    fn as_label(&self) -> String {
+    /// The cell as a label value; `None` for NULL, which has no label value of its own.
+    fn as_label(&self) -> Option<String> {
         match self {
-            Cell::Null => String::new(),
-            Cell::Bool(b) => b.to_string(),
-            Cell::Int(i) => i.to_string(),
-            Cell::Float(f) => f.to_string(),
-            Cell::Text(t) => t.clone(),
+            Cell::Null => None,
+            Cell::Bool(b) => Some(b.to_string()),
+            Cell::Int(i) => Some(i.to_string()),
+            Cell::Float(f) => Some(crate::checks::number::float_text(*f)),
+            Cell::Numeric(n) => Some(n.to_string()),
+            Cell::Text(t) => Some(t.clone()),
         }
     }
 }
@@ -99,10 +108,14 @@ pub enum ErrorKind {
     NotNumeric,
     TooManyRows,
     TooManySeries,
+    /// A label column of a rows check is NULL (it would read as the empty label value).
+    NullLabel,
+    /// Two rows of a rows check have the same label values, so they would be one series twice.
+    DuplicateSeries,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Timeout,
         ErrorKind::Sql,
         ErrorKind::ReadOnly,
@@ -112,6 +125,8 @@ impl ErrorKind {
         ErrorKind::NotNumeric,
         ErrorKind::TooManyRows,
         ErrorKind::TooManySeries,
+        ErrorKind::NullLabel,
+        ErrorKind::DuplicateSeries,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,6 +140,8 @@ impl ErrorKind {
             ErrorKind::NotNumeric => "not_numeric",
             ErrorKind::TooManyRows => "too_many_rows",
             ErrorKind::TooManySeries => "too_many_series",
+            ErrorKind::NullLabel => "null_label",
+            ErrorKind::DuplicateSeries => "duplicate_series",
         }
     }
 }
@@ -168,6 +185,7 @@ impl fmt::Display for CheckError {
 pub struct Series {
     pub labels: Vec<(String, String)>,
     pub column: String,
+    /// The nearest double (what the metric carries).
     pub value: f64,
 }
 
@@ -175,15 +193,18 @@ pub struct Series {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Observation {
-    Number(f64),
+    /// Exact for integers and numerics; in JSON a number, or its exact text when a double
+    /// would change it.
+    Number(Number),
     Text(String),
     Rows(Vec<Series>),
 }
 
 impl Observation {
+    /// The nearest double (metrics, the sample store).
     pub fn as_number(&self) -> Option<f64> {
         match self {
-            Observation::Number(n) => Some(*n),
+            Observation::Number(n) => Some(n.to_f64()),
             _ => None,
         }
     }
@@ -192,18 +213,10 @@ impl Observation {
 impl fmt::Display for Observation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Observation::Number(n) => write!(f, "{}", format_number(*n)),
+            Observation::Number(n) => write!(f, "{n}"),
             Observation::Text(t) => write!(f, "{t:?}"),
             Observation::Rows(series) => write!(f, "{} series", series.len()),
         }
-    }
-}
-
-pub fn format_number(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
-    } else {
-        format!("{n}")
     }
 }
 
@@ -286,15 +299,14 @@ fn evaluate_scalar(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
             )
         }
         Cell::Bool(b) => Observed::Bool(*b),
-        Cell::Int(i) => Observed::Number(*i as f64),
-        Cell::Float(f) => Observed::Number(*f),
         Cell::Text(t) => Observed::Text(t.clone()),
+        number => Observed::Number(number.as_number().unwrap_or(Number::Float(f64::NAN))),
     };
     let wants_number = spec.expectation.as_ref().is_some_and(|e| e.wants_number());
     let observation = match &cell {
-        Cell::Text(t) if wants_number => match t.trim().parse::<f64>() {
-            Ok(n) => Observation::Number(n),
-            Err(_) => {
+        Cell::Text(t) if wants_number => match Number::parse(t) {
+            Some(n) => Observation::Number(n),
+            None => {
                 return shape_error(
                     ErrorKind::NotNumeric,
                     format!("expected a number, got text {t:?}"),
@@ -302,7 +314,7 @@ fn evaluate_scalar(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
             }
         },
         Cell::Text(t) => Observation::Text(t.clone()),
-        other => Observation::Number(other.as_number().unwrap_or(0.0)),
+        other => Observation::Number(other.as_number().unwrap_or(Number::Float(f64::NAN))),
     };
     let Some(expectation) = &spec.expectation else {
         return CheckOutcome {
@@ -334,8 +346,8 @@ fn evaluate_scalar(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
 fn describe_cell(cell: &Cell) -> String {
     match cell {
         Cell::Text(t) => format!("{t:?}"),
-        Cell::Float(f) => format_number(*f),
-        other => other.as_label(),
+        Cell::Null => "NULL".to_string(),
+        other => other.as_label().unwrap_or_default(),
     }
 }
 
@@ -397,19 +409,38 @@ fn evaluate_rows(
     }
     let mut series = Vec::with_capacity(total);
     let mut failures = Vec::new();
-    for row in &table.rows {
-        let row_labels: Vec<(String, String)> = label_indexes
-            .iter()
-            .map(|(name, i)| {
-                (
-                    name.clone(),
-                    row.get(*i).map(Cell::as_label).unwrap_or_default(),
-                )
-            })
-            .collect();
+    let mut seen = HashSet::with_capacity(table.rows.len());
+    for (row_number, row) in table.rows.iter().enumerate() {
+        let mut row_labels: Vec<(String, String)> = Vec::with_capacity(label_indexes.len());
+        for (name, i) in &label_indexes {
+            match row.get(*i).and_then(Cell::as_label) {
+                Some(value) => row_labels.push((name.clone(), value)),
+                None => {
+                    return shape_error(
+                        ErrorKind::NullLabel,
+                        format!(
+                            "label column {name:?} is NULL in row {}; a NULL has no label value \
+                             of its own (it would read as \"\"): COALESCE it to a value, or \
+                             filter the row out",
+                            row_number + 1
+                        ),
+                    )
+                }
+            }
+        }
+        if !seen.insert(row_labels.clone()) {
+            return shape_error(
+                ErrorKind::DuplicateSeries,
+                format!(
+                    "two rows have the labels {{{}}}, so they would be the same series twice: \
+                     GROUP BY the label columns or add a label that tells them apart",
+                    render_labels(&row_labels)
+                ),
+            );
+        }
         for (name, i) in &value_indexes {
             let cell = row.get(*i).cloned().unwrap_or(Cell::Null);
-            let value = match (&cell, cell.as_number()) {
+            let number = match (&cell, cell.as_number()) {
                 (Cell::Null, _) => {
                     // A NULL statistic (e.g. an index never scanned on some versions) reads as
                     // absent, not as an error of the whole check.
@@ -425,13 +456,10 @@ fn evaluate_rows(
             };
             if let (Some(column), Some(expectation)) = (expect_column, &spec.expectation) {
                 if column == name {
-                    match expectation.evaluate(&Observed::Number(value)) {
+                    match expectation.evaluate(&Observed::Number(number.clone())) {
                         Ok(true) => {}
-                        Ok(false) => failures.push(format!(
-                            "{} {name}={}",
-                            render_labels(&row_labels),
-                            format_number(value)
-                        )),
+                        Ok(false) => failures
+                            .push(format!("{} {name}={number}", render_labels(&row_labels),)),
                         Err(EvaluationError::NotNumeric { found }) => {
                             return shape_error(
                                 ErrorKind::NotNumeric,
@@ -444,7 +472,7 @@ fn evaluate_rows(
             series.push(Series {
                 labels: row_labels.clone(),
                 column: name.clone(),
-                value,
+                value: number.to_f64(),
             });
         }
     }
@@ -580,7 +608,10 @@ mod tests {
     fn failed_scalar_says_what_was_seen() {
         let outcome = evaluate(&spec(Some("== 0"), Shape::Scalar), &scalar(Cell::Int(3)));
         assert_eq!(outcome.detail.as_deref(), Some("observed 3, expected == 0"));
-        assert_eq!(outcome.observation, Some(Observation::Number(3.0)));
+        assert_eq!(
+            outcome.observation,
+            Some(Observation::Number(Number::from_i64(3)))
+        );
     }
 
     fn rows_shape(max_series: usize, expect_column: Option<&str>) -> Shape {

@@ -10,6 +10,7 @@ use tokio_postgres::types::{FromSql, Type};
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
+use crate::checks::number::Number;
 
 /// Extra time the client waits beyond `statement_timeout` before it gives up on the server.
 const CLIENT_GRACE: Duration = Duration::from_secs(3);
@@ -171,6 +172,55 @@ fn decode(rows: &[tokio_postgres::Row]) -> Result<ResultTable, CheckError> {
     Ok(table)
 }
 
+/// Decodes PostgreSQL's binary `numeric` exactly, whatever its size: a header of four 16-bit
+/// words (digit count, weight of the first digit in powers of 10000, sign, display scale) and
+/// base-10000 digits. The sign word also spells NaN and ±Infinity (PostgreSQL 14+).
+pub fn decode_numeric(raw: &[u8]) -> Result<Number, Box<dyn std::error::Error + Sync + Send>> {
+    let word = |i: usize| -> Result<u16, Box<dyn std::error::Error + Sync + Send>> {
+        match raw.get(i * 2..i * 2 + 2) {
+            Some(&[high, low]) => Ok(u16::from_be_bytes([high, low])),
+            _ => Err("truncated numeric value".into()),
+        }
+    };
+    let count = usize::from(word(0)?);
+    let weight = i64::from(word(1)? as i16);
+    let sign = word(2)?;
+    let scale = word(3)?;
+    match sign {
+        0x0000 | 0x4000 => {}
+        0xC000 => return Ok(Number::Float(f64::NAN)),
+        0xD000 => return Ok(Number::Float(f64::INFINITY)),
+        0xF000 => return Ok(Number::Float(f64::NEG_INFINITY)),
+        other => return Err(format!("unknown numeric sign 0x{other:04x}").into()),
+    }
+    if raw.len() != 8 + 2 * count {
+        return Err("numeric value of the wrong length".into());
+    }
+    if count == 0 {
+        return Ok(Number::Exact(
+            bigdecimal::BigDecimal::from(0).with_scale(i64::from(scale)),
+        ));
+    }
+    let mut text = String::with_capacity(count * 4 + 16);
+    if sign == 0x4000 {
+        text.push('-');
+    }
+    for i in 0..count {
+        let digit = word(4 + i)?;
+        if digit > 9999 {
+            return Err("numeric digit out of range".into());
+        }
+        text.push_str(&format!("{digit:04}"));
+    }
+    // The digits read as one integer; the last one is worth 10000^(weight - count + 1).
+    let exponent = 4 * (weight - count as i64 + 1);
+    text.push_str(&format!("e{exponent}"));
+    let value = text
+        .parse::<bigdecimal::BigDecimal>()
+        .map_err(|e| format!("numeric value: {e}"))?;
+    Ok(Number::Exact(value.with_scale(i64::from(scale))))
+}
+
 /// Decodes any column type deploywatch understands into a [`Cell`].
 struct AnyCell(Cell);
 
@@ -187,11 +237,7 @@ impl<'a> FromSql<'a> for AnyCell {
             Type::OID => Cell::Int(u32::from_sql(ty, raw)?.into()),
             Type::FLOAT4 => Cell::Float(f32::from_sql(ty, raw)?.into()),
             Type::FLOAT8 => Cell::Float(f64::from_sql(ty, raw)?),
-            Type::NUMERIC => {
-                let decimal = rust_decimal::Decimal::from_sql(ty, raw)?;
-                let text = decimal.to_string();
-                Cell::Float(text.parse::<f64>()?)
-            }
+            Type::NUMERIC => Cell::Numeric(decode_numeric(raw)?),
             _ if <String as FromSql>::accepts(ty) => Cell::Text(String::from_sql(ty, raw)?),
             _ => return Err(format!("unsupported type {ty}").into()),
         };

@@ -221,7 +221,9 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                 );
             }
             match c.outcome.as_ref().and_then(|o| o.observation.as_ref()) {
-                Some(Observation::Number(n)) => f.push("deploywatch_check_value", &full, *n),
+                Some(Observation::Number(n)) => {
+                    f.push("deploywatch_check_value", &full, n.to_f64())
+                }
                 Some(Observation::Rows(series)) => {
                     for s in series {
                         let mut labels = full.to_vec();

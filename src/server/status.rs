@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::deployment::DeploymentView;
-use crate::checks::outcome::{format_number, Observation, Status};
+use crate::checks::outcome::{Observation, Status};
 use crate::checks::spec::Severity;
 use crate::time::{rfc3339, Timestamp};
 use crate::watch::state::Snapshot;
@@ -176,7 +176,7 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
 fn short_value(value: &Option<Observation>) -> String {
     match value {
         None => "-".to_string(),
-        Some(Observation::Number(n)) => format_number(*n),
+        Some(Observation::Number(n)) => n.to_string(),
         Some(Observation::Text(t)) => {
             let t = t.replace('\n', " ");
             if t.chars().count() > 28 {
