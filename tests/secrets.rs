@@ -366,3 +366,38 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
     assert_clean("/status", &recovered);
     handle.shutdown().await.expect("clean shutdown");
 }
+
+/// A password with an unencoded '@' would split the URL in the wrong place and put part of the
+/// password into the host name (shown in `/status`, `status`, `check` and logs). Such a string
+/// is refused with the reason and without any part of it.
+#[test]
+fn a_connection_string_that_cannot_be_parsed_never_shows_any_part_of_it() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"ok\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        "[[targets]]\nname = \"app\"\nurl = \"postgres://appuser:Zq9@LEAK-CANARY-xyz@db.example.invalid/app\"\n",
+    );
+    for command in [&["validate"][..], &["check"], &["check", "--privileges"], &["run"]] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .arg("--config")
+            .arg(dir.main())
+            .args(["--log-level", "trace"])
+            .args(command)
+            .output()
+            .expect("run deploywatch");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("unencoded '@' in the user name or password: percent-encode it as %40"),
+            "{command:?}: {stderr}"
+        );
+        assert_clean(&format!("{command:?} stdout"), &stdout);
+        assert_clean(&format!("{command:?} stderr"), &stderr);
+        assert!(!stderr.contains("Zq9"), "{stderr}");
+    }
+}

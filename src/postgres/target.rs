@@ -109,10 +109,14 @@ impl ConnectionSettings {
         options.extend(tls_options);
         let tls = TlsSettings::from_options(&options)?;
         let mut base = match url {
-            // tokio-postgres' parse errors name the option, never its value, so they are safe
-            // to show even when the string holds a password.
-            Some(_) => tokio_postgres::Config::from_str(&rest)
-                .map_err(|e| TargetError::InvalidConnectionString(e.to_string()))?,
+            // Neither the string nor any part of it is ever shown: it may hold a password.
+            Some(text) => {
+                if let Some(problem) = connection_string_problem(text) {
+                    return Err(TargetError::InvalidConnectionString(problem));
+                }
+                tokio_postgres::Config::from_str(&rest)
+                    .map_err(|e| TargetError::InvalidConnectionString(safe_parse_error(&e)))?
+            }
             None => tokio_postgres::Config::new(),
         };
         base.ssl_mode(tls.mode.for_driver());
@@ -218,6 +222,214 @@ impl ConnectionSettings {
         let user = self.base.get_user().unwrap_or_default().to_string();
         pgpass_lookup(&text, &[&host, &port, &dbname, &user])
     }
+}
+
+/// libpq's connection keywords, which an error may name (an unknown word may be part of a
+/// password and is never shown).
+const LIBPQ_KEYWORDS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "require_auth",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "sslmode",
+    "sslnegotiation",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcertmode",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "service",
+    "target_session_attrs",
+    "load_balance_hosts",
+];
+
+/// Why a connection string cannot be read as meant, in words that quote none of it (it may
+/// hold a password). `None` when nothing is wrong that can be found before parsing.
+pub fn connection_string_problem(text: &str) -> Option<String> {
+    let rest = text
+        .strip_prefix("postgresql://")
+        .or_else(|| text.strip_prefix("postgres://"));
+    match rest {
+        Some(rest) => url_problem(rest),
+        None if text.contains("://") => Some(
+            "a URL must start with postgres:// or postgresql://, the key/value form is \
+             key=value pairs separated by spaces"
+                .to_string(),
+        ),
+        None => key_value_problem(text),
+    }
+}
+
+fn url_problem(rest: &str) -> Option<String> {
+    // The credentials end at the first '@'; the host list at the next '/' or '?'.
+    let (credentials, after) = match rest.split_once('@') {
+        Some((credentials, after)) => (Some(credentials), after),
+        None => (None, rest),
+    };
+    let hosts = after.split(['/', '?']).next().unwrap_or_default();
+    if hosts.contains('@') {
+        return Some(
+            "unencoded '@' in the user name or password: percent-encode it as %40".to_string(),
+        );
+    }
+    if let Some(credentials) = credentials {
+        let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
+        if user.is_empty() && !password.is_empty() {
+            return Some("a password without a user name before it".to_string());
+        }
+        if has_bad_percent(user) || has_bad_percent(password) {
+            return Some(
+                "a '%' in the user name or password that is not a %XX escape: percent-encode \
+                 it as %25"
+                    .to_string(),
+            );
+        }
+    }
+    for host in hosts.split(',') {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "-._:[]%".contains(c);
+        if !host.chars().all(allowed) {
+            return Some(
+                "the host part holds a character no host name has (a space, '#', '!' ...); \
+                 if it belongs to the password, percent-encode it (e.g. '#' as %23)"
+                    .to_string(),
+            );
+        }
+    }
+    None
+}
+
+fn has_bad_percent(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().any(|(i, b)| {
+        *b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
+}
+
+fn key_value_problem(text: &str) -> Option<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i >= chars.len() {
+            break;
+        }
+        let start = i;
+        while i < chars.len() && !chars[i].is_whitespace() && chars[i] != '=' {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if chars.get(i) != Some(&'=') {
+            return Some(
+                "a word without '=' after it: a value holding spaces must be quoted, e.g. \
+                 password='a b'"
+                    .to_string(),
+            );
+        }
+        i += 1;
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if chars.get(i) == Some(&'\'') {
+            i += 1;
+            let mut closed = false;
+            while i < chars.len() {
+                match chars[i] {
+                    '\\' => i += 2,
+                    '\'' => {
+                        closed = true;
+                        i += 1;
+                        break;
+                    }
+                    _ => i += 1,
+                }
+            }
+            if !closed {
+                return Some(format!(
+                    "the quoted value of {} has no closing quote",
+                    shown_keyword(&key)
+                ));
+            }
+        } else {
+            let value_start = i;
+            while i < chars.len() && !chars[i].is_whitespace() {
+                if chars[i] == '\\' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            if i == value_start {
+                return Some(format!("{} has no value", shown_keyword(&key)));
+            }
+        }
+        if !LIBPQ_KEYWORDS.contains(&key.as_str()) {
+            return Some(
+                "a word that is not a libpq option (not shown: it may be part of a password); \
+                 quote values holding spaces, e.g. password='a b'"
+                    .to_string(),
+            );
+        }
+    }
+    None
+}
+
+/// The keyword for a message when it is one of libpq's, else a neutral phrase.
+fn shown_keyword(key: &str) -> String {
+    if LIBPQ_KEYWORDS.contains(&key) {
+        format!("`{key}`")
+    } else {
+        "an option".to_string()
+    }
+}
+
+/// tokio-postgres' parse error, kept only when it names a libpq option (`invalid value for
+/// option `port``); anything else may quote the string and is replaced.
+fn safe_parse_error(error: &tokio_postgres::Error) -> String {
+    let text = std::error::Error::source(error)
+        .map(|cause| cause.to_string())
+        .unwrap_or_default();
+    for keyword in LIBPQ_KEYWORDS {
+        if text.ends_with(&format!("invalid value for option `{keyword}`")) {
+            return format!("invalid value for `{keyword}`");
+        }
+        if text.ends_with(&format!("unknown option `{keyword}`")) {
+            return format!("option `{keyword}` is not supported");
+        }
+    }
+    "it cannot be parsed (the text is not shown, as it may hold a password)".to_string()
 }
 
 /// Finds the password in `.pgpass` text: `host:port:database:user:password` lines, `*` matching
@@ -345,6 +557,53 @@ mod tests {
         .unwrap_or_default();
         assert!(error.contains("invalid connection string"), "{error}");
         assert!(!error.contains("S3cretPw"), "{error}");
+    }
+
+    fn error_of(url: &str) -> String {
+        ConnectionSettings::new(
+            Some(url),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Duration::from_secs(1),
+            BTreeMap::new(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_unencoded_at_sign_is_refused_without_showing_any_part() {
+        let error = error_of("postgres://usr7:Zq9@SECRET-xyz@host/db");
+        assert!(
+            error.contains("unencoded '@' in the user name or password: percent-encode it as %40"),
+            "{error}"
+        );
+        for part in ["Zq9", "SECRET", "xyz", "host/", "usr7"] {
+            assert!(!error.contains(part), "{part} in {error}");
+        }
+        // Encoded, it is fine.
+        assert_eq!(error_of("postgres://usr7:Zq9%40SECRET-xyz@host/db"), "");
+    }
+
+    #[test]
+    fn malformed_strings_are_explained_without_their_text() {
+        for (text, reason) in [
+            ("postgres://u@SECRET#host/db", "host part"),
+            ("postgres://u:50%SECRET@host/db", "%25"),
+            ("host=db password=abc SECRET user=u", "must be quoted"),
+            ("host=db password=abc SECRET=1 user=u", "not a libpq option"),
+            ("host=db password='SECRET user=u", "no closing quote"),
+            ("postgress://u:SECRET@host/db", "must start with postgres://"),
+            ("postgres://u:SECRET@host:port/db", "invalid value for `port`"),
+        ] {
+            let error = error_of(text);
+            assert!(error.contains(reason), "{text}: {error}");
+            assert!(!error.contains("SECRET"), "{text}: {error}");
+        }
     }
 
     #[test]
