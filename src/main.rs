@@ -59,9 +59,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a command's output. A reader that went away (`deploywatch status | head`) is not an
+/// error worth a panic: the rest is dropped and the exit code stays the command's.
+fn print_output(output: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(output.as_bytes())
+        .and_then(|()| stdout.flush());
+    if let Err(error) = written {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("cannot write the output: {error}");
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let printed = |(code, output): (u8, String)| {
-        print!("{output}");
+        print_output(&output);
         ExitCode::from(code)
     };
     match &cli.command {
@@ -92,7 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             if *privileges {
                 let report = deploywatch::commands::privileges::report(&config).await;
-                return Ok(printed((u8::from(!report.all_runnable()), report.render())));
+                return Ok(printed((report.exit_code(), report.render())));
             }
             Ok(printed(
                 commands::check(config, target.as_deref(), check.as_deref(), *format).await,

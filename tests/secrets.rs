@@ -381,7 +381,12 @@ fn a_connection_string_that_cannot_be_parsed_never_shows_any_part_of_it() {
         "deploywatch.toml",
         "[[targets]]\nname = \"app\"\nurl = \"postgres://appuser:Zq9@LEAK-CANARY-xyz@db.example.invalid/app\"\n",
     );
-    for command in [&["validate"][..], &["check"], &["check", "--privileges"], &["run"]] {
+    for command in [
+        &["validate"][..],
+        &["check"],
+        &["check", "--privileges"],
+        &["run"],
+    ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
             .arg("--config")
             .arg(dir.main())
@@ -391,7 +396,11 @@ fn a_connection_string_that_cannot_be_parsed_never_shows_any_part_of_it() {
             .expect("run deploywatch");
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{command:?}: {stdout}{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{command:?}: {stdout}{stderr}"
+        );
         assert!(
             stderr.contains("unencoded '@' in the user name or password: percent-encode it as %40"),
             "{command:?}: {stderr}"

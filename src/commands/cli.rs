@@ -65,6 +65,7 @@ pub enum Command {
         /// Only this check.
         #[arg(long)]
         check: Option<String>,
+        /// Output: a table for people, or the JSON of /status.
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
         /// Instead of running the checks, report which ones the role cannot run (EXPLAIN only).
@@ -78,8 +79,10 @@ pub enum Command {
         /// The daemon's base URL (default: from server.listen in the configuration).
         #[arg(long)]
         url: Option<String>,
+        /// Only this target; the exit code then follows its state alone. An unknown name exits 2.
         #[arg(long)]
         target: Option<String>,
+        /// Output: the text table, or the JSON of /status.
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
@@ -90,6 +93,7 @@ pub enum Command {
     },
     /// Print the checklist's deployment notes filled in from what was recorded.
     Report {
+        /// The target whose latest deployment to report (default: the latest of any target).
         #[arg(long)]
         target: Option<String>,
         /// A deployment id (default: the latest).
@@ -117,10 +121,13 @@ pub enum Command {
 pub enum DeployAction {
     /// Announce a deployment to a running daemon (POST /api/deployments).
     Mark {
+        /// The schema version deployed, e.g. "3.7.0".
         #[arg(long)]
         version: String,
+        /// The target deployed to (may be left out when the daemon watches one target).
         #[arg(long)]
         target: Option<String>,
+        /// Free text kept with the deployment, e.g. a change ticket or commit.
         #[arg(long)]
         note: Option<String>,
         /// When the deployment started (RFC 3339); default now.

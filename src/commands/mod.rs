@@ -12,11 +12,15 @@ pub mod privileges;
 use crate::checks::outcome::{ErrorKind, Status};
 use crate::commands::cli::OutputFormat;
 use crate::config::Config;
+use crate::checks::outcome::{CheckError, CheckOutcome};
+use crate::postgres::pool::PoolError;
+use crate::postgres::runner::RunReport;
+use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter, Overall};
 use crate::time::unix_now;
 use crate::watch::discovery::{self, Expanded};
 use crate::watch::scheduler::{self, Pools};
-use crate::watch::state::State;
+use crate::watch::state::{Claim, State};
 
 /// Exit code: everything passed.
 pub const EXIT_OK: u8 = 0;
@@ -43,7 +47,14 @@ pub async fn check(
         let selected =
             |t: &crate::config::TargetConfig| t.name == name || t.name.starts_with(&prefix);
         if !config.targets.iter().any(selected) {
-            return (EXIT_UNREACHABLE, format!("no target is named {name:?}\n"));
+            let known: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
+            return (
+                EXIT_UNREACHABLE,
+                format!(
+                    "no target is named {name:?}; known targets: {}\n",
+                    known.join(", ")
+                ),
+            );
         }
         config.targets.retain(selected);
     }
@@ -65,7 +76,42 @@ pub async fn check(
         state.set_unreachable(&name, message);
     }
     let pools = Pools::for_config(&Pools::default(), &config);
-    scheduler::run_once(&config, &pools, &state).await;
+    // A one-shot command tries each target once: one that cannot be reached is reported as
+    // such for all its checks, instead of each check retrying on its own.
+    let mut reachable_config = config.clone();
+    reachable_config.targets.clear();
+    for target in &config.targets {
+        let Some(pool) = pools.get(&target.name) else {
+            continue;
+        };
+        match pool.get().await {
+            Ok(session) => {
+                drop(session);
+                reachable_config.targets.push(target.clone());
+            }
+            Err(error) => {
+                let message = match &error {
+                    PoolError::Connect { message, .. } => format!("cannot connect: {message}"),
+                    other => format!("cannot connect: {other}"),
+                };
+                state.set_unreachable(&target.name, message.clone());
+                for spec in &target.checks {
+                    if state.claim(&target.name, &spec.name) == Claim::Started {
+                        let report = RunReport {
+                            outcome: CheckOutcome::error(CheckError::new(
+                                ErrorKind::Connection,
+                                message.clone(),
+                            )),
+                            duration: std::time::Duration::ZERO,
+                            reachable: false,
+                        };
+                        state.record(&target.name, &spec.name, &report, unix_now());
+                    }
+                }
+            }
+        }
+    }
+    scheduler::run_once(&reachable_config, &pools, &state).await;
     for target in &config.targets {
         if let Some(pool) = pools.get(&target.name) {
             if let Ok(version) =
@@ -147,6 +193,14 @@ pub async fn status(
     }
     let body = match client::get(&full, "application/json").await {
         Ok((code, body)) if code.is_success() => body,
+        Ok((code, body)) if code == hyper::StatusCode::NOT_FOUND && target.is_some() => {
+            // An unknown target: the daemon's message lists the known ones.
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+                .unwrap_or(body);
+            return (EXIT_UNREACHABLE, format!("{}\n", message.trim_end()));
+        }
         Ok((code, body)) => {
             return (
                 EXIT_UNREACHABLE,
@@ -198,18 +252,37 @@ pub async fn deploy_mark(
     started_at: Option<&str>,
 ) -> (u8, String) {
     let base = base_url(url, config);
-    let token = match token_env {
-        Some(var) => std::env::var(var).ok(),
+    let source = match token_env {
+        Some(var) => Some((PasswordSource::Env(var.to_string()), "--token-env")),
         None => config
-            .and_then(|c| c.server.api_token.as_ref())
-            .and_then(|source| source.read().ok()),
+            .and_then(|c| c.server.api_token.clone())
+            .map(|source| (source, "server.api_token_env / api_token_file")),
     };
-    let Some(token) = token else {
+    let Some((source, origin)) = source else {
         return (
             EXIT_UNREACHABLE,
             "no API token: set server.api_token_env (or api_token_file) in the configuration, or pass --token-env\n"
                 .to_string(),
         );
+    };
+    let token = match source.read() {
+        Ok(token) if !token.trim().is_empty() => token,
+        Ok(_) => {
+            let what = match &source {
+                PasswordSource::Env(var) => format!("the environment variable {var}"),
+                PasswordSource::File(path) => format!("the file {}", path.display()),
+            };
+            return (
+                EXIT_UNREACHABLE,
+                format!("no API token: {what} (from {origin}) is empty\n"),
+            );
+        }
+        Err(error) => {
+            return (
+                EXIT_UNREACHABLE,
+                format!("no API token: {error} (from {origin})\n"),
+            )
+        }
     };
     let announcement = client::Announcement {
         target,

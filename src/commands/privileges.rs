@@ -25,15 +25,36 @@ pub struct PrivilegeReport {
     /// Per target: the role and whether it is a member of pg_monitor.
     pub roles: Vec<(String, String, bool)>,
     pub checked: usize,
+    /// Targets that could not be asked at all, with why.
+    pub unreachable: Vec<(String, String)>,
 }
 
 impl PrivilegeReport {
     pub fn all_runnable(&self) -> bool {
-        self.denied.is_empty() && self.roles.iter().all(|(_, _, monitor)| *monitor)
+        self.unreachable.is_empty()
+            && self.denied.is_empty()
+            && self.roles.iter().all(|(_, _, monitor)| *monitor)
+    }
+
+    /// 0 everything can run, 1 something cannot, 2 a target cannot be reached (like `check`).
+    pub fn exit_code(&self) -> u8 {
+        if !self.unreachable.is_empty() {
+            crate::commands::EXIT_UNREACHABLE
+        } else if self.all_runnable() {
+            crate::commands::EXIT_OK
+        } else {
+            crate::commands::EXIT_FAILED
+        }
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
+        for (target, message) in &self.unreachable {
+            let _ = writeln!(
+                out,
+                "target {target}: cannot connect, privileges not checked: {message}"
+            );
+        }
         for (target, role, monitor) in &self.roles {
             let _ = writeln!(
                 out,
@@ -45,7 +66,9 @@ impl PrivilegeReport {
                 }
             );
         }
-        if self.denied.is_empty() {
+        if self.denied.is_empty() && self.checked == 0 && !self.unreachable.is_empty() {
+            // Nothing could be asked: no "all 0 checks can run".
+        } else if self.denied.is_empty() {
             let _ = writeln!(
                 out,
                 "all {} checks can run with these privileges",
@@ -78,12 +101,9 @@ pub async fn report(config: &Config) -> PrivilegeReport {
     let pools = Pools::for_config(&Pools::default(), config);
     let mut report = PrivilegeReport::default();
     for (target, message) in &expanded.failures {
-        report.denied.push(Denied {
-            target: target.clone(),
-            check: "(connection)".to_string(),
-            reason: message.clone(),
-            sqlstate: None,
-        });
+        report
+            .unreachable
+            .push((target.clone(), format!("cannot connect: {message}")));
     }
     for target in &config.targets {
         let Some(pool) = pools.get(&target.name) else {
@@ -93,10 +113,16 @@ pub async fn report(config: &Config) -> PrivilegeReport {
             role_membership(pool, config.defaults.timeout, config.defaults.lock_timeout).await;
         match role {
             Ok((name, monitor)) => report.roles.push((target.name.clone(), name, monitor)),
+            Err(error) if error.kind == crate::checks::outcome::ErrorKind::Connection => {
+                report
+                    .unreachable
+                    .push((target.name.clone(), error.message));
+                continue;
+            }
             Err(error) => {
                 report.denied.push(Denied {
                     target: target.name.clone(),
-                    check: "(connection)".to_string(),
+                    check: "(role)".to_string(),
                     reason: error.message,
                     sqlstate: error.sqlstate,
                 });

@@ -37,7 +37,7 @@ impl fmt::Debug for PasswordSource {
 pub enum TargetError {
     #[error("invalid connection string: {0}")]
     InvalidConnectionString(String),
-    #[error("environment variable {0} (password_env) is not set")]
+    #[error("environment variable {0} is not set")]
     MissingEnv(String),
     #[error("cannot read password file {path}: {source}")]
     PasswordFile {
@@ -597,8 +597,14 @@ mod tests {
             ("host=db password=abc SECRET user=u", "must be quoted"),
             ("host=db password=abc SECRET=1 user=u", "not a libpq option"),
             ("host=db password='SECRET user=u", "no closing quote"),
-            ("postgress://u:SECRET@host/db", "must start with postgres://"),
-            ("postgres://u:SECRET@host:port/db", "invalid value for `port`"),
+            (
+                "postgress://u:SECRET@host/db",
+                "must start with postgres://",
+            ),
+            (
+                "postgres://u:SECRET@host:port/db",
+                "invalid value for `port`",
+            ),
         ] {
             let error = error_of(text);
             assert!(error.contains(reason), "{text}: {error}");

@@ -334,7 +334,25 @@ fn status_page(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> 
             _ => {}
         }
     }
-    let report = status::build(&ctx.state.snapshot(), &filter, unix_now());
+    let snapshot = ctx.state.snapshot();
+    if let Some(asked) = &filter.target {
+        if !snapshot
+            .targets
+            .keys()
+            .any(|name| status::target_matches(asked, name))
+        {
+            let message = format!(
+                "no target is named {asked:?}; {}",
+                status::known_targets(&snapshot)
+            );
+            return if as_text {
+                text(StatusCode::NOT_FOUND, message + "\n")
+            } else {
+                json_error(StatusCode::NOT_FOUND, message)
+            };
+        }
+    }
+    let report = status::build(&snapshot, &filter, unix_now());
     if as_text {
         text(StatusCode::OK, status::render_text(&report))
     } else {

@@ -98,6 +98,25 @@ fn check_weight(status: Status, severity: Severity) -> Overall {
     }
 }
 
+/// Whether the target `name` is the one asked for: the same name, or a database discovered
+/// under it (`tenants` selects `tenants/tenant_eu`).
+pub fn target_matches(asked: &str, name: &str) -> bool {
+    name == asked
+        || name
+            .strip_prefix(asked)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The target names of a snapshot, for "no target is named ..." messages.
+pub fn known_targets(snapshot: &Snapshot) -> String {
+    let names: Vec<&str> = snapshot.targets.keys().map(String::as_str).collect();
+    if names.is_empty() {
+        "none is configured".to_string()
+    } else {
+        format!("known targets: {}", names.join(", "))
+    }
+}
+
 /// Builds the report. `now` is only used for `generated_at`.
 pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusReport {
     let mut targets = Vec::new();
@@ -116,7 +135,11 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
         }
         // The overall state is that of the targets asked about (all of them without a target
         // filter); the status and check filters only narrow what is listed.
-        if filter.target.as_ref().is_some_and(|t| t != name) {
+        if filter
+            .target
+            .as_ref()
+            .is_some_and(|t| !target_matches(t, name))
+        {
             continue;
         }
         overall = overall.max(target_status);
