@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::CommandFactory;
 use common::{cluster, eventually, get, target_toml, ConfigDir};
-use deploywatch::cli::Cli;
+use deploywatch::commands::cli::Cli;
 use deploywatch::daemon::{self, DaemonHandle};
 
 const PACK: &str = "[pack]\nname = \"p\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n";

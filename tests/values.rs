@@ -5,8 +5,8 @@
 mod common;
 
 use common::{cluster, target_toml, ConfigDir};
-use deploywatch::cli::OutputFormat;
 use deploywatch::commands;
+use deploywatch::commands::cli::OutputFormat;
 
 /// One scalar check: name, SQL, expectation (`None`: observe only).
 type Scalar<'a> = (&'a str, &'a str, Option<&'a str>);

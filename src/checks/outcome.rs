@@ -10,8 +10,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::checks::expectation::{EvaluationError, Observed};
-use crate::checks::spec::{CheckSpec, Shape};
 use crate::checks::number::Number;
+use crate::checks::spec::{CheckSpec, Shape};
 
 /// One cell of a result row, decoded from whatever PostgreSQL type it had.
 #[derive(Debug, Clone, PartialEq)]

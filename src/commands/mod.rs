@@ -9,10 +9,10 @@ pub mod client;
 pub mod demo;
 pub mod privileges;
 
+use crate::checks::outcome::{CheckError, CheckOutcome};
 use crate::checks::outcome::{ErrorKind, Status};
 use crate::commands::cli::OutputFormat;
 use crate::config::Config;
-use crate::checks::outcome::{CheckError, CheckOutcome};
 use crate::postgres::pool::PoolError;
 use crate::postgres::runner::RunReport;
 use crate::postgres::target::PasswordSource;
@@ -193,7 +193,7 @@ pub async fn status(
     }
     let body = match client::get(&full, "application/json").await {
         Ok((code, body)) if code.is_success() => body,
-        Ok((code, body)) if code == hyper::StatusCode::NOT_FOUND && target.is_some() => {
+        Ok((code, body)) if code.as_u16() == 404 && target.is_some() => {
             // An unknown target: the daemon's message lists the known ones.
             let message = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{FromSql, Type};
 
+use crate::checks::number::Number;
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
-use crate::checks::number::Number;
 
 /// Extra time the client waits beyond `statement_timeout` before it gives up on the server.
 const CLIENT_GRACE: Duration = Duration::from_secs(3);
