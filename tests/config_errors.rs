@@ -264,3 +264,51 @@ fn retention_shorter_than_a_baseline_and_its_windows() {
         "shorter than deployments.baseline_span + deployments.first_week (14days)",
     );
 }
+
+#[test]
+fn an_unknown_key_does_not_hide_the_other_problems() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\nintervall = \"1m\"\ntimeout = \"soon\"\n\n[store]\nretention = \"later\"\n\n{TARGET}passwrd_env = \"X\"\n"
+        ),
+    );
+    dir.write(
+        "checks/pack.toml",
+        &format!("{GOOD_CHECK}colour = \"red\"\ninterval = \"never\"\n"),
+    );
+    let error = Config::load(&dir.main()).expect_err("rejected");
+    let text = error.to_string();
+    for expected in [
+        "intervall",
+        "soon",
+        "later",
+        "passwrd_env",
+        "colour",
+        "never",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn an_invalid_environment_override_names_the_variable() {
+    let dir = ConfigDir::new();
+    dir.write("deploywatch.toml", TARGET);
+    dir.write("checks/pack.toml", GOOD_CHECK);
+    for (variable, value) in [
+        ("DEPLOYWATCH_DEFAULTS__TIMEOUT", "soon"),
+        ("DEPLOYWATCH_DEFAULTS__MAX_CONNECTIONS_PER_TARGET", "many"),
+        ("DEPLOYWATCH_SERVER__LISTEN", "nowhere"),
+    ] {
+        let env = vec![(variable.to_string(), value.to_string())];
+        let error = Config::load_with_env(&dir.main(), env).expect_err("rejected");
+        let text = error.to_string();
+        assert!(text.contains(variable), "{variable}: {text}");
+        assert!(
+            !text.contains("deploywatch.toml"),
+            "{variable} is not the file's fault: {text}"
+        );
+    }
+}

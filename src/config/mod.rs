@@ -36,11 +36,19 @@ pub struct Problem {
     pub file: PathBuf,
     pub key: String,
     pub message: String,
+    /// The `DEPLOYWATCH_<SECTION>__<KEY>` variable the value came from, when it did.
+    pub variable: Option<String>,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
+        if let Some(variable) = &self.variable {
+            write!(
+                f,
+                "environment variable {variable} (overrides {}): {}",
+                self.key, self.message
+            )
+        } else if self.key.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
             write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
@@ -80,6 +88,7 @@ impl Problems {
             file: file.to_path_buf(),
             key: key.into(),
             message: message.into(),
+            variable: None,
         });
     }
 
@@ -310,18 +319,55 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
         let mut problems = Problems::default();
-        let raw = read_raw(path, env, &mut problems);
+        let raw = read_raw(path, env.iter().cloned(), &mut problems);
         let config = raw.and_then(|raw| validate(path, raw, &mut problems));
         match config {
             Some(config) if problems.is_empty() => Ok(config),
-            _ => Err(ConfigError::Invalid(problems.0)),
+            _ => {
+                // A value that came from an environment variable is that variable's fault.
+                let overridden = env_overrides(&env);
+                let mut problems = problems.0;
+                for problem in &mut problems {
+                    let key = problem.key.to_ascii_lowercase();
+                    problem.variable = overridden
+                        .iter()
+                        .find(|(path_key, _)| {
+                            key == *path_key
+                                || key.starts_with(&format!("{path_key}."))
+                                || key.starts_with(&format!("{path_key}["))
+                        })
+                        .map(|(_, variable)| variable.clone());
+                }
+                Err(ConfigError::Invalid(problems))
+            }
         }
     }
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
     }
+}
+
+/// The keys the `DEPLOYWATCH_<SECTION>__<KEY>` variables set (`defaults.timeout`), with the
+/// variable's name.
+fn env_overrides(env: &[(String, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix("DEPLOYWATCH_")?;
+            let section = rest.split("__").next()?.to_ascii_lowercase();
+            (ENV_SECTIONS.contains(&section.as_str()) && rest.contains("__")).then(|| {
+                (
+                    rest.split("__")
+                        .map(str::to_ascii_lowercase)
+                        .collect::<Vec<_>>()
+                        .join("."),
+                    name.clone(),
+                )
+            })
+        })
+        .collect()
 }
 
 fn read_raw(
@@ -359,14 +405,68 @@ fn read_raw(
             return None;
         }
     };
-    match serde_path_to_error::deserialize::<_, RawConfig>(built) {
-        Ok(raw) => Some(raw),
+    let value: serde_json::Value = match built.try_deserialize() {
+        Ok(value) => value,
         Err(error) => {
-            let key = error.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            problems.push(path, key, error.into_inner().to_string());
-            None
+            problems.push(path, "", error.to_string());
+            return None;
         }
+    };
+    deserialize_all_unknown(path, value, problems)
+}
+
+/// Deserializes `value`, reporting every unknown key rather than stopping at the first: each one
+/// found is reported and taken out, and deserializing starts again, so the validation that
+/// follows still reports the file's other problems.
+pub(crate) fn deserialize_all_unknown<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    mut value: serde_json::Value,
+    problems: &mut Problems,
+) -> Option<T> {
+    // Bounded: every round removes one key.
+    for _ in 0..1000 {
+        let error = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(parsed) => return Some(parsed),
+            Err(error) => error,
+        };
+        let key = error.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let message = error.inner().to_string();
+        let segments: Vec<&serde_path_to_error::Segment> = error.path().iter().collect();
+        let removed = message.starts_with("unknown field")
+            && segments
+                .split_last()
+                .is_some_and(|(last, parents)| remove_key(&mut value, parents, last));
+        problems.push(file, key, message);
+        if !removed {
+            return None;
+        }
+    }
+    None
+}
+
+/// Removes the key `last` from the object at `parents` in `value`.
+fn remove_key(
+    value: &mut serde_json::Value,
+    parents: &[&serde_path_to_error::Segment],
+    last: &serde_path_to_error::Segment,
+) -> bool {
+    use serde_path_to_error::Segment;
+    let mut node = value;
+    for segment in parents {
+        let next = match (segment, node) {
+            (Segment::Seq { index }, serde_json::Value::Array(items)) => items.get_mut(*index),
+            (Segment::Map { key }, serde_json::Value::Object(map)) => map.get_mut(key),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Segment::Map { key }, serde_json::Value::Object(map)) => map.remove(key).is_some(),
+        _ => false,
     }
 }
 

@@ -96,6 +96,13 @@ pub(crate) fn load(file: &Path, problems: &mut Problems) -> Option<Pack> {
 pub(crate) fn parse(file: &Path, text: &str, problems: &mut Problems) -> Option<Pack> {
     let raw: RawPack = match toml::from_str(text) {
         Ok(raw) => raw,
+        Err(error) if error.message().starts_with("unknown field") => {
+            // Report every unknown key, then go on to the pack's other problems.
+            let value = toml::from_str::<toml::Value>(text)
+                .ok()
+                .and_then(|v| serde_json::to_value(v).ok())?;
+            super::deserialize_all_unknown(file, value, problems)?
+        }
         Err(error) => {
             // toml's message already carries the line, column and the offending key.
             problems.push(file, "", error.to_string().trim_end().to_string());
