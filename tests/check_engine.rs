@@ -155,6 +155,54 @@ async fn after_the_migration_every_check_passes() {
     }
 }
 
+/// `(xact_commit, xact_rollback)` of a database, as the statistics views show them.
+fn transactions(pg: &PgCluster, db: &str) -> (f64, f64) {
+    let text = pg
+        .psql(
+            db,
+            &format!("SELECT xact_commit || ' ' || xact_rollback FROM pg_stat_database WHERE datname = '{db}'"),
+        )
+        .expect("pg_stat_database");
+    let mut numbers = text
+        .split_whitespace()
+        .map(|n| n.parse::<f64>().expect("number"));
+    (
+        numbers.next().expect("commits"),
+        numbers.next().expect("rollbacks"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitors_reads_never_count_as_the_applications_rollbacks() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V370);
+    let config = shipped_config(&pg, "cognit").load();
+    let (commits_before, rollbacks_before) = transactions(&pg, "cognit");
+    let mut runs = 0.0;
+    for _ in 0..3 {
+        let checks = run_all(&config).await;
+        for (name, check) in &checks {
+            assert_eq!(check.status, Status::Pass, "{name}\n{}", describe(&checks));
+        }
+        runs += checks.len() as f64;
+    }
+    // The sessions are closed, so their statistics reach the views soon.
+    let (commits, rollbacks) = common::eventually(
+        "the checks' transactions counted",
+        std::time::Duration::from_secs(30),
+        || {
+            let now = transactions(&pg, "cognit");
+            async move { (now.0 - commits_before >= runs).then_some(now) }
+        },
+    )
+    .await;
+    assert_eq!(
+        rollbacks - rollbacks_before,
+        0.0,
+        "{runs} passing check runs: commits {commits_before} -> {commits}, rollbacks {rollbacks_before} -> {rollbacks}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_corruption_fails_exactly_its_own_integrity_check_with_its_count() {
     let pg = cluster();

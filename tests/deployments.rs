@@ -385,6 +385,105 @@ async fn deployments_that_change_nothing_pass() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announcement_for_the_detected_version_moves_its_start_and_keeps_its_baseline() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V360);
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 60);
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 6).await;
+    common::migrate(&pg, "cognit").expect("migration");
+    let detected = deployment_where(
+        &handle,
+        "deployment detected",
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .await;
+    assert_eq!(detected.detected_by, Detection::VersionChange);
+    // The pipeline announces it afterwards, dated a few seconds before it was noticed.
+    let started_at = deploywatch::time::rfc3339(detected.at.floor() - 3.0);
+    let announcement = deploywatch::commands::client::Announcement {
+        version: "3.7.0",
+        started_at: Some(&started_at),
+        note: Some("pipeline"),
+        ..Default::default()
+    };
+    let (code, body) = deploywatch::commands::client::announce(
+        &format!("http://{}", handle.local_addr),
+        TOKEN,
+        &announcement,
+    )
+    .await
+    .expect("post");
+    assert_eq!(code.as_u16(), 201, "{body}");
+    let merged = deployment_where(&handle, "start moved", Duration::from_secs(20), |v| {
+        v.at < detected.at
+    })
+    .await;
+    assert_eq!(merged.id, detected.id, "{merged:#?}");
+    assert_eq!(merged.at, detected.at.floor() - 3.0);
+    assert_eq!(merged.from_version.as_deref(), Some("3.6.0"));
+    assert_eq!(merged.to_version, "3.7.0");
+    assert!(
+        merged.baseline_samples >= 4,
+        "the baseline was cut: {merged:#?}"
+    );
+    let store = deploywatch::storage::Store::open(&dir.path().join("state.sqlite")).expect("store");
+    let all = store.deployments(Some("cognit")).expect("deployments");
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert!(all
+        .iter()
+        .all(|d| d.from_version.as_deref() != Some(d.to_version.as_str())));
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_small_a_baseline_judges_no_signal() {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", Version::V360);
+    let dir = ConfigDir::new();
+    config(&dir, &pg, "cognit", 8);
+    // Far more baseline samples wanted than the few seconds before the deployment give.
+    let main = std::fs::read_to_string(dir.main()).expect("config");
+    std::fs::write(
+        dir.main(),
+        main.replace("min_baseline_samples = 4", "min_baseline_samples = 500"),
+    )
+    .expect("config");
+    let handle = start(&dir).await;
+    wait_baseline(&handle, 4).await;
+    common::migrate(&pg, "cognit").expect("migration");
+    deployment_where(
+        &handle,
+        "deployment detected",
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .await;
+    // An integrity check that passed throughout the (short) baseline now fails.
+    common::corrupt(&pg, "cognit", "orphaned_payments");
+    let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(40), |v| {
+        closed(v, Window::FirstHour)
+    })
+    .await;
+    let first_hour = view
+        .windows
+        .iter()
+        .find(|w| w.window == Window::FirstHour)
+        .expect("first_hour");
+    assert_eq!(first_hour.verdict, Verdict::Inconclusive, "{view:#?}");
+    assert!(first_hour.regressions.is_empty(), "{view:#?}");
+    assert!(
+        view.limitations
+            .iter()
+            .any(|l| l.contains("baseline sample")),
+        "{view:#?}"
+    );
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
     let pg = cluster();
     cognit_db(&pg, "cognit", Version::V370);

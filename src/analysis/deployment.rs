@@ -210,9 +210,47 @@ pub fn render_text(view: &DeploymentView) -> String {
     out
 }
 
-/// Orders two version strings: numeric parts numerically ("3.10.0" > "3.9.1"), other parts as
-/// text. Used to tell a deployment from a rollback.
+/// How versions are ordered, which tells a deployment from a rollback
+/// (`deployments.version_order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionOrder {
+    /// Semantic versioning where both versions parse (a leading `v` allowed), so
+    /// `3.7.0-rc1` < `3.7.0`; otherwise numeric parts numerically and other parts as text.
+    #[default]
+    Semver,
+    /// No order (git SHAs, build ids): a change is a deployment unless it returns to the
+    /// version the current one replaced, or an announcement says it is a rollback.
+    Unordered,
+}
+
+impl VersionOrder {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "semver" => Some(VersionOrder::Semver),
+            "unordered" => Some(VersionOrder::Unordered),
+            _ => None,
+        }
+    }
+}
+
+fn as_semver(text: &str) -> Option<semver::Version> {
+    let text = text.trim();
+    let text = text
+        .strip_prefix('v')
+        .or_else(|| text.strip_prefix('V'))
+        .unwrap_or(text);
+    semver::Version::parse(text).ok()
+}
+
+/// Orders two version strings: by semantic versioning when both parse ("3.7.0-rc1" <
+/// "3.7.0" < "3.10.0"), otherwise numeric parts numerically ("3.10" > "3.9.1") and other parts
+/// as text.
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    if let (Some(x), Some(y)) = (as_semver(a), as_semver(b)) {
+        // Build metadata does not order versions.
+        return x.cmp_precedence(&y);
+    }
     // Runs of digits and runs of letters, separators dropped: "v2.10-rc1" -> v, 2, 10, rc, 1.
     let parts = |s: &str| -> Vec<String> {
         let mut parts: Vec<String> = Vec::new();
@@ -244,14 +282,98 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     left.len().cmp(&right.len())
 }
 
-/// A move to a lower version is a rollback.
-pub fn kind_of(from: Option<&str>, to: &str) -> DeploymentKind {
-    match from {
-        Some(from) if compare_versions(to, from) == std::cmp::Ordering::Less => {
+/// Deploy or rollback. With an order, a move to a lower version is a rollback. Without one, a
+/// move back to the version the latest deployment (`latest`) replaced is.
+pub fn kind_of(
+    from: Option<&str>,
+    to: &str,
+    order: VersionOrder,
+    latest: Option<&DeploymentRecord>,
+) -> DeploymentKind {
+    let Some(from) = from else {
+        return DeploymentKind::Deploy;
+    };
+    match order {
+        VersionOrder::Semver if compare_versions(to, from) == std::cmp::Ordering::Less => {
             DeploymentKind::Rollback
         }
-        _ => DeploymentKind::Deploy,
+        VersionOrder::Semver => DeploymentKind::Deploy,
+        VersionOrder::Unordered => match latest {
+            Some(d) if d.to_version == from && d.from_version.as_deref() == Some(to) => {
+                DeploymentKind::Rollback
+            }
+            _ => DeploymentKind::Deploy,
+        },
     }
+}
+
+/// Where an announced deployment goes among the recorded ones.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Placement {
+    /// A new deployment from `from`.
+    New {
+        from: Option<String>,
+        kind: DeploymentKind,
+    },
+    /// The version is the latest deployment's already (detected by a version change, or
+    /// announced before): that deployment starts at `at` now, and nothing new is recorded.
+    Merge { id: i64, at: f64 },
+}
+
+/// Why an announcement cannot be placed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlacementError {
+    #[error(
+        "started_at {at_text} precedes the latest deployment ({version} at {latest_text}): announce a deployment when it starts"
+    )]
+    BeforeLatest {
+        at_text: String,
+        version: String,
+        latest_text: String,
+    },
+}
+
+/// Places an announcement of `version` starting at `at`, given the target's deployments
+/// (newest first) and the version last read from the database. An announcement for the
+/// version the latest deployment moved to merges into it, its start moved to the earlier of
+/// the two (but never before the deployment before it); it never makes a deployment from a
+/// version to itself, and never one that would end another deployment's baseline early.
+pub fn place_announcement(
+    version: &str,
+    at: f64,
+    announced_kind: Option<DeploymentKind>,
+    deployments: &[DeploymentRecord],
+    last_version: Option<&str>,
+    order: VersionOrder,
+) -> Result<Placement, PlacementError> {
+    let latest = deployments.first();
+    if let Some(latest) = latest {
+        if latest.to_version == version {
+            let floor = deployments.get(1).map(|d| d.at);
+            let start = match floor {
+                Some(floor) if at <= floor => latest.at,
+                _ => at.min(latest.at),
+            };
+            return Ok(Placement::Merge {
+                id: latest.id,
+                at: start,
+            });
+        }
+        if at < latest.at {
+            return Err(PlacementError::BeforeLatest {
+                at_text: crate::time::rfc3339(at),
+                version: latest.to_version.clone(),
+                latest_text: crate::time::rfc3339(latest.at),
+            });
+        }
+    }
+    let from = latest
+        .map(|d| d.to_version.as_str())
+        .or(last_version)
+        .filter(|from| *from != version)
+        .map(str::to_string);
+    let kind = announced_kind.unwrap_or_else(|| kind_of(from.as_deref(), version, order, latest));
+    Ok(Placement::New { from, kind })
 }
 
 /// A recorded deployment.
@@ -298,9 +420,138 @@ mod tests {
     }
 
     #[test]
+    fn semantic_versions_order_pre_releases_first() {
+        let check = |a: &str, b: &str, expected: Ordering| {
+            assert_eq!(compare_versions(a, b), expected, "{a} vs {b}")
+        };
+        check("3.7.0-rc1", "3.7.0", Ordering::Less);
+        check("3.7.0", "3.7.0-rc1", Ordering::Greater);
+        check("v3.7.0-rc.2", "v3.7.0-rc.10", Ordering::Less);
+        check("3.7.0-alpha", "3.7.0-beta", Ordering::Less);
+        check("3.7.0+build.5", "3.7.0+build.9", Ordering::Equal);
+        check("3.10.0-rc1", "3.9.0", Ordering::Greater);
+        let order = VersionOrder::Semver;
+        assert_eq!(
+            kind_of(Some("3.7.0-rc1"), "3.7.0", order, None),
+            DeploymentKind::Deploy
+        );
+        assert_eq!(
+            kind_of(Some("3.7.0"), "3.7.0-rc1", order, None),
+            DeploymentKind::Rollback
+        );
+    }
+
+    #[test]
     fn going_back_is_a_rollback() {
-        assert_eq!(kind_of(Some("3.7.0"), "3.6.0"), DeploymentKind::Rollback);
-        assert_eq!(kind_of(Some("3.6.0"), "3.7.0"), DeploymentKind::Deploy);
-        assert_eq!(kind_of(None, "3.7.0"), DeploymentKind::Deploy);
+        let order = VersionOrder::Semver;
+        assert_eq!(
+            kind_of(Some("3.7.0"), "3.6.0", order, None),
+            DeploymentKind::Rollback
+        );
+        assert_eq!(
+            kind_of(Some("3.6.0"), "3.7.0", order, None),
+            DeploymentKind::Deploy
+        );
+        assert_eq!(kind_of(None, "3.7.0", order, None), DeploymentKind::Deploy);
+    }
+
+    fn record(id: i64, from: Option<&str>, to: &str, at: f64) -> DeploymentRecord {
+        DeploymentRecord {
+            id,
+            target: "cognit".into(),
+            from_version: from.map(str::to_string),
+            to_version: to.into(),
+            kind: DeploymentKind::Deploy,
+            detection: Detection::VersionChange,
+            at,
+            finished_at: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn unordered_versions_take_their_direction_from_history() {
+        let order = VersionOrder::Unordered;
+        let latest = record(1, Some("a1b2c3d"), "9f8e7d6", 100.0);
+        // Back to the version the latest deployment replaced: a rollback.
+        assert_eq!(
+            kind_of(Some("9f8e7d6"), "a1b2c3d", order, Some(&latest)),
+            DeploymentKind::Rollback
+        );
+        // Anything else is a deployment, whatever the text order says.
+        assert_eq!(
+            kind_of(Some("9f8e7d6"), "0000001", order, Some(&latest)),
+            DeploymentKind::Deploy
+        );
+        // An announcement can say which it is.
+        let placed = place_announcement(
+            "0000001",
+            200.0,
+            Some(DeploymentKind::Rollback),
+            &[latest],
+            None,
+            order,
+        );
+        assert_eq!(
+            placed,
+            Ok(Placement::New {
+                from: Some("9f8e7d6".into()),
+                kind: DeploymentKind::Rollback
+            })
+        );
+    }
+
+    #[test]
+    fn an_announcement_for_the_detected_version_merges_into_it() {
+        let order = VersionOrder::Semver;
+        let detected = vec![
+            record(2, Some("3.6.0"), "3.7.0", 1000.0),
+            record(1, Some("3.5.0"), "3.6.0", 500.0),
+        ];
+        // Announced as starting before the detection: the deployment starts earlier.
+        assert_eq!(
+            place_announcement("3.7.0", 990.0, None, &detected, Some("3.7.0"), order),
+            Ok(Placement::Merge { id: 2, at: 990.0 })
+        );
+        // Announced late: the detection already dates it.
+        assert_eq!(
+            place_announcement("3.7.0", 1010.0, None, &detected, Some("3.7.0"), order),
+            Ok(Placement::Merge { id: 2, at: 1000.0 })
+        );
+        // Never moved before the deployment before it.
+        assert_eq!(
+            place_announcement("3.7.0", 400.0, None, &detected, Some("3.7.0"), order),
+            Ok(Placement::Merge { id: 2, at: 1000.0 })
+        );
+    }
+
+    #[test]
+    fn an_announcement_never_goes_from_a_version_to_itself() {
+        let order = VersionOrder::Semver;
+        // The version was first seen already at 3.7.0, with no deployment recorded.
+        assert_eq!(
+            place_announcement("3.7.0", 100.0, None, &[], Some("3.7.0"), order),
+            Ok(Placement::New {
+                from: None,
+                kind: DeploymentKind::Deploy
+            })
+        );
+        assert_eq!(
+            place_announcement("3.7.0", 100.0, None, &[], Some("3.6.0"), order),
+            Ok(Placement::New {
+                from: Some("3.6.0".into()),
+                kind: DeploymentKind::Deploy
+            })
+        );
+        // A new version dated before the latest deployment would cut its baseline: refused.
+        let detected = vec![record(2, Some("3.6.0"), "3.7.0", 1000.0)];
+        assert!(place_announcement("3.8.0", 900.0, None, &detected, None, order).is_err());
+        assert_eq!(
+            place_announcement("3.8.0", 1100.0, None, &detected, None, order),
+            Ok(Placement::New {
+                from: Some("3.7.0".into()),
+                kind: DeploymentKind::Deploy
+            })
+        );
     }
 }

@@ -18,6 +18,7 @@ pub mod databases;
 pub mod packs;
 pub mod web;
 
+use crate::analysis::deployment::VersionOrder;
 use crate::analysis::window::WindowDurations;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
@@ -176,6 +177,7 @@ struct RawDeployments {
     latency_min_calls: Option<i64>,
     latency_p_value: Option<f64>,
     latency_min_delta_ms: Option<f64>,
+    version_order: Option<String>,
     #[serde(default)]
     declared: Vec<RawDeclaredDeployment>,
 }
@@ -280,6 +282,8 @@ pub struct DeploymentConfig {
     pub latency_p_value: f64,
     /// Smallest change of a query's median time per call (ms) that can be a regression.
     pub latency_min_delta_ms: f64,
+    /// How versions order, which tells a deployment from a rollback.
+    pub version_order: VersionOrder,
     pub declared: Vec<DeclaredDeployment>,
 }
 
@@ -893,6 +897,17 @@ fn validate_deployments(
             raw.latency_min_delta_ms,
             0.05,
         ),
+        version_order: match raw.version_order.as_deref() {
+            None => VersionOrder::default(),
+            Some(text) => VersionOrder::parse(text).unwrap_or_else(|| {
+                problems.push(
+                    path,
+                    "deployments.version_order",
+                    format!("must be \"semver\" or \"unordered\", found {text:?}"),
+                );
+                VersionOrder::default()
+            }),
+        },
         declared,
     }
 }

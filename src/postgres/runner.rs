@@ -1,5 +1,6 @@
 //! Runs SQL on a target without hurting it: every query goes through a capped pool, inside a
-//! `READ ONLY` transaction that is always rolled back, with its own `statement_timeout` and
+//! `READ ONLY` transaction (committed when the query succeeds, so the database never counts the
+//! monitor's reads as rollbacks), with its own `statement_timeout` and
 //! `lock_timeout`, and under a client-side deadline so a hung server cannot hold a check
 //! forever. Errors are classified into [`ErrorKind`]s here, at the database edge.
 
@@ -80,11 +81,16 @@ pub async fn query_read_only(
             })
             .collect();
         let result = session.client.query_typed(sql, &params).await;
-        // Always roll back: nothing a check does is ever kept, and an aborted transaction
-        // must be closed before the session is reused.
-        let rollback = session.client.batch_execute("ROLLBACK").await;
+        // A read-only transaction has nothing to keep, so it ends in COMMIT when the query
+        // succeeded: the database then counts the monitor's work as commits, and its rollback
+        // ratio stays the application's own. A failed query's transaction is aborted and must
+        // be rolled back before the session is reused.
+        let end = session
+            .client
+            .batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .await;
         let rows = result.map_err(classify)?;
-        rollback.map_err(classify)?;
+        end.map_err(classify)?;
         decode(&rows)
     };
     match tokio::time::timeout(deadline, work).await {

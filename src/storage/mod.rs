@@ -211,6 +211,23 @@ impl Store {
         })
     }
 
+    /// Moves a deployment's start (an announcement for a version already detected), and
+    /// records the announcement's end and note where given.
+    pub fn update_deployment(
+        &self,
+        id: i64,
+        at: f64,
+        finished_at: Option<f64>,
+        note: Option<&str>,
+    ) -> Result<Option<DeploymentRecord>, StoreError> {
+        self.lock().execute(
+            "UPDATE deployments SET at = ?2, finished_at = coalesce(?3, finished_at),
+                 note = coalesce(?4, note) WHERE id = ?1",
+            params![id, at, finished_at, note],
+        )?;
+        self.deployment(id)
+    }
+
     fn read_deployment(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRecord> {
         let kind: String = row.get(4)?;
         let detection: String = row.get(5)?;

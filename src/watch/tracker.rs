@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::analysis::deployment::{kind_of, DeploymentView, Detection, WindowView};
+use crate::analysis::deployment::{
+    kind_of, place_announcement, DeploymentKind, DeploymentView, Detection, Placement, WindowView,
+};
 use crate::analysis::regression::{self, Thresholds};
 use crate::analysis::sample::{self, CheckPoint, RawStats, Sample};
 use crate::analysis::window::{self, Window};
@@ -49,6 +51,9 @@ pub struct Announcement {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub note: Option<String>,
+    /// `deploy` or `rollback`; needed only where versions have no order
+    /// (`deployments.version_order = "unordered"`).
+    pub kind: Option<DeploymentKind>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,13 +279,21 @@ impl Tracker {
             if known {
                 continue;
             }
-            let from = self
+            let before = self
                 .store
                 .deployments(Some(self.name()))
                 .ok()
-                .and_then(|all| all.into_iter().find(|d| d.at < declared.at))
-                .map(|d| d.to_version);
-            let kind = kind_of(from.as_deref(), &declared.version);
+                .and_then(|all| all.into_iter().find(|d| d.at < declared.at));
+            let from = before
+                .as_ref()
+                .map(|d| d.to_version.clone())
+                .filter(|from| *from != declared.version);
+            let kind = kind_of(
+                from.as_deref(),
+                &declared.version,
+                self.settings.version_order,
+                before.as_ref(),
+            );
             if let Err(error) = self.store.add_deployment(
                 self.name(),
                 from.as_deref(),
@@ -322,26 +335,49 @@ impl Tracker {
                 "finished_at is before started_at".to_string(),
             ));
         }
-        let from = self
-            .store
-            .latest_deployment(self.name())?
-            .map(|d| d.to_version)
-            .or(self.store.last_version(self.name())?);
-        let kind = kind_of(from.as_deref(), version);
-        let record = self.store.add_deployment(
-            self.name(),
-            from.as_deref(),
+        let deployments = self.store.deployments(Some(self.name()))?;
+        let last_version = self.store.last_version(self.name())?;
+        let placement = place_announcement(
             version,
-            kind,
-            Detection::Announced,
             at,
-            finished_at,
-            a.note.as_deref(),
-        )?;
-        tracing::info!(
-            target = %self.name(), version, from = ?from, kind = kind.as_str(),
-            "deployment announced"
-        );
+            a.kind,
+            &deployments,
+            last_version.as_deref(),
+            self.settings.version_order,
+        )
+        .map_err(|e| TrackerError::Invalid(e.to_string()))?;
+        let record = match placement {
+            Placement::Merge { id, at } => {
+                let record = self
+                    .store
+                    .update_deployment(id, at, finished_at, a.note.as_deref())?
+                    .ok_or_else(|| TrackerError::Invalid(format!("deployment {id} vanished")))?;
+                // Its baseline and open windows are measured from the new start.
+                self.forget(id);
+                tracing::info!(
+                    target = %self.name(), version, deployment = id, at = %rfc3339(at),
+                    "announcement merged into the deployment already detected"
+                );
+                record
+            }
+            Placement::New { from, kind } => {
+                let record = self.store.add_deployment(
+                    self.name(),
+                    from.as_deref(),
+                    version,
+                    kind,
+                    Detection::Announced,
+                    at,
+                    finished_at,
+                    a.note.as_deref(),
+                )?;
+                tracing::info!(
+                    target = %self.name(), version, from = ?from, kind = kind.as_str(),
+                    "deployment announced"
+                );
+                record
+            }
+        };
         let view = self.view(&record, now)?;
         self.state.set_deployment(self.name(), view.clone());
         Ok(view)
@@ -369,7 +405,12 @@ impl Tracker {
                     d.to_version == version && d.detection != Detection::VersionChange
                 });
                 if !announced {
-                    let kind = kind_of(Some(last), version);
+                    let kind = kind_of(
+                        Some(last),
+                        version,
+                        self.settings.version_order,
+                        latest.as_ref(),
+                    );
                     self.store.add_deployment(
                         self.name(),
                         Some(last),
@@ -462,6 +503,21 @@ impl Tracker {
             Ok(None) => {}
             Err(error) => tracing::warn!(target = %self.name(), %error, "cannot read deployments"),
         }
+    }
+
+    /// Drops what was computed for a deployment whose start moved.
+    fn forget(&mut self, id: i64) {
+        if self
+            .baseline_cache
+            .as_ref()
+            .is_some_and(|(cached, _)| *cached == id)
+        {
+            self.baseline_cache = None;
+        }
+        self.last_judged
+            .retain(|(deployment, _), _| *deployment != id);
+        self.published
+            .retain(|(deployment, _), _| *deployment != id);
     }
 
     fn check_points(&self) -> std::collections::BTreeMap<String, CheckPoint> {
@@ -584,17 +640,22 @@ impl Tracker {
                 .filter(|s| s.at >= start)
                 .cloned()
                 .collect();
-            let judgement = regression::judge(
-                window,
-                &baseline,
-                &in_window,
-                &up_to_end,
-                closed,
-                &thresholds,
-            );
-            // Without a baseline there is nothing to compare against: such a window can
-            // only end inconclusive, unless something is plainly broken.
-            let judged_samples = if baseline.len() < self.settings.min_baseline_samples {
+            // Without enough baseline there is nothing to compare against: every signal is
+            // inconclusive, and the window can only end so.
+            let baseline_too_small = baseline.len() < self.settings.min_baseline_samples;
+            let judgement = if baseline_too_small {
+                regression::Judgement::default()
+            } else {
+                regression::judge(
+                    window,
+                    &baseline,
+                    &in_window,
+                    &up_to_end,
+                    closed,
+                    &thresholds,
+                )
+            };
+            let judged_samples = if baseline_too_small {
                 0
             } else {
                 in_window.len()
