@@ -14,14 +14,20 @@ use tracing_subscriber::EnvFilter;
 /// Logs go to stderr through a bounded, lossy buffer: if whatever reads stderr stalls, log lines
 /// are dropped rather than the daemon (and its /metrics) blocking on the write. The guard
 /// flushes what is buffered when `main` returns.
-fn init_logging(format: LogFormat, filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(
+    format: LogFormat,
+    filter: &str,
+    file: Option<std::fs::File>,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .finish(std::io::stderr());
-    deploywatch::server::metrics::count_dropped_log_lines(writer.error_counter());
+    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true);
     // Colours only for a person at a terminal, not in journald or a file.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = match file {
+        Some(file) => builder.finish(file),
+        None => builder.finish(std::io::stderr()),
+    };
+    deploywatch::server::metrics::count_dropped_log_lines(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -33,6 +39,18 @@ fn init_logging(format: LogFormat, filter: &str) -> tracing_appender::non_blocki
     guard
 }
 
+/// Where the demo's daemon logs: `--log-file`, `-` for standard error, by default a file of
+/// this process in the temporary directory.
+fn demo_log_path(given: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    match given {
+        Some(path) if path.as_os_str() == "-" => None,
+        Some(path) => Some(path.to_path_buf()),
+        None => {
+            Some(std::env::temp_dir().join(format!("deploywatch-demo-{}.log", std::process::id())))
+        }
+    }
+}
+
 fn load(cli: &Cli) -> Result<Config, ExitCode> {
     Config::load(&cli.config).map_err(|error| {
         eprintln!("{error}");
@@ -42,7 +60,22 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_guard = init_logging(cli.log_format, &cli.log_level);
+    // The demo's story is told on standard output; the daemon's log goes to a file it names.
+    let demo_log = match &cli.command {
+        Command::Demo { log_file, .. } => demo_log_path(log_file.as_deref()),
+        _ => None,
+    };
+    let log_file = match &demo_log {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(file) => Some(file),
+            Err(error) => {
+                eprintln!("demo: cannot write its log to {}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let _log_guard = init_logging(cli.log_format, &cli.log_level, log_file);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -109,9 +142,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let report = deploywatch::commands::privileges::report(&config).await;
                 return Ok(printed((report.exit_code(), report.render())));
             }
-            Ok(printed(
-                commands::check(config, target.as_deref(), check.as_deref(), *format).await,
-            ))
+            let checked =
+                commands::check_with_warnings(config, target.as_deref(), check.as_deref(), *format)
+                    .await;
+            for warning in &checked.warnings {
+                eprintln!("warning: {warning}");
+            }
+            Ok(printed((checked.code, checked.output)))
         }
         Command::Validate => Ok(match load(&cli) {
             Ok(config) => printed((0, commands::validate(&config))),
@@ -161,12 +198,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             step,
             listen,
             exit_after_story,
+            log_file,
         } => {
             let options = deploywatch::commands::demo::DemoOptions {
                 step: step.clone(),
                 listen: *listen,
                 story: !no_story,
                 exit_after_story: *exit_after_story,
+                log_file: demo_log_path(log_file.as_deref()),
             };
             match deploywatch::commands::demo::run(options).await {
                 Ok(()) => Ok(ExitCode::SUCCESS),

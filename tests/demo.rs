@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
-/// `deploywatch demo` on a 3-second clock, listening on `port`, its stdout captured.
+/// `deploywatch demo` on a 3-second clock, listening on `port`, its stdout and stderr captured.
 fn spawn_demo(port: u16, extra: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .args([
@@ -19,7 +19,7 @@ fn spawn_demo(port: u16, extra: &[&str]) -> tokio::process::Child {
         ])
         .args(extra)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn demo")
@@ -92,7 +92,50 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
     if let Some(mut pipe) = child.stdout.take() {
         let _ = pipe.read_to_string(&mut stdout).await;
     }
-    assert!(status.success(), "{stdout}");
+    let stderr = common::stderr_of(&mut child).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    // The story reads on its own: the daemon logs to the file the demo names, not the terminal.
+    assert!(
+        stderr.trim().is_empty(),
+        "nothing but the story on the terminal:\n{stderr}"
+    );
+    let log_path = stdout
+        .lines()
+        .find_map(|l| l.split("the daemon's log goes to ").nth(1))
+        .and_then(|rest| rest.split(" (").next())
+        .map(std::path::PathBuf::from)
+        .expect("the demo names its log file");
+    let log = std::fs::read_to_string(&log_path).expect("the log file is there");
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        stdout.contains(&format!("the daemon's log stays in {}", log_path.display())),
+        "{stdout}"
+    );
+    assert!(log.contains("deployment detected"), "{log}");
+    // DROP INDEX is told as what it is, not as a statistics reset.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("indexes or tables were dropped")
+                && l.contains("index public.idx_submissions_participant")),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("statistics were reset") && l.contains("pg_stat_user_tables")),
+        "{log}"
+    );
+    // Every regression the story promises is told when it is flagged, or said not to have been.
+    for signal in ["query_latency", "seq_scans"] {
+        assert!(
+            stdout.contains(&format!(": REGRESSION first_day {signal}: "))
+                || stdout.contains(&format!("REGRESSION first_hour {signal}: "))
+                || stdout.contains(&format!("({signal} was not flagged within")),
+            "{signal} told\n{stdout}"
+        );
+    }
+    // The story ends by itself: no invitation to a daemon about to stop.
+    assert!(!stdout.contains("Try: curl"), "{stdout}");
+    assert!(stdout.contains("then the demo ends"), "{stdout}");
     assert!(
         saw_deployment,
         "deployment 3.6.0 -> 3.7.0 in /status\n{stdout}"

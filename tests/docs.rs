@@ -846,3 +846,108 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
     .await;
     let _ = child.kill().await;
 }
+
+/// On a schema without the checklist's `database_metadata` table the default version query
+/// cannot work: `check` says so (on standard error, so its report stays clean) and names what to
+/// set, and the daemon logs it as a warning once, then that it works again once fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_version_query_on_a_foreign_schema_is_warned_about() {
+    use tokio::io::AsyncBufReadExt;
+    let cluster = cluster();
+    cluster.create_database("shop").expect("database");
+    cluster
+        .psql("shop", "CREATE TABLE orders (order_id bigint PRIMARY KEY)")
+        .expect("schema");
+    let dir = common::ConfigDir::new();
+    dir.write(
+        "checks/basic.toml",
+        "[pack]\nname = \"basic\"\n\n[[check]]\nname = \"orders_readable\"\ncategory = \"health\"\n\
+         severity = \"info\"\nsql = \"SELECT count(*) FROM orders\"\nexpect = \">= 0\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[checks]\ninterval_override = \"1s\"\n[deployments]\nsample_interval = \"1s\"\n{}",
+            common::target_toml("shop", &cluster, "shop")
+        ),
+    );
+
+    let output = Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["check", "--format", "json"])
+        .output()
+        .expect("deploywatch check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the checks themselves pass:\n{stderr}"
+    );
+    serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("the report stays JSON");
+    assert!(
+        stderr.contains(
+            "warning: target shop: the default version query reads the database_metadata table"
+        ) && stderr.contains("does not exist")
+            && stderr.contains("targets[].version_query"),
+        "{stderr}"
+    );
+
+    let port = free_port();
+    let mut child = common::spawn_daemon(&dir, port);
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("the default version query reads the database_metadata table") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "the daemon warns:\n{log}");
+    assert!(log.contains("WARN"), "{log}");
+    // Several more passes over the same problem, then the table appears.
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    common::eventually("a few more passes", Duration::from_secs(60), || {
+        let metrics = metrics.clone();
+        async move {
+            let (_, body) = common::get(&metrics).await;
+            let scrape = common::parse_metrics(&body);
+            (scrape
+                .metric("deploywatch_check_runs_total")
+                .label("check", "orders_readable")
+                .value_opt()?
+                >= 5.0)
+                .then_some(())
+        }
+    })
+    .await;
+    cluster
+        .psql(
+            "shop",
+            "CREATE TABLE database_metadata (key text PRIMARY KEY, value text);
+             INSERT INTO database_metadata VALUES ('version', '1.0.0')",
+        )
+        .expect("metadata");
+    let fixed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("the version query works again") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(fixed, Ok(true), "the daemon says it works again:\n{log}");
+    assert_eq!(
+        log.matches("the default version query reads").count(),
+        1,
+        "warned once, not on every pass:\n{log}"
+    );
+    let _ = child.kill().await;
+}

@@ -145,6 +145,10 @@ pub struct Sample {
     pub checks: BTreeMap<String, CheckPoint>,
     /// Which sources were reset in the interval (and left out).
     pub resets: Vec<String>,
+    /// Indexes and tables that were there at the start of the interval and are gone at its
+    /// end (`index public.x`, `table public.y`): dropped, not reset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vanished: Vec<String>,
     /// Whether pg_stat_statements was available at all.
     pub statements_available: bool,
 }
@@ -246,13 +250,35 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
             }
         }
     }
+    // Indexes and tables gone since the previous pass were dropped (DROP INDEX, DROP TABLE): that
+    // is no reset. A table's idx_scan is the sum over its indexes, so a dropped index takes its
+    // scans out of that sum; the table's interval is then counted without them.
+    let mut vanished = Vec::new();
+    let mut dropped_scans: BTreeMap<&str, f64> = BTreeMap::new();
+    for (name, then) in &previous.indexes {
+        if !current.indexes.contains_key(name) {
+            vanished.push(format!("index {name}"));
+            *dropped_scans.entry(then.table.as_str()).or_default() += then.scans;
+        }
+    }
+    for name in previous.tables.keys() {
+        if !current.tables.contains_key(name) {
+            vanished.push(format!("table {name}"));
+        }
+    }
     let mut tables = BTreeMap::new();
     for (name, now) in &current.tables {
         if let Some(then) = previous.tables.get(name) {
+            let idx_scan = match dropped_scans.get(name.as_str()) {
+                Some(dropped) if now.idx_scan < then.idx_scan => {
+                    (now.idx_scan - (then.idx_scan - dropped)).max(0.0)
+                }
+                _ => now.idx_scan - then.idx_scan,
+            };
             let d = TableCounters {
                 seq_scan: now.seq_scan - then.seq_scan,
                 seq_tup_read: now.seq_tup_read - then.seq_tup_read,
-                idx_scan: now.idx_scan - then.idx_scan,
+                idx_scan,
             };
             if d.seq_scan >= 0.0 && d.seq_tup_read >= 0.0 && d.idx_scan >= 0.0 {
                 tables.insert(name.clone(), d);
@@ -273,6 +299,7 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
         max_connections: current.max_connections,
         checks: current.checks.clone(),
         resets,
+        vanished,
         statements_available: current.statements.is_some(),
     }
 }
@@ -366,5 +393,70 @@ mod tests {
         );
         let s = delta(&before, &after);
         assert_eq!(s.indexes["public.idx_new"].scans, 3.0);
+    }
+
+    /// A table with two indexes, one of which `DROP INDEX` removes between two passes: the
+    /// table's idx_scan (the sum over its indexes) drops with it.
+    fn with_indexes(at: f64, indexes: &[(&str, f64)], seq_scan: f64) -> RawStats {
+        let mut raw = raw(at, 1.0, 1.0, 1.0);
+        for (name, scans) in indexes {
+            raw.indexes.insert(
+                format!("public.{name}"),
+                IndexCounters {
+                    table: "public.submissions".to_string(),
+                    scans: *scans,
+                },
+            );
+        }
+        raw.tables.insert(
+            "public.submissions".to_string(),
+            TableCounters {
+                seq_scan,
+                seq_tup_read: seq_scan * 100.0,
+                idx_scan: indexes.iter().map(|(_, s)| s).sum(),
+            },
+        );
+        raw
+    }
+
+    #[test]
+    fn a_dropped_index_is_vanished_not_a_reset() {
+        let before = with_indexes(0.0, &[("idx_a", 100.0), ("idx_b", 40.0)], 10.0);
+        let after = with_indexes(60.0, &[("idx_a", 130.0)], 70.0);
+        let s = delta(&before, &after);
+        assert!(s.resets.is_empty(), "{:?}", s.resets);
+        assert_eq!(s.vanished, vec!["index public.idx_b".to_string()]);
+        // The table's interval is kept: its sequential scans are what shows a lost index.
+        let table = s.tables["public.submissions"];
+        assert_eq!(table.seq_scan, 60.0);
+        assert_eq!(table.idx_scan, 30.0);
+    }
+
+    #[test]
+    fn a_dropped_table_is_vanished() {
+        let before = with_indexes(0.0, &[("idx_a", 1.0)], 1.0);
+        let mut after = before.clone();
+        after.at = 60.0;
+        after.tables.clear();
+        after.indexes.clear();
+        let s = delta(&before, &after);
+        assert!(s.resets.is_empty(), "{:?}", s.resets);
+        assert_eq!(
+            s.vanished,
+            vec![
+                "index public.idx_a".to_string(),
+                "table public.submissions".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn table_counters_going_backwards_without_a_dropped_index_are_a_reset() {
+        let before = with_indexes(0.0, &[("idx_a", 100.0)], 10.0);
+        let mut after = with_indexes(60.0, &[("idx_a", 100.0)], 5.0);
+        after.at = 60.0;
+        let s = delta(&before, &after);
+        assert_eq!(s.resets, vec!["pg_stat_user_tables".to_string()]);
+        assert!(s.vanished.is_empty());
     }
 }

@@ -114,6 +114,10 @@ pub enum Command {
         /// Exit when the story is over instead of waiting for Ctrl-C.
         #[arg(long)]
         exit_after_story: bool,
+        /// Where the daemon's log goes, so the story reads on its own on the terminal
+        /// (default: deploywatch-demo-PID.log in the temporary directory; "-" for standard error).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::analysis::deployment::DeploymentView;
+use crate::analysis::deployment::{DeploymentView, Signal};
 use crate::analysis::window::{Verdict, Window};
 use crate::checks::outcome::Status;
 use crate::config::Config;
@@ -56,6 +56,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     pub story: bool,
     pub exit_after_story: bool,
+    /// The file the daemon's log goes to (None: standard error), named to the reader.
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 fn say(text: &str) {
@@ -70,6 +72,12 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         .ok_or_else(|| DemoError::Step(options.step.clone()))?;
     let stop = stop_on_signal()?;
     say("deploywatch demo: starting a throwaway PostgreSQL ...");
+    if let Some(log) = &options.log_file {
+        say(&format!(
+            "  the daemon's log goes to {} (tail -f it to watch the daemon at work)",
+            log.display()
+        ));
+    }
     let cluster = PgCluster::start(ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".to_string()],
         ..ClusterOptions::default()
@@ -156,12 +164,17 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let keep_running = !options.story || !options.exit_after_story;
     if outcome.is_ok() && !keep_running && !stop.is_cancelled() {
         // Leave the final state up for one more step, for whoever is watching /status.
+        say(&format!(
+            "{base}/status?format=text shows it for {step:?} more, then the demo ends (without \
+             --exit-after-story it stays up until Ctrl-C)."
+        ));
         tokio::select! {
             _ = tokio::time::sleep(step) => {}
             _ = stop.cancelled() => {}
         }
     }
     if outcome.is_ok() && keep_running && !stop.is_cancelled() {
+        say(&format!("Try: curl -s {base}/status?format=text"));
         say("\nPress Ctrl-C to stop the demo and remove the cluster.");
         stop.cancelled().await;
     }
@@ -182,6 +195,9 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
             "is removed"
         }
     ));
+    if let Some(log) = &options.log_file {
+        say(&format!("the daemon's log stays in {}", log.display()));
+    }
     outcome
 }
 
@@ -264,6 +280,33 @@ fn check_status(snapshot: &crate::watch::state::Snapshot, check: &str) -> Option
         .map(|c| c.status)
 }
 
+/// A check as `/status` shows it: `NAME STATUS (value, expected EXPECTATION)`.
+fn shown(snapshot: &crate::watch::state::Snapshot, check: &str) -> String {
+    let Some(state) = snapshot
+        .targets
+        .get(DATABASE)
+        .and_then(|t| t.checks.get(check))
+    else {
+        return format!("{check} not found");
+    };
+    let value = state
+        .outcome
+        .as_ref()
+        .and_then(|o| o.observation.as_ref())
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".to_string());
+    let expectation = state
+        .spec
+        .expectation
+        .as_ref()
+        .map(|e| format!(", expected {e}"))
+        .unwrap_or_default();
+    format!(
+        "{check} {} ({value}{expectation})",
+        state.status.as_str().to_uppercase()
+    )
+}
+
 async fn story(
     handle: &DaemonHandle,
     admin: &Application,
@@ -275,11 +318,15 @@ async fn story(
         "[1/5] baseline: recording {:?} of normal traffic before the deployment",
         step * 2
     ));
-    wait_for(state, "first check results", limit, |s| {
-        check_status(s, "schema_version").filter(|s| *s != Status::Pending)
+    let before = wait_for(state, "first check results", limit, |s| {
+        check_status(s, "schema_version")
+            .filter(|s| *s != Status::Pending)
+            .map(|_| shown(s, "schema_version"))
     })
     .await?;
-    say("      /status: schema_version FAIL (3.6.0, expected 3.7.0), the checklist's health checks fail before the migration");
+    say(&format!(
+        "      /status: {before}: the checklist's checks for 3.7.0 fail before the migration"
+    ));
     tokio::time::sleep(step * 2).await;
 
     say("[2/5] applying 001_pragmatic_schema_fixes.sql (3.6.0 -> 3.7.0)");
@@ -296,11 +343,19 @@ async fn story(
         view.to_version,
         view.baseline_samples
     ));
-    wait_for(state, "schema_version to pass", limit, |s| {
-        (check_status(s, "schema_version") == Some(Status::Pass)).then_some(())
+    let after = [
+        "schema_version",
+        "score_check_constraints",
+        "partial_indexes",
+    ];
+    let passing = wait_for(state, "the 3.7.0 health checks to pass", limit, |s| {
+        after
+            .iter()
+            .all(|c| check_status(s, c) == Some(Status::Pass))
+            .then(|| after.map(|c| shown(s, c)).join(", "))
     })
     .await?;
-    say("      /status: schema_version PASS, score constraints and partial indexes in place");
+    say(&format!("      /status: {passing}"));
 
     say("[3/5] watching the first hour ...");
     let verdict = wait_for(state, "the first_hour verdict", limit, |s| {
@@ -322,52 +377,78 @@ async fn story(
 
     say("[4/5] injecting an integrity violation: payments of participants that do not exist");
     admin.run(fixtures::CORRUPT_ORPHANED_PAYMENTS).await?;
-    let value = wait_for(state, "orphaned_payments to fail", limit, |s| {
-        let check = s.targets.get(DATABASE)?.checks.get("orphaned_payments")?;
-        (check.status == Status::Fail)
-            .then(|| check.outcome.as_ref()?.observation.as_ref()?.as_number())
-            .flatten()
+    let failing = wait_for(state, "orphaned_payments to fail", limit, |s| {
+        (check_status(s, "orphaned_payments") == Some(Status::Fail))
+            .then(|| shown(s, "orphaned_payments"))
     })
     .await?;
     say(&format!(
-        "      /status: orphaned_payments FAIL ({value} rows, expected == 0); deploywatch_check_success{{check=\"orphaned_payments\"}} 0 pages via Alertmanager"
+        "      /status: {failing}; deploywatch_check_success{{check=\"orphaned_payments\"}} 0 pages via Alertmanager"
     ));
     admin.run(fixtures::REPAIR_ORPHANED_PAYMENTS).await?;
-    wait_for(state, "orphaned_payments to pass again", limit, |s| {
-        (check_status(s, "orphaned_payments") == Some(Status::Pass)).then_some(())
+    let repaired = wait_for(state, "orphaned_payments to pass again", limit, |s| {
+        (check_status(s, "orphaned_payments") == Some(Status::Pass))
+            .then(|| shown(s, "orphaned_payments"))
     })
     .await?;
-    say("      repaired: orphaned_payments PASS again");
+    say(&format!("      repaired: {repaired}"));
 
     say("[5/5] introducing a regression: DROP INDEX idx_submissions_participant, which a hot query needs");
     admin
         .run("DROP INDEX IF EXISTS idx_submissions_participant")
         .await?;
-    let findings = wait_for(state, "the regression to be flagged", step * 9, |s| {
-        let view = deployment(s)?;
-        let found: Vec<String> = view
-            .windows
-            .iter()
+    // Each finding is told as it appears; the story waits for both signals a lost index gives.
+    let wanted = [Signal::QueryLatency, Signal::SeqScans];
+    let mut told: Vec<String> = Vec::new();
+    let mut signals: Vec<Signal> = Vec::new();
+    let deadline = tokio::time::Instant::now() + step * 9;
+    loop {
+        let snapshot = state.snapshot();
+        for (window, finding) in deployment(&snapshot)
+            .into_iter()
+            .flat_map(|view| view.windows.iter())
             .flat_map(|w| w.regressions.iter().map(move |f| (w.window, f)))
-            .filter(|(_, f)| {
-                matches!(
-                    f.signal,
-                    crate::analysis::deployment::Signal::QueryLatency
-                        | crate::analysis::deployment::Signal::SeqScans
-                )
-            })
-            .map(|(w, f)| format!("{} {}: {}", w.as_str(), f.signal.as_str(), f.message))
-            .collect();
-        (!found.is_empty()).then_some(found)
-    })
-    .await?;
-    for finding in findings {
-        say(&format!("      /status: REGRESSION {finding}"));
+            .filter(|(_, f)| wanted.contains(&f.signal))
+        {
+            // Once per window, signal and subject: the figures of a finding are updated as
+            // samples come in, the finding is the same.
+            let key = format!(
+                "{} {} {}",
+                window.as_str(),
+                finding.signal.as_str(),
+                finding.subject
+            );
+            if !told.contains(&key) {
+                say(&format!(
+                    "      /status: REGRESSION {} {}: {}",
+                    window.as_str(),
+                    finding.signal.as_str(),
+                    finding.message
+                ));
+                told.push(key);
+                if !signals.contains(&finding.signal) {
+                    signals.push(finding.signal);
+                }
+            }
+        }
+        if wanted.iter().all(|w| signals.contains(w)) || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if signals.is_empty() {
+        return Err(DemoError::Stalled(format!(
+            "the regression was not flagged within {:?}",
+            step * 9
+        )));
+    }
+    for missing in wanted.iter().filter(|w| !signals.contains(w)) {
+        say(&format!(
+            "      ({} was not flagged within {:?}: its test needs more samples than the story waits for)",
+            missing.as_str(),
+            step * 9
+        ));
     }
     say("\nThe story is over: deploywatch caught the integrity violation and the regression with its evidence.");
-    say(&format!(
-        "Try: curl -s http://{}/status?format=text",
-        handle.local_addr
-    ));
     Ok(())
 }

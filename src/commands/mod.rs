@@ -36,6 +36,30 @@ pub async fn check(
     check: Option<&str>,
     format: OutputFormat,
 ) -> (u8, String) {
+    let checked = check_with_warnings(config, target, check, format).await;
+    (checked.code, checked.output)
+}
+
+/// What `deploywatch check` found: the exit code, the report, and warnings for standard error
+/// (a target whose version query does not work, so deployments would go unnoticed).
+pub struct Checked {
+    pub code: u8,
+    pub output: String,
+    pub warnings: Vec<String>,
+}
+
+/// [`check`], with the warnings kept apart from the report (which may be JSON).
+pub async fn check_with_warnings(
+    config: Config,
+    target: Option<&str>,
+    check: Option<&str>,
+    format: OutputFormat,
+) -> Checked {
+    let fail = |code: u8, output: String| Checked {
+        code,
+        output,
+        warnings: Vec::new(),
+    };
     // Targets with `databases` patterns stand for the databases their server lists now.
     let Expanded {
         mut config,
@@ -48,7 +72,7 @@ pub async fn check(
             |t: &crate::config::TargetConfig| t.name == name || t.name.starts_with(&prefix);
         if !config.targets.iter().any(selected) {
             let known: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
-            return (
+            return fail(
                 EXIT_UNREACHABLE,
                 format!(
                     "no target is named {name:?}; known targets: {}\n",
@@ -64,7 +88,7 @@ pub async fn check(
             .iter()
             .any(|t| t.checks.iter().any(|c| c.name == name));
         if !known {
-            return (EXIT_UNREACHABLE, format!("no check is named {name:?}\n"));
+            return fail(EXIT_UNREACHABLE, format!("no check is named {name:?}\n"));
         }
         for t in &mut config.targets {
             t.checks.retain(|c| c.name == name);
@@ -112,11 +136,16 @@ pub async fn check(
         }
     }
     scheduler::run_once(&reachable_config, &pools, &state).await;
+    let mut warnings = Vec::new();
     for target in &config.targets {
         if let Some(pool) = pools.get(&target.name) {
-            if let Ok(version) =
-                crate::postgres::sampler::read_version(pool, &target.version_query).await
-            {
+            let read = crate::postgres::sampler::read_version(pool, &target.version_query).await;
+            warnings.extend(crate::postgres::sampler::version_problem(
+                &target.name,
+                &target.version_query,
+                &read,
+            ));
+            if let Ok(version) = read {
                 state.set_schema_version(&target.name, version);
             }
         }
@@ -149,7 +178,11 @@ pub async fn check(
         OutputFormat::Table => status::render_text(&report),
         OutputFormat::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
     };
-    (code, output)
+    Checked {
+        code,
+        output,
+        warnings,
+    }
 }
 
 /// `deploywatch validate`.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::analysis::sample::{
     DbCounters, IndexCounters, RawStats, StatementCounters, TableCounters,
 };
-use crate::checks::outcome::{Cell, CheckError, ResultTable};
+use crate::checks::outcome::{Cell, CheckError, ErrorKind, ResultTable};
 use crate::postgres::pool::TargetPool;
 use crate::postgres::runner::query_read_only;
 
@@ -229,6 +229,47 @@ pub async fn read(
     Ok(raw)
 }
 
+/// What is wrong with a target's version query, from what reading it gave, as one sentence for
+/// a person: `None` when it returned a version, or when the database could not be reached at
+/// all (that is reported as the target being down). Without a working version query a
+/// deployment is only seen when it is announced, so this is worth a warning. Pure.
+pub fn version_problem(
+    target: &str,
+    query: &str,
+    read: &Result<Option<String>, CheckError>,
+) -> Option<String> {
+    const CONSEQUENCE: &str = "deployments are only seen when announced";
+    const WHERE: &str = "set deployments.version_query or targets[].version_query for your \
+                         migration tool (docs/getting-started.md, \"Version queries\")";
+    match read {
+        Ok(Some(_)) => None,
+        Err(error) if error.kind == ErrorKind::Connection => None,
+        Err(error)
+            if query == crate::config::DEFAULT_VERSION_QUERY
+                && error.sqlstate.as_deref() == Some(UNDEFINED_TABLE) =>
+        {
+            Some(format!(
+                "target {target}: the default version query reads the database_metadata table \
+                 of the checklist's application, which this database does not have ({}): \
+                 {CONSEQUENCE}; {WHERE}",
+                error.message
+            ))
+        }
+        Err(error) => Some(format!(
+            "target {target}: the version query fails ({}: {}): {CONSEQUENCE}; {WHERE}",
+            error.kind.as_str(),
+            error.message
+        )),
+        Ok(None) => Some(format!(
+            "target {target}: the version query returns no version (no row, or NULL or empty): \
+             {CONSEQUENCE}; {WHERE}"
+        )),
+    }
+}
+
+/// SQLSTATE `undefined_table`.
+const UNDEFINED_TABLE: &str = "42P01";
+
 /// Reads the schema version with the target's version query. `Ok(None)` when the query runs
 /// but returns nothing usable.
 pub async fn read_version(pool: &TargetPool, sql: &str) -> Result<Option<String>, CheckError> {
@@ -243,4 +284,73 @@ pub async fn read_version(pool: &TargetPool, sql: &str) -> Result<Option<String>
             _ => None,
         })
         .filter(|v| !v.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_VERSION_QUERY;
+
+    fn sql_error(sqlstate: &str, message: &str) -> Result<Option<String>, CheckError> {
+        let mut error = CheckError::new(ErrorKind::Sql, message);
+        error.sqlstate = Some(sqlstate.to_string());
+        Err(error)
+    }
+
+    #[test]
+    fn a_version_is_no_problem() {
+        assert_eq!(
+            version_problem("t", DEFAULT_VERSION_QUERY, &Ok(Some("3.7.0".into()))),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unreachable_database_is_reported_elsewhere() {
+        let down = Err(CheckError::new(ErrorKind::Connection, "refused"));
+        assert_eq!(version_problem("t", DEFAULT_VERSION_QUERY, &down), None);
+    }
+
+    #[test]
+    fn the_default_query_on_a_foreign_schema_says_what_to_set() {
+        let missing = sql_error("42P01", "relation \"database_metadata\" does not exist");
+        let text = version_problem("shop", DEFAULT_VERSION_QUERY, &missing).expect("a problem");
+        assert!(
+            text.starts_with(
+                "target shop: the default version query reads the database_metadata table"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("relation \"database_metadata\" does not exist"),
+            "{text}"
+        );
+        assert!(
+            text.contains("deployments are only seen when announced"),
+            "{text}"
+        );
+        assert!(text.contains("targets[].version_query"), "{text}");
+    }
+
+    #[test]
+    fn a_configured_query_that_fails_is_named_as_such() {
+        let denied = sql_error("42501", "permission denied for table flyway_schema_history");
+        let text = version_problem("shop", "SELECT version FROM flyway_schema_history", &denied)
+            .expect("a problem");
+        assert!(
+            text.starts_with("target shop: the version query fails (sql: permission denied"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn no_version_is_a_problem() {
+        let text = version_problem(
+            "shop",
+            "SELECT max(version) FROM schema_migrations",
+            &Ok(None),
+        )
+        .expect("a problem");
+        assert!(text.contains("returns no version"), "{text}");
+    }
 }

@@ -183,6 +183,7 @@ pub fn start(
             last_pass_at: None,
             baseline_cache: None,
             last_judged: HashMap::new(),
+            version_problem: None,
             published: HashMap::new(),
         };
         tasks.spawn(tracker.run(receiver, cancel.clone()));
@@ -200,6 +201,7 @@ async fn watch_version(
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut problem = None;
     loop {
         tokio::select! {
             // Cancellation wins over a tick that is also ready: no new run after it.
@@ -207,12 +209,38 @@ async fn watch_version(
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match sampler::read_version(&pool, &sql).await {
+        let read = sampler::read_version(&pool, &sql).await;
+        version_query_news(&target, &sql, &read, &mut problem);
+        match read {
             Ok(version) => state.set_schema_version(&target, version),
             Err(error) => {
                 tracing::debug!(target = %target, error = %error.message, "schema version not readable")
             }
         }
+    }
+}
+
+/// Logs a version query that does not work as a warning, once per distinct problem (the first
+/// pass after start shows it), and when it works again.
+fn version_query_news(
+    target: &str,
+    query: &str,
+    read: &Result<Option<String>, crate::checks::outcome::CheckError>,
+    last: &mut Option<String>,
+) {
+    let now = sampler::version_problem(target, query, read);
+    match (&now, read) {
+        (Some(problem), _) if last.as_ref() != Some(problem) => {
+            tracing::warn!(target = %target, "{problem}");
+        }
+        (None, Ok(Some(_))) if last.is_some() => {
+            tracing::info!(target = %target, "the version query works again");
+        }
+        _ => {}
+    }
+    // A connection failure neither reports nor clears a problem of the query itself.
+    if now.is_some() || matches!(read, Ok(Some(_))) {
+        *last = now;
     }
 }
 
@@ -232,6 +260,8 @@ struct Tracker {
     baseline_cache: Option<(i64, Vec<Sample>)>,
     /// When each open window of the current deployment was last judged.
     last_judged: HashMap<(i64, &'static str), f64>,
+    /// What was last logged about the version query not working.
+    version_problem: Option<String>,
     /// The last judgement of each open window, shown between judgements.
     published: HashMap<(i64, &'static str), WindowView>,
 }
@@ -433,7 +463,14 @@ impl Tracker {
 
     async fn pass(&mut self, now: f64) {
         self.passes += 1;
-        match sampler::read_version(&self.pool, &self.target.version_query).await {
+        let read = sampler::read_version(&self.pool, &self.target.version_query).await;
+        version_query_news(
+            &self.target.name,
+            &self.target.version_query,
+            &read,
+            &mut self.version_problem,
+        );
+        match read {
             Ok(Some(version)) => {
                 self.state
                     .set_schema_version(self.name(), Some(version.clone()));
@@ -469,6 +506,12 @@ impl Tracker {
                     .set_connections(self.name(), raw.connections, raw.max_connections);
                 if let Some(previous) = &self.previous {
                     let sample = sample::delta(previous, &raw);
+                    if !sample.vanished.is_empty() {
+                        tracing::info!(
+                            target = %self.name(), vanished = ?sample.vanished,
+                            "indexes or tables were dropped; their statistics end here"
+                        );
+                    }
                     if !sample.resets.is_empty() {
                         tracing::info!(
                             target = %self.name(), resets = ?sample.resets,
