@@ -142,7 +142,7 @@ pub async fn check_with_warnings(
             let read = crate::postgres::sampler::read_version(pool, &target.version_query).await;
             warnings.extend(crate::postgres::sampler::version_problem(
                 &target.name,
-                &target.version_query,
+                target.version_query == crate::config::DEFAULT_VERSION_QUERY,
                 &read,
             ));
             if let Ok(version) = read {

@@ -233,9 +233,10 @@ pub async fn read(
 /// a person: `None` when it returned a version, or when the database could not be reached at
 /// all (that is reported as the target being down). Without a working version query a
 /// deployment is only seen when it is announced, so this is worth a warning. Pure.
+/// `default_query` says whether the target uses the default version query (the checklist's).
 pub fn version_problem(
     target: &str,
-    query: &str,
+    default_query: bool,
     read: &Result<Option<String>, CheckError>,
 ) -> Option<String> {
     const CONSEQUENCE: &str = "deployments are only seen when announced";
@@ -244,10 +245,7 @@ pub fn version_problem(
     match read {
         Ok(Some(_)) => None,
         Err(error) if error.kind == ErrorKind::Connection => None,
-        Err(error)
-            if query == crate::config::DEFAULT_VERSION_QUERY
-                && error.sqlstate.as_deref() == Some(UNDEFINED_TABLE) =>
-        {
+        Err(error) if default_query && error.sqlstate.as_deref() == Some(UNDEFINED_TABLE) => {
             Some(format!(
                 "target {target}: the default version query reads the database_metadata table \
                  of the checklist's application, which this database does not have ({}): \
@@ -289,7 +287,9 @@ pub async fn read_version(pool: &TargetPool, sql: &str) -> Result<Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_VERSION_QUERY;
+
+    /// The target uses the default version query.
+    const DEFAULT_VERSION_QUERY: bool = true;
 
     fn sql_error(sqlstate: &str, message: &str) -> Result<Option<String>, CheckError> {
         let mut error = CheckError::new(ErrorKind::Sql, message);
@@ -335,8 +335,7 @@ mod tests {
     #[test]
     fn a_configured_query_that_fails_is_named_as_such() {
         let denied = sql_error("42501", "permission denied for table flyway_schema_history");
-        let text = version_problem("shop", "SELECT version FROM flyway_schema_history", &denied)
-            .expect("a problem");
+        let text = version_problem("shop", false, &denied).expect("a problem");
         assert!(
             text.starts_with("target shop: the version query fails (sql: permission denied"),
             "{text}"
@@ -345,12 +344,7 @@ mod tests {
 
     #[test]
     fn no_version_is_a_problem() {
-        let text = version_problem(
-            "shop",
-            "SELECT max(version) FROM schema_migrations",
-            &Ok(None),
-        )
-        .expect("a problem");
+        let text = version_problem("shop", false, &Ok(None)).expect("a problem");
         assert!(text.contains("returns no version"), "{text}");
     }
 }

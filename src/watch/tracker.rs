@@ -228,7 +228,7 @@ fn version_query_news(
     read: &Result<Option<String>, crate::checks::outcome::CheckError>,
     last: &mut Option<String>,
 ) {
-    let now = sampler::version_problem(target, query, read);
+    let now = sampler::version_problem(target, query == crate::config::DEFAULT_VERSION_QUERY, read);
     match (&now, read) {
         (Some(problem), _) if last.as_ref() != Some(problem) => {
             tracing::warn!(target = %target, "{problem}");
