@@ -778,7 +778,7 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
 fn every_exported_metric_is_documented() {
     let readme = std::fs::read_to_string(common::repo().join("README.md")).expect("README");
     let source =
-        std::fs::read_to_string(common::repo().join("src/metrics.rs")).expect("metrics.rs");
+        std::fs::read_to_string(common::repo().join("src/server/metrics.rs")).expect("metrics.rs");
     let exported: Vec<&str> = source
         .split('"')
         .filter(|s| s.starts_with("deploywatch_") && !s.contains(' '))

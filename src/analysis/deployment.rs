@@ -109,6 +109,30 @@ impl Signal {
     }
 }
 
+/// Where a published regression flag stands. Flags are latched: once shown, a flag stays
+/// until its window closes, `resolved` if the rule no longer finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagState {
+    /// Found at the latest look only: shown, never paged.
+    Suspected,
+    /// Found at two consecutive looks, or still there when the window closed: pages.
+    #[default]
+    Confirmed,
+    /// Found before, gone at the latest look; kept with its evidence.
+    Resolved,
+}
+
+impl FlagState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlagState::Suspected => "suspected",
+            FlagState::Confirmed => "confirmed",
+            FlagState::Resolved => "resolved",
+        }
+    }
+}
+
 /// One regression or improvement, with the figures that justify it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
@@ -116,8 +140,106 @@ pub struct Finding {
     /// What it is about: a check, a query (id and text), a table or an index.
     pub subject: String,
     pub message: String,
-    /// Baseline and window figures, test statistics, sample counts.
+    /// Baseline and window figures, test statistics, sample counts, as at the latest look.
     pub evidence: serde_json::Map<String, serde_json::Value>,
+    /// Latched state (regressions only).
+    #[serde(default)]
+    pub state: FlagState,
+    /// Consecutive looks that found it (kept as it was once resolved).
+    #[serde(default)]
+    pub looks: u32,
+    /// When it was first found (Unix seconds), and its message and evidence then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen_at: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_evidence: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Finding {
+    pub fn new(
+        signal: Signal,
+        subject: String,
+        message: String,
+        evidence: serde_json::Map<String, serde_json::Value>,
+    ) -> Finding {
+        Finding {
+            signal,
+            subject,
+            message,
+            evidence,
+            state: FlagState::Confirmed,
+            looks: 1,
+            first_seen_at: None,
+            first_message: None,
+            first_evidence: None,
+        }
+    }
+
+    /// Shown and not resolved.
+    pub fn active(&self) -> bool {
+        self.state != FlagState::Resolved
+    }
+
+    /// What pages: confirmed and not resolved.
+    pub fn confirmed(&self) -> bool {
+        self.state == FlagState::Confirmed
+    }
+
+    /// Confirmed at some look, resolved since or not: its window stays `regression`.
+    pub fn was_confirmed(&self) -> bool {
+        self.state == FlagState::Confirmed || (self.state == FlagState::Resolved && self.looks >= 2)
+    }
+}
+
+/// Latches a window's regression flags across looks. `previous` is what was published at the
+/// last look, `current` what the rules find now. A flag found at two consecutive looks, or
+/// still found when the window closes, is confirmed; one found once is suspected; one no longer
+/// found is kept as resolved, with its first and latest evidence, never dropped. A flag keeps the
+/// evidence as first seen beside the latest.
+pub fn latch(previous: &[Finding], current: Vec<Finding>, now: f64, closed: bool) -> Vec<Finding> {
+    let key = |f: &Finding| (f.signal, f.subject.clone());
+    let mut out: Vec<Finding> = Vec::new();
+    for mut finding in current {
+        let before = previous.iter().find(|p| key(p) == key(&finding));
+        match before {
+            Some(before) => {
+                finding.first_seen_at = before.first_seen_at.or(Some(now));
+                finding.first_message = before
+                    .first_message
+                    .clone()
+                    .or_else(|| Some(before.message.clone()));
+                finding.first_evidence = before
+                    .first_evidence
+                    .clone()
+                    .or_else(|| Some(before.evidence.clone()));
+                finding.looks = if before.active() { before.looks + 1 } else { 1 };
+            }
+            None => {
+                finding.first_seen_at = Some(now);
+                finding.first_message = Some(finding.message.clone());
+                finding.first_evidence = Some(finding.evidence.clone());
+                finding.looks = 1;
+            }
+        }
+        finding.state = if closed || finding.looks >= 2 {
+            FlagState::Confirmed
+        } else {
+            FlagState::Suspected
+        };
+        out.push(finding);
+    }
+    for before in previous {
+        if out.iter().any(|f| key(f) == key(before)) {
+            continue;
+        }
+        let mut resolved = before.clone();
+        resolved.state = FlagState::Resolved;
+        out.push(resolved);
+    }
+    out.sort_by(|a, b| (a.signal, &a.subject).cmp(&(b.signal, &b.subject)));
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,7 +277,9 @@ pub struct DeploymentView {
 
 impl DeploymentView {
     pub fn has_regressions(&self) -> bool {
-        self.windows.iter().any(|w| !w.regressions.is_empty())
+        self.windows
+            .iter()
+            .any(|w| w.regressions.iter().any(Finding::active))
     }
 }
 
@@ -190,7 +314,8 @@ pub fn render_text(view: &DeploymentView) -> String {
         for finding in &window.regressions {
             let _ = writeln!(
                 out,
-                "      REGRESSION {}: {}",
+                "      REGRESSION ({}) {}: {}",
+                finding.state.as_str(),
                 finding.signal.as_str(),
                 finding.message
             );
@@ -553,5 +678,62 @@ mod tests {
                 kind: DeploymentKind::Deploy
             })
         );
+    }
+
+    fn flag(subject: &str, value: f64) -> Finding {
+        let mut evidence = serde_json::Map::new();
+        evidence.insert("value".into(), serde_json::json!(value));
+        Finding::new(
+            Signal::QueryLatency,
+            subject.into(),
+            format!("{subject} at {value}"),
+            evidence,
+        )
+    }
+
+    #[test]
+    fn flags_are_confirmed_at_the_second_look_and_resolved_never_dropped() {
+        let first = latch(&[], vec![flag("q1", 2.0)], 10.0, false);
+        assert_eq!(first[0].state, FlagState::Suspected);
+        assert!(!first[0].confirmed() && first[0].active());
+        let second = latch(&first, vec![flag("q1", 3.0)], 20.0, false);
+        assert_eq!(second[0].state, FlagState::Confirmed);
+        assert_eq!(second[0].looks, 2);
+        // Evidence as first seen and as latest.
+        assert_eq!(second[0].first_seen_at, Some(10.0));
+        assert_eq!(
+            second[0]
+                .first_evidence
+                .as_ref()
+                .and_then(|e| e["value"].as_f64()),
+            Some(2.0)
+        );
+        assert_eq!(second[0].evidence["value"].as_f64(), Some(3.0));
+        // Gone at the next look: resolved, kept with its evidence.
+        let third = latch(&second, vec![], 30.0, false);
+        assert_eq!(third.len(), 1);
+        assert_eq!(third[0].state, FlagState::Resolved);
+        assert_eq!(third[0].evidence["value"].as_f64(), Some(3.0));
+        assert_eq!(third[0].first_seen_at, Some(10.0));
+        // Still resolved at the close.
+        let closed = latch(&third, vec![], 40.0, true);
+        assert_eq!(closed[0].state, FlagState::Resolved);
+    }
+
+    #[test]
+    fn a_one_look_flag_is_suspected_unless_the_window_closes_with_it() {
+        let once = latch(&[], vec![flag("q1", 2.0)], 10.0, false);
+        let gone = latch(&once, vec![flag("q2", 5.0)], 20.0, false);
+        let states: Vec<(&str, FlagState)> =
+            gone.iter().map(|f| (f.subject.as_str(), f.state)).collect();
+        assert_eq!(
+            states,
+            vec![("q1", FlagState::Resolved), ("q2", FlagState::Suspected)]
+        );
+        let at_close = latch(&gone, vec![flag("q2", 5.0), flag("q3", 1.0)], 30.0, true);
+        assert!(at_close
+            .iter()
+            .filter(|f| f.subject != "q1")
+            .all(|f| f.state == FlagState::Confirmed));
     }
 }

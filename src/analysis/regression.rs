@@ -67,12 +67,7 @@ fn finding(
     message: String,
     evidence: Map<String, Value>,
 ) -> Finding {
-    Finding {
-        signal,
-        subject,
-        message,
-        evidence,
-    }
+    Finding::new(signal, subject, message, evidence)
 }
 
 pub fn judge(
@@ -84,19 +79,23 @@ pub fn judge(
     t: &Thresholds,
 ) -> Judgement {
     let mut j = Judgement::default();
+    if window == Window::Steady {
+        return j;
+    }
+    // What breaks outright is judged in every window: a violation is flagged in the window
+    // where it appears, and a window passes only if all of these are clean.
+    check_failures(baseline, window_samples, &mut j);
+    rollback_ratio(baseline, window_samples, &mut j);
+    deadlocks(baseline, window_samples, &mut j);
+    connections(baseline, window_samples, &mut j);
+    integrity(baseline, window_samples, &mut j);
     match window {
         Window::FirstHour => {
-            check_failures(baseline, window_samples, &mut j);
-            rollback_ratio(baseline, window_samples, &mut j);
-            deadlocks(baseline, window_samples, &mut j);
-            connections(baseline, window_samples, &mut j);
             query_latency(baseline, window_samples, t, SHARP_INCREASE, false, &mut j);
         }
         Window::FirstDay => {
-            // An open window is looked at again and again as samples arrive; each look is
-            // another chance of a false alarm. Until the window closes the test must clear a
-            // ten times stricter level (a simple alpha-spending rule); at the close, the
-            // configured one.
+            // An open window is looked at again and again as samples arrive. Until it closes
+            // the test must clear a ten times stricter level; at the close, the configured one.
             let strictness = if closed { 1.0 } else { 0.1 };
             let looking = Thresholds {
                 latency_p_value: t.latency_p_value * strictness,
@@ -118,7 +117,6 @@ pub fn judge(
         }
         Window::FirstWeek => {
             top_queries(baseline, window_samples, t, &mut j);
-            integrity(baseline, window_samples, &mut j);
         }
         Window::Steady => {}
     }
@@ -623,6 +621,13 @@ fn integrity(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
         let Some(clean_at) = zero_seen(earlier).or_else(|| zero_seen(baseline)) else {
             continue;
         };
+        let already = j
+            .regressions
+            .iter()
+            .any(|f| f.signal == Signal::CheckFailure && f.subject == *name);
+        if already {
+            continue;
+        }
         j.regressions.push(finding(
             Signal::Integrity,
             name.clone(),
@@ -1079,9 +1084,10 @@ mod tests {
             .collect();
         let j = judge(Window::FirstWeek, &baseline, &window, &window, false, &t());
         let found: BTreeSet<Signal> = j.regressions.iter().map(|f| f.signal).collect();
+        // The integrity check passed throughout the baseline: a check failure, reported once.
         assert_eq!(
             found,
-            BTreeSet::from([Signal::TopQueries, Signal::Integrity])
+            BTreeSet::from([Signal::TopQueries, Signal::CheckFailure])
         );
     }
 
@@ -1128,5 +1134,49 @@ mod tests {
     fn evidence_never_holds_nan() {
         assert_eq!(number(f64::NAN), number(0.0));
         assert_eq!(number(f64::INFINITY), number(0.0));
+    }
+
+    #[test]
+    fn breakage_is_judged_in_every_window() {
+        let baseline: Vec<Sample> = series(0.0, 6, |_| vec![])
+            .into_iter()
+            .map(|s| with_check(s, "orphans", "integrity", "pass", 0.0))
+            .collect();
+        let broken: Vec<Sample> = series(1000.0, 6, |_| vec![])
+            .into_iter()
+            .map(|s| with_check(s, "orphans", "integrity", "fail", 4.0))
+            .collect();
+        let mut failing_transactions = series(1000.0, 6, |_| vec![]);
+        for s in &mut failing_transactions {
+            s.database = Some(DbCounters {
+                xact_commit: 860.0,
+                xact_rollback: 140.0,
+                ..DbCounters::default()
+            });
+        }
+        for window in [Window::FirstHour, Window::FirstDay, Window::FirstWeek] {
+            let j = judge(window, &baseline, &broken, &broken, false, &t());
+            let found: Vec<(Signal, String)> = signals(&j.regressions);
+            assert_eq!(
+                found,
+                vec![(Signal::CheckFailure, "orphans".to_string())],
+                "{window:?}"
+            );
+            let j = judge(
+                window,
+                &baseline,
+                &failing_transactions,
+                &failing_transactions,
+                false,
+                &t(),
+            );
+            assert!(
+                j.regressions
+                    .iter()
+                    .any(|f| f.signal == Signal::RollbackRatio),
+                "{window:?}: {:?}",
+                j.regressions
+            );
+        }
     }
 }

@@ -134,10 +134,12 @@ impl Verdict {
     }
 }
 
-/// A regression is shown as soon as it is found, even while the window is open; otherwise an
-/// open window is `watching`, and a closed one `pass` or, with too few samples, `inconclusive`.
-pub fn verdict(closed: bool, regressions: usize, samples: usize, min_samples: usize) -> Verdict {
-    if regressions > 0 {
+/// A window with a confirmed regression (found at two consecutive looks, or there when the
+/// window closed) shows `regression`, and keeps showing it once the flag resolves; a flag seen
+/// at one look only keeps an open window `watching`. A closed window without one is `pass` or,
+/// with too few samples, `inconclusive`.
+pub fn verdict(closed: bool, confirmed: usize, samples: usize, min_samples: usize) -> Verdict {
+    if confirmed > 0 {
         Verdict::Regression
     } else if !closed {
         Verdict::Watching

@@ -46,7 +46,8 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_deployment_timestamp_seconds", "Time of the target's latest deployment.", MetricType::GAUGE),
     ("deploywatch_deployment_window", "1 for the window the latest deployment is in now, 0 for the others.", MetricType::GAUGE),
     ("deploywatch_window_verdict", "1 for each window's verdict (watching, pass, regression, inconclusive).", MetricType::GAUGE),
-    ("deploywatch_regressions", "Regressions flagged in a window, by signal.", MetricType::GAUGE),
+    ("deploywatch_regressions", "Regression flags shown in a window, by signal: suspected or confirmed, not resolved.", MetricType::GAUGE),
+    ("deploywatch_confirmed_regressions", "Confirmed regressions in a window, by signal: found at two consecutive looks or when the window closed, not resolved. What pages.", MetricType::GAUGE),
     ("deploywatch_improvements", "Improvements found in a window, by signal.", MetricType::GAUGE),
     ("deploywatch_rollbacks_total", "Schema version rollbacks seen on the target.", MetricType::COUNTER),
     ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::COUNTER),
@@ -306,7 +307,16 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                 );
             }
             for signal in Signal::ALL {
-                let regressions = w.regressions.iter().filter(|r| r.signal == signal).count();
+                let regressions = w
+                    .regressions
+                    .iter()
+                    .filter(|r| r.signal == signal && r.active())
+                    .count();
+                let confirmed = w
+                    .regressions
+                    .iter()
+                    .filter(|r| r.signal == signal && r.confirmed())
+                    .count();
                 let improvements = w.improvements.iter().filter(|r| r.signal == signal).count();
                 let labels = [
                     ("target", target),
@@ -314,6 +324,11 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                     ("signal", signal.as_str()),
                 ];
                 f.push("deploywatch_regressions", &labels, regressions as f64);
+                f.push(
+                    "deploywatch_confirmed_regressions",
+                    &labels,
+                    confirmed as f64,
+                );
                 f.push("deploywatch_improvements", &labels, improvements as f64);
             }
         }

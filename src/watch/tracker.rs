@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::analysis::deployment::{
-    kind_of, place_announcement, DeploymentKind, DeploymentView, Detection, Placement, WindowView,
+    kind_of, latch, place_announcement, DeploymentKind, DeploymentView, Detection, Placement,
+    WindowView,
 };
 use crate::analysis::regression::{self, Thresholds};
 use crate::analysis::sample::{self, CheckPoint, RawStats, Sample};
@@ -703,9 +704,18 @@ impl Tracker {
             } else {
                 in_window.len()
             };
+            // Flags are latched across looks: confirmed at the second consecutive look (or
+            // at the close), resolved but kept when they go away.
+            let previous_flags = self
+                .published
+                .get(&key)
+                .map(|v| v.regressions.clone())
+                .unwrap_or_default();
+            let regressions = latch(&previous_flags, judgement.regressions, now, closed);
+            let confirmed = regressions.iter().filter(|f| f.was_confirmed()).count();
             let verdict = window::verdict(
                 closed,
-                judgement.regressions.len(),
+                confirmed,
                 judged_samples,
                 self.settings.min_window_samples,
             );
@@ -715,7 +725,7 @@ impl Tracker {
                 end: end.map(rfc3339),
                 verdict,
                 samples: in_window.len(),
-                regressions: judgement.regressions,
+                regressions,
                 improvements: judgement.improvements,
             };
             if closed {
@@ -735,6 +745,7 @@ impl Tracker {
                     verdict = verdict.as_str(), regressions = view.regressions.len(),
                     "window closed"
                 );
+                self.published.remove(&key);
             } else {
                 self.last_judged.insert(key, now);
                 self.published.insert(key, view.clone());
