@@ -522,6 +522,7 @@ mod tests {
             lock_timeout: Duration::from_secs(1),
             runbook: None,
             shape,
+            incremental: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! A check as it runs on one target: its category, severity, SQL, bound parameters, parsed
 //! expectation, timing and result shape. Packs ([`crate::config::packs`]) produce these.
 
+use crate::checks::incremental::IncrementalDef;
 use std::fmt;
 use std::time::Duration;
 
@@ -98,6 +99,9 @@ pub struct CheckSpec {
     pub lock_timeout: Duration,
     pub runbook: Option<String>,
     pub shape: Shape,
+    /// Set for an incremental check: its key, table and sweep budget. Its SQL takes the key
+    /// range as `$1` and `$2`, and `bind` follows from `$3`.
+    pub incremental: Option<IncrementalDef>,
 }
 
 /// Check, target and pack names: letters, digits, `_` and `-`.

@@ -128,6 +128,7 @@ pub async fn check_with_warnings(
                             )),
                             duration: std::time::Duration::ZERO,
                             reachable: false,
+                            incremental: None,
                         };
                         state.record(&target.name, &spec.name, &report, unix_now());
                     }

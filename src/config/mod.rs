@@ -143,6 +143,9 @@ struct RawDefaults {
     max_connections_per_target: Option<i64>,
     max_series: Option<i64>,
     discovery_interval: Option<String>,
+    sweep_period: Option<String>,
+    sweep_max_rows: Option<i64>,
+    sweep_max_time: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +260,12 @@ pub struct Defaults {
     pub max_series: usize,
     /// How often targets with `databases` patterns ask their server again.
     pub discovery_interval: Duration,
+    /// Incremental checks: every sweep completes within this.
+    pub sweep_period: Duration,
+    /// Incremental checks: rows per sweep chunk.
+    pub sweep_max_rows: u64,
+    /// Incremental checks: a periodic sweep's chunk is sized to take about this long.
+    pub sweep_max_time: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -636,6 +645,27 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             "defaults.discovery_interval",
             d.discovery_interval.as_deref(),
             Duration::from_secs(300),
+        ),
+        sweep_period: parse_duration(
+            problems,
+            path,
+            "defaults.sweep_period",
+            d.sweep_period.as_deref(),
+            crate::checks::incremental::DEFAULT_SWEEP_PERIOD,
+        ),
+        sweep_max_rows: positive(
+            problems,
+            path,
+            "defaults.sweep_max_rows",
+            d.sweep_max_rows,
+            crate::checks::incremental::DEFAULT_SWEEP_MAX_ROWS as usize,
+        ) as u64,
+        sweep_max_time: parse_duration(
+            problems,
+            path,
+            "defaults.sweep_max_time",
+            d.sweep_max_time.as_deref(),
+            crate::checks::incremental::DEFAULT_SWEEP_MAX_TIME,
         ),
     };
 

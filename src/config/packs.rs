@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::checks::expectation;
+use crate::checks::incremental::IncrementalDef;
 use crate::checks::spec::{valid_label, RESERVED_LABELS};
 pub use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
 use crate::config::{parameter_text, parse_duration, Defaults, Problems};
@@ -52,6 +53,13 @@ struct RawCheck {
     values: Option<Vec<String>>,
     max_series: Option<i64>,
     expect_column: Option<String>,
+    incremental_key: Option<String>,
+    incremental_table: Option<String>,
+    parent_tables: Option<Vec<String>>,
+    early_sweep: Option<bool>,
+    sweep_period: Option<String>,
+    sweep_max_rows: Option<i64>,
+    sweep_max_time: Option<String>,
 }
 
 /// A loaded pack file.
@@ -80,6 +88,19 @@ pub struct CheckDef {
     pub runbook: Option<String>,
     pub params: Vec<String>,
     pub shape: Shape,
+    pub incremental: Option<IncrementalDecl>,
+}
+
+/// An incremental check's settings as its pack writes them (budget defaults not yet applied).
+#[derive(Debug, Clone)]
+pub struct IncrementalDecl {
+    pub table: String,
+    pub key: String,
+    pub parents: Vec<String>,
+    pub early_sweep: bool,
+    pub sweep_period: Option<String>,
+    pub sweep_max_rows: Option<u64>,
+    pub sweep_max_time: Option<String>,
 }
 /// Reads one pack file. Problems go to `problems`; `None` when the file could not be read at all.
 pub(crate) fn load(file: &Path, problems: &mut Problems) -> Option<Pack> {
@@ -263,6 +284,10 @@ fn check_def(
             Shape::Scalar
         }
     };
+    let incremental = incremental_decl(file, &key, &raw, &shape, &sql, problems);
+    if raw.incremental_key.is_some() && incremental.is_none() {
+        ok = false;
+    }
     if !ok {
         return None;
     }
@@ -279,6 +304,121 @@ fn check_def(
         runbook: raw.runbook,
         params: raw.params,
         shape,
+        incremental,
+    })
+}
+
+/// A table name as PostgreSQL folds it: `table` or `schema.table`, lower case.
+fn valid_table(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() <= 2 && parts.iter().all(|p| valid_column(p))
+}
+
+fn valid_column(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+/// The incremental settings of a check, checked; `None` when it has none or they are wrong
+/// (then with problems reported).
+fn incremental_decl(
+    file: &Path,
+    key: &str,
+    raw: &RawCheck,
+    shape: &Shape,
+    sql: &str,
+    problems: &mut Problems,
+) -> Option<IncrementalDecl> {
+    let Some(column) = &raw.incremental_key else {
+        for (field, present) in [
+            ("incremental_table", raw.incremental_table.is_some()),
+            ("parent_tables", raw.parent_tables.is_some()),
+            ("early_sweep", raw.early_sweep.is_some()),
+            ("sweep_period", raw.sweep_period.is_some()),
+            ("sweep_max_rows", raw.sweep_max_rows.is_some()),
+            ("sweep_max_time", raw.sweep_max_time.is_some()),
+        ] {
+            if present {
+                problems.push(
+                    file,
+                    format!("{key}.{field}"),
+                    format!("{field} only applies to an incremental check (incremental_key)"),
+                );
+            }
+        }
+        return None;
+    };
+    let before = problems.len();
+    if !valid_column(column) {
+        problems.push(
+            file,
+            format!("{key}.incremental_key"),
+            format!("{column:?} is not a column name: use lower-case letters, digits and '_'"),
+        );
+    }
+    let table = raw.incremental_table.clone().unwrap_or_default();
+    if raw.incremental_table.is_none() {
+        problems.push(
+            file,
+            format!("{key}.incremental_table"),
+            "an incremental check names the table its key belongs to",
+        );
+    } else if !valid_table(&table) {
+        problems.push(
+            file,
+            format!("{key}.incremental_table"),
+            format!("{table:?} is not a table name: `table` or `schema.table`, lower case"),
+        );
+    }
+    let parents = raw.parent_tables.clone().unwrap_or_default();
+    for parent in &parents {
+        if !valid_table(parent) {
+            problems.push(
+                file,
+                format!("{key}.parent_tables"),
+                format!("{parent:?} is not a table name: `table` or `schema.table`, lower case"),
+            );
+        }
+    }
+    if *shape != Shape::Scalar {
+        problems.push(
+            file,
+            format!("{key}.shape"),
+            "an incremental check is a scalar count",
+        );
+    }
+    if !sql.contains("$1") || !sql.contains("$2") {
+        problems.push(
+            file,
+            format!("{key}.sql"),
+            "an incremental check's SQL restricts the rows to the key range: key > $1 AND key <= $2",
+        );
+    }
+    let sweep_max_rows = match raw.sweep_max_rows {
+        None => None,
+        Some(n) if n >= 1 => u64::try_from(n).ok(),
+        Some(n) => {
+            problems.push(
+                file,
+                format!("{key}.sweep_max_rows"),
+                format!("must be at least 1, found {n}"),
+            );
+            None
+        }
+    };
+    if problems.len() > before {
+        return None;
+    }
+    Some(IncrementalDecl {
+        table,
+        key: column.clone(),
+        parents,
+        early_sweep: raw.early_sweep.unwrap_or(true),
+        sweep_period: raw.sweep_period.clone(),
+        sweep_max_rows,
+        sweep_max_time: raw.sweep_max_time.clone(),
     })
 }
 
@@ -378,6 +518,27 @@ pub(crate) fn resolve(
         },
         Shape::Scalar => Shape::Scalar,
     };
+    let incremental = def.incremental.as_ref().map(|decl| IncrementalDef {
+        table: decl.table.clone(),
+        key: decl.key.clone(),
+        parents: decl.parents.clone(),
+        early_sweep: decl.early_sweep,
+        sweep_period: parse_duration(
+            problems,
+            file,
+            &format!("{}.sweep_period", def.key),
+            decl.sweep_period.as_deref(),
+            defaults.sweep_period,
+        ),
+        sweep_max_rows: decl.sweep_max_rows.unwrap_or(defaults.sweep_max_rows),
+        sweep_max_time: parse_duration(
+            problems,
+            file,
+            &format!("{}.sweep_max_time", def.key),
+            decl.sweep_max_time.as_deref(),
+            defaults.sweep_max_time,
+        ),
+    });
     if problems_len(problems) > before {
         return None;
     }
@@ -395,6 +556,7 @@ pub(crate) fn resolve(
         lock_timeout: defaults.lock_timeout.min(timeout),
         runbook: def.runbook.clone(),
         shape,
+        incremental,
     })
 }
 

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::server::http::{self, AppContext, HttpSettings};
 use crate::server::metrics::{self, MetricsError};
+use crate::storage::incremental::ProgressStore;
 use crate::storage::Store;
 use crate::time::unix_now;
 use crate::watch::discovery::{self, Expanded};
@@ -127,6 +128,7 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
 struct Runtime<'a> {
     state: &'a Arc<State>,
     store: &'a Store,
+    progress: &'a ProgressStore,
     announcer: &'a Announcer,
     tasks: &'a TaskTracker,
     root: &'a CancellationToken,
@@ -146,7 +148,7 @@ fn start_generation(
         rt.state.set_unreachable(&name, message);
     }
     let cancel = rt.root.child_token();
-    scheduler::start(&config, &pools, rt.state, rt.tasks, &cancel);
+    scheduler::start(&config, &pools, rt.state, rt.progress, rt.tasks, &cancel);
     tracker::start(
         &config,
         &pools,
@@ -187,6 +189,8 @@ async fn main_loop(
     announcer: Announcer,
     mut events: mpsc::Receiver<Event>,
 ) -> Result<(), DaemonError> {
+    // Incremental checks keep their progress in a table of their own in the same file.
+    let progress = ProgressStore::new(&store)?;
     let root = CancellationToken::new();
     let tasks = TaskTracker::new();
     let http_cancel = CancellationToken::new();
@@ -195,6 +199,7 @@ async fn main_loop(
     let rt = Runtime {
         state: &state,
         store: &store,
+        progress: &progress,
         announcer: &announcer,
         tasks: &tasks,
         root: &root,

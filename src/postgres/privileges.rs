@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::checks::outcome::{Cell, CheckError};
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::TargetPool;
-use crate::postgres::runner::query_read_only;
+use crate::postgres::runner::{query_read_only, query_read_only_opt};
 
 /// The session's role and whether it is a member of `pg_monitor`.
 pub async fn role_membership(
@@ -33,16 +33,16 @@ pub async fn role_membership(
     Ok((name, monitor))
 }
 
-/// Plans the check's SQL with its parameters bound, without running it.
+/// Plans the check's SQL with its parameters bound, without running it. An incremental
+/// check's key range (`$1`, `$2`) is planned as NULL, which every key type accepts.
 pub async fn plan(pool: &TargetPool, check: &CheckSpec) -> Result<(), CheckError> {
     let explain = format!("EXPLAIN {}", check.sql);
-    query_read_only(
-        pool,
-        &explain,
-        &check.bind,
-        check.timeout,
-        check.lock_timeout,
-    )
-    .await
-    .map(|_| ())
+    let mut bind: Vec<Option<&str>> = Vec::new();
+    if check.incremental.is_some() {
+        bind.extend([None, None]);
+    }
+    bind.extend(check.bind.iter().map(|b| Some(b.as_str())));
+    query_read_only_opt(pool, &explain, &bind, check.timeout, check.lock_timeout)
+        .await
+        .map(|_| ())
 }

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{FromSql, Type};
 
+use crate::checks::incremental::IncrementalReport;
 use crate::checks::number::Number;
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
+use crate::storage::incremental::ProgressStore;
 
 /// Extra time the client waits beyond `statement_timeout` before it gives up on the server.
 const CLIENT_GRACE: Duration = Duration::from_secs(3);
@@ -23,10 +25,27 @@ pub struct RunReport {
     pub duration: Duration,
     /// Whether a session to the target could be used (false: the target looks down).
     pub reachable: bool,
+    /// What an incremental check's run examined and where its sweep stands.
+    pub incremental: Option<IncrementalReport>,
 }
 
-/// Runs one check once.
-pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
+/// Runs one check once; an incremental check keeps its progress in `progress` under `target`.
+pub async fn run_check(
+    pool: &TargetPool,
+    spec: &CheckSpec,
+    progress: &ProgressStore,
+    target: &str,
+) -> RunReport {
+    if let Some(def) = &spec.incremental {
+        let clock = crate::time::system_clock();
+        let context = crate::postgres::incremental::Context {
+            pool,
+            store: progress,
+            target,
+            clock: &clock,
+        };
+        return crate::postgres::incremental::run(&context, spec, def).await;
+    }
     let started = Instant::now();
     let result =
         query_read_only(pool, &spec.sql, &spec.bind, spec.timeout, spec.lock_timeout).await;
@@ -36,11 +55,13 @@ pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
             outcome: outcome::evaluate(spec, &table),
             duration,
             reachable: true,
+            incremental: None,
         },
         Err(error) => RunReport {
             reachable: error.kind != ErrorKind::Connection,
             outcome: CheckOutcome::error(error),
             duration,
+            incremental: None,
         },
     }
 }
@@ -50,6 +71,18 @@ pub async fn query_read_only(
     pool: &TargetPool,
     sql: &str,
     bind: &[String],
+    timeout: Duration,
+    lock_timeout: Duration,
+) -> Result<ResultTable, CheckError> {
+    let bind: Vec<Option<&str>> = bind.iter().map(|b| Some(b.as_str())).collect();
+    query_read_only_opt(pool, sql, &bind, timeout, lock_timeout).await
+}
+
+/// As [`query_read_only`], with text parameters that may be NULL.
+pub async fn query_read_only_opt(
+    pool: &TargetPool,
+    sql: &str,
+    bind: &[Option<&str>],
     timeout: Duration,
     lock_timeout: Duration,
 ) -> Result<ResultTable, CheckError> {

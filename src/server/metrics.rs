@@ -39,6 +39,11 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_check_runs_total", "Runs of the check.", MetricType::COUNTER),
     ("deploywatch_check_errors_total", "Runs of the check that ended in an error, by kind.", MetricType::COUNTER),
     ("deploywatch_check_skipped_total", "Runs skipped because the previous run was still going.", MetricType::COUNTER),
+    ("deploywatch_check_rows_examined", "Incremental check: rows of its table the last run read (increment and sweep chunks).", MetricType::GAUGE),
+    ("deploywatch_check_rows_examined_total", "Incremental check: rows of its table read, summed over runs.", MetricType::COUNTER),
+    ("deploywatch_check_sweep_progress_ratio", "Incremental check: share of the current sweep done (1 between sweeps).", MetricType::GAUGE),
+    ("deploywatch_check_sweep_last_complete_timestamp_seconds", "Incremental check: when its last complete sweep ended.", MetricType::GAUGE),
+    ("deploywatch_check_sweep_period_seconds", "Incremental check: its sweep period (every sweep completes within it).", MetricType::GAUGE),
     ("deploywatch_schema_version_info", "The target's schema version, from its version query; always 1.", MetricType::GAUGE),
     ("deploywatch_pg_connections", "Backends in use on the target's server (sampled).", MetricType::GAUGE),
     ("deploywatch_pg_max_connections", "The target server's max_connections (sampled).", MetricType::GAUGE),
@@ -251,6 +256,37 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
             );
             f.push("deploywatch_check_runs_total", &ids, c.runs as f64);
             f.push("deploywatch_check_skipped_total", &ids, c.skipped as f64);
+            if let Some(def) = &c.spec.incremental {
+                f.push(
+                    "deploywatch_check_sweep_period_seconds",
+                    &ids,
+                    def.sweep_period.as_secs_f64(),
+                );
+                f.push(
+                    "deploywatch_check_rows_examined_total",
+                    &ids,
+                    c.rows_examined_total as f64,
+                );
+            }
+            if let Some(report) = &c.incremental {
+                f.push(
+                    "deploywatch_check_rows_examined",
+                    &ids,
+                    report.rows_examined as f64,
+                );
+                f.push(
+                    "deploywatch_check_sweep_progress_ratio",
+                    &ids,
+                    report.sweep_progress,
+                );
+                if let Some(ts) = report.last_complete_sweep {
+                    f.push(
+                        "deploywatch_check_sweep_last_complete_timestamp_seconds",
+                        &ids,
+                        ts,
+                    );
+                }
+            }
             for (kind, count) in &c.errors {
                 f.push(
                     "deploywatch_check_errors_total",

@@ -5,6 +5,8 @@
 //! SQLite runs in WAL mode, so `deploywatch report` can read while the daemon writes. Every
 //! operation is a short statement on a local file; callers run them inline.
 
+pub mod incremental;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -107,6 +109,15 @@ impl Store {
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `work` on the connection, for the modules that keep tables of their own in this
+    /// file (each creates its tables when missing).
+    pub fn with_connection<R>(
+        &self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        Ok(work(&self.lock())?)
     }
 
     pub fn add_sample(&self, target: &str, sample: &Sample) -> Result<(), StoreError> {

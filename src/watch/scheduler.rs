@@ -22,6 +22,7 @@ use crate::checks::spec::CheckSpec;
 use crate::config::{Config, TargetConfig};
 use crate::postgres::pool::TargetPool;
 use crate::postgres::runner::{run_check, RunReport};
+use crate::storage::incremental::ProgressStore;
 use crate::time::unix_now;
 use crate::watch::state::{Claim, State};
 
@@ -86,11 +87,13 @@ fn new_pool(target: &TargetConfig, config: &Config) -> TargetPool {
     )
 }
 
-/// Starts one task per (target, check) of `config`, stopping when `cancel` fires.
+/// Starts one task per (target, check) of `config`, stopping when `cancel` fires. Incremental
+/// checks keep their progress in `progress`.
 pub fn start(
     config: &Config,
     pools: &Pools,
     state: &Arc<State>,
+    progress: &ProgressStore,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
@@ -104,6 +107,7 @@ pub fn start(
                 spec.clone(),
                 pool.clone(),
                 state.clone(),
+                progress.clone(),
                 cancel.clone(),
             ));
         }
@@ -115,6 +119,7 @@ async fn check_loop(
     spec: Arc<CheckSpec>,
     pool: TargetPool,
     state: Arc<State>,
+    progress: ProgressStore,
     cancel: CancellationToken,
 ) {
     let spread = spec.interval.min(Duration::from_secs(10)).as_secs_f64() * 0.2;
@@ -132,7 +137,7 @@ async fn check_loop(
             tracing::warn!(target = %target, check = %spec.name, "previous run still going; skipped");
             continue;
         }
-        let run = run_check(&pool, &spec);
+        let run = run_check(&pool, &spec, &progress, &target);
         tokio::pin!(run);
         let report: RunReport = loop {
             tokio::select! {
@@ -172,23 +177,32 @@ pub fn log_report(target: &str, spec: &CheckSpec, report: &RunReport) {
 }
 
 /// Runs every check of every target once, concurrently (bounded per target by its pool), and
-/// records the results. Used by `deploywatch check`.
+/// records the results. Used by `deploywatch check`: incremental checks keep no progress here,
+/// so each counts its whole table (a first run).
 pub async fn run_once(config: &Config, pools: &Pools, state: &Arc<State>) {
+    let progress = match ProgressStore::in_memory() {
+        Ok(progress) => progress,
+        Err(error) => {
+            tracing::error!(%error, "cannot open an in-memory store for incremental checks");
+            return;
+        }
+    };
     let mut runs = tokio::task::JoinSet::new();
     for target in &config.targets {
         let Some(pool) = pools.get(&target.name) else {
             continue;
         };
         for spec in &target.checks {
-            let (target, spec, pool, state) = (
+            let (target, spec, pool, state, progress) = (
                 target.name.clone(),
                 spec.clone(),
                 pool.clone(),
                 state.clone(),
+                progress.clone(),
             );
             runs.spawn(async move {
                 if state.claim(&target, &spec.name) == Claim::Started {
-                    let report = run_check(&pool, &spec).await;
+                    let report = run_check(&pool, &spec, &progress, &target).await;
                     log_report(&target, &spec, &report);
                     state.record(&target, &spec.name, &report, unix_now());
                 }

@@ -33,6 +33,10 @@ pub struct CheckState {
     pub skipped: u64,
     /// True while a run is in flight.
     pub running: bool,
+    /// An incremental check's last report (kept through errored runs).
+    pub incremental: Option<crate::checks::incremental::IncrementalReport>,
+    /// Rows an incremental check has read, over all runs.
+    pub rows_examined_total: u64,
 }
 
 impl CheckState {
@@ -49,6 +53,8 @@ impl CheckState {
             errors: BTreeMap::new(),
             skipped: 0,
             running: false,
+            incremental: None,
+            rows_examined_total: 0,
         }
     }
 }
@@ -215,6 +221,10 @@ impl State {
             state.last_pass = Some(now);
         }
         state.outcome = Some(report.outcome.clone());
+        if let Some(incremental) = &report.incremental {
+            state.rows_examined_total += incremental.rows_examined;
+            state.incremental = Some(incremental.clone());
+        }
     }
 
     /// Marks a target unreachable without a check run (a discovery template whose server

@@ -1,0 +1,628 @@
+//! Runs an incremental check: the database side of [`crate::checks::incremental`]. Every query goes
+//! through [`query_read_only_opt`] (read-only transaction, rolled back, `statement_timeout`,
+//! `lock_timeout`, client deadline), each chunk in a transaction of its own, and the progress
+//! is written to the store after every step, so a daemon killed mid-sweep resumes where it was.
+//!
+//! One run:
+//! 1. reads the table's identity (oid, relfilenode), the key's type and the planner's estimate;
+//! 2. reads the largest key and whether it is below the stored watermark (the key went
+//!    backwards: a restore);
+//! 3. on a new table identity or a backwards key forgets every count and starts a full sweep;
+//! 4. otherwise counts the new keys (and recounts the previous run's range), then starts an
+//!    early sweep when `pg_stat_user_tables` shows deletes on a parent or updates on the table;
+//! 5. sweeps: chunk after chunk for an urgent sweep (first run, reset, early), one paced chunk
+//!    per run for the periodic one.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::checks::incremental::{
+    early_sweep_reason, paced_rows, IncrementalDef, IncrementalReport, Progress, SweepReason,
+    TableCounters, TableIdentity,
+};
+use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
+use crate::checks::spec::CheckSpec;
+use crate::postgres::pool::TargetPool;
+use crate::postgres::runner::{query_read_only_opt, RunReport};
+use crate::storage::incremental::ProgressStore;
+use crate::time::SharedClock;
+
+/// What the run needs besides the check: where progress is kept and whose it is.
+pub struct Context<'a> {
+    pub pool: &'a TargetPool,
+    pub store: &'a ProgressStore,
+    pub target: &'a str,
+    pub clock: &'a SharedClock,
+}
+
+/// Runs one incremental check once.
+pub async fn run(context: &Context<'_>, spec: &CheckSpec, def: &IncrementalDef) -> RunReport {
+    let started = Instant::now();
+    let mut runner = Runner {
+        context,
+        spec,
+        def,
+        rows_examined: 0,
+    };
+    let result = runner.run().await;
+    let duration = started.elapsed();
+    match result {
+        Ok((value, report)) => {
+            let table = ResultTable {
+                columns: vec!["count".to_string()],
+                rows: vec![vec![Cell::Int(value)]],
+            };
+            RunReport {
+                outcome: outcome::evaluate(spec, &table),
+                duration,
+                reachable: true,
+                incremental: Some(report),
+            }
+        }
+        Err(error) => RunReport {
+            reachable: error.kind != ErrorKind::Connection,
+            outcome: CheckOutcome::error(error),
+            duration,
+            incremental: None,
+        },
+    }
+}
+
+/// The key's type, as the catalog spells it, and how to step below its smallest value.
+struct KeyType {
+    name: String,
+    /// `N` (numeric) or `D` (date/time), `pg_type.typcategory`.
+    category: char,
+}
+
+struct TableFacts {
+    identity: TableIdentity,
+    estimated_rows: u64,
+    key_type: KeyType,
+}
+
+struct Runner<'c, 'a> {
+    context: &'c Context<'a>,
+    spec: &'c CheckSpec,
+    def: &'c IncrementalDef,
+    rows_examined: u64,
+}
+
+impl Runner<'_, '_> {
+    async fn run(&mut self) -> Result<(i64, IncrementalReport), CheckError> {
+        let now = self.context.clock.now();
+        let fingerprint = fingerprint(self.spec, self.def);
+        let mut progress = match self
+            .context
+            .store
+            .load(self.context.target, &self.spec.name)
+        {
+            Ok(Some((stored_fingerprint, progress))) if stored_fingerprint == fingerprint => {
+                progress
+            }
+            Ok(_) => Progress::default(),
+            Err(error) => {
+                tracing::warn!(
+                    target = %self.context.target, check = %self.spec.name, %error,
+                    "cannot read the check's progress; starting a full sweep"
+                );
+                Progress::default()
+            }
+        };
+        let facts = self.table_facts().await?;
+        let (max_key, backwards) = self
+            .max_key(&facts.key_type, progress.pending_hi.as_deref())
+            .await?;
+        let counters = self.counters().await?;
+        let replaced = progress
+            .identity
+            .as_ref()
+            .is_some_and(|identity| *identity != facts.identity);
+        let mut reset = false;
+        if replaced || backwards {
+            reset = true;
+            tracing::warn!(
+                target = %self.context.target, check = %self.spec.name,
+                table = %self.def.table,
+                cause = if replaced { "table truncated, rewritten or replaced" } else { "key went backwards" },
+                "reset detected: counts discarded, full sweep started"
+            );
+            progress.reset(
+                facts.identity.clone(),
+                max_key.clone(),
+                SweepReason::Reset,
+                counters.clone(),
+                facts.estimated_rows,
+                now,
+            );
+        } else if progress.base_count.is_none() && progress.sweep.is_none() {
+            progress.reset(
+                facts.identity.clone(),
+                max_key.clone(),
+                SweepReason::Initial,
+                counters.clone(),
+                facts.estimated_rows,
+                now,
+            );
+        } else {
+            progress.identity = Some(facts.identity.clone());
+            self.increment(&mut progress, &facts.key_type, max_key.clone())
+                .await?;
+            let above_zero = progress.value().unwrap_or(0) > 0;
+            let early = if self.def.early_sweep {
+                early_sweep_reason(self.def, &progress.counters, &counters, above_zero)
+            } else {
+                None
+            };
+            if let Some(why) = early {
+                tracing::info!(
+                    target = %self.context.target, check = %self.spec.name, %why,
+                    "early sweep started"
+                );
+                progress.start_sweep(
+                    SweepReason::Early,
+                    counters.clone(),
+                    facts.estimated_rows,
+                    now,
+                );
+            } else if progress.sweep.is_none() {
+                progress.start_sweep(
+                    SweepReason::Periodic,
+                    counters.clone(),
+                    facts.estimated_rows,
+                    now,
+                );
+            }
+        }
+        self.save(&fingerprint, &progress);
+        self.sweep(&mut progress, &facts.key_type, &fingerprint)
+            .await?;
+        let report = IncrementalReport {
+            rows_examined: self.rows_examined,
+            sweep_progress: progress.sweep_progress(),
+            sweep_reason: progress.sweep.as_ref().map(|s| s.reason),
+            last_complete_sweep: progress.last_complete_at,
+            sweep_period: self.def.sweep_period,
+            reset,
+        };
+        match progress.value() {
+            Some(value) => Ok((value, report)),
+            None => Err(CheckError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the first full sweep of {} is {:.0}% done; it goes on in the next run",
+                    self.def.table,
+                    progress.sweep_progress() * 100.0
+                ),
+            )),
+        }
+    }
+
+    fn save(&self, fingerprint: &str, progress: &Progress) {
+        if let Err(error) = self.context.store.save(
+            self.context.target,
+            &self.spec.name,
+            fingerprint,
+            progress,
+            self.context.clock.now(),
+        ) {
+            tracing::warn!(
+                target = %self.context.target, check = %self.spec.name, %error,
+                "cannot store the check's progress; a restart repeats the work"
+            );
+        }
+    }
+
+    async fn query(&self, sql: &str, bind: &[Option<&str>]) -> Result<ResultTable, CheckError> {
+        query_read_only_opt(
+            self.context.pool,
+            sql,
+            bind,
+            self.spec.timeout,
+            self.spec.lock_timeout,
+        )
+        .await
+    }
+
+    async fn table_facts(&self) -> Result<TableFacts, CheckError> {
+        let table = self
+            .query(
+                "SELECT c.oid::bigint, c.relfilenode::bigint, greatest(c.reltuples, 0)::float8, \
+                        format_type(a.atttypid, a.atttypmod), t.typcategory::text \
+                 FROM pg_class c \
+                 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
+                      AND a.attnum > 0 AND NOT a.attisdropped \
+                 LEFT JOIN pg_type t ON t.oid = a.atttypid \
+                 WHERE c.oid = $1::regclass",
+                &[Some(&self.def.table), Some(&self.def.key)],
+            )
+            .await?;
+        let row = table.rows.first().ok_or_else(|| {
+            CheckError::new(
+                ErrorKind::NoRows,
+                format!("table {} not found", self.def.table),
+            )
+        })?;
+        let (Some(Cell::Int(oid)), Some(Cell::Int(relfilenode)), Some(estimate)) =
+            (row.first(), row.get(1), row.get(2))
+        else {
+            return Err(CheckError::new(ErrorKind::Sql, "unexpected catalog row"));
+        };
+        let estimated_rows = match estimate {
+            Cell::Float(f) => *f as u64,
+            Cell::Int(i) => u64::try_from(*i).unwrap_or(0),
+            _ => 0,
+        };
+        let (Some(Cell::Text(name)), Some(Cell::Text(category))) = (row.get(3), row.get(4)) else {
+            return Err(CheckError::new(
+                ErrorKind::Sql,
+                format!(
+                    "incremental_key {:?} is not a column of {}",
+                    self.def.key, self.def.table
+                ),
+            ));
+        };
+        let category = category.chars().next().unwrap_or('X');
+        if category != 'N' && category != 'D' {
+            return Err(CheckError::new(
+                ErrorKind::Sql,
+                format!(
+                    "incremental_key {:?} of {} has type {name}: use a number, date or timestamp column",
+                    self.def.key, self.def.table
+                ),
+            ));
+        }
+        Ok(TableFacts {
+            identity: TableIdentity {
+                oid: *oid,
+                relfilenode: *relfilenode,
+            },
+            estimated_rows,
+            key_type: KeyType {
+                name: name.clone(),
+                category,
+            },
+        })
+    }
+
+    /// The largest key now, and whether it is below `watermark`.
+    async fn max_key(
+        &self,
+        key_type: &KeyType,
+        watermark: Option<&str>,
+    ) -> Result<(Option<String>, bool), CheckError> {
+        let (key, table, ty) = (self.key(), self.table(), &key_type.name);
+        let sql = format!(
+            "SELECT m::text, coalesce(m < $1::text::{ty}, false) \
+             FROM (SELECT max({key}) AS m FROM {table}) s"
+        );
+        let result = self.query(&sql, &[watermark]).await?;
+        let row = result.rows.first();
+        let max = match row.and_then(|r| r.first()) {
+            Some(Cell::Text(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let backwards = matches!(row.and_then(|r| r.get(1)), Some(Cell::Bool(true)));
+        Ok((max, backwards))
+    }
+
+    /// `n_tup_upd` and `n_tup_del` of the checked table and its parents.
+    async fn counters(&self) -> Result<BTreeMap<String, TableCounters>, CheckError> {
+        let mut names = vec![self.def.table.clone()];
+        names.extend(self.def.parents.iter().cloned());
+        let list = format!("{{{}}}", names.join(","));
+        let result = self
+            .query(
+                "SELECT r.name, coalesce(s.n_tup_upd, 0)::bigint, coalesce(s.n_tup_del, 0)::bigint \
+                 FROM unnest($1::text::text[]) AS r(name) \
+                 JOIN pg_stat_user_tables s ON s.relid = r.name::regclass",
+                &[Some(&list)],
+            )
+            .await?;
+        let mut counters = BTreeMap::new();
+        for row in &result.rows {
+            if let (Some(Cell::Text(name)), Some(Cell::Int(upd)), Some(Cell::Int(del))) =
+                (row.first(), row.get(1), row.get(2))
+            {
+                counters.insert(
+                    name.clone(),
+                    TableCounters {
+                        n_tup_upd: *upd,
+                        n_tup_del: *del,
+                    },
+                );
+            }
+        }
+        Ok(counters)
+    }
+
+    /// Counts the keys past the watermark, recounting the previous run's range.
+    async fn increment(
+        &mut self,
+        progress: &mut Progress,
+        key_type: &KeyType,
+        max_key: Option<String>,
+    ) -> Result<(), CheckError> {
+        let settle = match (&progress.settled_hi, &progress.pending_hi) {
+            (settled, Some(pending)) if settled.as_ref() != Some(pending) => {
+                self.scan_range(key_type, settled.as_deref(), pending)
+                    .await?
+            }
+            _ => 0,
+        };
+        let (new_hi, new_count) = match &max_key {
+            Some(max) if progress.pending_hi.as_ref() != Some(max) => {
+                let count = self
+                    .scan_range(key_type, progress.pending_hi.as_deref(), max)
+                    .await?;
+                (Some(max.clone()), count)
+            }
+            _ => (None, 0),
+        };
+        progress.settle(settle, new_hi, new_count);
+        Ok(())
+    }
+
+    /// Violations among the keys in `(lo, hi]`, chunk by chunk.
+    async fn scan_range(
+        &mut self,
+        key_type: &KeyType,
+        lo: Option<&str>,
+        hi: &str,
+    ) -> Result<i64, CheckError> {
+        let mut lower = match lo {
+            Some(lo) => lo.to_string(),
+            None => match self.below_smallest(key_type).await? {
+                Some(lower) => lower,
+                None => return Ok(0),
+            },
+        };
+        let mut total = 0;
+        loop {
+            let chunk = self
+                .chunk(key_type, &lower, hi, self.def.sweep_max_rows)
+                .await?;
+            total += chunk.count;
+            match chunk.upper {
+                Some(upper) if !chunk.finished => lower = upper,
+                _ => return Ok(total),
+            }
+        }
+    }
+
+    /// A value just below the smallest key (the exclusive lower bound of a full range), or
+    /// `None` for an empty table.
+    async fn below_smallest(&self, key_type: &KeyType) -> Result<Option<String>, CheckError> {
+        let step = if key_type.category == 'N' {
+            "- 1"
+        } else {
+            "- interval '1 microsecond'"
+        };
+        let sql = format!(
+            "SELECT (min({}) {step})::text FROM {}",
+            self.key(),
+            self.table()
+        );
+        let result = self.query(&sql, &[]).await?;
+        Ok(match result.rows.first().and_then(|r| r.first()) {
+            Some(Cell::Text(t)) => Some(t.clone()),
+            _ => None,
+        })
+    }
+
+    /// One keyset chunk `(lower, upper]` of at most `limit` rows, `upper <= hi`: its bound, its
+    /// row count and the check's count over it.
+    async fn chunk(
+        &mut self,
+        key_type: &KeyType,
+        lower: &str,
+        hi: &str,
+        limit: u64,
+    ) -> Result<Chunk, CheckError> {
+        let (key, table, ty) = (self.key(), self.table(), &key_type.name);
+        let sql = format!(
+            "SELECT max(k)::text, count(*)::bigint FROM ( \
+                 SELECT {key} AS k FROM {table} \
+                 WHERE {key} > $1::text::{ty} AND {key} <= $2::text::{ty} \
+                 ORDER BY {key} LIMIT $3::text::bigint) c"
+        );
+        let limit_text = limit.to_string();
+        let bounds = self
+            .query(&sql, &[Some(lower), Some(hi), Some(&limit_text)])
+            .await?;
+        let row = bounds.rows.first();
+        let upper = match row.and_then(|r| r.first()) {
+            Some(Cell::Text(t)) => t.clone(),
+            _ => {
+                return Ok(Chunk {
+                    upper: None,
+                    rows: 0,
+                    count: 0,
+                    finished: true,
+                })
+            }
+        };
+        let rows = match row.and_then(|r| r.get(1)) {
+            Some(Cell::Int(n)) => u64::try_from(*n).unwrap_or(0),
+            _ => 0,
+        };
+        let mut bind: Vec<Option<&str>> = vec![Some(lower), Some(&upper)];
+        bind.extend(self.spec.bind.iter().map(|b| Some(b.as_str())));
+        let result = self.query(&self.spec.sql, &bind).await?;
+        let count = scalar_count(&result)?;
+        self.rows_examined += rows;
+        Ok(Chunk {
+            finished: rows < limit || upper == hi,
+            upper: Some(upper),
+            rows,
+            count,
+        })
+    }
+
+    /// Works on the current sweep: every chunk up to the bound for an urgent sweep (within
+    /// about one interval), one paced chunk for a periodic one.
+    async fn sweep(
+        &mut self,
+        progress: &mut Progress,
+        key_type: &KeyType,
+        fingerprint: &str,
+    ) -> Result<(), CheckError> {
+        let started = Instant::now();
+        let urgent_budget = self.spec.interval.max(self.def.sweep_max_time);
+        loop {
+            let Some(sweep) = progress.sweep.clone() else {
+                return Ok(());
+            };
+            let urgent = sweep.reason.urgent();
+            let now = self.context.clock.now();
+            let Some(hi) = sweep.hi.clone() else {
+                progress.chunk_done(None, 0, 0, true, Duration::ZERO, now);
+                self.save(fingerprint, progress);
+                return Ok(());
+            };
+            let lower = match &sweep.pos {
+                Some(pos) => Some(pos.clone()),
+                None => self.below_smallest(key_type).await?,
+            };
+            let Some(lower) = lower else {
+                progress.chunk_done(None, 0, 0, true, Duration::ZERO, now);
+                self.save(fingerprint, progress);
+                return Ok(());
+            };
+            let limit = if urgent {
+                self.def.sweep_max_rows
+            } else {
+                paced_rows(
+                    self.def,
+                    &sweep,
+                    self.spec.interval,
+                    progress.rows_per_second,
+                    now,
+                )
+            };
+            let chunk_started = Instant::now();
+            let chunk = self.chunk(key_type, &lower, &hi, limit).await?;
+            let completed = progress.chunk_done(
+                chunk.upper,
+                chunk.rows,
+                chunk.count,
+                chunk.finished,
+                chunk_started.elapsed(),
+                self.context.clock.now(),
+            );
+            self.save(fingerprint, progress);
+            if completed {
+                tracing::debug!(
+                    target = %self.context.target, check = %self.spec.name,
+                    reason = sweep.reason.as_str(), rows = sweep.rows + chunk.rows,
+                    "sweep complete"
+                );
+                return Ok(());
+            }
+            if !urgent || started.elapsed() >= urgent_budget {
+                return Ok(());
+            }
+        }
+    }
+
+    fn key(&self) -> String {
+        quote_identifier(&self.def.key)
+    }
+
+    fn table(&self) -> String {
+        quote_qualified(&self.def.table)
+    }
+}
+
+struct Chunk {
+    upper: Option<String>,
+    rows: u64,
+    count: i64,
+    finished: bool,
+}
+
+/// A chunk's result: one row, one integral number.
+fn scalar_count(table: &ResultTable) -> Result<i64, CheckError> {
+    if table.rows.is_empty() {
+        return Err(CheckError::new(
+            ErrorKind::NoRows,
+            "the query returned no rows",
+        ));
+    }
+    if table.rows.len() > 1 || table.columns.len() != 1 {
+        return Err(CheckError::new(
+            ErrorKind::TooManyRows,
+            "an incremental check returns one row with one count",
+        ));
+    }
+    match table.rows[0].first() {
+        Some(Cell::Int(n)) => Ok(*n),
+        Some(Cell::Float(f)) if f.fract() == 0.0 => Ok(*f as i64),
+        Some(Cell::Numeric(n)) if n.to_f64().fract() == 0.0 => Ok(n.to_f64() as i64),
+        Some(Cell::Null) => Err(CheckError::new(ErrorKind::NullValue, "the count is NULL")),
+        _ => Err(CheckError::new(
+            ErrorKind::NotNumeric,
+            "an incremental check returns a whole number (a count)",
+        )),
+    }
+}
+
+/// What the stored progress was computed with: a changed query, key or parameter starts over.
+fn fingerprint(spec: &CheckSpec, def: &IncrementalDef) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [spec.sql.as_str(), def.table.as_str(), def.key.as_str()] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    for value in &spec.bind {
+        hash.update(value.as_bytes());
+        hash.update([0]);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table` or `table`, each part quoted.
+fn quote_qualified(name: &str) -> String {
+    name.split('.')
+        .map(quote_identifier)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_part_by_part() {
+        assert_eq!(
+            quote_qualified("public.submissions"),
+            "\"public\".\"submissions\""
+        );
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn a_chunk_count_is_one_whole_number() {
+        let table = |cells: Vec<Vec<Cell>>| ResultTable {
+            columns: vec!["count".into()],
+            rows: cells,
+        };
+        assert_eq!(scalar_count(&table(vec![vec![Cell::Int(4)]])).ok(), Some(4));
+        assert_eq!(
+            scalar_count(&table(vec![])).map_err(|e| e.kind).err(),
+            Some(ErrorKind::NoRows)
+        );
+        assert_eq!(
+            scalar_count(&table(vec![vec![Cell::Float(0.5)]]))
+                .map_err(|e| e.kind)
+                .err(),
+            Some(ErrorKind::NotNumeric)
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! Where incremental checks keep their progress (watermarks, running counts, the sweep's
+//! position): a table of its own in the state store, created when missing, one row per
+//! (target, check) holding the progress as JSON and the fingerprint of the definition it was
+//! computed with. Written after every step of a run, so `kill -9` loses at most one chunk.
+
+use crate::checks::incremental::Progress;
+use crate::storage::{Store, StoreError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS incremental_progress (
+    target TEXT NOT NULL,
+    check_name TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    progress TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (target, check_name)
+);
+";
+
+/// The progress of every incremental check, in the state store.
+#[derive(Clone)]
+pub struct ProgressStore {
+    store: Store,
+}
+
+impl ProgressStore {
+    /// Creates the table if it is missing.
+    pub fn new(store: &Store) -> Result<ProgressStore, StoreError> {
+        store.with_connection(|connection| connection.execute_batch(SCHEMA))?;
+        Ok(ProgressStore {
+            store: store.clone(),
+        })
+    }
+
+    /// A store that lives only as long as the process (`deploywatch check`: every run is a
+    /// first run, a full count).
+    pub fn in_memory() -> Result<ProgressStore, StoreError> {
+        ProgressStore::new(&Store::in_memory()?)
+    }
+
+    /// The stored fingerprint and progress of `check` on `target`.
+    pub fn load(
+        &self,
+        target: &str,
+        check: &str,
+    ) -> Result<Option<(String, Progress)>, StoreError> {
+        let row: Option<(String, String)> = self.store.with_connection(|connection| {
+            use rusqlite::OptionalExtension;
+            connection
+                .prepare_cached(
+                    "SELECT fingerprint, progress FROM incremental_progress \
+                     WHERE target = ?1 AND check_name = ?2",
+                )?
+                .query_row(rusqlite::params![target, check], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+        })?;
+        match row {
+            None => Ok(None),
+            Some((fingerprint, text)) => {
+                let progress = serde_json::from_str(&text).map_err(|error| {
+                    StoreError::Corrupt(format!("progress of {target}/{check}: {error}"))
+                })?;
+                Ok(Some((fingerprint, progress)))
+            }
+        }
+    }
+
+    pub fn save(
+        &self,
+        target: &str,
+        check: &str,
+        fingerprint: &str,
+        progress: &Progress,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        let text =
+            serde_json::to_string(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.with_connection(|connection| {
+            connection
+                .prepare_cached(
+                    "INSERT INTO incremental_progress \
+                         (target, check_name, fingerprint, progress, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (target, check_name) DO UPDATE SET \
+                         fingerprint = excluded.fingerprint, progress = excluded.progress, \
+                         updated_at = excluded.updated_at",
+                )?
+                .execute(rusqlite::params![target, check, fingerprint, text, now])
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::incremental::{SweepReason, TableIdentity};
+
+    #[test]
+    fn progress_is_kept_per_target_and_check_across_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.sqlite");
+        let mut progress = Progress::default();
+        progress.reset(
+            TableIdentity {
+                oid: 7,
+                relfilenode: 8,
+            },
+            Some("42".into()),
+            SweepReason::Initial,
+            Default::default(),
+            42,
+            1.0,
+        );
+        {
+            let store = ProgressStore::new(&Store::open(&path).expect("open")).expect("table");
+            assert_eq!(store.load("a", "c").expect("load"), None);
+            store.save("a", "c", "f1", &progress, 1.0).expect("save");
+            progress.settle(1, Some("50".into()), 2);
+            store
+                .save("a", "c", "f2", &progress, 2.0)
+                .expect("save again");
+        }
+        let store = ProgressStore::new(&Store::open(&path).expect("reopen")).expect("table");
+        assert_eq!(
+            store.load("a", "c").expect("load"),
+            Some(("f2".to_string(), progress))
+        );
+        assert_eq!(store.load("b", "c").expect("load"), None);
+    }
+}

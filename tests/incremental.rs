@@ -1,0 +1,463 @@
+//! Incremental integrity checks against a real PostgreSQL: new violations found by the next
+//! increment, a deleted parent by the early sweep, an UPDATE of an old row by the next
+//! complete sweep, resets (TRUNCATE, a key that went backwards) by a full sweep, and a daemon
+//! killed with `kill -9` mid-sweep resuming from its stored position with its watermark.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster, cognit_db, corrupt, eventually, target_toml, ConfigDir, Version};
+use deploywatch::checks::incremental::{Progress, SweepReason};
+use deploywatch::checks::outcome::{Observation, Status};
+use deploywatch::config::Config;
+use deploywatch::postgres::runner::{run_check, RunReport};
+use deploywatch::storage::incremental::ProgressStore;
+use deploywatch::storage::Store;
+use deploywatch::watch::scheduler::Pools;
+use deploywatch_testkit::pgcluster::PgCluster;
+
+const DB: &str = "cognit";
+
+/// The checklist's own full-scan queries: the truth an incremental count must equal.
+const FULL_SCAN: [(&str, &str); 5] = [
+    (
+        "invalid_attention_score",
+        "SELECT COUNT(*) FROM attention_stats WHERE attention_score < 0 OR attention_score > 1",
+    ),
+    (
+        "invalid_quality_score",
+        "SELECT COUNT(*) FROM submissions WHERE quality_score IS NOT NULL AND (quality_score < 0 OR quality_score > 1)",
+    ),
+    (
+        "ai_suspected_without_quality_score",
+        "SELECT COUNT(*) FROM submissions WHERE ai_suspected = TRUE AND quality_score IS NULL",
+    ),
+    (
+        "orphaned_payments",
+        "SELECT COUNT(*) FROM payments p WHERE NOT EXISTS (SELECT 1 FROM participants WHERE participant_id = p.participant_id)",
+    ),
+    (
+        "orphaned_submissions",
+        "SELECT COUNT(*) FROM submissions s WHERE NOT EXISTS (SELECT 1 FROM participants WHERE participant_id = s.participant_id)",
+    ),
+];
+
+/// The shipped cognit pack on one database, sweeping `max_rows` rows per chunk, its progress
+/// in a store file.
+struct Harness {
+    cluster: PgCluster,
+    /// Holds the configuration and the store file.
+    _dir: ConfigDir,
+    config: Config,
+    pools: Pools,
+    progress: ProgressStore,
+}
+
+impl Harness {
+    fn new(version: Version, max_rows: u64, extra_pack: Option<&str>) -> Harness {
+        let cluster = cluster();
+        cognit_db(&cluster, DB, version);
+        let dir = ConfigDir::new();
+        dir.add_shipped_pack("cognit-3.7.0.toml");
+        if let Some(pack) = extra_pack {
+            dir.write("checks/extra.toml", pack);
+        }
+        dir.write(
+            "deploywatch.toml",
+            &format!(
+                "[defaults]\nsweep_max_rows = {max_rows}\n\n[store]\npath = \"state.sqlite\"\n\n{}",
+                target_toml("cognit", &cluster, DB)
+            ),
+        );
+        let config = dir.load();
+        let pools = Pools::for_config(&Pools::default(), &config);
+        let store = Store::open(&dir.path().join("state.sqlite")).expect("store");
+        let progress = ProgressStore::new(&store).expect("progress table");
+        Harness {
+            cluster,
+            _dir: dir,
+            config,
+            pools,
+            progress,
+        }
+    }
+
+    async fn run(&self, check: &str) -> RunReport {
+        let target = &self.config.targets[0];
+        let spec = target
+            .checks
+            .iter()
+            .find(|c| c.name == check)
+            .unwrap_or_else(|| panic!("no check {check}"));
+        let pool = self.pools.get(&target.name).expect("pool");
+        run_check(pool, spec, &self.progress, &target.name).await
+    }
+
+    /// Runs `check` once and returns its value (panics on an error).
+    async fn value(&self, check: &str) -> i64 {
+        let report = self.run(check).await;
+        value_of(check, &report)
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        self.cluster
+            .psql(DB, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    fn full_scan(&self, check: &str) -> i64 {
+        let sql = FULL_SCAN
+            .iter()
+            .find(|(name, _)| *name == check)
+            .map(|(_, sql)| *sql)
+            .expect("known check");
+        self.sql(sql).trim().parse().expect("a count")
+    }
+
+    fn stored(&self, check: &str) -> Progress {
+        self.progress
+            .load("cognit", check)
+            .expect("load")
+            .expect("stored progress")
+            .1
+    }
+
+    /// Waits until the statistics show `n_tup_<what>` of `table` above `above`.
+    async fn stats_show(&self, table: &str, what: &str, above: i64) {
+        let sql = format!("SELECT n_tup_{what} FROM pg_stat_user_tables WHERE relname = '{table}'");
+        eventually(
+            &format!("{table}.n_tup_{what} > {above}"),
+            Duration::from_secs(30),
+            || {
+                let seen: i64 = self.sql(&sql).trim().parse().unwrap_or(0);
+                async move { (seen > above).then_some(()) }
+            },
+        )
+        .await;
+    }
+}
+
+fn value_of(check: &str, report: &RunReport) -> i64 {
+    match &report.outcome.observation {
+        Some(Observation::Number(n)) => n.to_f64() as i64,
+        other => panic!(
+            "{check}: expected a count, got {other:?} ({:?})",
+            report.outcome.error
+        ),
+    }
+}
+
+fn counters(h: &Harness, table: &str, what: &str) -> i64 {
+    h.sql(&format!(
+        "SELECT n_tup_{what} FROM pg_stat_user_tables WHERE relname = '{table}'"
+    ))
+    .trim()
+    .parse()
+    .unwrap_or(0)
+}
+
+const INTEGRITY: [&str; 5] = [
+    "invalid_attention_score",
+    "invalid_quality_score",
+    "ai_suspected_without_quality_score",
+    "orphaned_payments",
+    "orphaned_submissions",
+];
+
+#[tokio::test]
+async fn inserted_orphans_and_out_of_range_scores_are_found_by_the_next_increment() {
+    // Chunks of 20 rows: the periodic sweep of 400 submissions (50 payments) takes several
+    // runs, so what the second run finds, the increment found.
+    let h = Harness::new(Version::V360, 20, None);
+    for check in INTEGRITY {
+        let first = h.run(check).await;
+        assert_eq!(value_of(check, &first), 0, "{check}");
+        let report = first.incremental.as_ref().expect("an incremental check");
+        assert!(
+            report.last_complete_sweep.is_some(),
+            "{check}: the first run sweeps it all"
+        );
+    }
+    for script in [
+        "orphaned_submissions",
+        "orphaned_payments",
+        "invalid_quality_score",
+        "ai_suspected_without_quality_score",
+    ] {
+        corrupt(&h.cluster, DB, script);
+    }
+    for (check, expected) in [
+        ("orphaned_submissions", 6),
+        ("orphaned_payments", 5),
+        ("invalid_quality_score", 2),
+        ("ai_suspected_without_quality_score", 4),
+    ] {
+        let report = h.run(check).await;
+        assert_eq!(value_of(check, &report), expected, "{check}");
+        assert_eq!(
+            h.full_scan(check),
+            expected,
+            "{check}: the checklist's query agrees"
+        );
+        let incremental = report.incremental.expect("incremental");
+        assert_eq!(
+            incremental.sweep_reason,
+            Some(SweepReason::Periodic),
+            "{check}"
+        );
+        assert!(
+            incremental.sweep_progress < 1.0,
+            "{check}: found before the periodic sweep got through the table"
+        );
+        // New rows (at most 12 submissions) plus one paced chunk of 20, not the table.
+        assert!(
+            incremental.rows_examined <= 12 + 20,
+            "{check}: examined {} rows",
+            incremental.rows_examined
+        );
+        assert_eq!(report.outcome.status, Status::Fail, "{check}");
+    }
+    // A third run counts nothing twice: the recounted range replaces its earlier count.
+    assert_eq!(h.value("orphaned_submissions").await, 6);
+    assert_eq!(h.value("orphaned_submissions").await, 6);
+}
+
+#[tokio::test]
+async fn a_deleted_parent_is_found_by_the_early_sweep() {
+    let h = Harness::new(Version::V370, 50, None);
+    assert_eq!(h.value("orphaned_submissions").await, 0);
+    assert_eq!(h.value("orphaned_payments").await, 0);
+    // A participant with submissions and a payment; deleting it orphans both, at old keys.
+    let participant = h.sql(
+        "SELECT p.participant_id FROM participants p \
+         WHERE EXISTS (SELECT 1 FROM payments y WHERE y.participant_id = p.participant_id) \
+         ORDER BY p.participant_id LIMIT 1",
+    );
+    let participant = participant.trim();
+    let before = counters(&h, "participants", "del");
+    h.sql(&format!(
+        "DELETE FROM participants WHERE participant_id = {participant}"
+    ));
+    h.stats_show("participants", "del", before).await;
+    let submissions = h.full_scan("orphaned_submissions");
+    let payments = h.full_scan("orphaned_payments");
+    assert!(submissions >= 1 && payments >= 1);
+    for (check, expected, table) in [
+        ("orphaned_submissions", submissions, "submissions"),
+        ("orphaned_payments", payments, "payments"),
+    ] {
+        let report = h.run(check).await;
+        assert_eq!(value_of(check, &report), expected, "{check}");
+        let incremental = report.incremental.expect("incremental");
+        // The early sweep ran to the end within this run.
+        assert_eq!(incremental.sweep_reason, None, "{check}");
+        let rows: u64 = h
+            .sql(&format!("SELECT count(*) FROM {table}"))
+            .trim()
+            .parse()
+            .expect("count");
+        assert!(
+            incremental.rows_examined >= rows,
+            "{check}: a full sweep, {} of {rows} rows",
+            incremental.rows_examined
+        );
+    }
+}
+
+/// A pack whose attention check is incremental but never swept early: only the periodic sweep
+/// can find an updated old row.
+const NO_EARLY_SWEEP: &str = r#"
+[pack]
+name = "late"
+
+[[check]]
+name = "late_invalid_attention_score"
+category = "integrity"
+severity = "critical"
+incremental_key = "participant_id"
+incremental_table = "attention_stats"
+early_sweep = false
+sql = """
+SELECT COUNT(*)::bigint FROM attention_stats
+WHERE participant_id > $1::bigint AND participant_id <= $2::bigint
+  AND (attention_score < 0 OR attention_score > 1)"""
+expect = "== 0"
+"#;
+
+#[tokio::test]
+async fn an_update_that_breaks_an_old_row_is_found_by_the_next_complete_sweep() {
+    // 100 attention_stats rows, chunks of 30: a sweep takes 4 runs.
+    let h = Harness::new(Version::V360, 30, Some(NO_EARLY_SWEEP));
+    let check = "late_invalid_attention_score";
+    assert_eq!(h.value(check).await, 0);
+    let first_complete = h.stored(check).last_complete_at.expect("complete");
+    corrupt(&h.cluster, DB, "invalid_attention_score");
+    h.stats_show("attention_stats", "upd", 0).await;
+    // Runs until a sweep that started after the UPDATE completes; the count stays 0 before
+    // the sweep reaches the broken rows (the increments cannot see them).
+    let mut runs = 0;
+    let value = loop {
+        runs += 1;
+        assert!(runs < 20, "the sweep never completed");
+        let report = h.run(check).await;
+        let value = value_of(check, &report);
+        let stored = h.stored(check);
+        if stored.last_complete_at.is_some_and(|t| t > first_complete) && stored.sweep.is_some() {
+            // One complete sweep after the corruption (the one in flight at the UPDATE may
+            // have passed the rows already): run until the next completes.
+            if value == 3 {
+                break value;
+            }
+        }
+    };
+    assert_eq!(value, 3);
+    assert_eq!(h.full_scan("invalid_attention_score"), 3);
+    // With early sweeps (the shipped pack), the statistics find it on the next run.
+    let shipped = h.run("invalid_attention_score").await;
+    assert_eq!(value_of("invalid_attention_score", &shipped), 3);
+}
+
+#[tokio::test]
+async fn a_truncate_or_a_key_going_backwards_resets_to_a_full_sweep() {
+    let h = Harness::new(Version::V360, 50, None);
+    let check = "orphaned_submissions";
+    corrupt(&h.cluster, DB, "orphaned_submissions");
+    assert_eq!(h.value(check).await, 6);
+    // TRUNCATE (the sequence goes on, so keys do not go backwards) and two new orphans.
+    h.sql("TRUNCATE submissions CASCADE");
+    h.sql(
+        "INSERT INTO submissions (participant_id, task_id, quality_score) \
+         VALUES (-1, 't', 0.5), (-2, 't', 0.5)",
+    );
+    let report = h.run(check).await;
+    assert!(report.incremental.as_ref().is_some_and(|r| r.reset));
+    assert_eq!(value_of(check, &report), 2, "the old 6 are gone, not added");
+    assert_eq!(h.full_scan(check), 2);
+    // A restore from an older backup in place: the newest rows disappear, the key goes back.
+    h.sql(
+        "INSERT INTO submissions (participant_id, task_id, quality_score) \
+         SELECT -10 - g, 't', 0.5 FROM generate_series(1, 5) g",
+    );
+    assert_eq!(h.value(check).await, 7);
+    h.sql(
+        "DELETE FROM submissions WHERE submission_id > (SELECT min(submission_id) FROM submissions)",
+    );
+    let report = h.run(check).await;
+    assert!(report.incremental.as_ref().is_some_and(|r| r.reset));
+    assert_eq!(value_of(check, &report), 1);
+    assert_eq!(h.full_scan(check), 1);
+    // No reset without a cause.
+    let report = h.run(check).await;
+    assert!(report.incremental.as_ref().is_some_and(|r| !r.reset));
+    assert_eq!(value_of(check, &report), 1);
+}
+
+/// `kill -9` during a periodic sweep: the restarted daemon continues the same sweep from its
+/// stored position and keeps its watermark and count (no new full sweep).
+#[tokio::test]
+async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() {
+    let cluster = cluster();
+    cognit_db(&cluster, DB, Version::V360);
+    corrupt(&cluster, DB, "orphaned_submissions");
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    // 406 submissions in chunks of 10: a periodic sweep takes about 40 one-second runs.
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\nsweep_max_rows = 10\n\n[checks]\ninterval_override = \"1s\"\n\n\
+             [deployments]\nenabled = false\n\n[store]\npath = \"state.sqlite\"\n\n{}",
+            target_toml("cognit", &cluster, DB)
+        ),
+    );
+    let store_path = dir.path().join("state.sqlite");
+    let read = || -> Option<Progress> {
+        let store = ProgressStore::new(&Store::open(&store_path).ok()?).ok()?;
+        store
+            .load("cognit", "orphaned_submissions")
+            .ok()?
+            .map(|p| p.1)
+    };
+    let port = common::free_port();
+    let mut daemon = common::spawn_daemon(&dir, port);
+    // Mid-way through the periodic sweep that follows the first one.
+    let before = eventually(
+        "a periodic sweep past 100 rows",
+        Duration::from_secs(90),
+        || {
+            let progress = read();
+            async move {
+                progress.filter(|p| {
+                    p.sweep.as_ref().is_some_and(|s| {
+                        s.reason == SweepReason::Periodic && s.rows >= 100 && s.rows < 300
+                    })
+                })
+            }
+        },
+    )
+    .await;
+    let pid = daemon.id().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let _ = daemon.wait().await;
+    let killed_at = read().expect("stored");
+    let sweep = killed_at.sweep.clone().expect("a sweep in flight");
+    assert_eq!(killed_at.value(), Some(6));
+    // New rows while it is down: the watermark must make the restarted daemon count them
+    // once, without a full sweep.
+    cluster
+        .psql(
+            DB,
+            "INSERT INTO submissions (participant_id, task_id, quality_score) VALUES (-3001, 't', 0.5)",
+        )
+        .expect("insert");
+    let mut daemon = common::spawn_daemon(&dir, port);
+    let after = eventually(
+        "the sweep moves on after the restart",
+        Duration::from_secs(60),
+        || {
+            let progress = read();
+            let rows = sweep.rows;
+            async move { progress.filter(|p| p.sweep.as_ref().is_some_and(|s| s.rows > rows)) }
+        },
+    )
+    .await;
+    let resumed = after.sweep.clone().expect("sweep");
+    assert_eq!(
+        resumed.started_at, sweep.started_at,
+        "the same sweep, not a new one"
+    );
+    assert_eq!(resumed.reason, SweepReason::Periodic);
+    assert!(resumed.rows > sweep.rows && resumed.rows < sweep.rows + 100);
+    assert!(before.sweep.as_ref().is_some_and(|s| s.rows <= sweep.rows));
+    assert_eq!(
+        after.base_count, killed_at.base_count,
+        "the base count survived"
+    );
+    assert_eq!(
+        after.value(),
+        Some(7),
+        "6 before the kill + 1 new, counted once"
+    );
+    // And the exported value says so.
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    eventually("the value 7 exported", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let (_, body) = common::get(&url).await;
+            let scrape = common::parse_metrics(&body);
+            (scrape
+                .metric("deploywatch_check_value")
+                .label("check", "orphaned_submissions")
+                .value_opt()
+                == Some(7.0))
+            .then_some(())
+        }
+    })
+    .await;
+    let _ = daemon.start_kill();
+    let _ = daemon.wait().await;
+}
