@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use common::setting;
 use deploywatch::config::Config;
-use deploywatch::postgres::runner::{query_read_only, run_check, RunReport};
+use deploywatch::postgres::runner::{query_read_only, RunReport};
 use deploywatch::storage::incremental::ProgressStore;
 use deploywatch::storage::Store;
+use deploywatch::watch::incremental::run_check;
 use deploywatch::watch::scheduler::Pools;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;

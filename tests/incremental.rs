@@ -11,9 +11,10 @@ use common::{cluster, cognit_db, corrupt, eventually, target_toml, ConfigDir, Ve
 use deploywatch::checks::incremental::{Progress, SweepReason};
 use deploywatch::checks::outcome::{Observation, Status};
 use deploywatch::config::Config;
-use deploywatch::postgres::runner::{run_check, RunReport};
+use deploywatch::postgres::runner::RunReport;
 use deploywatch::storage::incremental::ProgressStore;
 use deploywatch::storage::Store;
+use deploywatch::watch::incremental::run_check;
 use deploywatch::watch::scheduler::Pools;
 use deploywatch_testkit::pgcluster::PgCluster;
 

@@ -1,11 +1,9 @@
 //! The database edge, and the only layer that sends SQL: connection settings ([`target`]) and
-//! TLS ([`tls`]), capped session pools ([`pool`]), the read-only check runner ([`runner`]) and its
-//! incremental checks ([`incremental`]), the
+//! TLS ([`tls`]), capped session pools ([`pool`]), the read-only check runner ([`runner`]), the
 //! statistics sampler ([`sampler`]), database listing for discovery ([`discovery`]) and the
 //! privilege probe ([`privileges`]).
 
 pub mod discovery;
-pub mod incremental;
 pub mod pool;
 pub mod privileges;
 pub mod runner;

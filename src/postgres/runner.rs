@@ -13,7 +13,6 @@ use crate::checks::number::Number;
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
-use crate::storage::incremental::ProgressStore;
 
 /// Extra time the client waits beyond `statement_timeout` before it gives up on the server.
 const CLIENT_GRACE: Duration = Duration::from_secs(3);
@@ -29,23 +28,9 @@ pub struct RunReport {
     pub incremental: Option<IncrementalReport>,
 }
 
-/// Runs one check once; an incremental check keeps its progress in `progress` under `target`.
-pub async fn run_check(
-    pool: &TargetPool,
-    spec: &CheckSpec,
-    progress: &ProgressStore,
-    target: &str,
-) -> RunReport {
-    if let Some(def) = &spec.incremental {
-        let clock = crate::time::system_clock();
-        let context = crate::postgres::incremental::Context {
-            pool,
-            store: progress,
-            target,
-            clock: &clock,
-        };
-        return crate::postgres::incremental::run(&context, spec, def).await;
-    }
+/// Runs one plain check once (an incremental check goes through `watch::incremental`, which
+/// keeps its progress).
+pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
     let started = Instant::now();
     let result =
         query_read_only(pool, &spec.sql, &spec.bind, spec.timeout, spec.lock_timeout).await;

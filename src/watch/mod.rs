@@ -1,8 +1,10 @@
-//! The daemon's work: the check scheduler ([`scheduler`]), the deployment tracker
+//! The daemon's work: the check scheduler ([`scheduler`]), incremental checks with their
+//! stored progress ([`incremental`]), the deployment tracker
 //! ([`tracker`]), the expansion of discovered databases into targets ([`discovery`]) and the
 //! in-memory results everything else reads ([`state`]).
 
 pub mod discovery;
+pub mod incremental;
 pub mod scheduler;
 pub mod state;
 pub mod tracker;

@@ -21,9 +21,10 @@ use tokio_util::task::TaskTracker;
 use crate::checks::spec::CheckSpec;
 use crate::config::{Config, TargetConfig};
 use crate::postgres::pool::TargetPool;
-use crate::postgres::runner::{run_check, RunReport};
+use crate::postgres::runner::RunReport;
 use crate::storage::incremental::ProgressStore;
 use crate::time::unix_now;
+use crate::watch::incremental::run_check;
 use crate::watch::state::{Claim, State};
 
 /// The pools of the running configuration, keyed by target name. A reload keeps a target's

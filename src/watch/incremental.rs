@@ -1,4 +1,5 @@
-//! Runs an incremental check: the database side of [`crate::checks::incremental`]. Every query goes
+//! Runs an incremental check: the queries and the stored progress behind
+//! [`crate::checks::incremental`]. Every query goes
 //! through [`query_read_only_opt`] (read-only transaction, rolled back, `statement_timeout`,
 //! `lock_timeout`, client deadline), each chunk in a transaction of its own, and the progress
 //! is written to the store after every step, so a daemon killed mid-sweep resumes where it was.
@@ -33,6 +34,27 @@ pub struct Context<'a> {
     pub store: &'a ProgressStore,
     pub target: &'a str,
     pub clock: &'a SharedClock,
+}
+
+/// Runs one check once: a plain check through the runner, an incremental one with its
+/// progress kept in `progress` under `target`, "now" read from the system clock.
+pub async fn run_check(
+    pool: &TargetPool,
+    spec: &CheckSpec,
+    progress: &ProgressStore,
+    target: &str,
+) -> RunReport {
+    let Some(def) = &spec.incremental else {
+        return crate::postgres::runner::run_check(pool, spec).await;
+    };
+    let clock = crate::time::system_clock();
+    let context = Context {
+        pool,
+        store: progress,
+        target,
+        clock: &clock,
+    };
+    run(&context, spec, def).await
 }
 
 /// Runs one incremental check once.
