@@ -291,32 +291,50 @@ async fn an_update_that_breaks_an_old_row_is_found_by_the_next_complete_sweep() 
     // 100 attention_stats rows, chunks of 30: a sweep takes 4 runs.
     let h = Harness::new(Version::V360, 30, Some(NO_EARLY_SWEEP));
     let check = "late_invalid_attention_score";
-    assert_eq!(h.value(check).await, 0);
-    let first_complete = h.stored(check).last_complete_at.expect("complete");
+    assert_eq!(h.value(check).await, 0, "first run: full sweep");
+    assert_eq!(h.value(check).await, 0, "a periodic sweep starts");
+    let passed = h.stored(check).sweep.expect("a periodic sweep");
+    assert!(passed.rows >= 30, "its first chunk is done");
+    // Break the three lowest participant ids: rows this sweep has already passed.
     corrupt(&h.cluster, DB, "invalid_attention_score");
     h.stats_show("attention_stats", "upd", 0).await;
-    // Runs until a sweep that started after the UPDATE completes; the count stays 0 before
-    // the sweep reaches the broken rows (the increments cannot see them).
     let mut runs = 0;
-    let value = loop {
+    loop {
         runs += 1;
-        assert!(runs < 20, "the sweep never completed");
-        let report = h.run(check).await;
-        let value = value_of(check, &report);
+        assert!(runs <= 12, "never found");
+        let value = h.value(check).await;
         let stored = h.stored(check);
-        if stored.last_complete_at.is_some_and(|t| t > first_complete) && stored.sweep.is_some() {
-            // One complete sweep after the corruption (the one in flight at the UPDATE may
-            // have passed the rows already): run until the next completes.
-            if value == 3 {
-                break value;
-            }
+        let same_sweep = stored
+            .sweep
+            .as_ref()
+            .is_some_and(|s| s.started_at == passed.started_at);
+        if value == 3 {
+            assert!(
+                !same_sweep,
+                "found by a later sweep, not the one that had passed them"
+            );
+            break;
         }
-    };
-    assert_eq!(value, 3);
+        assert_eq!(value, 0, "increments cannot see an updated old row");
+    }
+    assert!(
+        runs >= 3,
+        "the sweep in flight had to finish first ({runs} runs)"
+    );
     assert_eq!(h.full_scan("invalid_attention_score"), 3);
     // With early sweeps (the shipped pack), the statistics find it on the next run.
     let shipped = h.run("invalid_attention_score").await;
     assert_eq!(value_of("invalid_attention_score", &shipped), 3);
+    assert_eq!(h.value("invalid_attention_score").await, 3);
+    let before = counters(&h, "attention_stats", "upd");
+    h.sql("UPDATE attention_stats SET attention_score = 1.5 WHERE participant_id = (SELECT max(participant_id) - 10 FROM attention_stats)");
+    h.stats_show("attention_stats", "upd", before).await;
+    let report = h.run("invalid_attention_score").await;
+    assert_eq!(
+        value_of("invalid_attention_score", &report),
+        4,
+        "early sweep on n_tup_upd"
+    );
 }
 
 #[tokio::test]
