@@ -121,6 +121,9 @@ pub enum FlagState {
     Confirmed,
     /// Found before, gone at the latest look; kept with its evidence.
     Resolved,
+    /// Worth knowing, not a regression: never changes the verdict, never pages (a new index
+    /// not scanned yet).
+    Notice,
 }
 
 impl FlagState {
@@ -129,6 +132,7 @@ impl FlagState {
             FlagState::Suspected => "suspected",
             FlagState::Confirmed => "confirmed",
             FlagState::Resolved => "resolved",
+            FlagState::Notice => "notice",
         }
     }
 }
@@ -177,9 +181,15 @@ impl Finding {
         }
     }
 
-    /// Shown and not resolved.
+    /// A notice rather than a regression.
+    pub fn notice(mut self) -> Finding {
+        self.state = FlagState::Notice;
+        self
+    }
+
+    /// A regression shown and not resolved.
     pub fn active(&self) -> bool {
-        self.state != FlagState::Resolved
+        matches!(self.state, FlagState::Suspected | FlagState::Confirmed)
     }
 
     /// What pages: confirmed and not resolved.
@@ -223,7 +233,9 @@ pub fn latch(previous: &[Finding], current: Vec<Finding>, now: f64, closed: bool
                 finding.looks = 1;
             }
         }
-        finding.state = if closed || finding.looks >= 2 {
+        finding.state = if finding.state == FlagState::Notice {
+            FlagState::Notice
+        } else if closed || finding.looks >= 2 {
             FlagState::Confirmed
         } else {
             FlagState::Suspected
@@ -231,7 +243,7 @@ pub fn latch(previous: &[Finding], current: Vec<Finding>, now: f64, closed: bool
         out.push(finding);
     }
     for before in previous {
-        if out.iter().any(|f| key(f) == key(before)) {
+        if before.state == FlagState::Notice || out.iter().any(|f| key(f) == key(before)) {
             continue;
         }
         let mut resolved = before.clone();
@@ -312,9 +324,14 @@ pub fn render_text(view: &DeploymentView) -> String {
             window.improvements.len()
         );
         for finding in &window.regressions {
+            let what = if finding.state == FlagState::Notice {
+                "notice"
+            } else {
+                "REGRESSION"
+            };
             let _ = writeln!(
                 out,
-                "      REGRESSION ({}) {}: {}",
+                "      {what} ({}) {}: {}",
                 finding.state.as_str(),
                 finding.signal.as_str(),
                 finding.message
@@ -735,5 +752,13 @@ mod tests {
             .iter()
             .filter(|f| f.subject != "q1")
             .all(|f| f.state == FlagState::Confirmed));
+    }
+
+    #[test]
+    fn a_notice_stays_a_notice_and_never_counts() {
+        let notice = flag("public.idx_new", 0.0).notice();
+        let latched = latch(&[], vec![notice], 10.0, true);
+        assert_eq!(latched[0].state, FlagState::Notice);
+        assert!(!latched[0].active() && !latched[0].confirmed() && !latched[0].was_confirmed());
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::analysis::deployment::{DeploymentRecord, VerdictRecord};
-use crate::analysis::deployment::{Finding, Signal};
+use crate::analysis::deployment::{Finding, FlagState, Signal};
 use crate::analysis::sample::Sample;
 use crate::analysis::window::Verdict;
 use crate::time::rfc3339;
@@ -99,7 +99,10 @@ pub fn render(input: &ReportInput<'_>) -> String {
             v.window.as_str(),
             v.verdict.as_str(),
             v.samples,
-            v.regressions.len(),
+            v.regressions
+                .iter()
+                .filter(|f| f.state != FlagState::Notice)
+                .count(),
             v.improvements.len()
         );
     }
@@ -125,6 +128,13 @@ pub fn render(input: &ReportInput<'_>) -> String {
         .verdicts
         .iter()
         .flat_map(|v| v.regressions.iter())
+        .filter(|f| f.state != FlagState::Notice)
+        .collect();
+    let notices: Vec<&Finding> = input
+        .verdicts
+        .iter()
+        .flat_map(|v| v.regressions.iter())
+        .filter(|f| f.state == FlagState::Notice)
         .collect();
     let improvements: Vec<&Finding> = input
         .verdicts
@@ -132,7 +142,7 @@ pub fn render(input: &ReportInput<'_>) -> String {
         .flat_map(|v| v.improvements.iter())
         .collect();
     let _ = writeln!(out, "## Issues Encountered");
-    if failed.is_empty() && regressions.is_empty() {
+    if failed.is_empty() && regressions.is_empty() && notices.is_empty() {
         let _ = writeln!(out, "- none");
     }
     for (name, (first, count, status, value)) in &failed {
@@ -149,6 +159,14 @@ pub fn render(input: &ReportInput<'_>) -> String {
         let _ = writeln!(
             out,
             "- regression ({}): {}",
+            finding.signal.as_str(),
+            finding.message
+        );
+    }
+    for finding in &notices {
+        let _ = writeln!(
+            out,
+            "- notice ({}): {}",
             finding.signal.as_str(),
             finding.message
         );
