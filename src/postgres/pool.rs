@@ -153,7 +153,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     if let Err(error) = connection.await {
-        tracing::debug!(target = %target, %error, "session closed with an error");
+        tracing::debug!(db_target = %target, %error, "session closed with an error");
     }
 }
 

@@ -47,6 +47,7 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_schema_version_info", "The target's schema version, from its version query; always 1.", MetricType::GAUGE),
     ("deploywatch_pg_connections", "Backends in use on the target's server (sampled).", MetricType::GAUGE),
     ("deploywatch_pg_max_connections", "The target server's max_connections (sampled).", MetricType::GAUGE),
+    ("deploywatch_sampling_errors_total", "Failed sampling steps of the target, by step (version, statistics).", MetricType::COUNTER),
     ("deploywatch_deployment_info", "The target's latest deployment; always 1.", MetricType::GAUGE),
     ("deploywatch_deployment_timestamp_seconds", "Time of the target's latest deployment.", MetricType::GAUGE),
     ("deploywatch_deployment_window", "1 for the window the latest deployment is in now, 0 for the others.", MetricType::GAUGE),
@@ -195,6 +196,13 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                 "deploywatch_schema_version_info",
                 &[("target", target), ("version", version)],
                 1.0,
+            );
+        }
+        for (step, count) in &t.sampling_errors {
+            f.push(
+                "deploywatch_sampling_errors_total",
+                &[("target", target), ("step", step)],
+                *count as f64,
             );
         }
         if let Some((in_use, max)) = t.connections {

@@ -167,7 +167,7 @@ impl Store {
             match serde_json::from_str::<Sample>(&text) {
                 Ok(sample) => samples.push(sample),
                 Err(error) => {
-                    tracing::warn!(target = %target, %error, "skipping an unreadable sample");
+                    tracing::warn!(db_target = %target, %error, "skipping an unreadable sample");
                 }
             }
         }

@@ -59,16 +59,16 @@ pub async fn expand(config: &Config) -> Expanded {
             Ok(names) => {
                 let selected = discovery.select(names.iter().map(String::as_str));
                 if selected.is_empty() {
-                    tracing::warn!(target = %target.name, "no database of the server matches the target's patterns");
+                    tracing::warn!(db_target = %target.name, "no database of the server matches the target's patterns");
                 } else {
-                    tracing::debug!(target = %target.name, databases = ?selected, "databases discovered");
+                    tracing::debug!(db_target = %target.name, databases = ?selected, "databases discovered");
                 }
                 for database in selected {
                     targets.push(concrete(target, &database));
                 }
             }
             Err(error) => {
-                tracing::warn!(target = %target.name, %error, "database discovery failed");
+                tracing::warn!(db_target = %target.name, %error, "database discovery failed");
                 failures.push((target.name.clone(), error.to_string()));
                 targets.push(target.clone());
             }

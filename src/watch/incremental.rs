@@ -125,7 +125,7 @@ impl Runner<'_, '_> {
             Ok(_) => Progress::default(),
             Err(error) => {
                 tracing::warn!(
-                    target = %self.context.target, check = %self.spec.name, %error,
+                    db_target = %self.context.target, check = %self.spec.name, %error,
                     "cannot read the check's progress; starting a full sweep"
                 );
                 Progress::default()
@@ -144,7 +144,7 @@ impl Runner<'_, '_> {
         if replaced || backwards {
             reset = true;
             tracing::warn!(
-                target = %self.context.target, check = %self.spec.name,
+                db_target = %self.context.target, check = %self.spec.name,
                 table = %self.def.table,
                 cause = if replaced { "table truncated, rewritten or replaced" } else { "key went backwards" },
                 "reset detected: counts discarded, full sweep started"
@@ -178,7 +178,7 @@ impl Runner<'_, '_> {
             };
             if let Some(why) = early {
                 tracing::info!(
-                    target = %self.context.target, check = %self.spec.name, %why,
+                    db_target = %self.context.target, check = %self.spec.name, %why,
                     "early sweep started"
                 );
                 progress.start_sweep(
@@ -229,7 +229,7 @@ impl Runner<'_, '_> {
             self.context.clock.now(),
         ) {
             tracing::warn!(
-                target = %self.context.target, check = %self.spec.name, %error,
+                db_target = %self.context.target, check = %self.spec.name, %error,
                 "cannot store the check's progress; a restart repeats the work"
             );
         }
@@ -535,7 +535,7 @@ impl Runner<'_, '_> {
             self.save(fingerprint, progress);
             if completed {
                 tracing::debug!(
-                    target = %self.context.target, check = %self.spec.name,
+                    db_target = %self.context.target, check = %self.spec.name,
                     reason = sweep.reason.as_str(), rows = sweep.rows + chunk.rows,
                     "sweep complete"
                 );

@@ -26,6 +26,7 @@ use crate::storage::incremental::ProgressStore;
 use crate::time::unix_now;
 use crate::watch::incremental::run_check;
 use crate::watch::state::{Claim, State};
+use crate::watch::transitions::Transition;
 
 /// The pools of the running configuration, keyed by target name. A reload keeps a target's
 /// pool when its connection settings did not change, so the connection cap holds across it.
@@ -135,44 +136,71 @@ async fn check_loop(
             _ = ticker.tick() => {}
         }
         if state.claim(&target, &spec.name) == Claim::Skipped {
-            tracing::warn!(target = %target, check = %spec.name, "previous run still going; skipped");
+            tracing::warn!(db_target = %target, check = %spec.name, "previous run still going; skipped");
             continue;
         }
         let run = run_check(&pool, &spec, &progress, &target);
         tokio::pin!(run);
+        let mut skipped = 0u64;
         let report: RunReport = loop {
             tokio::select! {
                 report = &mut run => break report,
                 _ = ticker.tick(), if !cancel.is_cancelled() => {
                     state.record_skip(&target, &spec.name);
-                    tracing::warn!(
-                        target = %target,
-                        check = %spec.name,
-                        interval = ?spec.interval,
-                        "check is slower than its interval; this run was skipped"
-                    );
+                    skipped += 1;
+                    // One line per slow run, however many ticks it spans (all are counted).
+                    if skipped == 1 {
+                        tracing::warn!(
+                            db_target = %target,
+                            check = %spec.name,
+                            interval = ?spec.interval,
+                            "check is slower than its interval; its next runs are skipped until it ends"
+                        );
+                    }
                 }
             }
         };
-        log_report(&target, &spec, &report);
+        log_report(&state, &target, &spec, &report);
         state.record(&target, &spec.name, &report, unix_now());
     }
 }
 
 /// The one place a run's result is logged.
-pub fn log_report(target: &str, spec: &CheckSpec, report: &RunReport) {
+pub fn log_report(state: &State, target: &str, spec: &CheckSpec, report: &RunReport) {
     let status = report.outcome.status.as_str();
     let duration_ms = report.duration.as_secs_f64() * 1000.0;
+    // Logged when the state changes (pass -> fail, fail -> pass, a new error kind) and, while it
+    // stays bad, once an hour; every run is counted in the metrics anyway.
+    let key = match &report.outcome.error {
+        Some(error) => format!("error:{}", error.kind.as_str()),
+        None => status.to_string(),
+    };
+    let passed = report.outcome.status == crate::checks::outcome::Status::Pass;
+    let transition = state
+        .transitions
+        .observe(target, &spec.name, &key, std::time::Instant::now());
+    if !transition.worth_logging(passed) {
+        tracing::debug!(db_target = %target, check = %spec.name, status, duration_ms, "check ran");
+        return;
+    }
+    let previous = match &transition {
+        Transition::Changed { previous } => previous.as_str(),
+        _ => "",
+    };
+    let reminder = matches!(transition, Transition::Reminder { .. });
     match (&report.outcome.error, &report.outcome.detail) {
         (Some(error), _) => tracing::warn!(
-            target = %target, check = %spec.name, status, duration_ms,
-            kind = error.kind.as_str(), error = %error.message, "check errored"
+            db_target = %target, check = %spec.name, status, previous, reminder, duration_ms,
+            kind = error.kind.as_str(), error = %error.message,
+            "{}", if reminder { "check still errors" } else { "check errored" }
         ),
         (None, Some(detail)) => tracing::warn!(
-            target = %target, check = %spec.name, status, duration_ms, %detail, "check failed"
+            db_target = %target, check = %spec.name, status, previous, reminder, duration_ms, %detail,
+            "{}", if reminder { "check still fails" } else { "check failed" }
         ),
-        (None, None) => tracing::debug!(
-            target = %target, check = %spec.name, status, duration_ms, "check passed"
+        (None, None) => tracing::info!(
+            db_target = %target, check = %spec.name, status, previous, duration_ms,
+            "check passes again"
         ),
     }
 }
@@ -204,7 +232,7 @@ pub async fn run_once(config: &Config, pools: &Pools, state: &Arc<State>) {
             runs.spawn(async move {
                 if state.claim(&target, &spec.name) == Claim::Started {
                     let report = run_check(&pool, &spec, &progress, &target).await;
-                    log_report(&target, &spec, &report);
+                    log_report(&state, &target, &spec, &report);
                     state.record(&target, &spec.name, &report, unix_now());
                 }
             });

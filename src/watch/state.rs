@@ -70,6 +70,8 @@ pub struct TargetState {
     pub checks: BTreeMap<String, CheckState>,
     /// Backends in use and max_connections, as last sampled.
     pub connections: Option<(f64, f64)>,
+    /// Failed sampling steps (`version`, `statistics`) since the start.
+    pub sampling_errors: BTreeMap<&'static str, u64>,
 }
 
 /// Deployment tracking as shown to readers; filled by the deployment tracker.
@@ -89,6 +91,8 @@ pub struct State {
     inner: Mutex<Snapshot>,
     /// Bumped by every change, so readers can tell whether a rendering is still current.
     generation: AtomicU64,
+    /// The last logged state of each check and sampling step, so logs tell what changed.
+    pub transitions: crate::watch::transitions::Transitions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -241,6 +245,14 @@ impl State {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.schema_version = version;
+        }
+    }
+
+    /// Counts a failed sampling step (`version` or `statistics`) of a target.
+    pub fn record_sampling_error(&self, target: &str, step: &'static str) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            *state.sampling_errors.entry(step).or_insert(0) += 1;
         }
     }
 

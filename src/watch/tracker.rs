@@ -35,6 +35,7 @@ use crate::time::rfc3339;
 use crate::time::unix_now;
 use crate::watch::scheduler::Pools;
 use crate::watch::state::State;
+use crate::watch::transitions::Transition;
 
 /// At most this many baseline samples are compared, spread evenly over the baseline span.
 const MAX_BASELINE_SAMPLES: usize = 2000;
@@ -129,6 +130,32 @@ impl Announcer {
     }
 }
 
+/// Counts a failed sampling step (`version`, `statistics`) and logs at `warn` when it starts
+/// failing, with a new reason's line only on a change and an hourly reminder; at `info` when
+/// it works again.
+fn note_step(state: &State, target: &str, step: &'static str, result: Result<(), &str>) {
+    let subject = format!("sampling:{step}");
+    let now = std::time::Instant::now();
+    match result {
+        Ok(()) => {
+            let transition = state.transitions.observe(target, &subject, "ok", now);
+            if transition.worth_logging(true) {
+                tracing::info!(db_target = %target, step, "sampling works again");
+            }
+        }
+        Err(error) => {
+            state.record_sampling_error(target, step);
+            let transition = state.transitions.observe(target, &subject, "error", now);
+            if transition.worth_logging(false) {
+                let reminder = matches!(transition, Transition::Reminder { .. });
+                tracing::warn!(db_target = %target, step, reminder, %error, "sampling failed");
+            } else {
+                tracing::debug!(db_target = %target, step, %error, "sampling failed");
+            }
+        }
+    }
+}
+
 fn parse_time(field: &str, text: &str) -> Result<f64, TrackerError> {
     crate::time::parse_rfc3339(text).map_err(|_| {
         TrackerError::Invalid(format!(
@@ -215,7 +242,9 @@ async fn watch_version(
         match read {
             Ok(version) => state.set_schema_version(&target, version),
             Err(error) => {
-                tracing::debug!(target = %target, error = %error.message, "schema version not readable")
+                // Logged by version_query_news when the query itself is the problem.
+                state.record_sampling_error(&target, "version");
+                tracing::debug!(db_target = %target, error = %error.message, "schema version not readable")
             }
         }
     }
@@ -232,10 +261,10 @@ fn version_query_news(
     let now = sampler::version_problem(target, query == crate::config::DEFAULT_VERSION_QUERY, read);
     match (&now, read) {
         (Some(problem), _) if last.as_ref() != Some(problem) => {
-            tracing::warn!(target = %target, "{problem}");
+            tracing::warn!(db_target = %target, "{problem}");
         }
         (None, Ok(Some(_))) if last.is_some() => {
-            tracing::info!(target = %target, "the version query works again");
+            tracing::info!(db_target = %target, "the version query works again");
         }
         _ => {}
     }
@@ -335,7 +364,7 @@ impl Tracker {
                 None,
                 declared.note.as_deref(),
             ) {
-                tracing::warn!(target = %self.name(), %error, "cannot record a declared deployment");
+                tracing::warn!(db_target = %self.name(), %error, "cannot record a declared deployment");
             }
         }
     }
@@ -386,7 +415,7 @@ impl Tracker {
                 // Its baseline and open windows are measured from the new start.
                 self.forget(id);
                 tracing::info!(
-                    target = %self.name(), version, deployment = id, at = %rfc3339(at),
+                    db_target = %self.name(), version, deployment = id, at = %rfc3339(at),
                     "announcement merged into the deployment already detected"
                 );
                 record
@@ -403,7 +432,7 @@ impl Tracker {
                     a.note.as_deref(),
                 )?;
                 tracing::info!(
-                    target = %self.name(), version, from = ?from, kind = kind.as_str(),
+                    db_target = %self.name(), version, from = ?from, kind = kind.as_str(),
                     "deployment announced"
                 );
                 record
@@ -427,7 +456,7 @@ impl Tracker {
         let last = self.store.last_version(self.name())?;
         match last.as_deref() {
             None => {
-                tracing::info!(target = %self.name(), version, "schema version first seen");
+                tracing::info!(db_target = %self.name(), version, "schema version first seen");
             }
             Some(last) if last == version => return Ok(()),
             Some(last) => {
@@ -453,7 +482,7 @@ impl Tracker {
                         None,
                     )?;
                     tracing::warn!(
-                        target = %self.name(), from = last, to = version, kind = kind.as_str(),
+                        db_target = %self.name(), from = last, to = version, kind = kind.as_str(),
                         "schema version changed: deployment detected"
                     );
                 }
@@ -476,13 +505,14 @@ impl Tracker {
                 self.state
                     .set_schema_version(self.name(), Some(version.clone()));
                 if let Err(error) = self.observe_version(&version, now) {
-                    tracing::warn!(target = %self.name(), %error, "cannot record the schema version");
+                    tracing::warn!(db_target = %self.name(), %error, "cannot record the schema version");
                 }
                 self.last_pass_at = Some(now);
             }
             Ok(None) => self.state.set_schema_version(self.name(), None),
-            Err(error) => {
-                tracing::debug!(target = %self.name(), error = %error, "version query failed");
+            Err(_) => {
+                // Logged by version_query_news when the query itself is the problem.
+                self.state.record_sampling_error(self.name(), "version");
                 self.state.set_schema_version(self.name(), None);
             }
         }
@@ -490,7 +520,12 @@ impl Tracker {
             match sampler::statements_support(&self.pool).await {
                 Ok(support) => self.support = Some(support),
                 Err(error) => {
-                    tracing::debug!(target = %self.name(), error = %error, "cannot sample yet");
+                    note_step(
+                        &self.state,
+                        self.name(),
+                        "statistics",
+                        Err(&error.to_string()),
+                    );
                     self.previous = None;
                     return;
                 }
@@ -502,6 +537,7 @@ impl Tracker {
             .unwrap_or(StatementsSupport::Unavailable(String::new()));
         match sampler::read(&self.pool, &support, now).await {
             Ok(mut raw) => {
+                note_step(&self.state, self.name(), "statistics", Ok(()));
                 raw.checks = self.check_points();
                 self.state
                     .set_connections(self.name(), raw.connections, raw.max_connections);
@@ -509,43 +545,50 @@ impl Tracker {
                     let sample = sample::delta(previous, &raw);
                     if !sample.vanished.is_empty() {
                         tracing::info!(
-                            target = %self.name(), vanished = ?sample.vanished,
+                            db_target = %self.name(), vanished = ?sample.vanished,
                             "indexes or tables were dropped; their statistics end here"
                         );
                     }
                     if !sample.resets.is_empty() {
                         tracing::info!(
-                            target = %self.name(), resets = ?sample.resets,
+                            db_target = %self.name(), resets = ?sample.resets,
                             "statistics were reset; those counters are left out of this interval"
                         );
                     }
                     if let Err(error) = self.store.add_sample(self.name(), &sample) {
-                        tracing::warn!(target = %self.name(), %error, "cannot store a sample");
+                        tracing::warn!(db_target = %self.name(), %error, "cannot store a sample");
                     }
                 }
                 self.previous = Some(raw);
             }
             Err(error) => {
                 // The next good pass starts a fresh delta: the gap is simply not sampled.
-                tracing::debug!(target = %self.name(), error = %error, "sampling failed");
+                note_step(
+                    &self.state,
+                    self.name(),
+                    "statistics",
+                    Err(&error.to_string()),
+                );
                 self.previous = None;
             }
         }
         if self.passes % 100 == 1 {
             let horizon = now - self.store_settings.retention.as_secs_f64();
             if let Err(error) = self.store.prune(horizon) {
-                tracing::warn!(target = %self.name(), %error, "cannot prune old samples");
+                tracing::warn!(db_target = %self.name(), %error, "cannot prune old samples");
             }
         }
         match self.store.latest_deployment(self.name()) {
             Ok(Some(record)) => match self.view(&record, now) {
                 Ok(view) => self.state.set_deployment(self.name(), view),
                 Err(error) => {
-                    tracing::warn!(target = %self.name(), %error, "cannot judge the deployment")
+                    tracing::warn!(db_target = %self.name(), %error, "cannot judge the deployment")
                 }
             },
             Ok(None) => {}
-            Err(error) => tracing::warn!(target = %self.name(), %error, "cannot read deployments"),
+            Err(error) => {
+                tracing::warn!(db_target = %self.name(), %error, "cannot read deployments")
+            }
         }
     }
 
@@ -741,7 +784,7 @@ impl Tracker {
                     },
                 )?;
                 tracing::info!(
-                    target = %self.name(), deployment = record.id, window = window.as_str(),
+                    db_target = %self.name(), deployment = record.id, window = window.as_str(),
                     verdict = verdict.as_str(), regressions = view.regressions.len(),
                     "window closed"
                 );
