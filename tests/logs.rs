@@ -96,7 +96,10 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
     assert_eq!(count("always_errors"), 1, "{stderr}");
     // Warnings that are not about a check (the version query that cannot work): each once.
     let mut others = std::collections::BTreeMap::new();
-    for line in lines.iter().filter(|l| l["level"] == "WARN" && l["check"].is_null()) {
+    for line in lines
+        .iter()
+        .filter(|l| l["level"] == "WARN" && l["check"].is_null())
+    {
         *others
             .entry(line["message"].as_str().unwrap_or_default().to_string())
             .or_insert(0) += 1;
