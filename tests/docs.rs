@@ -627,7 +627,9 @@ struct Tool {
     version: &'static str,
     change: &'static str,
     changed_version: &'static str,
-    kind: Option<&'static str>,
+    kind: &'static str,
+    /// A further change back, with the kind it must be recorded as.
+    back: Option<(&'static str, &'static str)>,
 }
 
 const TOOLS: &[Tool] = &[
@@ -654,7 +656,8 @@ const TOOLS: &[Tool] = &[
                 (installed_rank, version, description, type, script, checksum, installed_by, execution_time, success)
             VALUES (5, '1.11', 'fixed', 'SQL', 'V1_11__fixed.sql', 6, 'flyway', 10, true);",
         changed_version: "1.11",
-        kind: Some("deploy"),
+        kind: "deploy",
+        back: None,
     },
     Tool {
         name: "rails",
@@ -667,7 +670,8 @@ const TOOLS: &[Tool] = &[
         // db:rollback deletes the newest migration's row.
         change: "DELETE FROM schema_migrations WHERE version = '20240215093000';",
         changed_version: "20240101120000",
-        kind: Some("rollback"),
+        kind: "rollback",
+        back: None,
     },
     Tool {
         name: "alembic",
@@ -678,8 +682,13 @@ const TOOLS: &[Tool] = &[
         version: "ae1027a6acf",
         change: "UPDATE alembic_version SET version_num = '27c6a30d7c24' WHERE version_num = 'ae1027a6acf';",
         changed_version: "27c6a30d7c24",
-        // Revision ids have no order: the docs say the kind means nothing.
-        kind: None,
+        // Revision ids have no order: with version_order = "unordered" a new one is a deploy,
+        // and `alembic downgrade -1` back to the one it replaced a rollback.
+        kind: "deploy",
+        back: Some((
+            "UPDATE alembic_version SET version_num = 'ae1027a6acf';",
+            "rollback",
+        )),
     },
     Tool {
         name: "golang-migrate",
@@ -690,13 +699,14 @@ const TOOLS: &[Tool] = &[
         // What `migrate up` writes while migration 4 runs and fails halfway: version 4, dirty.
         change: "TRUNCATE schema_migrations; INSERT INTO schema_migrations (version, dirty) VALUES (4, true);",
         changed_version: "4",
-        kind: Some("deploy"),
+        kind: "deploy",
+        back: None,
     },
 ];
 
 /// The documented version query of each migration tool, and the golang-migrate check, run on
-/// the tables those tools create: `check` shows the version, and the daemon records the next
-/// migration (or rollback) as a deployment.
+/// the tables those tools create: `check` shows the version, and a daemon configured as the
+/// documentation says records the next migration (or rollback) as a deployment of the right kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_queries_work_on_the_tables_their_tools_create() {
     let documented: BTreeMap<String, String> = blocks("docs/getting-started.md")
@@ -705,39 +715,52 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
         .map(|b| (b.args.clone(), b.text))
         .collect();
     let cluster = cluster();
-    let dir = common::ConfigDir::new();
-    let mut config = String::from(
-        "[checks]\ninterval_override = \"1s\"\n[deployments]\nsample_interval = \"1s\"\n",
-    );
     for tool in TOOLS {
         let block = documented.get(tool.name).unwrap_or_else(|| {
             panic!("docs/getting-started.md has no {} version query", tool.name)
         });
-        let query: toml::Table = toml::from_str(block).expect("toml");
-        let query = query["version_query"].as_str().expect("version_query");
         cluster.create_database(tool.database).expect("database");
         cluster.psql(tool.database, tool.schema).expect("schema");
-        config.push_str(&common::target_toml(tool.name, &cluster, tool.database));
-        config.push_str(&format!(
-            "version_query = {}\npacks = [{}]\n",
-            toml::Value::String(query.to_string()),
-            if tool.name == "golang-migrate" {
-                "\"migrations\""
-            } else {
-                ""
-            }
-        ));
+        // The block is either a `version_query = ...` line (for [deployments] or a target) or a
+        // [deployments] table of its own.
+        let parsed: toml::Table = toml::from_str(block).expect("toml");
+        let deployments = match parsed.get("deployments") {
+            Some(toml::Value::Table(table)) => table.clone(),
+            _ => parsed,
+        };
+        let mut deployments = deployments;
+        deployments.insert("sample_interval".into(), "1s".into());
+        let mut config = toml::Table::new();
+        config.insert("deployments".into(), toml::Value::Table(deployments));
+        config.insert(
+            "checks".into(),
+            toml::Value::Table(toml::toml! { interval_override = "1s" }),
+        );
+        let dir = common::ConfigDir::new();
+        let mut text = toml::to_string(&config).expect("toml");
+        text.push_str(&common::target_toml(tool.name, &cluster, tool.database));
+        if tool.name == "golang-migrate" {
+            let check = documented
+                .get("golang-migrate-check")
+                .expect("the golang-migrate dirty check");
+            dir.write(
+                "checks/migrations.toml",
+                &format!("[pack]\nname = \"migrations\"\n\n{check}"),
+            );
+        } else {
+            dir.write(
+                "checks/basic.toml",
+                "[pack]\nname = \"basic\"\n\n[[check]]\nname = \"alive\"\ncategory = \"health\"\n\
+                 severity = \"info\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
+            );
+        }
+        dir.write("deploywatch.toml", &text);
+        watch_tool(tool, &cluster, &dir).await;
     }
-    let check = documented
-        .get("golang-migrate-check")
-        .expect("the golang-migrate dirty check");
-    dir.write(
-        "checks/migrations.toml",
-        &format!("[pack]\nname = \"migrations\"\n\n{check}"),
-    );
-    dir.write("deploywatch.toml", &config);
+}
 
-    // `check` shows each version.
+async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
+    // `check` shows the version.
     let output = Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())
@@ -745,30 +768,28 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
         .output()
         .expect("deploywatch check");
     let table = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}: {table}{stderr}", tool.name);
+    assert!(!stderr.contains("warning"), "{}: {stderr}", tool.name);
+    let header = table
+        .lines()
+        .find(|l| l.starts_with(&format!("target {} (", tool.name)))
+        .unwrap_or_default();
     assert!(
-        output.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&output.stderr)
+        header.ends_with(&format!(", schema version {}", tool.version)),
+        "{}: expected version {}:\n{table}",
+        tool.name,
+        tool.version
     );
-    for tool in TOOLS {
-        let header = table
-            .lines()
-            .find(|l| l.starts_with(&format!("target {} (", tool.name)))
-            .unwrap_or_default();
-        assert!(
-            header.ends_with(&format!(", schema version {}", tool.version)),
-            "{}: expected version {}:\n{table}",
-            tool.name,
-            tool.version
-        );
+    if tool.name == "golang-migrate" {
+        assert!(table.contains("PASS    migration_dirty"), "{table}");
     }
-    assert!(table.contains("PASS    migration_dirty"), "{table}");
 
-    // The daemon sees each version, then the change as a deployment.
+    // The daemon sees the version, then each change as a deployment of the right kind.
     let port = free_port();
-    let mut child = common::spawn_daemon(&dir, port);
-    let url = format!("http://127.0.0.1:{port}/status");
-    let status = |url: String| async move {
+    let mut child = common::spawn_daemon(dir, port);
+    let url = format!("http://127.0.0.1:{port}/status?format=json");
+    let target = |url: String| async move {
         let (code, body) = deploywatch::commands::client::request(
             hyper::Method::GET,
             &url,
@@ -779,71 +800,68 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
         .await
         .ok()?;
         code.is_success().then_some(())?;
-        serde_json::from_str::<serde_json::Value>(&body).ok()
+        let json = serde_json::from_str::<serde_json::Value>(&body).ok()?;
+        json["targets"].get(0).cloned()
     };
-    let target = |json: &serde_json::Value, name: &str| -> serde_json::Value {
-        json["targets"]
-            .as_array()
-            .and_then(|t| t.iter().find(|t| t["name"] == name).cloned())
-            .unwrap_or_default()
-    };
-    common::eventually("every version seen", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let json = status(url).await?;
-            TOOLS
-                .iter()
-                .all(|t| target(&json, t.name)["schema_version"] == t.version)
-                .then_some(())
-        }
-    })
-    .await;
-    for tool in TOOLS {
-        cluster.psql(tool.database, tool.change).expect("migration");
-    }
-    let json = common::eventually("every change recorded", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let json = status(url).await?;
-            TOOLS
-                .iter()
-                .all(|t| target(&json, t.name)["deployment"]["to_version"] == t.changed_version)
-                .then_some(json)
-        }
-    })
-    .await;
-    for tool in TOOLS {
-        let deployment = &target(&json, tool.name)["deployment"];
-        assert_eq!(deployment["from_version"], tool.version, "{}", tool.name);
-        assert_eq!(deployment["detected_by"], "version_change", "{}", tool.name);
-        if let Some(kind) = tool.kind {
-            assert_eq!(deployment["kind"], kind, "{}", tool.name);
-        }
-    }
-    // golang-migrate's dirty flag fails the documented check until the schema is fixed.
-    let dirty = |json: &serde_json::Value| {
-        target(json, "golang-migrate")["checks"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["name"] == "migration_dirty").cloned())
-            .map(|c| c["status"].as_str().unwrap_or_default().to_string())
-    };
-    common::eventually("migration_dirty fails", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (dirty(&status(url).await?)? == "fail").then_some(()) }
-    })
-    .await;
-    cluster
-        .psql("migrate_app", "UPDATE schema_migrations SET dirty = false")
-        .expect("migrate force");
     common::eventually(
-        "migration_dirty passes again",
-        Duration::from_secs(30),
+        &format!("{}: version {} seen", tool.name, tool.version),
+        Duration::from_secs(60),
         || {
             let url = url.clone();
-            async move { (dirty(&status(url).await?)? == "pass").then_some(()) }
+            async move { (target(url).await?["schema_version"] == tool.version).then_some(()) }
         },
     )
     .await;
+    let mut expected = vec![(tool.change, tool.version, tool.changed_version, tool.kind)];
+    if let Some((sql, kind)) = tool.back {
+        expected.push((sql, tool.changed_version, tool.version, kind));
+    }
+    for (sql, from, to, kind) in expected {
+        cluster.psql(tool.database, sql).expect("migration");
+        let deployment = common::eventually(
+            &format!("{}: {from} -> {to} recorded", tool.name),
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move {
+                    let deployment = target(url).await?["deployment"].clone();
+                    (deployment["to_version"] == to).then_some(deployment)
+                }
+            },
+        )
+        .await;
+        assert_eq!(deployment["from_version"], from, "{}", tool.name);
+        assert_eq!(deployment["detected_by"], "version_change", "{}", tool.name);
+        assert_eq!(deployment["kind"], kind, "{}: {from} -> {to}", tool.name);
+    }
+    if tool.name == "golang-migrate" {
+        // The dirty flag fails the documented check until the schema is fixed.
+        let dirty = |url: String| async move {
+            let target = target(url).await?;
+            target["checks"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "migration_dirty")
+                .and_then(|c| c["status"].as_str().map(str::to_string))
+        };
+        common::eventually("migration_dirty fails", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { (dirty(url).await? == "fail").then_some(()) }
+        })
+        .await;
+        cluster
+            .psql(tool.database, "UPDATE schema_migrations SET dirty = false")
+            .expect("migrate force");
+        common::eventually(
+            "migration_dirty passes again",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move { (dirty(url).await? == "pass").then_some(()) }
+            },
+        )
+        .await;
+    }
     let _ = child.kill().await;
 }
 
