@@ -255,7 +255,7 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
-    let pg = cluster();
+    let pg = common::cluster_with_statements();
     pg.create_database("cognit").expect("db");
     pg.psql_file("cognit", &common::fixture("schema_3.6.0.sql"))
         .expect("schema");
@@ -356,7 +356,7 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_that_change_nothing_pass() {
-    let pg = cluster();
+    let pg = common::cluster_with_statements();
     cognit_db(&pg, "cognit", Version::V370);
     pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
         .expect("extension");
@@ -534,7 +534,7 @@ async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_resets_and_a_restart_raise_no_alarm() {
-    let mut pg = cluster();
+    let mut pg = common::cluster_with_statements();
     cognit_db(&pg, "cognit", Version::V370);
     pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
         .expect("extension");

@@ -14,8 +14,12 @@ const PASSWORD: &str = "Zx9-LEAK-CANARY-pw-7q";
 const WRONG_PASSWORD: &str = "Wr0ng-LEAK-CANARY-pw-3k";
 const TOKEN: &str = "Tk4-LEAK-CANARY-token-9m";
 
+/// A server that asks every role but `postgres` for a SCRAM password. Every password set on it is
+/// stored as a SCRAM verifier (PostgreSQL 13 would store md5, which a scram-sha-256 line of
+/// pg_hba.conf refuses), including those a test changes later with `ALTER ROLE`.
 fn password_cluster() -> PgCluster {
     let pg = PgCluster::start(ClusterOptions {
+        extra_conf: vec![("password_encryption".into(), "'scram-sha-256'".into())],
         hba: Some(
             "local all postgres trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
                 .to_string(),
@@ -24,8 +28,11 @@ fn password_cluster() -> PgCluster {
     })
     .expect("PostgreSQL with password authentication");
     pg.create_database("app").expect("db");
-    pg.psql("app", &format!("SET password_encryption = 'scram-sha-256'; CREATE ROLE secretive LOGIN PASSWORD '{PASSWORD}'"))
-        .expect("role");
+    pg.psql(
+        "app",
+        &format!("CREATE ROLE secretive LOGIN PASSWORD '{PASSWORD}'"),
+    )
+    .expect("role");
     pg
 }
 

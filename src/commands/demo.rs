@@ -113,6 +113,12 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
             admin
                 .run("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
                 .await?;
+        } else {
+            say(&format!(
+                "  pg_stat_statements is not installed with the PostgreSQL in {}: \
+                 no query-latency signals (install the contrib modules for them)",
+                cluster.bindir().display()
+            ));
         }
         Ok::<_, DemoError>(())
     };

@@ -20,6 +20,10 @@ pub enum PgClusterError {
          `apt-get install -y postgresql` (Debian/Ubuntu) or set PG_BINDIR to the directory that holds initdb"
     )]
     BinariesNotFound,
+    #[error(
+        "PG_BINDIR={0} does not hold the PostgreSQL server binaries initdb, pg_ctl and postgres"
+    )]
+    NotAServerBinDir(PathBuf),
     #[error("there is no `postgres` OS user to run PostgreSQL as (it refuses to run as root): create it with `useradd --system postgres`")]
     NoPostgresUser,
     #[error("cannot prepare {path}: {source}")]
@@ -83,11 +87,14 @@ fn has_server(dir: &Path) -> bool {
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`.
 pub fn find_bindir() -> Result<PathBuf, PgClusterError> {
-    if let Ok(dir) = std::env::var("PG_BINDIR") {
+    if let Some(dir) = std::env::var_os("PG_BINDIR").filter(|d| !d.is_empty()) {
+        // Asked for one installation: never quietly run another one instead.
         let dir = PathBuf::from(dir);
-        if has_server(&dir) {
-            return Ok(dir);
-        }
+        return if has_server(&dir) {
+            Ok(dir)
+        } else {
+            Err(PgClusterError::NotAServerBinDir(dir))
+        };
     }
     // Debian keeps the server under /usr/lib/postgresql/<major>/bin; prefer the newest.
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
@@ -118,6 +125,37 @@ pub fn find_bindir() -> Result<PathBuf, PgClusterError> {
         }
     }
     Err(PgClusterError::BinariesNotFound)
+}
+
+/// Where the installation of `bindir` keeps its loadable modules, most likely first: what its own
+/// `pg_config --pkglibdir` says (when it ships one), then `lib/postgresql` (the layout of a plain
+/// `--prefix` build, Homebrew and relocatable builds) and `lib` (Debian's
+/// /usr/lib/postgresql/<major>/lib) beside `bin`.
+fn module_dirs(bindir: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let pg_config = bindir.join("pg_config");
+    if pg_config.is_file() {
+        if let Ok(output) = Command::new(&pg_config).arg("--pkglibdir").output() {
+            let dir = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            if output.status.success() && !dir.is_empty() {
+                dirs.push(PathBuf::from(dir));
+            }
+        }
+    }
+    if let Some(prefix) = bindir.parent() {
+        dirs.push(prefix.join("lib").join("postgresql"));
+        dirs.push(prefix.join("lib"));
+    }
+    dirs
+}
+
+/// The shared library of module `name` (e.g. `pg_stat_statements`) in the installation of
+/// `bindir`, if it has one.
+pub fn find_library(bindir: &Path, name: &str) -> Option<PathBuf> {
+    module_dirs(bindir)
+        .into_iter()
+        .map(|dir| dir.join(format!("{name}.so")))
+        .find(|path| path.is_file())
 }
 
 fn is_root() -> bool {
@@ -176,12 +214,7 @@ impl PgCluster {
         let preloaded: Vec<String> = options
             .shared_preload_libraries
             .iter()
-            .filter(|lib| {
-                bindir
-                    .parent()
-                    .map(|p| p.join("lib").join(format!("{lib}.so")).is_file())
-                    .unwrap_or(false)
-            })
+            .filter(|lib| find_library(&bindir, lib).is_some())
             .cloned()
             .collect();
         let mut cluster = PgCluster {
@@ -379,6 +412,11 @@ impl PgCluster {
             "host=127.0.0.1 port={} user=postgres dbname={dbname}",
             self.port
         )
+    }
+
+    /// The directory of the server binaries this cluster runs.
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
     }
 
     pub fn pg_stat_statements_available(&self) -> bool {
@@ -581,6 +619,60 @@ mod tests {
         assert!(
             matches!(state, None | Some('Z')),
             "postmaster gone, state {state:?}"
+        );
+    }
+
+    #[test]
+    fn modules_are_found_in_lib_postgresql_and_in_lib() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let install = |layout: &str| {
+            let prefix = root.path().join(layout.replace('/', "_"));
+            std::fs::create_dir_all(prefix.join("bin")).expect("bin");
+            std::fs::create_dir_all(prefix.join(layout)).expect("lib");
+            prefix
+        };
+        // A `--prefix` build, Homebrew, relocatable builds: <prefix>/lib/postgresql.
+        let prefix = install("lib/postgresql");
+        let library = prefix.join("lib/postgresql/pg_stat_statements.so");
+        std::fs::write(&library, b"").expect("library");
+        assert_eq!(
+            find_library(&prefix.join("bin"), "pg_stat_statements"),
+            Some(library)
+        );
+        // Debian: /usr/lib/postgresql/<major>/lib.
+        let prefix = install("lib");
+        let library = prefix.join("lib/pg_stat_statements.so");
+        std::fs::write(&library, b"").expect("library");
+        assert_eq!(
+            find_library(&prefix.join("bin"), "pg_stat_statements"),
+            Some(library)
+        );
+        assert_eq!(find_library(&prefix.join("bin"), "no_such_module"), None);
+    }
+
+    #[test]
+    fn the_installation_s_own_pg_config_names_the_module_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let bindir = root.path().join("bin");
+        let modules = root.path().join("elsewhere/modules");
+        std::fs::create_dir_all(&bindir).expect("bin");
+        std::fs::create_dir_all(&modules).expect("modules");
+        let pg_config = bindir.join("pg_config");
+        std::fs::write(
+            &pg_config,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = --pkglibdir ] && echo '{}'\n",
+                modules.display()
+            ),
+        )
+        .expect("pg_config");
+        std::fs::set_permissions(&pg_config, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::write(modules.join("pg_stat_statements.so"), b"").expect("library");
+        assert_eq!(
+            find_library(&bindir, "pg_stat_statements"),
+            Some(modules.join("pg_stat_statements.so"))
         );
     }
 

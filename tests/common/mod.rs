@@ -29,6 +29,20 @@ pub fn cluster() -> PgCluster {
     }
 }
 
+/// A throwaway PostgreSQL for a test that needs query statistics: fails at once, saying why,
+/// when pg_stat_statements could not be loaded (instead of timing out on a missing signal).
+pub fn cluster_with_statements() -> PgCluster {
+    let pg = cluster();
+    assert!(
+        pg.pg_stat_statements_available(),
+        "this test needs pg_stat_statements, but the PostgreSQL in {} has no pg_stat_statements.so \
+         in its module directory (`pg_config --pkglibdir`, or lib/postgresql or lib beside bin), \
+         so it was not preloaded: install the contrib modules (Debian: postgresql-contrib)",
+        pg.bindir().display()
+    );
+    pg
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Version {
     V360,
