@@ -344,8 +344,24 @@ fn query_latency(
         let (Some(slower), Some(faster)) = (mann_whitney(b, w), mann_whitney(w, b)) else {
             continue;
         };
+        // The shift in ms per call with its 95 % confidence interval.
+        let hl = stats::hodges_lehmann(b, w, 0.95);
         let make_evidence = |p: f64, z: f64, u: f64| {
             evidence(&[
+                (
+                    "hodges_lehmann_shift_ms",
+                    hl.map(|h| number(rounded(h.shift, 4)))
+                        .unwrap_or(Value::Null),
+                ),
+                (
+                    "shift_ci95_low_ms",
+                    hl.map(|h| number(rounded(h.low, 4))).unwrap_or(Value::Null),
+                ),
+                (
+                    "shift_ci95_high_ms",
+                    hl.map(|h| number(rounded(h.high, 4)))
+                        .unwrap_or(Value::Null),
+                ),
                 ("query_id", Value::String(id.clone())),
                 ("query", Value::String(query.clone())),
                 ("baseline_median_ms", number(rounded(mb, 4))),
@@ -789,6 +805,16 @@ mod tests {
         let f = &j.regressions[0];
         assert!(f.message.contains("SELECT 1"), "{}", f.message);
         assert!(f.evidence["p_value"].as_f64().unwrap_or(1.0) < 0.01);
+        // The Hodges–Lehmann shift (about 1.6 ms) with an interval around it.
+        let shift = f.evidence["hodges_lehmann_shift_ms"]
+            .as_f64()
+            .expect("shift");
+        let low = f.evidence["shift_ci95_low_ms"].as_f64().expect("low");
+        let high = f.evidence["shift_ci95_high_ms"].as_f64().expect("high");
+        assert!(
+            low <= shift && shift <= high && low > 1.0 && high < 2.0,
+            "{f:?}"
+        );
         assert_eq!(f.evidence["n_baseline"].as_f64(), Some(10.0));
         assert_eq!(f.evidence["n_window"].as_f64(), Some(8.0));
     }

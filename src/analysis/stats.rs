@@ -107,6 +107,18 @@ pub fn mann_whitney(baseline: &[f64], window: &[f64]) -> Option<MannWhitney> {
             (2.0 * normal_sf(z_two)).clamp(0.0, 1.0),
         )
     };
+    // Small samples without ties: the exact null distribution of U, not the normal
+    // approximation, which is poor in the tails that matter here.
+    let (p_greater, p_two_sided) = if tie_term == 0.0 && n <= EXACT_MAX_N {
+        let exact_greater = exact_u_tail(n1, n2, u);
+        let exact_less = exact_u_tail(n1, n2, n1f * n2f - u);
+        (
+            exact_greater,
+            (2.0 * exact_greater.min(exact_less)).min(1.0),
+        )
+    } else {
+        (p_greater, p_two_sided)
+    };
     Some(MannWhitney {
         u,
         z,
@@ -115,6 +127,149 @@ pub fn mann_whitney(baseline: &[f64], window: &[f64]) -> Option<MannWhitney> {
         n_baseline: n1,
         n_window: n2,
     })
+}
+
+/// Largest total sample size for which Mann–Whitney p-values are computed exactly.
+pub const EXACT_MAX_N: usize = 60;
+
+/// `P(U >= u)` under the null hypothesis for samples of `n1` and `n2` values without ties, U
+/// counting the (baseline, window) pairs where the window value is larger: the share of the
+/// `C(n1 + n2, n2)` equally likely arrangements. Counts by dynamic programming over the number
+/// of window values among the smallest k values and their U so far.
+pub fn exact_u_tail(n1: usize, n2: usize, u: f64) -> f64 {
+    let max_u = n1 * n2;
+    // ways[j][v]: arrangements of the first k values with j window values and U = v.
+    let mut ways = vec![vec![0.0f64; max_u + 1]; n2 + 1];
+    ways[0][0] = 1.0;
+    for k in 0..(n1 + n2) {
+        // Going down in j so each value is used once. A window value placed at position k
+        // (0-based) beats the k - j baseline values before it.
+        for j in (0..n2.min(k + 1)).rev() {
+            let baseline_before = k - j;
+            if baseline_before > n1 {
+                continue;
+            }
+            for v in (0..=max_u).rev() {
+                let w = ways[j][v];
+                if w != 0.0 && v + baseline_before <= max_u {
+                    ways[j + 1][v + baseline_before] += w;
+                }
+            }
+        }
+    }
+    let total: f64 = ways[n2].iter().sum();
+    if total <= 0.0 {
+        return 1.0;
+    }
+    let threshold = u.ceil().max(0.0) as usize;
+    let tail: f64 = ways[n2].iter().skip(threshold).sum();
+    (tail / total).clamp(0.0, 1.0)
+}
+
+/// The Hodges–Lehmann estimate of the shift from `baseline` to `window` (the median of all
+/// pairwise differences window - baseline) with its distribution-free confidence interval at
+/// `confidence` (e.g. 0.95), from the Mann–Whitney distribution's normal approximation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HodgesLehmann {
+    pub shift: f64,
+    pub low: f64,
+    pub high: f64,
+    pub confidence: f64,
+}
+
+pub fn hodges_lehmann(baseline: &[f64], window: &[f64], confidence: f64) -> Option<HodgesLehmann> {
+    let baseline: Vec<f64> = baseline.iter().copied().filter(|x| x.is_finite()).collect();
+    let window: Vec<f64> = window.iter().copied().filter(|x| x.is_finite()).collect();
+    if baseline.is_empty() || window.is_empty() {
+        return None;
+    }
+    let mut differences: Vec<f64> = Vec::with_capacity(baseline.len() * window.len());
+    for w in &window {
+        for b in &baseline {
+            differences.push(w - b);
+        }
+    }
+    differences.sort_by(f64::total_cmp);
+    let m = differences.len();
+    let shift = median(&differences)?;
+    let (n1, n2) = (baseline.len() as f64, window.len() as f64);
+    let z = normal_quantile(0.5 + confidence.clamp(0.0, 0.999_999) / 2.0);
+    let spread = z * (n1 * n2 * (n1 + n2 + 1.0) / 12.0).sqrt();
+    let k = ((n1 * n2 / 2.0 - spread).floor().max(0.0) as usize).min(m - 1);
+    Some(HodgesLehmann {
+        shift,
+        low: differences[k],
+        high: differences[m - 1 - k],
+        confidence,
+    })
+}
+
+/// Benjamini–Hochberg adjusted p-values (q-values), in the order given: comparing each with a
+/// level q controls the false discovery rate across all the tests at q.
+pub fn benjamini_hochberg(p_values: &[f64]) -> Vec<f64> {
+    let m = p_values.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|a, b| p_values[*a].total_cmp(&p_values[*b]));
+    let mut adjusted = vec![1.0; m];
+    let mut running = 1.0f64;
+    for (rank, index) in order.iter().enumerate().rev() {
+        let p = if p_values[*index].is_finite() {
+            p_values[*index]
+        } else {
+            1.0
+        };
+        running = running.min(p * m as f64 / (rank + 1) as f64);
+        adjusted[*index] = running.clamp(0.0, 1.0);
+    }
+    adjusted
+}
+
+/// Inverse of the standard normal distribution function (Acklam's rational approximation,
+/// relative error below 1.2e-9).
+pub fn normal_quantile(p: f64) -> f64 {
+    let p = p.clamp(1e-300, 1.0 - 1e-16);
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let low = 0.024_25;
+    if p < low {
+        let q = (-2.0 * p.ln()).sqrt();
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else if p <= 1.0 - low {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    } else {
+        -normal_quantile(1.0 - p)
+    }
 }
 
 /// Survival function of the standard normal distribution, `P(Z > z)`.
@@ -176,12 +331,13 @@ mod tests {
     /// use_continuity=True, method="asymptotic").
     #[test]
     fn mann_whitney_known_answers() {
-        // No overlap: window all larger. scipy: U = 25, p = 0.006093, two-sided 0.012186.
+        // No overlap: window all larger. Exact (no ties, small): p = 1 / C(10, 5) = 1/252;
+        // scipy method="exact": 0.003968, two-sided 0.007937.
         let r =
             mann_whitney(&[1.0, 2.0, 3.0, 4.0, 5.0], &[6.0, 7.0, 8.0, 9.0, 10.0]).expect("test");
         assert_eq!(r.u, 25.0);
-        assert!(close(r.p_greater, 0.006_093, 1e-6), "{r:?}");
-        assert!(close(r.p_two_sided, 0.012_186, 1e-6), "{r:?}");
+        assert!(close(r.p_greater, 1.0 / 252.0, 1e-12), "{r:?}");
+        assert!(close(r.p_two_sided, 2.0 / 252.0, 1e-12), "{r:?}");
         // Window all smaller: not greater.
         let r =
             mann_whitney(&[6.0, 7.0, 8.0, 9.0, 10.0], &[1.0, 2.0, 3.0, 4.0, 5.0]).expect("test");
@@ -202,5 +358,107 @@ mod tests {
         assert!(mann_whitney(&[1.0], &[]).is_none());
         let r = mann_whitney(&[1.0], &[2.0]).expect("test");
         assert!(r.p_greater.is_finite());
+    }
+
+    fn choose(n: u64, k: u64) -> f64 {
+        (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
+    }
+
+    #[test]
+    fn exact_tails_match_known_answers() {
+        // Against brute force: every way of choosing which of 9 ranked values are the 4
+        // window values, U counted pair by pair.
+        let (n1, n2) = (5usize, 4usize);
+        let mut counts = vec![0u32; n1 * n2 + 1];
+        for mask in 0u32..(1 << (n1 + n2)) {
+            if mask.count_ones() as usize != n2 {
+                continue;
+            }
+            let mut u = 0;
+            let mut baseline_below = 0;
+            for position in 0..(n1 + n2) {
+                if mask & (1 << position) != 0 {
+                    u += baseline_below;
+                } else {
+                    baseline_below += 1;
+                }
+            }
+            counts[u] += 1;
+        }
+        let total: u32 = counts.iter().sum();
+        for u in 0..=(n1 * n2) {
+            let tail: u32 = counts[u..].iter().sum();
+            let expected = f64::from(tail) / f64::from(total);
+            assert!(
+                close(exact_u_tail(n1, n2, u as f64), expected, 1e-12),
+                "U >= {u}"
+            );
+        }
+        // And through the test itself: window [3, 5, 7, 9] vs baseline [1, 2, 4, 6, 8].
+        let r = mann_whitney(&[1.0, 2.0, 4.0, 6.0, 8.0], &[3.0, 5.0, 7.0, 9.0]).expect("test");
+        assert_eq!(r.u, 14.0);
+        assert!(close(r.p_greater, exact_u_tail(5, 4, 14.0), 1e-15), "{r:?}");
+        // Whole distribution sums to one; P(U >= 0) = 1; P(U >= max) = 1 / C(n1 + n2, n2).
+        for (n1, n2) in [(1, 1), (3, 2), (7, 5), (12, 12), (30, 30)] {
+            assert!(close(exact_u_tail(n1, n2, 0.0), 1.0, 1e-12));
+            let max = (n1 * n2) as f64;
+            let expected = 1.0 / choose((n1 + n2) as u64, n2 as u64);
+            assert!(
+                (exact_u_tail(n1, n2, max) / expected - 1.0).abs() < 1e-9,
+                "{n1} {n2}"
+            );
+        }
+    }
+
+    #[test]
+    fn hodges_lehmann_shift_and_interval() {
+        let baseline: Vec<f64> = (0..20).map(|i| 10.0 + f64::from(i % 5)).collect();
+        let window: Vec<f64> = baseline.iter().map(|v| v + 3.0).collect();
+        let hl = hodges_lehmann(&baseline, &window, 0.95).expect("hl");
+        assert_eq!(hl.shift, 3.0);
+        assert!(hl.low <= 3.0 && 3.0 <= hl.high, "{hl:?}");
+        assert!(hl.high - hl.low < 4.0, "{hl:?}");
+        assert!(hodges_lehmann(&[], &[1.0], 0.95).is_none());
+    }
+
+    #[test]
+    fn benjamini_hochberg_known_answers() {
+        // R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "BH") = 0.02 0.04 0.04 0.02
+        let q = benjamini_hochberg(&[0.01, 0.04, 0.03, 0.005]);
+        let expected = [0.02, 0.04, 0.04, 0.02];
+        for (a, b) in q.iter().zip(expected) {
+            assert!(close(*a, b, 1e-12), "{q:?}");
+        }
+        assert!(benjamini_hochberg(&[]).is_empty());
+        assert_eq!(benjamini_hochberg(&[f64::NAN]), vec![1.0]);
+    }
+
+    #[test]
+    fn normal_quantile_inverts_the_tail() {
+        for p in [0.001, 0.025, 0.3, 0.5, 0.9, 0.975, 0.999] {
+            assert!(close(normal_sf(-normal_quantile(p)), p, 1e-6), "{p}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn p_values_are_probabilities(
+            baseline in proptest::collection::vec(0.0f64..100.0, 1..40),
+            window in proptest::collection::vec(0.0f64..100.0, 1..40),
+        ) {
+            let r = mann_whitney(&baseline, &window).expect("non-empty");
+            proptest::prop_assert!((0.0..=1.0).contains(&r.p_greater));
+            proptest::prop_assert!((0.0..=1.0).contains(&r.p_two_sided));
+            let hl = hodges_lehmann(&baseline, &window, 0.95).expect("non-empty");
+            proptest::prop_assert!(hl.low <= hl.shift && hl.shift <= hl.high);
+        }
+
+        #[test]
+        fn q_values_are_at_least_p_values(p in proptest::collection::vec(0.0f64..=1.0, 0..50)) {
+            let q = benjamini_hochberg(&p);
+            for (a, b) in p.iter().zip(&q) {
+                proptest::prop_assert!(*b >= a - 1e-12 && *b <= 1.0);
+            }
+        }
     }
 }
