@@ -312,3 +312,60 @@ fn an_invalid_environment_override_names_the_variable() {
         );
     }
 }
+
+const PARAMETER_CHECK: &str = r#"
+[pack]
+name = "p"
+
+[pack.parameters]
+expectedVersion = "1.0.0"
+
+[[check]]
+name = "version"
+category = "health"
+severity = "critical"
+sql = "SELECT '1.0.0'::text"
+expect = "== $expectedVersion"
+"#;
+
+fn expectation_of(config: &Config) -> String {
+    format!("{:?}", config.targets[0].checks[0].expectation)
+}
+
+#[test]
+fn a_parameter_override_keeps_the_case_of_its_name() {
+    // The main file's override of `expectedVersion` must reach the pack parameter of that
+    // name; a loader that lowercases keys turned it into `expectedversion` and dropped it.
+    let dir = ConfigDir::new();
+    dir.write(
+        "deploywatch.toml",
+        &format!("[checks.parameters]\nexpectedVersion = \"2.5.0\"\n\n{TARGET}"),
+    );
+    dir.write("checks/pack.toml", PARAMETER_CHECK);
+    let config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
+    assert!(
+        expectation_of(&config).contains("2.5.0"),
+        "{}",
+        expectation_of(&config)
+    );
+}
+
+#[test]
+fn an_environment_override_matches_a_parameter_whatever_its_case() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "deploywatch.toml",
+        &format!("[checks.parameters]\nexpectedVersion = \"2.5.0\"\n\n{TARGET}"),
+    );
+    dir.write("checks/pack.toml", PARAMETER_CHECK);
+    let env = vec![(
+        "DEPLOYWATCH_CHECKS__PARAMETERS__EXPECTEDVERSION".to_string(),
+        "3.0.0".to_string(),
+    )];
+    let config = Config::load_with_env(&dir.main(), env).expect("loads");
+    assert!(
+        expectation_of(&config).contains("3.0.0"),
+        "{}",
+        expectation_of(&config)
+    );
+}

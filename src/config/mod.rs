@@ -392,33 +392,22 @@ fn read_raw(
         problems.push(path, "", "configuration file not found");
         return None;
     }
-    let overrides: config::Map<String, String> = env
-        .into_iter()
-        .filter_map(|(key, value)| {
-            let rest = key.strip_prefix("DEPLOYWATCH_")?;
-            let section = rest.split("__").next()?.to_ascii_lowercase();
-            (ENV_SECTIONS.contains(&section.as_str()) && rest.contains("__"))
-                .then(|| (key.clone(), value))
-        })
-        .collect();
-    let built = config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix("DEPLOYWATCH")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(overrides)),
-        )
-        .build();
-    let built = match built {
-        Ok(built) => built,
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
         Err(error) => {
-            problems.push(path, "", error.to_string());
+            problems.push(path, "", format!("cannot read the file: {error}"));
             return None;
         }
     };
-    let value: serde_json::Value = match built.try_deserialize() {
+    let mut table: toml::Table = match text.parse() {
+        Ok(table) => table,
+        Err(error) => {
+            problems.push(path, "", error.to_string().trim_end().to_string());
+            return None;
+        }
+    };
+    overlay_environment(&mut table, env);
+    let value = match serde_json::to_value(&table) {
         Ok(value) => value,
         Err(error) => {
             problems.push(path, "", error.to_string());
@@ -426,6 +415,64 @@ fn read_raw(
         }
     };
     deserialize_all_unknown(path, value, problems)
+}
+
+/// Applies `DEPLOYWATCH_<SECTION>__<KEY>[__<KEY>...]` variables to the file's table. A key
+/// matches an existing key of the file regardless of case (so `..__EXPECTEDVERSION` overrides a
+/// parameter written `expectedVersion`: keys keep their case); a new key is taken in lower
+/// case. The value is read as a TOML literal when it is one (`3`, `true`, `["a", "b"]`), else
+/// as a string. A variable that would set a key inside a value that is not a table is ignored
+/// here and reported by validation, which names the variable.
+fn overlay_environment(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) {
+    let mut variables: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| {
+            name.strip_prefix("DEPLOYWATCH_").is_some_and(|rest| {
+                let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
+                rest.contains("__") && ENV_SECTIONS.contains(&section.as_str())
+            })
+        })
+        .collect();
+    variables.sort();
+    for (name, value) in variables {
+        let parts: Vec<&str> = name["DEPLOYWATCH_".len()..].split("__").collect();
+        if parts.iter().all(|part| !part.is_empty()) {
+            set_path(table, &parts, env_value(&value));
+        }
+    }
+}
+
+/// Sets `value` at the key path `parts`, each matched to an existing key regardless of case,
+/// creating tables on the way; false when a key on the way is not a table.
+fn set_path(table: &mut toml::Table, parts: &[&str], value: toml::Value) -> bool {
+    let key = existing_key(table, parts[0]);
+    if parts.len() == 1 {
+        table.insert(key, value);
+        return true;
+    }
+    match table
+        .entry(key)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        toml::Value::Table(inner) => set_path(inner, &parts[1..], value),
+        _ => false,
+    }
+}
+
+fn existing_key(table: &toml::Table, part: &str) -> String {
+    table
+        .keys()
+        .find(|key| key.eq_ignore_ascii_case(part))
+        .cloned()
+        .unwrap_or_else(|| part.to_ascii_lowercase())
+}
+
+fn env_value(text: &str) -> toml::Value {
+    format!("value = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
 }
 
 /// Deserializes `value`, reporting every unknown key rather than stopping at the first: each one
