@@ -187,7 +187,7 @@ async fn the_monitors_reads_never_count_as_the_applications_rollbacks() {
         runs += checks.len() as f64;
     }
     // The sessions are closed, so their statistics reach the views soon.
-    let (commits, rollbacks) = common::eventually(
+    let (commits, rollbacks) = common::wait_until(
         "the checks' transactions counted",
         std::time::Duration::from_secs(30),
         || {

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use clap::CommandFactory;
-use common::{cluster, eventually, get, target_toml, ConfigDir};
+use common::{cluster, get, target_toml, wait_until, ConfigDir};
 use deploywatch::commands::cli::Cli;
 use deploywatch::daemon::{self, DaemonHandle};
 
@@ -23,7 +23,7 @@ async fn start(dir: &ConfigDir) -> DaemonHandle {
         .expect("bind");
     let handle = daemon::start(dir.load(), listener).expect("daemon starts");
     let url = format!("http://{}/readyz", handle.local_addr);
-    eventually("readyz", Duration::from_secs(30), || {
+    wait_until("readyz", Duration::from_secs(30), || {
         let url = url.clone();
         async move { (get(&url).await.0 == 200).then_some(()) }
     })

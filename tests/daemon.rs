@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cluster, cognit_db, eventually, get, parse_metrics, target_toml, ConfigDir, Version};
+use common::{cluster, cognit_db, get, parse_metrics, target_toml, wait_until, ConfigDir, Version};
 use deploywatch::daemon::{self, DaemonHandle};
 use deploywatch_testkit::pgcluster::PgCluster;
 
@@ -30,7 +30,7 @@ async fn scrape(handle: &DaemonHandle) -> common::Scrape {
 
 async fn wait_ready(handle: &DaemonHandle) {
     let url = format!("{}/readyz", base(handle));
-    eventually("readyz", Duration::from_secs(30), || {
+    wait_until("readyz", Duration::from_secs(30), || {
         let url = url.clone();
         async move { (get(&url).await.0 == 200).then_some(()) }
     })
@@ -40,7 +40,7 @@ async fn wait_ready(handle: &DaemonHandle) {
 /// Waits until every check of every target has run at least once.
 async fn wait_all_ran(handle: &DaemonHandle) {
     let state = handle.state.clone();
-    eventually("every check ran", Duration::from_secs(60), || {
+    wait_until("every check ran", Duration::from_secs(60), || {
         let state = state.clone();
         async move {
             let snapshot = state.snapshot();
@@ -165,7 +165,7 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     // /status says the same, with each target's schema version (read even though deployment
     // tracking is off here).
     let url = base(&handle);
-    eventually("schema versions read", Duration::from_secs(20), || {
+    wait_until("schema versions read", Duration::from_secs(20), || {
         let url = url.clone();
         async move {
             let (_, body) = get(&format!("{url}/metrics")).await;
@@ -302,7 +302,7 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
 
     a.stop().expect("stop postgres");
     let url = base(&handle);
-    eventually("up = 0", Duration::from_secs(20), || {
+    wait_until("up = 0", Duration::from_secs(20), || {
         let url = url.clone();
         async move {
             let (_, body) = get(&format!("{url}/metrics")).await;
@@ -343,7 +343,7 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     );
 
     a.start_again().expect("start postgres");
-    eventually("up = 1 again", Duration::from_secs(60), || {
+    wait_until("up = 1 again", Duration::from_secs(60), || {
         let url = url.clone();
         async move {
             let (_, body) = get(&format!("{url}/metrics")).await;
@@ -412,7 +412,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     let url = base(&handle);
     // A query in flight hits the client deadline (timeout); a new session's handshake hits the
     // connect bound (connection). Either way the check ends in seconds instead of hanging.
-    eventually("hung checks time out", Duration::from_secs(30), || {
+    wait_until("hung checks time out", Duration::from_secs(30), || {
         let state = state.clone();
         async move {
             let snapshot = state.snapshot();
@@ -442,7 +442,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     );
 
     hung.resume().expect("SIGCONT postgres");
-    eventually("hung target recovers", Duration::from_secs(60), || {
+    wait_until("hung target recovers", Duration::from_secs(60), || {
         let state = state.clone();
         async move {
             let snapshot = state.snapshot();
@@ -454,7 +454,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     })
     .await;
     // Sessions abandoned during the hang are gone; at most the cap remain.
-    let sessions = eventually(
+    let sessions = wait_until(
         "abandoned sessions are closed",
         Duration::from_secs(30),
         || {
@@ -466,7 +466,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     assert!(sessions <= 2);
     // Runs abandoned during the hang left no tasks behind (a little slack for connections of
     // the test's own HTTP client winding down).
-    let tasks_after = eventually("no leaked tasks", Duration::from_secs(30), || {
+    let tasks_after = wait_until("no leaked tasks", Duration::from_secs(30), || {
         let n = alive_tasks();
         async move { (n <= tasks_before + 2).then_some(n) }
     })
@@ -572,7 +572,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         .ok()
         .map(|(_, body)| parse_metrics(&body))
     };
-    eventually("first check reported", Duration::from_secs(30), || {
+    wait_until("first check reported", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
             metrics(url).await.and_then(|m| {
@@ -594,7 +594,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     // A good new configuration: a second check appears.
     dir.write("checks/p.toml", &format!("{one}\n[[check]]\nname = \"second\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 2\"\nexpect = \"== 2\"\n"));
     signal("-HUP");
-    eventually("second check after reload", Duration::from_secs(30), || {
+    wait_until("second check after reload", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
             metrics(url)
@@ -615,7 +615,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         "[pack]\nname = \"p\"\n\n[[check]]\nname = \"broken\"\n",
     );
     signal("-HUP");
-    eventually("reload failure reported", Duration::from_secs(30), || {
+    wait_until("reload failure reported", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
             metrics(url)
@@ -634,12 +634,20 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
             .value()
     };
     let before = runs(&metrics(url.clone()).await.expect("scrape"));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = runs(&metrics(url.clone()).await.expect("scrape"));
-    assert!(
-        after > before,
-        "the previous configuration keeps running ({before} -> {after})"
-    );
+    wait_until(
+        "the previous configuration keeps running",
+        Duration::from_secs(20),
+        || {
+            let url = url.clone();
+            async move {
+                metrics(url)
+                    .await
+                    .map(|m| runs(&m))
+                    .filter(|after| *after > before)
+            }
+        },
+    )
+    .await;
 
     signal("-TERM");
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
@@ -705,7 +713,7 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
     let expect = |names: &[(&str, f64)]| -> Vec<(String, f64)> {
         names.iter().map(|(n, v)| (n.to_string(), *v)).collect()
     };
-    eventually(
+    wait_until(
         "both matching databases are watched",
         Duration::from_secs(30),
         || {
@@ -724,7 +732,7 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
         .iter()
         .find(|t| t["name"] == "fleet/app_eu")
         .expect("fleet/app_eu");
-    eventually(
+    wait_until(
         "the check ran in the discovered database",
         Duration::from_secs(10),
         || {
@@ -754,7 +762,7 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
     pg.create_database("app_asia").expect("create database");
     pg.psql("postgres", "DROP DATABASE app_us WITH (FORCE)")
         .expect("drop database");
-    eventually(
+    wait_until(
         "the fleet follows the server",
         Duration::from_secs(30),
         || {
@@ -814,7 +822,7 @@ async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
     let mut child = common::spawn_daemon(&dir, port);
     // Wait until PostgreSQL shows the check running.
     let pg_ref = &pg;
-    eventually("the slow check is running", Duration::from_secs(30), || async move {
+    wait_until("the slow check is running", Duration::from_secs(30), || async move {
         let running = pg_ref
             .psql(
                 "postgres",
@@ -898,7 +906,7 @@ async fn a_reload_applies_the_deployment_api_settings() {
         .await
         .expect("reload");
     let url = base(&handle);
-    let body = eventually("the announcement is taken", Duration::from_secs(20), || {
+    let body = wait_until("the announcement is taken", Duration::from_secs(20), || {
         let url = url.clone();
         async move {
             let (code, body) = announce(url).await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, cognit_db, eventually, get, parse_metrics, ConfigDir, Version};
+use common::{cluster, cognit_db, get, parse_metrics, wait_until, ConfigDir, Version};
 use deploywatch::analysis::deployment::{
     DeploymentKind, DeploymentView, Detection, FlagState, Signal,
 };
@@ -63,7 +63,7 @@ async fn deployment_where(
     accept: impl Fn(&DeploymentView) -> bool,
 ) -> DeploymentView {
     let state = handle.state.clone();
-    eventually(what, timeout, || {
+    wait_until(what, timeout, || {
         let view = state.snapshot().deployments.get("cognit").cloned();
         let accepted = view.filter(|v| accept(v));
         async move { accepted }
@@ -85,12 +85,26 @@ fn closed(view: &DeploymentView, window: Window) -> bool {
 async fn wait_baseline(handle: &DaemonHandle, samples: usize) {
     // Samples are written every second; wait until the baseline has enough of them.
     let state = handle.state.clone();
-    eventually("schema version seen", Duration::from_secs(30), || {
-        let seen = state.snapshot().targets["cognit"].schema_version.clone();
-        async move { seen }
+    wait_until("baseline samples stored", Duration::from_secs(60), || {
+        let target = state.snapshot().targets["cognit"].clone();
+        let ready = target.schema_version.is_some() && target.samples_recorded > samples as u64;
+        async move { ready.then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(samples as u64 + 2)).await;
+}
+
+/// Waits until `count` more statistics samples have been stored.
+async fn wait_samples(handle: &DaemonHandle, count: u64) {
+    let recorded = |state: &deploywatch::watch::state::State| {
+        state.snapshot().targets["cognit"].samples_recorded
+    };
+    let target = recorded(&handle.state) + count;
+    let state = handle.state.clone();
+    wait_until("more samples stored", Duration::from_secs(30), || {
+        let done = recorded(&state) >= target;
+        async move { done.then_some(()) }
+    })
+    .await;
 }
 
 async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
@@ -546,13 +560,13 @@ async fn statistics_resets_and_a_restart_raise_no_alarm() {
     wait_baseline(&handle, 6).await;
     let (code, body) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201, "{body}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_samples(&handle, 2).await;
     pg.psql("cognit", "SELECT pg_stat_statements_reset()")
         .expect("statements reset");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_samples(&handle, 2).await;
     pg.psql("cognit", "SELECT pg_stat_reset()")
         .expect("stats reset");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_samples(&handle, 1).await;
     cancel.cancel();
     pg.restart().expect("restart postgres");
     let cancel = CancellationToken::new();
@@ -680,8 +694,17 @@ async fn kill_9_mid_window_loses_nothing() {
         .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
     };
     let mut child = spawn();
-    eventually("daemon up", Duration::from_secs(30), || status(port)).await;
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // A baseline of a few stored samples before the announcement.
+    wait_until(
+        "baseline samples stored",
+        Duration::from_secs(60),
+        || async move {
+            status(port)
+                .await
+                .filter(|s| s["targets"][0]["samples_recorded"].as_u64() > Some(6))
+        },
+    )
+    .await;
     let body = serde_json::json!({ "version": "3.7.1" }).to_string();
     let (code, _) = deploywatch::commands::client::request(
         hyper::Method::POST,
@@ -693,7 +716,7 @@ async fn kill_9_mid_window_loses_nothing() {
     .await
     .expect("announce");
     assert_eq!(code.as_u16(), 201);
-    let before = eventually(
+    let before = wait_until(
         "first_hour closed",
         Duration::from_secs(30),
         || async move {
@@ -711,7 +734,7 @@ async fn kill_9_mid_window_loses_nothing() {
     let _ = child.wait().await;
 
     let mut child = spawn();
-    let after = eventually(
+    let after = wait_until(
         "deployment restored",
         Duration::from_secs(30),
         || async move {
@@ -764,7 +787,7 @@ async fn kill_9_mid_window_loses_nothing() {
     );
     assert_eq!(is[..was.len()], was[..], "{before:#}\n{after:#}");
     // The window that was open when the daemon died still closes, with a verdict.
-    let closed = eventually(
+    let closed = wait_until(
         "first_day closes after the restart",
         Duration::from_secs(30),
         || async move {
@@ -819,12 +842,18 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
         Some(Window::Steady),
         "long past: every window has closed"
     );
+    let reloaded_before = handle.state.snapshot().config_last_reload_success;
     handle
         .events
         .send(deploywatch::daemon::Event::Reload)
         .await
         .expect("reload");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let state = handle.state.clone();
+    wait_until("the reload applied", Duration::from_secs(20), || {
+        let now = state.snapshot().config_last_reload_success;
+        async move { (now != reloaded_before).then_some(()) }
+    })
+    .await;
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())

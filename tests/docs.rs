@@ -803,7 +803,7 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
         let json = serde_json::from_str::<serde_json::Value>(&body).ok()?;
         json["targets"].get(0).cloned()
     };
-    common::eventually(
+    common::wait_until(
         &format!("{}: version {} seen", tool.name, tool.version),
         Duration::from_secs(60),
         || {
@@ -818,7 +818,7 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
     }
     for (sql, from, to, kind) in expected {
         cluster.psql(tool.database, sql).expect("migration");
-        let deployment = common::eventually(
+        let deployment = common::wait_until(
             &format!("{}: {from} -> {to} recorded", tool.name),
             Duration::from_secs(60),
             || {
@@ -844,7 +844,7 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
                 .find(|c| c["name"] == "migration_dirty")
                 .and_then(|c| c["status"].as_str().map(str::to_string))
         };
-        common::eventually("migration_dirty fails", Duration::from_secs(30), || {
+        common::wait_until("migration_dirty fails", Duration::from_secs(30), || {
             let url = url.clone();
             async move { (dirty(url).await? == "fail").then_some(()) }
         })
@@ -852,7 +852,7 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
         cluster
             .psql(tool.database, "UPDATE schema_migrations SET dirty = false")
             .expect("migrate force");
-        common::eventually(
+        common::wait_until(
             "migration_dirty passes again",
             Duration::from_secs(30),
             || {
@@ -929,7 +929,7 @@ async fn the_default_version_query_on_a_foreign_schema_is_warned_about() {
     assert!(log.contains("WARN"), "{log}");
     // Several more passes over the same problem, then the table appears.
     let metrics = format!("http://127.0.0.1:{port}/metrics");
-    common::eventually("a few more passes", Duration::from_secs(60), || {
+    common::wait_until("a few more passes", Duration::from_secs(60), || {
         let metrics = metrics.clone();
         async move {
             let (_, body) = common::get(&metrics).await;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, cognit_db, corrupt, eventually, target_toml, ConfigDir, Version};
+use common::{cluster, cognit_db, corrupt, target_toml, wait_until, ConfigDir, Version};
 use deploywatch::checks::incremental::{Progress, SweepReason};
 use deploywatch::checks::outcome::{Observation, Status};
 use deploywatch::config::Config;
@@ -127,7 +127,7 @@ impl Harness {
     /// Waits until the statistics show `n_tup_<what>` of `table` above `above`.
     async fn stats_show(&self, table: &str, what: &str, above: i64) {
         let sql = format!("SELECT n_tup_{what} FROM pg_stat_user_tables WHERE relname = '{table}'");
-        eventually(
+        wait_until(
             &format!("{table}.n_tup_{what} > {above}"),
             Duration::from_secs(30),
             || {
@@ -401,7 +401,7 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
     let port = common::free_port();
     let mut daemon = common::spawn_daemon(&dir, port);
     // Mid-way through the periodic sweep that follows the first one.
-    let before = eventually(
+    let before = wait_until(
         "a periodic sweep past 100 rows",
         Duration::from_secs(90),
         || {
@@ -434,7 +434,7 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
         )
         .expect("insert");
     let mut daemon = common::spawn_daemon(&dir, port);
-    let after = eventually(
+    let after = wait_until(
         "the sweep moves on after the restart",
         Duration::from_secs(60),
         || {
@@ -463,7 +463,7 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
     );
     // And the exported value says so.
     let url = format!("http://127.0.0.1:{port}/metrics");
-    eventually("the value 7 exported", Duration::from_secs(30), || {
+    wait_until("the value 7 exported", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
             let (_, body) = common::get(&url).await;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, eventually, parse_metrics, target_toml, ConfigDir};
+use common::{cluster, parse_metrics, target_toml, wait_until, ConfigDir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
@@ -41,7 +41,7 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
         .expect("spawn daemon");
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     // Wait until both checks ran at least six times and sampling failed at least three times.
-    eventually(
+    wait_until(
         "six runs and three sampling failures",
         Duration::from_secs(60),
         || {

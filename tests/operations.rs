@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{cluster, cognit_db, eventually, get, repo, target_toml, ConfigDir, Version};
+use common::{cluster, cognit_db, get, repo, target_toml, wait_until, ConfigDir, Version};
 
 fn tool(names: &[&str]) -> PathBuf {
     for name in names {
@@ -252,7 +252,7 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
     // A deployment, so the deployment families exist.
     pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql"))
         .expect("rollback");
-    let body = eventually("every family exported", Duration::from_secs(60), || {
+    let body = wait_until("every family exported", Duration::from_secs(60), || {
         let url = url.clone();
         async move {
             let (_, body) = get(&format!("{url}/metrics")).await;
@@ -433,7 +433,7 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
         .expect("start prometheus");
 
     // Prometheus scrapes the daemon.
-    eventually(
+    wait_until(
         "prometheus scrapes deploywatch",
         Duration::from_secs(60),
         || async move {
@@ -454,7 +454,7 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
     common::corrupt(&pg, "cognit", "orphaned_payments");
     let fired = {
         let received = received.clone();
-        eventually(
+        wait_until(
             "the integrity alert reaches the webhook",
             Duration::from_secs(90),
             || {
@@ -475,7 +475,7 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
     common::repair(&pg, "cognit", "orphaned_payments");
     let resolved = {
         let received = received.clone();
-        eventually("the alert resolves", Duration::from_secs(90), || {
+        wait_until("the alert resolves", Duration::from_secs(90), || {
             let bodies = received.lock().expect("lock").clone();
             async move { alert_in(&bodies, "resolved") }
         })

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, eventually, ConfigDir};
+use common::{cluster, wait_until, ConfigDir};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 const PASSWORD: &str = "Zx9-LEAK-CANARY-pw-7q";
@@ -104,7 +104,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
             .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let status = eventually(
+    let status = wait_until(
         "every target tried, the good one passing",
         Duration::from_secs(60),
         || {
@@ -160,7 +160,21 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         .args(["-HUP", &pid])
         .status()
         .expect("kill");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The reload is refused (the connection string is malformed): wait until it has been tried.
+    wait_until("the reload refused", Duration::from_secs(20), || {
+        let base = base.clone();
+        async move {
+            let (_, body) = deploywatch::commands::client::get(
+                &format!("{base}/status?format=json"),
+                "application/json",
+            )
+            .await
+            .ok()?;
+            let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (json["config_reload_successful"] == false).then_some(())
+        }
+    })
+    .await;
 
     let (_, metrics) = deploywatch::commands::client::request(
         hyper::Method::GET,
@@ -321,7 +335,7 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
         let json: serde_json::Value = serde_json::from_str(&body).ok()?;
         Some((json["targets"][0].clone(), body))
     };
-    eventually("the first password works", Duration::from_secs(30), || {
+    wait_until("the first password works", Duration::from_secs(30), || {
         let base = base.clone();
         async move {
             let (t, _) = target(base).await?;
@@ -339,7 +353,7 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
         ),
     )
     .expect("rotate the role's password");
-    let refused = eventually(
+    let refused = wait_until(
         "the old password is refused",
         Duration::from_secs(30),
         || {
@@ -358,7 +372,7 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
 
     // The secret is updated in place; the daemon is not told.
     dir.write("pw", ROTATED);
-    let recovered = eventually(
+    let recovered = wait_until(
         "the rotated password is used",
         Duration::from_secs(60),
         || {

@@ -8,8 +8,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::window::{Verdict, Window};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum DeploymentKind {
     Deploy,
     Rollback,
@@ -17,24 +29,29 @@ pub enum DeploymentKind {
 
 impl DeploymentKind {
     pub fn as_str(self) -> &'static str {
-        match self {
-            DeploymentKind::Deploy => "deploy",
-            DeploymentKind::Rollback => "rollback",
-        }
+        self.into()
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "deploy" => Some(DeploymentKind::Deploy),
-            "rollback" => Some(DeploymentKind::Rollback),
-            _ => None,
-        }
+        text.parse().ok()
     }
 }
 
 /// How a deployment became known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Detection {
     /// The version query's value changed.
     VersionChange,
@@ -46,26 +63,32 @@ pub enum Detection {
 
 impl Detection {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Detection::VersionChange => "version_change",
-            Detection::Announced => "announced",
-            Detection::Declared => "declared",
-        }
+        self.into()
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "version_change" => Some(Detection::VersionChange),
-            "announced" => Some(Detection::Announced),
-            "declared" => Some(Detection::Declared),
-            _ => None,
-        }
+        text.parse().ok()
     }
 }
 
 /// The regression signals. A closed set: it is a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Signal {
     CheckFailure,
     RollbackRatio,
@@ -80,32 +103,10 @@ pub enum Signal {
 }
 
 impl Signal {
-    pub const ALL: [Signal; 10] = [
-        Signal::CheckFailure,
-        Signal::RollbackRatio,
-        Signal::Deadlocks,
-        Signal::Connections,
-        Signal::QueryLatency,
-        Signal::SeqScans,
-        Signal::UnusedIndex,
-        Signal::DbGrowth,
-        Signal::TopQueries,
-        Signal::Integrity,
-    ];
+    pub const ALL: &'static [Signal] = <Signal as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::CheckFailure => "check_failure",
-            Signal::RollbackRatio => "rollback_ratio",
-            Signal::Deadlocks => "deadlocks",
-            Signal::Connections => "connections",
-            Signal::QueryLatency => "query_latency",
-            Signal::SeqScans => "seq_scans",
-            Signal::UnusedIndex => "unused_index",
-            Signal::DbGrowth => "db_growth",
-            Signal::TopQueries => "top_queries",
-            Signal::Integrity => "integrity",
-        }
+        self.into()
     }
 }
 

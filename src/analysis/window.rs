@@ -8,8 +8,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Window {
     FirstHour,
     FirstDay,
@@ -18,20 +33,10 @@ pub enum Window {
 }
 
 impl Window {
-    pub const ALL: [Window; 4] = [
-        Window::FirstHour,
-        Window::FirstDay,
-        Window::FirstWeek,
-        Window::Steady,
-    ];
+    pub const ALL: &'static [Window] = <Window as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Window::FirstHour => "first_hour",
-            Window::FirstDay => "first_day",
-            Window::FirstWeek => "first_week",
-            Window::Steady => "steady",
-        }
+        self.into()
     }
 }
 
@@ -101,14 +106,27 @@ pub fn window_at(deployed_at: Timestamp, now: Timestamp, d: &WindowDurations) ->
     if now < deployed_at {
         return None;
     }
-    Window::ALL.into_iter().find(|w| {
+    Window::ALL.iter().copied().find(|w| {
         let (start, end) = bounds(*w, deployed_at, d);
         now >= start && end.is_none_or(|e| now < e)
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Verdict {
     Watching,
     Pass,
@@ -117,20 +135,10 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 4] = [
-        Verdict::Watching,
-        Verdict::Pass,
-        Verdict::Regression,
-        Verdict::Inconclusive,
-    ];
+    pub const ALL: &'static [Verdict] = <Verdict as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Watching => "watching",
-            Verdict::Pass => "pass",
-            Verdict::Regression => "regression",
-            Verdict::Inconclusive => "inconclusive",
-        }
+        self.into()
     }
 }
 

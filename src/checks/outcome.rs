@@ -59,8 +59,22 @@ pub struct ResultTable {
     pub rows: Vec<Vec<Cell>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Status {
     Pending,
     Pass,
@@ -69,19 +83,14 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [Status::Pending, Status::Pass, Status::Fail, Status::Error];
+    pub const ALL: &'static [Status] = <Status as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Pass => "pass",
-            Status::Fail => "fail",
-            Status::Error => "error",
-        }
+        self.into()
     }
 
     pub fn parse(text: &str) -> Option<Status> {
-        Status::ALL.into_iter().find(|s| s.as_str() == text)
+        text.parse().ok()
     }
 }
 
@@ -92,8 +101,22 @@ impl fmt::Display for Status {
 }
 
 /// Why a check could not produce a verdict. A closed set, used as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorKind {
     /// statement_timeout, lock_timeout, or the server did not answer in time.
     Timeout,
@@ -115,34 +138,10 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 11] = [
-        ErrorKind::Timeout,
-        ErrorKind::Sql,
-        ErrorKind::ReadOnly,
-        ErrorKind::Connection,
-        ErrorKind::NoRows,
-        ErrorKind::NullValue,
-        ErrorKind::NotNumeric,
-        ErrorKind::TooManyRows,
-        ErrorKind::TooManySeries,
-        ErrorKind::NullLabel,
-        ErrorKind::DuplicateSeries,
-    ];
+    pub const ALL: &'static [ErrorKind] = <ErrorKind as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Sql => "sql",
-            ErrorKind::ReadOnly => "read_only",
-            ErrorKind::Connection => "connection",
-            ErrorKind::NoRows => "no_rows",
-            ErrorKind::NullValue => "null_value",
-            ErrorKind::NotNumeric => "not_numeric",
-            ErrorKind::TooManyRows => "too_many_rows",
-            ErrorKind::TooManySeries => "too_many_series",
-            ErrorKind::NullLabel => "null_label",
-            ErrorKind::DuplicateSeries => "duplicate_series",
-        }
+        self.into()
     }
 }
 

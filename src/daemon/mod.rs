@@ -22,7 +22,6 @@ use crate::server::http::{self, AppContext, HttpSettings};
 use crate::server::metrics::{self, MetricsError};
 use crate::storage::incremental::ProgressStore;
 use crate::storage::Store;
-use crate::time::unix_now;
 use crate::watch::discovery::{self, Expanded};
 use crate::watch::scheduler::{self, Pools};
 use crate::watch::state::State;
@@ -82,9 +81,18 @@ struct Generation {
 
 /// Starts the daemon on an already-bound listener.
 pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, DaemonError> {
-    let state = Arc::new(State::new());
+    start_with_clock(config, listener, crate::time::system_clock())
+}
+
+/// As [`start`], with "now" taken from `clock` by every component.
+pub fn start_with_clock(
+    config: Config,
+    listener: TcpListener,
+    clock: crate::time::SharedClock,
+) -> Result<DaemonHandle, DaemonError> {
+    let state = Arc::new(State::with_clock(clock));
     // Readers see every configured target and check (as pending) from the first moment.
-    state.apply_config(&config, unix_now());
+    state.apply_config(&config, state.now());
     let registry = metrics::registry(state.clone())?;
     let store = match &config.store.path {
         Some(path) => Store::open(path)?,
@@ -143,7 +151,7 @@ fn start_generation(
     let shape = expanded.shape();
     let config = expanded.config;
     let pools = Pools::for_config(previous, &config);
-    rt.state.apply_config(&config, unix_now());
+    rt.state.apply_config(&config, rt.state.now());
     for (name, message) in expanded.failures {
         rt.state.set_unreachable(&name, message);
     }

@@ -26,7 +26,6 @@ use tokio_util::task::TaskTracker;
 use crate::checks::outcome::Status;
 use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter};
-use crate::time::unix_now;
 use crate::watch::state::State;
 use crate::watch::tracker::{Announcement, Announcer};
 
@@ -352,7 +351,7 @@ fn status_page(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> 
             };
         }
     }
-    let report = status::build(&snapshot, &filter, unix_now());
+    let report = status::build(&snapshot, &filter, ctx.state.now());
     if as_text {
         text(StatusCode::OK, status::render_text(&report))
     } else {

@@ -225,7 +225,7 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                 &full,
                 flag(c.status == Status::Pass),
             );
-            for status in Status::ALL {
+            for &status in Status::ALL {
                 let mut labels = full.to_vec();
                 labels.push(("status", status.as_str()));
                 f.push(
@@ -330,7 +330,7 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
             &[("target", target)],
             d.rollbacks_seen as f64,
         );
-        for window in Window::ALL {
+        for &window in Window::ALL {
             f.push(
                 "deploywatch_deployment_window",
                 &[("target", target), ("window", window.as_str())],
@@ -339,7 +339,7 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
         }
         for w in &d.windows {
             let window = w.window.as_str();
-            for verdict in Verdict::ALL {
+            for &verdict in Verdict::ALL {
                 f.push(
                     "deploywatch_window_verdict",
                     &[
@@ -350,7 +350,7 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                     flag(w.verdict == verdict),
                 );
             }
-            for signal in Signal::ALL {
+            for &signal in Signal::ALL {
                 let regressions = w
                     .regressions
                     .iter()

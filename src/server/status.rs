@@ -12,8 +12,22 @@ use crate::checks::spec::Severity;
 use crate::time::{rfc3339, Timestamp};
 use crate::watch::state::Snapshot;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Overall {
     Ok,
     Degraded,
@@ -22,11 +36,7 @@ pub enum Overall {
 
 impl Overall {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Overall::Ok => "ok",
-            Overall::Degraded => "degraded",
-            Overall::Failing => "failing",
-        }
+        self.into()
     }
 }
 
@@ -56,6 +66,8 @@ pub struct TargetReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_error: Option<String>,
     pub schema_version: Option<String>,
+    /// Statistics samples stored since the daemon started.
+    pub samples_recorded: u64,
     pub checks: Vec<CheckReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deployment: Option<DeploymentView>,
@@ -184,6 +196,7 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
             reachable: target.reachable,
             connection_error: target.last_connection_error.clone(),
             schema_version: target.schema_version.clone(),
+            samples_recorded: target.samples_recorded,
             checks,
             deployment,
         });

@@ -349,14 +349,12 @@ impl Store {
         let mut records = Vec::new();
         for row in rows {
             let (window, verdict, samples, regressions, improvements, closed_at) = row?;
-            let window = Window::ALL
-                .into_iter()
-                .find(|w| w.as_str() == window)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown window {window}")))?;
-            let verdict = Verdict::ALL
-                .into_iter()
-                .find(|v| v.as_str() == verdict)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown verdict {verdict}")))?;
+            let window = window
+                .parse::<Window>()
+                .map_err(|_| StoreError::Corrupt(format!("unknown window {window}")))?;
+            let verdict = verdict
+                .parse::<Verdict>()
+                .map_err(|_| StoreError::Corrupt(format!("unknown verdict {verdict}")))?;
             let decode = |text: &str| -> Result<Vec<Finding>, StoreError> {
                 serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
             };

@@ -23,7 +23,6 @@ use crate::config::{Config, TargetConfig};
 use crate::postgres::pool::TargetPool;
 use crate::postgres::runner::RunReport;
 use crate::storage::incremental::ProgressStore;
-use crate::time::unix_now;
 use crate::watch::incremental::run_check;
 use crate::watch::state::{Claim, State};
 use crate::watch::transitions::Transition;
@@ -161,7 +160,7 @@ async fn check_loop(
             }
         };
         log_report(&state, &target, &spec, &report);
-        state.record(&target, &spec.name, &report, unix_now());
+        state.record(&target, &spec.name, &report, state.now());
     }
 }
 
@@ -233,7 +232,7 @@ pub async fn run_once(config: &Config, pools: &Pools, state: &Arc<State>) {
                 if state.claim(&target, &spec.name) == Claim::Started {
                     let report = run_check(&pool, &spec, &progress, &target).await;
                     log_report(&state, &target, &spec, &report);
-                    state.record(&target, &spec.name, &report, unix_now());
+                    state.record(&target, &spec.name, &report, state.now());
                 }
             });
         }

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::postgres::runner::RunReport;
 
 pub use crate::time::Timestamp;
+use crate::time::{system_clock, SharedClock};
 
 #[derive(Debug, Clone)]
 pub struct CheckState {
@@ -72,6 +73,8 @@ pub struct TargetState {
     pub connections: Option<(f64, f64)>,
     /// Failed sampling steps (`version`, `statistics`) since the start.
     pub sampling_errors: BTreeMap<&'static str, u64>,
+    /// Statistics samples stored since the daemon started.
+    pub samples_recorded: u64,
 }
 
 /// Deployment tracking as shown to readers; filled by the deployment tracker.
@@ -86,13 +89,21 @@ pub struct Snapshot {
     pub deployments: DeploymentViews,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct State {
     inner: Mutex<Snapshot>,
     /// Bumped by every change, so readers can tell whether a rendering is still current.
     generation: AtomicU64,
     /// The last logged state of each check and sampling step, so logs tell what changed.
     pub transitions: crate::watch::transitions::Transitions,
+    /// The daemon's one clock: every component that records or judges asks it for "now".
+    clock: SharedClock,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::with_clock(system_clock())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -106,6 +117,21 @@ pub enum Claim {
 impl State {
     pub fn new() -> Self {
         State::default()
+    }
+
+    /// A state whose "now" comes from `clock` (tests and simulations drive it).
+    pub fn with_clock(clock: SharedClock) -> Self {
+        State {
+            inner: Mutex::new(Snapshot::default()),
+            generation: AtomicU64::new(0),
+            transitions: Default::default(),
+            clock,
+        }
+    }
+
+    /// Now, by the daemon's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
     }
 
     fn lock(&self) -> MutexGuard<'_, Snapshot> {
@@ -245,6 +271,14 @@ impl State {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.schema_version = version;
+        }
+    }
+
+    /// One more statistics sample stored for `target`.
+    pub fn count_sample(&self, target: &str) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.samples_recorded += 1;
         }
     }
 

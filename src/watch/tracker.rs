@@ -32,7 +32,6 @@ use crate::postgres::pool::TargetPool;
 use crate::postgres::sampler::{self, StatementsSupport};
 use crate::storage::{DeploymentRecord, Store, StoreError, VerdictRecord};
 use crate::time::rfc3339;
-use crate::time::unix_now;
 use crate::watch::scheduler::Pools;
 use crate::watch::state::State;
 use crate::watch::transitions::Transition;
@@ -307,10 +306,10 @@ impl Tracker {
                 biased;
                 _ = cancel.cancelled() => return,
                 Some(request) = requests.recv() => {
-                    let result = self.announce(request.announcement, unix_now());
+                    let result = self.announce(request.announcement, self.state.now());
                     let _ = request.reply.send(result);
                 }
-                _ = ticker.tick() => self.pass(unix_now()).await,
+                _ = ticker.tick() => self.pass(self.state.now()).await,
             }
         }
     }
@@ -555,8 +554,11 @@ impl Tracker {
                             "statistics were reset; those counters are left out of this interval"
                         );
                     }
-                    if let Err(error) = self.store.add_sample(self.name(), &sample) {
-                        tracing::warn!(db_target = %self.name(), %error, "cannot store a sample");
+                    match self.store.add_sample(self.name(), &sample) {
+                        Ok(()) => self.state.count_sample(self.name()),
+                        Err(error) => {
+                            tracing::warn!(db_target = %self.name(), %error, "cannot store a sample")
+                        }
                     }
                 }
                 self.previous = Some(raw);

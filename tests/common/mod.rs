@@ -151,7 +151,7 @@ pub async fn get(url: &str) -> (u16, String) {
 }
 
 /// Polls `probe` until it returns Some or the deadline passes.
-pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
