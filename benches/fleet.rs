@@ -1,0 +1,273 @@
+//! Fleet benchmark: N databases of one local PostgreSQL, copied from a template holding the
+//! cognit fixture at 3.7.0, watched through discovery by the `deploywatch` binary with the
+//! shipped packs at their default intervals and deployment tracking on. pg_stat_activity is
+//! polled every 100 ms for the whole run: deploywatch's sessions against the budget, the
+//! daemon's CPU and resident memory, the server's CPU, and the checks skipped for lack of a
+//! session.
+//!
+//! `cargo bench --bench fleet`; `FLEET_DATABASES` (default 500), `FLEET_SECONDS` (default 600),
+//! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies). Prints a Markdown row
+//! for BENCHMARKS.md.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::setting;
+use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+
+const TICKS: f64 = 100.0; // USER_HZ on Linux
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/cognit")
+        .join(name)
+}
+
+/// (utime + stime, cutime + cstime) of a process in seconds, and its parent.
+fn proc_cpu(pid: u32) -> Option<(f64, f64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ppid = f.get(1)?.parse().ok()?;
+    Some(((n(11) + n(12)) / TICKS, (n(13) + n(14)) / TICKS, ppid))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds of the whole server: the postmaster, its live children, and the children it
+/// has already reaped (short-lived backends).
+fn server_cpu(postmaster: u32) -> f64 {
+    let Some((own, reaped, _)) = proc_cpu(postmaster) else {
+        return 0.0;
+    };
+    let mut total = own + reaped;
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((cpu, _, ppid)) = proc_cpu(pid) {
+                if ppid == postmaster {
+                    total += cpu;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn postmaster_pid(data_dir: &Path) -> u32 {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
+        .expect("postmaster.pid")
+}
+
+fn prepare(pg: &PgCluster, databases: usize) {
+    pg.psql(
+        "postgres",
+        "CREATE ROLE deploywatch LOGIN; GRANT pg_monitor TO deploywatch; CREATE EXTENSION pg_stat_statements",
+    )
+    .expect("role");
+    pg.create_database("cognit_template").expect("template");
+    for file in [
+        "schema_3.6.0.sql",
+        "generate.sql",
+        "001_pragmatic_schema_fixes.sql",
+    ] {
+        pg.psql_file("cognit_template", &fixture(file))
+            .expect("fixture");
+    }
+    pg.psql(
+        "cognit_template",
+        "SELECT cognit_generate(1); CREATE EXTENSION pg_stat_statements; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO deploywatch",
+    )
+    .expect("template data");
+    let strategy = if pg.server_version_num().unwrap_or(0) >= 150000 {
+        " STRATEGY FILE_COPY"
+    } else {
+        ""
+    };
+    let script: String = (0..databases)
+        .map(|i| format!("CREATE DATABASE tenant_{i:03} TEMPLATE cognit_template{strategy};\n"))
+        .collect();
+    let file = std::env::temp_dir().join(format!("fleet-{}.sql", std::process::id()));
+    std::fs::write(&file, script).expect("script");
+    pg.psql_file("postgres", &file).expect("databases");
+    let _ = std::fs::remove_file(file);
+}
+
+fn metric_sum(body: &str, name: &str, filter: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(filter))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let databases: usize = setting("FLEET_DATABASES", 500);
+    let seconds: u64 = setting("FLEET_SECONDS", 600);
+    let budget: usize = setting("FLEET_BUDGET", 0);
+    let pg = PgCluster::start(ClusterOptions {
+        shared_preload_libraries: vec!["pg_stat_statements".into()],
+        max_connections: 100,
+        ..ClusterOptions::default()
+    })
+    .expect("PostgreSQL");
+    let setup = Instant::now();
+    prepare(&pg, databases);
+    let setup_seconds = setup.elapsed().as_secs_f64();
+
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("checks")).expect("checks");
+    for pack in ["cognit-3.7.0.toml", "postgres.toml"] {
+        std::fs::copy(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("config/checks")
+                .join(pack),
+            dir.path().join("checks").join(pack),
+        )
+        .expect("pack");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let budget_line = if budget > 0 {
+        format!("[defaults]\nmax_connections_per_server = {budget}\n\n")
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        dir.path().join("deploywatch.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n{budget_line}[store]\npath = \"state.sqlite\"\n\n\
+             [[targets]]\nname = \"fleet\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"deploywatch\"\ndatabases = [\"tenant_*\"]\n",
+            pg.port()
+        ),
+    )
+    .expect("config");
+    let budget = if budget > 0 { budget } else { 4 };
+
+    let (client, connection) =
+        tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("poller");
+    tokio::spawn(connection);
+    client
+        .simple_query("SELECT pg_stat_statements_reset()")
+        .await
+        .expect("reset");
+    let postmaster = postmaster_pid(&pg.data_dir());
+    let server_cpu_start = server_cpu(postmaster);
+
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.path().join("deploywatch.toml"))
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("daemon");
+    let pid = daemon.id().expect("pid");
+    let started = Instant::now();
+    let mut polls = 0u64;
+    let mut over_budget = 0u64;
+    let mut max_sessions = 0i64;
+    let mut max_rss = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'",
+                &[],
+            )
+            .await
+            .expect("poll");
+        let sessions: i64 = row.get(0);
+        polls += 1;
+        max_sessions = max_sessions.max(sessions);
+        if sessions > budget as i64 {
+            over_budget += 1;
+        }
+        if polls % 10 == 0 {
+            max_rss = max_rss.max(rss_kib(pid));
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let daemon_cpu = proc_cpu(pid).map(|(cpu, _, _)| cpu).unwrap_or(0.0);
+    let server_cpu_used = server_cpu(postmaster) - server_cpu_start;
+    max_rss = max_rss.max(rss_kib(pid));
+    let (_, body) = deploywatch::client::request(
+        hyper::Method::GET,
+        &format!("http://127.0.0.1:{port}/metrics"),
+        "*/*",
+        None,
+        None,
+    )
+    .await
+    .expect("metrics");
+    let exec = client
+        .query_one(
+            "SELECT coalesce(sum(total_exec_time) FILTER (WHERE r.rolname = 'deploywatch'), 0)::float8 / 1000, \
+                    coalesce(sum(total_exec_time) FILTER (WHERE r.rolname <> 'deploywatch'), 0)::float8 / 1000 \
+             FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid",
+            &[],
+        )
+        .await
+        .expect("exec time");
+    let (dw_exec, other_exec): (f64, f64) = (exec.get(0), exec.get(1));
+    let _ = daemon.kill().await;
+
+    let runs = metric_sum(&body, "deploywatch_check_runs_total", "");
+    let no_session = metric_sum(&body, "deploywatch_check_skipped_total", "no_session");
+    let skipped = metric_sum(&body, "deploywatch_check_skipped_total", "");
+    let errors = metric_sum(&body, "deploywatch_check_errors_total", "");
+    let up = metric_sum(&body, "deploywatch_up", "");
+    println!("## Fleet: {databases} databases of one server, {seconds} s\n");
+    println!("| figure | value |\n| --- | --- |");
+    println!("| databases watched (up) | {up} of {databases} |");
+    println!("| setup (template + {databases} copies) | {setup_seconds:.0} s |");
+    println!("| session budget | {budget} |");
+    println!(
+        "| pg_stat_activity polls (every 100 ms) | {polls}, {over_budget} above the budget, max {max_sessions} sessions |"
+    );
+    println!(
+        "| daemon CPU | {:.1} % of a core ({daemon_cpu:.1} CPU s in {elapsed:.0} s) |",
+        100.0 * daemon_cpu / elapsed
+    );
+    println!("| daemon RSS, peak | {:.0} MiB |", max_rss as f64 / 1024.0);
+    println!(
+        "| check runs | {runs:.0} ({:.1}/s), errors {errors:.0} |",
+        runs / elapsed
+    );
+    println!("| checks skipped for lack of a session | {no_session:.0} (all skips: {skipped:.0}) |");
+    println!(
+        "| server CPU, all processes | {:.1} % of one core ({server_cpu_used:.1} CPU s) |",
+        100.0 * server_cpu_used / elapsed
+    );
+    println!(
+        "| server execution time of deploywatch's statements | {:.1} % of one core ({dw_exec:.1} s; the poller's: {other_exec:.1} s) |",
+        100.0 * dw_exec / elapsed
+    );
+}

@@ -1,0 +1,645 @@
+//! Many databases of one server: the per-server session budget holds under load and across a
+//! reload, the daemon stays inside its share of a nearly full server and says why checks wait,
+//! a failed rediscovery keeps the known databases, and server-wide statistics are read once per
+//! server per sampling interval.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{eventually, get, parse_metrics, ConfigDir};
+use deploywatch::daemon::{self, DaemonHandle, Event};
+use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use tokio_util::sync::CancellationToken;
+
+fn fleet_cluster(max_connections: u32) -> PgCluster {
+    PgCluster::start(ClusterOptions {
+        shared_preload_libraries: vec!["pg_stat_statements".to_string()],
+        max_connections,
+        ..ClusterOptions::default()
+    })
+    .unwrap_or_else(|error| panic!("cannot start a test PostgreSQL: {error}"))
+}
+
+/// Creates `fleet_template` (with `setup` run in it) and the named databases as its copies.
+fn create_fleet(pg: &PgCluster, setup: &str, names: &[String]) {
+    pg.create_database("fleet_template").expect("template");
+    if !setup.is_empty() {
+        pg.psql("fleet_template", setup).expect("template setup");
+    }
+    let script: String = names
+        .iter()
+        .map(|name| format!("CREATE DATABASE {name} TEMPLATE fleet_template;\n"))
+        .collect();
+    let file = tempfile::NamedTempFile::new().expect("script file");
+    std::fs::write(file.path(), script).expect("script");
+    pg.psql_file("postgres", file.path()).expect("create the fleet");
+}
+
+fn tenant_names(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("tenant_{i:02}")).collect()
+}
+
+/// A check pack whose checks keep sessions busy for a while.
+const BUSY_PACK: &str = r#"
+[pack]
+name = "fleet"
+
+[[check]]
+name = "catalog"
+category = "health"
+severity = "info"
+sql = "SELECT count(*) FROM pg_class"
+expect = ">= 1"
+
+[[check]]
+name = "busy"
+category = "health"
+severity = "info"
+sql = "SELECT count(*) FROM (SELECT pg_sleep(0.03)) s"
+expect = "== 1"
+"#;
+
+async fn start(dir: &ConfigDir) -> DaemonHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    daemon::start(dir.load(), listener).expect("daemon starts")
+}
+
+fn base(handle: &DaemonHandle) -> String {
+    format!("http://{}", handle.local_addr)
+}
+
+/// Counts deploywatch's sessions on the server every 50 ms until cancelled.
+struct SessionPoll {
+    seen: Arc<Mutex<Vec<(Instant, i64)>>>,
+    cancel: CancellationToken,
+}
+
+impl SessionPoll {
+    async fn start(pg: &PgCluster) -> SessionPoll {
+        let (client, connection) =
+            tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("poller connects");
+        tokio::spawn(connection);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let cancel = CancellationToken::new();
+        let (record, stop) = (seen.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Ok(row) = client
+                    .query_one(
+                        "SELECT /* fleet-test */ count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'",
+                        &[],
+                    )
+                    .await
+                {
+                    let n: i64 = row.get(0);
+                    record
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((Instant::now(), n));
+                }
+            }
+        });
+        SessionPoll { seen, cancel }
+    }
+
+    fn max_since(&self, since: Instant) -> i64 {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn polls(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The moment since which every poll saw at most `bound` sessions, when the latest `run`
+    /// polls all did.
+    fn settled_at(&self, bound: i64, run: usize) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() < run {
+            return None;
+        }
+        let tail = &seen[seen.len() - run..];
+        tail.iter().all(|(_, n)| *n <= bound).then(|| tail[0].0)
+    }
+}
+
+impl Drop for SessionPoll {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// An application load on the server: clients that keep its CPUs busy.
+fn application_load(pg: &PgCluster, clients: usize, cancel: &CancellationToken) {
+    for _ in 0..clients {
+        let (url, cancel) = (pg.connection_string("postgres"), cancel.clone());
+        tokio::spawn(async move {
+            let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+            else {
+                return;
+            };
+            tokio::spawn(connection);
+            while !cancel.is_cancelled() {
+                let _ = client
+                    .simple_query("SELECT sum(i) FROM generate_series(1, 20000) i")
+                    .await;
+            }
+        });
+    }
+}
+
+/// Runs per check, by target and check name.
+fn runs(handle: &DaemonHandle) -> Vec<(String, String, u64)> {
+    handle
+        .state
+        .snapshot()
+        .targets
+        .iter()
+        .flat_map(|(target, t)| {
+            t.checks
+                .iter()
+                .map(move |(check, c)| (target.clone(), check.clone(), c.runs))
+        })
+        .collect()
+}
+
+/// Waits until every check of every target has finished a run after `before`.
+async fn every_check_ran_again(
+    handle: &DaemonHandle,
+    before: &[(String, String, u64)],
+    deadline: Duration,
+) {
+    let before: std::collections::HashMap<(String, String), u64> = before
+        .iter()
+        .map(|(t, c, n)| ((t.clone(), c.clone()), *n))
+        .collect();
+    eventually("every check ran again", deadline, || {
+        let now = runs(handle);
+        let before = &before;
+        async move {
+            (!now.is_empty()
+                && now.iter().all(|(t, c, n)| {
+                    *n > before.get(&(t.clone(), c.clone())).copied().unwrap_or(0)
+                }))
+            .then_some(())
+        }
+    })
+    .await;
+}
+
+fn fleet_config(pg: &PgCluster, budget: usize, per_target: usize, extra: &str) -> String {
+    let port = pg.port();
+    format!(
+        "[defaults]\ninterval = \"2s\"\ntimeout = \"5s\"\nconnect_timeout = \"2s\"\ndiscovery_interval = \"2s\"\n\
+         max_connections_per_server = {budget}\nmax_connections_per_target = {per_target}\n\n\
+         [deployments]\nsample_interval = \"2s\"\n\n{extra}\
+         [[targets]]\nname = \"low\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\n\
+         databases = [\"tenant_0*\", \"tenant_1*\", \"tenant_2*\"]\n\n\
+         [[targets]]\nname = \"high\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\n\
+         databases = [\"tenant_3*\", \"tenant_4*\"]\n\n\
+         [[targets]]\nname = \"admin\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\ndbname = \"postgres\"\n"
+    )
+}
+
+/// 50 discovered databases (two discovery entries) and a third entry on the same server share a
+/// budget of 3 sessions: polling the server never sees more, under an application load, and a
+/// reload that lowers the budget to 2 (and changes the per-target cap, so every target gets a
+/// new pool) drains the old sessions before new ones count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_databases_never_take_more_than_the_server_budget_even_across_a_reload() {
+    let pg = fleet_cluster(100);
+    let names = tenant_names(50);
+    create_fleet(&pg, "", &names);
+    let dir = ConfigDir::new();
+    dir.write("checks/fleet.toml", BUSY_PACK);
+    dir.write("deploywatch.toml", &fleet_config(&pg, 3, 2, ""));
+    let poll = SessionPoll::start(&pg).await;
+    let load = CancellationToken::new();
+    application_load(&pg, 2, &load);
+
+    let handle = start(&dir).await;
+    let started = Instant::now();
+    eventually(
+        "all 51 targets are watched",
+        Duration::from_secs(60),
+        || async { (handle.state.snapshot().targets.len() == 51).then_some(()) },
+    )
+    .await;
+    every_check_ran_again(&handle, &[], Duration::from_secs(120)).await;
+    let before_reload = runs(&handle);
+    every_check_ran_again(&handle, &before_reload, Duration::from_secs(120)).await;
+    assert!(poll.polls() > 20, "the server was polled");
+    assert!(
+        poll.max_since(started) <= 3,
+        "at most 3 sessions before the reload, saw {}",
+        poll.max_since(started)
+    );
+    assert!(
+        poll.max_since(started) >= 2,
+        "the budget was used, saw at most {}",
+        poll.max_since(started)
+    );
+
+    dir.write("deploywatch.toml", &fleet_config(&pg, 2, 1, ""));
+    let reloaded = Instant::now();
+    handle.events.send(Event::Reload).await.expect("reload");
+    let drained = eventually(
+        "the old sessions drained below the new budget",
+        Duration::from_secs(30),
+        || async { poll.settled_at(2, 20) },
+    )
+    .await;
+    let after_reload = runs(&handle);
+    every_check_ran_again(&handle, &after_reload, Duration::from_secs(120)).await;
+    assert!(
+        poll.max_since(reloaded) <= 3,
+        "never more than the old budget while draining, saw {}",
+        poll.max_since(reloaded)
+    );
+    assert!(
+        poll.max_since(drained) <= 2,
+        "at most the new budget once drained, saw {}",
+        poll.max_since(drained)
+    );
+    let (_, body) = get(&format!("{}/metrics", base(&handle))).await;
+    let m = parse_metrics(&body);
+    let server = format!("127.0.0.1:{}", pg.port());
+    assert_eq!(
+        m.metric("deploywatch_server_session_limit")
+            .label("server", &server)
+            .value(),
+        2.0,
+        "{body}"
+    );
+    load.cancel();
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+/// A server whose `max_connections` is nearly used up by its application: deploywatch takes at
+/// most its share (10 % of max_connections minus the reserved ones), the application can still
+/// connect, and the queue of waiting checks and its reason are visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_server_keeps_deploywatch_inside_its_share_and_shows_why_checks_wait() {
+    // 30 - 3 superuser-reserved = 27; 10 % of it is 2 sessions, below the configured 4.
+    let pg = fleet_cluster(30);
+    let names = tenant_names(10);
+    create_fleet(&pg, "", &names);
+    let mut application = Vec::new();
+    for _ in 0..22 {
+        let (client, connection) =
+            tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("application connects");
+        tokio::spawn(connection);
+        application.push(client);
+    }
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/slow.toml",
+        r#"
+[pack]
+name = "slow"
+
+[[check]]
+name = "slow_a"
+category = "health"
+severity = "info"
+interval = "1s"
+sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
+
+[[check]]
+name = "slow_b"
+category = "health"
+severity = "info"
+interval = "1s"
+sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
+"#,
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ntimeout = \"5s\"\nconnect_timeout = \"2s\"\n\n[deployments]\nenabled = false\n\n\
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+            pg.port()
+        ),
+    );
+    let poll = SessionPoll::start(&pg).await;
+    let handle = start(&dir).await;
+    let started = Instant::now();
+    let url = base(&handle);
+    let server = format!("127.0.0.1:{}", pg.port());
+
+    // The queue is visible in the metrics and /status, with the reason.
+    let status = eventually(
+        "waiting checks are reported",
+        Duration::from_secs(60),
+        || {
+            let (url, server) = (url.clone(), server.clone());
+            async move {
+                let (_, body) = get(&format!("{url}/metrics")).await;
+                let m = parse_metrics(&body);
+                let queue = m
+                    .metric("deploywatch_server_session_queue")
+                    .label("server", &server)
+                    .value_opt()?;
+                let oldest = m
+                    .metric("deploywatch_server_session_oldest_wait_seconds")
+                    .label("server", &server)
+                    .value_opt()?;
+                if queue < 1.0 || oldest <= 0.0 {
+                    return None;
+                }
+                let (_, status) = get(&format!("{url}/status")).await;
+                let json: serde_json::Value = serde_json::from_str(&status).ok()?;
+                let server = json["servers"].as_array()?.first()?.clone();
+                (server["queue"].as_u64()? > 0 && server["oldest_wait_seconds"].as_f64()? > 0.0)
+                    .then_some(server)
+            }
+        },
+    )
+    .await;
+    assert_eq!(status["server"], server.as_str(), "{status}");
+    assert_eq!(status["limit"], 2, "{status}");
+    assert_eq!(status["configured"], 4, "{status}");
+    assert_eq!(status["max_connections"], 30, "{status}");
+    let reason = status["limited_by"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("max_connections") && reason.contains("10 %"),
+        "{status}"
+    );
+    assert!(
+        status["oldest_waiting"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("tenants/tenant_")),
+        "{status}"
+    );
+
+    // Checks that could not get a session within their interval are skipped, with the reason.
+    let skipped = eventually(
+        "a check is skipped for lack of a session",
+        Duration::from_secs(60),
+        || {
+            let url = url.clone();
+            async move {
+                let (_, body) = get(&format!("{url}/metrics")).await;
+                let m = parse_metrics(&body);
+                let total: f64 = m
+                    .metric("deploywatch_check_skipped_total")
+                    .label("reason", "no_session")
+                    .samples()
+                    .iter()
+                    .map(|s| match s.value {
+                        prometheus_parse::Value::Counter(v)
+                        | prometheus_parse::Value::Untyped(v) => v,
+                        _ => 0.0,
+                    })
+                    .sum();
+                (total > 0.0).then_some(body)
+            }
+        },
+    )
+    .await;
+    let m = parse_metrics(&skipped);
+    assert_eq!(
+        m.metric("deploywatch_server_session_limit")
+            .label("server", &server)
+            .value(),
+        2.0
+    );
+    let (_, text) = get(&format!("{url}/status?format=text")).await;
+    assert!(text.contains("no session"), "{text}");
+
+    // The application still gets in while deploywatch runs.
+    for _ in 0..3 {
+        let (client, connection) =
+            tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("the application can still connect");
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.expect("and query");
+    }
+    assert!(
+        poll.max_since(started) <= 2,
+        "deploywatch stayed inside its share, saw {} sessions",
+        poll.max_since(started)
+    );
+    assert!(poll.polls() > 20);
+    drop(application);
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+fn up(body: &str) -> Vec<(String, f64)> {
+    let m = parse_metrics(body);
+    let mut up: Vec<(String, f64)> = m
+        .metric("deploywatch_up")
+        .samples()
+        .iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            Some((s.labels.get("target")?.to_string(), value))
+        })
+        .collect();
+    up.sort_by(|a, b| a.0.cmp(&b.0));
+    up
+}
+
+/// A rediscovery that fails after a success (the server is down) keeps every known database as
+/// a target, shown unreachable, with its deployment; they come back with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() {
+    let mut pg = fleet_cluster(50);
+    let names = vec![
+        "tenant_a".to_string(),
+        "tenant_b".to_string(),
+        "tenant_c".to_string(),
+    ];
+    create_fleet(&pg, "", &names);
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/one.toml",
+        "[pack]\nname = \"one\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
+             [deployments]\nsample_interval = \"1s\"\n\n\
+             [[deployments.declared]]\ntarget = \"tenants/tenant_a\"\nversion = \"2.0.0\"\nat = \"2026-01-01T00:00:00Z\"\n\n\
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+            pg.port()
+        ),
+    );
+    let handle = start(&dir).await;
+    let url = base(&handle);
+    let all = |value: f64| -> Vec<(String, f64)> {
+        names
+            .iter()
+            .map(|n| (format!("tenants/{n}"), value))
+            .collect()
+    };
+    let wait_up = |want: Vec<(String, f64)>, what: &'static str| {
+        let url = url.clone();
+        async move {
+            eventually(what, Duration::from_secs(60), || {
+                let (url, want) = (url.clone(), want.clone());
+                async move {
+                    let (_, body) = get(&format!("{url}/metrics")).await;
+                    (up(&body) == want).then_some(())
+                }
+            })
+            .await
+        }
+    };
+    wait_up(all(1.0), "the three databases are watched").await;
+    let deployment_id = eventually(
+        "the declared deployment is tracked",
+        Duration::from_secs(30),
+        || async {
+            handle
+                .state
+                .snapshot()
+                .deployments
+                .get("tenants/tenant_a")
+                .map(|d| d.id)
+        },
+    )
+    .await;
+
+    pg.stop().expect("stop the server");
+    // The failed rediscovery shows on the entry itself; the databases stay, unreachable.
+    let mut want = all(0.0);
+    want.insert(0, ("tenants".to_string(), 0.0));
+    wait_up(want.clone(), "the databases are kept, unreachable").await;
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_secs(4) {
+        let (_, body) = get(&format!("{url}/metrics")).await;
+        assert_eq!(up(&body), want, "kept through further failed rediscoveries");
+        let snapshot = handle.state.snapshot();
+        assert_eq!(
+            snapshot.deployments.get("tenants/tenant_a").map(|d| d.id),
+            Some(deployment_id),
+            "the deployment is kept"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, status) = get(&format!("{url}/status?target=tenants/tenant_b")).await;
+    assert!(status.contains("\"reachable\": false") || status.contains("\"reachable\":false"), "{status}");
+
+    pg.start_again().expect("start the server again");
+    wait_up(all(1.0), "the databases come back with the server").await;
+    assert_eq!(
+        handle
+            .state
+            .snapshot()
+            .deployments
+            .get("tenants/tenant_a")
+            .map(|d| d.id),
+        Some(deployment_id)
+    );
+    handle.shutdown().await.expect("clean shutdown");
+}
+
+/// pg_stat_statements and pg_stat_activity are server-wide: with ten databases sampled every
+/// second, they are queried once per second, not ten times (counted in pg_stat_statements).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_wide_views_are_read_once_per_server_per_interval() {
+    let pg = fleet_cluster(50);
+    let names = tenant_names(10);
+    create_fleet(&pg, "CREATE EXTENSION pg_stat_statements", &names);
+    pg.psql("postgres", "CREATE EXTENSION pg_stat_statements")
+        .expect("extension");
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/one.toml",
+        "[pack]\nname = \"one\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\ninterval = \"1m\"\nsql = \"SELECT 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ntimeout = \"5s\"\n\n[deployments]\nsample_interval = \"1s\"\n\n\
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+            pg.port()
+        ),
+    );
+    let handle = start(&dir).await;
+    eventually(
+        "every database is sampled",
+        Duration::from_secs(60),
+        || async {
+            let snapshot = handle.state.snapshot();
+            (snapshot.targets.len() == 10
+                && snapshot.targets.values().all(|t| t.connections.is_some()))
+            .then_some(())
+        },
+    )
+    .await;
+
+    let (client, connection) =
+        tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    client
+        .simple_query("SELECT /* fleet-test */ pg_stat_statements_reset()")
+        .await
+        .expect("reset");
+    let reset_at = Instant::now();
+    let count = |pattern: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT /* fleet-test */ coalesce(sum(calls), 0)::float8 FROM pg_stat_statements \
+                     WHERE query ILIKE $1 AND query NOT ILIKE '%fleet-test%'",
+                    &[&pattern],
+                )
+                .await
+                .expect("count");
+            row.get::<_, f64>(0)
+        }
+    };
+    let (statements, activity, elapsed) = eventually(
+        "the server-wide views were read a few times",
+        Duration::from_secs(60),
+        || async {
+            let statements = count("%.pg_stat_statements%").await;
+            let activity = count("%pg_stat_activity%").await;
+            let elapsed = reset_at.elapsed().as_secs_f64();
+            (statements >= 4.0 && activity >= 4.0).then_some((statements, activity, elapsed))
+        },
+    )
+    .await;
+    let intervals = elapsed / 1.0;
+    assert!(
+        statements <= intervals + 2.0,
+        "pg_stat_statements read {statements} times in {elapsed:.1}s (once per second expected)"
+    );
+    assert!(
+        activity <= intervals + 2.0,
+        "pg_stat_activity read {activity} times in {elapsed:.1}s (once per second expected)"
+    );
+    // The per-database views are still read per database.
+    let per_database = count("%pg_stat_user_tables%").await;
+    assert!(per_database >= 10.0, "per-database views per database: {per_database}");
+    handle.shutdown().await.expect("clean shutdown");
+}
