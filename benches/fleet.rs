@@ -9,6 +9,7 @@
 //! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies). Prints a Markdown row
 //! for BENCHMARKS.md.
 
+#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -55,7 +56,11 @@ fn server_cpu(postmaster: u32) -> f64 {
     let mut total = own + reaped;
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             if let Some((cpu, _, ppid)) = proc_cpu(pid) {
@@ -261,7 +266,9 @@ async fn main() {
         "| check runs | {runs:.0} ({:.1}/s), errors {errors:.0} |",
         runs / elapsed
     );
-    println!("| checks skipped for lack of a session | {no_session:.0} (all skips: {skipped:.0}) |");
+    println!(
+        "| checks skipped for lack of a session | {no_session:.0} (all skips: {skipped:.0}) |"
+    );
     println!(
         "| server CPU, all processes | {:.1} % of one core ({server_cpu_used:.1} CPU s) |",
         100.0 * server_cpu_used / elapsed

@@ -34,7 +34,8 @@ fn create_fleet(pg: &PgCluster, setup: &str, names: &[String]) {
         .collect();
     let file = tempfile::NamedTempFile::new().expect("script file");
     std::fs::write(file.path(), script).expect("script");
-    pg.psql_file("postgres", file.path()).expect("create the fleet");
+    pg.psql_file("postgres", file.path())
+        .expect("create the fleet");
 }
 
 fn tenant_names(count: usize) -> Vec<String> {
@@ -151,7 +152,8 @@ fn application_load(pg: &PgCluster, clients: usize, cancel: &CancellationToken) 
     for _ in 0..clients {
         let (url, cancel) = (pg.connection_string("postgres"), cancel.clone());
         tokio::spawn(async move {
-            let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+            let Ok((client, connection)) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls).await
             else {
                 return;
             };
@@ -475,6 +477,7 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
     ];
     create_fleet(&pg, "", &names);
     let dir = ConfigDir::new();
+    dir.write("token", "fleet-token");
     dir.write(
         "checks/one.toml",
         "[pack]\nname = \"one\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
@@ -482,9 +485,9 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
     dir.write(
         "deploywatch.toml",
         &format!(
-            "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
+            "[server]\napi_token_file = \"token\"\n\n\
+             [defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
              [deployments]\nsample_interval = \"1s\"\n\n\
-             [[deployments.declared]]\ntarget = \"tenants/tenant_a\"\nversion = \"2.0.0\"\nat = \"2026-01-01T00:00:00Z\"\n\n\
              [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
             pg.port()
         ),
@@ -511,8 +514,18 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
         }
     };
     wait_up(all(1.0), "the three databases are watched").await;
+    let announcement = deploywatch::client::Announcement {
+        target: Some("tenants/tenant_a"),
+        version: "2.0.0",
+        note: None,
+        started_at: None,
+    };
+    let (code, answer) = deploywatch::client::announce(&url, "fleet-token", &announcement)
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 201, "{answer}");
     let deployment_id = eventually(
-        "the declared deployment is tracked",
+        "the announced deployment is tracked",
         Duration::from_secs(30),
         || async {
             handle
@@ -543,7 +556,10 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let (_, status) = get(&format!("{url}/status?target=tenants/tenant_b")).await;
-    assert!(status.contains("\"reachable\": false") || status.contains("\"reachable\":false"), "{status}");
+    assert!(
+        status.contains("\"reachable\": false") || status.contains("\"reachable\":false"),
+        "{status}"
+    );
 
     pg.start_again().expect("start the server again");
     wait_up(all(1.0), "the databases come back with the server").await;
@@ -640,6 +656,9 @@ async fn server_wide_views_are_read_once_per_server_per_interval() {
     );
     // The per-database views are still read per database.
     let per_database = count("%pg_stat_user_tables%").await;
-    assert!(per_database >= 10.0, "per-database views per database: {per_database}");
+    assert!(
+        per_database >= 10.0,
+        "per-database views per database: {per_database}"
+    );
     handle.shutdown().await.expect("clean shutdown");
 }

@@ -64,6 +64,7 @@ pub async fn check_with_warnings(
     let Expanded {
         mut config,
         failures,
+        ..
     } = discovery::expand(&config).await;
     if let Some(name) = target {
         // A template's name selects every database discovered under it.

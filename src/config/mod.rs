@@ -141,6 +141,8 @@ struct RawDefaults {
     lock_timeout: Option<String>,
     connect_timeout: Option<String>,
     max_connections_per_target: Option<i64>,
+    max_connections_per_server: Option<i64>,
+    server_connection_share: Option<f64>,
     max_series: Option<i64>,
     discovery_interval: Option<String>,
     sweep_period: Option<String>,
@@ -257,6 +259,11 @@ pub struct Defaults {
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_connections_per_target: usize,
+    /// Sessions to one server (host and port), all its targets and databases together.
+    pub max_connections_per_server: usize,
+    /// Share of the server's `max_connections` (minus reserved connections) deploywatch may
+    /// take, whatever `max_connections_per_server` says.
+    pub server_connection_share: f64,
     pub max_series: usize,
     /// How often targets with `databases` patterns ask their server again.
     pub discovery_interval: Duration,
@@ -685,6 +692,25 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             d.max_connections_per_target,
             2,
         ),
+        max_connections_per_server: positive(
+            problems,
+            path,
+            "defaults.max_connections_per_server",
+            d.max_connections_per_server,
+            crate::postgres::pool::DEFAULT_SESSIONS_PER_SERVER,
+        ),
+        server_connection_share: match d.server_connection_share {
+            None => crate::postgres::pool::DEFAULT_SERVER_SHARE,
+            Some(share) if share > 0.0 && share <= 1.0 => share,
+            Some(share) => {
+                problems.push(
+                    path,
+                    "defaults.server_connection_share",
+                    format!("must be above 0 and at most 1 (0.1 = 10 %), found {share}"),
+                );
+                crate::postgres::pool::DEFAULT_SERVER_SHARE
+            }
+        },
         max_series: positive(problems, path, "defaults.max_series", d.max_series, 500),
         discovery_interval: parse_duration(
             problems,

@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::postgres::pool::Servers;
 use crate::server::http::{self, AppContext, HttpSettings};
 use crate::server::metrics::{self, MetricsError};
 use crate::storage::incremental::ProgressStore;
 use crate::storage::Store;
-use crate::watch::discovery::{self, Expanded};
+use crate::watch::discovery::{self, Expanded, Known};
 use crate::watch::scheduler::{self, Pools};
 use crate::watch::state::State;
 use crate::watch::tracker::{self, Announcer};
@@ -73,8 +74,10 @@ impl DaemonHandle {
 struct Generation {
     /// The configuration as loaded, discovery templates unexpanded.
     base: Arc<Config>,
-    /// The targets that run and the templates that could not be expanded.
-    shape: (Vec<String>, Vec<String>),
+    /// The targets that run, with their settings.
+    shape: Vec<String>,
+    /// Every template's databases as last listed.
+    known: Known,
     pools: Pools,
     cancel: CancellationToken,
 }
@@ -149,12 +152,9 @@ fn start_generation(
     rt: &Runtime<'_>,
 ) -> Generation {
     let shape = expanded.shape();
-    let config = expanded.config;
-    let pools = Pools::for_config(previous, &config);
-    rt.state.apply_config(&config, rt.state.now());
-    for (name, message) in expanded.failures {
-        rt.state.set_unreachable(&name, message);
-    }
+    let pools = Pools::for_config(previous, &expanded.config);
+    show(&expanded, rt.state);
+    let (config, known) = (expanded.config, expanded.known);
     let cancel = rt.root.child_token();
     scheduler::start(&config, &pools, rt.state, rt.progress, rt.tasks, &cancel);
     tracker::start(
@@ -169,8 +169,24 @@ fn start_generation(
     Generation {
         base,
         shape,
+        known,
         pools,
         cancel,
+    }
+}
+
+/// Makes the state show an expansion: its targets, the templates that could not be asked, and
+/// the databases kept from their last good list, as unreachable until a check says otherwise.
+fn show(expanded: &Expanded, state: &State) {
+    state.apply_config(&expanded.config, state.now());
+    for (name, message) in &expanded.failures {
+        state.set_unreachable(name, message.clone());
+        let prefix = format!("{name}/");
+        for target in &expanded.config.targets {
+            if target.name.starts_with(&prefix) {
+                state.set_unreachable(&target.name, message.clone());
+            }
+        }
     }
 }
 
@@ -213,8 +229,16 @@ async fn main_loop(
         root: &root,
     };
     let base = Arc::new(config);
+    // The session budgets of the servers, kept for the life of the process.
+    let servers = Servers::default();
+    tasks.spawn(publish_servers(
+        servers.clone(),
+        state.clone(),
+        root.clone(),
+    ));
+    let nothing_known = Known::default();
     let expanded = tokio::select! {
-        expanded = discovery::expand(&base) => expanded,
+        expanded = discovery::expand_on(&base, &servers, &nothing_known) => expanded,
         // A shutdown asked for while the servers are still being asked for their databases.
         _ = wait_for_shutdown(&mut events) => {
             http_cancel.cancel();
@@ -228,7 +252,8 @@ async fn main_loop(
         checks = expanded.config.targets.iter().map(|t| t.checks.len()).sum::<usize>(),
         "deploywatch started"
     );
-    let mut generation = start_generation(base, expanded, &Pools::default(), &rt);
+    let mut generation =
+        start_generation(base, expanded, &Pools::with_servers(servers.clone()), &rt);
 
     // Discovery passes run beside the loop; `epoch` tells a pass started before a reload
     // from a current one.
@@ -245,7 +270,7 @@ async fn main_loop(
                         if new_config.server.listen != generation.base.server.listen {
                             tracing::warn!("server.listen changed; the new address takes effect after a restart");
                         }
-                        let expanded = discovery::expand(&new_config).await;
+                        let expanded = discovery::expand_on(&new_config, &servers, &generation.known).await;
                         tracing::info!(config = %new_config.source.display(), "configuration reloaded");
                         rediscover = discovery_timer(&new_config);
                         epoch += 1;
@@ -261,9 +286,10 @@ async fn main_loop(
             _ = rediscover.tick(), if !discovering && discovery::has_templates(&generation.base) => {
                 discovering = true;
                 let (base, found, cancel, pass) = (generation.base.clone(), found_tx.clone(), root.clone(), epoch);
+                let (servers, known) = (servers.clone(), generation.known.clone());
                 tasks.spawn(async move {
                     tokio::select! {
-                        expanded = discovery::expand(&base) => { let _ = found.send((pass, expanded)).await; }
+                        expanded = discovery::expand_on(&base, &servers, &known) => { let _ = found.send((pass, expanded)).await; }
                         _ = cancel.cancelled() => {}
                     }
                 });
@@ -274,13 +300,17 @@ async fn main_loop(
                     continue;
                 }
                 if expanded.shape() != generation.shape {
-                    tracing::info!(targets = ?expanded.shape().0, "discovered databases changed");
+                    tracing::info!(
+                        targets = expanded.config.targets.iter().filter(|t| t.discover.is_none()).count(),
+                        "discovered databases changed"
+                    );
                     let base = generation.base.clone();
                     restart(&mut generation, base, expanded, &rt);
                 } else {
-                    for (name, message) in expanded.failures {
-                        state.set_unreachable(&name, message);
-                    }
+                    // The same targets: they keep running; only what is shown changes (a
+                    // template whose server could not be asked, or could again).
+                    show(&expanded, &state);
+                    generation.known = expanded.known;
                 }
             }
         }
@@ -297,6 +327,20 @@ async fn main_loop(
     let _ = http_task.await;
     tracing::info!("deploywatch stopped");
     Ok(())
+}
+
+/// Copies the servers' session budgets into the state every second, for `/status` and the
+/// metrics.
+async fn publish_servers(servers: Servers, state: Arc<State>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => state.set_servers(servers.views(std::time::Instant::now())),
+        }
+    }
 }
 
 /// Resolves when a shutdown is asked for (or nobody can ask any more); reloads are dropped, as

@@ -1,10 +1,12 @@
-//! Lists the databases of a server for discovery, through the same capped, read-only path
-//! checks use. Templates and databases that refuse connections are never listed.
+//! Lists the databases of a server for discovery, through the same read-only path checks use
+//! and a session of the server's budget. Templates and databases that refuse connections are
+//! never listed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checks::outcome::Cell;
-use crate::postgres::pool::TargetPool;
+use crate::postgres::pool::{Connector, ServerPool, TargetPool};
 use crate::postgres::runner::query_read_only;
 use crate::postgres::target::ConnectionSettings;
 
@@ -30,16 +32,17 @@ pub struct ListTimeouts {
 }
 
 /// The names of the databases of `connection`'s server that accept connections, asked from
-/// its maintenance database with one session that is closed afterwards.
+/// its maintenance database with one session of the server's budget (`budget`).
 pub async fn list_databases(
     name: &str,
     connection: &ConnectionSettings,
     timeouts: ListTimeouts,
+    budget: Arc<ServerPool>,
 ) -> Result<Vec<String>, DiscoveryError> {
     let server = connection.display.clone();
-    let pool = TargetPool::new(
-        name,
-        connection.clone(),
+    let pool = TargetPool::on_server(
+        budget,
+        Arc::new(Connector::new(name, connection.clone())),
         1,
         timeouts.connect * 2 + timeouts.statement,
         timeouts.connect,
@@ -52,7 +55,6 @@ pub async fn list_databases(
         timeouts.lock,
     )
     .await;
-    pool.close();
     let table = result.map_err(|error| DiscoveryError::Query {
         server: server.clone(),
         message: error.message,

@@ -1,21 +1,48 @@
-//! A capped pool of sessions to one target.
+//! Sessions to PostgreSQL servers, under a budget per server.
 //!
-//! deadpool provides the cap and the queue: however many checks are due, at most
-//! `max_connections` sessions exist and the rest wait their turn. This module adds what a
-//! monitoring tool needs on top: the password is read from its source on every connect,
-//! failed connects back off exponentially up to a ceiling (so a down database is not hammered),
-//! and a session whose server stopped answering is discarded rather than reused.
+//! Every target that reaches the same server (host and port) — the databases one discovery entry
+//! found, or several entries naming the same server — draws its sessions from one
+//! [`ServerPool`]. At most `max_connections_per_server` sessions exist to that server at any
+//! moment, whichever databases they are open on, and never more than `server_connection_share`
+//! of the server's own `max_connections` minus its reserved connections (read from the server
+//! on the first session, and again whenever its statistics are sampled; until then one session).
+//! A target is also held to its own cap (`max_connections`).
+//!
+//! PostgreSQL sessions belong to one database, so a session is opened when a check of its
+//! database needs one and closed once it has been idle for [`IDLE_TIMEOUT`], or at once when a
+//! check of another database waits for the slot. Waiting checks queue in arrival order; an idle
+//! session goes first to a waiting check of its own database (no reconnect). The queue — its
+//! length, the oldest waiting check — is visible through [`ServerPool::view`].
+//!
+//! A closing session keeps its place in the budget until its socket is closed, and a reload
+//! keeps the server pools (only the budget changes), so the sessions of the previous
+//! configuration count until they are gone: the budget holds across a reload.
+//!
+//! On top of that, per target: the password is read from its source on every connect, failed
+//! connects back off exponentially up to a ceiling (a down database is not hammered), and a
+//! session whose server stopped answering is discarded rather than reused. deadpool, used before,
+//! pools per key and cannot share one cap between keys nor evict an idle session of one
+//! database for a waiter of another, which is the whole point here.
 
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::postgres::target::{ConnectionSettings, TargetError};
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CEILING: Duration = Duration::from_secs(30);
+/// An idle session is closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing session may take to say goodbye before its socket is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Default sessions per server, all its databases together.
+pub const DEFAULT_SESSIONS_PER_SERVER: usize = 4;
+/// Default share of the server's usable connections deploywatch may take.
+pub const DEFAULT_SERVER_SHARE: f64 = 0.1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -29,20 +56,582 @@ pub enum PoolError {
         remaining: f64,
         last_error: String,
     },
-    #[error("no session to {target} became free within {waited:?}")]
-    Exhausted { target: String, waited: Duration },
+    #[error("no session to {server} became free within {waited:.1?} ({queue} waiting, {limit} allowed: {limited_by})")]
+    Exhausted {
+        server: String,
+        waited: Duration,
+        queue: usize,
+        limit: usize,
+        limited_by: String,
+    },
 }
 
-/// An open session. Dropping it closes the session: the task driving the socket is aborted,
-/// so a session stuck on a hung server cannot outlive its client.
+/// The server's connection limits, as read from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerLimits {
+    pub max_connections: u32,
+    /// `superuser_reserved_connections` plus `reserved_connections` (PostgreSQL 16+).
+    pub reserved: u32,
+}
+
+/// A server pool as shown in `/status` and the metrics.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ServerView {
+    /// `host:port`
+    pub server: String,
+    /// Sessions that may exist now.
+    pub limit: usize,
+    /// `max_connections_per_server`.
+    pub configured: usize,
+    pub max_connections: Option<u32>,
+    pub reserved_connections: Option<u32>,
+    /// Why the limit is what it is.
+    pub limited_by: String,
+    /// Sessions open (in use, idle or closing).
+    pub open: usize,
+    pub in_use: usize,
+    pub idle: usize,
+    /// Checks and samplers waiting for a session.
+    pub queue: usize,
+    pub oldest_wait_seconds: Option<f64>,
+    /// Who has waited longest (`target check`).
+    pub oldest_waiting: Option<String>,
+}
+
+/// An open session. Dropping it closes the session; its place in the server's budget is given
+/// back once the socket is closed.
 pub struct Session {
     pub client: tokio_postgres::Client,
-    driver: JoinHandle<()>,
+    driver: Option<JoinHandle<()>>,
+    slot: Option<Slot>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.driver.abort();
+        let mut slot = self.slot.take();
+        if let Some(slot) = slot.as_mut() {
+            slot.mark_closing();
+        }
+        let Some(mut driver) = self.driver.take() else {
+            return;
+        };
+        // The client is dropped right after this: the driver then says goodbye (Terminate) and
+        // ends. A server that does not answer gets its socket cut after the grace.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if tokio::time::timeout(CLOSE_GRACE, &mut driver)
+                        .await
+                        .is_err()
+                    {
+                        driver.abort();
+                    }
+                    drop(slot);
+                });
+            }
+            Err(_) => driver.abort(),
+        }
+    }
+}
+
+impl Session {
+    fn is_broken(&self) -> bool {
+        self.client.is_closed() || self.driver.as_ref().is_none_or(|d| d.is_finished())
+    }
+}
+
+/// One place in a server's budget, held by a session (or a connect in progress) until it is
+/// closed.
+struct Slot {
+    pool: Arc<ServerPool>,
+    target: Arc<str>,
+    closing: bool,
+    /// False once the place was given back by other means (a grant nobody took).
+    armed: bool,
+}
+
+impl Slot {
+    fn mark_closing(&mut self) {
+        if !self.closing && self.armed {
+            self.closing = true;
+            self.pool.lock().closing += 1;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let closed = {
+            let mut inner = self.pool.lock();
+            inner.free(&self.target, self.closing);
+            inner.dispatch(&self.pool, Instant::now())
+        };
+        drop(closed);
+    }
+}
+
+enum Grant {
+    /// An idle session of the waiter's database.
+    Idle(Session),
+    /// A place in the budget: the waiter opens the session.
+    Open(Slot),
+}
+
+struct IdleSession {
+    ident: Arc<str>,
+    since: Instant,
+    session: Session,
+}
+
+struct Waiter {
+    ticket: u64,
+    target: Arc<str>,
+    ident: Arc<str>,
+    cap: usize,
+    what: Arc<str>,
+    since: Instant,
+    reply: oneshot::Sender<Grant>,
+}
+
+struct Inner {
+    configured: usize,
+    share: f64,
+    limits: Option<ServerLimits>,
+    /// Places taken: sessions connecting, in use, idle or closing.
+    open: usize,
+    closing: usize,
+    per_target: HashMap<Arc<str>, usize>,
+    /// Oldest first.
+    idle: VecDeque<IdleSession>,
+    waiters: VecDeque<Waiter>,
+    next_ticket: u64,
+}
+
+/// The sessions allowed for a server's `max_connections` (minus the reserved ones) at `share`.
+pub fn share_of(limits: ServerLimits, share: f64) -> usize {
+    let usable = f64::from(limits.max_connections.saturating_sub(limits.reserved));
+    ((usable * share).floor() as usize).max(1)
+}
+
+impl Inner {
+    fn share_cap(&self) -> Option<usize> {
+        self.limits.map(|l| share_of(l, self.share))
+    }
+
+    fn limit(&self) -> usize {
+        match self.share_cap() {
+            Some(cap) => self.configured.min(cap),
+            // One session until the server has told its limits.
+            None => 1,
+        }
+        .max(1)
+    }
+
+    fn limited_by(&self) -> String {
+        match (self.limits, self.share_cap()) {
+            (Some(l), Some(cap)) if cap < self.configured => format!(
+                "{:.0} % of the server's max_connections {} minus {} reserved connections",
+                self.share * 100.0,
+                l.max_connections,
+                l.reserved
+            ),
+            (Some(_), _) => "max_connections_per_server".to_string(),
+            (None, _) => "the server's max_connections are not known yet".to_string(),
+        }
+    }
+
+    fn free(&mut self, target: &Arc<str>, closing: bool) {
+        self.open = self.open.saturating_sub(1);
+        if closing {
+            self.closing = self.closing.saturating_sub(1);
+        }
+        if let Some(n) = self.per_target.get_mut(target) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_target.remove(target);
+            }
+        }
+    }
+
+    /// Takes the idle session at `index` out to be closed (dropped by the caller, outside the
+    /// lock).
+    fn close_idle(&mut self, index: usize) -> Option<Session> {
+        let mut idle = self.idle.remove(index)?;
+        if let Some(slot) = idle.session.slot.as_mut() {
+            if !slot.closing {
+                slot.closing = true;
+                self.closing += 1;
+            }
+        }
+        Some(idle.session)
+    }
+
+    /// Hands out what can be handed out. Returns the sessions to close, which the caller drops
+    /// after releasing the lock.
+    fn dispatch(&mut self, pool: &Arc<ServerPool>, now: Instant) -> Vec<Session> {
+        let mut closed = Vec::new();
+        while self
+            .idle
+            .front()
+            .is_some_and(|s| now.duration_since(s.since) >= IDLE_TIMEOUT)
+        {
+            closed.extend(self.close_idle(0));
+        }
+        let limit = self.limit();
+        while self.open.saturating_sub(self.closing) > limit && !self.idle.is_empty() {
+            closed.extend(self.close_idle(0));
+        }
+        // An idle session goes to a waiter of its own database first.
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let Some(pos) = self
+                .idle
+                .iter()
+                .position(|s| s.ident == self.waiters[i].ident)
+            else {
+                i += 1;
+                continue;
+            };
+            let Some(waiter) = self.waiters.remove(i) else {
+                break;
+            };
+            let Some(idle) = self.idle.remove(pos) else {
+                self.waiters.insert(i, waiter);
+                break;
+            };
+            if let Err(Grant::Idle(session)) = waiter.reply.send(Grant::Idle(idle.session)) {
+                // The waiter gave up in the meantime: the session stays idle.
+                self.idle.insert(
+                    pos,
+                    IdleSession {
+                        ident: idle.ident,
+                        since: idle.since,
+                        session,
+                    },
+                );
+            }
+        }
+        // New sessions, in arrival order, within the budget and each target's cap.
+        let mut needing = 0;
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let waiter = &self.waiters[i];
+            let target_open = self.per_target.get(&waiter.target).copied().unwrap_or(0);
+            if target_open >= waiter.cap {
+                i += 1;
+                continue;
+            }
+            if self.open >= limit {
+                needing += 1;
+                i += 1;
+                continue;
+            }
+            let Some(waiter) = self.waiters.remove(i) else {
+                break;
+            };
+            self.open += 1;
+            *self.per_target.entry(waiter.target.clone()).or_insert(0) += 1;
+            let slot = Slot {
+                pool: pool.clone(),
+                target: waiter.target.clone(),
+                closing: false,
+                armed: true,
+            };
+            if let Err(Grant::Open(mut slot)) = waiter.reply.send(Grant::Open(slot)) {
+                slot.armed = false;
+                self.free(&waiter.target, false);
+            }
+        }
+        // Idle sessions of other databases make room for waiters that need a new one.
+        while self.closing < needing && !self.idle.is_empty() {
+            closed.extend(self.close_idle(0));
+        }
+        closed
+    }
+}
+
+/// The sessions deploywatch holds to one server, shared by every target that reaches it.
+pub struct ServerPool {
+    server: String,
+    inner: Mutex<Inner>,
+}
+
+impl ServerPool {
+    pub fn new(server: &str, configured: usize, share: f64) -> Arc<ServerPool> {
+        let pool = Arc::new(ServerPool {
+            server: server.to_string(),
+            inner: Mutex::new(Inner {
+                configured: configured.max(1),
+                share,
+                limits: None,
+                open: 0,
+                closing: 0,
+                per_target: HashMap::new(),
+                idle: VecDeque::new(),
+                waiters: VecDeque::new(),
+                next_ticket: 0,
+            }),
+        });
+        // Closes idle sessions on time; ends once nothing refers to the pool any more.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    if Arc::strong_count(&pool) == 1 + pool.lock().open {
+                        // Only its own sessions keep it: close them all and stop.
+                        pool.close_idle();
+                    }
+                    let closed = pool.lock().dispatch(&pool, Instant::now());
+                    drop(closed);
+                }
+            });
+        }
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves the counters consistent before it can panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// A new budget and share (a reload). Sessions beyond it are closed as they become idle;
+    /// none is opened until the count is below it.
+    pub fn set_budget(self: &Arc<Self>, configured: usize, share: f64) {
+        let closed = {
+            let mut inner = self.lock();
+            inner.configured = configured.max(1);
+            inner.share = share;
+            inner.dispatch(self, Instant::now())
+        };
+        drop(closed);
+    }
+
+    /// The server's limits, as just read from it.
+    pub fn set_limits(self: &Arc<Self>, limits: ServerLimits) {
+        let closed = {
+            let mut inner = self.lock();
+            if inner.limits == Some(limits) {
+                return;
+            }
+            inner.limits = Some(limits);
+            inner.dispatch(self, Instant::now())
+        };
+        drop(closed);
+    }
+
+    fn knows_limits(&self) -> bool {
+        self.lock().limits.is_some()
+    }
+
+    /// Closes every idle session (shutdown, or a target that went away).
+    pub fn close_idle(&self) {
+        let closed: Vec<Session> = {
+            let mut inner = self.lock();
+            let mut closed = Vec::new();
+            while !inner.idle.is_empty() {
+                closed.extend(inner.close_idle(0));
+            }
+            closed
+        };
+        drop(closed);
+    }
+
+    pub fn view(&self, now: Instant) -> ServerView {
+        let inner = self.lock();
+        let oldest = inner.waiters.iter().min_by_key(|w| w.since);
+        ServerView {
+            server: self.server.clone(),
+            limit: inner.limit(),
+            configured: inner.configured,
+            max_connections: inner.limits.map(|l| l.max_connections),
+            reserved_connections: inner.limits.map(|l| l.reserved),
+            limited_by: inner.limited_by(),
+            open: inner.open,
+            in_use: inner
+                .open
+                .saturating_sub(inner.idle.len())
+                .saturating_sub(inner.closing),
+            idle: inner.idle.len(),
+            queue: inner.waiters.len(),
+            oldest_wait_seconds: oldest.map(|w| now.duration_since(w.since).as_secs_f64()),
+            oldest_waiting: oldest.map(|w| w.what.to_string()),
+        }
+    }
+
+    /// Waits up to `wait` for a session of `ident` (or a place to open one).
+    async fn acquire(
+        self: &Arc<Self>,
+        target: &Arc<str>,
+        ident: &Arc<str>,
+        cap: usize,
+        what: &str,
+        wait: Duration,
+    ) -> Result<Grant, PoolError> {
+        let (reply, mut answer) = oneshot::channel();
+        let (ticket, closed) = {
+            let mut inner = self.lock();
+            let ticket = inner.next_ticket;
+            inner.next_ticket += 1;
+            inner.waiters.push_back(Waiter {
+                ticket,
+                target: target.clone(),
+                ident: ident.clone(),
+                cap: cap.max(1),
+                what: Arc::from(what),
+                since: Instant::now(),
+                reply,
+            });
+            (ticket, inner.dispatch(self, Instant::now()))
+        };
+        drop(closed);
+        // Leaves the queue however this ends, the future dropped included.
+        let queued = Queued { pool: self, ticket };
+        let result = tokio::time::timeout(wait, &mut answer).await;
+        drop(queued);
+        match result {
+            Ok(Ok(grant)) => Ok(grant),
+            // Granted just as the wait ran out.
+            _ => match answer.try_recv() {
+                Ok(grant) => Ok(grant),
+                Err(_) => {
+                    let inner = self.lock();
+                    Err(PoolError::Exhausted {
+                        server: self.server.clone(),
+                        waited: wait,
+                        queue: inner.waiters.len(),
+                        limit: inner.limit(),
+                        limited_by: inner.limited_by(),
+                    })
+                }
+            },
+        }
+    }
+
+    fn release(self: &Arc<Self>, ident: Arc<str>, mut session: Session) {
+        let closed = {
+            let mut inner = self.lock();
+            let mut closed = inner.dispatch(self, Instant::now());
+            if inner.open.saturating_sub(inner.closing) > inner.limit() {
+                if let Some(slot) = session.slot.as_mut() {
+                    slot.closing = true;
+                    inner.closing += 1;
+                }
+                closed.push(session);
+            } else {
+                inner.idle.push_back(IdleSession {
+                    ident,
+                    since: Instant::now(),
+                    session,
+                });
+                closed.extend(inner.dispatch(self, Instant::now()));
+            }
+            closed
+        };
+        drop(closed);
+    }
+
+    /// Reads the server's connection limits on a fresh session.
+    async fn learn_limits(self: &Arc<Self>, client: &tokio_postgres::Client) {
+        let sql = "BEGIN READ ONLY; SET LOCAL statement_timeout = 5000; \
+                   SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
+                   coalesce(current_setting('reserved_connections', true), '0'); ROLLBACK";
+        let answer = tokio::time::timeout(Duration::from_secs(6), client.simple_query(sql)).await;
+        let Ok(Ok(messages)) = answer else {
+            tracing::debug!(server = %self.server, "cannot read the server's connection limits yet");
+            return;
+        };
+        for message in messages {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                let n = |i: usize| row.get(i).and_then(|v| v.parse::<u32>().ok());
+                if let (Some(max), Some(superuser), Some(reserved)) = (n(0), n(1), n(2)) {
+                    self.set_limits(ServerLimits {
+                        max_connections: max,
+                        reserved: superuser + reserved,
+                    });
+                }
+            }
+        }
+    }
+}
+
+struct Queued<'a> {
+    pool: &'a Arc<ServerPool>,
+    ticket: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.pool.lock();
+        inner.waiters.retain(|w| w.ticket != self.ticket);
+    }
+}
+
+/// The server pools of a process, by `host:port`; kept across reloads.
+#[derive(Clone, Default)]
+pub struct Servers {
+    pools: Arc<Mutex<HashMap<String, Arc<ServerPool>>>>,
+}
+
+impl Servers {
+    /// The pool of `server`, created on first use, with this budget.
+    pub fn get(&self, server: &str, configured: usize, share: f64) -> Arc<ServerPool> {
+        let pool = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools
+                .entry(server.to_string())
+                .or_insert_with(|| ServerPool::new(server, configured, share))
+                .clone()
+        };
+        pool.set_budget(configured, share);
+        pool
+    }
+
+    /// Every server pool, for `/status` and the metrics.
+    pub fn views(&self, now: Instant) -> Vec<ServerView> {
+        let pools: Vec<Arc<ServerPool>> = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.values().cloned().collect()
+        };
+        let mut views: Vec<ServerView> = pools.iter().map(|p| p.view(now)).collect();
+        views.sort_by(|a, b| a.server.cmp(&b.server));
+        views
+    }
+
+    /// Forgets the servers no target reaches any more (their sessions close as they go idle).
+    pub fn retain(&self, used: &std::collections::HashSet<String>) {
+        let removed: Vec<Arc<ServerPool>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<String> = pools
+                .keys()
+                .filter(|k| !used.contains(*k))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|k| pools.remove(k)).collect()
+        };
+        for pool in removed {
+            pool.close_idle();
+        }
+    }
+
+    pub fn close_idle(&self) {
+        let pools: Vec<Arc<ServerPool>> = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.values().cloned().collect()
+        };
+        for pool in pools {
+            pool.close_idle();
+        }
     }
 }
 
@@ -60,20 +649,46 @@ impl Backoff {
     }
 }
 
-pub struct Manager {
+/// Opens sessions to one target, backing off after failures.
+pub struct Connector {
     target: String,
     settings: ConnectionSettings,
     backoff: Mutex<Backoff>,
 }
 
-impl managed::Manager for Manager {
-    type Type = Session;
-    type Error = PoolError;
-
-    async fn create(&self) -> Result<Session, PoolError> {
-        if let Some(error) = self.backing_off() {
-            return Err(error);
+impl Connector {
+    pub fn new(target: &str, settings: ConnectionSettings) -> Connector {
+        Connector {
+            target: target.to_string(),
+            settings,
+            backoff: Mutex::new(Backoff::default()),
         }
+    }
+
+    fn backing_off(&self) -> Option<PoolError> {
+        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let retry_at = backoff.retry_at?;
+        let now = Instant::now();
+        (retry_at > now).then(|| PoolError::BackingOff {
+            target: self.target.clone(),
+            remaining: (retry_at - now).as_secs_f64(),
+            last_error: backoff.last_error.clone(),
+        })
+    }
+
+    fn record_success(&self) {
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        *backoff = Backoff::default();
+    }
+
+    fn record_failure(&self, message: &str) {
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        backoff.failures = backoff.failures.saturating_add(1);
+        backoff.retry_at = Some(Instant::now() + Backoff::delay(backoff.failures));
+        backoff.last_error = message.to_string();
+    }
+
+    async fn connect(&self) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
         let config = self.settings.resolve()?;
         let tls = match self.settings.tls.client_config() {
             Ok(tls) => tls,
@@ -99,9 +714,9 @@ impl managed::Manager for Manager {
                 .map(|(client, connection)| (client, tokio::spawn(drive(connection, target)))),
         };
         match connected {
-            Ok((client, driver)) => {
+            Ok(pair) => {
                 self.record_success();
-                Ok(Session { client, driver })
+                Ok(pair)
             }
             Err(error) => {
                 let message = describe_connect_error(&error);
@@ -112,38 +727,6 @@ impl managed::Manager for Manager {
                 })
             }
         }
-    }
-
-    async fn recycle(&self, session: &mut Session, _: &Metrics) -> RecycleResult<PoolError> {
-        if session.client.is_closed() || session.driver.is_finished() {
-            return Err(RecycleError::message("session closed"));
-        }
-        Ok(())
-    }
-}
-
-impl Manager {
-    fn backing_off(&self) -> Option<PoolError> {
-        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        let retry_at = backoff.retry_at?;
-        let now = Instant::now();
-        (retry_at > now).then(|| PoolError::BackingOff {
-            target: self.target.clone(),
-            remaining: (retry_at - now).as_secs_f64(),
-            last_error: backoff.last_error.clone(),
-        })
-    }
-
-    fn record_success(&self) {
-        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        *backoff = Backoff::default();
-    }
-
-    fn record_failure(&self, message: &str) {
-        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        backoff.failures = backoff.failures.saturating_add(1);
-        backoff.retry_at = Some(Instant::now() + Backoff::delay(backoff.failures));
-        backoff.last_error = message.to_string();
     }
 }
 
@@ -173,19 +756,89 @@ pub fn describe_connect_error(error: &tokio_postgres::Error) -> String {
     message
 }
 
-/// The pool of one target.
+#[derive(Clone)]
+enum Home {
+    Server {
+        pool: Arc<ServerPool>,
+        ident: Arc<str>,
+    },
+    Pinned(Arc<Pin>),
+}
+
+/// A session lent to one query (or one pass); dropping it gives the session back.
+pub struct Lease {
+    session: Option<Session>,
+    home: Home,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        match &self.session {
+            Some(session) => session,
+            None => unreachable!("a lease holds its session until it is dropped or discarded"),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if session.is_broken() {
+            return;
+        }
+        match &self.home {
+            Home::Server { pool, ident } => pool.release(ident.clone(), session),
+            Home::Pinned(pin) => {
+                *pin.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
+            }
+        }
+    }
+}
+
+/// One session kept for a series of queries (a check run, a sampling pass).
+struct Pin {
+    session: Mutex<Option<Session>>,
+    pool: Arc<ServerPool>,
+    ident: Arc<str>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let session = self
+            .session
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(session) = session.filter(|s| !s.is_broken()) {
+            self.pool.release(self.ident.clone(), session);
+        }
+    }
+}
+
+/// A target's way to its server's sessions.
 #[derive(Clone)]
 pub struct TargetPool {
-    pool: managed::Pool<Manager>,
-    target: String,
+    server: Arc<ServerPool>,
+    connector: Arc<Connector>,
+    target: Arc<str>,
+    /// Which sessions can be reused for this target: its name and connection settings.
+    ident: Arc<str>,
+    cap: usize,
     wait: Duration,
     /// Bound on opening one session, handshake included: a server that accepts TCP but never
     /// answers (stopped, overloaded) must not hold a check forever.
     create: Duration,
+    pin: Option<Arc<Pin>>,
 }
 
 impl TargetPool {
-    /// `wait` bounds how long a check queues for a free session.
+    /// A pool with a server budget of its own (`max_connections` sessions); the daemon shares
+    /// one budget per server through [`TargetPool::on_server`]. `wait` bounds how long a query
+    /// queues for a session.
     pub fn new(
         target: &str,
         settings: ConnectionSettings,
@@ -193,63 +846,143 @@ impl TargetPool {
         wait: Duration,
         connect_timeout: Duration,
     ) -> TargetPool {
-        let manager = Manager {
-            target: target.to_string(),
-            settings,
-            backoff: Mutex::new(Backoff::default()),
-        };
-        // Building only fails without a runtime, and the runtime is set right here.
-        let pool = managed::Pool::builder(manager)
-            .max_size(max_connections.max(1))
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .unwrap_or_else(|_| unreachable!("runtime is configured"));
+        let server = ServerPool::new(&settings.server(), max_connections, 1.0);
+        let connector = Arc::new(Connector::new(target, settings));
+        TargetPool::on_server(server, connector, max_connections, wait, connect_timeout)
+    }
+
+    /// A pool for the target of `connector` on `server`, at most `cap` sessions of its own.
+    pub fn on_server(
+        server: Arc<ServerPool>,
+        connector: Arc<Connector>,
+        cap: usize,
+        wait: Duration,
+        connect_timeout: Duration,
+    ) -> TargetPool {
+        let ident: Arc<str> = Arc::from(format!("{}|{:?}", connector.target, connector.settings));
         TargetPool {
-            pool,
-            target: target.to_string(),
+            target: Arc::from(connector.target.as_str()),
+            server,
+            connector,
+            ident,
+            cap: cap.max(1),
             wait,
             create: connect_timeout * 2 + Duration::from_secs(2),
+            pin: None,
         }
     }
 
-    /// A session, waiting in line when all of them are busy.
-    pub async fn get(&self) -> Result<managed::Object<Manager>, PoolError> {
-        let timeouts = managed::Timeouts {
-            wait: Some(self.wait),
-            create: Some(self.create),
-            recycle: Some(Duration::from_secs(5)),
-        };
-        match self.pool.timeout_get(&timeouts).await {
-            Ok(object) => Ok(object),
-            Err(managed::PoolError::Backend(error)) => Err(error),
-            Err(managed::PoolError::Timeout(managed::TimeoutType::Create)) => {
-                Err(PoolError::Connect {
-                    target: self.target.clone(),
-                    message: format!(
-                        "the server did not complete the connection handshake within {:?}",
-                        self.create
-                    ),
+    pub fn server(&self) -> &Arc<ServerPool> {
+        &self.server
+    }
+
+    pub fn connector(&self) -> &Arc<Connector> {
+        &self.connector
+    }
+
+    /// The database this pool's sessions open.
+    pub fn dbname(&self) -> Option<&str> {
+        self.connector.settings.dbname()
+    }
+
+    /// A session, waiting in line when the budget is taken.
+    pub async fn get(&self) -> Result<Lease, PoolError> {
+        if let Some(pin) = &self.pin {
+            let session = pin.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+            return match session {
+                Some(session) => Ok(Lease {
+                    session: Some(session),
+                    home: Home::Pinned(pin.clone()),
+                }),
+                None => Err(PoolError::Connect {
+                    target: self.target.to_string(),
+                    message: "the session was closed".to_string(),
+                }),
+            };
+        }
+        self.acquire(&self.target, self.wait).await
+    }
+
+    /// A session for `what` (shown while it waits), waiting at most `wait`.
+    pub async fn acquire(&self, what: &str, wait: Duration) -> Result<Lease, PoolError> {
+        if let Some(error) = self.connector.backing_off() {
+            return Err(error);
+        }
+        let grant = self
+            .server
+            .acquire(&self.target, &self.ident, self.cap, what, wait)
+            .await?;
+        let slot = match grant {
+            Grant::Idle(session) => {
+                return Ok(Lease {
+                    session: Some(session),
+                    home: self.home(),
                 })
             }
-            Err(managed::PoolError::Timeout(_)) => Err(PoolError::Exhausted {
-                target: self.target.clone(),
-                waited: self.wait,
-            }),
-            Err(other) => Err(PoolError::Connect {
-                target: self.target.clone(),
-                message: other.to_string(),
-            }),
+            Grant::Open(slot) => slot,
+        };
+        if let Some(error) = self.connector.backing_off() {
+            return Err(error);
+        }
+        let (client, driver) =
+            match tokio::time::timeout(self.create, self.connector.connect()).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(error)) => return Err(error),
+                Err(_) => {
+                    drop(slot);
+                    return Err(PoolError::Connect {
+                        target: self.target.to_string(),
+                        message: format!(
+                            "the server did not complete the connection handshake within {:?}",
+                            self.create
+                        ),
+                    });
+                }
+            };
+        let session = Session {
+            client,
+            driver: Some(driver),
+            slot: Some(slot),
+        };
+        if !self.server.knows_limits() {
+            self.server.learn_limits(&session.client).await;
+        }
+        Ok(Lease {
+            session: Some(session),
+            home: self.home(),
+        })
+    }
+
+    fn home(&self) -> Home {
+        Home::Server {
+            pool: self.server.clone(),
+            ident: self.ident.clone(),
         }
     }
 
-    /// Drops a session instead of returning it to the pool (its server stopped answering).
-    pub fn discard(object: managed::Object<Manager>) {
-        drop(managed::Object::take(object));
+    /// A pool whose every `get` returns `lease`'s session: the queries of one run or pass share
+    /// one session instead of queueing for each.
+    pub fn pinned(&self, mut lease: Lease) -> TargetPool {
+        let session = lease.session.take();
+        let pin = Arc::new(Pin {
+            session: Mutex::new(session),
+            pool: self.server.clone(),
+            ident: self.ident.clone(),
+        });
+        TargetPool {
+            pin: Some(pin),
+            ..self.clone()
+        }
     }
 
-    /// Closes every idle session and refuses new ones.
+    /// Drops a session instead of returning it (its server stopped answering).
+    pub fn discard(mut lease: Lease) {
+        drop(lease.session.take());
+    }
+
+    /// Closes the idle sessions of this pool's server.
     pub fn close(&self) {
-        self.pool.close();
+        self.server.close_idle();
     }
 }
 
@@ -264,5 +997,18 @@ mod tests {
         assert_eq!(Backoff::delay(3), Duration::from_secs(2));
         assert_eq!(Backoff::delay(10), BACKOFF_CEILING);
         assert_eq!(Backoff::delay(u32::MAX), BACKOFF_CEILING);
+    }
+
+    #[test]
+    fn the_share_is_of_the_usable_connections_and_at_least_one() {
+        let limits = |max, reserved| ServerLimits {
+            max_connections: max,
+            reserved,
+        };
+        assert_eq!(share_of(limits(100, 3), 0.1), 9);
+        assert_eq!(share_of(limits(30, 3), 0.1), 2);
+        assert_eq!(share_of(limits(10, 3), 0.1), 1);
+        assert_eq!(share_of(limits(3, 3), 0.1), 1);
+        assert_eq!(share_of(limits(1000, 3), 0.25), 249);
     }
 }

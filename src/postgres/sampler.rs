@@ -1,20 +1,25 @@
 //! Reads a target's cumulative statistics for the deployment tracker: `pg_stat_database`,
 //! `pg_stat_statements` (when installed), `pg_stat_user_indexes`, `pg_stat_user_tables`,
-//! database size and backends in use. Every query is read-only and goes through the target's
-//! capped pool like a check.
+//! database size and backends in use. Every query is read-only and goes through the server's
+//! session budget like a check.
+//!
+//! `pg_stat_statements`, `pg_stat_activity` and `max_connections` are server-wide: they are read
+//! once per server per sampling interval ([`ServerStats`]), by whichever database of the server
+//! samples first, and split by database; the per-database views are read per database.
 //!
 //! The catalog is asked what the server offers rather than assuming a version: the
 //! pg_stat_statements schema, whether it has `total_exec_time` (1.8+) or `total_time`, and
 //! whether `pg_stat_statements_info` exists (1.9+).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::analysis::sample::{
     DbCounters, IndexCounters, RawStats, StatementCounters, TableCounters,
 };
 use crate::checks::outcome::{Cell, CheckError, ErrorKind, ResultTable};
-use crate::postgres::pool::TargetPool;
+use crate::postgres::pool::{ServerLimits, TargetPool};
 use crate::postgres::runner::query_read_only;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,13 +112,6 @@ pub async fn statements_support(pool: &TargetPool) -> Result<StatementsSupport, 
     )
     .await?;
     let info_relation = info.rows.first().and_then(|r| text(r.first()));
-    // Reading the view fails when the library is not preloaded; find out now.
-    if let Err(error) = query(pool, &format!("SELECT count(*) FROM {relation} LIMIT 1")).await {
-        return Ok(StatementsSupport::Unavailable(format!(
-            "pg_stat_statements cannot be read: {}",
-            error.message
-        )));
-    }
     Ok(StatementsSupport::Available {
         relation,
         total_column,
@@ -121,12 +119,162 @@ pub async fn statements_support(pool: &TargetPool) -> Result<StatementsSupport, 
     })
 }
 
-/// Reads everything but the checks (which the tracker takes from the in-memory state).
+/// Statement counters of one database, by query id.
+pub type Statements = BTreeMap<String, StatementCounters>;
+
+/// What the server-wide views said at one moment.
+#[derive(Debug, Clone)]
+pub struct ServerWide {
+    pub read_at: Instant,
+    /// Client backends on the whole server.
+    pub connections: f64,
+    pub max_connections: f64,
+    /// By database name; `None` when the reader had no pg_stat_statements, `Err` when it could
+    /// not be read.
+    pub statements: Option<Result<HashMap<String, Statements>, String>>,
+    pub statements_reset: Option<String>,
+}
+
+/// The server-wide statistics of one server, read at most once per sampling interval.
+pub struct ServerStats {
+    every: Mutex<Duration>,
+    latest: tokio::sync::Mutex<Option<Arc<ServerWide>>>,
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        ServerStats::new()
+    }
+}
+
+impl ServerStats {
+    pub fn new() -> ServerStats {
+        ServerStats {
+            every: Mutex::new(Duration::from_secs(60)),
+            latest: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn set_interval(&self, every: Duration) {
+        *self.every.lock().unwrap_or_else(|e| e.into_inner()) = every;
+    }
+
+    /// The server-wide figures of this interval, read through `pool` when nobody has yet. A
+    /// reading younger than 90 % of the interval is reused, so the databases of a server,
+    /// sampled at different moments of the interval, share one reading.
+    pub async fn current(
+        &self,
+        pool: &TargetPool,
+        support: &StatementsSupport,
+    ) -> Result<Arc<ServerWide>, CheckError> {
+        let every = *self.every.lock().unwrap_or_else(|e| e.into_inner());
+        let mut latest = self.latest.lock().await;
+        let wants_statements = matches!(support, StatementsSupport::Available { .. });
+        if let Some(reading) = latest.as_ref() {
+            let fresh = reading.read_at.elapsed() < every.mul_f64(0.9);
+            if fresh && (reading.statements.is_some() || !wants_statements) {
+                return Ok(reading.clone());
+            }
+        }
+        let reading = Arc::new(read_server_wide(pool, support).await?);
+        *latest = Some(reading.clone());
+        Ok(reading)
+    }
+}
+
+async fn read_server_wide(
+    pool: &TargetPool,
+    support: &StatementsSupport,
+) -> Result<ServerWide, CheckError> {
+    let activity = query(
+        pool,
+        "SELECT count(*) FILTER (WHERE datname IS NOT NULL AND backend_type = 'client backend'), \
+                current_setting('max_connections')::int, \
+                current_setting('superuser_reserved_connections')::int \
+                  + coalesce(current_setting('reserved_connections', true), '0')::int \
+         FROM pg_stat_activity",
+    )
+    .await?;
+    let row = activity.rows.first();
+    let mut wide = ServerWide {
+        read_at: Instant::now(),
+        connections: number(row.and_then(|r| r.first())),
+        max_connections: number(row.and_then(|r| r.get(1))),
+        statements: None,
+        statements_reset: None,
+    };
+    if wide.max_connections >= 1.0 {
+        pool.server().set_limits(ServerLimits {
+            max_connections: wide.max_connections as u32,
+            reserved: number(row.and_then(|r| r.get(2))) as u32,
+        });
+    }
+    if let StatementsSupport::Available {
+        relation,
+        total_column,
+        info_relation,
+    } = support
+    {
+        let statements = query(
+            pool,
+            &format!(
+                "SELECT d.datname::text, s.queryid::text, sum(s.calls)::float8, sum(s.{total_column})::float8, \
+                        sum(s.rows)::float8, min(s.query) \
+                 FROM {relation} s JOIN pg_database d ON d.oid = s.dbid \
+                 WHERE s.queryid IS NOT NULL \
+                 GROUP BY 1, 2"
+            ),
+        )
+        .await;
+        wide.statements = Some(match statements {
+            Ok(table) => {
+                let mut by_database: HashMap<String, Statements> = HashMap::new();
+                for row in &table.rows {
+                    if let (Some(database), Some(id)) = (text(row.first()), text(row.get(1))) {
+                        by_database.entry(database).or_default().insert(
+                            id,
+                            StatementCounters {
+                                calls: number(row.get(2)),
+                                total_ms: number(row.get(3)),
+                                rows: number(row.get(4)),
+                                query: text(row.get(5)).unwrap_or_default(),
+                            },
+                        );
+                    }
+                }
+                Ok(by_database)
+            }
+            // Typically the library is not preloaded.
+            Err(error) => Err(error.message),
+        });
+        if let Some(info) = info_relation {
+            let reset = query(pool, &format!("SELECT stats_reset::text FROM {info}")).await?;
+            wide.statements_reset = reset.rows.first().and_then(|r| text(r.first()));
+        }
+    }
+    Ok(wide)
+}
+
+/// Reads everything but the checks (which the tracker takes from the in-memory state), with a
+/// server-wide reading of its own. The daemon uses [`read_with`] and shares one per server.
 pub async fn read(
     pool: &TargetPool,
     support: &StatementsSupport,
     at: f64,
 ) -> Result<RawStats, CheckError> {
+    read_with(pool, support, &ServerStats::new(), at)
+        .await
+        .map(|(raw, _)| raw)
+}
+
+/// Reads this database's views, and its share of the server-wide ones from `server`. The
+/// second value says why pg_stat_statements could not be read, when it could not.
+pub async fn read_with(
+    pool: &TargetPool,
+    support: &StatementsSupport,
+    server: &ServerStats,
+    at: f64,
+) -> Result<(RawStats, Option<String>), CheckError> {
     let mut raw = RawStats {
         at,
         ..RawStats::default()
@@ -134,12 +282,11 @@ pub async fn read(
     let db = query(
         pool,
         "SELECT xact_commit, xact_rollback, deadlocks, conflicts, temp_files, temp_bytes, blks_read, blks_hit, \
-                stats_reset::text, pg_database_size(current_database()), \
-                (SELECT count(*) FROM pg_stat_activity WHERE datname IS NOT NULL AND backend_type = 'client backend'), \
-                current_setting('max_connections')::int \
+                stats_reset::text, pg_database_size(current_database()), current_database()::text \
          FROM pg_stat_database WHERE datname = current_database()",
     )
     .await?;
+    let mut database = pool.dbname().map(str::to_string);
     if let Some(row) = db.rows.first() {
         let n = |i: usize| number(row.get(i));
         raw.database = Some(DbCounters {
@@ -154,8 +301,7 @@ pub async fn read(
         });
         raw.database_reset = text(row.get(8));
         raw.size_bytes = n(9);
-        raw.connections = n(10);
-        raw.max_connections = n(11);
+        database = text(row.get(10)).or(database);
     }
     let indexes = query(
         pool,
@@ -190,43 +336,29 @@ pub async fn read(
             );
         }
     }
-    if let StatementsSupport::Available {
-        relation,
-        total_column,
-        info_relation,
-    } = support
-    {
-        let statements = query(
-            pool,
-            &format!(
-                "SELECT queryid::text, sum(calls)::float8, sum({total_column})::float8, sum(rows)::float8, min(query) \
-                 FROM {relation} \
-                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND queryid IS NOT NULL \
-                 GROUP BY queryid"
-            ),
-        )
-        .await?;
-        let mut map = BTreeMap::new();
-        for row in &statements.rows {
-            if let Some(id) = text(row.first()) {
-                map.insert(
-                    id,
-                    StatementCounters {
-                        calls: number(row.get(1)),
-                        total_ms: number(row.get(2)),
-                        rows: number(row.get(3)),
-                        query: text(row.get(4)).unwrap_or_default(),
-                    },
+    let wide = server.current(pool, support).await?;
+    raw.connections = wide.connections;
+    raw.max_connections = wide.max_connections;
+    let mut unreadable = None;
+    if matches!(support, StatementsSupport::Available { .. }) {
+        match &wide.statements {
+            Some(Ok(by_database)) => {
+                raw.statements = Some(
+                    database
+                        .as_ref()
+                        .and_then(|d| by_database.get(d))
+                        .cloned()
+                        .unwrap_or_default(),
                 );
+                raw.statements_reset = wide.statements_reset.clone();
             }
-        }
-        raw.statements = Some(map);
-        if let Some(info) = info_relation {
-            let reset = query(pool, &format!("SELECT stats_reset::text FROM {info}")).await?;
-            raw.statements_reset = reset.rows.first().and_then(|r| text(r.first()));
+            Some(Err(message)) => {
+                unreadable = Some(format!("pg_stat_statements cannot be read: {message}"));
+            }
+            None => {}
         }
     }
-    Ok(raw)
+    Ok((raw, unreadable))
 }
 
 /// What is wrong with a target's version query, from what reading it gave, as one sentence for

@@ -175,6 +175,19 @@ impl ConnectionSettings {
         self.base.get_dbname()
     }
 
+    /// The server these settings reach, `host:port`: targets with the same one share a
+    /// session budget.
+    pub fn server(&self) -> String {
+        let host = match self.base.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = self.base.get_ports().first().copied().unwrap_or(5432);
+        format!("{host}:{port}")
+    }
+
     /// The same server, user, password source and TLS, on another database.
     pub fn with_dbname(&self, dbname: &str) -> ConnectionSettings {
         let mut base = self.base.clone();

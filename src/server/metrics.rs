@@ -38,12 +38,16 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_check_interval_seconds", "The check's configured interval.", MetricType::GAUGE),
     ("deploywatch_check_runs_total", "Runs of the check.", MetricType::COUNTER),
     ("deploywatch_check_errors_total", "Runs of the check that ended in an error, by kind.", MetricType::COUNTER),
-    ("deploywatch_check_skipped_total", "Runs skipped because the previous run was still going.", MetricType::COUNTER),
+    ("deploywatch_check_skipped_total", "Runs skipped, by reason: overlap (the previous run was still going) or no_session (no session to the server within the interval).", MetricType::COUNTER),
     ("deploywatch_check_rows_examined", "Incremental check: rows of its table the last run read (increment and sweep chunks).", MetricType::GAUGE),
     ("deploywatch_check_rows_examined_total", "Incremental check: rows of its table read, summed over runs.", MetricType::COUNTER),
     ("deploywatch_check_sweep_progress_ratio", "Incremental check: share of the current sweep done (1 between sweeps).", MetricType::GAUGE),
     ("deploywatch_check_sweep_last_complete_timestamp_seconds", "Incremental check: when its last complete sweep ended.", MetricType::GAUGE),
     ("deploywatch_check_sweep_period_seconds", "Incremental check: its sweep period (every sweep completes within it).", MetricType::GAUGE),
+    ("deploywatch_server_sessions", "Sessions open to the server (in use, idle or closing), all its targets together.", MetricType::GAUGE),
+    ("deploywatch_server_session_limit", "Sessions allowed to the server now: max_connections_per_server, or less when the server's share of max_connections is smaller.", MetricType::GAUGE),
+    ("deploywatch_server_session_queue", "Checks and samplers waiting for a session to the server.", MetricType::GAUGE),
+    ("deploywatch_server_session_oldest_wait_seconds", "How long the oldest waiting check has waited for a session (0 when none waits).", MetricType::GAUGE),
     ("deploywatch_schema_version_info", "The target's schema version, from its version query; always 1.", MetricType::GAUGE),
     ("deploywatch_pg_connections", "Backends in use on the target's server (sampled).", MetricType::GAUGE),
     ("deploywatch_pg_max_connections", "The target server's max_connections (sampled).", MetricType::GAUGE),
@@ -184,6 +188,25 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
             ts,
         );
     }
+    for server in &snapshot.servers {
+        let labels = [("server", server.server.as_str())];
+        f.push("deploywatch_server_sessions", &labels, server.open as f64);
+        f.push(
+            "deploywatch_server_session_limit",
+            &labels,
+            server.limit as f64,
+        );
+        f.push(
+            "deploywatch_server_session_queue",
+            &labels,
+            server.queue as f64,
+        );
+        f.push(
+            "deploywatch_server_session_oldest_wait_seconds",
+            &labels,
+            server.oldest_wait_seconds.unwrap_or(0.0),
+        );
+    }
     for (target, t) in &snapshot.targets {
         let target = target.as_str();
         f.push(
@@ -263,7 +286,13 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                 c.spec.interval.as_secs_f64(),
             );
             f.push("deploywatch_check_runs_total", &ids, c.runs as f64);
-            f.push("deploywatch_check_skipped_total", &ids, c.skipped as f64);
+            for (reason, count) in [("overlap", c.skipped), ("no_session", c.skipped_no_session)] {
+                f.push(
+                    "deploywatch_check_skipped_total",
+                    &[("target", target), ("check", check), ("reason", reason)],
+                    count as f64,
+                );
+            }
             if let Some(def) = &c.spec.incremental {
                 f.push(
                     "deploywatch_check_sweep_period_seconds",

@@ -53,6 +53,8 @@ pub struct StatusReport {
     pub status: Overall,
     pub generated_at: String,
     pub config_reload_successful: bool,
+    /// The session budget of each server: limit, sessions open, checks waiting.
+    pub servers: Vec<crate::postgres::pool::ServerView>,
     pub targets: Vec<TargetReport>,
 }
 
@@ -98,6 +100,13 @@ pub struct CheckReport {
     pub interval_seconds: f64,
     pub runs: u64,
     pub skipped: u64,
+    /// Runs skipped because no session became free within the interval.
+    pub skipped_no_session: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_skip: Option<String>,
+    /// Why the latest run was skipped, when it was (no session within the interval).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_skip_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runbook: Option<String>,
 }
@@ -185,6 +194,13 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
                     interval_seconds: c.spec.interval.as_secs_f64(),
                     runs: c.runs,
                     skipped: c.skipped,
+                    skipped_no_session: c.skipped_no_session,
+                    last_skip: c.last_skip.as_ref().map(|(at, _)| rfc3339(*at)),
+                    last_skip_reason: c
+                        .last_skip
+                        .as_ref()
+                        .filter(|(at, _)| c.last_run.is_none_or(|run| *at >= run))
+                        .map(|(_, reason)| reason.clone()),
                     runbook: c.spec.runbook.clone(),
                 }
             })
@@ -205,6 +221,7 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
         status: overall,
         generated_at: rfc3339(now),
         config_reload_successful: snapshot.config_reload_ok,
+        servers: snapshot.servers.clone(),
         targets,
     }
 }
@@ -239,6 +256,25 @@ pub fn render_text(report: &StatusReport) -> String {
             ", LAST CONFIG RELOAD FAILED"
         }
     );
+    for server in &report.servers {
+        let _ = write!(
+            out,
+            "server {}: {} of {} sessions open ({} in use; limit set by {})",
+            server.server, server.open, server.limit, server.in_use, server.limited_by
+        );
+        match (&server.oldest_waiting, server.oldest_wait_seconds) {
+            (Some(who), Some(waited)) if server.queue > 0 => {
+                let _ = writeln!(
+                    out,
+                    ", {} waiting for a session, the oldest ({who}) for {waited:.1}s",
+                    server.queue
+                );
+            }
+            _ => {
+                let _ = writeln!(out, ", none waiting");
+            }
+        }
+    }
     for target in &report.targets {
         let reach = match target.reachable {
             None => "not tried yet",
@@ -262,8 +298,10 @@ pub fn render_text(report: &StatusReport) -> String {
             .iter()
             .map(|c| {
                 let note = c
-                    .error
-                    .clone()
+                    .last_skip_reason
+                    .as_ref()
+                    .map(|reason| format!("skipped: {reason}"))
+                    .or_else(|| c.error.clone())
                     .or_else(|| c.detail.clone())
                     .unwrap_or_default();
                 [

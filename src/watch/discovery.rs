@@ -6,15 +6,21 @@
 //! read-only path checks use, lists `pg_database`, and replaces the template with one concrete
 //! target per matching database, named `TEMPLATE/DATABASE`. When the server cannot be asked,
 //! the template stays in the configuration as a placeholder with no checks, so `/status` and
-//! `deploywatch_up` show the failure. The daemon expands again on every reload and every
-//! `defaults.discovery_interval`, so databases that appear or go away are picked up.
+//! `deploywatch_up` show the failure, and the databases of its last successful discovery
+//! ([`Known`]) stay targets: shown unreachable while the server is, their deployments kept, back
+//! when it is. The daemon expands again on every reload and every
+//! `defaults.discovery_interval`, so databases that appear or go away are picked up. Listing
+//! uses a session of the server's budget like every other query.
 //!
 //! Which names match is [`crate::config::databases`]' (pure); the listing is
 //! [`crate::postgres::discovery`]'s.
 
+use std::collections::HashMap;
+
 use crate::config::databases::discovered_name;
 use crate::config::{Config, TargetConfig};
 use crate::postgres::discovery::{list_databases, ListTimeouts};
+use crate::postgres::pool::Servers;
 
 /// A configuration with its templates expanded, and the templates that could not be.
 #[derive(Debug, Clone)]
@@ -22,16 +28,25 @@ pub struct Expanded {
     pub config: Config,
     /// Template target name and why its server could not be asked.
     pub failures: Vec<(String, String)>,
+    /// Every template's databases as last listed successfully.
+    pub known: Known,
 }
 
+/// The databases each template's server listed on its last successful discovery (all of them,
+/// before the patterns are applied), by template name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Known(pub HashMap<String, Vec<String>>);
+
 impl Expanded {
-    /// The concrete targets' names and the failed templates, to tell whether a new discovery
-    /// pass changed anything.
-    pub fn shape(&self) -> (Vec<String>, Vec<String>) {
-        (
-            self.config.targets.iter().map(|t| t.name.clone()).collect(),
-            self.failures.iter().map(|(name, _)| name.clone()).collect(),
-        )
+    /// The concrete targets, each with its connection settings and cap: when a new pass
+    /// gives the same, nothing needs restarting.
+    pub fn shape(&self) -> Vec<String> {
+        self.config
+            .targets
+            .iter()
+            .filter(|t| t.discover.is_none())
+            .map(|t| format!("{} {:?} {}", t.name, t.connection, t.max_connections))
+            .collect()
     }
 }
 
@@ -43,8 +58,15 @@ pub fn has_templates(config: &Config) -> bool {
 /// Replaces every template of `config` by the targets its server lists. Targets without
 /// `databases` are kept as they are.
 pub async fn expand(config: &Config) -> Expanded {
+    expand_on(config, &Servers::default(), &Known::default()).await
+}
+
+/// As [`expand`], with sessions from `servers`' budgets, and keeping a template's `known`
+/// databases when its server cannot be asked.
+pub async fn expand_on(config: &Config, servers: &Servers, known: &Known) -> Expanded {
     let mut targets = Vec::with_capacity(config.targets.len());
     let mut failures = Vec::new();
+    let mut now_known = Known::default();
     for target in &config.targets {
         let Some(discovery) = &target.discover else {
             targets.push(target.clone());
@@ -55,7 +77,12 @@ pub async fn expand(config: &Config) -> Expanded {
             statement: config.defaults.timeout,
             lock: config.defaults.lock_timeout,
         };
-        match list_databases(&target.name, &target.connection, timeouts).await {
+        let budget = servers.get(
+            &target.connection.server(),
+            config.defaults.max_connections_per_server,
+            config.defaults.server_connection_share,
+        );
+        match list_databases(&target.name, &target.connection, timeouts, budget).await {
             Ok(names) => {
                 let selected = discovery.select(names.iter().map(String::as_str));
                 if selected.is_empty() {
@@ -66,11 +93,20 @@ pub async fn expand(config: &Config) -> Expanded {
                 for database in selected {
                     targets.push(concrete(target, &database));
                 }
+                now_known.0.insert(target.name.clone(), names);
             }
             Err(error) => {
                 tracing::warn!(db_target = %target.name, %error, "database discovery failed");
                 failures.push((target.name.clone(), error.to_string()));
                 targets.push(target.clone());
+                // The last good list stays: its databases are still there, most likely, and
+                // their checks will say whether they can be reached.
+                if let Some(names) = known.0.get(&target.name) {
+                    for database in discovery.select(names.iter().map(String::as_str)) {
+                        targets.push(concrete(target, &database));
+                    }
+                    now_known.0.insert(target.name.clone(), names.clone());
+                }
             }
         }
     }
@@ -80,7 +116,11 @@ pub async fn expand(config: &Config) -> Expanded {
     targets.retain(|t| seen.insert(t.name.clone()));
     let mut config = config.clone();
     config.targets = targets;
-    Expanded { config, failures }
+    Expanded {
+        config,
+        failures,
+        known: now_known,
+    }
 }
 
 fn concrete(template: &TargetConfig, database: &str) -> TargetConfig {

@@ -1,10 +1,12 @@
 //! Runs every check on its own interval against every target.
 //!
-//! One task per (target, check). Each waits a small random jitter first so checks with the same
-//! interval do not fire together, then ticks on its interval. A check never runs twice at once
-//! on one target: ticks that arrive while a run is in flight are skipped and counted. Runs
-//! queue for one of the target's capped sessions ([`TargetPool`]); a slow or down target only
-//! delays its own tasks.
+//! One task per (target, check). The first runs of a server's targets are spread evenly over
+//! each check's interval (all checks of one database and interval together, so they share a
+//! session), then each ticks on its interval. A check never runs twice at once on one target:
+//! ticks that arrive while a run is in flight are skipped and counted. Runs queue for a session
+//! of their server's budget ([`TargetPool`]) at most until the next run is due; a run that got
+//! none is skipped, counted and reported with the reason. A slow or down target only delays its
+//! own tasks and its server's queue.
 //!
 //! Cancellation stops scheduling new runs; a run already in flight is allowed to finish (the
 //! daemon bounds that with its grace period).
@@ -18,60 +20,150 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::checks::outcome::{CheckError, CheckOutcome, ErrorKind};
 use crate::checks::spec::CheckSpec;
 use crate::config::{Config, TargetConfig};
-use crate::postgres::pool::TargetPool;
+use crate::postgres::pool::{Connector, PoolError, ServerPool, Servers, TargetPool};
 use crate::postgres::runner::RunReport;
+use crate::postgres::sampler::ServerStats;
 use crate::storage::incremental::ProgressStore;
 use crate::watch::incremental::run_check;
 use crate::watch::state::{Claim, State};
 use crate::watch::transitions::Transition;
 
-/// The pools of the running configuration, keyed by target name. A reload keeps a target's
-/// pool when its connection settings did not change, so the connection cap holds across it.
+/// The pools of the running configuration, keyed by target name, on the per-server budgets
+/// ([`Servers`]) that outlive every configuration. A reload keeps a target's pool when its
+/// connection settings and cap did not change; either way the server's budget is the same
+/// object, so the sessions of the previous configuration count until they are closed.
 #[derive(Default, Clone)]
 pub struct Pools {
+    servers: Servers,
+    stats: Arc<std::sync::Mutex<HashMap<String, Arc<ServerStats>>>>,
     pools: HashMap<String, (String, usize, TargetPool)>,
+    /// Each target's position among the targets of its server, and their number.
+    phases: HashMap<String, (usize, usize)>,
 }
 
 impl Pools {
+    /// Empty pools on these server budgets (which discovery uses too).
+    pub fn with_servers(servers: Servers) -> Pools {
+        Pools {
+            servers,
+            ..Pools::default()
+        }
+    }
+
+    pub fn servers(&self) -> &Servers {
+        &self.servers
+    }
+
     pub fn for_config(previous: &Pools, config: &Config) -> Pools {
+        let servers = previous.servers.clone();
+        let (budget, share) = (
+            config.defaults.max_connections_per_server,
+            config.defaults.server_connection_share,
+        );
         let mut pools = HashMap::new();
-        // A discovery template that could not be expanded has no pool: nothing runs on it.
-        for target in config.targets.iter().filter(|t| t.discover.is_none()) {
-            let key = format!("{:?}", target.connection);
+        let mut used = std::collections::HashSet::new();
+        let mut per_server: HashMap<String, usize> = HashMap::new();
+        let mut phases = HashMap::new();
+        for target in &config.targets {
+            let key = target.connection.server();
+            used.insert(key.clone());
+            // A discovery template that could not be expanded has no pool: nothing runs on it.
+            if target.discover.is_some() {
+                continue;
+            }
+            let index = per_server.entry(key.clone()).or_insert(0);
+            phases.insert(target.name.clone(), (*index, 0));
+            *index += 1;
+            let server = servers.get(&key, budget, share);
+            let settings = format!("{:?}", target.connection);
             let pool = match previous.pools.get(&target.name) {
-                Some((old_key, old_max, pool))
-                    if *old_key == key && *old_max == target.max_connections =>
+                Some((old_settings, old_max, pool))
+                    if *old_settings == settings
+                        && *old_max == target.max_connections
+                        && Arc::ptr_eq(pool.server(), &server) =>
                 {
                     pool.clone()
                 }
-                _ => new_pool(target, config),
+                // Same settings: the reconnect backoff carries over.
+                Some((old_settings, _, pool)) if *old_settings == settings => {
+                    new_pool(target, config, server, pool.connector().clone())
+                }
+                _ => {
+                    let connector =
+                        Arc::new(Connector::new(&target.name, target.connection.clone()));
+                    new_pool(target, config, server, connector)
+                }
             };
-            pools.insert(target.name.clone(), (key, target.max_connections, pool));
+            pools.insert(
+                target.name.clone(),
+                (settings, target.max_connections, pool),
+            );
         }
-        for (name, (_, _, pool)) in &previous.pools {
-            if !pools.contains_key(name) {
-                pool.close();
+        for (name, phase) in phases.iter_mut() {
+            if let Some(target) = config.target(name) {
+                phase.1 = per_server
+                    .get(&target.connection.server())
+                    .copied()
+                    .unwrap_or(1);
             }
         }
-        Pools { pools }
+        servers.retain(&used);
+        let stats = previous.stats.clone();
+        {
+            let mut all = stats.lock().unwrap_or_else(|e| e.into_inner());
+            all.retain(|server, _| used.contains(server));
+            for server in &used {
+                all.entry(server.clone())
+                    .or_insert_with(|| Arc::new(ServerStats::new()))
+                    .set_interval(config.deployments.sample_interval);
+            }
+        }
+        Pools {
+            servers,
+            stats,
+            pools,
+            phases,
+        }
     }
 
     pub fn get(&self, target: &str) -> Option<&TargetPool> {
         self.pools.get(target).map(|(_, _, pool)| pool)
     }
 
-    pub fn close_all(&self) {
-        for (_, _, pool) in self.pools.values() {
-            pool.close();
+    /// The server-wide statistics of the server `target` is on.
+    pub fn server_stats(&self, target: &str) -> Option<Arc<ServerStats>> {
+        let pool = self.get(target)?;
+        let all = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(pool.server().server()).cloned()
+    }
+
+    /// Where in `every` the target's first run goes: the targets of one server are spread
+    /// evenly over it, so a fleet does not start all at once and each database's checks of
+    /// one interval run together on one session.
+    pub fn first_run_offset(&self, target: &str, every: Duration) -> Duration {
+        match self.phases.get(target) {
+            Some((index, count)) if *count > 1 => every.mul_f64(*index as f64 / *count as f64),
+            _ => Duration::ZERO,
         }
+    }
+
+    pub fn close_all(&self) {
+        self.servers.close_idle();
     }
 }
 
-fn new_pool(target: &TargetConfig, config: &Config) -> TargetPool {
-    // A check waits in line at most as long as the longest check could take plus its
-    // connect time; beyond that the target is effectively stuck and the run reports a timeout.
+fn new_pool(
+    target: &TargetConfig,
+    config: &Config,
+    server: Arc<ServerPool>,
+    connector: Arc<Connector>,
+) -> TargetPool {
+    // A query waits in line at most as long as the longest check could take plus its
+    // connect time; beyond that the server is effectively stuck and the query reports a
+    // timeout. Scheduled checks wait at most their interval (see `check_loop`).
     let longest = target
         .checks
         .iter()
@@ -79,9 +171,9 @@ fn new_pool(target: &TargetConfig, config: &Config) -> TargetPool {
         .max()
         .unwrap_or(config.defaults.timeout);
     let wait = (longest + config.defaults.connect_timeout) * 2 + Duration::from_secs(5);
-    TargetPool::new(
-        &target.name,
-        target.connection.clone(),
+    TargetPool::on_server(
+        server,
+        connector,
         target.max_connections,
         wait,
         config.defaults.connect_timeout,
@@ -110,6 +202,7 @@ pub fn start(
                 state.clone(),
                 progress.clone(),
                 cancel.clone(),
+                pools.first_run_offset(&target.name, spec.interval),
             ));
         }
     }
@@ -122,11 +215,16 @@ async fn check_loop(
     state: Arc<State>,
     progress: ProgressStore,
     cancel: CancellationToken,
+    offset: Duration,
 ) {
-    let spread = spec.interval.min(Duration::from_secs(10)).as_secs_f64() * 0.2;
-    let jitter = Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.max(0.001)));
-    let mut ticker = tokio::time::interval_at(Instant::now() + jitter, spec.interval);
+    // A little jitter on top, so one database's checks do not all ask at the same instant.
+    let spread = spec.interval.mul_f64(0.05).min(Duration::from_millis(500));
+    let jitter = Duration::from_secs_f64(
+        rand::thread_rng().gen_range(0.0..=spread.as_secs_f64().max(0.001)),
+    );
+    let mut ticker = tokio::time::interval_at(Instant::now() + offset + jitter, spec.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let what = format!("{target} {}", spec.name);
     loop {
         tokio::select! {
             // Cancellation wins over a tick that is also ready: no new run after it.
@@ -138,27 +236,66 @@ async fn check_loop(
             tracing::warn!(db_target = %target, check = %spec.name, "previous run still going; skipped");
             continue;
         }
-        let run = run_check(&pool, &spec, &progress, &target);
-        tokio::pin!(run);
-        let mut skipped = 0u64;
-        let report: RunReport = loop {
-            tokio::select! {
-                report = &mut run => break report,
-                _ = ticker.tick(), if !cancel.is_cancelled() => {
-                    state.record_skip(&target, &spec.name);
-                    skipped += 1;
-                    // One line per slow run, however many ticks it spans (all are counted).
-                    if skipped == 1 {
+        // A run waits for a session at most until its next run is due.
+        let queued = std::time::Instant::now();
+        let acquired = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                state.release(&target, &spec.name);
+                return;
+            }
+            lease = pool.acquire(&what, spec.interval) => lease,
+        };
+        let session = match acquired {
+            Ok(lease) => pool.pinned(lease),
+            Err(error @ PoolError::Exhausted { .. }) => {
+                let reason = error.to_string();
+                tracing::warn!(
+                    db_target = %target, check = %spec.name, %reason,
+                    "no session within the check's interval; this run was skipped"
+                );
+                state.record_no_session(&target, &spec.name, reason, state.now());
+                continue;
+            }
+            Err(error) => {
+                let report = RunReport {
+                    outcome: CheckOutcome::error(CheckError::new(
+                        ErrorKind::Connection,
+                        error.to_string(),
+                    )),
+                    duration: queued.elapsed(),
+                    reachable: false,
+                    incremental: None,
+                };
+                log_report(&state, &target, &spec, &report);
+                state.record(&target, &spec.name, &report, state.now());
+                continue;
+            }
+        };
+        let report: RunReport = {
+            let run = run_check(&session, &spec, &progress, &target);
+            tokio::pin!(run);
+            let mut skipped = 0u64;
+            loop {
+                tokio::select! {
+                    report = &mut run => break report,
+                    _ = ticker.tick(), if !cancel.is_cancelled() => {
+                        state.record_skip(&target, &spec.name);
+                        skipped += 1;
+                        // One line per slow run, however many ticks it spans (all are counted).
+                        if skipped == 1 {
                         tracing::warn!(
                             db_target = %target,
                             check = %spec.name,
                             interval = ?spec.interval,
                             "check is slower than its interval; its next runs are skipped until it ends"
                         );
+                        }
                     }
                 }
             }
         };
+        drop(session);
         log_report(&state, &target, &spec, &report);
         state.record(&target, &spec.name, &report, state.now());
     }

@@ -32,6 +32,10 @@ pub struct CheckState {
     pub runs: u64,
     pub errors: BTreeMap<ErrorKind, u64>,
     pub skipped: u64,
+    /// Runs skipped because no session to the server became free within the interval.
+    pub skipped_no_session: u64,
+    /// The latest skip for lack of a session: when, and why.
+    pub last_skip: Option<(Timestamp, String)>,
     /// True while a run is in flight.
     pub running: bool,
     /// An incremental check's last report (kept through errored runs).
@@ -53,6 +57,8 @@ impl CheckState {
             runs: 0,
             errors: BTreeMap::new(),
             skipped: 0,
+            skipped_no_session: 0,
+            last_skip: None,
             running: false,
             incremental: None,
             rows_examined_total: 0,
@@ -87,6 +93,8 @@ pub struct Snapshot {
     pub config_last_reload_success: Option<Timestamp>,
     pub config_source: String,
     pub deployments: DeploymentViews,
+    /// The session budget of every server, as last published.
+    pub servers: Vec<crate::postgres::pool::ServerView>,
 }
 
 #[derive(Debug)]
@@ -210,6 +218,41 @@ impl State {
             state.running = true;
             Claim::Started
         }
+    }
+
+    /// Releases a claim without a run (the run was cancelled while it waited for a session).
+    pub fn release(&self, target: &str, check: &str) {
+        let mut inner = self.write();
+        if let Some(state) = inner
+            .targets
+            .get_mut(target)
+            .and_then(|t| t.checks.get_mut(check))
+        {
+            state.running = false;
+        }
+    }
+
+    /// A run that got no session within its interval: counted, its reason kept, the claim
+    /// released. The previous result stays.
+    pub fn record_no_session(&self, target: &str, check: &str, reason: String, now: Timestamp) {
+        let mut inner = self.write();
+        if let Some(state) = inner
+            .targets
+            .get_mut(target)
+            .and_then(|t| t.checks.get_mut(check))
+        {
+            state.running = false;
+            state.skipped_no_session += 1;
+            state.last_skip = Some((now, reason));
+        }
+    }
+
+    /// Publishes the servers' session budgets (only a change moves the generation on).
+    pub fn set_servers(&self, servers: Vec<crate::postgres::pool::ServerView>) {
+        if self.lock().servers == servers {
+            return;
+        }
+        self.write().servers = servers;
     }
 
     pub fn record_skip(&self, target: &str, check: &str) {

@@ -29,7 +29,7 @@ use crate::analysis::window::{self, Window};
 use crate::checks::outcome::Observation;
 use crate::config::{Config, DeploymentConfig, StoreConfig, TargetConfig};
 use crate::postgres::pool::TargetPool;
-use crate::postgres::sampler::{self, StatementsSupport};
+use crate::postgres::sampler::{self, ServerStats, StatementsSupport};
 use crate::storage::{DeploymentRecord, Store, StoreError, VerdictRecord};
 use crate::time::rfc3339;
 use crate::watch::scheduler::Pools;
@@ -185,6 +185,7 @@ pub fn start(
                     pool.clone(),
                     state.clone(),
                     config.deployments.sample_interval,
+                    pools.first_run_offset(&target.name, config.deployments.sample_interval),
                     cancel.clone(),
                 ));
             }
@@ -192,7 +193,9 @@ pub fn start(
         return;
     }
     for target in &config.targets {
-        let Some(pool) = pools.get(&target.name) else {
+        let (Some(pool), Some(server_stats)) =
+            (pools.get(&target.name), pools.server_stats(&target.name))
+        else {
             continue;
         };
         let (sender, receiver) = mpsc::channel(8);
@@ -202,6 +205,8 @@ pub fn start(
             settings: config.deployments.clone(),
             store_settings: config.store.clone(),
             pool: pool.clone(),
+            server_stats,
+            offset: pools.first_run_offset(&target.name, config.deployments.sample_interval),
             store: store.clone(),
             state: state.clone(),
             previous: None,
@@ -224,9 +229,10 @@ async fn watch_version(
     pool: TargetPool,
     state: Arc<State>,
     every: Duration,
+    offset: Duration,
     cancel: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(every);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut problem = None;
     loop {
@@ -278,6 +284,10 @@ struct Tracker {
     settings: DeploymentConfig,
     store_settings: StoreConfig,
     pool: TargetPool,
+    /// The server-wide statistics, shared by the databases of the server.
+    server_stats: Arc<ServerStats>,
+    /// Where in the sampling interval this target's passes go (spread over a server's targets).
+    offset: Duration,
     store: Store,
     state: Arc<State>,
     previous: Option<RawStats>,
@@ -298,7 +308,10 @@ struct Tracker {
 impl Tracker {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>, cancel: CancellationToken) {
         self.declare();
-        let mut ticker = tokio::time::interval(self.settings.sample_interval);
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.offset,
+            self.settings.sample_interval,
+        );
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -492,7 +505,21 @@ impl Tracker {
 
     async fn pass(&mut self, now: f64) {
         self.passes += 1;
-        let read = sampler::read_version(&self.pool, &self.target.version_query).await;
+        // One session for the whole pass, waited for at most one interval.
+        let what = format!("{} statistics", self.name());
+        let pool = match self
+            .pool
+            .acquire(&what, self.settings.sample_interval)
+            .await
+        {
+            Ok(lease) => self.pool.pinned(lease),
+            Err(error) => {
+                tracing::debug!(target = %self.name(), %error, "no session for sampling; pass skipped");
+                self.previous = None;
+                return;
+            }
+        };
+        let read = sampler::read_version(&pool, &self.target.version_query).await;
         version_query_news(
             &self.target.name,
             &self.target.version_query,
@@ -516,7 +543,7 @@ impl Tracker {
             }
         }
         if self.support.is_none() || self.passes % SUPPORT_REFRESH_PASSES == 0 {
-            match sampler::statements_support(&self.pool).await {
+            match sampler::statements_support(&pool).await {
                 Ok(support) => self.support = Some(support),
                 Err(error) => {
                     note_step(
@@ -534,9 +561,15 @@ impl Tracker {
             .support
             .clone()
             .unwrap_or(StatementsSupport::Unavailable(String::new()));
-        match sampler::read(&self.pool, &support, now).await {
-            Ok(mut raw) => {
+        let read = sampler::read_with(&pool, &support, &self.server_stats, now).await;
+        drop(pool);
+        match read {
+            Ok((mut raw, unreadable)) => {
                 note_step(&self.state, self.name(), "statistics", Ok(()));
+                if let Some(reason) = unreadable {
+                    // Looked up again after SUPPORT_REFRESH_PASSES passes.
+                    self.support = Some(StatementsSupport::Unavailable(reason));
+                }
                 raw.checks = self.check_points();
                 self.state
                     .set_connections(self.name(), raw.connections, raw.max_connections);
