@@ -545,7 +545,7 @@ impl ServerPool {
     async fn learn_limits(self: &Arc<Self>, client: &tokio_postgres::Client) {
         let sql = "BEGIN READ ONLY; SET LOCAL statement_timeout = 5000; \
                    SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
-                   coalesce(current_setting('reserved_connections', true), '0'); ROLLBACK";
+                   coalesce(current_setting('reserved_connections', true), '0'); COMMIT";
         let answer = tokio::time::timeout(Duration::from_secs(6), client.simple_query(sql)).await;
         let Ok(Ok(messages)) = answer else {
             tracing::debug!(server = %self.server, "cannot read the server's connection limits yet");
