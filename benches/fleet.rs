@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::setting;
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 const TICKS: f64 = 100.0; // USER_HZ on Linux
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/cognit")
+        .join("testkit/fixtures/cognit")
         .join(name)
 }
 
@@ -223,7 +223,7 @@ async fn main() {
     let daemon_cpu = proc_cpu(pid).map(|(cpu, _, _)| cpu).unwrap_or(0.0);
     let server_cpu_used = server_cpu(postmaster) - server_cpu_start;
     max_rss = max_rss.max(rss_kib(pid));
-    let (_, body) = deploywatch::client::request(
+    let (_, body) = deploywatch::commands::client::request(
         hyper::Method::GET,
         &format!("http://127.0.0.1:{port}/metrics"),
         "*/*",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, get, parse_metrics, ConfigDir};
 use deploywatch::daemon::{self, DaemonHandle, Event};
-use deploywatch::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
 
 fn fleet_cluster(max_connections: u32) -> PgCluster {
@@ -514,13 +514,13 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
         }
     };
     wait_up(all(1.0), "the three databases are watched").await;
-    let announcement = deploywatch::client::Announcement {
+    let announcement = deploywatch::commands::client::Announcement {
         target: Some("tenants/tenant_a"),
         version: "2.0.0",
         note: None,
         started_at: None,
     };
-    let (code, answer) = deploywatch::client::announce(&url, "fleet-token", &announcement)
+    let (code, answer) = deploywatch::commands::client::announce(&url, "fleet-token", &announcement)
         .await
         .expect("announce");
     assert_eq!(code.as_u16(), 201, "{answer}");
