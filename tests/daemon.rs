@@ -542,6 +542,7 @@ async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
     let skipped = m
         .metric("deploywatch_check_skipped_total")
         .label("check", "slow")
+        .label("reason", "overlap")
         .value();
     assert!(skipped >= 2.0, "skipped runs are counted: {skipped}");
     handle.shutdown().await.expect("clean shutdown");

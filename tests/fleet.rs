@@ -520,9 +520,10 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
         note: None,
         started_at: None,
     };
-    let (code, answer) = deploywatch::commands::client::announce(&url, "fleet-token", &announcement)
-        .await
-        .expect("announce");
+    let (code, answer) =
+        deploywatch::commands::client::announce(&url, "fleet-token", &announcement)
+            .await
+            .expect("announce");
     assert_eq!(code.as_u16(), 201, "{answer}");
     let deployment_id = eventually(
         "the announced deployment is tracked",
