@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, get, parse_metrics, ConfigDir};
+use common::{get, parse_metrics, wait_until, ConfigDir};
 use deploywatch::daemon::{self, DaemonHandle, Event};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
@@ -192,7 +192,7 @@ async fn every_check_ran_again(
         .iter()
         .map(|(t, c, n)| ((t.clone(), c.clone()), *n))
         .collect();
-    eventually("every check ran again", deadline, || {
+    wait_until("every check ran again", deadline, || {
         let now = runs(handle);
         let before = &before;
         async move {
@@ -238,7 +238,7 @@ async fn fifty_databases_never_take_more_than_the_server_budget_even_across_a_re
 
     let handle = start(&dir).await;
     let started = Instant::now();
-    eventually(
+    wait_until(
         "all 51 targets are watched",
         Duration::from_secs(60),
         || async { (handle.state.snapshot().targets.len() == 51).then_some(()) },
@@ -262,7 +262,7 @@ async fn fifty_databases_never_take_more_than_the_server_budget_even_across_a_re
     dir.write("deploywatch.toml", &fleet_config(&pg, 2, 1, ""));
     let reloaded = Instant::now();
     handle.events.send(Event::Reload).await.expect("reload");
-    let drained = eventually(
+    let drained = wait_until(
         "the old sessions drained below the new budget",
         Duration::from_secs(30),
         || async { poll.settled_at(2, 20) },
@@ -349,7 +349,7 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
     let server = format!("127.0.0.1:{}", pg.port());
 
     // The queue is visible in the metrics and /status, with the reason.
-    let status = eventually(
+    let status = wait_until(
         "waiting checks are reported",
         Duration::from_secs(60),
         || {
@@ -394,7 +394,7 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
     );
 
     // Checks that could not get a session within their interval are skipped, with the reason.
-    let skipped = eventually(
+    let skipped = wait_until(
         "a check is skipped for lack of a session",
         Duration::from_secs(60),
         || {
@@ -503,7 +503,7 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
     let wait_up = |want: Vec<(String, f64)>, what: &'static str| {
         let url = url.clone();
         async move {
-            eventually(what, Duration::from_secs(60), || {
+            wait_until(what, Duration::from_secs(60), || {
                 let (url, want) = (url.clone(), want.clone());
                 async move {
                     let (_, body) = get(&format!("{url}/metrics")).await;
@@ -525,7 +525,7 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
             .await
             .expect("announce");
     assert_eq!(code.as_u16(), 201, "{answer}");
-    let deployment_id = eventually(
+    let deployment_id = wait_until(
         "the announced deployment is tracked",
         Duration::from_secs(30),
         || async {
@@ -599,7 +599,7 @@ async fn server_wide_views_are_read_once_per_server_per_interval() {
         ),
     );
     let handle = start(&dir).await;
-    eventually(
+    wait_until(
         "every database is sampled",
         Duration::from_secs(60),
         || async {
@@ -635,7 +635,7 @@ async fn server_wide_views_are_read_once_per_server_per_interval() {
             row.get::<_, f64>(0)
         }
     };
-    let (statements, activity, elapsed) = eventually(
+    let (statements, activity, elapsed) = wait_until(
         "the server-wide views were read a few times",
         Duration::from_secs(60),
         || async {
