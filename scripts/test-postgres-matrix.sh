@@ -2,7 +2,7 @@
 # Runs the tests against several PostgreSQL majors, one after another, and ends with one summary
 # line per major and a total. A failure names the major it happened on.
 #
-#   scripts/test-postgres-matrix.sh                       # what CI runs: every test on each major
+#   scripts/test-postgres-matrix.sh                       # every test on each major
 #   scripts/test-postgres-matrix.sh 13 18                 # every test on 13, then on 18
 #   scripts/test-postgres-matrix.sh 13 14 -- --test secrets   # arguments after -- go to cargo test
 #
