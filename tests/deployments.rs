@@ -87,7 +87,8 @@ async fn wait_baseline(handle: &DaemonHandle, samples: usize) {
     let state = handle.state.clone();
     wait_until("baseline samples stored", Duration::from_secs(60), || {
         let target = state.snapshot().targets["cognit"].clone();
-        let ready = target.schema_version.is_some() && target.samples_recorded > samples as u64;
+        let ready =
+            target.schema_version.is_some() && target.samples_recorded >= samples as u64 + 3;
         async move { ready.then_some(()) }
     })
     .await;
