@@ -11,7 +11,9 @@ use common::{cluster, get, target_toml, wait_until, ConfigDir};
 use deploywatch::commands::cli::Cli;
 use deploywatch::daemon::{self, DaemonHandle};
 
-const PACK: &str = "[pack]\nname = \"p\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n";
+// A short interval: the first runs of a server's targets are spread over it, and the daemon is
+// ready once every target has been tried.
+const PACK: &str = "[pack]\nname = \"p\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"critical\"\ninterval = \"4s\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n";
 
 fn binary() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
