@@ -93,6 +93,14 @@ impl Problems {
         });
     }
 
+    /// The problems of one file, for reading its optional values.
+    pub(crate) fn in_file<'a>(&'a mut self, file: &'a Path) -> InFile<'a> {
+        InFile {
+            problems: self,
+            file,
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -537,46 +545,99 @@ fn remove_key(
     }
 }
 
-pub(crate) fn parse_duration(
-    problems: &mut Problems,
-    file: &Path,
-    key: &str,
-    value: Option<&str>,
-    default: Duration,
-) -> Duration {
-    let Some(text) = value else { return default };
-    match crate::time::parse_duration(text) {
-        Ok(duration) if !duration.is_zero() => duration,
-        Ok(_) => {
-            problems.push(file, key, "duration must be greater than zero");
-            default
+/// Reads one file's optional values into typed ones: an absent value is the default, and a bad
+/// one is the default with a problem noted under its key.
+pub(crate) struct InFile<'a> {
+    problems: &'a mut Problems,
+    file: &'a Path,
+}
+
+impl InFile<'_> {
+    pub(crate) fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(self.file, key, message);
+    }
+
+    /// A duration above zero.
+    pub(crate) fn duration(
+        &mut self,
+        key: &str,
+        value: &Option<String>,
+        default: Duration,
+    ) -> Duration {
+        let Some(text) = value else { return default };
+        match crate::time::parse_duration(text) {
+            Ok(duration) if !duration.is_zero() => duration,
+            Ok(_) => {
+                self.problems
+                    .push(self.file, key, "duration must be greater than zero");
+                default
+            }
+            Err(error) => {
+                let message = format!(
+                    "invalid duration {text:?} ({error}); write e.g. \"30s\", \"5m\", \"1h\""
+                );
+                self.problems.push(self.file, key, message);
+                default
+            }
         }
-        Err(error) => {
-            problems.push(
-                file,
-                key,
-                format!("invalid duration {text:?} ({error}); write e.g. \"30s\", \"5m\", \"1h\""),
-            );
-            default
+    }
+
+    /// A secret read from an environment variable (`<key>_env`) or a file (`<key>_file`,
+    /// relative to `base`), never both.
+    pub(crate) fn secret(
+        &mut self,
+        key: &str,
+        env: Option<String>,
+        file: Option<PathBuf>,
+        base: &Path,
+    ) -> Option<PasswordSource> {
+        match (env, file) {
+            (Some(_), Some(_)) => {
+                let name = key.rsplit('.').next().unwrap_or(key);
+                self.push(
+                    format!("{key}_env"),
+                    format!("give {name}_env or {name}_file, not both"),
+                );
+                None
+            }
+            (Some(var), None) => Some(PasswordSource::Env(var)),
+            (None, Some(file)) => Some(PasswordSource::File(base.join(file))),
+            (None, None) => None,
+        }
+    }
+
+    /// A count of at least 1.
+    pub(crate) fn positive(&mut self, key: &str, value: Option<i64>, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(v) if v >= 1 => usize::try_from(v).unwrap_or(default),
+            Some(v) => {
+                self.problems
+                    .push(self.file, key, format!("must be at least 1, found {v}"));
+                default
+            }
+        }
+    }
+
+    /// A finite number above zero.
+    pub(crate) fn fraction(&mut self, key: &str, value: Option<f64>, default: f64) -> f64 {
+        match value {
+            None => default,
+            Some(v) if v > 0.0 && v.is_finite() => v,
+            Some(v) => {
+                self.problems.push(
+                    self.file,
+                    key,
+                    format!("must be a positive number, found {v}"),
+                );
+                default
+            }
         }
     }
 }
 
-fn positive(
-    problems: &mut Problems,
-    file: &Path,
-    key: &str,
-    value: Option<i64>,
-    default: usize,
-) -> usize {
-    match value {
-        None => default,
-        Some(v) if v >= 1 => usize::try_from(v).unwrap_or(default),
-        Some(v) => {
-            problems.push(file, key, format!("must be at least 1, found {v}"));
-            default
-        }
-    }
+const fn secs(seconds: u64) -> Duration {
+    Duration::from_secs(seconds)
 }
 
 /// Parameters are written as TOML strings, numbers or booleans; they are kept as text.
@@ -599,43 +660,34 @@ pub(crate) fn parameter_text(
 }
 
 fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Config> {
+    let mut f = problems.in_file(path);
     let base = path.parent().unwrap_or(Path::new("."));
     let listen_text = raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
     let listen = match listen_text.parse::<SocketAddr>() {
         Ok(addr) => addr,
         Err(_) => {
-            problems.push(
-                path,
+            f.push(
                 "server.listen",
                 format!("{listen_text:?} is not an address with a port, e.g. \"127.0.0.1:9788\""),
             );
             SocketAddr::from(([127, 0, 0, 1], 9788))
         }
     };
-    let shutdown_grace = parse_duration(
-        problems,
-        path,
+    let shutdown_grace = f.duration(
         "server.shutdown_grace",
-        raw.server.shutdown_grace.as_deref(),
-        Duration::from_secs(10),
+        &raw.server.shutdown_grace,
+        secs(10),
     );
-    let api_token = match (raw.server.api_token_env, raw.server.api_token_file) {
-        (Some(_), Some(_)) => {
-            problems.push(
-                path,
-                "server.api_token_env",
-                "give api_token_env or api_token_file, not both",
-            );
-            None
-        }
-        (Some(var), None) => Some(PasswordSource::Env(var)),
-        (None, Some(file)) => Some(PasswordSource::File(base.join(file))),
-        (None, None) => None,
-    };
+    let api_token = f.secret(
+        "server.api_token",
+        raw.server.api_token_env,
+        raw.server.api_token_file,
+        base,
+    );
     let web_config_file = raw.server.web_config_file.map(|p| base.join(p));
     if let Some(file) = &web_config_file {
         if let Err(error) = crate::config::web::WebConfig::load(file) {
-            problems.push(path, "server.web_config_file", error.to_string());
+            f.push("server.web_config_file", error.to_string());
         }
     }
     let server = ServerConfig {
@@ -646,55 +698,25 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     };
 
     let d = &raw.defaults;
-    let interval_override = raw.checks.interval_override.as_deref().map(|text| {
-        parse_duration(
-            problems,
-            path,
+    let interval_override = raw.checks.interval_override.is_some().then(|| {
+        f.duration(
             "checks.interval_override",
-            Some(text),
-            Duration::from_secs(60),
+            &raw.checks.interval_override,
+            secs(60),
         )
     });
     let defaults = Defaults {
         interval_override,
-        interval: parse_duration(
-            problems,
-            path,
-            "defaults.interval",
-            d.interval.as_deref(),
-            Duration::from_secs(60),
-        ),
-        timeout: parse_duration(
-            problems,
-            path,
-            "defaults.timeout",
-            d.timeout.as_deref(),
-            Duration::from_secs(10),
-        ),
-        lock_timeout: parse_duration(
-            problems,
-            path,
-            "defaults.lock_timeout",
-            d.lock_timeout.as_deref(),
-            Duration::from_secs(2),
-        ),
-        connect_timeout: parse_duration(
-            problems,
-            path,
-            "defaults.connect_timeout",
-            d.connect_timeout.as_deref(),
-            Duration::from_secs(5),
-        ),
-        max_connections_per_target: positive(
-            problems,
-            path,
+        interval: f.duration("defaults.interval", &d.interval, secs(60)),
+        timeout: f.duration("defaults.timeout", &d.timeout, secs(10)),
+        lock_timeout: f.duration("defaults.lock_timeout", &d.lock_timeout, secs(2)),
+        connect_timeout: f.duration("defaults.connect_timeout", &d.connect_timeout, secs(5)),
+        max_connections_per_target: f.positive(
             "defaults.max_connections_per_target",
             d.max_connections_per_target,
             2,
         ),
-        max_connections_per_server: positive(
-            problems,
-            path,
+        max_connections_per_server: f.positive(
             "defaults.max_connections_per_server",
             d.max_connections_per_server,
             crate::postgres::pool::DEFAULT_SESSIONS_PER_SERVER,
@@ -703,53 +725,42 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             None => crate::postgres::pool::DEFAULT_SERVER_SHARE,
             Some(share) if share > 0.0 && share <= 1.0 => share,
             Some(share) => {
-                problems.push(
-                    path,
+                f.push(
                     "defaults.server_connection_share",
                     format!("must be above 0 and at most 1 (0.1 = 10 %), found {share}"),
                 );
                 crate::postgres::pool::DEFAULT_SERVER_SHARE
             }
         },
-        max_series: positive(problems, path, "defaults.max_series", d.max_series, 500),
-        discovery_interval: parse_duration(
-            problems,
-            path,
+        max_series: f.positive("defaults.max_series", d.max_series, 500),
+        discovery_interval: f.duration(
             "defaults.discovery_interval",
-            d.discovery_interval.as_deref(),
-            Duration::from_secs(300),
+            &d.discovery_interval,
+            secs(300),
         ),
-        sweep_period: parse_duration(
-            problems,
-            path,
+        sweep_period: f.duration(
             "defaults.sweep_period",
-            d.sweep_period.as_deref(),
+            &d.sweep_period,
             crate::checks::incremental::DEFAULT_SWEEP_PERIOD,
         ),
-        sweep_max_rows: positive(
-            problems,
-            path,
+        sweep_max_rows: f.positive(
             "defaults.sweep_max_rows",
             d.sweep_max_rows,
             crate::checks::incremental::DEFAULT_SWEEP_MAX_ROWS as usize,
         ) as u64,
-        sweep_max_time: parse_duration(
-            problems,
-            path,
+        sweep_max_time: f.duration(
             "defaults.sweep_max_time",
-            d.sweep_max_time.as_deref(),
+            &d.sweep_max_time,
             crate::checks::incremental::DEFAULT_SWEEP_MAX_TIME,
         ),
     };
 
     let store = StoreConfig {
         path: raw.store.path.map(|p| base.join(p)),
-        retention: parse_duration(
-            problems,
-            path,
+        retention: f.duration(
             "store.retention",
-            raw.store.retention.as_deref(),
-            Duration::from_secs(30 * 24 * 3600),
+            &raw.store.retention,
+            secs(30 * 24 * 3600),
         ),
     };
 
@@ -758,13 +769,12 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         .version_query
         .clone()
         .unwrap_or_else(|| DEFAULT_VERSION_QUERY.to_string());
-    let deployments = validate_deployments(path, raw.deployments, problems);
+    let deployments = validate_deployments(path, raw.deployments, f.problems);
     // A sample is needed for as long as it can be part of a baseline that a window open now
     // is judged against: the baseline span before a deployment plus the longest window.
     let needed = deployments.baseline_span + deployments.windows.first_week;
     if deployments.enabled && store.retention < needed {
-        problems.push(
-            path,
+        f.push(
             "store.retention",
             format!(
                 "{} is shorter than deployments.baseline_span + deployments.first_week ({}): \
@@ -785,7 +795,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         let key = format!("checks.files[{index}]");
         let full = base.join(pattern);
         let Some(full_text) = full.to_str() else {
-            problems.push(path, key, "path is not valid UTF-8");
+            f.push(key, "path is not valid UTF-8");
             continue;
         };
         match glob::glob(full_text) {
@@ -793,7 +803,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
                 let mut matched: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
                 matched.sort();
                 if matched.is_empty() {
-                    problems.push(path, key, format!("{pattern:?} matches no check file"));
+                    f.push(key, format!("{pattern:?} matches no check file"));
                 }
                 for file in matched {
                     if !pack_files.contains(&file) {
@@ -801,18 +811,18 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
                     }
                 }
             }
-            Err(error) => problems.push(path, key, format!("bad pattern {pattern:?}: {error}")),
+            Err(error) => f.push(key, format!("bad pattern {pattern:?}: {error}")),
         }
     }
     let packs: Vec<Arc<Pack>> = pack_files
         .iter()
-        .filter_map(|file| packs::load(file, problems).map(Arc::new))
+        .filter_map(|file| packs::load(file, f.problems).map(Arc::new))
         .collect();
-    packs::reject_duplicates(&packs, problems);
+    packs::reject_duplicates(&packs, f.problems);
     let mut pack_names = HashSet::new();
     for pack in &packs {
         if !pack_names.insert(pack.name.clone()) {
-            problems.push(
+            f.problems.push(
                 &pack.file,
                 "pack.name",
                 format!("pack name {:?} is used by another file", pack.name),
@@ -822,19 +832,18 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
 
     let mut global_parameters = BTreeMap::new();
     for (name, value) in &raw.checks.parameters {
-        if let Some(text) =
-            parameter_text(problems, path, &format!("checks.parameters.{name}"), value)
-        {
+        if let Some(text) = parameter_text(
+            f.problems,
+            path,
+            &format!("checks.parameters.{name}"),
+            value,
+        ) {
             global_parameters.insert(name.clone(), text);
         }
     }
 
     if raw.targets.is_empty() {
-        problems.push(
-            path,
-            "targets",
-            "at least one [[targets]] entry is required",
-        );
+        f.push("targets", "at least one [[targets]] entry is required");
     }
     let mut targets = Vec::new();
     let mut target_names = HashSet::new();
@@ -849,11 +858,10 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             &packs,
             &global_parameters,
             &default_version_query,
-            problems,
+            f.problems,
         ) {
             if !target_names.insert(target.name.clone()) {
-                problems.push(
-                    path,
+                f.push(
                     format!("{key}.name"),
                     format!("target name {:?} is used twice", target.name),
                 );
@@ -863,8 +871,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     }
     for (index, declared) in deployments.declared.iter().enumerate() {
         if !target_names.contains(&declared.target) {
-            problems.push(
-                path,
+            f.push(
                 format!("deployments.declared[{index}].target"),
                 format!("no target is named {:?}", declared.target),
             );
@@ -887,32 +894,23 @@ fn validate_deployments(
     raw: RawDeployments,
     problems: &mut Problems,
 ) -> DeploymentConfig {
+    let mut f = problems.in_file(path);
     let defaults = WindowDurations::default();
     let windows = WindowDurations {
-        first_hour: parse_duration(
-            problems,
-            path,
+        first_hour: f.duration(
             "deployments.first_hour",
-            raw.first_hour.as_deref(),
+            &raw.first_hour,
             defaults.first_hour,
         ),
-        first_day: parse_duration(
-            problems,
-            path,
-            "deployments.first_day",
-            raw.first_day.as_deref(),
-            defaults.first_day,
-        ),
-        first_week: parse_duration(
-            problems,
-            path,
+        first_day: f.duration("deployments.first_day", &raw.first_day, defaults.first_day),
+        first_week: f.duration(
             "deployments.first_week",
-            raw.first_week.as_deref(),
+            &raw.first_week,
             defaults.first_week,
         ),
     };
     if let Err(error) = windows.validate() {
-        problems.push(path, "deployments.first_hour", error.to_string());
+        f.push("deployments.first_hour", error.to_string());
     }
     let mut declared = Vec::new();
     for (index, d) in raw.declared.into_iter().enumerate() {
@@ -925,8 +923,7 @@ fn validate_deployments(
                     note: d.note,
                 });
             }
-            Err(error) => problems.push(
-                path,
+            Err(error) => f.push(
                 format!("deployments.declared[{index}].at"),
                 format!(
                     "{:?} is not a time like \"2026-11-24T10:00:00Z\" ({error})",
@@ -935,67 +932,34 @@ fn validate_deployments(
             ),
         }
     }
-    let fraction =
-        |problems: &mut Problems, key: &str, value: Option<f64>, default: f64| match value {
-            None => default,
-            Some(v) if v > 0.0 && v.is_finite() => v,
-            Some(v) => {
-                problems.push(path, key, format!("must be a positive number, found {v}"));
-                default
-            }
-        };
     DeploymentConfig {
         enabled: raw.enabled.unwrap_or(true),
-        sample_interval: parse_duration(
-            problems,
-            path,
+        sample_interval: f.duration(
             "deployments.sample_interval",
-            raw.sample_interval.as_deref(),
-            Duration::from_secs(60),
+            &raw.sample_interval,
+            secs(60),
         ),
-        baseline_span: parse_duration(
-            problems,
-            path,
+        baseline_span: f.duration(
             "deployments.baseline_span",
-            raw.baseline_span.as_deref(),
-            Duration::from_secs(7 * 24 * 3600),
+            &raw.baseline_span,
+            secs(7 * 24 * 3600),
         ),
-        min_baseline_samples: positive(
-            problems,
-            path,
+        min_baseline_samples: f.positive(
             "deployments.min_baseline_samples",
             raw.min_baseline_samples,
             5,
         ),
-        min_window_samples: positive(
-            problems,
-            path,
-            "deployments.min_window_samples",
-            raw.min_window_samples,
-            3,
-        ),
+        min_window_samples: f.positive("deployments.min_window_samples", raw.min_window_samples, 3),
         windows,
-        latency_min_increase: fraction(
-            problems,
+        latency_min_increase: f.fraction(
             "deployments.latency_min_increase",
             raw.latency_min_increase,
             0.2,
         ),
-        latency_min_calls: positive(
-            problems,
-            path,
-            "deployments.latency_min_calls",
-            raw.latency_min_calls,
-            5,
-        ) as u64,
-        latency_p_value: fraction(
-            problems,
-            "deployments.latency_p_value",
-            raw.latency_p_value,
-            0.01,
-        ),
-        latency_min_delta_ms: fraction(
-            problems,
+        latency_min_calls: f.positive("deployments.latency_min_calls", raw.latency_min_calls, 5)
+            as u64,
+        latency_p_value: f.fraction("deployments.latency_p_value", raw.latency_p_value, 0.01),
+        latency_min_delta_ms: f.fraction(
             "deployments.latency_min_delta_ms",
             raw.latency_min_delta_ms,
             0.05,
@@ -1003,8 +967,7 @@ fn validate_deployments(
         version_order: match raw.version_order.as_deref() {
             None => VersionOrder::default(),
             Some(text) => VersionOrder::parse(text).unwrap_or_else(|| {
-                problems.push(
-                    path,
+                f.push(
                     "deployments.version_order",
                     format!("must be \"semver\" or \"unordered\", found {text:?}"),
                 );
@@ -1027,45 +990,34 @@ fn validate_target(
     default_version_query: &str,
     problems: &mut Problems,
 ) -> Option<TargetConfig> {
-    let before = problems.0.len();
+    let mut f = problems.in_file(path);
+    let before = f.problems.0.len();
     let name = match raw.name {
         Some(name) if crate::config::packs::valid_name(&name) => name,
         Some(name) => {
-            problems.push(
-                path,
+            f.push(
                 format!("{key}.name"),
                 format!("{name:?} is not a valid name: use letters, digits, '_' and '-'"),
             );
             return None;
         }
         None => {
-            problems.push(path, format!("{key}.name"), "every target needs a name");
+            f.push(format!("{key}.name"), "every target needs a name");
             return None;
         }
     };
-    let password = match (raw.password_env, raw.password_file) {
-        (Some(_), Some(_)) => {
-            problems.push(
-                path,
-                format!("{key}.password_env"),
-                "give password_env or password_file, not both",
-            );
-            None
-        }
-        (Some(var), None) => Some(PasswordSource::Env(var)),
-        (None, Some(file)) => Some(PasswordSource::File(base.join(file))),
-        (None, None) => None,
-    };
+    let password = f.secret(
+        &format!("{key}.password"),
+        raw.password_env,
+        raw.password_file,
+        base,
+    );
     let port = match raw.port {
         None => None,
         Some(p) => match u16::try_from(p) {
             Ok(p) if p > 0 => Some(p),
             _ => {
-                problems.push(
-                    path,
-                    format!("{key}.port"),
-                    format!("{p} is not a TCP port"),
-                );
+                f.push(format!("{key}.port"), format!("{p} is not a TCP port"));
                 None
             }
         },
@@ -1088,7 +1040,7 @@ fn validate_target(
     if let Some(key) = raw.sslkey {
         tls_options.insert("sslkey".to_string(), base.join(key).display().to_string());
     }
-    let discover = validate_discovery(path, key, raw.databases, raw.exclude_databases, problems);
+    let discover = validate_discovery(path, key, raw.databases, raw.exclude_databases, f.problems);
     let connection = match ConnectionSettings::new(
         raw.url.as_deref(),
         raw.host,
@@ -1105,13 +1057,11 @@ fn validate_target(
         }
         Ok(settings) => Some(settings),
         Err(error) => {
-            problems.push(path, format!("{key}.url"), error.to_string());
+            f.push(format!("{key}.url"), error.to_string());
             None
         }
     };
-    let max_connections = positive(
-        problems,
-        path,
+    let max_connections = f.positive(
         &format!("{key}.max_connections"),
         raw.max_connections,
         defaults.max_connections_per_target,
@@ -1120,7 +1070,7 @@ fn validate_target(
     let mut parameters = global_parameters.clone();
     for (name, value) in &raw.parameters {
         if let Some(text) =
-            parameter_text(problems, path, &format!("{key}.parameters.{name}"), value)
+            parameter_text(f.problems, path, &format!("{key}.parameters.{name}"), value)
         {
             parameters.insert(name.clone(), text);
         }
@@ -1130,8 +1080,7 @@ fn validate_target(
         Some(names) => {
             for (index, wanted) in names.iter().enumerate() {
                 if !packs.iter().any(|p| &p.name == wanted) {
-                    problems.push(
-                        path,
+                    f.push(
                         format!("{key}.packs[{index}]"),
                         format!("no loaded check pack is named {wanted:?}"),
                     );
@@ -1143,12 +1092,13 @@ fn validate_target(
     let mut checks = Vec::new();
     for pack in selected {
         for def in &pack.checks {
-            if let Some(spec) = packs::resolve(pack, def, &parameters, defaults, &name, problems) {
+            if let Some(spec) = packs::resolve(pack, def, &parameters, defaults, &name, f.problems)
+            {
                 checks.push(Arc::new(spec));
             }
         }
     }
-    if problems.0.len() > before {
+    if f.problems.0.len() > before {
         return None;
     }
     Some(TargetConfig {

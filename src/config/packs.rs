@@ -13,7 +13,7 @@ use crate::checks::expectation;
 use crate::checks::incremental::IncrementalDef;
 use crate::checks::spec::{valid_label, RESERVED_LABELS};
 pub use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
-use crate::config::{parameter_text, parse_duration, Defaults, Problems};
+use crate::config::{parameter_text, Defaults, Problems};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -485,19 +485,16 @@ pub(crate) fn resolve(
             ),
         }
     }
-    let interval = parse_duration(
-        problems,
-        file,
+    let mut f = problems.in_file(file);
+    let interval = f.duration(
         &format!("{}.interval", def.key),
-        def.interval.as_deref(),
+        &def.interval,
         defaults.interval,
     );
     let interval = defaults.interval_override.unwrap_or(interval);
-    let timeout = parse_duration(
-        problems,
-        file,
+    let timeout = f.duration(
         &format!("{}.timeout", def.key),
-        def.timeout.as_deref(),
+        &def.timeout,
         defaults.timeout,
     );
     let shape = match &def.shape {
@@ -523,19 +520,15 @@ pub(crate) fn resolve(
         key: decl.key.clone(),
         parents: decl.parents.clone(),
         early_sweep: decl.early_sweep,
-        sweep_period: parse_duration(
-            problems,
-            file,
+        sweep_period: f.duration(
             &format!("{}.sweep_period", def.key),
-            decl.sweep_period.as_deref(),
+            &decl.sweep_period,
             defaults.sweep_period,
         ),
         sweep_max_rows: decl.sweep_max_rows.unwrap_or(defaults.sweep_max_rows),
-        sweep_max_time: parse_duration(
-            problems,
-            file,
+        sweep_max_time: f.duration(
             &format!("{}.sweep_max_time", def.key),
-            decl.sweep_max_time.as_deref(),
+            &decl.sweep_max_time,
             defaults.sweep_max_time,
         ),
     });
