@@ -3,6 +3,7 @@
 //! The layers, from the bottom up (each depends only on those below it; ARCHITECTURE.md has the
 //! map and `tests/architecture.rs` enforces it):
 //!
+//! - `labels`: closed sets of snake_case labels (metric labels, serde names, stored text).
 //! - [`time`]: the one time type, the injectable clock, durations and RFC 3339.
 //! - [`checks`]: check specifications, the expectation grammar, outcome evaluation. Pure.
 //! - [`analysis`]: samples, windows, statistics, regression rules, deployments, reports. Pure.
@@ -22,6 +23,7 @@ pub mod checks;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub(crate) mod labels;
 pub mod postgres;
 pub mod server;
 pub mod storage;

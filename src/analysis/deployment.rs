@@ -2,111 +2,45 @@
 //! the windows after it with their verdicts and findings. Pure types and rendering; the
 //! tracking itself lives in [`crate::watch::tracker`].
 
+use crate::labels::label_enum;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::window::{Verdict, Window};
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum DeploymentKind {
-    Deploy,
-    Rollback,
-}
-
-impl DeploymentKind {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        text.parse().ok()
+label_enum! {
+    pub enum DeploymentKind {
+        Deploy,
+        Rollback,
     }
 }
 
-/// How a deployment became known.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Detection {
-    /// The version query's value changed.
-    VersionChange,
-    /// `POST /api/deployments` or `deploywatch deploy mark`.
-    Announced,
-    /// `[[deployments.declared]]` in the configuration.
-    Declared,
-}
-
-impl Detection {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        text.parse().ok()
+label_enum! {
+    /// How a deployment became known.
+    pub enum Detection {
+        /// The version query's value changed.
+        VersionChange,
+        /// `POST /api/deployments` or `deploywatch deploy mark`.
+        Announced,
+        /// `[[deployments.declared]]` in the configuration.
+        Declared,
     }
 }
 
-/// The regression signals. A closed set: it is a metric label.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Signal {
-    CheckFailure,
-    RollbackRatio,
-    Deadlocks,
-    Connections,
-    QueryLatency,
-    SeqScans,
-    UnusedIndex,
-    DbGrowth,
-    TopQueries,
-    Integrity,
-}
-
-impl Signal {
-    pub const ALL: &'static [Signal] = <Signal as strum::VariantArray>::VARIANTS;
-
-    pub fn as_str(self) -> &'static str {
-        self.into()
+label_enum! {
+    /// The regression signals. A closed set: it is a metric label.
+    pub enum Signal {
+        CheckFailure,
+        RollbackRatio,
+        Deadlocks,
+        Connections,
+        QueryLatency,
+        SeqScans,
+        UnusedIndex,
+        DbGrowth,
+        TopQueries,
+        Integrity,
     }
 }
 

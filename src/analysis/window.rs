@@ -2,41 +2,17 @@
 //! hours, the first week, then steady state, all measured from the deployment; the verdict a
 //! window shows; and the span of the baseline before a deployment. Pure: times are passed in.
 
+use crate::labels::label_enum;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Window {
-    FirstHour,
-    FirstDay,
-    FirstWeek,
-    Steady,
-}
-
-impl Window {
-    pub const ALL: &'static [Window] = <Window as strum::VariantArray>::VARIANTS;
-
-    pub fn as_str(self) -> &'static str {
-        self.into()
+label_enum! {
+    pub enum Window {
+        FirstHour,
+        FirstDay,
+        FirstWeek,
+        Steady,
     }
 }
 
@@ -112,33 +88,12 @@ pub fn window_at(deployed_at: Timestamp, now: Timestamp, d: &WindowDurations) ->
     })
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Verdict {
-    Watching,
-    Pass,
-    Regression,
-    Inconclusive,
-}
-
-impl Verdict {
-    pub const ALL: &'static [Verdict] = <Verdict as strum::VariantArray>::VARIANTS;
-
-    pub fn as_str(self) -> &'static str {
-        self.into()
+label_enum! {
+    pub enum Verdict {
+        Watching,
+        Pass,
+        Regression,
+        Inconclusive,
     }
 }
 

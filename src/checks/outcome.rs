@@ -4,6 +4,7 @@
 //! shape against the check's definition, applies the expectation and returns a [`CheckOutcome`].
 //! Nothing here does I/O.
 
+use crate::labels::label_enum;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -59,95 +60,35 @@ pub struct ResultTable {
     pub rows: Vec<Vec<Cell>>,
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    PartialOrd,
-    Ord,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Status {
-    Pending,
-    Pass,
-    Fail,
-    Error,
-}
-
-impl Status {
-    pub const ALL: &'static [Status] = <Status as strum::VariantArray>::VARIANTS;
-
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
-    pub fn parse(text: &str) -> Option<Status> {
-        text.parse().ok()
+label_enum! {
+    pub enum Status {
+        Pending,
+        Pass,
+        Fail,
+        Error,
     }
 }
 
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Why a check could not produce a verdict. A closed set, used as a metric label.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    PartialOrd,
-    Ord,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum ErrorKind {
-    /// statement_timeout, lock_timeout, or the server did not answer in time.
-    Timeout,
-    /// PostgreSQL rejected the query (syntax, missing table, permission ...).
-    Sql,
-    /// The query tried to write and the read-only transaction refused it.
-    ReadOnly,
-    /// No session could be opened or it broke.
-    Connection,
-    NoRows,
-    NullValue,
-    NotNumeric,
-    TooManyRows,
-    TooManySeries,
-    /// A label column of a rows check is NULL (it would read as the empty label value).
-    NullLabel,
-    /// Two rows of a rows check have the same label values, so they would be one series twice.
-    DuplicateSeries,
-}
-
-impl ErrorKind {
-    pub const ALL: &'static [ErrorKind] = <ErrorKind as strum::VariantArray>::VARIANTS;
-
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+label_enum! {
+    /// Why a check could not produce a verdict. A closed set, used as a metric label.
+    pub enum ErrorKind {
+        /// statement_timeout, lock_timeout, or the server did not answer in time.
+        Timeout,
+        /// PostgreSQL rejected the query (syntax, missing table, permission ...).
+        Sql,
+        /// The query tried to write and the read-only transaction refused it.
+        ReadOnly,
+        /// No session could be opened or it broke.
+        Connection,
+        NoRows,
+        NullValue,
+        NotNumeric,
+        TooManyRows,
+        TooManySeries,
+        /// A label column of a rows check is NULL (it would read as the empty label value).
+        NullLabel,
+        /// Two rows of a rows check have the same label values, so they would be one series twice.
+        DuplicateSeries,
     }
 }
 

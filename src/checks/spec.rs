@@ -2,10 +2,8 @@
 //! expectation, timing and result shape. Packs ([`crate::config::packs`]) produce these.
 
 use crate::checks::incremental::IncrementalDef;
-use std::fmt;
+use crate::labels::label_enum;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 use crate::checks::expectation::Expectation;
 
@@ -14,75 +12,21 @@ pub(crate) const RESERVED_LABELS: &[&str] = &[
     "target", "check", "category", "severity", "column", "status",
 ];
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    PartialOrd,
-    Ord,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Category {
-    Health,
-    Integrity,
-    IndexUsage,
-    Performance,
-    Activity,
-}
-
-impl Category {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+label_enum! {
+    pub enum Category {
+        Health,
+        Integrity,
+        IndexUsage,
+        Performance,
+        Activity,
     }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    PartialOrd,
-    Ord,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Severity {
-    Critical,
-    Warning,
-    Info,
-}
-
-impl Severity {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
-impl fmt::Display for Category {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for Severity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+label_enum! {
+    pub enum Severity {
+        Critical,
+        Warning,
+        Info,
     }
 }
 

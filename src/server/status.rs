@@ -2,9 +2,10 @@
 //! plain-text table (`/status?format=text`, `deploywatch status`, `deploywatch check`).
 //! Pure: it renders a [`Snapshot`] and never touches the database or the clock.
 
+use crate::labels::label_enum;
 use std::fmt::Write as _;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::analysis::deployment::DeploymentView;
 use crate::checks::outcome::{Observation, Status};
@@ -12,31 +13,11 @@ use crate::checks::spec::Severity;
 use crate::time::{rfc3339, Timestamp};
 use crate::watch::state::Snapshot;
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    PartialOrd,
-    Ord,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Overall {
-    Ok,
-    Degraded,
-    Failing,
-}
-
-impl Overall {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+label_enum! {
+    pub enum Overall {
+        Ok,
+        Degraded,
+        Failing,
     }
 }
 
