@@ -17,42 +17,89 @@ use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "test-token-5f1c";
 
-/// Windows of `hour`, `2*hour`, `3*hour` seconds, sampling every second.
-fn config(dir: &ConfigDir, pg: &PgCluster, db: &str, hour: u32) {
-    dir.add_shipped_pack("cognit-3.7.0.toml");
-    dir.write("token", TOKEN);
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\napi_token_file = \"token\"\n\n\
-             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
-             [store]\npath = \"state.sqlite\"\n\n\
-             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
-             latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-             [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
-            hour * 2,
-            hour * 3,
-            pg.port()
-        ),
-    );
+/// One test's world: a throwaway cluster holding the cognit database, the daemon's
+/// configuration (windows of `hour`, `2*hour`, `3*hour` seconds, sampling every second) and the
+/// application's workload once asked for. The workload stops when the setup is dropped.
+struct Setup {
+    pg: PgCluster,
+    dir: ConfigDir,
+    cancel: CancellationToken,
 }
 
-async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+impl Setup {
+    /// cognit at `version` on a new cluster.
+    fn new(version: Version, hour: u32) -> Setup {
+        let pg = cluster();
+        cognit_db(&pg, "cognit", version);
+        Setup::on(pg, hour)
+    }
+
+    /// cognit at `version` with pg_stat_statements preloaded and created.
+    fn with_statements(version: Version, hour: u32) -> Setup {
+        let pg = common::cluster_with_statements();
+        cognit_db(&pg, "cognit", version);
+        pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
+            .expect("extension");
+        Setup::on(pg, hour)
+    }
+
+    /// The configuration for a cluster that already holds the cognit database.
+    fn on(pg: PgCluster, hour: u32) -> Setup {
+        let dir = ConfigDir::new();
+        dir.add_shipped_pack("cognit-3.7.0.toml");
+        dir.write("token", TOKEN);
+        dir.write(
+            "deploywatch.toml",
+            &format!(
+                "[server]\napi_token_file = \"token\"\n\n\
+                 [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
+                 [store]\npath = \"state.sqlite\"\n\n\
+                 [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
+                 latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
+                 [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"postgres\"\n",
+                hour * 2,
+                hour * 3,
+                pg.port()
+            ),
+        );
+        Setup {
+            pg,
+            dir,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Replaces `from` with `to` in the main configuration file.
+    fn edit_config(&self, from: &str, to: &str) {
+        let main = std::fs::read_to_string(self.dir.main()).expect("config");
+        assert!(main.contains(from), "the configuration holds {from:?}");
+        std::fs::write(self.dir.main(), main.replace(from, to)).expect("config");
+    }
+
+    /// Starts the application's workload on cognit.
+    async fn workload(&self) {
+        let (_handle, _counters) = deploywatch_testkit::workload::spawn(
+            &self.pg.connection_string("cognit"),
+            40,
+            Duration::from_millis(200),
+            self.cancel.clone(),
+        )
         .await
-        .expect("bind");
-    daemon::start(dir.load(), listener).expect("daemon starts")
+        .expect("workload");
+    }
+
+    async fn start(&self) -> DaemonHandle {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        daemon::start(self.dir.load(), listener).expect("daemon starts")
+    }
 }
 
-async fn workload(pg: &PgCluster, db: &str, cancel: &CancellationToken) {
-    let (_handle, _counters) = deploywatch_testkit::workload::spawn(
-        &pg.connection_string(db),
-        40,
-        Duration::from_millis(200),
-        cancel.clone(),
-    )
-    .await
-    .expect("workload");
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 /// The latest deployment view of the only target, once `accept` holds.
@@ -126,16 +173,13 @@ async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_migration_is_detected_and_its_windows_close_in_order() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V360);
-    let cancel = CancellationToken::new();
-    workload(&pg, "cognit", &cancel).await;
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 6);
-    let handle = start(&dir).await;
+    let setup = Setup::new(Version::V360, 6);
+    setup.workload().await;
+    let (pg, dir) = (&setup.pg, &setup.dir);
+    let handle = setup.start().await;
     wait_baseline(&handle, 6).await;
 
-    common::migrate(&pg, "cognit").expect("migration");
+    common::migrate(pg, "cognit").expect("migration");
     let view = deployment_where(
         &handle,
         "deployment detected",
@@ -264,7 +308,7 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
     assert!(text.contains("first_day: pass"), "{text}");
     assert!(text.contains("unused_index"), "{text}");
     assert!(text.contains("[x] Schema version is 3.7.0"), "{text}");
-    cancel.cancel();
+    setup.cancel.cancel();
     handle.shutdown().await.expect("shutdown");
 }
 
@@ -281,11 +325,10 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
     common::migrate(&pg, "cognit").expect("migration");
     pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
         .expect("extension");
-    let cancel = CancellationToken::new();
-    workload(&pg, "cognit", &cancel).await;
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 8);
-    let handle = start(&dir).await;
+    let setup = Setup::on(pg, 8);
+    setup.workload().await;
+    let pg = &setup.pg;
+    let handle = setup.start().await;
     wait_baseline(&handle, 8).await;
 
     let (code, body) = announce(&handle, "3.7.1").await;
@@ -365,21 +408,15 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
         status.contains("query_latency") && status.contains("evidence"),
         "{status}"
     );
-    cancel.cancel();
+    setup.cancel.cancel();
     handle.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_that_change_nothing_pass() {
-    let pg = common::cluster_with_statements();
-    cognit_db(&pg, "cognit", Version::V370);
-    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
-        .expect("extension");
-    let cancel = CancellationToken::new();
-    workload(&pg, "cognit", &cancel).await;
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 4);
-    let handle = start(&dir).await;
+    let setup = Setup::with_statements(Version::V370, 4);
+    setup.workload().await;
+    let handle = setup.start().await;
     wait_baseline(&handle, 5).await;
     let mut alarms = 0;
     let rounds = 3;
@@ -403,19 +440,17 @@ async fn deployments_that_change_nothing_pass() {
         }
     }
     assert_eq!(alarms, 0, "false alarms in {rounds} no-change deployments");
-    cancel.cancel();
+    setup.cancel.cancel();
     handle.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announcement_for_the_detected_version_moves_its_start_and_keeps_its_baseline() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V360);
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 60);
-    let handle = start(&dir).await;
+    let setup = Setup::new(Version::V360, 60);
+    let (pg, dir) = (&setup.pg, &setup.dir);
+    let handle = setup.start().await;
     wait_baseline(&handle, 6).await;
-    common::migrate(&pg, "cognit").expect("migration");
+    common::migrate(pg, "cognit").expect("migration");
     let detected = deployment_where(
         &handle,
         "deployment detected",
@@ -463,20 +498,13 @@ async fn an_announcement_for_the_detected_version_moves_its_start_and_keeps_its_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_small_a_baseline_judges_no_signal() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V360);
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 8);
+    let setup = Setup::new(Version::V360, 8);
     // Far more baseline samples wanted than the few seconds before the deployment give.
-    let main = std::fs::read_to_string(dir.main()).expect("config");
-    std::fs::write(
-        dir.main(),
-        main.replace("min_baseline_samples = 4", "min_baseline_samples = 500"),
-    )
-    .expect("config");
-    let handle = start(&dir).await;
+    setup.edit_config("min_baseline_samples = 4", "min_baseline_samples = 500");
+    let pg = &setup.pg;
+    let handle = setup.start().await;
     wait_baseline(&handle, 4).await;
-    common::migrate(&pg, "cognit").expect("migration");
+    common::migrate(pg, "cognit").expect("migration");
     deployment_where(
         &handle,
         "deployment detected",
@@ -485,7 +513,7 @@ async fn too_small_a_baseline_judges_no_signal() {
     )
     .await;
     // An integrity check that passed throughout the (short) baseline now fails.
-    common::corrupt(&pg, "cognit", "orphaned_payments");
+    common::corrupt(pg, "cognit", "orphaned_payments");
     let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(40), |v| {
         closed(v, Window::FirstHour)
     })
@@ -508,11 +536,9 @@ async fn too_small_a_baseline_judges_no_signal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 30);
-    let handle = start(&dir).await;
+    let setup = Setup::new(Version::V370, 30);
+    let pg = &setup.pg;
+    let handle = setup.start().await;
     wait_baseline(&handle, 2).await;
     pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql"))
         .expect("rollback script");
@@ -549,29 +575,27 @@ async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_resets_and_a_restart_raise_no_alarm() {
-    let mut pg = common::cluster_with_statements();
-    cognit_db(&pg, "cognit", Version::V370);
-    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
-        .expect("extension");
-    let cancel = CancellationToken::new();
-    workload(&pg, "cognit", &cancel).await;
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 10);
-    let handle = start(&dir).await;
+    let mut setup = Setup::with_statements(Version::V370, 10);
+    setup.workload().await;
+    let handle = setup.start().await;
     wait_baseline(&handle, 6).await;
     let (code, body) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201, "{body}");
     wait_samples(&handle, 2).await;
-    pg.psql("cognit", "SELECT pg_stat_statements_reset()")
+    setup
+        .pg
+        .psql("cognit", "SELECT pg_stat_statements_reset()")
         .expect("statements reset");
     wait_samples(&handle, 2).await;
-    pg.psql("cognit", "SELECT pg_stat_reset()")
+    setup
+        .pg
+        .psql("cognit", "SELECT pg_stat_reset()")
         .expect("stats reset");
     wait_samples(&handle, 1).await;
-    cancel.cancel();
-    pg.restart().expect("restart postgres");
-    let cancel = CancellationToken::new();
-    workload(&pg, "cognit", &cancel).await;
+    setup.cancel.cancel();
+    setup.pg.restart().expect("restart postgres");
+    setup.cancel = CancellationToken::new();
+    setup.workload().await;
     let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| {
         closed(v, Window::FirstDay)
     })
@@ -586,17 +610,15 @@ async fn statistics_resets_and_a_restart_raise_no_alarm() {
         Some(Verdict::Pass),
         "{view:#?}"
     );
-    cancel.cancel();
+    setup.cancel.cancel();
     handle.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deployment_api_checks_its_token_and_its_body() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 30);
-    let handle = start(&dir).await;
+    let setup = Setup::new(Version::V370, 30);
+    let dir = &setup.dir;
+    let handle = setup.start().await;
     let url = format!("http://{}/api/deployments", handle.local_addr);
     let post = |token: Option<&'static str>, body: &'static str| {
         let url = url.clone();
@@ -676,12 +698,10 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
 /// window timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_window_loses_nothing() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 6);
+    let setup = Setup::new(Version::V370, 6);
+    let dir = &setup.dir;
     let port = common::free_port();
-    let spawn = || common::spawn_daemon(&dir, port);
+    let spawn = || common::spawn_daemon(dir, port);
     let status = |port: u16| async move {
         deploywatch::commands::client::request(
             hyper::Method::GET,
@@ -817,16 +837,13 @@ async fn kill_9_mid_window_loses_nothing() {
 /// a reload without being recorded twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_declared_in_config_is_recorded_once() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    config(&dir, &pg, "cognit", 30);
-    let main = std::fs::read_to_string(dir.main()).expect("config").replace(
+    let setup = Setup::new(Version::V370, 30);
+    setup.edit_config(
         "[[targets]]",
         "[[deployments.declared]]\ntarget = \"cognit\"\nversion = \"3.7.0\"\nat = \"2026-01-05T10:00:00Z\"\nnote = \"release train 12\"\n\n[[targets]]",
     );
-    dir.write("deploywatch.toml", &main);
-    let handle = start(&dir).await;
+    let dir = &setup.dir;
+    let handle = setup.start().await;
     let view = deployment_where(
         &handle,
         "declared deployment",
