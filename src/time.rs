@@ -16,11 +16,11 @@ pub trait Clock: Send + Sync + fmt::Debug {
 }
 
 /// The clock every component holds.
-pub type SharedClock = Arc<dyn Clock>;
+pub(crate) type SharedClock = Arc<dyn Clock>;
 
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
@@ -29,7 +29,7 @@ impl Clock for SystemClock {
 }
 
 /// The system clock, shared.
-pub fn system_clock() -> SharedClock {
+pub(crate) fn system_clock() -> SharedClock {
     Arc::new(SystemClock)
 }
 
@@ -85,7 +85,7 @@ pub fn parse_rfc3339(text: &str) -> Result<Timestamp, humantime::TimestampError>
 }
 
 /// Parses a human duration (`500ms`, `30s`, `5m`, `1h`, `7d`).
-pub fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(text.trim())
 }
 

@@ -395,7 +395,7 @@ fn compare(op: CompareOp, ordering: Option<Ordering>) -> bool {
 
 impl Expectation {
     /// Whether the expectation compares numbers (a text observation must then parse as one).
-    pub fn wants_number(&self) -> bool {
+    pub(crate) fn wants_number(&self) -> bool {
         !matches!(
             self,
             Expectation::Compare {

@@ -23,11 +23,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Defaults for a check that does not set its own sweep budget.
-pub const DEFAULT_SWEEP_PERIOD: Duration = Duration::from_secs(86_400);
-pub const DEFAULT_SWEEP_MAX_ROWS: u64 = 1_000_000;
-pub const DEFAULT_SWEEP_MAX_TIME: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_SWEEP_PERIOD: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_SWEEP_MAX_ROWS: u64 = 1_000_000;
+pub(crate) const DEFAULT_SWEEP_MAX_TIME: Duration = Duration::from_secs(5);
 /// A paced chunk never drops below this many rows, so a sweep always moves.
-pub const MIN_CHUNK_ROWS: u64 = 1_000;
+pub(crate) const MIN_CHUNK_ROWS: u64 = 1_000;
 /// A periodic sweep aims to finish within this share of its period, leaving the rest as margin
 /// before the "sweep overdue" alert (a sweep starts when the previous one ends, so the last
 /// complete sweep is at most about this share of the period old).
@@ -80,7 +80,7 @@ impl SweepReason {
 
     /// Urgent sweeps run chunk after chunk within a run instead of at the period's pace: the
     /// count is unknown (initial, reset) or likely wrong (early) until they finish.
-    pub fn urgent(self) -> bool {
+    pub(crate) fn urgent(self) -> bool {
         !matches!(self, SweepReason::Periodic)
     }
 }
@@ -188,7 +188,7 @@ impl Progress {
 
     /// Starts (or restarts) a sweep of every key up to `settled_hi`. Keys past it are pending
     /// and the next increment settles them.
-    pub fn start_sweep(
+    pub(crate) fn start_sweep(
         &mut self,
         reason: SweepReason,
         counters: BTreeMap<String, TableCounters>,
@@ -219,7 +219,7 @@ impl Progress {
 
     /// Records one swept chunk `(pos, chunk_hi]` with `rows` rows and `count` violations;
     /// `finished` when it reached the sweep's bound. Returns true when the sweep completed.
-    pub fn chunk_done(
+    pub(crate) fn chunk_done(
         &mut self,
         chunk_hi: Option<String>,
         rows: u64,
@@ -267,7 +267,7 @@ impl Progress {
 /// - deletes on the checked table only matter while the count is above 0 (a repair);
 /// - counters that went backwards (statistics reset, failover) hide what happened, so they
 ///   count as a change.
-pub fn early_sweep_reason(
+pub(crate) fn early_sweep_reason(
     def: &IncrementalDef,
     before: &BTreeMap<String, TableCounters>,
     now: &BTreeMap<String, TableCounters>,
@@ -307,7 +307,7 @@ pub fn early_sweep_reason(
 /// `PACE_SHARE` of the period at this check's interval, more when the sweep is behind that
 /// schedule (runs were skipped, the daemon was down), never more than `sweep_max_rows`, and no
 /// more than the measured speed allows within `sweep_max_time`.
-pub fn paced_rows(
+pub(crate) fn paced_rows(
     def: &IncrementalDef,
     sweep: &Sweep,
     interval: Duration,

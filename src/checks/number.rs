@@ -66,7 +66,7 @@ impl Number {
 }
 
 /// Reads strict decimal text into an exact decimal (see [`Number::parse`]).
-pub fn parse_decimal(text: &str) -> Option<BigDecimal> {
+pub(crate) fn parse_decimal(text: &str) -> Option<BigDecimal> {
     let text = text.trim();
     if text.is_empty() || text.len() > MAX_TEXT_LEN {
         return None;
@@ -135,7 +135,7 @@ impl fmt::Display for Number {
 }
 
 /// A double as PostgreSQL spells it: `NaN`, `Infinity`, `-Infinity`, integers without `.0`.
-pub fn float_text(x: f64) -> String {
+pub(crate) fn float_text(x: f64) -> String {
     if x.is_nan() {
         "NaN".to_string()
     } else if x.is_infinite() {

@@ -21,7 +21,7 @@ impl Discovery {
 }
 
 /// The name of the target discovered for `database` under `template`.
-pub fn discovered_name(template: &str, database: &str) -> String {
+pub(crate) fn discovered_name(template: &str, database: &str) -> String {
     format!("{template}/{database}")
 }
 
