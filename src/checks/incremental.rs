@@ -372,8 +372,8 @@ mod tests {
         Some(k.to_string())
     }
 
-    #[test]
-    fn no_value_until_the_first_sweep_completes() {
+    /// Progress whose initial sweep of about 100 rows, up to key 100, has just started.
+    fn started() -> Progress {
         let mut p = Progress::default();
         p.reset(
             identity(),
@@ -383,6 +383,12 @@ mod tests {
             100,
             0.0,
         );
+        p
+    }
+
+    #[test]
+    fn no_value_until_the_first_sweep_completes() {
+        let mut p = started();
         assert_eq!(p.value(), None);
         assert!(!p.chunk_done(key(50), 50, 2, false, Duration::ZERO, 1.0));
         assert_eq!(p.value(), None);
@@ -394,15 +400,7 @@ mod tests {
 
     #[test]
     fn increments_add_and_the_pending_range_is_recounted_not_added_twice() {
-        let mut p = Progress::default();
-        p.reset(
-            identity(),
-            key(100),
-            SweepReason::Initial,
-            BTreeMap::new(),
-            100,
-            0.0,
-        );
+        let mut p = started();
         p.chunk_done(key(100), 100, 1, true, Duration::ZERO, 1.0);
         // (100, 120]: 2 new violations.
         p.settle(0, key(120), 2);
@@ -421,15 +419,7 @@ mod tests {
 
     #[test]
     fn a_completed_sweep_replaces_what_it_recounted_and_keeps_later_increments() {
-        let mut p = Progress::default();
-        p.reset(
-            identity(),
-            key(100),
-            SweepReason::Initial,
-            BTreeMap::new(),
-            100,
-            0.0,
-        );
+        let mut p = started();
         p.chunk_done(key(100), 100, 4, true, Duration::ZERO, 1.0);
         p.settle(0, key(110), 1);
         p.settle(1, None, 0); // settled (100, 110] = 1
@@ -448,15 +438,7 @@ mod tests {
 
     #[test]
     fn a_sweep_that_already_found_more_reports_it_before_completing() {
-        let mut p = Progress::default();
-        p.reset(
-            identity(),
-            key(100),
-            SweepReason::Initial,
-            BTreeMap::new(),
-            100,
-            0.0,
-        );
+        let mut p = started();
         p.chunk_done(key(100), 100, 0, true, Duration::ZERO, 1.0);
         p.start_sweep(SweepReason::Early, BTreeMap::new(), 100, 2.0);
         p.chunk_done(key(10), 10, 3, false, Duration::ZERO, 3.0);
@@ -465,15 +447,7 @@ mod tests {
 
     #[test]
     fn a_reset_forgets_every_count_but_keeps_the_last_complete_time() {
-        let mut p = Progress::default();
-        p.reset(
-            identity(),
-            key(100),
-            SweepReason::Initial,
-            BTreeMap::new(),
-            100,
-            0.0,
-        );
+        let mut p = started();
         p.chunk_done(key(100), 100, 7, true, Duration::ZERO, 1.0);
         p.settle(0, key(150), 2);
         let new_identity = TableIdentity {
