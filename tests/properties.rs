@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{cluster, target_toml, ConfigDir};
@@ -135,16 +134,7 @@ proptest! {
             1 => format!("postgresql://{user}:{secret}@{host}:5432/db?sslmode=disable"),
             _ => format!("host={host} user={user} password={secret} dbname=db"),
         };
-        let result = ConnectionSettings::new(
-            Some(&text),
-            None,
-            None,
-            None,
-            None,
-            None,
-            Duration::from_secs(1),
-            BTreeMap::new(),
-        );
+        let result = ConnectionSettings::parse(&text, Duration::from_secs(1));
         let shown = match result {
             Ok(settings) => format!("{} {settings:?}", settings.display),
             Err(error) => error.to_string(),
@@ -154,16 +144,7 @@ proptest! {
 
     #[test]
     fn any_connection_string_is_parsed_or_refused(text in "\\PC{0,60}") {
-        let _ = ConnectionSettings::new(
-            Some(&text),
-            None,
-            None,
-            None,
-            None,
-            None,
-            Duration::from_secs(1),
-            BTreeMap::new(),
-        );
+        let _ = ConnectionSettings::parse(&text, Duration::from_secs(1));
     }
 }
 

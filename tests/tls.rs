@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use deploywatch::postgres::pool::TargetPool;
 use deploywatch::postgres::runner::query_read_only;
-use deploywatch::postgres::target::ConnectionSettings;
+use deploywatch::postgres::target::{ConnectionParts, ConnectionSettings};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
@@ -105,20 +105,17 @@ async fn connect(pg: &PgCluster, host: &str, options: &[(&str, String)]) -> Resu
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
-    let settings = ConnectionSettings::new(
-        Some(&format!(
-            "host={host} port={} user=postgres dbname=postgres",
-            pg.port()
-        )),
-        None,
-        None,
-        None,
-        None,
-        None,
-        Duration::from_secs(5),
-        options,
-    )
-    .map_err(|e| e.to_string())?;
+    let url = format!(
+        "host={host} port={} user=postgres dbname=postgres",
+        pg.port()
+    );
+    let parts = ConnectionParts {
+        url: Some(&url),
+        tls_options: options,
+        ..ConnectionParts::default()
+    };
+    let settings =
+        ConnectionSettings::new(parts, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     let pool = TargetPool::new(
         "tls",
         settings,

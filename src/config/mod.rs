@@ -22,7 +22,7 @@ use crate::analysis::deployment::VersionOrder;
 use crate::analysis::window::WindowDurations;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
-use crate::postgres::target::{ConnectionSettings, PasswordSource};
+use crate::postgres::target::{ConnectionParts, ConnectionSettings, PasswordSource};
 
 /// Default address of the HTTP server. 9788 is not used by any well-known exporter.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9788";
@@ -1041,16 +1041,16 @@ fn validate_target(
         tls_options.insert("sslkey".to_string(), base.join(key).display().to_string());
     }
     let discover = validate_discovery(path, key, raw.databases, raw.exclude_databases, f.problems);
-    let connection = match ConnectionSettings::new(
-        raw.url.as_deref(),
-        raw.host,
+    let parts = ConnectionParts {
+        url: raw.url.as_deref(),
+        host: raw.host,
         port,
-        raw.dbname,
-        raw.user,
+        dbname: raw.dbname,
+        user: raw.user,
         password,
-        defaults.connect_timeout,
         tls_options,
-    ) {
+    };
+    let connection = match ConnectionSettings::new(parts, defaults.connect_timeout) {
         // Discovery asks the server from its maintenance database unless told otherwise.
         Ok(settings) if discover.is_some() && settings.dbname().is_none() => {
             Some(settings.with_dbname("postgres"))

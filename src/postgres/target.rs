@@ -87,21 +87,41 @@ impl fmt::Debug for ConnectionSettings {
     }
 }
 
+/// What a target says about its connection: a connection string (libpq URL or `key=value`
+/// form) and/or parts. Parts override what the string says; `tls_options` (sslmode,
+/// sslrootcert, sslcert, sslkey) override the string's TLS options.
+#[derive(Debug, Default)]
+pub struct ConnectionParts<'a> {
+    pub url: Option<&'a str>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<PasswordSource>,
+    pub tls_options: BTreeMap<String, String>,
+}
+
 impl ConnectionSettings {
-    /// Builds settings from a connection string (libpq URL or `key=value` form) and/or parts.
-    /// Parts override what the string says; `tls_options` (sslmode, sslrootcert, sslcert,
-    /// sslkey) override the string's TLS options.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        url: Option<&str>,
-        host: Option<String>,
-        port: Option<u16>,
-        dbname: Option<String>,
-        user: Option<String>,
-        password: Option<PasswordSource>,
-        connect_timeout: Duration,
-        tls_options: BTreeMap<String, String>,
-    ) -> Result<Self, TargetError> {
+    /// Settings from a connection string alone.
+    pub fn parse(url: &str, connect_timeout: Duration) -> Result<Self, TargetError> {
+        let parts = ConnectionParts {
+            url: Some(url),
+            ..ConnectionParts::default()
+        };
+        ConnectionSettings::new(parts, connect_timeout)
+    }
+
+    /// Settings from a connection string and/or parts.
+    pub fn new(parts: ConnectionParts<'_>, connect_timeout: Duration) -> Result<Self, TargetError> {
+        let ConnectionParts {
+            url,
+            host,
+            port,
+            dbname,
+            user,
+            password,
+            tls_options,
+        } = parts;
         let (rest, mut options) = match url {
             Some(text) => split_options(text),
             None => (String::new(), BTreeMap::new()),
@@ -555,15 +575,9 @@ mod tests {
 
     #[test]
     fn malformed_url_error_does_not_contain_password() {
-        let error = ConnectionSettings::new(
-            Some("postgres://u:S3cretPw!@host:notaport/db"),
-            None,
-            None,
-            None,
-            None,
-            None,
+        let error = ConnectionSettings::parse(
+            "postgres://u:S3cretPw!@host:notaport/db",
             Duration::from_secs(1),
-            BTreeMap::new(),
         )
         .err()
         .map(|e| e.to_string())
@@ -573,19 +587,10 @@ mod tests {
     }
 
     fn error_of(url: &str) -> String {
-        ConnectionSettings::new(
-            Some(url),
-            None,
-            None,
-            None,
-            None,
-            None,
-            Duration::from_secs(1),
-            BTreeMap::new(),
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default()
+        ConnectionSettings::parse(url, Duration::from_secs(1))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -627,15 +632,9 @@ mod tests {
 
     #[test]
     fn debug_output_is_redacted() {
-        let settings = ConnectionSettings::new(
-            Some("host=db user=u password=S3cretPw dbname=x"),
-            None,
-            None,
-            None,
-            None,
-            None,
+        let settings = ConnectionSettings::parse(
+            "host=db user=u password=S3cretPw dbname=x",
             Duration::from_secs(1),
-            BTreeMap::new(),
         )
         .expect("valid");
         let debug = format!("{settings:?}");
@@ -645,17 +644,15 @@ mod tests {
 
     #[test]
     fn parts_override_the_url() {
-        let settings = ConnectionSettings::new(
-            Some("postgres://a@h1:1/d1"),
-            Some("h2".into()),
-            Some(2),
-            Some("d2".into()),
-            Some("b".into()),
-            None,
-            Duration::from_secs(1),
-            BTreeMap::new(),
-        )
-        .expect("valid");
+        let parts = ConnectionParts {
+            url: Some("postgres://a@h1:1/d1"),
+            host: Some("h2".into()),
+            port: Some(2),
+            dbname: Some("d2".into()),
+            user: Some("b".into()),
+            ..ConnectionParts::default()
+        };
+        let settings = ConnectionSettings::new(parts, Duration::from_secs(1)).expect("valid");
         assert_eq!(settings.display, "b@h2:2/d2");
     }
 
