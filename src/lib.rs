@@ -5,6 +5,7 @@
 //!
 //! - `labels`: closed sets of snake_case labels (metric labels, serde names, stored text).
 //! - [`time`]: the one time type, the injectable clock, durations and RFC 3339.
+//! - [`shard`]: which replica of a split fleet watches which target (`--shard N/M`). Pure.
 //! - [`checks`]: check specifications, the expectation grammar, outcome evaluation. Pure.
 //! - [`analysis`]: samples, windows, statistics, regression rules, deployments, reports. Pure.
 //! - [`storage`]: the embedded store.
@@ -26,6 +27,7 @@ pub mod daemon;
 pub(crate) mod labels;
 pub mod postgres;
 pub mod server;
+pub mod shard;
 pub mod storage;
 pub mod time;
 pub mod watch;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use deploywatch::commands::cli::{Cli, Command, DeployAction, LogFormat};
 use deploywatch::commands::{self, EXIT_UNREACHABLE};
-use deploywatch::config::Config;
+use deploywatch::config::{Config, Overrides};
 use deploywatch::daemon::{self, Event};
 use tracing_subscriber::EnvFilter;
 
@@ -113,17 +113,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ExitCode::from(code)
     };
     match &cli.command {
-        Command::Run { listen } => {
-            let config = match load(&cli) {
+        Command::Run { listen, shard } => {
+            let mut config = match load(&cli) {
                 Ok(config) => config,
                 Err(code) => return Ok(code),
             };
+            let overrides = Overrides { shard: *shard };
+            if let Err(error) = config.apply_overrides(&overrides) {
+                eprintln!("{error}");
+                return Ok(ExitCode::from(EXIT_UNREACHABLE));
+            }
             let address = listen.unwrap_or(config.server.listen);
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("cannot listen on {address}"))?;
             tracing::info!(address = %listener.local_addr()?, "serving /metrics, /status, /healthz, /readyz");
-            let handle = daemon::start(config, listener)?;
+            let handle = daemon::start_with(
+                config,
+                listener,
+                deploywatch::time::system_clock(),
+                overrides,
+            )?;
             forward_signals(handle.events.clone())?;
             handle.wait().await?;
             Ok(ExitCode::SUCCESS)

@@ -369,3 +369,80 @@ fn an_environment_override_matches_a_parameter_whatever_its_case() {
         expectation_of(&config)
     );
 }
+
+#[test]
+fn a_shard_that_is_not_index_of_count() {
+    for (shard, message) in [
+        ("1", "write INDEX/COUNT"),
+        ("one/2", "write INDEX/COUNT"),
+        ("2/2", "shard 2 does not exist with 2 shards"),
+        ("0/0", "at least 1"),
+    ] {
+        check(
+            &format!("[server]\nshard = \"{shard}\"\n{TARGET}"),
+            GOOD_CHECK,
+            "deploywatch.toml",
+            "server.shard",
+            message,
+        );
+    }
+}
+
+#[test]
+fn shard_peers_are_one_base_url_per_shard() {
+    check(
+        &format!(
+            "[server]\nshard = \"0/3\"\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"
+        ),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server.shard_peers",
+        "lists 2 replicas, but the fleet is split into 3 shards",
+    );
+    check(
+        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"http://a:9788\", \"https://b:9788\"]\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server.shard_peers[1]",
+        "only http:// peers",
+    );
+    check(
+        &format!(
+            "[server]\nshard = \"0/2\"\nshard_peers = [\"http://a:9788/status\", \"b\"]\n{TARGET}"
+        ),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server.shard_peers[0]",
+        "base URL",
+    );
+}
+
+#[test]
+fn the_command_line_shard_wins_but_must_match_the_peers() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "deploywatch.toml",
+        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"),
+    );
+    dir.write("checks/pack.toml", GOOD_CHECK);
+    let mut config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
+    let overrides = |shard: &str| deploywatch::config::Overrides {
+        shard: Some(shard.parse().expect("shard")),
+    };
+    config
+        .apply_overrides(&overrides("1/2"))
+        .expect("1/2 fits two peers");
+    assert_eq!(config.server.shard.to_string(), "1/2");
+    let error = config
+        .apply_overrides(&overrides("1/3"))
+        .expect_err("three shards, two peers");
+    assert!(
+        error.to_string().contains("split into 3 shards")
+            && error.to_string().contains("--shard 1/3"),
+        "{error}"
+    );
+    // An environment override of the file's key works like any other.
+    let env = vec![("DEPLOYWATCH_SERVER__SHARD".to_string(), "1/2".to_string())];
+    let config = Config::load_with_env(&dir.main(), env).expect("loads");
+    assert_eq!(config.server.shard.to_string(), "1/2");
+}

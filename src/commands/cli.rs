@@ -54,6 +54,10 @@ pub enum Command {
         /// Listen address; overrides server.listen.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Watch only shard N of M of the targets, e.g. "0/3"; overrides server.shard, also
+        /// on reload. Discovered databases are assigned one by one.
+        #[arg(long, env = "DEPLOYWATCH_SHARD", value_name = "N/M")]
+        shard: Option<crate::shard::Shard>,
     },
     /// Run every configured check once and print the results (a deployment gate).
     /// Exit code: 0 all pass, 1 a check failed or errored, 2 a target is unreachable or the

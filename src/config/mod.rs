@@ -23,6 +23,7 @@ use crate::analysis::window::WindowDurations;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
 use crate::postgres::target::{ConnectionParts, ConnectionSettings, PasswordSource};
+use crate::shard::Shard;
 
 /// Default address of the HTTP server. 9788 is not used by any well-known exporter.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9788";
@@ -139,6 +140,8 @@ struct RawServer {
     api_token_env: Option<String>,
     api_token_file: Option<PathBuf>,
     web_config_file: Option<PathBuf>,
+    shard: Option<String>,
+    shard_peers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,6 +259,11 @@ pub struct ServerConfig {
     pub api_token: Option<PasswordSource>,
     /// TLS and basic authentication of the endpoints (exporter-toolkit format).
     pub web_config_file: Option<PathBuf>,
+    /// This replica's part of a split fleet (`0/1`, the whole fleet, by default).
+    pub shard: Shard,
+    /// The base URL of every replica, by shard index (empty: announcements for another
+    /// shard's targets are refused with the owner's shard instead of forwarded).
+    pub shard_peers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -375,6 +383,68 @@ impl Config {
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Applies what the command line says over what the file says (`run --shard`). The
+    /// peers listed must still be one per shard.
+    pub fn apply_overrides(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        let Some(shard) = overrides.shard else {
+            return Ok(());
+        };
+        check_peer_count(shard, &self.server.shard_peers).map_err(|message| {
+            ConfigError::Invalid(vec![Problem {
+                file: self.source.clone(),
+                key: "server.shard_peers".to_string(),
+                message: format!("{message} (--shard {shard})"),
+                variable: None,
+            }])
+        })?;
+        self.server.shard = shard;
+        Ok(())
+    }
+
+    /// Keeps only the targets this replica's shard owns, by name. Applied after discovery,
+    /// which every replica runs on every template, so the databases a template finds are
+    /// assigned one by one; a template itself (shown while its server cannot be asked) is
+    /// kept by the shard that owns its name, so its failure shows once.
+    pub fn retain_owned(&mut self) {
+        let shard = self.server.shard;
+        self.targets.retain(|target| shard.owns(&target.name));
+    }
+}
+
+/// Settings of `deploywatch run`'s command line. They win over the file, on every (re)load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--shard N/M`.
+    pub shard: Option<Shard>,
+}
+
+/// A peer is a replica's base URL: plain HTTP, nothing after the address.
+fn check_peer_url(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "{text:?}: only http:// peers are supported (announcements are forwarded over plain HTTP)"
+        ));
+    }
+    if url.host_str().is_none() || url.path() != "/" || url.query().is_some() {
+        return Err(format!(
+            "{text:?} must be a replica's base URL, e.g. \"http://deploywatch-0.deploywatch:9788\""
+        ));
+    }
+    Ok(())
+}
+
+fn check_peer_count(shard: Shard, peers: &[String]) -> Result<(), String> {
+    if peers.is_empty() || peers.len() == shard.count as usize {
+        Ok(())
+    } else {
+        Err(format!(
+            "lists {} replicas, but the fleet is split into {} shards: give one URL per shard, in shard order",
+            peers.len(),
+            shard.count
+        ))
     }
 }
 
@@ -690,11 +760,31 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             f.push("server.web_config_file", error.to_string());
         }
     }
+    let shard = match raw.server.shard.as_deref() {
+        None => Shard::default(),
+        Some(text) => text
+            .parse()
+            .unwrap_or_else(|error: crate::shard::ShardError| {
+                problems.push(path, "server.shard", error.to_string());
+                Shard::default()
+            }),
+    };
+    let shard_peers = raw.server.shard_peers.unwrap_or_default();
+    for (index, peer) in shard_peers.iter().enumerate() {
+        if let Err(message) = check_peer_url(peer) {
+            problems.push(path, format!("server.shard_peers[{index}]"), message);
+        }
+    }
+    if let Err(message) = check_peer_count(shard, &shard_peers) {
+        problems.push(path, "server.shard_peers", message);
+    }
     let server = ServerConfig {
         listen,
         shutdown_grace,
         api_token,
         web_config_file,
+        shard,
+        shard_peers,
     };
 
     let d = &raw.defaults;

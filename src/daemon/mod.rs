@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::postgres::pool::Servers;
 use crate::server::http::{self, AppContext, HttpSettings};
 use crate::server::metrics::{self, MetricsError};
@@ -93,9 +93,23 @@ pub fn start_with_clock(
     listener: TcpListener,
     clock: crate::time::SharedClock,
 ) -> Result<DaemonHandle, DaemonError> {
+    start_with(config, listener, clock, Overrides::default())
+}
+
+/// As [`start_with_clock`], with command-line settings that win over the file's on every
+/// reload (`run --shard`). `config` has them applied already.
+pub fn start_with(
+    config: Config,
+    listener: TcpListener,
+    clock: crate::time::SharedClock,
+    overrides: Overrides,
+) -> Result<DaemonHandle, DaemonError> {
     let state = Arc::new(State::with_clock(clock));
-    // Readers see every configured target and check (as pending) from the first moment.
-    state.apply_config(&config, state.now());
+    // Readers see every configured target of this replica's shard and its checks (as pending)
+    // from the first moment.
+    let mut shown = config.clone();
+    shown.retain_owned();
+    state.apply_config(&shown, state.now());
     let registry = metrics::registry(state.clone())?;
     let store = match &config.store.path {
         Some(path) => Store::open(path)?,
@@ -120,6 +134,7 @@ pub fn start_with_clock(
     });
     let task = tokio::spawn(main_loop(
         config,
+        overrides,
         listener,
         ctx,
         state.clone(),
@@ -206,6 +221,7 @@ fn discovery_timer(config: &Config) -> tokio::time::Interval {
 
 async fn main_loop(
     config: Config,
+    overrides: Overrides,
     listener: TcpListener,
     ctx: Arc<AppContext>,
     state: Arc<State>,
@@ -248,6 +264,7 @@ async fn main_loop(
     };
     tracing::info!(
         config = %base.source.display(),
+        shard = %base.server.shard,
         targets = expanded.config.targets.len(),
         checks = expanded.config.targets.iter().map(|t| t.checks.len()).sum::<usize>(),
         "deploywatch started"
@@ -265,7 +282,10 @@ async fn main_loop(
         tokio::select! {
             event = events.recv() => match event {
                 None | Some(Event::Shutdown) => break,
-                Some(Event::Reload) => match Config::load(&generation.base.source) {
+                Some(Event::Reload) => match Config::load(&generation.base.source).and_then(|mut config| {
+                    config.apply_overrides(&overrides)?;
+                    Ok(config)
+                }) {
                     Ok(new_config) => {
                         if new_config.server.listen != generation.base.server.listen {
                             tracing::warn!("server.listen changed; the new address takes effect after a restart");

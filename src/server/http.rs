@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::checks::outcome::Status;
 use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter};
+use crate::shard::{shard_of, Shard};
 use crate::watch::state::State;
 use crate::watch::tracker::{Announcement, Announcer};
 
@@ -41,6 +42,10 @@ pub struct HttpSettings {
     pub tracking: bool,
     /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
     pub api_token: Option<PasswordSource>,
+    /// This replica's shard: announcements for another shard's targets go to their owner.
+    pub shard: Shard,
+    /// Every replica's base URL, by shard; empty when they are not known.
+    pub shard_peers: Vec<String>,
 }
 
 impl HttpSettings {
@@ -48,9 +53,17 @@ impl HttpSettings {
         HttpSettings {
             tracking: config.deployments.enabled,
             api_token: config.server.api_token.clone(),
+            shard: config.server.shard,
+            shard_peers: config.server.shard_peers.clone(),
         }
     }
 }
+
+/// Marks an announcement one replica forwarded to another, so it is never forwarded again
+/// (replicas configured with different shard counts would otherwise pass it around).
+const FORWARDED_BY: &str = "x-deploywatch-forwarded-by";
+/// How long the owner of a target may take to answer a forwarded announcement.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers need.
 pub struct AppContext {
@@ -402,6 +415,12 @@ async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body
         );
     }
     let announcer = &ctx.announcer;
+    let authorization = request.headers().get(AUTHORIZATION).cloned();
+    let forwarded_by = request
+        .headers()
+        .get(FORWARDED_BY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -425,9 +444,128 @@ async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body
             )
         }
     };
+    let settings = ctx.settings();
+    if settings.shard.is_split() {
+        let Some(target) = announcement.target.as_deref() else {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "\"target\" is required: this replica is shard {} of a fleet split over several replicas",
+                    settings.shard
+                ),
+            );
+        };
+        if !settings.shard.owns(target) {
+            let owner = shard_of(target, settings.shard.count);
+            let peer = settings.shard_peers.get(owner as usize);
+            return match (peer, forwarded_by) {
+                (Some(peer), None) => {
+                    forward(peer, authorization, bytes, settings.shard, owner, target).await
+                }
+                (peer, forwarded_by) => misdirected(
+                    settings.shard,
+                    owner,
+                    target,
+                    peer.map(String::as_str),
+                    forwarded_by.as_deref(),
+                ),
+            };
+        }
+    }
     match announcer.announce(announcement).await {
         Ok(view) => json(StatusCode::CREATED, &view),
         Err(error) => json_error(StatusCode::BAD_REQUEST, error.to_string()),
+    }
+}
+
+/// 421 Misdirected Request: the announcement is well-formed and authorized, but this replica
+/// is not the one that can record it. Retrying the same request at the owner succeeds, which
+/// is what 421 tells a client (409 would say the request conflicts with this resource's state).
+fn misdirected(
+    shard: Shard,
+    owner: u32,
+    target: &str,
+    peer: Option<&str>,
+    forwarded_by: Option<&str>,
+) -> Response<Body> {
+    let why = match forwarded_by {
+        Some(from) => format!(
+            "; it was forwarded here by shard {from}, so the replicas disagree on the shards: check server.shard and server.shard_peers"
+        ),
+        None => "; send it to that replica, or list every replica in server.shard_peers so replicas forward announcements".to_string(),
+    };
+    json(
+        StatusCode::MISDIRECTED_REQUEST,
+        &serde_json::json!({
+            "error": format!(
+                "target {target:?} belongs to shard {owner}/{count}, not to this replica (shard {shard}){why}",
+                count = shard.count
+            ),
+            "shard": owner,
+            "shards": shard.count,
+            "owner": peer,
+        }),
+    )
+}
+
+/// Hands an announcement to the replica that owns its target and answers with its answer.
+async fn forward(
+    peer: &str,
+    authorization: Option<HeaderValue>,
+    body: Bytes,
+    shard: Shard,
+    owner: u32,
+    target: &str,
+) -> Response<Body> {
+    use hyper_util::client::legacy::Client;
+    let url = format!("{}/api/deployments", peer.trim_end_matches('/'));
+    let unreachable = |reason: String| {
+        json_error(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "target {target:?} belongs to shard {owner}/{}, whose replica at {peer} cannot be reached: {reason}",
+                shard.count
+            ),
+        )
+    };
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(&url)
+        .header(CONTENT_TYPE, "application/json")
+        .header(ACCEPT, "application/json")
+        .header(FORWARDED_BY, shard.to_string());
+    if let Some(value) = authorization {
+        builder = builder.header(AUTHORIZATION, value);
+    }
+    let request = match builder.body(Full::new(body)) {
+        Ok(request) => request,
+        Err(error) => return unreachable(error.to_string()),
+    };
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let bytes = Limited::new(response.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, content_type, bytes))
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+        Ok(Ok((status, content_type, bytes))) => {
+            tracing::info!(db_target = %target, owner = %peer, status = status.as_u16(), "announcement forwarded to the owner's shard");
+            let mut response = Response::new(Full::new(bytes));
+            *response.status_mut() = status;
+            if let Some(value) = content_type {
+                response.headers_mut().insert(CONTENT_TYPE, value);
+            }
+            response
+        }
+        Ok(Err(reason)) => unreachable(reason),
+        Err(_) => unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")),
     }
 }
 

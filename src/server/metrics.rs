@@ -60,6 +60,9 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_confirmed_regressions", "Confirmed regressions in a window, by signal: found at two consecutive looks or when the window closed, not resolved. What pages.", MetricType::GAUGE),
     ("deploywatch_improvements", "Improvements found in a window, by signal.", MetricType::GAUGE),
     ("deploywatch_rollbacks_total", "Schema version rollbacks seen on the target.", MetricType::COUNTER),
+    ("deploywatch_shard_info", "This replica's shard of the fleet (shard of shards); always 1.", MetricType::GAUGE),
+    ("deploywatch_shards", "How many shards the fleet is split into (1: one replica watches every target).", MetricType::GAUGE),
+    ("deploywatch_shard_targets", "Targets this replica owns and watches.", MetricType::GAUGE),
     ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::COUNTER),
 ];
 
@@ -180,6 +183,21 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
         "deploywatch_config_last_reload_successful",
         &[],
         flag(snapshot.config_reload_ok),
+    );
+    let (index, count) = (
+        snapshot.shard.index.to_string(),
+        snapshot.shard.count.to_string(),
+    );
+    f.push(
+        "deploywatch_shard_info",
+        &[("shard", index.as_str()), ("shards", count.as_str())],
+        1.0,
+    );
+    f.push("deploywatch_shards", &[], f64::from(snapshot.shard.count));
+    f.push(
+        "deploywatch_shard_targets",
+        &[],
+        snapshot.targets.len() as f64,
     );
     if let Some(ts) = snapshot.config_last_reload_success {
         f.push(

@@ -36,7 +36,17 @@ pub struct StatusReport {
     pub config_reload_successful: bool,
     /// The session budget of each server: limit, sessions open, checks waiting.
     pub servers: Vec<crate::postgres::pool::ServerView>,
+    /// Which part of a split fleet this replica watches (`0` of `1`: all of it).
+    pub shard: ShardReport,
     pub targets: Vec<TargetReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardReport {
+    pub index: u32,
+    pub count: u32,
+    /// The targets this replica owns and watches (all of them, whatever the filters).
+    pub targets: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,6 +213,11 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
         generated_at: rfc3339(now),
         config_reload_successful: snapshot.config_reload_ok,
         servers: snapshot.servers.clone(),
+        shard: ShardReport {
+            index: snapshot.shard.index,
+            count: snapshot.shard.count,
+            targets: snapshot.targets.len(),
+        },
         targets,
     }
 }
@@ -237,6 +252,16 @@ pub fn render_text(report: &StatusReport) -> String {
             ", LAST CONFIG RELOAD FAILED"
         }
     );
+    if report.shard.count > 1 {
+        let _ = writeln!(
+            out,
+            "shard {}/{}: this replica watches {} target{} of the fleet",
+            report.shard.index,
+            report.shard.count,
+            report.shard.targets,
+            if report.shard.targets == 1 { "" } else { "s" }
+        );
+    }
     for server in &report.servers {
         let _ = write!(
             out,

@@ -57,12 +57,17 @@ pub fn has_templates(config: &Config) -> bool {
 
 /// Replaces every template of `config` by the targets its server lists. Targets without
 /// `databases` are kept as they are.
+/// The commands (`check`, `check --privileges`) see the whole fleet, whatever shard the
+/// configuration names.
 pub async fn expand(config: &Config) -> Expanded {
-    expand_on(config, &Servers::default(), &Known::default()).await
+    let mut whole = config.clone();
+    whole.server.shard = crate::shard::Shard::default();
+    expand_on(&whole, &Servers::default(), &Known::default()).await
 }
 
-/// As [`expand`], with sessions from `servers`' budgets, and keeping a template's `known`
-/// databases when its server cannot be asked.
+/// As [`expand`], for the daemon: sessions from `servers`' budgets, a template's `known`
+/// databases kept when its server cannot be asked, and only the targets of the configuration's
+/// shard (`server.shard`) kept.
 pub async fn expand_on(config: &Config, servers: &Servers, known: &Known) -> Expanded {
     let mut targets = Vec::with_capacity(config.targets.len());
     let mut failures = Vec::new();
@@ -116,6 +121,8 @@ pub async fn expand_on(config: &Config, servers: &Servers, known: &Known) -> Exp
     targets.retain(|t| seen.insert(t.name.clone()));
     let mut config = config.clone();
     config.targets = targets;
+    // Every replica lists every template's server; each keeps the databases its shard owns.
+    config.retain_owned();
     Expanded {
         config,
         failures,

@@ -95,6 +95,8 @@ pub struct Snapshot {
     pub deployments: DeploymentViews,
     /// The session budget of every server, as last published.
     pub servers: Vec<crate::postgres::pool::ServerView>,
+    /// This replica's part of a split fleet; its targets are the ones above.
+    pub shard: crate::shard::Shard,
 }
 
 #[derive(Debug)]
@@ -192,6 +194,7 @@ impl State {
         inner
             .deployments
             .retain(|name, _| config.target(name).is_some());
+        inner.shard = config.server.shard;
         inner.config_reload_ok = true;
         inner.config_last_reload_success = Some(now);
         inner.config_source = config.source.display().to_string();
@@ -344,10 +347,14 @@ impl State {
         self.write().deployments.insert(target.to_string(), view);
     }
 
-    /// Every target has been tried at least once (readiness).
+    /// Every target has been tried at least once (readiness). A replica whose shard owns no
+    /// target of the fleet has nothing to try, and is ready once its configuration is loaded.
     pub fn all_targets_tried(&self) -> bool {
         let inner = self.lock();
-        !inner.targets.is_empty() && inner.targets.values().all(|t| t.reachable.is_some())
+        let loaded = inner.config_last_reload_success.is_some();
+        let shard_owns_none = inner.shard.is_split() && inner.targets.is_empty();
+        (!inner.targets.is_empty() || (loaded && shard_owns_none))
+            && inner.targets.values().all(|t| t.reachable.is_some())
     }
 
     pub fn snapshot(&self) -> Snapshot {
