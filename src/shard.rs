@@ -31,7 +31,7 @@ impl Default for Shard {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShardError {
     #[error(
-        "{0:?} is not a shard: write INDEX/COUNT, e.g. \"0/3\" for the first of three replicas"
+        "{0:?} is not a shard: write INDEX/COUNT, e.g. \"0/3\" for the first of three replicas, or POD/COUNT with a StatefulSet pod's name, e.g. \"deploywatch-0/3\""
     )]
     Syntax(String),
     #[error("{0:?}: the number of shards must be at least 1")]
@@ -69,13 +69,19 @@ impl FromStr for Shard {
         let syntax = || ShardError::Syntax(text.to_string());
         let (index, count) = text.trim().split_once('/').ok_or_else(syntax)?;
         let number = |part: &str| {
-            let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(syntax());
             }
             part.parse::<u32>().map_err(|_| syntax())
         };
-        let (index, count) = (number(index)?, number(count)?);
+        // A StatefulSet pod is named after its set and its ordinal (`deploywatch-2`), so a
+        // pod can say its shard with its own name: `$(POD_NAME)/3`.
+        let index = index.trim();
+        let ordinal = match index.rsplit_once('-') {
+            Some((set, ordinal)) if !set.is_empty() => ordinal,
+            _ => index,
+        };
+        let (index, count) = (number(ordinal)?, number(count.trim())?);
         if count == 0 {
             return Err(ShardError::NoShards(text.to_string()));
         }
@@ -116,6 +122,33 @@ mod tests {
         assert_eq!(shard("2/3"), Shard { index: 2, count: 3 });
         assert_eq!(shard(" 1 / 2 "), Shard { index: 1, count: 2 });
         assert_eq!(shard("1/2").to_string(), "1/2");
+    }
+
+    #[test]
+    fn a_statefulset_pod_says_its_shard_with_its_name() {
+        assert_eq!(shard("deploywatch-0/3"), Shard { index: 0, count: 3 });
+        assert_eq!(shard("deploywatch-2/3"), Shard { index: 2, count: 3 });
+        assert_eq!(
+            shard("my-watch-12/16"),
+            Shard {
+                index: 12,
+                count: 16
+            }
+        );
+        for text in ["deploywatch/3", "deploywatch-/3", "-1/3", "deploywatch-a/3"] {
+            assert!(
+                matches!(text.parse::<Shard>(), Err(ShardError::Syntax(_))),
+                "{text:?}"
+            );
+        }
+        assert!(matches!(
+            "deploywatch-3/3".parse::<Shard>(),
+            Err(ShardError::OutOfRange {
+                index: 3,
+                count: 3,
+                ..
+            })
+        ));
     }
 
     #[test]

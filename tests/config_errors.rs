@@ -446,3 +446,24 @@ fn the_command_line_shard_wins_but_must_match_the_peers() {
     let config = Config::load_with_env(&dir.main(), env).expect("loads");
     assert_eq!(config.server.shard.to_string(), "1/2");
 }
+
+#[test]
+fn peers_without_a_shard_load_but_run_needs_one() {
+    // Each pod of a StatefulSet reads the same file and gets its shard from the command line.
+    let dir = ConfigDir::new();
+    dir.write(
+        "deploywatch.toml",
+        &format!("[server]\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"),
+    );
+    dir.write("checks/pack.toml", GOOD_CHECK);
+    let mut config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
+    let error = config
+        .apply_overrides(&deploywatch::config::Overrides::default())
+        .expect_err("no shard");
+    assert!(
+        error
+            .to_string()
+            .contains("this replica has no shard: give it one with --shard N/2"),
+        "{error}"
+    );
+}

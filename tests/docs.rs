@@ -304,6 +304,7 @@ fn synopsis_to_args(span: &str) -> Vec<String> {
         ("ADDR", "127.0.0.1:9788"),
         ("ID", "1"),
         ("TIME", "2026-11-24T10:00:00Z"),
+        ("N/M", "0/2"),
         ("...", "x"),
     ]
     .into_iter()

@@ -204,3 +204,157 @@ fn the_kubernetes_manifests_use_the_same_layout() {
     );
     assert_eq!(raw["checks"]["files"][0].as_str(), Some("checks/*.toml"));
 }
+
+/// The YAML documents of a manifest file.
+fn documents(relative: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(&read(relative))
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .collect()
+}
+
+/// The StatefulSet variant: as many shards as pods, each pod's shard taken from its name
+/// through the real shard parser, one peer URL per pod that resolves through the headless
+/// Service to the container's port, the same install layout as the Deployment, and a
+/// ServiceMonitor that scrapes every pod under the job the alert rules expect.
+#[test]
+fn the_sharded_kubernetes_manifests_agree() {
+    let set = &documents("deploy/kubernetes/sharded/statefulset.yaml")[0];
+    assert_eq!(set["kind"], "StatefulSet");
+    let name = set["metadata"]["name"].as_str().expect("name");
+    let replicas = set["spec"]["replicas"].as_u64().expect("replicas") as u32;
+    assert!(replicas >= 2, "a split fleet");
+    let pod = &set["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+
+    // DEPLOYWATCH_SHARD as Kubernetes expands it for each pod: `$(POD_NAME)` is the pod's name.
+    let env: Vec<&serde_yaml::Value> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .collect();
+    let var = |wanted: &str| {
+        env.iter()
+            .find(|e| e["name"] == wanted)
+            .copied()
+            .unwrap_or_else(|| panic!("no {wanted} in the container's env"))
+    };
+    assert_eq!(
+        var("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    let shard_template = var("DEPLOYWATCH_SHARD")["value"].as_str().expect("value");
+    for ordinal in 0..replicas {
+        let expanded = shard_template.replace("$(POD_NAME)", &format!("{name}-{ordinal}"));
+        let shard: deploywatch::shard::Shard = expanded
+            .parse()
+            .unwrap_or_else(|e| panic!("pod {name}-{ordinal}: {e}"));
+        assert_eq!(
+            (shard.index, shard.count),
+            (ordinal, replicas),
+            "pod {name}-{ordinal} runs shard {expanded}"
+        );
+    }
+
+    // The same layout as the Deployment: configuration, packs, secret, state.
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let config_at = args
+        .iter()
+        .position(|a| *a == "--config")
+        .expect("--config");
+    assert_eq!(args[config_at + 1], CONFIG);
+    assert!(args.contains(&"run"));
+    let mount = |wanted: &str| {
+        container["volumeMounts"]
+            .as_sequence()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| m["name"] == wanted)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no {wanted} mount"))
+            .to_string()
+    };
+    assert_eq!(mount("config"), CONFIG);
+    assert_eq!(mount("checks"), "/etc/deploywatch/checks");
+    assert_eq!(mount("state"), STATE_DIR);
+    let claims = set["spec"]["volumeClaimTemplates"]
+        .as_sequence()
+        .expect("a volume per pod: each shard keeps its own baselines");
+    assert!(claims.iter().any(|c| c["metadata"]["name"] == "state"));
+    let deployment: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/kubernetes/deployment.yaml")).expect("yaml");
+    assert_eq!(
+        pod["securityContext"], deployment["spec"]["template"]["spec"]["securityContext"],
+        "the pods run as the image's user, like the Deployment's"
+    );
+    let port = container["ports"][0]["containerPort"]
+        .as_u64()
+        .expect("containerPort");
+
+    // The headless Service that names every pod.
+    let service = &documents("deploy/kubernetes/sharded/service.yaml")[0];
+    let service_name = service["metadata"]["name"].as_str().expect("service name");
+    assert_eq!(set["spec"]["serviceName"], service_name);
+    assert_eq!(
+        service["spec"]["clusterIP"], "None",
+        "headless: a DNS name per pod"
+    );
+    assert_eq!(
+        service["spec"]["selector"],
+        set["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    assert_eq!(container["ports"][0]["name"], "http");
+
+    // The configuration loads, keeps its state on the volume, and lists every pod as a peer,
+    // in shard order.
+    let maps = documents("deploy/kubernetes/sharded/configmap.yaml");
+    let text = maps
+        .iter()
+        .find(|d| d["metadata"]["name"] == "deploywatch")
+        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
+        .expect("deploywatch.toml in the ConfigMap");
+    let dir = common::ConfigDir::new();
+    dir.add_shipped_pack("postgres.toml");
+    dir.write("deploywatch.toml", text);
+    assert!(shipped_store_path(&dir.main()).starts_with(STATE_DIR));
+    let mut config = dir.load();
+    let peers: Vec<String> = (0..replicas)
+        .map(|i| format!("http://{name}-{i}.{service_name}:{port}"))
+        .collect();
+    assert_eq!(config.server.shard_peers, peers);
+    let last = format!("{name}-{}/{replicas}", replicas - 1);
+    config
+        .apply_overrides(&deploywatch::config::Overrides {
+            shard: Some(last.parse().expect("shard")),
+        })
+        .expect("the pods' shards fit the peers");
+    let raw: toml::Value = toml::from_str(text).expect("toml");
+    let password = raw["targets"][0]["password_file"]
+        .as_str()
+        .expect("password_file");
+    assert!(password.starts_with(&mount("secret")), "{password}");
+
+    // Prometheus scrapes every pod through that Service, as job "deploywatch", the job the
+    // shared rules' DeploywatchAbsent expects.
+    let monitor = &documents("deploy/kubernetes/sharded/servicemonitor.yaml")[0];
+    assert_eq!(monitor["kind"], "ServiceMonitor");
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .expect("matchLabels");
+    for (key, value) in selector {
+        assert_eq!(
+            &service["metadata"]["labels"][key], value,
+            "selects the Service"
+        );
+    }
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(service_name, "deploywatch");
+    let rules = read("deploy/prometheus/deploywatch-rules.yml");
+    assert!(rules.contains("up{job=\"deploywatch\"}"));
+    assert!(rules.contains("- alert: DeploywatchShardMissing"));
+}

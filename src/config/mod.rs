@@ -385,17 +385,19 @@ impl Config {
         self.targets.iter().find(|t| t.name == name)
     }
 
-    /// Applies what the command line says over what the file says (`run --shard`). The
-    /// peers listed must still be one per shard.
+    /// Applies what the command line says over what the file says (`run --shard`), then
+    /// checks that the peers listed are one per shard of the shard the daemon will run.
     pub fn apply_overrides(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
-        let Some(shard) = overrides.shard else {
-            return Ok(());
-        };
+        let shard = overrides.shard.unwrap_or(self.server.shard);
         check_peer_count(shard, &self.server.shard_peers).map_err(|message| {
+            let from = match overrides.shard {
+                Some(shard) => format!(" (--shard {shard})"),
+                None => String::new(),
+            };
             ConfigError::Invalid(vec![Problem {
                 file: self.source.clone(),
                 key: "server.shard_peers".to_string(),
-                message: format!("{message} (--shard {shard})"),
+                message: format!("{message}{from}"),
                 variable: None,
             }])
         })?;
@@ -439,6 +441,11 @@ fn check_peer_url(text: &str) -> Result<(), String> {
 fn check_peer_count(shard: Shard, peers: &[String]) -> Result<(), String> {
     if peers.is_empty() || peers.len() == shard.count as usize {
         Ok(())
+    } else if !shard.is_split() {
+        Err(format!(
+            "lists {count} replicas, but this replica has no shard: give it one with --shard N/{count}, DEPLOYWATCH_SHARD or server.shard",
+            count = peers.len()
+        ))
     } else {
         Err(format!(
             "lists {} replicas, but the fleet is split into {} shards: give one URL per shard, in shard order",
@@ -760,23 +767,26 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             f.push("server.web_config_file", error.to_string());
         }
     }
-    let shard = match raw.server.shard.as_deref() {
+    let shard = match raw.server.shard.as_deref().map(str::parse::<Shard>) {
         None => Shard::default(),
-        Some(text) => text
-            .parse()
-            .unwrap_or_else(|error: crate::shard::ShardError| {
-                problems.push(path, "server.shard", error.to_string());
-                Shard::default()
-            }),
+        Some(Ok(shard)) => shard,
+        Some(Err(error)) => {
+            f.push("server.shard", error.to_string());
+            Shard::default()
+        }
     };
     let shard_peers = raw.server.shard_peers.unwrap_or_default();
     for (index, peer) in shard_peers.iter().enumerate() {
         if let Err(message) = check_peer_url(peer) {
-            problems.push(path, format!("server.shard_peers[{index}]"), message);
+            f.push(format!("server.shard_peers[{index}]"), message);
         }
     }
-    if let Err(message) = check_peer_count(shard, &shard_peers) {
-        problems.push(path, "server.shard_peers", message);
+    // Without `server.shard` the shard may still come from the command line (each pod of a
+    // StatefulSet has its own): `run` checks the peers against it.
+    if raw.server.shard.is_some() {
+        if let Err(message) = check_peer_count(shard, &shard_peers) {
+            f.push("server.shard_peers", message);
+        }
     }
     let server = ServerConfig {
         listen,

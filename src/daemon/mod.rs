@@ -219,6 +219,7 @@ fn discovery_timer(config: &Config) -> tokio::time::Interval {
     timer
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn main_loop(
     config: Config,
     overrides: Overrides,
