@@ -128,12 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot listen on {address}"))?;
             tracing::info!(address = %listener.local_addr()?, "serving /metrics, /status, /healthz, /readyz");
-            let handle = daemon::start_with(
-                config,
-                listener,
-                deploywatch::time::system_clock(),
-                overrides,
-            )?;
+            let handle = daemon::start_with_overrides(config, listener, overrides)?;
             forward_signals(handle.events.clone())?;
             handle.wait().await?;
             Ok(ExitCode::SUCCESS)

@@ -87,6 +87,16 @@ pub fn start(config: Config, listener: TcpListener) -> Result<DaemonHandle, Daem
     start_with_clock(config, listener, crate::time::system_clock())
 }
 
+/// As [`start`], with command-line settings that win over the file's on every reload
+/// (`run --shard`). `config` has them applied already.
+pub fn start_with_overrides(
+    config: Config,
+    listener: TcpListener,
+    overrides: Overrides,
+) -> Result<DaemonHandle, DaemonError> {
+    start_with(config, listener, crate::time::system_clock(), overrides)
+}
+
 /// As [`start`], with "now" taken from `clock` by every component.
 pub fn start_with_clock(
     config: Config,
@@ -96,8 +106,7 @@ pub fn start_with_clock(
     start_with(config, listener, clock, Overrides::default())
 }
 
-/// As [`start_with_clock`], with command-line settings that win over the file's on every
-/// reload (`run --shard`). `config` has them applied already.
+/// As [`start_with_clock`] and [`start_with_overrides`] together.
 pub fn start_with(
     config: Config,
     listener: TcpListener,
