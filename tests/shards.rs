@@ -340,4 +340,31 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     let (_, list) = get(&format!("{url}/api/deployments")).await;
     assert_eq!(list.trim(), "[]", "nothing was recorded");
     handle.shutdown().await.expect("shutdown");
+
+    // A replica whose shard owns none of the targets watches nothing and is ready: it has no
+    // target left to try.
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\napi_token_file = \"token\"\nshard = \"0/2\"\n\n{}",
+            target(&theirs)
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let idle = daemon::start(dir.load(), listener).expect("starts");
+    let url = format!("http://{}", idle.local_addr);
+    wait_until(
+        "the idle replica is ready",
+        Duration::from_secs(10),
+        || async { (get(&format!("{url}/readyz")).await.0 == 200).then_some(()) },
+    )
+    .await;
+    assert!(watched(&url).await.is_empty());
+    assert_eq!(
+        metric(&url, "deploywatch_shard_targets", &[]).await,
+        Some(0.0)
+    );
+    idle.shutdown().await.expect("shutdown");
 }
