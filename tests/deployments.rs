@@ -893,3 +893,55 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
         1
     );
 }
+
+/// A clean restart keeps the statistics (they are saved at shutdown), so no counter goes back;
+/// the sampler still tells the interval that held the restart, from the server's start time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampler_tells_a_restart_the_counters_survived() {
+    use deploywatch::analysis::sample::delta;
+    use deploywatch::postgres::pool::TargetPool;
+    use deploywatch::postgres::sampler::{self, StatementsSupport};
+    use deploywatch::postgres::target::ConnectionSettings;
+
+    let mut pg = cluster();
+    let settings = ConnectionSettings::new(
+        Some(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            pg.port()
+        )),
+        None,
+        None,
+        None,
+        None,
+        None,
+        Duration::from_secs(5),
+        Default::default(),
+    )
+    .expect("settings");
+    let pool = TargetPool::new(
+        "restart",
+        settings,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+    );
+    let none = StatementsSupport::Unavailable(String::new());
+    let read = |at: f64| {
+        let (pool, none) = (&pool, &none);
+        async move { sampler::read(pool, none, at).await.expect("read") }
+    };
+    let first = read(0.0).await;
+    let second = read(1.0).await;
+    assert!(first.postmaster_start.is_some(), "{first:?}");
+    assert!(!delta(&first, &second).restarted);
+    pg.restart().expect("restart");
+    // The pool's session died with the server; the next read opens a new one.
+    let third = wait_until("a read after the restart", Duration::from_secs(30), || async {
+        sampler::read(&pool, &none, 2.0).await.ok()
+    })
+    .await;
+    let s = delta(&second, &third);
+    assert!(s.restarted, "{s:?}");
+    pool.close();
+}
+

@@ -90,6 +90,10 @@ pub struct RawStats {
     pub database: Option<DbCounters>,
     /// `pg_stat_database.stats_reset`, as text.
     pub database_reset: Option<String>,
+    /// `pg_postmaster_start_time()` (Unix seconds): a change means the server restarted,
+    /// even when its statistics survived the restart (a clean shutdown keeps them).
+    #[serde(default)]
+    pub postmaster_start: Option<f64>,
     /// `None` when pg_stat_statements is not available.
     pub statements: Option<BTreeMap<String, StatementCounters>>,
     /// `pg_stat_statements_info.stats_reset` where the extension version has it.
@@ -151,6 +155,10 @@ pub struct Sample {
     pub vanished: Vec<String>,
     /// Whether pg_stat_statements was available at all.
     pub statements_available: bool,
+    /// The server restarted in the interval: its caches are cold for a while, so the times
+    /// that follow are not the deployment's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restarted: bool,
 }
 
 /// Longest query text kept with a statement.
@@ -301,6 +309,10 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
         resets,
         vanished,
         statements_available: current.statements.is_some(),
+        restarted: matches!(
+            (previous.postmaster_start, current.postmaster_start),
+            (Some(before), Some(after)) if before != after
+        ),
     }
 }
 
@@ -397,6 +409,24 @@ mod tests {
 
     /// A table with two indexes, one of which `DROP INDEX` removes between two passes: the
     /// table's idx_scan (the sum over its indexes) drops with it.
+    #[test]
+    fn a_restart_is_told_even_when_the_counters_survived_it() {
+        let mut before = raw(0.0, 100.0, 10.0, 10.0);
+        let mut after = raw(60.0, 200.0, 20.0, 20.0);
+        before.postmaster_start = Some(1000.0);
+        after.postmaster_start = Some(1000.0);
+        let s = delta(&before, &after);
+        assert!(!s.restarted);
+        after.postmaster_start = Some(1050.0);
+        let s = delta(&before, &after);
+        assert!(s.restarted);
+        // The counters went on, so the interval is kept.
+        assert_eq!(s.database.map(|d| d.xact_commit), Some(100.0));
+        // Not known on one side (older store, failed read): no claim.
+        before.postmaster_start = None;
+        assert!(!delta(&before, &after).restarted);
+    }
+
     fn with_indexes(at: f64, indexes: &[(&str, f64)], seq_scan: f64) -> RawStats {
         let mut raw = raw(at, 1.0, 1.0, 1.0);
         for (name, scans) in indexes {

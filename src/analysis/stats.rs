@@ -317,6 +317,21 @@ pub struct SequentialShift {
     pub autocorrelation: f64,
 }
 
+/// The normal-mixture likelihood ratio of an estimate `estimate` ~ N(θ, `variance`) with
+/// θ ~ N(0, `tau`²) against θ = 0, as its natural log, and the always-valid p-value
+/// `min(1, 1 / ratio)`. As the estimate is refined look by look (its variance shrinking), the
+/// ratio is a martingale under θ = 0, so it passes 1 / alpha at some look with probability at
+/// most alpha (Ville's inequality). `None` for a variance or scale that is not positive.
+pub fn mixture_test(estimate: f64, variance: f64, tau: f64) -> Option<(f64, f64)> {
+    let tau2 = tau * tau;
+    if !(variance > 0.0 && variance.is_finite() && tau2 > 0.0 && estimate.is_finite()) {
+        return None;
+    }
+    let log_lr = 0.5 * (variance / (variance + tau2)).ln()
+        + tau2 * estimate * estimate / (2.0 * variance * (variance + tau2));
+    Some((log_lr, (-log_lr).exp().min(1.0)))
+}
+
 /// Mixture sequential probability ratio test (mSPRT, normal mixture with scale `tau`) of the
 /// difference between `window`'s mean and `baseline`'s. Under "no change" the difference is
 /// about N(0, V) with V = s² (1 + r) / (1 - r) (1 / n_window + 1 / n_baseline), s² the
@@ -339,17 +354,13 @@ pub fn sequential_shift(
         .clamp(0.0, 0.9);
     let inflation = (1.0 + r) / (1.0 - r);
     let v = variance_b * inflation * (1.0 / window.n as f64 + 1.0 / baseline.n as f64);
-    let tau2 = tau * tau;
     let d = mean_w - mean_b;
-    if !(v > 0.0 && v.is_finite() && tau2 > 0.0 && d.is_finite()) {
-        return None;
-    }
-    let log_lr = 0.5 * (v / (v + tau2)).ln() + tau2 * d * d / (2.0 * v * (v + tau2));
+    let (log_lr, p_value) = mixture_test(d, v, tau)?;
     Some(SequentialShift {
         shift: d,
         variance: v,
         log_likelihood_ratio: log_lr,
-        p_value: (-log_lr).exp().min(1.0),
+        p_value,
         autocorrelation: r,
     })
 }
@@ -606,6 +617,19 @@ mod tests {
             .lag1_autocorrelation()
             .expect("r");
         assert!((r - 0.8).abs() < 0.05, "{r}");
+    }
+
+    #[test]
+    fn the_mixture_ratio_is_known_in_closed_form() {
+        // estimate 2, variance 1, tau 1: ratio sqrt(1/2) exp(4 / 4) = 1.9221.
+        let (log_lr, p) = mixture_test(2.0, 1.0, 1.0).expect("test");
+        assert!(close(log_lr, 0.5 * 0.5f64.ln() + 1.0, 1e-12));
+        assert!(close(p, 1.0 / (0.5f64.sqrt() * 1f64.exp()), 1e-12));
+        // No evidence: the ratio is below one, p is 1.
+        assert_eq!(mixture_test(0.0, 1.0, 1.0).map(|r| r.1), Some(1.0));
+        assert!(mixture_test(1.0, 0.0, 1.0).is_none());
+        assert!(mixture_test(1.0, 1.0, 0.0).is_none());
+        assert!(mixture_test(f64::NAN, 1.0, 1.0).is_none());
     }
 
     #[test]

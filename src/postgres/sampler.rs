@@ -282,7 +282,8 @@ pub async fn read_with(
     let db = query(
         pool,
         "SELECT xact_commit, xact_rollback, deadlocks, conflicts, temp_files, temp_bytes, blks_read, blks_hit, \
-                stats_reset::text, pg_database_size(current_database()), current_database()::text \
+                stats_reset::text, pg_database_size(current_database()), current_database()::text, \
+                extract(epoch FROM pg_postmaster_start_time())::float8 \
          FROM pg_stat_database WHERE datname = current_database()",
     )
     .await?;
@@ -302,6 +303,7 @@ pub async fn read_with(
         raw.database_reset = text(row.get(8));
         raw.size_bytes = n(9);
         database = text(row.get(10)).or(database);
+        raw.postmaster_start = row.get(11).map(|_| n(11)).filter(|t| *t > 0.0);
     }
     let indexes = query(
         pool,

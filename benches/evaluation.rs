@@ -1,0 +1,594 @@
+//! The evaluation of the regression rules, simulated: many deployments, each looked at after
+//! every sample the way the daemon does (rules, then latching), so the figures count what would
+//! have been published and paged. Run with `cargo bench --bench evaluation`; prints Markdown for
+//! BENCHMARKS.md. `DEPLOYWATCH_BENCH_REPS` sets the deployments per scenario (default 10).
+//!
+//! The workload: 200 statements with heavy-tailed call rates (Zipf, exponent 1.1, about 150
+//! calls a second in all, three statements per transaction), per-sample mean times with
+//! autocorrelated noise (AR(1) on the log, phi 0.6) plus the noise of averaging few calls, and
+//! a daily cycle of traffic (±30 %). 30 tables, four of them small lookup tables read by
+//! sequential scans (so their scans follow traffic); a background error share of 0.2 % of the
+//! application's transactions; deploywatch's own 22 read-only transactions a minute. The clock
+//! is compressed: a sample a minute, 120 baseline samples, `first_hour` 20 samples,
+//! `first_day` 40 more, `first_week` 40 more, and a "day" of 240 samples.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use deploywatch::analysis::deployment::{latch, Finding, Signal};
+use deploywatch::analysis::regression::{self, Thresholds};
+use deploywatch::analysis::sample::{
+    CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters,
+};
+use deploywatch::analysis::window::{self, Verdict, Window};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+mod common;
+
+const STATEMENTS: usize = 200;
+const TABLES: usize = 30;
+const LOOKUP_TABLES: usize = 4;
+const BASELINE: usize = 120;
+const HOUR: usize = 20;
+const DAY: usize = 40;
+const WEEK: usize = 40;
+const DAY_CYCLE: f64 = 240.0;
+const SECONDS: f64 = 60.0;
+const CALLS_PER_SECOND: f64 = 150.0;
+const OWN_TRANSACTIONS_PER_SAMPLE: f64 = 22.0;
+
+/// The statement an injected regression hits: a busy one (the 3rd by calls) on a table with an
+/// index, and an UPDATE for the lock contention (the 5th).
+const HIT: usize = 2;
+const LOCKED: usize = 4;
+
+fn thresholds() -> Thresholds {
+    // The shipped defaults (README, configuration reference).
+    Thresholds {
+        latency_min_increase: 0.2,
+        latency_min_calls: 5,
+        latency_p_value: 0.01,
+        min_samples: 3,
+        latency_min_delta_ms: 0.05,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scenario {
+    NoChange,
+    TrafficDouble,
+    TrafficQuarter,
+    StatementsReset,
+    Restart,
+    NewQueries,
+    Vacuum,
+    IndexDrop,
+    Slower(f64),
+    FailingConstraint,
+    LockContention,
+    Integrity(Window),
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        match self {
+            Scenario::NoChange => "no change".into(),
+            Scenario::TrafficDouble => "traffic x2 at the deployment".into(),
+            Scenario::TrafficQuarter => "traffic x1/4 at the deployment".into(),
+            Scenario::StatementsReset => "pg_stat_statements_reset()".into(),
+            Scenario::Restart => "server restart (cold cache)".into(),
+            Scenario::NewQueries => "20 new queries".into(),
+            Scenario::Vacuum => "VACUUM + CHECKPOINT".into(),
+            Scenario::IndexDrop => "index drop".into(),
+            Scenario::Slower(f) => format!("a function {f}x slower"),
+            Scenario::FailingConstraint => "constraint failing 10-20 % of transactions".into(),
+            Scenario::LockContention => "row-lock contention (intermittent waits)".into(),
+            Scenario::Integrity(w) => format!("integrity violation in {}", w.as_str()),
+        }
+    }
+
+    fn harmless(self) -> bool {
+        matches!(
+            self,
+            Scenario::NoChange
+                | Scenario::TrafficDouble
+                | Scenario::TrafficQuarter
+                | Scenario::StatementsReset
+                | Scenario::Restart
+                | Scenario::NewQueries
+                | Scenario::Vacuum
+        )
+    }
+
+    /// Whether a finding is the injected regression.
+    fn is_the_regression(self, f: &Finding) -> bool {
+        let query = |i: usize| f.subject == format!("query {i}");
+        match self {
+            Scenario::IndexDrop => {
+                (matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && query(HIT))
+                    || (f.signal == Signal::SeqScans && f.subject == table_name(table_of(HIT)))
+            }
+            Scenario::Slower(_) => {
+                matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && query(HIT)
+            }
+            Scenario::LockContention => {
+                matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && query(LOCKED)
+            }
+            Scenario::FailingConstraint => f.signal == Signal::RollbackRatio,
+            Scenario::Integrity(_) => {
+                matches!(f.signal, Signal::CheckFailure | Signal::Integrity)
+            }
+            _ => false,
+        }
+    }
+
+    /// The window where the injected regression starts.
+    fn starts_in(self) -> Window {
+        match self {
+            Scenario::Integrity(w) => w,
+            _ => Window::FirstHour,
+        }
+    }
+}
+
+fn table_of(statement: usize) -> usize {
+    if statement < 8 {
+        // The busiest statements: a few on lookup tables, the rest on large tables.
+        if statement % 4 == 1 {
+            statement % LOOKUP_TABLES
+        } else {
+            LOOKUP_TABLES + statement
+        }
+    } else {
+        statement % TABLES
+    }
+}
+
+fn table_name(table: usize) -> String {
+    format!("public.t{table}")
+}
+
+fn normal(rng: &mut StdRng) -> f64 {
+    let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+fn poisson(rng: &mut StdRng, lambda: f64) -> f64 {
+    if lambda <= 0.0 {
+        return 0.0;
+    }
+    if lambda > 30.0 {
+        return (lambda + lambda.sqrt() * normal(rng)).round().max(0.0);
+    }
+    let limit = (-lambda).exp();
+    let (mut k, mut p) = (0.0, 1.0);
+    loop {
+        p *= rng.gen::<f64>();
+        if p <= limit {
+            return k;
+        }
+        k += 1.0;
+    }
+}
+
+/// One simulated database: per-statement base times and rates, and the AR(1) noise states.
+struct Workload {
+    rng: StdRng,
+    base_ms: Vec<f64>,
+    rate: Vec<f64>,
+    noise: Vec<f64>,
+    size: f64,
+    phase: f64,
+}
+
+impl Workload {
+    fn new(seed: u64) -> Workload {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let weights: Vec<f64> = (0..STATEMENTS)
+            .map(|i| 1.0 / ((i + 1) as f64).powf(1.1))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let rate = weights
+            .iter()
+            .map(|w| w / total * CALLS_PER_SECOND)
+            .collect();
+        let base_ms = (0..STATEMENTS)
+            .map(|_| (0.5f64.ln() + 1.2 * normal(&mut rng)).exp().clamp(0.05, 200.0))
+            .collect();
+        let phase = rng.gen::<f64>() * DAY_CYCLE;
+        Workload {
+            rng,
+            base_ms,
+            rate,
+            noise: vec![0.0; STATEMENTS + 20],
+            size: 5e9,
+            phase,
+        }
+    }
+
+    /// The sample ending at step `t` (0 = the deployment; negative = baseline), with what the
+    /// scenario changes from the deployment on.
+    fn sample(&mut self, t: i64, scenario: Scenario, failing_share: f64) -> Sample {
+        let after = t >= 0;
+        let cycle = 1.0
+            + 0.3 * (2.0 * std::f64::consts::PI * (t as f64 + self.phase) / DAY_CYCLE).sin();
+        let traffic = cycle
+            * match scenario {
+                Scenario::TrafficDouble if after => 2.0,
+                Scenario::TrafficQuarter if after => 0.25,
+                _ => 1.0,
+            };
+        let load = if traffic > 1.5 { 1.1 } else { 1.0 };
+        let cold = match scenario {
+            Scenario::Restart if t >= 1 => 1.0 + 2.0 * (-((t - 1) as f64) / 3.0).exp(),
+            _ => 1.0,
+        };
+        let mut statements = BTreeMap::new();
+        let mut tables: BTreeMap<String, TableCounters> = (0..TABLES)
+            .map(|i| (table_name(i), TableCounters::default()))
+            .collect();
+        let mut indexes = BTreeMap::new();
+        let extra = if after && scenario == Scenario::NewQueries {
+            20
+        } else {
+            0
+        };
+        let mut all_calls = 0.0;
+        for i in 0..(STATEMENTS + extra) {
+            let rate = if i < STATEMENTS { self.rate[i] } else { 0.2 };
+            let calls = poisson(&mut self.rng, rate * SECONDS * traffic);
+            self.noise[i] = 0.6 * self.noise[i] + 0.12 * normal(&mut self.rng);
+            if calls == 0.0 {
+                continue;
+            }
+            all_calls += calls;
+            let base = if i < STATEMENTS { self.base_ms[i] } else { 1.0 };
+            let mut factor = self.noise[i].exp() * load * cold;
+            let table = table_of(i.min(STATEMENTS - 1));
+            match scenario {
+                Scenario::IndexDrop if after && i == HIT => factor *= 8.0,
+                Scenario::Slower(f) if after && i == HIT => factor *= f,
+                Scenario::LockContention if after && i == LOCKED => {
+                    if self.rng.gen::<f64>() < 0.3 {
+                        factor *= 20.0;
+                    }
+                }
+                Scenario::Vacuum if (2..4).contains(&t) && table == 7 => factor *= 1.3,
+                _ => {}
+            }
+            // The mean of `calls` calls with a per-call spread of about 50 %.
+            let sampling = (0.5 * normal(&mut self.rng) / calls.sqrt()).exp();
+            let total_ms = base * factor * sampling * calls;
+            statements.insert(
+                i.to_string(),
+                StatementDelta {
+                    calls,
+                    total_ms,
+                    rows: calls,
+                    query: format!("SELECT ... FROM t{table} /* {i} */"),
+                },
+            );
+            let entry = tables.entry(table_name(table)).or_default();
+            let dropped = scenario == Scenario::IndexDrop && after && i == HIT;
+            if table < LOOKUP_TABLES || dropped {
+                entry.seq_scan += calls;
+                entry.seq_tup_read += calls * if dropped { 50_000.0 } else { 31.0 };
+            } else {
+                entry.idx_scan += calls;
+                let index = indexes
+                    .entry(format!("public.t{table}_pkey"))
+                    .or_insert(IndexDelta {
+                        table: table_name(table),
+                        scans: 0.0,
+                    });
+                index.scans += calls;
+            }
+        }
+        if scenario == Scenario::Vacuum && t == 2 {
+            let entry = tables.entry(table_name(7)).or_default();
+            entry.seq_scan += 1.0;
+            entry.seq_tup_read += 1e6;
+        }
+        let app = (all_calls / 3.0).round();
+        let background = poisson(&mut self.rng, app * 0.002);
+        let failing = if scenario == Scenario::FailingConstraint && after {
+            (app * failing_share).round()
+        } else {
+            0.0
+        };
+        let database = DbCounters {
+            xact_commit: (app - background - failing).max(0.0) + OWN_TRANSACTIONS_PER_SAMPLE,
+            xact_rollback: background + failing,
+            blks_hit: app * 100.0,
+            blks_read: app,
+            ..DbCounters::default()
+        };
+        self.size += 1e6 / 60.0 * traffic;
+        let violation = match scenario {
+            Scenario::Integrity(w) => {
+                let start = match w {
+                    Window::FirstHour => 3,
+                    Window::FirstDay => (HOUR + 5) as i64,
+                    _ => (HOUR + DAY + 5) as i64,
+                };
+                t >= start
+            }
+            _ => false,
+        };
+        let mut checks = BTreeMap::new();
+        checks.insert(
+            "orphaned_submissions".to_string(),
+            CheckPoint {
+                category: "integrity".into(),
+                status: if violation { "fail" } else { "pass" }.into(),
+                value: Some(if violation { 3.0 } else { 0.0 }),
+            },
+        );
+        checks.insert(
+            "schema_version".to_string(),
+            CheckPoint {
+                category: "health".into(),
+                status: "pass".into(),
+                value: None,
+            },
+        );
+        let mut sample = Sample {
+            at: 1e6 + t as f64 * SECONDS,
+            seconds: SECONDS,
+            database: Some(database),
+            statements: Some(statements),
+            indexes,
+            tables,
+            size_bytes: self.size,
+            connections: 20.0 * traffic.max(0.5),
+            max_connections: 100.0,
+            checks,
+            statements_available: true,
+            ..Sample::default()
+        };
+        // A reset leaves its interval out, as `sample::delta` does.
+        let reset = match scenario {
+            Scenario::StatementsReset => t == 2,
+            Scenario::Restart => t == 1,
+            _ => false,
+        };
+        if reset {
+            sample.statements = None;
+            sample.resets.push("pg_stat_statements".into());
+            if scenario == Scenario::Restart {
+                sample.database = None;
+                sample.resets.push("pg_stat_database".into());
+            }
+        }
+        sample
+    }
+}
+
+/// What one simulated deployment showed.
+#[derive(Default)]
+struct Outcome {
+    /// Any flag (suspected or confirmed) published at any look.
+    published: bool,
+    /// Any flag confirmed (paged) at any look.
+    paged: bool,
+    /// Any window closed `regression`.
+    final_regression: bool,
+    /// Signals of flags that were not the injected regression.
+    stray: Vec<Signal>,
+    /// The injected regression: first look (samples since the deployment) at which it was
+    /// published, and confirmed, and the window it was first published in.
+    first_published: Option<usize>,
+    first_confirmed: Option<usize>,
+    window: Option<Window>,
+}
+
+fn which_window(step: usize) -> Window {
+    if step < HOUR {
+        Window::FirstHour
+    } else if step < HOUR + DAY {
+        Window::FirstDay
+    } else {
+        Window::FirstWeek
+    }
+}
+
+fn simulate(scenario: Scenario, seed: u64) -> Outcome {
+    let mut workload = Workload::new(seed);
+    let failing_share = 0.10 + 0.10 * (seed % 11) as f64 / 10.0;
+    let baseline: Vec<Sample> = (-(BASELINE as i64)..0)
+        .map(|t| workload.sample(t, scenario, failing_share))
+        .collect();
+    let t = thresholds();
+    let mut outcome = Outcome::default();
+    let mut since: Vec<Sample> = Vec::new();
+    let mut flags: BTreeMap<Window, Vec<Finding>> = BTreeMap::new();
+    let total = HOUR + DAY + WEEK;
+    for step in 0..total {
+        since.push(workload.sample(step as i64, scenario, failing_share));
+        let window = which_window(step);
+        let closed = step + 1 == HOUR || step + 1 == HOUR + DAY || step + 1 == total;
+        let start = match window {
+            Window::FirstHour => 0,
+            Window::FirstDay => HOUR,
+            _ => HOUR + DAY,
+        };
+        let in_window = &since[start..];
+        let judgement = regression::judge(window, &baseline, in_window, &since, closed, &t);
+        let previous = flags.remove(&window).unwrap_or_default();
+        let now = 1e6 + step as f64 * SECONDS;
+        let latched = latch(&previous, judgement.regressions, now, closed);
+        for f in latched.iter().filter(|f| f.active()) {
+            outcome.published = true;
+            if f.confirmed() {
+                outcome.paged = true;
+            }
+            if scenario.is_the_regression(f) {
+                outcome.first_published.get_or_insert(step + 1);
+                outcome.window.get_or_insert(window);
+                if f.confirmed() {
+                    outcome.first_confirmed.get_or_insert(step + 1);
+                }
+            } else if !outcome.stray.contains(&f.signal) {
+                outcome.stray.push(f.signal);
+            }
+        }
+        if closed {
+            let confirmed = latched.iter().filter(|f| f.was_confirmed()).count();
+            let verdict = window::verdict(true, confirmed, in_window.len(), t.min_samples);
+            outcome.final_regression |= verdict == Verdict::Regression;
+        } else {
+            flags.insert(window, latched);
+        }
+    }
+    outcome
+}
+
+fn percent(n: usize, of: usize) -> String {
+    if of == 0 {
+        "-".into()
+    } else {
+        format!("{:.1} %", 100.0 * n as f64 / of as f64)
+    }
+}
+
+fn median(values: &mut [usize]) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    values.sort_unstable();
+    values[values.len() / 2].to_string()
+}
+
+fn main() {
+    let reps: u64 = common::setting("DEPLOYWATCH_BENCH_REPS", 10);
+    let started = Instant::now();
+    let harmless = [
+        Scenario::NoChange,
+        Scenario::TrafficDouble,
+        Scenario::TrafficQuarter,
+        Scenario::StatementsReset,
+        Scenario::Restart,
+        Scenario::NewQueries,
+        Scenario::Vacuum,
+    ];
+    let injected = [
+        Scenario::IndexDrop,
+        Scenario::Slower(1.5),
+        Scenario::Slower(2.0),
+        Scenario::FailingConstraint,
+        Scenario::LockContention,
+        Scenario::Integrity(Window::FirstHour),
+        Scenario::Integrity(Window::FirstDay),
+        Scenario::Integrity(Window::FirstWeek),
+    ];
+    println!("## Evaluation, simulated: harmless changes and injected regressions\n");
+    println!(
+        "{reps} deployments per scenario (seeds 1..={reps}), each looked at after every sample \
+         through `regression::judge` and `deployment::latch` with the shipped thresholds. \
+         Compressed clock: a sample a minute, {BASELINE} baseline samples, `first_hour` {HOUR} \
+         samples, `first_day` {DAY} more, `first_week` {WEEK} more. {STATEMENTS} statements with \
+         Zipf call rates (about {CALLS_PER_SECOND} calls/s), AR(1) noise, a daily cycle.\n"
+    );
+    println!("### Harmless changes\n");
+    println!(
+        "| scenario | deployments | flag published at some look | paged (confirmed) | final regression | signals that fired |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    let (mut all, mut published, mut paged, mut finals) = (0, 0, 0, 0);
+    for scenario in harmless {
+        let (mut p, mut c, mut f) = (0, 0, 0);
+        let mut signals: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for seed in 1..=reps {
+            let o = simulate(scenario, seed);
+            p += usize::from(o.published);
+            c += usize::from(o.paged);
+            f += usize::from(o.final_regression);
+            for s in o.stray {
+                *signals.entry(s.as_str()).or_default() += 1;
+            }
+        }
+        let n = reps as usize;
+        all += n;
+        published += p;
+        paged += c;
+        finals += f;
+        let list: Vec<String> = signals.iter().map(|(s, n)| format!("{s} x{n}")).collect();
+        println!(
+            "| {} | {n} | {p} ({}) | {c} ({}) | {f} ({}) | {} |",
+            scenario.name(),
+            percent(p, n),
+            percent(c, n),
+            percent(f, n),
+            if list.is_empty() {
+                "-".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
+    println!(
+        "| **all harmless** | {all} | {published} ({}) | {paged} ({}) | {finals} ({}) | |",
+        percent(published, all),
+        percent(paged, all),
+        percent(finals, all)
+    );
+    println!("\n### Injected regressions\n");
+    println!(
+        "| regression | deployments | caught (published) | confirmed by the end of first_day | median samples to publish | median samples to confirm | slowest to confirm | flagged in the window where it starts | other signals that fired |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for scenario in injected {
+        let (mut caught, mut by_day, mut right_window) = (0, 0, 0);
+        let (mut to_publish, mut to_confirm) = (Vec::new(), Vec::new());
+        let mut stray: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for seed in 1..=reps {
+            let o = simulate(scenario, seed);
+            if let Some(s) = o.first_published {
+                caught += 1;
+                // Samples since the regression began (integrity: since it was injected).
+                let offset = match scenario {
+                    Scenario::Integrity(Window::FirstHour) => 3,
+                    Scenario::Integrity(Window::FirstDay) => HOUR + 5,
+                    Scenario::Integrity(_) => HOUR + DAY + 5,
+                    _ => 0,
+                };
+                to_publish.push(s.saturating_sub(offset));
+                if let Some(c) = o.first_confirmed {
+                    to_confirm.push(c.saturating_sub(offset));
+                    if c <= HOUR + DAY {
+                        by_day += 1;
+                    }
+                }
+            }
+            if o.window == Some(scenario.starts_in()) {
+                right_window += 1;
+            }
+            for s in o.stray {
+                *stray.entry(s.as_str()).or_default() += 1;
+            }
+        }
+        let n = reps as usize;
+        let slowest = to_confirm
+            .iter()
+            .max()
+            .map_or("-".to_string(), |v| v.to_string());
+        let list: Vec<String> = stray.iter().map(|(s, n)| format!("{s} x{n}")).collect();
+        println!(
+            "| {} | {n} | {caught} ({}) | {by_day} ({}) | {} | {} | {slowest} | {right_window} of {n} | {} |",
+            scenario.name(),
+            percent(caught, n),
+            percent(by_day, n),
+            median(&mut to_publish),
+            median(&mut to_confirm),
+            if list.is_empty() {
+                "-".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
+    println!(
+        "\n{} simulated deployments in {:.1} s.\n",
+        reps as usize * (harmless.len() + injected.len()),
+        started.elapsed().as_secs_f64()
+    );
+}
