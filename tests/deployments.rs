@@ -904,18 +904,12 @@ async fn the_sampler_tells_a_restart_the_counters_survived() {
     use deploywatch::postgres::target::ConnectionSettings;
 
     let mut pg = cluster();
-    let settings = ConnectionSettings::new(
-        Some(&format!(
+    let settings = ConnectionSettings::parse(
+        &format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             pg.port()
-        )),
-        None,
-        None,
-        None,
-        None,
-        None,
+        ),
         Duration::from_secs(5),
-        Default::default(),
     )
     .expect("settings");
     let pool = TargetPool::new(
@@ -936,12 +930,13 @@ async fn the_sampler_tells_a_restart_the_counters_survived() {
     assert!(!delta(&first, &second).restarted);
     pg.restart().expect("restart");
     // The pool's session died with the server; the next read opens a new one.
-    let third = wait_until("a read after the restart", Duration::from_secs(30), || async {
-        sampler::read(&pool, &none, 2.0).await.ok()
-    })
+    let third = wait_until(
+        "a read after the restart",
+        Duration::from_secs(30),
+        || async { sampler::read(&pool, &none, 2.0).await.ok() },
+    )
     .await;
     let s = delta(&second, &third);
     assert!(s.restarted, "{s:?}");
     pool.close();
 }
-
