@@ -285,6 +285,17 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     let url = format!("http://{}", handle.local_addr);
     let shown = names(&watched(&url).await);
     assert_eq!(shown, BTreeSet::from([mine.clone()]), "only its own target");
+    let (_, table) = deploywatch::commands::status(
+        Some(&url),
+        None,
+        None,
+        deploywatch::commands::cli::OutputFormat::Table,
+    )
+    .await;
+    assert!(
+        table.contains("shard 0/2: this replica watches 1 target of the fleet\n"),
+        "{table}"
+    );
 
     let announcement = client::Announcement {
         target: Some(&theirs),
