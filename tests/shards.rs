@@ -285,6 +285,15 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     let url = format!("http://{}", handle.local_addr);
     let shown = names(&watched(&url).await);
     assert_eq!(shown, BTreeSet::from([mine.clone()]), "only its own target");
+    // Asked about a target of the other shard, it says whose it is.
+    let (code, body) = get(&format!("{url}/status?target={theirs}&format=text")).await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains(&format!(
+            "{theirs:?} belongs to shard 1/2, not to this replica"
+        )),
+        "{body}"
+    );
     let (_, table) = deploywatch::commands::status(
         Some(&url),
         None,

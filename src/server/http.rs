@@ -353,10 +353,19 @@ fn status_page(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> 
             .keys()
             .any(|name| status::target_matches(asked, name))
         {
-            let message = format!(
-                "no target is named {asked:?}; {}",
-                status::known_targets(&snapshot)
-            );
+            let shard = ctx.settings().shard;
+            let message = if shard.is_split() && !shard.owns(asked) {
+                format!(
+                    "target {asked:?} belongs to shard {}/{}, not to this replica (shard {shard}): ask that replica",
+                    shard_of(asked, shard.count),
+                    shard.count
+                )
+            } else {
+                format!(
+                    "no target is named {asked:?}; {}",
+                    status::known_targets(&snapshot)
+                )
+            };
             return if as_text {
                 text(StatusCode::NOT_FOUND, message + "\n")
             } else {
