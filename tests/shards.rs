@@ -244,10 +244,27 @@ async fn two_shards_split_twenty_discovered_databases_keep_it_across_a_reload_an
         async move { listing.await.then_some(()) }
     })
     .await;
-    assert!(!listed(second_url.clone(), own).await);
+    assert!(!listed(second_url.clone(), own.clone()).await);
 
+    // With the owner gone, the replica says it cannot reach it, and records nothing.
+    second.kill().await.expect("kill the second replica");
+    let announcement = client::Announcement {
+        target: Some(&target),
+        version: "3.0.0",
+        ..announcement
+    };
+    let (code, answer) = client::announce(&first_url, "shard-token", &announcement)
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 502, "{answer}");
+    assert!(
+        answer.contains(&format!(
+            "belongs to shard 1/2, whose replica at {second_url} cannot be reached"
+        )),
+        "{answer}"
+    );
+    assert!(!listed(first_url.clone(), target.clone()).await);
     first.shutdown().await.expect("shutdown");
-    let _ = second.kill().await;
 }
 
 /// Without `shard_peers` a replica cannot forward: it refuses an announcement for another
@@ -360,6 +377,35 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     let (_, list) = get(&format!("{url}/api/deployments")).await;
     assert_eq!(list.trim(), "[]", "nothing was recorded");
     handle.shutdown().await.expect("shutdown");
+
+    // Peers listed in the wrong order: shard 1's URL is this replica's own. The announcement
+    // is forwarded once, the replica it reaches does not own the target either and refuses
+    // a forwarded announcement instead of passing it on.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let own_url = format!("http://{}", listener.local_addr().expect("address"));
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\napi_token_file = \"token\"\nshard = \"0/2\"\nshard_peers = [\"http://127.0.0.1:{}\", \"{own_url}\"]\n\n[defaults]\nconnect_timeout = \"1s\"\n\n{}{}",
+            common::free_port(),
+            target(&mine),
+            target(&theirs)
+        ),
+    );
+    let confused = daemon::start(dir.load(), listener).expect("starts");
+    let (code, body) = client::announce(&own_url, "shard-token", &announcement)
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 421, "{body}");
+    assert!(
+        body.contains("it was forwarded here by shard 0/2, so the replicas disagree"),
+        "{body}"
+    );
+    let (_, list) = get(&format!("{own_url}/api/deployments")).await;
+    assert_eq!(list.trim(), "[]", "nothing was recorded");
+    confused.shutdown().await.expect("shutdown");
 
     // A replica whose shard owns none of the targets watches nothing and is ready: it has no
     // target left to try.
