@@ -50,6 +50,17 @@ fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 }
 
 /// GET over TLS; returns the status, or the error text when the handshake fails.
+/// `https_get` with basic-auth credentials and no client certificate.
+async fn as_user(
+    port: u16,
+    path: &str,
+    ca: &str,
+    user: &str,
+    password: &str,
+) -> Result<u16, String> {
+    https_get(port, path, ca, None, Some((user, password))).await
+}
+
 async fn https_get(
     port: u16,
     path: &str,
@@ -141,25 +152,11 @@ async fn metrics_over_tls_with_basic_auth() {
     .await;
     let port = handle.local_addr.port();
     assert_eq!(
-        https_get(
-            port,
-            "/metrics",
-            &pki.ca,
-            None,
-            Some(("prometheus", "scrape-pass"))
-        )
-        .await,
+        as_user(port, "/metrics", &pki.ca, "prometheus", "scrape-pass").await,
         Ok(200)
     );
     assert_eq!(
-        https_get(
-            port,
-            "/metrics",
-            &pki.ca,
-            None,
-            Some(("prometheus", "wrong"))
-        )
-        .await,
+        as_user(port, "/metrics", &pki.ca, "prometheus", "wrong").await,
         Ok(401)
     );
     assert_eq!(
@@ -167,14 +164,7 @@ async fn metrics_over_tls_with_basic_auth() {
         Ok(401)
     );
     assert_eq!(
-        https_get(
-            port,
-            "/status",
-            &pki.ca,
-            None,
-            Some(("nobody", "scrape-pass"))
-        )
-        .await,
+        as_user(port, "/status", &pki.ca, "nobody", "scrape-pass").await,
         Ok(401)
     );
     assert_eq!(
@@ -257,14 +247,7 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     .await;
     let port = handle.local_addr.port();
     assert_eq!(
-        https_get(
-            port,
-            "/metrics",
-            &old.ca,
-            None,
-            Some(("alice", "alice-pass"))
-        )
-        .await,
+        as_user(port, "/metrics", &old.ca, "alice", "alice-pass").await,
         Ok(200)
     );
 
@@ -280,26 +263,18 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
         "the new certificate is served",
         std::time::Duration::from_secs(10),
         || async {
-            (https_get(port, "/metrics", &new.ca, None, Some(("bob", "bob-pass"))).await == Ok(200))
-                .then_some(())
+            (as_user(port, "/metrics", &new.ca, "bob", "bob-pass").await == Ok(200)).then_some(())
         },
     )
     .await;
     assert!(
-        https_get(port, "/metrics", &old.ca, None, Some(("bob", "bob-pass")))
+        as_user(port, "/metrics", &old.ca, "bob", "bob-pass")
             .await
             .is_err(),
         "the old certificate is no longer served"
     );
     assert_eq!(
-        https_get(
-            port,
-            "/metrics",
-            &new.ca,
-            None,
-            Some(("alice", "alice-pass"))
-        )
-        .await,
+        as_user(port, "/metrics", &new.ca, "alice", "alice-pass").await,
         Ok(401),
         "a removed user is refused"
     );
@@ -313,7 +288,7 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
     while std::time::Instant::now() < until {
         assert_eq!(
-            https_get(port, "/metrics", &new.ca, None, Some(("bob", "bob-pass"))).await,
+            as_user(port, "/metrics", &new.ca, "bob", "bob-pass").await,
             Ok(200),
             "the broken version must not replace the last good one"
         );
