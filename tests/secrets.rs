@@ -176,33 +176,9 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     })
     .await;
 
-    let (_, metrics) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("{base}/metrics"),
-        "*/*",
-        None,
-        None,
-    )
-    .await
-    .expect("metrics");
-    let (_, status) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("{base}/status"),
-        "application/json",
-        None,
-        None,
-    )
-    .await
-    .expect("status");
-    let (_, text) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("{base}/status?format=text"),
-        "text/plain",
-        None,
-        None,
-    )
-    .await
-    .expect("status");
+    let (_, metrics) = common::get_as(&format!("{base}/metrics"), "*/*").await;
+    let (_, status) = common::get_as(&format!("{base}/status"), "application/json").await;
+    let (_, text) = common::get_as(&format!("{base}/status?format=text"), "text/plain").await;
     assert!(
         metrics.contains("deploywatch_config_last_reload_successful 0"),
         "the bad reload was rejected"

@@ -143,8 +143,13 @@ pub fn free_port() -> u16 {
 
 /// An HTTP GET against the daemon; returns status code and body.
 pub async fn get(url: &str) -> (u16, String) {
+    get_as(url, "*/*").await
+}
+
+/// GET `url` asking for `accept`; panics when no answer comes.
+pub async fn get_as(url: &str, accept: &str) -> (u16, String) {
     let (code, body) =
-        deploywatch::commands::client::request(hyper::Method::GET, url, "*/*", None, None)
+        deploywatch::commands::client::request(hyper::Method::GET, url, accept, None, None)
             .await
             .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     (code.as_u16(), body)
