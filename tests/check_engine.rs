@@ -562,12 +562,7 @@ fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
         .expect("config")
         .replace("user = \"postgres\"", "user = \"watcher\"");
     dir.write("deploywatch.toml", &main);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["check", "--privileges"])
-        .output()
-        .expect("run deploywatch");
+    let output = dir.run(&["check", "--privileges"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
@@ -597,12 +592,7 @@ fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
         "GRANT SELECT ON database_metadata, attention_stats, submissions, payments, participants TO watcher",
     )
     .expect("grant");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["check", "--privileges"])
-        .output()
-        .expect("run deploywatch");
+    let output = dir.run(&["check", "--privileges"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
     assert!(

@@ -872,12 +872,7 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
         async move { (now != reloaded_before).then_some(()) }
     })
     .await;
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["report"])
-        .output()
-        .expect("report");
+    let output = dir.run(&["report"]);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         text.contains("# Deployment notes: cognit #1"),

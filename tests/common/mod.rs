@@ -91,6 +91,16 @@ pub struct ConfigDir {
 }
 
 impl ConfigDir {
+    /// Runs the deploywatch binary on this configuration with `args` and waits for it.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .arg("--config")
+            .arg(self.main())
+            .args(args)
+            .output()
+            .expect("run deploywatch")
+    }
+
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("checks")).expect("checks dir");
