@@ -4,6 +4,10 @@
 //!
 //! Requests are bounded: headers must arrive within a few seconds and fit in a small buffer,
 //! bodies are capped in size and time.
+//!
+//! On a replica of a split fleet (`server.shard`), an announcement for a target of another
+//! shard is forwarded once to the replica that owns it (`server.shard_peers`, plain HTTP, the
+//! caller's bearer token, a bounded wait) and answered with its answer, or refused with 421.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
