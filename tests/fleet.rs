@@ -158,7 +158,9 @@ fn application_load(pg: &PgCluster, clients: usize, cancel: &CancellationToken) 
                 return;
             };
             tokio::spawn(connection);
-            while !cancel.is_cancelled() {
+            // Ends with its session too: a query on a closed client fails without waiting, so
+            // looping on it would spin and keep the runtime from ever shutting down.
+            while !cancel.is_cancelled() && !client.is_closed() {
                 let _ = client
                     .simple_query("SELECT sum(i) FROM generate_series(1, 20000) i")
                     .await;
@@ -662,4 +664,135 @@ async fn server_wide_views_are_read_once_per_server_per_interval() {
         "per-database views per database: {per_database}"
     );
     handle.shutdown().await.expect("clean shutdown");
+}
+
+/// CPU seconds (user and system, every thread) a process has used so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the daemon runs");
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime, in clock ticks (100 a second on Linux).
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// A server stopped under a running daemon (its port then refuses every connection) costs the
+/// daemon next to no CPU — no task retries without pause — and /metrics keeps answering; when
+/// the server is back, so are its databases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics_answer() {
+    let mut pg = fleet_cluster(100);
+    let names = tenant_names(20);
+    create_fleet(&pg, "", &names);
+    let dir = ConfigDir::new();
+    dir.write("checks/fleet.toml", BUSY_PACK);
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\
+             max_connections_per_server = 3\n\n[deployments]\nsample_interval = \"1s\"\n\n\
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+            pg.port()
+        ),
+    );
+    let port = common::free_port();
+    let log = dir.path().join("daemon.log");
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the daemon");
+    let pid = daemon.id().expect("the daemon's pid");
+    let url = format!("http://127.0.0.1:{port}");
+    let metrics = || {
+        let url = url.clone();
+        async move {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                deploywatch::commands::client::request(
+                    hyper::Method::GET,
+                    &format!("{url}/metrics"),
+                    "*/*",
+                    None,
+                    None,
+                ),
+            )
+            .await;
+            match answer {
+                Ok(Ok((code, body))) if code.is_success() => Some(body),
+                _ => None,
+            }
+        }
+    };
+    let all = |value: f64| -> Vec<(String, f64)> {
+        names
+            .iter()
+            .map(|n| (format!("tenants/{n}"), value))
+            .collect()
+    };
+    let want_up = all(1.0);
+    wait_until(
+        "the 20 databases are watched",
+        Duration::from_secs(90),
+        || {
+            let (metrics, want) = (metrics(), want_up.clone());
+            async move { metrics.await.filter(|body| up(body) == want).map(|_| ()) }
+        },
+    )
+    .await;
+
+    pg.stop().expect("stop the server");
+    let mut want_down = all(0.0);
+    want_down.insert(0, ("tenants".to_string(), 0.0));
+    wait_until(
+        "the databases show as unreachable",
+        Duration::from_secs(60),
+        || {
+            let (metrics, want) = (metrics(), want_down.clone());
+            async move { metrics.await.filter(|body| up(body) == want).map(|_| ()) }
+        },
+    )
+    .await;
+    // Ten seconds of a refusing server: every check (1 s interval), sampler and rediscovery keeps
+    // failing. A task retrying without pause would take a whole core; the daemon's own work is
+    // a few per cent of one.
+    let (cpu_before, since) = (cpu_seconds(pid), Instant::now());
+    let mut scrapes = 0;
+    while since.elapsed() < Duration::from_secs(10) {
+        let body = metrics().await;
+        assert!(
+            body.is_some(),
+            "/metrics did not answer within 5 s while the server was down; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        scrapes += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let share = (cpu_seconds(pid) - cpu_before) / since.elapsed().as_secs_f64();
+    assert!(scrapes >= 10, "scraped {scrapes} times");
+    assert!(
+        share < 0.3,
+        "the daemon used {:.0} % of a core while its server was down; log:\n{}",
+        share * 100.0,
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    pg.start_again().expect("start the server again");
+    wait_until(
+        "the databases come back with the server",
+        Duration::from_secs(90),
+        || {
+            let (metrics, want) = (metrics(), want_up.clone());
+            async move { metrics.await.filter(|body| up(body) == want).map(|_| ()) }
+        },
+    )
+    .await;
+    let _ = daemon.kill().await;
 }
