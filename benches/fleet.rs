@@ -1,17 +1,22 @@
 //! Fleet benchmark: N databases of one local PostgreSQL, copied from a template holding the
 //! cognit fixture at 3.7.0, watched through discovery by the `deploywatch` binary with the
 //! shipped packs at their default intervals and deployment tracking on. pg_stat_activity is
-//! polled every 100 ms for the whole run: deploywatch's sessions against the budget, the
-//! daemon's CPU and resident memory, the server's CPU, and the checks skipped for lack of a
-//! session.
+//! polled every 100 ms for the whole run: deploywatch's sessions against the budget, and the CPU
+//! time of the server processes serving them (read from /proc at every poll, so a session that
+//! ends is counted up to its last poll). Also measured from /proc: the daemon's CPU time and
+//! resident memory, the whole server's CPU time, and how busy the machine was (its CPU time and
+//! load average; other work on the machine slows the server and the daemon alike). The
+//! daemon's metrics give the runs, errors and the checks skipped for lack of a session.
 //!
 //! `cargo bench --bench fleet`; `FLEET_DATABASES` (default 500), `FLEET_SECONDS` (default 600),
-//! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies). Prints a Markdown row
-//! for BENCHMARKS.md.
+//! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies), `FLEET_LOG` (the
+//! daemon's log file; default a file in the temporary directory, named when the run ends).
+//! Prints a Markdown table for BENCHMARKS.md.
 
 #[allow(dead_code)]
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -115,12 +120,44 @@ fn prepare(pg: &PgCluster, databases: usize) {
     let _ = std::fs::remove_file(file);
 }
 
+/// The machine's CPU time (all cores, every process) and its number of cores, from /proc/stat.
+fn machine_cpu() -> (f64, usize) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let busy = stat
+        .lines()
+        .next()
+        .map(|l| {
+            let f: Vec<f64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal: all but idle and iowait.
+            f.iter().take(8).sum::<f64>() - f.get(3).unwrap_or(&0.0) - f.get(4).unwrap_or(&0.0)
+        })
+        .unwrap_or(0.0);
+    let cores = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    (busy / TICKS, cores.max(1))
+}
+
+/// The one-minute load average.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
 fn metric_sum(body: &str, name: &str, filter: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| l.contains(filter))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -184,11 +221,18 @@ async fn main() {
     let postmaster = postmaster_pid(&pg.data_dir());
     let server_cpu_start = server_cpu(postmaster);
 
+    let log_path = std::env::var_os("FLEET_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("fleet-{databases}-{}.log", std::process::id()))
+        });
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let (machine_start, cores) = machine_cpu();
     let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.path().join("deploywatch.toml"))
         .arg("run")
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("daemon");
@@ -196,32 +240,67 @@ async fn main() {
     let started = Instant::now();
     let mut polls = 0u64;
     let mut over_budget = 0u64;
-    let mut max_sessions = 0i64;
+    let mut max_sessions = 0usize;
     let mut max_rss = 0u64;
+    // CPU seconds of each server process that served deploywatch, as last seen.
+    let mut backend_cpu: HashMap<u32, f64> = HashMap::new();
+    let mut loads = Vec::new();
+    let mut half_way: Option<(f64, f64)> = None;
+    // When /readyz first answered 200 (every database tried once).
+    let mut ready_after: Option<f64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while started.elapsed() < Duration::from_secs(seconds) {
         tick.tick().await;
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'",
+        let rows = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'deploywatch'",
                 &[],
             )
             .await
             .expect("poll");
-        let sessions: i64 = row.get(0);
         polls += 1;
-        max_sessions = max_sessions.max(sessions);
-        if sessions > budget as i64 {
+        max_sessions = max_sessions.max(rows.len());
+        if rows.len() > budget {
             over_budget += 1;
+        }
+        for row in &rows {
+            let backend = row.get::<_, i32>(0) as u32;
+            if let Some((cpu, _, _)) = proc_cpu(backend) {
+                backend_cpu.insert(backend, cpu);
+            }
         }
         if polls % 10 == 0 {
             max_rss = max_rss.max(rss_kib(pid));
         }
+        if polls % 100 == 0 {
+            loads.push(load_average());
+        }
+        if ready_after.is_none() && polls % 5 == 0 {
+            let ready = deploywatch::commands::client::request(
+                hyper::Method::GET,
+                &format!("http://127.0.0.1:{port}/readyz"),
+                "*/*",
+                None,
+                None,
+            )
+            .await;
+            if ready.is_ok_and(|(code, _)| code.is_success()) {
+                ready_after = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        if half_way.is_none() && started.elapsed() >= Duration::from_secs(seconds / 2) {
+            half_way = Some((
+                started.elapsed().as_secs_f64(),
+                proc_cpu(pid).map(|(cpu, _, _)| cpu).unwrap_or(0.0),
+            ));
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let daemon_cpu = proc_cpu(pid).map(|(cpu, _, _)| cpu).unwrap_or(0.0);
+    let machine_used = machine_cpu().0 - machine_start;
     let server_cpu_used = server_cpu(postmaster) - server_cpu_start;
+    let backends_used: f64 = backend_cpu.values().sum();
     max_rss = max_rss.max(rss_kib(pid));
     let (_, body) = deploywatch::commands::client::request(
         hyper::Method::GET,
@@ -243,12 +322,17 @@ async fn main() {
         .expect("exec time");
     let (dw_exec, other_exec): (f64, f64) = (exec.get(0), exec.get(1));
     let _ = daemon.kill().await;
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let log_lines = |needle: &str| log_text.lines().filter(|l| l.contains(needle)).count();
 
     let runs = metric_sum(&body, "deploywatch_check_runs_total", "");
     let no_session = metric_sum(&body, "deploywatch_check_skipped_total", "no_session");
     let skipped = metric_sum(&body, "deploywatch_check_skipped_total", "");
     let errors = metric_sum(&body, "deploywatch_check_errors_total", "");
     let up = metric_sum(&body, "deploywatch_up", "");
+    let (half_at, half_cpu) = half_way.unwrap_or((0.0, 0.0));
+    let load_mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+    let load_max = loads.iter().copied().fold(0.0, f64::max);
     println!("## Fleet: {databases} databases of one server, {seconds} s\n");
     println!("| figure | value |\n| --- | --- |");
     println!("| databases watched (up) | {up} of {databases} |");
@@ -258,8 +342,13 @@ async fn main() {
         "| pg_stat_activity polls (every 100 ms) | {polls}, {over_budget} above the budget, max {max_sessions} sessions |"
     );
     println!(
-        "| daemon CPU | {:.1} % of a core ({daemon_cpu:.1} CPU s in {elapsed:.0} s) |",
-        100.0 * daemon_cpu / elapsed
+        "| daemon CPU | {:.1} % of a core ({daemon_cpu:.1} CPU s in {elapsed:.0} s); second half {:.1} % |",
+        100.0 * daemon_cpu / elapsed,
+        100.0 * (daemon_cpu - half_cpu) / (elapsed - half_at).max(1.0)
+    );
+    println!(
+        "| /readyz 200 (every database tried) after | {} |",
+        ready_after.map_or("never".to_string(), |s| format!("{s:.1} s"))
     );
     println!("| daemon RSS, peak | {:.0} MiB |", max_rss as f64 / 1024.0);
     println!(
@@ -267,7 +356,14 @@ async fn main() {
         runs / elapsed
     );
     println!(
-        "| checks skipped for lack of a session | {no_session:.0} (all skips: {skipped:.0}) |"
+        "| checks skipped for lack of a session | {no_session:.0} (all skips: {skipped:.0}; log lines: {} no session, {} slower than the interval) |",
+        log_lines("no session within"),
+        log_lines("slower than its interval")
+    );
+    println!(
+        "| server CPU of deploywatch's sessions | {:.1} % of one core ({backends_used:.1} CPU s, {} sessions opened) |",
+        100.0 * backends_used / elapsed,
+        backend_cpu.len()
     );
     println!(
         "| server CPU, all processes | {:.1} % of one core ({server_cpu_used:.1} CPU s) |",
@@ -277,4 +373,9 @@ async fn main() {
         "| server execution time of deploywatch's statements | {:.1} % of one core ({dw_exec:.1} s; the poller's: {other_exec:.1} s) |",
         100.0 * dw_exec / elapsed
     );
+    println!(
+        "| machine: CPU busy, load average (1 min) | {:.0} % of {cores} cores; load mean {load_mean:.1}, max {load_max:.1} |",
+        100.0 * machine_used / elapsed / cores as f64
+    );
+    println!("\ndaemon log: {}", log_path.display());
 }
