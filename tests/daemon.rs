@@ -11,6 +11,18 @@ use deploywatch_testkit::pgcluster::PgCluster;
 
 const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
 
+/// A configuration with the shipped cognit pack, the `FAST` settings and one target `db`, the
+/// cognit database of `pg`.
+fn fast_dir(pg: &PgCluster) -> ConfigDir {
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write(
+        "deploywatch.toml",
+        &format!("{FAST}{}", target_toml("db", pg, "cognit")),
+    );
+    dir
+}
+
 async fn start(dir: &ConfigDir) -> DaemonHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -261,12 +273,7 @@ async fn metrics_and_status_show_every_check_of_every_target() {
 async fn endpoints_answer_404_405_and_probes() {
     let a = cluster();
     cognit_db(&a, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    dir.add_shipped_pack("cognit-3.7.0.toml");
-    dir.write(
-        "deploywatch.toml",
-        &format!("{FAST}{}", target_toml("db", &a, "cognit")),
-    );
+    let dir = fast_dir(&a);
     let handle = start(&dir).await;
     let url = base(&handle);
     assert_eq!(get(&format!("{url}/healthz")).await.0, 200);
@@ -290,12 +297,7 @@ async fn endpoints_answer_404_405_and_probes() {
 async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     let mut a = cluster();
     cognit_db(&a, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    dir.add_shipped_pack("cognit-3.7.0.toml");
-    dir.write(
-        "deploywatch.toml",
-        &format!("{FAST}{}", target_toml("db", &a, "cognit")),
-    );
+    let dir = fast_dir(&a);
     let handle = start(&dir).await;
     wait_ready(&handle).await;
     wait_all_ran(&handle).await;
@@ -874,13 +876,8 @@ async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
 async fn a_reload_applies_the_deployment_api_settings() {
     let pg = cluster();
     cognit_db(&pg, "cognit", Version::V370);
-    let dir = ConfigDir::new();
-    dir.add_shipped_pack("cognit-3.7.0.toml");
+    let dir = fast_dir(&pg);
     dir.write("token", "reload-token");
-    dir.write(
-        "deploywatch.toml",
-        &format!("{FAST}{}", target_toml("db", &pg, "cognit")),
-    );
     let handle = start(&dir).await;
     let announce = |base: String| async move {
         let announcement = deploywatch::commands::client::Announcement {
