@@ -753,6 +753,17 @@ async fn kill_9_mid_window_loses_nothing() {
         .status()
         .expect("kill -9");
     let _ = child.wait().await;
+    // The daemon was writing a sample every second when it died: the file is sound and every
+    // sample in it reads back whole.
+    {
+        let store = deploywatch::storage::Store::open(&dir.path().join("state.sqlite"))
+            .expect("the store opens after kill -9");
+        store.check_integrity().expect("integrity_check");
+        let stored = store.sample_count("cognit", 0.0, f64::MAX).expect("count");
+        assert!(stored >= 4, "{stored} samples");
+        let read = store.samples("cognit", 0.0, f64::MAX).expect("samples");
+        assert_eq!(read.len(), stored, "every stored sample decodes");
+    }
 
     let mut child = spawn();
     let after = wait_until(
@@ -934,4 +945,61 @@ async fn the_sampler_tells_a_restart_the_counters_survived() {
     let s = delta(&second, &third);
     assert!(s.restarted, "{s:?}");
     pool.close();
+}
+
+/// The report of a deployment that a later one superseded counts only its own samples (up to
+/// the next deployment), judges the version it had, and names what superseded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
+    let setup = Setup::new(Version::V370, 30);
+    let dir = &setup.dir;
+    let handle = setup.start().await;
+    wait_baseline(&handle, 2).await;
+    let (code, _) = announce(&handle, "3.7.1").await;
+    assert_eq!(code, 201);
+    let first = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
+        v.to_version == "3.7.1"
+    })
+    .await;
+    // Samples under 3.7.1, then 3.7.2 supersedes it, and more samples follow.
+    wait_samples(&handle, 3).await;
+    let (code, _) = announce(&handle, "3.7.2").await;
+    assert_eq!(code, 201);
+    let second = deployment_where(&handle, "3.7.2 recorded", Duration::from_secs(20), |v| {
+        v.to_version == "3.7.2"
+    })
+    .await;
+    wait_samples(&handle, 3).await;
+    handle.shutdown().await.expect("shutdown");
+    let (own, since) = {
+        let store =
+            deploywatch::storage::Store::open(&dir.path().join("state.sqlite")).expect("store");
+        (
+            store
+                .sample_count("cognit", first.at, second.at)
+                .expect("count"),
+            store
+                .sample_count("cognit", first.at, f64::MAX)
+                .expect("count"),
+        )
+    };
+    assert!(own >= 2 && since > own, "own {own}, since {since}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args(["report", "--deployment", &first.id.to_string()])
+        .output()
+        .expect("report");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains(&format!(
+            "**Watched**: {own} sample(s) since the deployment"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("**Superseded**: by #{}", second.id)),
+        "{text}"
+    );
+    assert!(text.contains("[x] Schema version is 3.7.1"), "{text}");
 }

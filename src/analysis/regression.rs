@@ -1,15 +1,15 @@
 //! The regression rules: one signal each, judged per window against the pre-deployment
 //! baseline, every finding carrying its evidence (baseline and window figures, test statistic,
 //! sample counts). Improvements are reported too, since the checklist expects "same or better".
-//! Pure: samples in, findings out.
-
-use std::collections::{BTreeMap, BTreeSet};
+//! Pure: summaries in (see [`crate::analysis::summary`]), findings out; [`judge`] takes samples
+//! and summarises them first.
 
 use serde_json::{Map, Value};
 
 use crate::analysis::deployment::{Finding, Signal};
 use crate::analysis::sample::Sample;
 use crate::analysis::stats::{self, mann_whitney};
+use crate::analysis::summary::{DatabaseSummary, StatementSummary, Summary};
 use crate::analysis::window::Window;
 
 /// How demanding the rules are.
@@ -70,11 +70,33 @@ fn finding(
     Finding::new(signal, subject, message, evidence)
 }
 
+/// Judges `window_samples` against `baseline` (both summarised here, every statement
+/// followed); `since_deployment` feeds the rule on indexes new since the deployment.
 pub fn judge(
     window: Window,
     baseline: &[Sample],
     window_samples: &[Sample],
     since_deployment: &[Sample],
+    closed: bool,
+    t: &Thresholds,
+) -> Judgement {
+    judge_summaries(
+        window,
+        &Summary::of(baseline, t.latency_min_calls),
+        &Summary::of(window_samples, t.latency_min_calls),
+        &Summary::of(since_deployment, t.latency_min_calls),
+        closed,
+        t,
+    )
+}
+
+/// Judges a window's summary against the baseline's. The summaries must have been made with
+/// `t.latency_min_calls`.
+pub fn judge_summaries(
+    window: Window,
+    baseline: &Summary,
+    window_samples: &Summary,
+    since_deployment: &Summary,
     closed: bool,
     t: &Thresholds,
 ) -> Judgement {
@@ -124,78 +146,48 @@ pub fn judge(
 }
 
 /// An integrity or health check that passed throughout the baseline fails after the deployment.
-fn check_failures(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
-    let mut passed_before: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut failed_before: BTreeSet<&str> = BTreeSet::new();
-    for sample in baseline {
-        for (name, point) in &sample.checks {
-            match point.status.as_str() {
-                "pass" => *passed_before.entry(name).or_insert(0) += 1,
-                "fail" => {
-                    failed_before.insert(name);
-                }
-                _ => {}
-            }
+fn check_failures(baseline: &Summary, window: &Summary, j: &mut Judgement) {
+    for (name, point) in &window.checks.latest_failure {
+        let relevant = point.category == "integrity" || point.category == "health";
+        if !relevant || baseline.checks.failed.contains(name) {
+            continue;
         }
-    }
-    let mut flagged = BTreeSet::new();
-    for sample in window.iter().rev() {
-        for (name, point) in &sample.checks {
-            let relevant = point.category == "integrity" || point.category == "health";
-            if !relevant || point.status != "fail" || failed_before.contains(name.as_str()) {
-                continue;
-            }
-            let Some(passes) = passed_before.get(name.as_str()) else {
-                continue;
-            };
-            if !flagged.insert(name.clone()) {
-                continue;
-            }
-            let value = point
-                .value
-                .map(|v| format!(" (value {v})"))
-                .unwrap_or_default();
-            j.regressions.push(finding(
-                Signal::CheckFailure,
-                name.clone(),
-                format!("{} check {name} passed in all {passes} baseline samples and fails since the deployment{value}", point.category),
-                evidence(&[
-                    ("check", Value::String(name.clone())),
-                    ("category", Value::String(point.category.clone())),
-                    ("baseline_passes", number(*passes as f64)),
-                    ("window_value", point.value.map(number).unwrap_or(Value::Null)),
-                    ("n_window", number(window.len() as f64)),
-                ]),
-            ));
-        }
+        let Some(passes) = baseline.checks.passes.get(name) else {
+            continue;
+        };
+        let value = point
+            .value
+            .map(|v| format!(" (value {v})"))
+            .unwrap_or_default();
+        j.regressions.push(finding(
+            Signal::CheckFailure,
+            name.clone(),
+            format!("{} check {name} passed in all {passes} baseline samples and fails since the deployment{value}", point.category),
+            evidence(&[
+                ("check", Value::String(name.clone())),
+                ("category", Value::String(point.category.clone())),
+                ("baseline_passes", number(*passes as f64)),
+                ("window_value", point.value.map(number).unwrap_or(Value::Null)),
+                ("n_window", number(window.samples as f64)),
+            ]),
+        ));
     }
 }
 
 /// Summed database counters over the samples that have them, with the seconds they cover.
-fn database_totals(
-    samples: &[Sample],
-) -> Option<(crate::analysis::sample::DbCounters, f64, usize)> {
-    let mut total = crate::analysis::sample::DbCounters::default();
-    let mut seconds = 0.0;
-    let mut n = 0;
-    for s in samples {
-        if let Some(d) = &s.database {
-            total.xact_commit += d.xact_commit;
-            total.xact_rollback += d.xact_rollback;
-            total.deadlocks += d.deadlocks;
-            seconds += s.seconds;
-            n += 1;
-        }
-    }
-    (n > 0).then_some((total, seconds, n))
+fn database_totals(summary: &Summary) -> Option<(DatabaseSummary, f64, usize)> {
+    summary
+        .database
+        .filter(|d| d.samples > 0)
+        .map(|d| (d, d.seconds, d.samples))
 }
 
-fn rollback_ratio(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
+fn rollback_ratio(baseline: &Summary, window: &Summary, j: &mut Judgement) {
     let (Some((b, _, nb)), Some((w, _, nw))) = (database_totals(baseline), database_totals(window))
     else {
         return;
     };
-    let ratio = |d: &crate::analysis::sample::DbCounters| {
+    let ratio = |d: &DatabaseSummary| {
         let all = d.xact_commit + d.xact_rollback;
         if all > 0.0 {
             d.xact_rollback / all
@@ -225,7 +217,7 @@ fn rollback_ratio(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
     }
 }
 
-fn deadlocks(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
+fn deadlocks(baseline: &Summary, window: &Summary, j: &mut Judgement) {
     let (Some((b, bs, nb)), Some((w, ws, nw))) =
         (database_totals(baseline), database_totals(window))
     else {
@@ -254,16 +246,8 @@ fn deadlocks(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
     }
 }
 
-fn max_connection_share(samples: &[Sample]) -> Option<f64> {
-    samples
-        .iter()
-        .filter(|s| s.max_connections > 0.0)
-        .map(|s| s.connections / s.max_connections)
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-}
-
-fn connections(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
-    let (Some(b), Some(w)) = (max_connection_share(baseline), max_connection_share(window)) else {
+fn connections(baseline: &Summary, window: &Summary, j: &mut Judgement) {
+    let (Some(b), Some(w)) = (baseline.connection_peak, window.connection_peak) else {
         return;
     };
     if w >= 0.9 && b < 0.9 {
@@ -278,38 +262,11 @@ fn connections(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
             evidence(&[
                 ("baseline_peak_share", number(rounded(b, 4))),
                 ("window_peak_share", number(rounded(w, 4))),
-                ("n_baseline", number(baseline.len() as f64)),
-                ("n_window", number(window.len() as f64)),
+                ("n_baseline", number(baseline.samples as f64)),
+                ("n_window", number(window.samples as f64)),
             ]),
         ));
     }
-}
-
-/// Per query: the per-sample mean times per call (from samples with enough calls), the query
-/// text, and the summed total time and calls.
-type LatencySeries = (Vec<f64>, String, f64, f64);
-
-/// Per query id: its [`LatencySeries`].
-fn latency_series(samples: &[Sample], min_calls: u64) -> BTreeMap<String, LatencySeries> {
-    let mut series: BTreeMap<String, LatencySeries> = BTreeMap::new();
-    for sample in samples {
-        let Some(statements) = &sample.statements else {
-            continue;
-        };
-        for (id, s) in statements {
-            let entry = series
-                .entry(id.clone())
-                .or_insert_with(|| (Vec::new(), s.query.clone(), 0.0, 0.0));
-            entry.2 += s.total_ms;
-            entry.3 += s.calls;
-            if s.calls >= min_calls as f64 {
-                if let Some(mean) = s.mean_ms() {
-                    entry.0.push(mean);
-                }
-            }
-        }
-    }
-    series
 }
 
 fn query_message(id: &str, query: &str) -> String {
@@ -319,19 +276,23 @@ fn query_message(id: &str, query: &str) -> String {
 /// Latency per query: a rise of at least `min_increase` in the median time per call that the
 /// Mann–Whitney test finds significant; with `improvements`, falls too.
 fn query_latency(
-    baseline: &[Sample],
-    window: &[Sample],
+    baseline: &Summary,
+    window: &Summary,
     t: &Thresholds,
     min_increase: f64,
     improvements: bool,
     j: &mut Judgement,
 ) {
-    let before = latency_series(baseline, t.latency_min_calls);
-    let after = latency_series(window, t.latency_min_calls);
-    for (id, (b, query, _, _)) in &before {
-        let Some((w, _, _, calls)) = after.get(id) else {
+    for (id, before) in &baseline.statements {
+        let Some(after) = window.statements.get(id) else {
             continue;
         };
+        let (b, query, w, calls) = (
+            before.means.values(),
+            &before.query,
+            after.means.values(),
+            &after.calls,
+        );
         if b.len() < t.min_samples || w.len() < t.min_samples {
             continue;
         }
@@ -409,28 +370,23 @@ fn query_latency(
     }
 }
 
-/// Per table: sequential scans per second and rows they read per second.
-fn seq_rates(samples: &[Sample]) -> BTreeMap<String, (f64, f64, f64, usize)> {
-    let mut totals: BTreeMap<String, (f64, f64, f64, usize)> = BTreeMap::new();
-    for sample in samples {
-        for (table, t) in &sample.tables {
-            let entry = totals.entry(table.clone()).or_insert((0.0, 0.0, 0.0, 0));
-            entry.0 += t.seq_scan;
-            entry.1 += t.seq_tup_read;
-            entry.2 += sample.seconds;
-            entry.3 += 1;
-        }
-    }
-    totals
-}
-
-fn seq_scans(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Judgement) {
-    let before = seq_rates(baseline);
-    let after = seq_rates(window);
-    for (table, (ws, wr, wsec, wn)) in &after {
-        let Some((bs, br, bsec, bn)) = before.get(table) else {
+fn seq_scans(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut Judgement) {
+    for (table, after) in &window.tables {
+        let Some(before) = baseline.tables.get(table) else {
             continue;
         };
+        let (ws, wr, wsec, wn) = (
+            &after.seq_scan,
+            &after.seq_tup_read,
+            &after.seconds,
+            &after.samples,
+        );
+        let (bs, br, bsec, bn) = (
+            &before.seq_scan,
+            &before.seq_tup_read,
+            &before.seconds,
+            &before.samples,
+        );
         if *wn < t.min_samples || *bn < t.min_samples || *wsec <= 0.0 || *bsec <= 0.0 {
             continue;
         }
@@ -471,96 +427,76 @@ fn seq_scans(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
 }
 
 /// Indexes that appeared after the deployment and were never scanned.
-fn unused_indexes(baseline: &[Sample], since: &[Sample], j: &mut Judgement) {
-    if baseline.is_empty() || since.is_empty() {
+fn unused_indexes(baseline: &Summary, since: &Summary, j: &mut Judgement) {
+    if baseline.samples == 0 || since.samples == 0 {
         return;
     }
-    let known: BTreeSet<&str> = baseline
-        .iter()
-        .flat_map(|s| s.indexes.keys().map(String::as_str))
-        .collect();
-    let mut scans: BTreeMap<&str, (f64, &str, usize)> = BTreeMap::new();
-    for sample in since {
-        for (name, index) in &sample.indexes {
-            if known.contains(name.as_str()) {
-                continue;
-            }
-            let entry = scans.entry(name).or_insert((0.0, &index.table, 0));
-            entry.0 += index.scans;
-            entry.2 += 1;
+    for (name, index) in &since.indexes {
+        if baseline.indexes.contains_key(name) || index.scans != 0.0 {
+            continue;
         }
-    }
-    for (name, (total, table, samples)) in scans {
-        if total == 0.0 {
-            let queries = queries_on(since, table);
-            let listed = if queries.is_empty() {
-                "no sampled query names the table".to_string()
-            } else {
-                format!("queries on the table: {}", queries.len())
-            };
-            // A notice, not a regression: the checklist asks to verify the new indexes are
-            // used, and one not used yet is worth knowing, not an outage.
-            j.regressions.push(
-                finding(
-                    Signal::UnusedIndex,
-                    name.to_string(),
-                    format!("index {name} on {table}, new since the deployment, has not been scanned once in {samples} samples ({listed})"),
-                    evidence(&[
-                        ("index", Value::String(name.to_string())),
-                        ("table", Value::String(table.to_string())),
-                        ("scans", number(0.0)),
-                        ("n_window", number(samples as f64)),
-                        (
-                            "queries_on_table",
-                            Value::Array(queries.into_iter().map(Value::String).collect()),
-                        ),
-                    ]),
-                )
-                .notice(),
-            );
-        }
+        let (table, samples) = (&index.table, index.samples);
+        let queries = queries_on(since, table);
+        let listed = if queries.is_empty() {
+            "no sampled query names the table".to_string()
+        } else {
+            format!("queries on the table: {}", queries.len())
+        };
+        // A notice, not a regression: the checklist asks to verify the new indexes are
+        // used, and one not used yet is worth knowing, not an outage.
+        j.regressions.push(
+            finding(
+                Signal::UnusedIndex,
+                name.to_string(),
+                format!("index {name} on {table}, new since the deployment, has not been scanned once in {samples} samples ({listed})"),
+                evidence(&[
+                    ("index", Value::String(name.to_string())),
+                    ("table", Value::String(table.to_string())),
+                    ("scans", number(0.0)),
+                    ("n_window", number(samples as f64)),
+                    (
+                        "queries_on_table",
+                        Value::Array(queries.into_iter().map(Value::String).collect()),
+                    ),
+                ]),
+            )
+            .notice(),
+        );
     }
 }
 
-/// The sampled statements (id: text) whose text names `table` (schema-qualified or not), the
+/// The followed statements (id: text) whose text names `table` (schema-qualified or not), the
 /// busiest first, at most ten.
-fn queries_on(samples: &[Sample], table: &str) -> Vec<String> {
+fn queries_on(summary: &Summary, table: &str) -> Vec<String> {
     let short = table.rsplit('.').next().unwrap_or(table).to_lowercase();
-    let mut calls: BTreeMap<&str, (f64, &str)> = BTreeMap::new();
-    for sample in samples {
-        let Some(statements) = &sample.statements else {
-            continue;
-        };
-        for (id, s) in statements {
-            let text = s.query.to_lowercase();
-            let names_it = text
+    let mut ranked: Vec<(&String, f64, &str)> = summary
+        .statements
+        .iter()
+        .filter(|(_, s)| {
+            s.query
+                .to_lowercase()
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .any(|word| word == short);
-            if names_it {
-                let entry = calls.entry(id).or_insert((0.0, &s.query));
-                entry.0 += s.calls;
-            }
-        }
-    }
-    let mut ranked: Vec<(&str, (f64, &str))> = calls.into_iter().collect();
-    ranked.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+                .any(|word| word == short)
+        })
+        .map(|(id, s)| (id, s.calls, s.query.as_str()))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     ranked
         .into_iter()
         .take(10)
-        .map(|(id, (_, text))| format!("{id}: {text}"))
+        .map(|(id, _, text)| format!("{id}: {text}"))
         .collect()
 }
 
-/// Growth per hour from the first to the last sample.
-fn growth_per_hour(samples: &[Sample]) -> Option<f64> {
-    let sized: Vec<&Sample> = samples.iter().filter(|s| s.size_bytes > 0.0).collect();
-    let (first, last) = (sized.first()?, sized.last()?);
-    let hours = (last.at - first.at) / 3600.0;
-    (sized.len() >= 2 && hours > 0.0).then(|| (last.size_bytes - first.size_bytes) / hours)
+/// Growth per hour from the first to the last sample that reported a size.
+fn growth_per_hour(summary: &Summary) -> Option<f64> {
+    let ((first_at, first), (last_at, last)) = (summary.first_sized?, summary.last_sized?);
+    let hours = (last_at - first_at) / 3600.0;
+    (summary.sized_samples >= 2 && hours > 0.0).then(|| (last - first) / hours)
 }
 
-fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Judgement) {
-    if baseline.len() < t.min_samples.max(2) || window.len() < t.min_samples.max(2) {
+fn db_growth(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut Judgement) {
+    if baseline.samples < t.min_samples.max(2) || window.samples < t.min_samples.max(2) {
         return;
     }
     let (Some(b), Some(w)) = (growth_per_hour(baseline), growth_per_hour(window)) else {
@@ -568,8 +504,7 @@ fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
     };
     // PostgreSQL grows in pages and segments: over a short span one extension looks like a
     // steep rate, so the window must also have grown by a material amount in absolute terms.
-    let grown = window.last().map(|s| s.size_bytes).unwrap_or(0.0)
-        - window.first().map(|s| s.size_bytes).unwrap_or(0.0);
+    let grown = window.last_size - window.first_size;
     if w > 3.0 * b.max(0.0) && w >= MIB && grown >= MIB {
         j.regressions.push(finding(
             Signal::DbGrowth,
@@ -583,23 +518,28 @@ fn db_growth(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Jud
                 ("baseline_bytes_per_hour", number(rounded(b, 0))),
                 ("window_bytes_per_hour", number(rounded(w, 0))),
                 ("window_growth_bytes", number(grown)),
-                ("n_baseline", number(baseline.len() as f64)),
-                ("n_window", number(window.len() as f64)),
+                ("n_baseline", number(baseline.samples as f64)),
+                ("n_window", number(window.samples as f64)),
             ]),
         ));
     }
 }
 
 /// The baseline's top ten queries by total time, compared per call.
-fn top_queries(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut Judgement) {
-    let before = latency_series(baseline, t.latency_min_calls);
-    let after = latency_series(window, t.latency_min_calls);
-    let mut ranked: Vec<(&String, &LatencySeries)> = before.iter().collect();
-    ranked.sort_by(|a, b| b.1 .2.total_cmp(&a.1 .2));
-    for (rank, (id, (b, query, b_total, b_calls))) in ranked.into_iter().take(10).enumerate() {
-        let Some((w, _, w_total, w_calls)) = after.get(id.as_str()) else {
+fn top_queries(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut Judgement) {
+    let mut ranked: Vec<(&String, &StatementSummary)> = baseline.statements.iter().collect();
+    ranked.sort_by(|a, b| b.1.total_ms.total_cmp(&a.1.total_ms));
+    for (rank, (id, before)) in ranked.into_iter().take(10).enumerate() {
+        let Some(after) = window.statements.get(id.as_str()) else {
             continue;
         };
+        let (b, query, b_total, b_calls) = (
+            before.means.values(),
+            &before.query,
+            &before.total_ms,
+            &before.calls,
+        );
+        let (w, w_total, w_calls) = (after.means.values(), &after.total_ms, &after.calls);
         if b.len() < t.min_samples || w.len() < t.min_samples || *b_calls <= 0.0 || *w_calls <= 0.0
         {
             continue;
@@ -660,25 +600,24 @@ fn top_queries(baseline: &[Sample], window: &[Sample], t: &Thresholds, j: &mut J
 /// An integrity count that was 0 (in the baseline or earlier in the window) and is above 0 at
 /// the window's latest sample: it crept back. A count that was never seen at 0 is a standing
 /// problem the check itself reports, not something this deployment did.
-fn integrity(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
-    let Some((last, earlier)) = window.split_last() else {
+fn integrity(baseline: &Summary, window: &Summary, j: &mut Judgement) {
+    if window.samples == 0 {
         return;
-    };
-    for (name, point) in &last.checks {
+    }
+    for (name, point) in &window.checks.last {
         if point.category != "integrity" {
             continue;
         }
         let Some(value) = point.value.filter(|v| *v > 0.0) else {
             continue;
         };
-        let zero_seen = |samples: &[Sample]| {
-            samples
-                .iter()
-                .rev()
-                .find(|s| s.checks.get(name).and_then(|p| p.value) == Some(0.0))
-                .map(|s| s.at)
-        };
-        let Some(clean_at) = zero_seen(earlier).or_else(|| zero_seen(baseline)) else {
+        let Some(clean_at) = window
+            .checks
+            .zero_before_last
+            .get(name)
+            .copied()
+            .or_else(|| baseline.checks.latest_zero(name))
+        else {
             continue;
         };
         let already = j
@@ -696,7 +635,7 @@ fn integrity(baseline: &[Sample], window: &[Sample], j: &mut Judgement) {
                 ("check", Value::String(name.clone())),
                 ("value", number(value)),
                 ("last_zero_at", number(clean_at)),
-                ("n_window", number(window.len() as f64)),
+                ("n_window", number(window.samples as f64)),
             ]),
         ));
     }
@@ -708,6 +647,7 @@ mod tests {
     use crate::analysis::sample::{
         CheckPoint, DbCounters, IndexDelta, StatementDelta, TableCounters,
     };
+    use std::collections::BTreeSet;
 
     fn t() -> Thresholds {
         Thresholds {

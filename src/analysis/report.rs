@@ -16,11 +16,16 @@ pub struct ReportInput<'a> {
     pub deployment: &'a DeploymentRecord,
     /// The last sample before the deployment.
     pub before: Option<&'a Sample>,
-    /// Every sample since the deployment, oldest first.
+    /// Every sample since the deployment, oldest first; for a superseded deployment only
+    /// those before the deployment that superseded it.
     pub after: &'a [Sample],
     pub verdicts: &'a [VerdictRecord],
-    /// The version the database reports now.
+    /// The version the database reports now; for a superseded deployment, the version it
+    /// reported when it was superseded.
     pub current_version: Option<&'a str>,
+    /// The later deployment (or rollback) that ended this one's watch, if any.
+    pub superseded_by: Option<&'a DeploymentRecord>,
+    /// Until when the deployment was watched: now, or when it was superseded.
     pub now: f64,
 }
 
@@ -86,6 +91,18 @@ pub fn render(input: &ReportInput<'_>) -> String {
         input.after.len(),
         rfc3339(input.now)
     );
+    if let Some(next) = input.superseded_by {
+        let _ = writeln!(
+            out,
+            "**Superseded**: by #{} at {} ({} {} -> {}, {}); only the samples before it count here",
+            next.id,
+            rfc3339(next.at),
+            next.kind.as_str(),
+            next.from_version.as_deref().unwrap_or("unknown"),
+            next.to_version,
+            next.detection.as_str()
+        );
+    }
     let _ = writeln!(out);
 
     let _ = writeln!(out, "## Windows");
@@ -219,9 +236,14 @@ pub fn render(input: &ReportInput<'_>) -> String {
     let _ = writeln!(out, "## Success Criteria");
     let _ = writeln!(
         out,
-        "- {} Schema version is {} (database reports {})",
+        "- {} Schema version is {} (database {} {})",
         tick(version_ok),
         d.to_version,
+        if input.superseded_by.is_some() {
+            "reported, until superseded,"
+        } else {
+            "reports"
+        },
         input.current_version.unwrap_or("unknown")
     );
     let _ = writeln!(
@@ -311,6 +333,7 @@ mod tests {
             after: &after,
             verdicts: &verdicts,
             current_version: Some("3.7.0"),
+            superseded_by: None,
             now: d.at + 4000.0,
         });
         assert!(text.contains("**Database Size Before**: 1.0 MiB"), "{text}");
@@ -332,6 +355,7 @@ mod tests {
             after: &after,
             verdicts: &[],
             current_version: Some("3.7.0"),
+            superseded_by: None,
             now: d.at + 200.0,
         });
         assert!(
@@ -340,5 +364,34 @@ mod tests {
         );
         assert!(text.contains("[ ] Data integrity maintained"), "{text}");
         assert!(text.contains("does NOT meet"), "{text}");
+    }
+
+    #[test]
+    fn a_superseded_deployment_says_so_and_keeps_its_own_version() {
+        let d = record();
+        let next = DeploymentRecord {
+            id: d.id + 1,
+            at: d.at + 600.0,
+            from_version: Some("3.7.0".into()),
+            to_version: "3.6.0".into(),
+            kind: DeploymentKind::Rollback,
+            ..d.clone()
+        };
+        let after = vec![sample(d.at + 60.0, 1.0, "pass")];
+        let text = render(&ReportInput {
+            deployment: &d,
+            before: None,
+            after: &after,
+            verdicts: &[],
+            current_version: next.from_version.as_deref(),
+            superseded_by: Some(&next),
+            now: next.at,
+        });
+        assert!(
+            text.contains("**Superseded**: by #8") && text.contains("rollback 3.7.0 -> 3.6.0"),
+            "{text}"
+        );
+        assert!(text.contains("[x] Schema version is 3.7.0"), "{text}");
+        assert!(text.contains("1 sample(s) since the deployment"), "{text}");
     }
 }

@@ -164,7 +164,9 @@ pub struct Sample {
 /// Longest query text kept with a statement.
 const QUERY_TEXT_CHARS: usize = 200;
 
-fn shorten(query: &str) -> String {
+/// A query text on one line and at most [`QUERY_TEXT_CHARS`] characters long: what is kept
+/// and shown of a statement.
+pub fn shorten(query: &str) -> String {
     let one_line: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() > QUERY_TEXT_CHARS {
         format!(

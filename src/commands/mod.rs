@@ -366,18 +366,32 @@ pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) ->
         let Some(record) = record else {
             return Ok(None);
         };
-        let before = store.samples(&record.target, record.at - 7.0 * 86400.0, record.at)?;
-        let now = unix_now();
-        let after = store.samples(&record.target, record.at, now + 1.0)?;
+        let before = store.last_sample_before(&record.target, record.at)?;
+        // A deployment that a later one superseded is reported on its own samples: up to the
+        // next deployment, with the version the database had then.
+        let next = store.next_deployment(&record.target, record.at, record.id)?;
+        let (until, version) = match &next {
+            Some(next) => (next.at, next.from_version.clone()),
+            None => (unix_now() + 1.0, store.last_version(&record.target)?),
+        };
+        let mut after = Vec::new();
+        store.each_sample(&record.target, record.at, until, |mut sample| {
+            // The report reads checks, sizes and counts; statements would only take memory.
+            sample.statements = None;
+            sample.indexes.clear();
+            sample.tables.clear();
+            after.push(sample);
+        })?;
+        let now = next.as_ref().map_or(unix_now(), |n| n.at);
         let verdicts = store.verdicts(record.id)?;
-        let version = store.last_version(&record.target)?;
         Ok(Some(crate::analysis::report::render(
             &crate::analysis::report::ReportInput {
                 deployment: &record,
-                before: before.last(),
+                before: before.as_ref(),
                 after: &after,
                 verdicts: &verdicts,
                 current_version: version.as_deref(),
+                superseded_by: next.as_ref(),
                 now,
             },
         )))

@@ -21,6 +21,7 @@ use crate::config::{Config, Overrides};
 use crate::postgres::pool::Servers;
 use crate::server::http::{self, AppContext, HttpSettings};
 use crate::server::metrics::{self, MetricsError};
+use crate::storage::actor::StoreActor;
 use crate::storage::incremental::ProgressStore;
 use crate::storage::Store;
 use crate::watch::discovery::{self, Expanded, Known};
@@ -124,6 +125,9 @@ pub fn start_with(
         Some(path) => Store::open(path)?,
         None => Store::in_memory()?,
     };
+    // Incremental checks keep their progress in a table of their own in the same file.
+    let progress = ProgressStore::new(&store)?;
+    let store = StoreActor::start(store)?;
     let local_addr = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -148,6 +152,7 @@ pub fn start_with(
         ctx,
         state.clone(),
         store,
+        progress,
         announcer,
         events_rx,
     ));
@@ -162,7 +167,7 @@ pub fn start_with(
 /// What a generation starts with and shares.
 struct Runtime<'a> {
     state: &'a Arc<State>,
-    store: &'a Store,
+    store: &'a StoreActor,
     progress: &'a ProgressStore,
     announcer: &'a Announcer,
     tasks: &'a TaskTracker,
@@ -235,12 +240,11 @@ async fn main_loop(
     listener: TcpListener,
     ctx: Arc<AppContext>,
     state: Arc<State>,
-    store: Store,
+    store: StoreActor,
+    progress: ProgressStore,
     announcer: Announcer,
     mut events: mpsc::Receiver<Event>,
 ) -> Result<(), DaemonError> {
-    // Incremental checks keep their progress in a table of their own in the same file.
-    let progress = ProgressStore::new(&store)?;
     let root = CancellationToken::new();
     let tasks = TaskTracker::new();
     let http_cancel = CancellationToken::new();

@@ -215,12 +215,14 @@ async fn read_server_wide(
         info_relation,
     } = support
     {
+        // Without the text: reading every statement's text means reading the whole query text
+        // file on each sample. Texts are fetched once per new query id (`read_texts`).
         let statements = query(
             pool,
             &format!(
                 "SELECT d.datname::text, s.queryid::text, sum(s.calls)::float8, sum(s.{total_column})::float8, \
-                        sum(s.rows)::float8, min(s.query) \
-                 FROM {relation} s JOIN pg_database d ON d.oid = s.dbid \
+                        sum(s.rows)::float8 \
+                 FROM {relation}(showtext := false) s JOIN pg_database d ON d.oid = s.dbid \
                  WHERE s.queryid IS NOT NULL \
                  GROUP BY 1, 2"
             ),
@@ -237,7 +239,7 @@ async fn read_server_wide(
                                 calls: number(row.get(2)),
                                 total_ms: number(row.get(3)),
                                 rows: number(row.get(4)),
-                                query: text(row.get(5)).unwrap_or_default(),
+                                query: String::new(),
                             },
                         );
                     }
@@ -401,6 +403,45 @@ pub fn version_problem(
 
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
+
+/// At most this many query ids are asked for their text in one query.
+const TEXT_BATCH: usize = 500;
+
+/// The texts of the given query ids (those the tracker has not seen before), shortened to
+/// what is kept. Ids that are not numbers are skipped; ids gone from the view get no text.
+pub async fn read_texts(
+    pool: &TargetPool,
+    support: &StatementsSupport,
+    ids: &[String],
+) -> Result<Vec<(String, String)>, CheckError> {
+    let StatementsSupport::Available { relation, .. } = support else {
+        return Ok(Vec::new());
+    };
+    let numbers: Vec<i64> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+    let mut texts = Vec::new();
+    for chunk in numbers.chunks(TEXT_BATCH) {
+        let list = chunk
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let table = query(
+            pool,
+            &format!(
+                "SELECT queryid::text, left(min(query), 2000) FROM {relation}(showtext := true) \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND queryid IN ({list}) GROUP BY queryid"
+            ),
+        )
+        .await?;
+        for row in &table.rows {
+            if let (Some(id), Some(query)) = (text(row.first()), text(row.get(1))) {
+                texts.push((id, crate::analysis::sample::shorten(&query)));
+            }
+        }
+    }
+    Ok(texts)
+}
 
 /// Reads the schema version with the target's version query. `Ok(None)` when the query runs
 /// but returns nothing usable.

@@ -63,6 +63,10 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_shard_info", "This replica's shard of the fleet (shard of shards); always 1.", MetricType::GAUGE),
     ("deploywatch_shards", "How many shards the fleet is split into (1: one replica watches every target).", MetricType::GAUGE),
     ("deploywatch_shard_targets", "Targets this replica owns and watches.", MetricType::GAUGE),
+    ("deploywatch_store_bytes", "Bytes the state store takes on disk (database file and write-ahead log).", MetricType::GAUGE),
+    ("deploywatch_store_errors_total", "Failed state store operations, by operation.", MetricType::COUNTER),
+    ("deploywatch_sampling_duration_seconds", "Duration of the target's last deployment-tracking sampling pass.", MetricType::GAUGE),
+    ("deploywatch_judging_duration_seconds", "Duration of the target's last judging pass over its deployment windows.", MetricType::GAUGE),
     ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::COUNTER),
 ];
 
@@ -225,6 +229,16 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
             server.oldest_wait_seconds.unwrap_or(0.0),
         );
     }
+    if let Some(bytes) = snapshot.store.bytes {
+        f.push("deploywatch_store_bytes", &[], bytes);
+    }
+    for (operation, count) in &snapshot.store.errors {
+        f.push(
+            "deploywatch_store_errors_total",
+            &[("operation", operation)],
+            *count as f64,
+        );
+    }
     for (target, t) in &snapshot.targets {
         let target = target.as_str();
         f.push(
@@ -232,6 +246,20 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
             &[("target", target)],
             flag(t.reachable == Some(true)),
         );
+        if let Some(seconds) = t.sampling_seconds {
+            f.push(
+                "deploywatch_sampling_duration_seconds",
+                &[("target", target)],
+                seconds,
+            );
+        }
+        if let Some(seconds) = t.judging_seconds {
+            f.push(
+                "deploywatch_judging_duration_seconds",
+                &[("target", target)],
+                seconds,
+            );
+        }
         if let Some(version) = &t.schema_version {
             f.push(
                 "deploywatch_schema_version_info",

@@ -2,19 +2,42 @@
 //! target's last known schema version. It is what lets a restarted daemon — even one killed
 //! with `kill -9` — keep its baseline and resume open windows at the right time.
 //!
-//! SQLite runs in WAL mode, so `deploywatch report` can read while the daemon writes. Every
-//! operation is a short statement on a local file; callers run them inline.
+//! Layout (schema version 2, `PRAGMA user_version`):
+//! - `series`: one row per target and named series — a statement (`kind` 0: its query id and
+//!   its text, stored once), an index (1: with its table), a table (2) or a check (3: with its
+//!   category). Samples refer to series by this row's id.
+//! - `samples`: one row per target and sampling interval, its body a compact binary record
+//!   (postcard: variable-length integers) of numbers: the database counters, and only the
+//!   statements whose counters moved in the interval as `(series id step, calls, total
+//!   microseconds, rows)`; indexes, tables and check states as `(series, numbers…)`. No text
+//!   is repeated per sample.
+//! - `deployments`, `verdicts`, `versions`: as before.
+//!
+//! A store written by the previous layout (one JSON document per sample) is migrated when it
+//! is opened, in one transaction: every readable sample is re-encoded, deployments and
+//! verdicts are kept as they are. If the migration fails the file is left as it was and the
+//! open fails; it is never emptied.
+//!
+//! SQLite runs in WAL mode, so `deploywatch report` can read while the daemon writes. Each
+//! write is one transaction, so `kill -9` leaves either the whole sample or none of it. The
+//! daemon reaches the store only through [`actor::StoreActor`], a thread of its own, so no
+//! tokio worker waits on the disk.
 
+pub mod actor;
 pub mod incremental;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
 
 use crate::analysis::deployment::{DeploymentKind, Detection, Finding};
 pub use crate::analysis::deployment::{DeploymentRecord, VerdictRecord};
-use crate::analysis::sample::Sample;
+use crate::analysis::sample::{
+    CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters,
+};
 use crate::analysis::window::{Verdict, Window};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,20 +51,41 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("state store holds data it cannot read: {0}")]
     Corrupt(String),
+    #[error(
+        "cannot migrate the state store {path} from the previous layout (the file is unchanged): {reason}"
+    )]
+    Migration { path: String, reason: String },
+    #[error("the state store is closed")]
+    Closed,
 }
 
-#[derive(Clone)]
-pub struct Store {
-    connection: Arc<Mutex<Connection>>,
-}
+/// The layout this code writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// How many rows one pruning step deletes: small enough that a step never holds the write
+/// lock for long, so sampling and `report` are never kept waiting.
+pub const PRUNE_BATCH: usize = 2000;
+
+/// Free pages returned to the file system after each pruning step.
+const VACUUM_PAGES: i64 = 500;
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    first_seen REAL NOT NULL,
+    UNIQUE (target, kind, name)
+);
 CREATE TABLE IF NOT EXISTS samples (
     target TEXT NOT NULL,
     at REAL NOT NULL,
-    data TEXT NOT NULL
+    body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_by_target_time ON samples (target, at);
+CREATE INDEX IF NOT EXISTS samples_by_time ON samples (at);
 CREATE TABLE IF NOT EXISTS deployments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     target TEXT NOT NULL,
@@ -71,6 +115,67 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 ";
 
+/// What a `series` row names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Statement = 0,
+    Index = 1,
+    Table = 2,
+    Check = 3,
+}
+
+const STATUSES: [&str; 4] = ["pass", "fail", "error", "pending"];
+
+/// A sample as stored: numbers only, names replaced by `series` ids.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Packed {
+    seconds: f32,
+    database: Option<[u64; 8]>,
+    /// `(series id minus the previous one, calls, total microseconds, rows)`, by series id.
+    statements: Option<Vec<(u64, u64, u64, u64)>>,
+    indexes: Vec<(u64, u64)>,
+    tables: Vec<(u64, u64, u64, u64)>,
+    size_bytes: u64,
+    connections: u32,
+    max_connections: u32,
+    checks: Vec<(u64, u8, Option<f64>)>,
+    resets: Vec<String>,
+    statements_available: bool,
+    vanished: Vec<String>,
+}
+
+/// A count kept as a float in memory, as an integer on disk.
+fn whole(value: f64) -> u64 {
+    if value.is_finite() && value > 0.0 {
+        value.round() as u64
+    } else {
+        0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Named {
+    name: String,
+    detail: String,
+}
+
+/// The connection and the `series` rows, cached both ways (bounded by what the targets hold:
+/// pg_stat_statements.max statements, their indexes, tables and checks).
+struct Inner {
+    connection: Connection,
+    ids: Ids,
+    names: HashMap<i64, Named>,
+}
+
+/// `series` ids by target, kind and name.
+type Ids = HashMap<String, [HashMap<String, i64>; 4]>;
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Mutex<Inner>>,
+    path: Option<PathBuf>,
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent() {
@@ -78,37 +183,90 @@ impl Store {
                 let _ = std::fs::create_dir_all(parent);
             }
         }
-        let connection = Connection::open(path).map_err(|source| StoreError::Open {
+        let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
-        })?;
-        Self::init(connection).map_err(|source| match source {
-            StoreError::Sqlite(source) => StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            },
+        };
+        let connection = Connection::open(path).map_err(open_error)?;
+        Self::init(connection, Some(path.to_path_buf())).map_err(|error| match error {
+            StoreError::Sqlite(source) => open_error(source),
             other => other,
         })
     }
 
     /// A store that lives only as long as the process.
     pub fn in_memory() -> Result<Store, StoreError> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(connection: Connection) -> Result<Store, StoreError> {
+    fn init(mut connection: Connection, path: Option<PathBuf>) -> Result<Store, StoreError> {
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        let fresh: i64 = connection.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )?;
+        if fresh == 0 {
+            // Only takes effect before the first table exists: freed pages can then be handed
+            // back to the file system a few at a time (see `prune`).
+            connection.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+        }
         // journal_mode returns a row, so it is read rather than executed.
         let _mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         connection.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
-        connection.execute_batch(SCHEMA)?;
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let previous_layout: i64 = connection.query_row(
+            "SELECT count(*) FROM pragma_table_info('samples') WHERE name = 'data'",
+            [],
+            |r| r.get(0),
+        )?;
+        let shown = path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| ":memory:".to_string());
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Migration {
+                path: shown,
+                reason: format!(
+                    "it was written by a newer deploywatch (layout {version}, this one knows {SCHEMA_VERSION})"
+                ),
+            });
+        }
+        let mut migrated = None;
+        if previous_layout > 0 {
+            migrated =
+                Some(
+                    migrate_from_json(&mut connection).map_err(|e| StoreError::Migration {
+                        path: shown.clone(),
+                        reason: e.to_string(),
+                    })?,
+                );
+        } else {
+            connection.execute_batch(SCHEMA)?;
+            connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))?;
+        }
+        if let Some((kept, skipped)) = migrated {
+            tracing::warn!(
+                store = %shown, samples = kept, unreadable = skipped,
+                "state store migrated to the compact layout; deployments and verdicts kept"
+            );
+            // Hands the space of the old documents back and turns on incremental vacuum.
+            connection.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
+        }
+        let mut inner = Inner {
+            connection,
+            ids: HashMap::new(),
+            names: HashMap::new(),
+        };
+        inner.load_series()?;
         Ok(Store {
-            connection: Arc::new(Mutex::new(connection)),
+            inner: Arc::new(Mutex::new(inner)),
+            path,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `work` on the connection, for the modules that keep tables of their own in this
@@ -117,69 +275,206 @@ impl Store {
         &self,
         work: impl FnOnce(&Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
-        Ok(work(&self.lock())?)
+        Ok(work(&self.lock().connection)?)
     }
 
     pub fn add_sample(&self, target: &str, sample: &Sample) -> Result<(), StoreError> {
-        let data = serde_json::to_string(sample).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.lock().execute(
-            "INSERT INTO samples (target, at, data) VALUES (?1, ?2, ?3)",
-            params![target, sample.at, data],
-        )?;
-        Ok(())
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let result = (|| {
+            let transaction = inner.connection.transaction()?;
+            insert_sample(
+                &transaction,
+                &mut inner.ids,
+                &mut inner.names,
+                target,
+                sample,
+            )?;
+            transaction.commit()?;
+            Ok(())
+        })();
+        if result.is_err() {
+            // Names interned by the rolled-back transaction do not exist: start over from
+            // what the file holds.
+            inner.ids.clear();
+            inner.names.clear();
+            let _ = inner.load_series();
+        }
+        result
     }
 
     /// Samples of `target` with `from <= at < to`, oldest first.
     pub fn samples(&self, target: &str, from: f64, to: f64) -> Result<Vec<Sample>, StoreError> {
-        self.samples_spread(target, from, to, usize::MAX)
+        let mut samples = Vec::new();
+        self.each_sample(target, from, to, |s| samples.push(s))?;
+        Ok(samples)
     }
 
-    /// As [`Store::samples`], but at most `max` of them, spread evenly over the range and
-    /// always including the latest: a week of minute samples becomes a baseline that still
-    /// covers the whole week (daily and weekly cycles) at a bounded cost in memory.
-    pub fn samples_spread(
+    /// Calls `each` with every sample of `target` with `from <= at < to`, oldest first, one at
+    /// a time: a week of samples is summarised without ever being in memory at once.
+    pub fn each_sample(
         &self,
         target: &str,
         from: f64,
         to: f64,
-        max: usize,
-    ) -> Result<Vec<Sample>, StoreError> {
-        let connection = self.lock();
-        let count: i64 = connection
-            .prepare_cached(
-                "SELECT count(*) FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3",
-            )?
-            .query_row(params![target, from, to], |r| r.get(0))?;
-        let stride = spread_stride(usize::try_from(count).unwrap_or(0), max);
-        let mut statement = connection.prepare_cached(
-            "SELECT data FROM ( \
-                 SELECT data, at, row_number() OVER (ORDER BY at DESC) - 1 AS back \
-                 FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3) \
-             WHERE back % ?4 = 0 ORDER BY at",
+        mut each: impl FnMut(Sample),
+    ) -> Result<usize, StoreError> {
+        let inner = self.lock();
+        let mut statement = inner.connection.prepare_cached(
+            "SELECT at, body FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3 ORDER BY at",
         )?;
-        let rows = statement.query_map(
-            params![target, from, to, i64::try_from(stride).unwrap_or(i64::MAX)],
-            |r| r.get::<_, String>(0),
-        )?;
-        let mut samples = Vec::new();
-        for row in rows {
-            let text = row?;
-            match serde_json::from_str::<Sample>(&text) {
-                Ok(sample) => samples.push(sample),
+        let mut rows = statement.query(params![target, from, to])?;
+        let mut count = 0;
+        while let Some(row) = rows.next()? {
+            let at: f64 = row.get(0)?;
+            let body = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            match inner.decode(at, body) {
+                Ok(sample) => {
+                    count += 1;
+                    each(sample)
+                }
                 Err(error) => {
                     tracing::warn!(db_target = %target, %error, "skipping an unreadable sample");
                 }
             }
         }
-        Ok(samples)
+        Ok(count)
     }
 
-    /// Deletes samples older than `before`. Deployments and verdicts are kept: they are small
-    /// and they are the history `report` reads.
+    /// The latest sample of `target` before `before`.
+    pub fn last_sample_before(
+        &self,
+        target: &str,
+        before: f64,
+    ) -> Result<Option<Sample>, StoreError> {
+        let inner = self.lock();
+        let row = inner
+            .connection
+            .query_row(
+                "SELECT at, body FROM samples WHERE target = ?1 AND at < ?2 ORDER BY at DESC LIMIT 1",
+                params![target, before],
+                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()?;
+        row.map(|(at, body)| inner.decode(at, &body)).transpose()
+    }
+
+    /// How many samples of `target` lie in `from <= at < to`.
+    pub fn sample_count(&self, target: &str, from: f64, to: f64) -> Result<usize, StoreError> {
+        let n: i64 = self.lock().connection.query_row(
+            "SELECT count(*) FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3",
+            params![target, from, to],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// The query texts known for `target`, by query id.
+    pub fn query_texts(&self, target: &str) -> HashMap<String, String> {
+        let inner = self.lock();
+        let Some(by_kind) = inner.ids.get(target) else {
+            return HashMap::new();
+        };
+        by_kind[Kind::Statement as usize]
+            .iter()
+            .filter_map(|(query_id, id)| {
+                inner
+                    .names
+                    .get(id)
+                    .map(|n| (query_id.clone(), n.detail.clone()))
+            })
+            .collect()
+    }
+
+    /// Records the text of statements seen for the first time (or whose text was missing).
+    pub fn add_query_texts(
+        &self,
+        target: &str,
+        texts: &[(String, String)],
+        at: f64,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let transaction = inner.connection.transaction()?;
+        for (query_id, text) in texts {
+            let id = intern(
+                &transaction,
+                &mut inner.ids,
+                &mut inner.names,
+                target,
+                Kind::Statement,
+                query_id,
+                text,
+                at,
+            )?;
+            let known = inner.names.get(&id).is_some_and(|n| n.detail == *text);
+            if !known && !text.is_empty() {
+                transaction.execute(
+                    "UPDATE series SET detail = ?2 WHERE id = ?1",
+                    params![id, text],
+                )?;
+                if let Some(named) = inner.names.get_mut(&id) {
+                    named.detail = text.clone();
+                }
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// Deletes at most [`PRUNE_BATCH`] samples older than `before` and hands up to a few
+    /// hundred free pages back to the file system. Returns how many samples went; the caller
+    /// calls again on its next pass while that is a full batch. Deployments and verdicts are
+    /// kept: they are small and they are the history `report` reads.
     pub fn prune(&self, before: f64) -> Result<usize, StoreError> {
-        Ok(self
-            .lock()
-            .execute("DELETE FROM samples WHERE at < ?1", params![before])?)
+        let inner = self.lock();
+        let deleted = inner.connection.execute(
+            "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at < ?1 LIMIT ?2)",
+            params![before, i64::try_from(PRUNE_BATCH).unwrap_or(i64::MAX)],
+        )?;
+        if deleted > 0 {
+            let mut vacuum = inner
+                .connection
+                .prepare(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
+            let mut rows = vacuum.query([])?;
+            while rows.next()?.is_some() {}
+        }
+        Ok(deleted)
+    }
+
+    /// Bytes the store takes on disk: the database file and its write-ahead log.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let inner = self.lock();
+        let pages: i64 = inner
+            .connection
+            .query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let page_size: i64 = inner
+            .connection
+            .query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let wal = self
+            .path
+            .as_ref()
+            .and_then(|p| {
+                let mut name = p.as_os_str().to_owned();
+                name.push("-wal");
+                std::fs::metadata(PathBuf::from(name)).ok()
+            })
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok(u64::try_from(pages.saturating_mul(page_size)).unwrap_or(0) + wal)
+    }
+
+    /// `PRAGMA integrity_check`: `Ok(())` when SQLite finds the file sound.
+    pub fn check_integrity(&self) -> Result<(), StoreError> {
+        let result: String =
+            self.lock()
+                .connection
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(result))
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -194,7 +489,8 @@ impl Store {
         finished_at: Option<f64>,
         note: Option<&str>,
     ) -> Result<DeploymentRecord, StoreError> {
-        let connection = self.lock();
+        let inner = self.lock();
+        let connection = &inner.connection;
         connection.execute(
             "INSERT INTO deployments (target, from_version, to_version, kind, detection, at, finished_at, note)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -231,7 +527,7 @@ impl Store {
         finished_at: Option<f64>,
         note: Option<&str>,
     ) -> Result<Option<DeploymentRecord>, StoreError> {
-        self.lock().execute(
+        self.lock().connection.execute(
             "UPDATE deployments SET at = ?2, finished_at = coalesce(?3, finished_at),
                  note = coalesce(?4, note) WHERE id = ?1",
             params![id, at, finished_at, note],
@@ -260,7 +556,8 @@ impl Store {
 
     /// The deployments of a target (or all), newest first.
     pub fn deployments(&self, target: Option<&str>) -> Result<Vec<DeploymentRecord>, StoreError> {
-        let connection = self.lock();
+        let inner = self.lock();
+        let connection = &inner.connection;
         let sql = format!(
             "SELECT {} FROM deployments WHERE (?1 IS NULL OR target = ?1) ORDER BY at DESC, id DESC",
             Self::DEPLOYMENT_COLUMNS
@@ -275,7 +572,8 @@ impl Store {
     }
 
     pub fn deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
-        let connection = self.lock();
+        let inner = self.lock();
+        let connection = &inner.connection;
         let sql = format!(
             "SELECT {} FROM deployments WHERE id = ?1",
             Self::DEPLOYMENT_COLUMNS
@@ -291,7 +589,7 @@ impl Store {
         target: &str,
         at: f64,
     ) -> Result<Option<f64>, StoreError> {
-        Ok(self.lock().query_row(
+        Ok(self.lock().connection.query_row(
             "SELECT max(at) FROM deployments WHERE target = ?1 AND at < ?2",
             params![target, at],
             |r| r.get::<_, Option<f64>>(0),
@@ -299,7 +597,7 @@ impl Store {
     }
 
     pub fn rollback_count(&self, target: &str) -> Result<u64, StoreError> {
-        let n: i64 = self.lock().query_row(
+        let n: i64 = self.lock().connection.query_row(
             "SELECT count(*) FROM deployments WHERE target = ?1 AND kind = 'rollback'",
             params![target],
             |r| r.get(0),
@@ -315,7 +613,7 @@ impl Store {
         let encode = |f: &Vec<Finding>| {
             serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))
         };
-        self.lock().execute(
+        self.lock().connection.execute(
             "INSERT OR REPLACE INTO verdicts (deployment_id, window, verdict, samples, regressions, improvements, closed_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -332,7 +630,8 @@ impl Store {
     }
 
     pub fn verdicts(&self, deployment_id: i64) -> Result<Vec<VerdictRecord>, StoreError> {
-        let connection = self.lock();
+        let inner = self.lock();
+        let connection = &inner.connection;
         let mut statement = connection.prepare(
             "SELECT window, verdict, samples, regressions, improvements, closed_at FROM verdicts WHERE deployment_id = ?1",
         )?;
@@ -374,6 +673,7 @@ impl Store {
     pub fn last_version(&self, target: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .lock()
+            .connection
             .query_row(
                 "SELECT version FROM versions WHERE target = ?1",
                 params![target],
@@ -383,62 +683,615 @@ impl Store {
     }
 
     pub fn set_last_version(&self, target: &str, version: &str, at: f64) -> Result<(), StoreError> {
-        self.lock().execute(
+        self.lock().connection.execute(
             "INSERT INTO versions (target, version, seen_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (target) DO UPDATE SET version = excluded.version, seen_at = excluded.seen_at",
             params![target, version, at],
         )?;
         Ok(())
     }
-}
 
-/// Every how many samples one is kept so that at most `max` of `count` remain.
-pub fn spread_stride(count: usize, max: usize) -> usize {
-    if max == 0 || count <= max {
-        1
-    } else {
-        count.div_ceil(max)
+    /// The first deployment of `target` after the one at `at` (id `id`): the one that
+    /// superseded it, if any.
+    pub fn next_deployment(
+        &self,
+        target: &str,
+        at: f64,
+        id: i64,
+    ) -> Result<Option<DeploymentRecord>, StoreError> {
+        let inner = self.lock();
+        let sql = format!(
+            "SELECT {} FROM deployments WHERE target = ?1 AND (at > ?2 OR (at = ?2 AND id > ?3)) \
+             ORDER BY at, id LIMIT 1",
+            Self::DEPLOYMENT_COLUMNS
+        );
+        Ok(inner
+            .connection
+            .query_row(&sql, params![target, at, id], Self::read_deployment)
+            .optional()?)
     }
 }
 
+impl Inner {
+    fn load_series(&mut self) -> Result<(), StoreError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT id, target, kind, name, detail FROM series")?;
+        let rows = statement.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, target, kind, name, detail) = row?;
+            let kind = match kind {
+                0 => Kind::Statement,
+                1 => Kind::Index,
+                2 => Kind::Table,
+                _ => Kind::Check,
+            };
+            self.ids.entry(target).or_default()[kind as usize].insert(name.clone(), id);
+            self.names.insert(id, Named { name, detail });
+        }
+        Ok(())
+    }
+
+    fn decode(&self, at: f64, body: &[u8]) -> Result<Sample, StoreError> {
+        let packed: Packed =
+            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let name = |id: u64| {
+            i64::try_from(id)
+                .ok()
+                .and_then(|id| self.names.get(&id))
+                .ok_or_else(|| StoreError::Corrupt(format!("a sample names unknown series {id}")))
+        };
+        let statements = match packed.statements {
+            Some(list) => {
+                let mut map = std::collections::BTreeMap::new();
+                let mut id = 0u64;
+                for (step, calls, total_us, rows) in list {
+                    id += step;
+                    let total_ms = total_us as f64 / 1000.0;
+                    let named = name(id)?;
+                    map.insert(
+                        named.name.clone(),
+                        StatementDelta {
+                            calls: calls as f64,
+                            total_ms,
+                            rows: rows as f64,
+                            query: named.detail.clone(),
+                        },
+                    );
+                }
+                Some(map)
+            }
+            None => None,
+        };
+        let mut sample = Sample {
+            at,
+            seconds: f64::from(packed.seconds),
+            database: packed.database.map(|d| DbCounters {
+                xact_commit: d[0] as f64,
+                xact_rollback: d[1] as f64,
+                deadlocks: d[2] as f64,
+                conflicts: d[3] as f64,
+                temp_files: d[4] as f64,
+                temp_bytes: d[5] as f64,
+                blks_read: d[6] as f64,
+                blks_hit: d[7] as f64,
+            }),
+            statements,
+            size_bytes: packed.size_bytes as f64,
+            connections: f64::from(packed.connections),
+            max_connections: f64::from(packed.max_connections),
+            resets: packed.resets,
+            statements_available: packed.statements_available,
+            vanished: packed.vanished,
+            ..Sample::default()
+        };
+        for (id, scans) in packed.indexes {
+            let named = name(id)?;
+            sample.indexes.insert(
+                named.name.clone(),
+                IndexDelta {
+                    table: named.detail.clone(),
+                    scans: scans as f64,
+                },
+            );
+        }
+        for (id, seq_scan, seq_tup_read, idx_scan) in packed.tables {
+            sample.tables.insert(
+                name(id)?.name.clone(),
+                TableCounters {
+                    seq_scan: seq_scan as f64,
+                    seq_tup_read: seq_tup_read as f64,
+                    idx_scan: idx_scan as f64,
+                },
+            );
+        }
+        for (id, status, value) in packed.checks {
+            let named = name(id)?;
+            sample.checks.insert(
+                named.name.clone(),
+                CheckPoint {
+                    category: named.detail.clone(),
+                    status: STATUSES
+                        .get(usize::from(status))
+                        .copied()
+                        .unwrap_or("pending")
+                        .to_string(),
+                    value,
+                },
+            );
+        }
+        Ok(sample)
+    }
+}
+
+/// The `series` id of a name, created on first sight. A check's category or an index's
+/// table (`detail`) follows the latest value.
+#[allow(clippy::too_many_arguments)]
+fn intern(
+    transaction: &Transaction<'_>,
+    ids: &mut Ids,
+    names: &mut HashMap<i64, Named>,
+    target: &str,
+    kind: Kind,
+    name: &str,
+    detail: &str,
+    at: f64,
+) -> Result<i64, StoreError> {
+    if let Some(id) = ids.get(target).and_then(|k| k[kind as usize].get(name)) {
+        if kind != Kind::Statement {
+            if let Some(named) = names.get_mut(id) {
+                if named.detail != detail {
+                    transaction.execute(
+                        "UPDATE series SET detail = ?2 WHERE id = ?1",
+                        params![id, detail],
+                    )?;
+                    named.detail = detail.to_string();
+                }
+            }
+        }
+        return Ok(*id);
+    }
+    transaction
+        .prepare_cached(
+            "INSERT INTO series (target, kind, name, detail, first_seen) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![target, kind as i64, name, detail, at])?;
+    let id = transaction.last_insert_rowid();
+    ids.entry(target.to_string()).or_default()[kind as usize].insert(name.to_string(), id);
+    names.insert(
+        id,
+        Named {
+            name: name.to_string(),
+            detail: detail.to_string(),
+        },
+    );
+    Ok(id)
+}
+
+fn insert_sample(
+    transaction: &Transaction<'_>,
+    ids: &mut Ids,
+    names: &mut HashMap<i64, Named>,
+    target: &str,
+    sample: &Sample,
+) -> Result<(), StoreError> {
+    let at = sample.at;
+    let mut packed = Packed {
+        seconds: sample.seconds as f32,
+        database: sample.database.map(|d| {
+            [
+                whole(d.xact_commit),
+                whole(d.xact_rollback),
+                whole(d.deadlocks),
+                whole(d.conflicts),
+                whole(d.temp_files),
+                whole(d.temp_bytes),
+                whole(d.blks_read),
+                whole(d.blks_hit),
+            ]
+        }),
+        size_bytes: whole(sample.size_bytes),
+        connections: u32::try_from(whole(sample.connections)).unwrap_or(u32::MAX),
+        max_connections: u32::try_from(whole(sample.max_connections)).unwrap_or(u32::MAX),
+        resets: sample.resets.clone(),
+        statements_available: sample.statements_available,
+        vanished: sample.vanished.clone(),
+        ..Packed::default()
+    };
+    if let Some(statements) = &sample.statements {
+        let mut list = Vec::with_capacity(statements.len());
+        for (query_id, s) in statements {
+            let id = intern(
+                transaction,
+                ids,
+                names,
+                target,
+                Kind::Statement,
+                query_id,
+                &s.query,
+                at,
+            )?;
+            list.push((
+                u64::try_from(id).unwrap_or(0),
+                whole(s.calls),
+                whole(s.total_ms * 1000.0),
+                whole(s.rows),
+            ));
+        }
+        list.sort_unstable_by_key(|entry| entry.0);
+        let mut previous = 0;
+        for entry in &mut list {
+            let id = entry.0;
+            entry.0 = id - previous;
+            previous = id;
+        }
+        packed.statements = Some(list);
+    }
+    for (name, index) in &sample.indexes {
+        let id = intern(
+            transaction,
+            ids,
+            names,
+            target,
+            Kind::Index,
+            name,
+            &index.table,
+            at,
+        )?;
+        packed
+            .indexes
+            .push((u64::try_from(id).unwrap_or(0), whole(index.scans)));
+    }
+    for (name, table) in &sample.tables {
+        let id = intern(transaction, ids, names, target, Kind::Table, name, "", at)?;
+        packed.tables.push((
+            u64::try_from(id).unwrap_or(0),
+            whole(table.seq_scan),
+            whole(table.seq_tup_read),
+            whole(table.idx_scan),
+        ));
+    }
+    for (name, point) in &sample.checks {
+        let id = intern(
+            transaction,
+            ids,
+            names,
+            target,
+            Kind::Check,
+            name,
+            &point.category,
+            at,
+        )?;
+        let status = STATUSES
+            .iter()
+            .position(|s| *s == point.status)
+            .unwrap_or(3);
+        packed.checks.push((
+            u64::try_from(id).unwrap_or(0),
+            u8::try_from(status).unwrap_or(3),
+            point.value,
+        ));
+    }
+    let body = postcard::to_allocvec(&packed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    transaction
+        .prepare_cached("INSERT INTO samples (target, at, body) VALUES (?1, ?2, ?3)")?
+        .execute(params![target, at, body])?;
+    Ok(())
+}
+
+/// Re-encodes a store of the previous layout (`samples.data`, one JSON document per sample)
+/// in one transaction. Returns how many samples were kept and how many were unreadable.
+fn migrate_from_json(connection: &mut Connection) -> Result<(usize, usize), StoreError> {
+    let transaction = connection.transaction()?;
+    transaction.execute_batch(
+        "DROP INDEX IF EXISTS samples_by_target_time;
+         ALTER TABLE samples RENAME TO samples_previous_layout;",
+    )?;
+    transaction.execute_batch(SCHEMA)?;
+    let mut ids = HashMap::new();
+    let mut names = HashMap::new();
+    let (mut kept, mut skipped) = (0, 0);
+    {
+        let mut statement = transaction
+            .prepare("SELECT target, data FROM samples_previous_layout ORDER BY at, rowid")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let target: String = row.get(0)?;
+            let data = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+            match serde_json::from_str::<Sample>(data) {
+                Ok(sample) => {
+                    insert_sample(&transaction, &mut ids, &mut names, &target, &sample)?;
+                    kept += 1;
+                }
+                Err(_) => skipped += 1,
+            }
+        }
+    }
+    transaction.execute_batch(&format!(
+        "DROP TABLE samples_previous_layout; PRAGMA user_version = {SCHEMA_VERSION};"
+    ))?;
+    transaction.commit()?;
+    Ok((kept, skipped))
+}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
-    #[test]
-    fn stride_keeps_at_most_max() {
-        assert_eq!(spread_stride(10, 2000), 1);
-        assert_eq!(spread_stride(2000, 2000), 1);
-        assert_eq!(spread_stride(2001, 2000), 2);
-        assert_eq!(spread_stride(10_080, 2000), 6);
-        for count in [1usize, 5, 1999, 4001, 10_080, 20_160] {
-            let kept = count.div_ceil(spread_stride(count, 2000));
-            assert!(kept <= 2000, "{count} -> {kept}");
+    fn statement(calls: f64, total_ms: f64, query: &str) -> StatementDelta {
+        StatementDelta {
+            calls,
+            total_ms,
+            rows: calls,
+            query: query.to_string(),
         }
     }
 
+    fn full_sample(at: f64) -> Sample {
+        let mut statements = BTreeMap::new();
+        statements.insert(
+            "-9123456789012".to_string(),
+            statement(20.0, 31.5, "SELECT * FROM submissions WHERE id = $1"),
+        );
+        statements.insert("17".to_string(), statement(3.0, 0.75, "SELECT 1"));
+        let mut sample = Sample {
+            at,
+            seconds: 60.0,
+            database: Some(DbCounters {
+                xact_commit: 1200.0,
+                xact_rollback: 4.0,
+                deadlocks: 1.0,
+                blks_hit: 123_456.0,
+                temp_bytes: 8.0e9,
+                ..DbCounters::default()
+            }),
+            statements: Some(statements),
+            size_bytes: 123_456_789.0,
+            connections: 12.0,
+            max_connections: 100.0,
+            resets: vec!["pg_stat_user_tables".to_string()],
+            statements_available: true,
+            ..Sample::default()
+        };
+        sample.indexes.insert(
+            "public.idx_new".into(),
+            IndexDelta {
+                table: "public.t".into(),
+                scans: 0.0,
+            },
+        );
+        sample.tables.insert(
+            "public.t".into(),
+            TableCounters {
+                seq_scan: 2.0,
+                seq_tup_read: 400.0,
+                idx_scan: 9.0,
+            },
+        );
+        sample.checks.insert(
+            "orphans".into(),
+            CheckPoint {
+                category: "integrity".into(),
+                status: "fail".into(),
+                value: Some(3.0),
+            },
+        );
+        sample
+    }
+
     #[test]
-    fn spread_samples_cover_the_whole_range_and_keep_the_latest() {
+    fn a_sample_reads_back_as_it_was_written() {
         let store = Store::in_memory().expect("store");
-        for i in 0..100 {
+        let sample = full_sample(1000.0);
+        store.add_sample("t", &sample).expect("add");
+        let read = store.samples("t", 0.0, 2000.0).expect("read");
+        assert_eq!(read, vec![sample]);
+        assert!(store
+            .samples("other", 0.0, 2000.0)
+            .expect("read")
+            .is_empty());
+    }
+
+    #[test]
+    fn query_text_is_stored_once_and_samples_hold_numbers_only() {
+        let store = Store::in_memory().expect("store");
+        for i in 0..50 {
+            store
+                .add_sample("t", &full_sample(f64::from(i) * 60.0))
+                .expect("add");
+        }
+        let inner = store.lock();
+        let texts: i64 = inner
+            .connection
+            .query_row("SELECT count(*) FROM series WHERE kind = 0", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(texts, 2, "one row per statement, not per sample");
+        let body: Vec<u8> = inner
+            .connection
+            .query_row("SELECT body FROM samples LIMIT 1", [], |r| r.get(0))
+            .expect("body");
+        assert!(
+            body.len() < 120,
+            "a sample of two statements takes {} bytes",
+            body.len()
+        );
+        assert!(
+            !body.windows(6).any(|w| w == b"SELECT"),
+            "no text in a sample"
+        );
+        drop(inner);
+        assert_eq!(
+            store.query_texts("t").get("17").map(String::as_str),
+            Some("SELECT 1")
+        );
+    }
+
+    #[test]
+    fn a_text_learned_later_replaces_a_missing_one() {
+        let store = Store::in_memory().expect("store");
+        let mut sample = full_sample(60.0);
+        if let Some(statements) = sample.statements.as_mut() {
+            statements.insert("99".into(), statement(5.0, 5.0, ""));
+        }
+        store.add_sample("t", &sample).expect("add");
+        store
+            .add_query_texts("t", &[("99".into(), "SELECT 99".into())], 120.0)
+            .expect("texts");
+        let read = store.samples("t", 0.0, 1000.0).expect("read");
+        let statements = read[0].statements.as_ref().expect("statements");
+        assert_eq!(statements["99"].query, "SELECT 99");
+    }
+
+    #[test]
+    fn pruning_goes_in_small_batches() {
+        let store = Store::in_memory().expect("store");
+        let n = PRUNE_BATCH + 500;
+        for i in 0..n {
             store
                 .add_sample(
                     "t",
                     &Sample {
-                        at: f64::from(i),
+                        at: i as f64,
                         ..Sample::default()
                     },
                 )
-                .expect("sample");
+                .expect("add");
         }
-        let all = store.samples("t", 0.0, 1000.0).expect("all");
-        assert_eq!(all.len(), 100);
-        let spread = store.samples_spread("t", 0.0, 1000.0, 10).expect("spread");
-        let at: Vec<f64> = spread.iter().map(|s| s.at).collect();
-        assert_eq!(at.len(), 10);
-        assert_eq!(at.last(), Some(&99.0), "the latest sample is kept");
-        assert!(at[0] < 10.0, "the oldest part is covered: {at:?}");
-        assert!(at.windows(2).all(|w| w[1] - w[0] == 10.0), "{at:?}");
+        assert_eq!(store.prune(1e9).expect("prune"), PRUNE_BATCH);
+        assert_eq!(store.prune(1e9).expect("prune"), 500);
+        assert_eq!(store.prune(1e9).expect("prune"), 0);
+    }
+
+    #[test]
+    fn a_store_of_the_previous_layout_is_migrated_keeping_deployments_and_verdicts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.sqlite");
+        // Written by the previous release: 40 JSON samples, one unreadable row, two
+        // deployments, two verdicts (one with a finding) and the last seen version.
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/store_v1.sqlite"
+            ),
+            &path,
+        )
+        .expect("copy");
+        let store = Store::open(&path).expect("migrated");
+        let deployments = store.deployments(Some("cognit")).expect("deployments");
+        let versions: Vec<&str> = deployments.iter().map(|d| d.to_version.as_str()).collect();
+        assert_eq!(versions, vec!["3.7.0", "3.6.0"]);
+        assert_eq!(deployments[0].note.as_deref(), Some("payments index"));
+        let verdicts = store.verdicts(deployments[0].id).expect("verdicts");
+        assert_eq!(verdicts.len(), 1);
+        assert_eq!(verdicts[0].verdict, Verdict::Regression);
+        assert_eq!(verdicts[0].regressions[0].subject, "query 777");
+        assert_eq!(
+            store.verdicts(deployments[1].id).expect("verdicts")[0].verdict,
+            Verdict::Pass
+        );
+        assert_eq!(
+            store.last_version("cognit").expect("version").as_deref(),
+            Some("3.7.0")
+        );
+        let samples = store.samples("cognit", 0.0, f64::MAX).expect("samples");
+        assert_eq!(samples.len(), 40, "every readable sample is kept");
+        let last = samples.last().expect("last");
+        let statements = last.statements.as_ref().expect("statements");
+        assert_eq!(
+            statements["777"].query,
+            "UPDATE payments SET paid = $1 WHERE id = $2"
+        );
+        assert_eq!(last.checks["orphaned_payments"].category, "integrity");
+        assert_eq!(last.indexes["public.submissions_pkey"].scans, 20.0);
+        store.check_integrity().expect("sound");
+        drop(store);
+        // Opening again is a no-op, and the store is now the compact layout.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            store
+                .samples("cognit", 0.0, f64::MAX)
+                .expect("samples")
+                .len(),
+            40
+        );
+        let version: i64 = store
+            .lock()
+            .connection
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_failed_migration_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.sqlite");
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/store_v1.sqlite"
+            ),
+            &path,
+        )
+        .expect("copy");
+        {
+            // A table in the way of the new layout makes the migration fail half-way.
+            let connection = Connection::open(&path).expect("open");
+            connection
+                .execute_batch("CREATE TABLE series (unexpected TEXT);")
+                .expect("obstacle");
+        }
+        let error = Store::open(&path).err().expect("refused");
+        assert!(matches!(error, StoreError::Migration { .. }), "{error}");
+        let connection = Connection::open(&path).expect("open");
+        let samples: i64 = connection
+            .query_row("SELECT count(*) FROM samples", [], |r| r.get(0))
+            .expect("old samples still there");
+        assert_eq!(samples, 41);
+        let deployments: i64 = connection
+            .query_row("SELECT count(*) FROM deployments", [], |r| r.get(0))
+            .expect("deployments");
+        assert_eq!(deployments, 2);
+    }
+
+    #[test]
+    fn the_deployment_that_superseded_another_is_found() {
+        let store = Store::in_memory().expect("store");
+        let add = |version: &str, at: f64| {
+            store
+                .add_deployment(
+                    "t",
+                    None,
+                    version,
+                    DeploymentKind::Deploy,
+                    Detection::Announced,
+                    at,
+                    None,
+                    None,
+                )
+                .expect("deployment")
+        };
+        let first = add("1", 100.0);
+        let second = add("2", 200.0);
+        let next = store
+            .next_deployment("t", first.at, first.id)
+            .expect("query")
+            .expect("superseded");
+        assert_eq!(next.id, second.id);
+        assert!(store
+            .next_deployment("t", second.at, second.id)
+            .expect("query")
+            .is_none());
     }
 
     #[test]
@@ -486,6 +1339,7 @@ mod tests {
         };
         let store = Store::open(&path).expect("reopen");
         assert_eq!(store.samples("t", 0.0, 100.0).expect("samples").len(), 1);
+        store.check_integrity().expect("sound");
         assert_eq!(
             store.last_version("t").expect("version").as_deref(),
             Some("3.6.0")

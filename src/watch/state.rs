@@ -81,6 +81,19 @@ pub struct TargetState {
     pub sampling_errors: BTreeMap<&'static str, u64>,
     /// Statistics samples stored since the daemon started.
     pub samples_recorded: u64,
+    /// Seconds the last deployment-tracking sampling pass took.
+    pub sampling_seconds: Option<f64>,
+    /// Seconds the last judging pass took.
+    pub judging_seconds: Option<f64>,
+}
+
+/// The state store as last measured.
+#[derive(Debug, Clone, Default)]
+pub struct StoreHealth {
+    /// Bytes on disk (database file and write-ahead log).
+    pub bytes: Option<f64>,
+    /// Failed store operations, by operation.
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// Deployment tracking as shown to readers; filled by the deployment tracker.
@@ -97,6 +110,7 @@ pub struct Snapshot {
     pub servers: Vec<crate::postgres::pool::ServerView>,
     /// This replica's part of a split fleet; its targets are the ones above.
     pub shard: crate::shard::Shard,
+    pub store: StoreHealth,
 }
 
 #[derive(Debug)]
@@ -341,6 +355,34 @@ impl State {
         if let Some(state) = inner.targets.get_mut(target) {
             state.connections = Some((in_use, max));
         }
+    }
+
+    pub fn set_sampling_duration(&self, target: &str, seconds: f64) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.sampling_seconds = Some(seconds);
+        }
+    }
+
+    pub fn set_judging_duration(&self, target: &str, seconds: f64) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.judging_seconds = Some(seconds);
+        }
+    }
+
+    pub fn set_store_bytes(&self, bytes: u64) {
+        self.write().store.bytes = Some(bytes as f64);
+    }
+
+    /// Counts a failed store operation (`deploywatch_store_errors_total{operation}`).
+    pub fn count_store_error(&self, operation: &str) {
+        *self
+            .write()
+            .store
+            .errors
+            .entry(operation.to_string())
+            .or_insert(0) += 1;
     }
 
     pub fn set_deployment(&self, target: &str, view: crate::analysis::deployment::DeploymentView) {

@@ -20,24 +20,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::analysis::deployment::{
-    kind_of, latch, place_announcement, DeploymentKind, DeploymentView, Detection, Placement,
-    WindowView,
+    kind_of, place_announcement, DeploymentKind, DeploymentView, Detection, Placement,
 };
-use crate::analysis::regression::{self, Thresholds};
-use crate::analysis::sample::{self, CheckPoint, RawStats, Sample};
-use crate::analysis::window::{self, Window};
+use crate::analysis::judging::{self, Summaries};
+use crate::analysis::regression::Thresholds;
+use crate::analysis::sample::{self, CheckPoint, RawStats};
+use crate::analysis::summary::Summary;
+use crate::analysis::window;
 use crate::checks::outcome::Observation;
 use crate::config::{Config, DeploymentConfig, StoreConfig, TargetConfig};
 use crate::postgres::pool::TargetPool;
 use crate::postgres::sampler::{self, ServerStats, StatementsSupport};
-use crate::storage::{DeploymentRecord, Store, StoreError, VerdictRecord};
-use crate::time::rfc3339;
+use crate::storage::actor::StoreActor;
+use crate::storage::{DeploymentRecord, StoreError};
 use crate::watch::scheduler::Pools;
 use crate::watch::state::State;
 use crate::watch::transitions::Transition;
 
-/// At most this many baseline samples are compared, spread evenly over the baseline span.
-const MAX_BASELINE_SAMPLES: usize = 2000;
 /// How often pg_stat_statements support is looked up again (in sampling passes).
 const SUPPORT_REFRESH_PASSES: u64 = 30;
 
@@ -168,7 +167,7 @@ pub fn start(
     config: &Config,
     pools: &Pools,
     state: &Arc<State>,
-    store: &Store,
+    store: &StoreActor,
     announcer: &Announcer,
     tasks: &TaskTracker,
     cancel: &CancellationToken,
@@ -211,12 +210,11 @@ pub fn start(
             state: state.clone(),
             previous: None,
             support: None,
+            texts: None,
             passes: 0,
             last_pass_at: None,
-            baseline_cache: None,
-            last_judged: HashMap::new(),
+            summaries: None,
             version_problem: None,
-            published: HashMap::new(),
         };
         tasks.spawn(tracker.run(receiver, cancel.clone()));
     }
@@ -288,26 +286,25 @@ struct Tracker {
     server_stats: Arc<ServerStats>,
     /// Where in the sampling interval this target's passes go (spread over a server's targets).
     offset: Duration,
-    store: Store,
+    store: StoreActor,
     state: Arc<State>,
     previous: Option<RawStats>,
     support: Option<StatementsSupport>,
+    /// Query texts by query id, as stored: a text is fetched once, when its id is new.
+    texts: Option<HashMap<String, String>>,
     passes: u64,
     /// When the previous pass read the version: a change happened after it.
     last_pass_at: Option<f64>,
-    /// Baseline samples of one deployment, loaded once.
-    baseline_cache: Option<(i64, Vec<Sample>)>,
-    /// When each open window of the current deployment was last judged.
-    last_judged: HashMap<(i64, &'static str), f64>,
+    /// The running summaries of the latest deployment: its baseline, summarised once, and
+    /// its windows, fed one sample at a time. Never more than one deployment's.
+    summaries: Option<Summaries>,
     /// What was last logged about the version query not working.
     version_problem: Option<String>,
-    /// The last judgement of each open window, shown between judgements.
-    published: HashMap<(i64, &'static str), WindowView>,
 }
 
 impl Tracker {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>, cancel: CancellationToken) {
-        self.declare();
+        self.declare().await;
         let mut ticker = tokio::time::interval_at(
             tokio::time::Instant::now() + self.offset,
             self.settings.sample_interval,
@@ -319,7 +316,7 @@ impl Tracker {
                 biased;
                 _ = cancel.cancelled() => return,
                 Some(request) = requests.recv() => {
-                    let result = self.announce(request.announcement, self.state.now());
+                    let result = self.announce(request.announcement, self.state.now()).await;
                     let _ = request.reply.send(result);
                 }
                 _ = ticker.tick() => self.pass(self.state.now()).await,
@@ -332,56 +329,60 @@ impl Tracker {
     }
 
     /// Records the deployments the configuration declares, once each.
-    fn declare(&self) {
-        for declared in self
+    async fn declare(&self) {
+        let target = self.target.name.clone();
+        let declared: Vec<_> = self
             .settings
             .declared
             .iter()
             .filter(|d| d.target == self.target.name)
-        {
-            let known = self
-                .store
-                .deployments(Some(self.name()))
-                .map(|all| {
-                    all.iter().any(|d| {
+            .cloned()
+            .collect();
+        if declared.is_empty() {
+            return;
+        }
+        let order = self.settings.version_order;
+        let result = self
+            .store
+            .run(move |store| {
+                for declared in declared {
+                    let all = store.deployments(Some(&target))?;
+                    let known = all.iter().any(|d| {
                         d.to_version == declared.version && (d.at - declared.at).abs() < 1.0
-                    })
-                })
-                .unwrap_or(true);
-            if known {
-                continue;
-            }
-            let before = self
-                .store
-                .deployments(Some(self.name()))
-                .ok()
-                .and_then(|all| all.into_iter().find(|d| d.at < declared.at));
-            let from = before
-                .as_ref()
-                .map(|d| d.to_version.clone())
-                .filter(|from| *from != declared.version);
-            let kind = kind_of(
-                from.as_deref(),
-                &declared.version,
-                self.settings.version_order,
-                before.as_ref(),
-            );
-            if let Err(error) = self.store.add_deployment(
-                self.name(),
-                from.as_deref(),
-                &declared.version,
-                kind,
-                Detection::Declared,
-                declared.at,
-                None,
-                declared.note.as_deref(),
-            ) {
-                tracing::warn!(db_target = %self.name(), %error, "cannot record a declared deployment");
-            }
+                    });
+                    if known {
+                        continue;
+                    }
+                    let before = all.into_iter().find(|d| d.at < declared.at);
+                    let from = before
+                        .as_ref()
+                        .map(|d| d.to_version.clone())
+                        .filter(|from| *from != declared.version);
+                    let kind = kind_of(from.as_deref(), &declared.version, order, before.as_ref());
+                    store.add_deployment(
+                        &target,
+                        from.as_deref(),
+                        &declared.version,
+                        kind,
+                        Detection::Declared,
+                        declared.at,
+                        None,
+                        declared.note.as_deref(),
+                    )?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(db_target = %self.name(), %error, "cannot record a declared deployment");
         }
     }
 
-    fn announce(&mut self, a: Announcement, now: f64) -> Result<DeploymentView, TrackerError> {
+    async fn announce(
+        &mut self,
+        a: Announcement,
+        now: f64,
+    ) -> Result<DeploymentView, TrackerError> {
         let version = a.version.trim();
         if version.is_empty() || version.len() > 100 {
             return Err(TrackerError::Invalid(
@@ -407,57 +408,73 @@ impl Tracker {
                 "finished_at is before started_at".to_string(),
             ));
         }
-        let deployments = self.store.deployments(Some(self.name()))?;
-        let last_version = self.store.last_version(self.name())?;
-        let placement = place_announcement(
-            version,
-            at,
-            a.kind,
-            &deployments,
-            last_version.as_deref(),
-            self.settings.version_order,
-        )
-        .map_err(|e| TrackerError::Invalid(e.to_string()))?;
-        let record = match placement {
-            Placement::Merge { id, at } => {
-                let record = self
-                    .store
-                    .update_deployment(id, at, finished_at, a.note.as_deref())?
-                    .ok_or_else(|| TrackerError::Invalid(format!("deployment {id} vanished")))?;
-                // Its baseline and open windows are measured from the new start.
-                self.forget(id);
-                tracing::info!(
-                    db_target = %self.name(), version, deployment = id, at = %rfc3339(at),
-                    "announcement merged into the deployment already detected"
-                );
-                record
-            }
-            Placement::New { from, kind } => {
-                let record = self.store.add_deployment(
-                    self.name(),
-                    from.as_deref(),
-                    version,
-                    kind,
-                    Detection::Announced,
+        let target = self.target.name.clone();
+        let owned_version = version.to_string();
+        let note = a.note.clone();
+        let order = self.settings.version_order;
+        let announced_kind = a.kind;
+        let placed = self
+            .store
+            .run(move |store| {
+                let deployments = store.deployments(Some(&target))?;
+                let last_version = store.last_version(&target)?;
+                let placement = match place_announcement(
+                    &owned_version,
                     at,
-                    finished_at,
-                    a.note.as_deref(),
-                )?;
-                tracing::info!(
-                    db_target = %self.name(), version, from = ?from, kind = kind.as_str(),
-                    "deployment announced"
-                );
-                record
-            }
-        };
-        let view = self.view(&record, now)?;
+                    announced_kind,
+                    &deployments,
+                    last_version.as_deref(),
+                    order,
+                ) {
+                    Ok(placement) => placement,
+                    Err(error) => return Ok(Err(error.to_string())),
+                };
+                Ok(Ok(match placement {
+                    Placement::Merge { id, at } => {
+                        match store.update_deployment(id, at, finished_at, note.as_deref())? {
+                            Some(record) => (record, None, true),
+                            None => return Ok(Err(format!("deployment {id} vanished"))),
+                        }
+                    }
+                    Placement::New { from, kind } => {
+                        let record = store.add_deployment(
+                            &target,
+                            from.as_deref(),
+                            &owned_version,
+                            kind,
+                            Detection::Announced,
+                            at,
+                            finished_at,
+                            note.as_deref(),
+                        )?;
+                        (record, from, false)
+                    }
+                }))
+            })
+            .await?
+            .map_err(TrackerError::Invalid)?;
+        let (record, from, merged) = placed;
+        if merged {
+            // Its baseline and open windows are measured from the new start.
+            self.forget(record.id);
+            tracing::info!(
+                db_target = %self.name(), version, deployment = record.id, at = %crate::time::rfc3339(record.at),
+                "announcement merged into the deployment already detected"
+            );
+        } else {
+            tracing::info!(
+                db_target = %self.name(), version, from = ?from, kind = record.kind.as_str(),
+                "deployment announced"
+            );
+        }
+        let view = self.view(&record, now).await?;
         self.state.set_deployment(self.name(), view.clone());
         Ok(view)
     }
 
     /// Notes the version the database reports; a change is a deployment unless an
     /// announcement already covers it.
-    fn observe_version(&mut self, version: &str, now: f64) -> Result<(), StoreError> {
+    async fn observe_version(&mut self, version: &str, now: f64) -> Result<(), StoreError> {
         // The change happened between the previous pass and this one. Dating it at the previous
         // pass keeps that pass's sample, which may already see the migration, out of the
         // baseline.
@@ -465,46 +482,55 @@ impl Tracker {
             .last_pass_at
             .filter(|t| now - t <= 3.0 * self.settings.sample_interval.as_secs_f64())
             .unwrap_or(now);
-        let last = self.store.last_version(self.name())?;
-        match last.as_deref() {
-            None => {
-                tracing::info!(db_target = %self.name(), version, "schema version first seen");
-            }
-            Some(last) if last == version => return Ok(()),
-            Some(last) => {
-                let latest = self.store.latest_deployment(self.name())?;
-                let announced = latest.as_ref().is_some_and(|d| {
-                    d.to_version == version && d.detection != Detection::VersionChange
-                });
-                if !announced {
-                    let kind = kind_of(
-                        Some(last),
-                        version,
-                        self.settings.version_order,
-                        latest.as_ref(),
-                    );
-                    self.store.add_deployment(
-                        self.name(),
-                        Some(last),
-                        version,
-                        kind,
-                        Detection::VersionChange,
-                        changed_at,
-                        None,
-                        None,
-                    )?;
-                    tracing::warn!(
-                        db_target = %self.name(), from = last, to = version, kind = kind.as_str(),
-                        "schema version changed: deployment detected"
-                    );
+        let target = self.target.name.clone();
+        let version = version.to_string();
+        let order = self.settings.version_order;
+        self.store
+            .run(move |store| {
+                let last = store.last_version(&target)?;
+                match last.as_deref() {
+                    None => {
+                        tracing::info!(db_target = %target, version, "schema version first seen");
+                    }
+                    Some(last) if last == version => return Ok(()),
+                    Some(last) => {
+                        let latest = store.latest_deployment(&target)?;
+                        let announced = latest.as_ref().is_some_and(|d| {
+                            d.to_version == version && d.detection != Detection::VersionChange
+                        });
+                        if !announced {
+                            let kind = kind_of(Some(last), &version, order, latest.as_ref());
+                            store.add_deployment(
+                                &target,
+                                Some(last),
+                                &version,
+                                kind,
+                                Detection::VersionChange,
+                                changed_at,
+                                None,
+                                None,
+                            )?;
+                            tracing::warn!(
+                                db_target = %target, from = last, to = version, kind = kind.as_str(),
+                                "schema version changed: deployment detected"
+                            );
+                        }
+                    }
                 }
-            }
-        }
-        self.store.set_last_version(self.name(), version, now)
+                store.set_last_version(&target, &version, now)
+            })
+            .await
+    }
+
+    /// Logs and counts a failed store operation.
+    fn store_failed(&self, operation: &str, error: &StoreError) {
+        self.state.count_store_error(operation);
+        tracing::warn!(db_target = %self.name(), operation, %error, "state store operation failed");
     }
 
     async fn pass(&mut self, now: f64) {
         self.passes += 1;
+        let started = std::time::Instant::now();
         // One session for the whole pass, waited for at most one interval.
         let what = format!("{} statistics", self.name());
         let pool = match self
@@ -530,8 +556,8 @@ impl Tracker {
             Ok(Some(version)) => {
                 self.state
                     .set_schema_version(self.name(), Some(version.clone()));
-                if let Err(error) = self.observe_version(&version, now) {
-                    tracing::warn!(db_target = %self.name(), %error, "cannot record the schema version");
+                if let Err(error) = self.observe_version(&version, now).await {
+                    self.store_failed("record_version", &error);
                 }
                 self.last_pass_at = Some(now);
             }
@@ -562,7 +588,6 @@ impl Tracker {
             .clone()
             .unwrap_or(StatementsSupport::Unavailable(String::new()));
         let read = sampler::read_with(&pool, &support, &self.server_stats, now).await;
-        drop(pool);
         match read {
             Ok((mut raw, unreadable)) => {
                 note_step(&self.state, self.name(), "statistics", Ok(()));
@@ -571,6 +596,8 @@ impl Tracker {
                     self.support = Some(StatementsSupport::Unavailable(reason));
                 }
                 raw.checks = self.check_points();
+                self.attach_texts(&pool, &support, &mut raw, now).await;
+                drop(pool);
                 self.state
                     .set_connections(self.name(), raw.connections, raw.max_connections);
                 if let Some(previous) = &self.previous {
@@ -587,16 +614,23 @@ impl Tracker {
                             "statistics were reset; those counters are left out of this interval"
                         );
                     }
-                    match self.store.add_sample(self.name(), &sample) {
+                    if let Some(summaries) = self.summaries.as_mut() {
+                        summaries.add(&sample, &self.settings.windows);
+                    }
+                    let target = self.target.name.clone();
+                    let stored = self
+                        .store
+                        .run(move |store| store.add_sample(&target, &sample))
+                        .await;
+                    match stored {
                         Ok(()) => self.state.count_sample(self.name()),
-                        Err(error) => {
-                            tracing::warn!(db_target = %self.name(), %error, "cannot store a sample")
-                        }
+                        Err(error) => self.store_failed("write_sample", &error),
                     }
                 }
                 self.previous = Some(raw);
             }
             Err(error) => {
+                drop(pool);
                 // The next good pass starts a fresh delta: the gap is simply not sampled.
                 note_step(
                     &self.state,
@@ -607,22 +641,94 @@ impl Tracker {
                 self.previous = None;
             }
         }
-        if self.passes % 100 == 1 {
+        self.state
+            .set_sampling_duration(self.name(), started.elapsed().as_secs_f64());
+        if self.passes % 10 == 1 {
             let horizon = now - self.store_settings.retention.as_secs_f64();
-            if let Err(error) = self.store.prune(horizon) {
-                tracing::warn!(db_target = %self.name(), %error, "cannot prune old samples");
+            match self
+                .store
+                .run(move |store| Ok((store.prune(horizon)?, store.size_bytes()?)))
+                .await
+            {
+                Ok((_, bytes)) => self.state.set_store_bytes(bytes),
+                Err(error) => self.store_failed("prune", &error),
             }
         }
-        match self.store.latest_deployment(self.name()) {
-            Ok(Some(record)) => match self.view(&record, now) {
+        let target = self.target.name.clone();
+        let latest = self
+            .store
+            .run(move |store| store.latest_deployment(&target))
+            .await;
+        match latest {
+            Ok(Some(record)) => match self.view(&record, now).await {
                 Ok(view) => self.state.set_deployment(self.name(), view),
-                Err(error) => {
-                    tracing::warn!(db_target = %self.name(), %error, "cannot judge the deployment")
-                }
+                Err(error) => self.store_failed("judge", &error),
             },
             Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(db_target = %self.name(), %error, "cannot read deployments")
+            Err(error) => self.store_failed("read_deployments", &error),
+        }
+    }
+
+    /// Gives every statement of `raw` its text: from the texts already stored, fetching only
+    /// those of query ids never seen before.
+    async fn attach_texts(
+        &mut self,
+        pool: &TargetPool,
+        support: &StatementsSupport,
+        raw: &mut RawStats,
+        now: f64,
+    ) {
+        let Some(statements) = raw.statements.as_mut() else {
+            return;
+        };
+        if self.texts.is_none() {
+            let target = self.target.name.clone();
+            match self
+                .store
+                .run(move |store| Ok(store.query_texts(&target)))
+                .await
+            {
+                Ok(texts) => self.texts = Some(texts),
+                Err(error) => {
+                    tracing::warn!(db_target = %self.name(), %error, "cannot read stored query texts");
+                    return;
+                }
+            }
+        }
+        let name = self.target.name.clone();
+        let texts = self.texts.get_or_insert_with(HashMap::new);
+        let unknown: Vec<String> = statements
+            .keys()
+            .filter(|id| !texts.contains_key(*id))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            match sampler::read_texts(pool, support, &unknown).await {
+                Ok(found) => {
+                    for id in &unknown {
+                        texts.entry(id.clone()).or_default();
+                    }
+                    for (id, text) in &found {
+                        texts.insert(id.clone(), text.clone());
+                    }
+                    let target = self.target.name.clone();
+                    let stored = self
+                        .store
+                        .run(move |store| store.add_query_texts(&target, &found, now))
+                        .await;
+                    if let Err(error) = stored {
+                        self.state.count_store_error("write_query_texts");
+                        tracing::warn!(db_target = %name, %error, "cannot store query texts");
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(db_target = %name, error = %error, "query texts not readable")
+                }
+            }
+        }
+        for (id, counters) in statements.iter_mut() {
+            if let Some(text) = texts.get(id) {
+                counters.query.clone_from(text);
             }
         }
     }
@@ -630,16 +736,12 @@ impl Tracker {
     /// Drops what was computed for a deployment whose start moved.
     fn forget(&mut self, id: i64) {
         if self
-            .baseline_cache
+            .summaries
             .as_ref()
-            .is_some_and(|(cached, _)| *cached == id)
+            .is_some_and(|s| s.deployment_id == id)
         {
-            self.baseline_cache = None;
+            self.summaries = None;
         }
-        self.last_judged
-            .retain(|(deployment, _), _| *deployment != id);
-        self.published
-            .retain(|(deployment, _), _| *deployment != id);
     }
 
     fn check_points(&self) -> std::collections::BTreeMap<String, CheckPoint> {
@@ -678,186 +780,111 @@ impl Tracker {
         }
     }
 
-    fn baseline(&mut self, record: &DeploymentRecord) -> Result<Vec<Sample>, StoreError> {
-        if let Some((id, samples)) = &self.baseline_cache {
-            if *id == record.id {
-                return Ok(samples.clone());
-            }
+    fn judging_settings(&self) -> judging::Settings {
+        judging::Settings {
+            durations: self.settings.windows,
+            thresholds: self.thresholds(),
+            min_baseline_samples: self.settings.min_baseline_samples,
+            min_window_samples: self.settings.min_window_samples,
         }
-        let previous = self
-            .store
-            .previous_deployment_time(self.name(), record.at)?;
-        let (from, to) = window::baseline_range(record.at, self.settings.baseline_span, previous);
-        let samples = self
-            .store
-            .samples_spread(self.name(), from, to, MAX_BASELINE_SAMPLES)?;
-        self.baseline_cache = Some((record.id, samples.clone()));
-        Ok(samples)
     }
 
-    /// How often an open window is judged: every pass for short windows, less often for long
-    /// ones so a week-long window does not re-read a week of samples every minute.
-    fn cadence(&self, window: Window) -> f64 {
-        let d = &self.settings.windows;
-        let length = match window {
-            Window::FirstHour => d.first_hour,
-            Window::FirstDay => d.first_day.saturating_sub(d.first_hour),
-            Window::FirstWeek => d.first_week.saturating_sub(d.first_day),
-            Window::Steady => Duration::from_secs(3600),
-        };
-        (length.as_secs_f64() / 60.0)
-            .max(self.settings.sample_interval.as_secs_f64() * 0.9)
-            .min(3600.0)
-    }
-
-    fn view(&mut self, record: &DeploymentRecord, now: f64) -> Result<DeploymentView, StoreError> {
-        let baseline = self.baseline(record)?;
-        let persisted = self.store.verdicts(record.id)?;
+    /// The summaries of `record`: kept from earlier passes, or made from the store — the
+    /// baseline read twice (statement totals to choose the followed statements, then the
+    /// summary), and the samples since the deployment once, one sample at a time.
+    async fn summaries(&mut self, record: &DeploymentRecord) -> Result<(), StoreError> {
+        if self
+            .summaries
+            .as_ref()
+            .is_some_and(|s| s.deployment_id == record.id)
+        {
+            return Ok(());
+        }
+        // The previous deployment's summaries go first: never two deployments' at once.
+        self.summaries = None;
+        let target = self.target.name.clone();
+        let record_owned = record.clone();
+        let span = self.settings.baseline_span;
         let durations = self.settings.windows;
-        let thresholds = self.thresholds();
-        let mut windows = Vec::new();
-        let mut since_deployment: Option<Vec<Sample>> = None;
-        for window in [Window::FirstHour, Window::FirstDay, Window::FirstWeek] {
-            let (start, end) = window::bounds(window, record.at, &durations);
-            if start > now {
-                break;
-            }
-            if let Some(done) = persisted.iter().find(|v| v.window == window) {
-                windows.push(WindowView {
-                    window,
-                    start: rfc3339(start),
-                    end: end.map(rfc3339),
-                    verdict: done.verdict,
-                    samples: done.samples,
-                    regressions: done.regressions.clone(),
-                    improvements: done.improvements.clone(),
-                });
-                continue;
-            }
-            let closed = end.is_some_and(|e| now >= e);
-            let key = (record.id, window.as_str());
-            let due = closed
-                || self
-                    .last_judged
-                    .get(&key)
-                    .is_none_or(|last| now - last >= self.cadence(window));
-            if !due {
-                if let Some(view) = self.published.get(&key) {
-                    windows.push(view.clone());
-                    continue;
-                }
-            }
-            let end_time = end.unwrap_or(f64::MAX);
-            let all = match &since_deployment {
-                Some(all) => all,
-                None => since_deployment.insert(self.store.samples(
-                    self.name(),
-                    record.at,
-                    now + 1.0,
-                )?),
-            };
-            let up_to_end: Vec<Sample> = all.iter().filter(|s| s.at < end_time).cloned().collect();
-            let in_window: Vec<Sample> = up_to_end
-                .iter()
-                .filter(|s| s.at >= start)
-                .cloned()
-                .collect();
-            // Without enough baseline there is nothing to compare against: every signal is
-            // inconclusive, and the window can only end so.
-            let baseline_too_small = baseline.len() < self.settings.min_baseline_samples;
-            let judgement = if baseline_too_small {
-                regression::Judgement::default()
-            } else {
-                regression::judge(
-                    window,
-                    &baseline,
-                    &in_window,
-                    &up_to_end,
-                    closed,
-                    &thresholds,
-                )
-            };
-            let judged_samples = if baseline_too_small {
-                0
-            } else {
-                in_window.len()
-            };
-            // Flags are latched across looks: confirmed at the second consecutive look (or
-            // at the close), resolved but kept when they go away.
-            let previous_flags = self
-                .published
-                .get(&key)
-                .map(|v| v.regressions.clone())
-                .unwrap_or_default();
-            let regressions = latch(&previous_flags, judgement.regressions, now, closed);
-            let confirmed = regressions.iter().filter(|f| f.was_confirmed()).count();
-            let verdict = window::verdict(
-                closed,
-                confirmed,
-                judged_samples,
-                self.settings.min_window_samples,
-            );
-            let view = WindowView {
-                window,
-                start: rfc3339(start),
-                end: end.map(rfc3339),
-                verdict,
-                samples: in_window.len(),
-                regressions,
-                improvements: judgement.improvements,
-            };
-            if closed {
-                self.store.set_verdict(
-                    record.id,
-                    &VerdictRecord {
-                        window,
-                        verdict,
-                        samples: view.samples,
-                        regressions: view.regressions.clone(),
-                        improvements: view.improvements.clone(),
-                        closed_at: now,
-                    },
-                )?;
-                tracing::info!(
-                    db_target = %self.name(), deployment = record.id, window = window.as_str(),
-                    verdict = verdict.as_str(), regressions = view.regressions.len(),
-                    "window closed"
-                );
-                self.published.remove(&key);
-            } else {
-                self.last_judged.insert(key, now);
-                self.published.insert(key, view.clone());
-            }
-            windows.push(view);
-        }
+        let min_calls = self.settings.latency_min_calls;
+        let summaries = self
+            .store
+            .run(move |store| {
+                let record = record_owned;
+                let previous = store.previous_deployment_time(&target, record.at)?;
+                let (from, to) = window::baseline_range(record.at, span, previous);
+                let mut totals = std::collections::BTreeMap::new();
+                store.each_sample(&target, from, to, |sample| {
+                    judging::add_totals(&mut totals, &sample)
+                })?;
+                let mut baseline = Summary::new(min_calls, judging::baseline_following(&totals));
+                store.each_sample(&target, from, to, |sample| baseline.add(&sample))?;
+                let mut summaries = Summaries::new(&record, baseline, &totals, min_calls);
+                let next = store.next_deployment(&target, record.at, record.id)?;
+                let until = next.map_or(f64::MAX, |n| n.at);
+                store.each_sample(&target, record.at, until, |sample| {
+                    summaries.add(&sample, &durations)
+                })?;
+                Ok(summaries)
+            })
+            .await?;
+        self.summaries = Some(summaries);
+        Ok(())
+    }
+
+    async fn view(
+        &mut self,
+        record: &DeploymentRecord,
+        now: f64,
+    ) -> Result<DeploymentView, StoreError> {
+        self.summaries(record).await?;
+        let id = record.id;
+        let target = self.target.name.clone();
+        let (persisted, rollbacks) = self
+            .store
+            .run(move |store| Ok((store.verdicts(id)?, store.rollback_count(&target)?)))
+            .await?;
         let mut limitations = Vec::new();
         if let Some(StatementsSupport::Unavailable(reason)) = &self.support {
             if !reason.is_empty() {
                 limitations.push(reason.clone());
             }
         }
-        if baseline.len() < self.settings.min_baseline_samples {
-            limitations.push(format!(
-                "only {} baseline sample(s) before the deployment (at least {} are needed to judge)",
-                baseline.len(),
-                self.settings.min_baseline_samples
-            ));
-        }
-        Ok(DeploymentView {
-            id: record.id,
-            target: record.target.clone(),
-            kind: record.kind,
-            from_version: record.from_version.clone(),
-            to_version: record.to_version.clone(),
-            detected_by: record.detection,
-            at: record.at,
-            at_text: rfc3339(record.at),
-            note: record.note.clone(),
-            current_window: window::window_at(record.at, now, &durations),
-            baseline_samples: baseline.len(),
-            windows,
+        let settings = self.judging_settings();
+        let Some(summaries) = self.summaries.as_ref() else {
+            return Err(StoreError::Closed);
+        };
+        let started = std::time::Instant::now();
+        let (view, closed) = judging::judge(
+            record,
+            summaries,
+            &persisted,
+            now,
+            &settings,
             limitations,
-            rollbacks_seen: self.store.rollback_count(self.name())?,
-        })
+            rollbacks,
+        );
+        if let Some(summaries) = self.summaries.as_mut() {
+            // Open windows' flags, latched across looks by `judging::judge`.
+            summaries.flags = view
+                .windows
+                .iter()
+                .filter(|w| !closed.iter().any(|c| c.window == w.window))
+                .map(|w| (w.window, w.regressions.clone()))
+                .collect();
+        }
+        self.state
+            .set_judging_duration(self.name(), started.elapsed().as_secs_f64());
+        for verdict in closed {
+            tracing::info!(
+                db_target = %self.name(), deployment = record.id, window = verdict.window.as_str(),
+                verdict = verdict.verdict.as_str(), regressions = verdict.regressions.len(),
+                "window closed"
+            );
+            self.store
+                .run(move |store| store.set_verdict(id, &verdict))
+                .await?;
+        }
+        Ok(view)
     }
 }

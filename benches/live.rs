@@ -1,0 +1,259 @@
+//! Deployment tracking at scale on a real PostgreSQL. Run with `cargo bench --bench live`;
+//! prints Markdown for BENCHMARKS.md.
+//!
+//! `pg_stat_statements.max` = 5000, filled with 5,000 structurally different statements that
+//! keep executing (heavy-tailed: a few run hundreds of times a second, most now and then). The
+//! daemon (the release binary, its own process) samples every second into a store on disk; a
+//! third of the way through, the schema version changes (a deployment). Resident memory of the
+//! daemon is read from /proc every 10 s, the store's size every minute.
+//!
+//! `DEPLOYWATCH_LIVE_MINUTES` (default 30) sets the length; the deployment is at a third.
+
+use std::time::{Duration, Instant};
+
+use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
+
+const COLUMNS: usize = 101;
+const STATEMENTS: usize = 5000;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn store_bytes(dir: &std::path::Path) -> u64 {
+    ["state.sqlite", "state.sqlite-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Statement `k`: a distinct pair of columns of the wide table.
+fn statement(k: usize) -> String {
+    let mut n = 0;
+    for i in 0..COLUMNS {
+        for j in (i + 1)..COLUMNS {
+            if n == k {
+                return format!("SELECT c{i}, c{j} FROM wide WHERE id = 1");
+            }
+            n += 1;
+        }
+    }
+    "SELECT 1".to_string()
+}
+
+/// Runs the statements forever: every round runs statement `k` when the round number is a
+/// multiple of its period (rank-proportional, so call rates are Zipf-like).
+async fn workload(connection_string: String, stop: tokio_util::sync::CancellationToken) {
+    let (client, connection) =
+        match tokio_postgres::connect(&connection_string, tokio_postgres::NoTls).await {
+            Ok(pair) => pair,
+            Err(error) => {
+                eprintln!("workload cannot connect: {error}");
+                return;
+            }
+        };
+    tokio::spawn(connection);
+    let texts: Vec<String> = (0..STATEMENTS).map(statement).collect();
+    let mut round: usize = 0;
+    while !stop.is_cancelled() {
+        let mut batch = String::new();
+        for (k, text) in texts.iter().enumerate() {
+            // Statement k runs every (k / 50 + 1)-th round: the top 50 every round, the last
+            // ones every hundredth.
+            if round % (k / 50 + 1) == 0 {
+                batch.push_str(text);
+                batch.push_str(";\n");
+            }
+        }
+        if let Err(error) = client.batch_execute(&batch).await {
+            eprintln!("workload: {error}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let minutes = setting("DEPLOYWATCH_LIVE_MINUTES", 30);
+    let cluster = PgCluster::start(ClusterOptions {
+        shared_preload_libraries: vec!["pg_stat_statements".into()],
+        extra_conf: vec![("pg_stat_statements.max".into(), STATEMENTS.to_string())],
+        max_connections: 50,
+        ..ClusterOptions::default()
+    })
+    .expect("PostgreSQL");
+    cluster.create_database("app").expect("db");
+    let columns: Vec<String> = (0..COLUMNS).map(|i| format!("c{i} int")).collect();
+    cluster
+        .psql(
+            "app",
+            &format!(
+                "CREATE EXTENSION pg_stat_statements; \
+                 CREATE TABLE wide (id int primary key, {}); INSERT INTO wide (id) VALUES (1); \
+                 CREATE TABLE database_metadata (key text primary key, value text); \
+                 INSERT INTO database_metadata VALUES ('version', '1.0.0');",
+                columns.join(", ")
+            ),
+        )
+        .expect("schema");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn(workload(cluster.connection_string("app"), stop.clone()));
+    // Let every statement run once before the daemon starts.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let in_view: u64 = cluster
+        .psql("app", "SELECT count(*) FROM pg_stat_statements")
+        .expect("count")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir_all(dir.path().join("checks")).expect("checks");
+    std::fs::write(
+        dir.path().join("checks/p.toml"),
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n",
+    )
+    .expect("pack");
+    std::fs::write(
+        dir.path().join("deploywatch.toml"),
+        format!(
+            "[store]\npath = \"state.sqlite\"\n\n\
+             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\n\n\
+             [[targets]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\n",
+            cluster.port()
+        ),
+    )
+    .expect("config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.path().join("deploywatch.toml"))
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("daemon");
+    let pid = daemon.id().expect("pid");
+
+    let began = Instant::now();
+    let total = Duration::from_secs(minutes * 60);
+    let deploy_at = total / 3;
+    let mut deployed = false;
+    let mut rss: Vec<(f64, u64)> = Vec::new();
+    let mut sizes: Vec<(f64, u64)> = Vec::new();
+    let mut tick = 0u64;
+    while began.elapsed() < total {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        tick += 1;
+        let at = began.elapsed().as_secs_f64() / 60.0;
+        rss.push((at, rss_kib(pid)));
+        if tick % 6 == 0 {
+            sizes.push((at, store_bytes(dir.path())));
+        }
+        if !deployed && began.elapsed() >= deploy_at {
+            cluster
+                .psql(
+                    "app",
+                    "UPDATE database_metadata SET value = '1.1.0' WHERE key = 'version'",
+                )
+                .expect("deploy");
+            deployed = true;
+        }
+    }
+    let status = reqwest_status(port).await;
+    stop.cancel();
+    let _ = load.await;
+    let _ = daemon.kill().await;
+
+    let after: Vec<u64> = rss
+        .iter()
+        .filter(|(at, _)| *at >= deploy_at.as_secs_f64() / 60.0)
+        .map(|(_, k)| *k)
+        .collect();
+    let (low, high) = (
+        after.iter().copied().min().unwrap_or(0),
+        after.iter().copied().max().unwrap_or(0),
+    );
+    let mean = after.iter().sum::<u64>() as f64 / after.len().max(1) as f64;
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!("## Live: 5,000 statements on a real PostgreSQL, 1 s samples");
+    println!();
+    println!(
+        "PostgreSQL with `pg_stat_statements.max = {STATEMENTS}` holding {in_view} statements that keep running (statement k every (k/50+1)-th round of 100 ms); the release daemon in its own process samples every second into a store on disk; the schema version changes after {:.0} min of {minutes} min.",
+        deploy_at.as_secs_f64() / 60.0
+    );
+    println!();
+    println!("| figure | value |");
+    println!("| --- | --- |");
+    for (at, k) in rss
+        .iter()
+        .filter(|(at, _)| (*at * 6.0).round() as u64 % 12 == 0)
+    {
+        println!("| daemon RSS at {at:.0} min | {:.1} MiB |", mib(*k));
+    }
+    println!(
+        "| RSS after the deployment: min / mean / max | {:.1} / {:.1} / {:.1} MiB ({:+.1} % / {:+.1} % of the mean) |",
+        mib(low),
+        mean / 1024.0,
+        mib(high),
+        (low as f64 - mean) / mean * 100.0,
+        (high as f64 - mean) / mean * 100.0
+    );
+    if let (Some(first), Some(last)) = (sizes.first(), sizes.last()) {
+        let per_hour = (last.1.saturating_sub(first.1)) as f64 / ((last.0 - first.0) / 60.0);
+        println!(
+            "| store size at the end | {:.1} MiB |",
+            last.1 as f64 / 1048576.0
+        );
+        println!(
+            "| store growth | {:.1} MiB per hour (at 1 s samples; {:.1} MiB per day at the default 1 min) |",
+            per_hour / 1048576.0,
+            per_hour / 1048576.0 * 24.0 / 60.0
+        );
+    }
+    println!("| deployment seen by the daemon | {status} |");
+}
+
+/// The deployment the daemon reports, from /status.
+async fn reqwest_status(port: u16) -> String {
+    match deploywatch::commands::client::request(
+        hyper::Method::GET,
+        &format!("http://127.0.0.1:{port}/status"),
+        "application/json",
+        None,
+        None,
+    )
+    .await
+    {
+        Ok((_, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .map(|v| {
+                let d = &v["targets"][0]["deployment"];
+                format!(
+                    "{} -> {}, baseline {} samples, current window {}",
+                    d["from_version"], d["to_version"], d["baseline_samples"], d["current_window"]
+                )
+            })
+            .unwrap_or_else(|| "unreadable".into()),
+        Err(error) => format!("no answer: {error}"),
+    }
+}

@@ -1,0 +1,392 @@
+//! The judging of one deployment, as a function: its record, the baseline's summary, the
+//! windows' summaries, the verdicts already recorded and "now" in; the view readers see and
+//! the verdicts of windows that have just closed out. Pure: the tracker feeds the summaries
+//! one sample at a time and stores what comes out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::analysis::deployment::{
+    latch, DeploymentRecord, DeploymentView, Finding, VerdictRecord, WindowView,
+};
+use crate::analysis::regression::{self, Thresholds};
+use crate::analysis::sample::Sample;
+use crate::analysis::summary::{Following, Summary};
+use crate::analysis::window::{self, Window, WindowDurations};
+use crate::time::{rfc3339, Timestamp};
+
+/// How many of the baseline's statements (by total time) are followed in detail.
+pub const FOLLOWED_STATEMENTS: usize = 500;
+/// How many statements the baseline never saw are followed in detail per window.
+pub const NEW_STATEMENTS: usize = 50;
+
+/// What judging needs from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub durations: WindowDurations,
+    pub thresholds: Thresholds,
+    pub min_baseline_samples: usize,
+    pub min_window_samples: usize,
+}
+
+/// The windows the rules judge, in order.
+pub const JUDGED: [Window; 3] = [Window::FirstHour, Window::FirstDay, Window::FirstWeek];
+
+/// The running summaries of one deployment: the baseline (made once) and each window's, fed
+/// as samples arrive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summaries {
+    pub deployment_id: i64,
+    pub deployed_at: Timestamp,
+    pub baseline: Summary,
+    pub windows: BTreeMap<Window, Summary>,
+    /// From the deployment to the end of the first day: new indexes and the statements on
+    /// their tables (the unused-index notice).
+    pub since: Summary,
+    /// Samples up to this time have been added.
+    pub through: Option<Timestamp>,
+    /// The regressions each open window showed at the previous look, latched across looks
+    /// (`deployment::latch`); the caller keeps them from one judging to the next.
+    pub flags: BTreeMap<Window, Vec<Finding>>,
+}
+
+/// Which baseline statements to follow: the `n` with the largest total time.
+pub fn chosen_statements(totals: &BTreeMap<String, f64>, n: usize) -> BTreeSet<String> {
+    let mut ranked: Vec<(&String, f64)> = totals.iter().map(|(id, t)| (id, *t)).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    ranked
+        .into_iter()
+        .take(n)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Adds one sample's statement times to per-statement totals (the first look at a baseline).
+pub fn add_totals(totals: &mut BTreeMap<String, f64>, sample: &Sample) {
+    if let Some(statements) = &sample.statements {
+        for (id, s) in statements {
+            *totals.entry(id.clone()).or_insert(0.0) += s.total_ms;
+        }
+    }
+}
+
+/// The following of a baseline whose statements had `totals`.
+pub fn baseline_following(totals: &BTreeMap<String, f64>) -> Following {
+    Following::Chosen {
+        followed: chosen_statements(totals, FOLLOWED_STATEMENTS),
+        known: totals.keys().cloned().collect(),
+        new_statements: 0,
+    }
+}
+
+impl Summaries {
+    /// Empty window summaries for a deployment whose baseline is summarised in `baseline`
+    /// (made with `baseline_following(totals)`).
+    pub fn new(
+        record: &DeploymentRecord,
+        baseline: Summary,
+        totals: &BTreeMap<String, f64>,
+        min_calls: u64,
+    ) -> Summaries {
+        let window_following = Following::Chosen {
+            followed: chosen_statements(totals, FOLLOWED_STATEMENTS),
+            known: totals.keys().cloned().collect(),
+            new_statements: NEW_STATEMENTS,
+        };
+        Summaries {
+            deployment_id: record.id,
+            deployed_at: record.at,
+            baseline,
+            windows: JUDGED
+                .into_iter()
+                .map(|w| (w, Summary::new(min_calls, window_following.clone())))
+                .collect(),
+            since: Summary::new(min_calls, window_following.clone()),
+            through: None,
+            flags: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a sample taken after the deployment to the window it falls in. A sample at or
+    /// before `through` was added already and is ignored.
+    pub fn add(&mut self, sample: &Sample, durations: &WindowDurations) {
+        if sample.at < self.deployed_at || self.through.is_some_and(|t| sample.at <= t) {
+            return;
+        }
+        self.through = Some(sample.at);
+        for (window, summary) in self.windows.iter_mut() {
+            let (start, end) = window::bounds(*window, self.deployed_at, durations);
+            if sample.at >= start && end.is_none_or(|e| sample.at < e) {
+                summary.add(sample);
+            }
+        }
+        let (_, first_day_end) = window::bounds(Window::FirstDay, self.deployed_at, durations);
+        if first_day_end.is_none_or(|e| sample.at < e) {
+            self.since.add(sample);
+        }
+    }
+}
+
+/// The deployment as readers see it, and the verdicts of windows that closed by `now` and
+/// are not recorded yet (the caller records them).
+#[allow(clippy::too_many_arguments)]
+pub fn judge(
+    record: &DeploymentRecord,
+    summaries: &Summaries,
+    persisted: &[VerdictRecord],
+    now: Timestamp,
+    settings: &Settings,
+    mut limitations: Vec<String>,
+    rollbacks_seen: u64,
+) -> (DeploymentView, Vec<VerdictRecord>) {
+    let baseline = &summaries.baseline;
+    let durations = settings.durations;
+    let mut windows = Vec::new();
+    let mut closed_now = Vec::new();
+    for window in JUDGED {
+        let (start, end) = window::bounds(window, record.at, &durations);
+        if start > now {
+            break;
+        }
+        if let Some(done) = persisted.iter().find(|v| v.window == window) {
+            windows.push(WindowView {
+                window,
+                start: rfc3339(start),
+                end: end.map(rfc3339),
+                verdict: done.verdict,
+                samples: done.samples,
+                regressions: done.regressions.clone(),
+                improvements: done.improvements.clone(),
+            });
+            continue;
+        }
+        let closed = end.is_some_and(|e| now >= e);
+        let empty;
+        let in_window = match summaries.windows.get(&window) {
+            Some(summary) => summary,
+            None => {
+                empty = Summary::new(settings.thresholds.latency_min_calls, Following::None);
+                &empty
+            }
+        };
+        // Without enough baseline there is nothing to compare against: every signal is
+        // inconclusive, and the window can only end so.
+        let baseline_too_small = baseline.samples < settings.min_baseline_samples;
+        let judgement = if baseline_too_small {
+            regression::Judgement::default()
+        } else {
+            regression::judge_summaries(
+                window,
+                baseline,
+                in_window,
+                &summaries.since,
+                closed,
+                &settings.thresholds,
+            )
+        };
+        let judged_samples = if baseline_too_small {
+            0
+        } else {
+            in_window.samples
+        };
+        // Flags are latched across looks: confirmed at the second consecutive look (or at
+        // the close), resolved but kept when they go away.
+        let previous_flags = summaries.flags.get(&window).cloned().unwrap_or_default();
+        let regressions = latch(&previous_flags, judgement.regressions, now, closed);
+        let confirmed = regressions.iter().filter(|f| f.was_confirmed()).count();
+        let verdict = window::verdict(
+            closed,
+            confirmed,
+            judged_samples,
+            settings.min_window_samples,
+        );
+        let view = WindowView {
+            window,
+            start: rfc3339(start),
+            end: end.map(rfc3339),
+            verdict,
+            samples: in_window.samples,
+            regressions,
+            improvements: judgement.improvements,
+        };
+        if closed {
+            closed_now.push(VerdictRecord {
+                window,
+                verdict,
+                samples: view.samples,
+                regressions: view.regressions.clone(),
+                improvements: view.improvements.clone(),
+                closed_at: now,
+            });
+        }
+        windows.push(view);
+    }
+    if baseline.samples < settings.min_baseline_samples {
+        limitations.push(format!(
+            "only {} baseline sample(s) before the deployment (at least {} are needed to judge)",
+            baseline.samples, settings.min_baseline_samples
+        ));
+    }
+    let view = DeploymentView {
+        id: record.id,
+        target: record.target.clone(),
+        kind: record.kind,
+        from_version: record.from_version.clone(),
+        to_version: record.to_version.clone(),
+        detected_by: record.detection,
+        at: record.at,
+        at_text: rfc3339(record.at),
+        note: record.note.clone(),
+        current_window: window::window_at(record.at, now, &durations),
+        baseline_samples: baseline.samples,
+        windows,
+        limitations,
+        rollbacks_seen,
+    };
+    (view, closed_now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::deployment::{DeploymentKind, Detection, Signal};
+    use crate::analysis::sample::StatementDelta;
+    use crate::analysis::window::Verdict;
+
+    fn settings() -> Settings {
+        Settings {
+            durations: WindowDurations::default(),
+            thresholds: Thresholds {
+                latency_min_increase: 0.2,
+                latency_min_calls: 5,
+                latency_p_value: 0.01,
+                min_samples: 3,
+                latency_min_delta_ms: 0.05,
+            },
+            min_baseline_samples: 5,
+            min_window_samples: 3,
+        }
+    }
+
+    fn record() -> DeploymentRecord {
+        DeploymentRecord {
+            id: 1,
+            target: "t".into(),
+            from_version: Some("1".into()),
+            to_version: "2".into(),
+            kind: DeploymentKind::Deploy,
+            detection: Detection::Announced,
+            at: 100_000.0,
+            finished_at: None,
+            note: None,
+        }
+    }
+
+    /// A minute sample in which statement "1" takes `ms` per call (plus a little wobble).
+    fn sample(at: f64, ms: f64, i: usize) -> Sample {
+        let mut statements = BTreeMap::new();
+        statements.insert(
+            "1".to_string(),
+            StatementDelta {
+                calls: 20.0,
+                total_ms: 20.0 * ms * (1.0 + 0.01 * (i % 5) as f64),
+                rows: 20.0,
+                query: "SELECT * FROM submissions".into(),
+            },
+        );
+        Sample {
+            at,
+            seconds: 60.0,
+            statements: Some(statements),
+            statements_available: true,
+            ..Sample::default()
+        }
+    }
+
+    fn summaries(slower: f64, window_minutes: usize) -> Summaries {
+        let d = record();
+        let baseline: Vec<Sample> = (0..60)
+            .map(|i| sample(d.at - 3600.0 + 60.0 * i as f64, 1.0, i))
+            .collect();
+        let mut totals = BTreeMap::new();
+        for s in &baseline {
+            add_totals(&mut totals, s);
+        }
+        let mut summary = Summary::new(5, baseline_following(&totals));
+        for s in &baseline {
+            summary.add(s);
+        }
+        let mut all = Summaries::new(&d, summary, &totals, 5);
+        for i in 0..window_minutes {
+            all.add(
+                &sample(d.at + 30.0 + 60.0 * i as f64, slower, i),
+                &settings().durations,
+            );
+        }
+        all
+    }
+
+    #[test]
+    fn a_slower_query_makes_the_open_first_hour_show_a_regression() {
+        let d = record();
+        let mut all = summaries(5.0, 20);
+        let now = d.at + 20.0 * 60.0;
+        let (first, _) = judge(&d, &all, &[], now - 60.0, &settings(), vec![], 0);
+        assert_eq!(
+            first.windows[0].verdict,
+            Verdict::Watching,
+            "a flag is confirmed at the second look"
+        );
+        all.flags = first
+            .windows
+            .iter()
+            .map(|w| (w.window, w.regressions.clone()))
+            .collect();
+        let (view, closed) = judge(&d, &all, &[], now, &settings(), vec![], 0);
+        assert!(closed.is_empty());
+        assert_eq!(view.windows.len(), 1);
+        assert_eq!(view.windows[0].verdict, Verdict::Regression);
+        assert_eq!(view.windows[0].samples, 20);
+        assert_eq!(view.baseline_samples, 60);
+        let found = &view.windows[0].regressions;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].signal, Signal::QueryLatency);
+        assert_eq!(found[0].evidence["query"], "SELECT * FROM submissions");
+    }
+
+    #[test]
+    fn a_window_closes_once_and_then_shows_what_was_recorded() {
+        let d = record();
+        let all = summaries(1.0, 70);
+        let now = d.at + 3600.0 + 60.0 * 10.0;
+        let (view, closed) = judge(&d, &all, &[], now, &settings(), vec![], 0);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].window, Window::FirstHour);
+        assert_eq!(closed[0].verdict, Verdict::Pass);
+        assert_eq!(closed[0].samples, 60);
+        assert_eq!(view.windows.len(), 2);
+        assert_eq!(view.windows[1].samples, 10);
+        let (again, none) = judge(&d, &all, &closed, now + 60.0, &settings(), vec![], 0);
+        assert!(none.is_empty());
+        assert_eq!(again.windows[0].verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn a_sample_is_counted_once_and_only_after_the_deployment() {
+        let d = record();
+        let mut all = summaries(1.0, 0);
+        let s = sample(d.at + 60.0, 1.0, 0);
+        all.add(&s, &settings().durations);
+        all.add(&s, &settings().durations);
+        all.add(&sample(d.at - 60.0, 1.0, 0), &settings().durations);
+        assert_eq!(all.windows[&Window::FirstHour].samples, 1);
+    }
+
+    #[test]
+    fn without_a_baseline_nothing_is_judged() {
+        let d = record();
+        let all = Summaries::new(&d, Summary::new(5, Following::All), &BTreeMap::new(), 5);
+        let (view, _) = judge(&d, &all, &[], d.at + 7200.0, &settings(), vec![], 0);
+        assert_eq!(view.windows[0].verdict, Verdict::Inconclusive);
+        assert!(view.limitations[0].contains("only 0 baseline sample(s)"));
+    }
+}

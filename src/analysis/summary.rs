@@ -1,0 +1,495 @@
+//! Running summaries of samples: what the regression rules need from a span of samples (the
+//! baseline, a window), kept up to date one sample at a time in memory that does not grow with
+//! the number of samples.
+//!
+//! Per series: counts and sums (calls, time, scans, seconds, commits, rollbacks, deadlocks),
+//! extremes (connection peak, first and last size) and, for the distribution tests, a
+//! [`Spread`] of per-sample values: every value until it holds `capacity`, then every second
+//! one, every fourth… so it always covers the whole span evenly with at most `capacity`
+//! values — as the old baseline did by reading every n-th sample. Statements are followed in
+//! detail only when a [`Following`] says so; the rest are added up in [`Summary::others`].
+//! Pure: no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::analysis::sample::{CheckPoint, Sample};
+use crate::time::Timestamp;
+
+/// How many per-sample values a series keeps for the distribution tests.
+pub const SPREAD_CAPACITY: usize = 512;
+
+/// Per-sample values spread evenly over everything seen, at most `capacity` of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spread {
+    values: Vec<f64>,
+    /// Every `stride`-th value offered is kept.
+    stride: u64,
+    offered: u64,
+    capacity: usize,
+}
+
+impl Spread {
+    pub fn new(capacity: usize) -> Spread {
+        Spread {
+            values: Vec::new(),
+            stride: 1,
+            offered: 0,
+            capacity: capacity.max(2),
+        }
+    }
+
+    pub fn push(&mut self, value: f64) {
+        if self.offered % self.stride == 0 {
+            self.values.push(value);
+            if self.values.len() >= self.capacity {
+                let mut index = 0;
+                self.values.retain(|_| {
+                    index += 1;
+                    index % 2 == 1
+                });
+                self.stride *= 2;
+            }
+        }
+        self.offered += 1;
+    }
+
+    pub fn values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// How many values were offered (kept or not).
+    pub fn offered(&self) -> u64 {
+        self.offered
+    }
+}
+
+/// One statement followed in detail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatementSummary {
+    /// The query text (shortened), as first known.
+    pub query: String,
+    pub total_ms: f64,
+    pub calls: f64,
+    /// Mean time per call of each sample with at least `min_calls` calls.
+    pub means: Spread,
+}
+
+/// Which statements a summary follows in detail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Following {
+    /// Every statement (small inputs, tests, and the first pass over a baseline).
+    All,
+    /// None: the summary is about the rest (indexes since the deployment).
+    None,
+    /// These (the baseline's top statements by total time), plus up to `new_statements`
+    /// statements that the baseline never saw.
+    Chosen {
+        followed: BTreeSet<String>,
+        known: BTreeSet<String>,
+        new_statements: usize,
+    },
+}
+
+/// Sequential scans of one table.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TableSummary {
+    pub seq_scan: f64,
+    pub seq_tup_read: f64,
+    pub seconds: f64,
+    pub samples: usize,
+}
+
+/// Scans of one index.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IndexSummary {
+    /// The table, as first seen.
+    pub table: String,
+    pub scans: f64,
+    pub samples: usize,
+}
+
+/// Database-wide counters over the samples that have them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DatabaseSummary {
+    pub xact_commit: f64,
+    pub xact_rollback: f64,
+    pub deadlocks: f64,
+    pub seconds: f64,
+    pub samples: usize,
+}
+
+/// Statements not followed in detail, added up.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Others {
+    pub statements: usize,
+    pub calls: f64,
+    pub total_ms: f64,
+}
+
+/// `(at, bytes)` of a sample that reported a size.
+pub type SizePoint = (Timestamp, f64);
+
+/// Check states over a span.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChecksSummary {
+    /// Samples in which each check passed.
+    pub passes: BTreeMap<String, usize>,
+    /// Checks that failed at least once.
+    pub failed: BTreeSet<String>,
+    /// The latest failing state of each check that failed.
+    pub latest_failure: BTreeMap<String, CheckPoint>,
+    /// The latest sample's check states.
+    pub last: BTreeMap<String, CheckPoint>,
+    /// When each check was last seen at value 0 before the latest sample.
+    pub zero_before_last: BTreeMap<String, Timestamp>,
+    last_at: Timestamp,
+}
+
+impl ChecksSummary {
+    fn add(&mut self, sample: &Sample) {
+        for (name, point) in &self.last {
+            if point.value == Some(0.0) {
+                self.zero_before_last.insert(name.clone(), self.last_at);
+            }
+        }
+        for (name, point) in &sample.checks {
+            match point.status.as_str() {
+                "pass" => *self.passes.entry(name.clone()).or_insert(0) += 1,
+                "fail" => {
+                    self.failed.insert(name.clone());
+                    self.latest_failure.insert(name.clone(), point.clone());
+                }
+                _ => {}
+            }
+        }
+        self.last.clone_from(&sample.checks);
+        self.last_at = sample.at;
+    }
+
+    /// When `check` was last seen at 0 in the whole span.
+    pub fn latest_zero(&self, check: &str) -> Option<Timestamp> {
+        if self.last.get(check).and_then(|p| p.value) == Some(0.0) {
+            return Some(self.last_at);
+        }
+        self.zero_before_last.get(check).copied()
+    }
+}
+
+/// Everything the rules read from a span of samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Samples added.
+    pub samples: usize,
+    pub database: Option<DatabaseSummary>,
+    /// Highest share of max_connections in use.
+    pub connection_peak: Option<f64>,
+    pub statements: BTreeMap<String, StatementSummary>,
+    pub others: Others,
+    /// Statements of the baseline that are not followed, seen here (a bounded set: ids only).
+    other_ids: BTreeSet<String>,
+    pub tables: BTreeMap<String, TableSummary>,
+    pub indexes: BTreeMap<String, IndexSummary>,
+    /// Size of the first and the latest sample (0 when not sampled).
+    pub first_size: f64,
+    pub last_size: f64,
+    /// The first and latest samples that reported a size, and how many did.
+    pub first_sized: Option<SizePoint>,
+    pub last_sized: Option<SizePoint>,
+    pub sized_samples: usize,
+    pub checks: ChecksSummary,
+    min_calls: u64,
+    following: Following,
+    capacity: usize,
+    /// Statements followed because the baseline never saw them.
+    new_followed: usize,
+}
+
+impl Summary {
+    pub fn new(min_calls: u64, following: Following) -> Summary {
+        Summary::with_capacity(min_calls, following, SPREAD_CAPACITY)
+    }
+
+    pub fn with_capacity(min_calls: u64, following: Following, capacity: usize) -> Summary {
+        Summary {
+            samples: 0,
+            database: None,
+            connection_peak: None,
+            statements: BTreeMap::new(),
+            others: Others::default(),
+            other_ids: BTreeSet::new(),
+            tables: BTreeMap::new(),
+            indexes: BTreeMap::new(),
+            first_size: 0.0,
+            last_size: 0.0,
+            first_sized: None,
+            last_sized: None,
+            sized_samples: 0,
+            checks: ChecksSummary::default(),
+            min_calls,
+            following,
+            capacity,
+            new_followed: 0,
+        }
+    }
+
+    /// A summary of `samples`, following every statement.
+    pub fn of(samples: &[Sample], min_calls: u64) -> Summary {
+        let mut summary = Summary::new(min_calls, Following::All);
+        for sample in samples {
+            summary.add(sample);
+        }
+        summary
+    }
+
+    fn follows(&self, id: &str) -> bool {
+        match &self.following {
+            Following::All => true,
+            Following::None => false,
+            Following::Chosen {
+                followed,
+                known,
+                new_statements,
+            } => {
+                followed.contains(id)
+                    || self.statements.contains_key(id)
+                    || (!known.contains(id) && self.new_followed < *new_statements)
+            }
+        }
+    }
+
+    pub fn add(&mut self, sample: &Sample) {
+        if self.samples == 0 {
+            self.first_size = sample.size_bytes;
+        }
+        self.samples += 1;
+        self.last_size = sample.size_bytes;
+        if let Some(d) = &sample.database {
+            let total = self.database.get_or_insert_with(DatabaseSummary::default);
+            total.xact_commit += d.xact_commit;
+            total.xact_rollback += d.xact_rollback;
+            total.deadlocks += d.deadlocks;
+            total.seconds += sample.seconds;
+            total.samples += 1;
+        }
+        if sample.max_connections > 0.0 {
+            let share = sample.connections / sample.max_connections;
+            self.connection_peak = Some(self.connection_peak.map_or(share, |p| p.max(share)));
+        }
+        if let Some(statements) = &sample.statements {
+            for (id, s) in statements {
+                if !self.follows(id) {
+                    if !matches!(self.following, Following::None)
+                        && self.other_ids.insert(id.clone())
+                    {
+                        self.others.statements += 1;
+                    }
+                    self.others.calls += s.calls;
+                    self.others.total_ms += s.total_ms;
+                    continue;
+                }
+                if let Following::Chosen { followed, .. } = &self.following {
+                    if !followed.contains(id) && !self.statements.contains_key(id) {
+                        self.new_followed += 1;
+                    }
+                }
+                let capacity = self.capacity;
+                let entry = self
+                    .statements
+                    .entry(id.clone())
+                    .or_insert_with(|| StatementSummary {
+                        query: s.query.clone(),
+                        total_ms: 0.0,
+                        calls: 0.0,
+                        means: Spread::new(capacity),
+                    });
+                if entry.query.is_empty() && !s.query.is_empty() {
+                    entry.query.clone_from(&s.query);
+                }
+                entry.total_ms += s.total_ms;
+                entry.calls += s.calls;
+                if s.calls >= self.min_calls as f64 {
+                    if let Some(mean) = s.mean_ms() {
+                        entry.means.push(mean);
+                    }
+                }
+            }
+        }
+        for (name, t) in &sample.tables {
+            let entry = self.tables.entry(name.clone()).or_default();
+            entry.seq_scan += t.seq_scan;
+            entry.seq_tup_read += t.seq_tup_read;
+            entry.seconds += sample.seconds;
+            entry.samples += 1;
+        }
+        for (name, index) in &sample.indexes {
+            let entry = self
+                .indexes
+                .entry(name.clone())
+                .or_insert_with(|| IndexSummary {
+                    table: index.table.clone(),
+                    scans: 0.0,
+                    samples: 0,
+                });
+            entry.scans += index.scans;
+            entry.samples += 1;
+        }
+        if sample.size_bytes > 0.0 {
+            let point = (sample.at, sample.size_bytes);
+            self.first_sized.get_or_insert(point);
+            self.last_sized = Some(point);
+            self.sized_samples += 1;
+        }
+        self.checks.add(sample);
+    }
+
+    /// The statement ids with the largest total time, at most `n` of them.
+    pub fn top_statements(&self, n: usize) -> BTreeSet<String> {
+        let mut ranked: Vec<(&String, f64)> = self
+            .statements
+            .iter()
+            .map(|(id, s)| (id, s.total_ms))
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        ranked
+            .into_iter()
+            .take(n)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Keeps only the statements in `keep`, adding the others to [`Summary::others`].
+    pub fn retain_statements(&mut self, keep: &BTreeSet<String>) {
+        let dropped: Vec<String> = self
+            .statements
+            .keys()
+            .filter(|id| !keep.contains(*id))
+            .cloned()
+            .collect();
+        for id in dropped {
+            if let Some(s) = self.statements.remove(&id) {
+                self.others.statements += 1;
+                self.others.calls += s.calls;
+                self.others.total_ms += s.total_ms;
+            }
+        }
+    }
+
+    /// Approximate bytes held, for the record of what a summary costs.
+    pub fn approximate_bytes(&self) -> usize {
+        let statements: usize = self
+            .statements
+            .iter()
+            .map(|(id, s)| id.len() + s.query.len() + s.means.values.capacity() * 8 + 96)
+            .sum();
+        statements
+            + self.other_ids.iter().map(|id| id.len() + 32).sum::<usize>()
+            + (self.tables.len() + self.indexes.len()) * 96
+            + self.checks.last.len() * 160
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::sample::StatementDelta;
+
+    #[test]
+    fn a_spread_keeps_at_most_its_capacity_evenly_over_everything() {
+        let mut spread = Spread::new(8);
+        for i in 0..100 {
+            spread.push(f64::from(i));
+        }
+        let values = spread.values();
+        assert!(values.len() <= 8 && values.len() >= 4, "{values:?}");
+        assert_eq!(values[0], 0.0);
+        assert!(values.windows(2).all(|w| w[1] - w[0] == 16.0), "{values:?}");
+        assert!(*values.last().unwrap_or(&0.0) >= 80.0, "{values:?}");
+        assert_eq!(spread.offered(), 100);
+        let mut small = Spread::new(8);
+        for i in 0..5 {
+            small.push(f64::from(i));
+        }
+        assert_eq!(small.values(), &[0.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    fn sample(at: f64, statements: &[(&str, f64, f64)]) -> Sample {
+        Sample {
+            at,
+            seconds: 60.0,
+            statements: Some(
+                statements
+                    .iter()
+                    .map(|(id, calls, total)| {
+                        (
+                            id.to_string(),
+                            StatementDelta {
+                                calls: *calls,
+                                total_ms: *total,
+                                rows: 0.0,
+                                query: format!("SELECT {id}"),
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn only_chosen_and_a_few_new_statements_are_followed() {
+        let followed: BTreeSet<String> = ["a".to_string()].into();
+        let known: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let mut summary = Summary::new(
+            1,
+            Following::Chosen {
+                followed,
+                known,
+                new_statements: 1,
+            },
+        );
+        for i in 0..10 {
+            summary.add(&sample(
+                f64::from(i),
+                &[
+                    ("a", 10.0, 10.0),
+                    ("b", 10.0, 5.0),
+                    ("new1", 2.0, 2.0),
+                    ("new2", 2.0, 2.0),
+                ],
+            ));
+        }
+        let ids: Vec<&str> = summary.statements.keys().map(String::as_str).collect();
+        assert_eq!(ids, vec!["a", "new1"]);
+        assert_eq!(summary.statements["a"].means.values().len(), 10);
+        assert_eq!(summary.others.statements, 2);
+        assert_eq!(summary.others.total_ms, 70.0);
+    }
+
+    #[test]
+    fn memory_does_not_grow_with_samples() {
+        let mut summary = Summary::new(1, Following::All);
+        let ids: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        let mut sizes = Vec::new();
+        for i in 0..20_000 {
+            let mut s = sample(f64::from(i), &[]);
+            let statements = s.statements.get_or_insert_with(Default::default);
+            for id in &ids {
+                statements.insert(
+                    id.clone(),
+                    StatementDelta {
+                        calls: 5.0,
+                        total_ms: 5.0,
+                        rows: 0.0,
+                        query: String::new(),
+                    },
+                );
+            }
+            summary.add(&s);
+            if i == 5_000 || i == 19_999 {
+                sizes.push(summary.approximate_bytes());
+            }
+        }
+        assert_eq!(sizes[0], sizes[1], "{sizes:?}");
+    }
+}
