@@ -647,7 +647,7 @@ mod tests {
     use crate::analysis::sample::{
         CheckPoint, DbCounters, IndexDelta, StatementDelta, TableCounters,
     };
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     fn t() -> Thresholds {
         Thresholds {
