@@ -425,12 +425,15 @@ pub async fn read_texts(
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        // One array constant rather than an IN list: an IN list's query id changes with its
+        // length (before PostgreSQL 18), so every fetch would itself be a new statement whose
+        // text is fetched on the next pass.
         let table = query(
             pool,
             &format!(
                 "SELECT queryid::text, left(min(query), 2000) FROM {relation}(showtext := true) \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND queryid IN ({list}) GROUP BY queryid"
+                 AND queryid = ANY('{{{list}}}'::bigint[]) GROUP BY queryid"
             ),
         )
         .await?;
