@@ -51,7 +51,7 @@ impl Shard {
     }
 
     /// True when the fleet is split (more than one shard).
-    pub fn is_split(&self) -> bool {
+    pub(crate) fn is_split(&self) -> bool {
         self.count > 1
     }
 }

@@ -26,7 +26,7 @@ use crate::postgres::target::{ConnectionParts, ConnectionSettings, PasswordSourc
 use crate::shard::Shard;
 
 /// Default address of the HTTP server. 9788 is not used by any well-known exporter.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9788";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9788";
 
 /// The sections an environment override may address (`DEPLOYWATCH_SERVER__LISTEN`). Other
 /// `DEPLOYWATCH_*` variables are left alone: they commonly hold passwords named by `password_env`.
@@ -341,7 +341,8 @@ pub struct TargetConfig {
     pub discover: Option<Discovery>,
 }
 
-pub const DEFAULT_VERSION_QUERY: &str = "SELECT value FROM database_metadata WHERE key = 'version'";
+pub(crate) const DEFAULT_VERSION_QUERY: &str =
+    "SELECT value FROM database_metadata WHERE key = 'version'";
 
 impl Config {
     /// Loads and validates the main file, its environment overrides and every check pack it
@@ -409,7 +410,7 @@ impl Config {
     /// which every replica runs on every template, so the databases a template finds are
     /// assigned one by one; a template itself (shown while its server cannot be asked) is
     /// kept by the shard that owns its name, so its failure shows once.
-    pub fn retain_owned(&mut self) {
+    pub(crate) fn retain_owned(&mut self) {
         let shard = self.server.shard;
         self.targets.retain(|target| shard.owns(&target.name));
     }

@@ -217,7 +217,7 @@ impl WebConfig {
     }
 
     /// Whether `path` needs credentials at all.
-    pub fn protects(&self, path: &str) -> bool {
+    pub(crate) fn protects(&self, path: &str) -> bool {
         if self.users.is_empty() {
             return false;
         }
@@ -226,7 +226,7 @@ impl WebConfig {
     }
 
     /// Checks an `Authorization: Basic ...` header value.
-    pub fn authorized(&self, header: Option<&str>) -> bool {
+    pub(crate) fn authorized(&self, header: Option<&str>) -> bool {
         let Some(value) = header else { return false };
         let digest: [u8; 32] = sha2::Sha256::digest(value.as_bytes()).into();
         {
