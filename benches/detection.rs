@@ -108,6 +108,7 @@ fn quality() {
         latency_min_calls: 5,
         latency_p_value: 0.01,
         min_samples: 3,
+        latency_min_window_samples: 6,
         latency_min_delta_ms: 0.05,
     };
     let seeds = 300u64;
@@ -155,9 +156,6 @@ async fn sampling_cost() {
         ..ClusterOptions::default()
     })
     .expect("PostgreSQL");
-    cluster
-        .create_monitoring_role("deploywatch")
-        .expect("monitoring role");
     cluster.create_database("bench").expect("db");
     cluster
         .psql("bench", "CREATE EXTENSION pg_stat_statements")
@@ -192,7 +190,7 @@ async fn sampling_cost() {
     std::fs::write(dir.join("checks/p.toml"), "[pack]\nname = \"p\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n").expect("pack");
     std::fs::write(
         dir.join("deploywatch.toml"),
-        format!("[[targets]]\nname = \"bench\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"bench\"\nuser = \"deploywatch\"\n", cluster.port()),
+        format!("[[targets]]\nname = \"bench\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"bench\"\nuser = \"postgres\"\n", cluster.port()),
     )
     .expect("config");
     let config = Config::load(&dir.join("deploywatch.toml")).expect("config");

@@ -18,7 +18,7 @@ use std::time::Instant;
 use deploywatch::analysis::deployment::{latch, Finding, Signal};
 use deploywatch::analysis::regression::{self, Thresholds};
 use deploywatch::analysis::sample::{
-    CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters,
+    CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters, SERVER_RESTART,
 };
 use deploywatch::analysis::window::{self, Verdict, Window};
 use rand::rngs::StdRng;
@@ -48,6 +48,7 @@ fn thresholds() -> Thresholds {
         latency_min_calls: 5,
         latency_p_value: 0.01,
         min_samples: 3,
+        latency_min_window_samples: 6,
         latency_min_delta_ms: 0.05,
     }
 }
@@ -178,13 +179,17 @@ impl Workload {
             .iter()
             .map(|w| w / total * CALLS_PER_SECOND)
             .collect();
-        let base_ms = (0..STATEMENTS)
+        let base_ms: Vec<f64> = (0..STATEMENTS)
             .map(|_| {
                 (0.5f64.ln() + 1.2 * normal(&mut rng))
                     .exp()
                     .clamp(0.05, 200.0)
             })
             .collect();
+        let mut base_ms: Vec<f64> = base_ms;
+        // The statements the regressions hit: a 2 ms function, a 1 ms update.
+        base_ms[HIT] = 2.0;
+        base_ms[LOCKED] = 1.0;
         let phase = rng.gen::<f64>() * DAY_CYCLE;
         Workload {
             rng,
@@ -347,6 +352,7 @@ impl Workload {
             if scenario == Scenario::Restart {
                 sample.database = None;
                 sample.resets.push("pg_stat_database".into());
+                sample.resets.push(SERVER_RESTART.into());
             }
         }
         sample

@@ -237,6 +237,7 @@ fn main() {
             latency_min_calls: 5,
             latency_p_value: 0.01,
             min_samples: 3,
+            latency_min_window_samples: 6,
             latency_min_delta_ms: 0.05,
         },
         min_baseline_samples: 5,

@@ -11,7 +11,7 @@ use crate::analysis::deployment::{
 use crate::analysis::regression::{self, Thresholds};
 use crate::analysis::sample::Sample;
 use crate::analysis::summary::{Following, Summary};
-use crate::analysis::window::{self, Window, WindowDurations};
+use crate::analysis::window::{self, Verdict, Window, WindowDurations};
 use crate::time::{rfc3339, Timestamp};
 
 /// How many of the baseline's statements (by total time) are followed in detail.
@@ -199,6 +199,16 @@ pub fn judge(
             judged_samples,
             settings.min_window_samples,
         );
+        // Signals that could not be judged (traffic changed sharply) leave a clean window
+        // `inconclusive`, with the reason among the limitations.
+        let verdict = if verdict == Verdict::Pass && !judgement.inconclusive.is_empty() {
+            Verdict::Inconclusive
+        } else {
+            verdict
+        };
+        for reason in &judgement.inconclusive {
+            limitations.push(format!("{}: {reason}", window.as_str()));
+        }
         let view = WindowView {
             window,
             start: rfc3339(start),
@@ -260,6 +270,7 @@ mod tests {
                 latency_min_calls: 5,
                 latency_p_value: 0.01,
                 min_samples: 3,
+                latency_min_window_samples: 6,
                 latency_min_delta_ms: 0.05,
             },
             min_baseline_samples: 5,

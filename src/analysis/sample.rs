@@ -147,7 +147,8 @@ pub struct Sample {
     pub connections: f64,
     pub max_connections: f64,
     pub checks: BTreeMap<String, CheckPoint>,
-    /// Which sources were reset in the interval (and left out).
+    /// Which sources were reset in the interval (and left out), and [`SERVER_RESTART`] when
+    /// the server restarted in it.
     pub resets: Vec<String>,
     /// Indexes and tables that were there at the start of the interval and are gone at its
     /// end (`index public.x`, `table public.y`): dropped, not reset.
@@ -155,10 +156,17 @@ pub struct Sample {
     pub vanished: Vec<String>,
     /// Whether pg_stat_statements was available at all.
     pub statements_available: bool,
+}
+
+/// The mark in [`Sample::resets`] of an interval in which the server restarted.
+pub const SERVER_RESTART: &str = "server restart";
+
+impl Sample {
     /// The server restarted in the interval: its caches are cold for a while, so the times
     /// that follow are not the deployment's.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub restarted: bool,
+    pub fn restarted(&self) -> bool {
+        self.resets.iter().any(|r| r == SERVER_RESTART)
+    }
 }
 
 /// Longest query text kept with a statement.
@@ -297,6 +305,12 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
             }
         }
     }
+    if matches!(
+        (previous.postmaster_start, current.postmaster_start),
+        (Some(before), Some(after)) if before != after
+    ) {
+        resets.push(SERVER_RESTART.to_string());
+    }
     Sample {
         at: current.at,
         seconds: (current.at - previous.at).max(0.0),
@@ -311,10 +325,6 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
         resets,
         vanished,
         statements_available: current.statements.is_some(),
-        restarted: matches!(
-            (previous.postmaster_start, current.postmaster_start),
-            (Some(before), Some(after)) if before != after
-        ),
     }
 }
 
@@ -418,15 +428,15 @@ mod tests {
         before.postmaster_start = Some(1000.0);
         after.postmaster_start = Some(1000.0);
         let s = delta(&before, &after);
-        assert!(!s.restarted);
+        assert!(!s.restarted());
         after.postmaster_start = Some(1050.0);
         let s = delta(&before, &after);
-        assert!(s.restarted);
+        assert!(s.restarted());
         // The counters went on, so the interval is kept.
         assert_eq!(s.database.map(|d| d.xact_commit), Some(100.0));
         // Not known on one side (older store, failed read): no claim.
         before.postmaster_start = None;
-        assert!(!delta(&before, &after).restarted);
+        assert!(!delta(&before, &after).restarted());
     }
 
     fn with_indexes(at: f64, indexes: &[(&str, f64)], seq_scan: f64) -> RawStats {

@@ -13,10 +13,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::analysis::sample::{CheckPoint, Sample};
+use crate::analysis::stats::RunningMoments;
 use crate::time::Timestamp;
 
 /// How many per-sample values a series keeps for the distribution tests.
 pub const SPREAD_CAPACITY: usize = 512;
+/// After a server restart, the times of this many samples (the restart's interval included)
+/// are left out: caches are cold, and what the queries cost then is not the deployment's doing.
+pub const RESTART_WARMUP_SAMPLES: usize = 10;
 
 /// Per-sample values spread evenly over everything seen, at most `capacity` of them.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +76,8 @@ pub struct StatementSummary {
     pub calls: f64,
     /// Mean time per call of each sample with at least `min_calls` calls.
     pub means: Spread,
+    /// Running moments of the natural log of those means, for the sequential test.
+    pub log_means: RunningMoments,
 }
 
 /// Which statements a summary follows in detail.
@@ -180,6 +186,12 @@ impl ChecksSummary {
 pub struct Summary {
     /// Samples added.
     pub samples: usize,
+    /// Seconds the samples cover.
+    pub seconds: f64,
+    /// Server restarts seen.
+    pub restarts: usize,
+    /// Samples still to leave out of the statement times after a restart.
+    warmup_left: usize,
     pub database: Option<DatabaseSummary>,
     /// Highest share of max_connections in use.
     pub connection_peak: Option<f64>,
@@ -212,6 +224,9 @@ impl Summary {
     pub fn with_capacity(min_calls: u64, following: Following, capacity: usize) -> Summary {
         Summary {
             samples: 0,
+            seconds: 0.0,
+            restarts: 0,
+            warmup_left: 0,
             database: None,
             connection_peak: None,
             statements: BTreeMap::new(),
@@ -262,6 +277,13 @@ impl Summary {
             self.first_size = sample.size_bytes;
         }
         self.samples += 1;
+        self.seconds += sample.seconds.max(0.0);
+        if sample.restarted() {
+            self.restarts += 1;
+            self.warmup_left = RESTART_WARMUP_SAMPLES;
+        }
+        let warming_up = self.warmup_left > 0;
+        self.warmup_left = self.warmup_left.saturating_sub(1);
         self.last_size = sample.size_bytes;
         if let Some(d) = &sample.database {
             let total = self.database.get_or_insert_with(DatabaseSummary::default);
@@ -275,7 +297,8 @@ impl Summary {
             let share = sample.connections / sample.max_connections;
             self.connection_peak = Some(self.connection_peak.map_or(share, |p| p.max(share)));
         }
-        if let Some(statements) = &sample.statements {
+        let statements = sample.statements.as_ref().filter(|_| !warming_up);
+        if let Some(statements) = statements {
             for (id, s) in statements {
                 if !self.follows(id) {
                     if !matches!(self.following, Following::None)
@@ -301,6 +324,7 @@ impl Summary {
                         total_ms: 0.0,
                         calls: 0.0,
                         means: Spread::new(capacity),
+                        log_means: RunningMoments::default(),
                     });
                 if entry.query.is_empty() && !s.query.is_empty() {
                     entry.query.clone_from(&s.query);
@@ -310,6 +334,9 @@ impl Summary {
                 if s.calls >= self.min_calls as f64 {
                     if let Some(mean) = s.mean_ms() {
                         entry.means.push(mean);
+                        if mean > 0.0 {
+                            entry.log_means.push(mean.ln());
+                        }
                     }
                 }
             }
@@ -464,6 +491,30 @@ mod tests {
         assert_eq!(summary.statements["a"].means.values().len(), 10);
         assert_eq!(summary.others.statements, 2);
         assert_eq!(summary.others.total_ms, 70.0);
+    }
+
+    #[test]
+    fn the_samples_after_a_restart_leave_statement_times_out() {
+        let mut summary = Summary::new(1, Following::All);
+        for i in 0..5 {
+            summary.add(&sample(f64::from(i), &[("a", 10.0, 10.0)]));
+        }
+        let mut restart = sample(5.0, &[("a", 10.0, 300.0)]);
+        restart
+            .resets
+            .push(crate::analysis::sample::SERVER_RESTART.into());
+        summary.add(&restart);
+        for i in 6..(6 + RESTART_WARMUP_SAMPLES as u32 - 1) {
+            summary.add(&sample(f64::from(i), &[("a", 10.0, 100.0)]));
+        }
+        let a = &summary.statements["a"];
+        assert_eq!((a.log_means.n, a.calls, a.total_ms), (5, 50.0, 50.0));
+        summary.add(&sample(100.0, &[("a", 10.0, 10.0)]));
+        let a = &summary.statements["a"];
+        assert_eq!(a.log_means.n, 6);
+        assert_eq!(summary.restarts, 1);
+        assert_eq!(summary.samples, 5 + RESTART_WARMUP_SAMPLES + 1);
+        assert_eq!(summary.seconds, 60.0 * summary.samples as f64);
     }
 
     #[test]

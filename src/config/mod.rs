@@ -191,6 +191,7 @@ struct RawDeployments {
     first_week: Option<String>,
     latency_min_increase: Option<f64>,
     latency_min_calls: Option<i64>,
+    latency_min_window_samples: Option<i64>,
     latency_p_value: Option<f64>,
     latency_min_delta_ms: Option<f64>,
     version_order: Option<String>,
@@ -227,8 +228,6 @@ struct RawTarget {
     sslrootcert: Option<String>,
     sslcert: Option<PathBuf>,
     sslkey: Option<PathBuf>,
-    /// Whether sessions may be opened as a superuser.
-    allow_superuser: Option<bool>,
     /// Glob patterns: the target stands for every matching database of its server.
     databases: Option<Vec<String>>,
     exclude_databases: Option<Vec<String>>,
@@ -312,7 +311,10 @@ pub struct DeploymentConfig {
     pub latency_min_increase: f64,
     /// Calls per sample a query needs before its latency is judged.
     pub latency_min_calls: u64,
-    /// One-sided Mann–Whitney p-value below which a latency change is significant.
+    /// Window samples a query needs before any latency verdict on it.
+    pub latency_min_window_samples: usize,
+    /// False-discovery level of the sequential tests (Benjamini–Hochberg across what is
+    /// tested at one look).
     pub latency_p_value: f64,
     /// Smallest change of a query's median time per call (ms) that can be a regression.
     pub latency_min_delta_ms: f64,
@@ -1061,6 +1063,11 @@ fn validate_deployments(
         ),
         latency_min_calls: f.positive("deployments.latency_min_calls", raw.latency_min_calls, 5)
             as u64,
+        latency_min_window_samples: f.positive(
+            "deployments.latency_min_window_samples",
+            raw.latency_min_window_samples,
+            6,
+        ),
         latency_p_value: f.fraction("deployments.latency_p_value", raw.latency_p_value, 0.01),
         latency_min_delta_ms: f.fraction(
             "deployments.latency_min_delta_ms",
@@ -1163,11 +1170,7 @@ fn validate_target(
             f.push(format!("{key}.url"), error.to_string());
             None
         }
-    }
-    .map(|mut settings| {
-        settings.allow_superuser = raw.allow_superuser.unwrap_or(false);
-        settings
-    });
+    };
     let max_connections = f.positive(
         &format!("{key}.max_connections"),
         raw.max_connections,

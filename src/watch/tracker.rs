@@ -776,6 +776,7 @@ impl Tracker {
             latency_min_calls: self.settings.latency_min_calls,
             latency_p_value: self.settings.latency_p_value,
             min_samples: self.settings.min_window_samples,
+            latency_min_window_samples: self.settings.latency_min_window_samples,
             latency_min_delta_ms: self.settings.latency_min_delta_ms,
         }
     }
