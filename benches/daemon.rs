@@ -49,6 +49,9 @@ async fn run() {
         ..ClusterOptions::default()
     })
     .expect("PostgreSQL for the benchmark");
+    cluster
+        .create_monitoring_role("deploywatch")
+        .expect("monitoring role");
     let dir = std::env::temp_dir().join(format!("deploywatch-bench-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("checks")).expect("dir");
     let mut pack = String::from("[pack]\nname = \"bench\"\n");
@@ -74,7 +77,7 @@ async fn run() {
         let db = format!("bench_{t}");
         cluster.create_database(&db).expect("database");
         main.push_str(&format!(
-            "\n[[targets]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
+            "\n[[targets]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"deploywatch\"\n",
             cluster.port()
         ));
     }

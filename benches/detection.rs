@@ -156,6 +156,9 @@ async fn sampling_cost() {
         ..ClusterOptions::default()
     })
     .expect("PostgreSQL");
+    cluster
+        .create_monitoring_role("deploywatch")
+        .expect("monitoring role");
     cluster.create_database("bench").expect("db");
     cluster
         .psql("bench", "CREATE EXTENSION pg_stat_statements")
@@ -190,7 +193,7 @@ async fn sampling_cost() {
     std::fs::write(dir.join("checks/p.toml"), "[pack]\nname = \"p\"\n\n[[check]]\nname = \"one\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n").expect("pack");
     std::fs::write(
         dir.join("deploywatch.toml"),
-        format!("[[targets]]\nname = \"bench\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"bench\"\nuser = \"postgres\"\n", cluster.port()),
+        format!("[[targets]]\nname = \"bench\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"bench\"\nuser = \"deploywatch\"\n", cluster.port()),
     )
     .expect("config");
     let config = Config::load(&dir.join("deploywatch.toml")).expect("config");

@@ -98,6 +98,9 @@ async fn main() {
         ..ClusterOptions::default()
     })
     .expect("PostgreSQL");
+    cluster
+        .create_monitoring_role("deploywatch")
+        .expect("monitoring role");
     cluster.create_database("app").expect("db");
     let columns: Vec<String> = (0..COLUMNS).map(|i| format!("c{i} int")).collect();
     cluster
@@ -135,7 +138,7 @@ async fn main() {
         format!(
             "[store]\npath = \"state.sqlite\"\n\n\
              [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\n\n\
-             [[targets]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\n",
+             [[targets]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"deploywatch\"\n",
             cluster.port()
         ),
     )

@@ -496,7 +496,7 @@ async fn an_unreachable_target_exits_2_with_a_clear_message() {
     dir.add_shipped_pack("cognit-3.7.0.toml");
     dir.write(
         "deploywatch.toml",
-        &format!("[[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"postgres\"\n"),
+        &format!("[[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"deploywatch\"\n"),
     );
     let (code, output) = commands::check(dir.load(), None, None, OutputFormat::Table).await;
     assert_eq!(code, 2, "{output}");
@@ -560,7 +560,7 @@ fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
     let dir = shipped_config(&pg, "cognit");
     let main = std::fs::read_to_string(dir.main())
         .expect("config")
-        .replace("user = \"postgres\"", "user = \"watcher\"");
+        .replace("user = \"deploywatch\"", "user = \"watcher\"");
     dir.write("deploywatch.toml", &main);
     let output = dir.run(&["check", "--privileges"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -614,7 +614,7 @@ async fn check_runs_in_every_discovered_database() {
     dir.write(
         "deploywatch.toml",
         &format!(
-            "[deployments]\nenabled = false\n\n[[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"cognit_*\"]\n",
+            "[deployments]\nenabled = false\n\n[[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"deploywatch\"\ndatabases = [\"cognit_*\"]\n",
             pg.port()
         ),
     );

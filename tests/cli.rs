@@ -43,7 +43,7 @@ fn unreachable_config() -> ConfigDir {
     dir.write(
         "deploywatch.toml",
         &format!(
-            "[defaults]\nconnect_timeout = \"2s\"\n\n[[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"x\"\nuser = \"postgres\"\n",
+            "[defaults]\nconnect_timeout = \"2s\"\n\n[[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"x\"\nuser = \"deploywatch\"\n",
             common::free_port()
         ),
     );

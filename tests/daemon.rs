@@ -494,7 +494,7 @@ async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
     dir.write("checks/many.toml", &pack);
     dir.write(
         "deploywatch.toml",
-        &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\nmax_connections = 2\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()),
+        &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"deploywatch\"\nmax_connections = 2\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()),
     );
     let handle = start(&dir).await;
     let mut max_seen = 0;
@@ -526,7 +526,7 @@ async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
         "checks/slow.toml",
         "[pack]\nname = \"slow\"\n\n[[check]]\nname = \"slow\"\ncategory = \"performance\"\nseverity = \"info\"\ninterval = \"1s\"\ntimeout = \"10s\"\nsql = \"SELECT count(*) FROM pg_sleep(2.5)\"\nexpect = \"== 1\"\n",
     );
-    dir.write("deploywatch.toml", &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\nmax_connections = 4\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()));
+    dir.write("deploywatch.toml", &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"deploywatch\"\nmax_connections = 4\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()));
     let handle = start(&dir).await;
     let mut max_running = 0;
     let deadline = Instant::now() + Duration::from_secs(7);
@@ -686,9 +686,9 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
         &format!(
             "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
              [deployments]\nenabled = false\n\n\
-             [[targets]]\nname = \"fleet\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n\
+             [[targets]]\nname = \"fleet\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"deploywatch\"\n\
              databases = [\"app_*\"]\nexclude_databases = [\"*_test\"]\n\n\
-             [[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {closed_port}\nuser = \"postgres\"\ndatabases = [\"*\"]\n",
+             [[targets]]\nname = \"gone\"\nhost = \"127.0.0.1\"\nport = {closed_port}\nuser = \"deploywatch\"\ndatabases = [\"*\"]\n",
             pg.port()
         ),
     );

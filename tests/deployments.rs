@@ -56,7 +56,7 @@ impl Setup {
                  [store]\npath = \"state.sqlite\"\n\n\
                  [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
                  latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-                 [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"postgres\"\n",
+                 [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"deploywatch\"\n",
                 hour * 2,
                 hour * 3,
                 pg.port()
@@ -920,8 +920,9 @@ async fn the_sampler_tells_a_restart_the_counters_survived() {
     let mut pg = cluster();
     let settings = ConnectionSettings::parse(
         &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            pg.port()
+            "host=127.0.0.1 port={} user={} dbname=postgres",
+            pg.port(),
+            common::MONITOR_ROLE
         ),
         Duration::from_secs(5),
     )

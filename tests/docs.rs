@@ -33,7 +33,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
-use common::{cluster, cognit_db, free_port, repo, Version};
+use common::{cognit_db, free_port, repo, Version};
 use deploywatch_testkit::pgcluster::PgCluster;
 
 const DOCUMENTED_ADDRESS: &str = "127.0.0.1:9788";
@@ -548,7 +548,7 @@ fn run_document(doc: &str, cluster: &PgCluster, database: &str, values: &[(&str,
 /// application: that role can run every shipped check.
 #[test]
 fn the_readme_runs_and_its_role_can_run_every_shipped_check() {
-    let cluster = cluster();
+    let cluster = common::bare_cluster();
     cognit_db(&cluster, "cognit", Version::V370);
     run_document("README.md", &cluster, "cognit", &[]);
 
@@ -578,13 +578,13 @@ fn the_readme_runs_and_its_role_can_run_every_shipped_check() {
 
 #[test]
 fn the_operations_guide_runs() {
-    let cluster = cluster();
+    let cluster = common::bare_cluster();
     run_document("deploy/README.md", &cluster, "postgres", &[]);
 }
 
 #[test]
 fn the_runbooks_queries_run_on_the_application_schema() {
-    let cluster = cluster();
+    let cluster = common::bare_cluster();
     cognit_db(&cluster, "cognit", Version::V370);
     run_document("docs/runbooks.md", &cluster, "cognit", &[]);
 }
@@ -592,7 +592,7 @@ fn the_runbooks_queries_run_on_the_application_schema() {
 /// The tutorial, from an empty server to a deployment recorded and reported.
 #[test]
 fn the_tutorial_runs_from_an_empty_server_to_a_reported_deployment() {
-    let cluster = cluster();
+    let cluster = common::bare_cluster();
     let ran = run_document(
         "docs/getting-started.md",
         &cluster,
@@ -715,7 +715,7 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
         .filter(|b| b.mode == "version-query")
         .map(|b| (b.args.clone(), b.text))
         .collect();
-    let cluster = cluster();
+    let cluster = common::cluster();
     for tool in TOOLS {
         let block = documented.get(tool.name).unwrap_or_else(|| {
             panic!("docs/getting-started.md has no {} version query", tool.name)
@@ -872,7 +872,7 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_version_query_on_a_foreign_schema_is_warned_about() {
     use tokio::io::AsyncBufReadExt;
-    let cluster = cluster();
+    let cluster = common::cluster();
     cluster.create_database("shop").expect("database");
     cluster
         .psql("shop", "CREATE TABLE orders (order_id bigint PRIMARY KEY)")

@@ -8,18 +8,21 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{get, parse_metrics, wait_until, ConfigDir};
+use common::{get, parse_metrics, wait_until, ConfigDir, MONITOR_ROLE};
 use deploywatch::daemon::{self, DaemonHandle, Event};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
 
 fn fleet_cluster(max_connections: u32) -> PgCluster {
-    PgCluster::start(ClusterOptions {
+    let pg = PgCluster::start(ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".to_string()],
         max_connections,
         ..ClusterOptions::default()
     })
-    .unwrap_or_else(|error| panic!("cannot start a test PostgreSQL: {error}"))
+    .unwrap_or_else(|error| panic!("cannot start a test PostgreSQL: {error}"));
+    pg.create_monitoring_role(MONITOR_ROLE)
+        .expect("the monitoring role");
+    pg
 }
 
 /// Creates `fleet_template` (with `setup` run in it) and the named databases as its copies.
@@ -214,11 +217,11 @@ fn fleet_config(pg: &PgCluster, budget: usize, per_target: usize, extra: &str) -
         "[defaults]\ninterval = \"2s\"\ntimeout = \"5s\"\nconnect_timeout = \"2s\"\ndiscovery_interval = \"2s\"\n\
          max_connections_per_server = {budget}\nmax_connections_per_target = {per_target}\n\n\
          [deployments]\nsample_interval = \"2s\"\n\n{extra}\
-         [[targets]]\nname = \"low\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\n\
+         [[targets]]\nname = \"low\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{MONITOR_ROLE}\"\n\
          databases = [\"tenant_0*\", \"tenant_1*\", \"tenant_2*\"]\n\n\
-         [[targets]]\nname = \"high\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\n\
+         [[targets]]\nname = \"high\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{MONITOR_ROLE}\"\n\
          databases = [\"tenant_3*\", \"tenant_4*\"]\n\n\
-         [[targets]]\nname = \"admin\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\ndbname = \"postgres\"\n"
+         [[targets]]\nname = \"admin\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{MONITOR_ROLE}\"\ndbname = \"postgres\"\n"
     )
 }
 
@@ -340,7 +343,7 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
         "deploywatch.toml",
         &format!(
             "[defaults]\ntimeout = \"5s\"\nconnect_timeout = \"2s\"\n\n[deployments]\nenabled = false\n\n\
-             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{MONITOR_ROLE}\"\ndatabases = [\"tenant_*\"]\n",
             pg.port()
         ),
     );
@@ -490,7 +493,7 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
             "[server]\napi_token_file = \"token\"\n\n\
              [defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
              [deployments]\nsample_interval = \"1s\"\n\n\
-             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{MONITOR_ROLE}\"\ndatabases = [\"tenant_*\"]\n",
             pg.port()
         ),
     );
@@ -596,7 +599,7 @@ async fn server_wide_views_are_read_once_per_server_per_interval() {
         "deploywatch.toml",
         &format!(
             "[defaults]\ntimeout = \"5s\"\n\n[deployments]\nsample_interval = \"1s\"\n\n\
-             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{MONITOR_ROLE}\"\ndatabases = [\"tenant_*\"]\n",
             pg.port()
         ),
     );
@@ -698,7 +701,7 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
         &format!(
             "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\
              max_connections_per_server = 3\n\n[deployments]\nsample_interval = \"1s\"\n\n\
-             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{MONITOR_ROLE}\"\ndatabases = [\"tenant_*\"]\n",
             pg.port()
         ),
     );

@@ -96,7 +96,7 @@ async fn two_shards_split_twenty_discovered_databases_keep_it_across_a_reload_an
             "[server]\napi_token_file = \"token\"\nshard = \"0/2\"\nshard_peers = [\"{first_url}\", \"{second_url}\"]\n\n\
              [defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\n\
              [deployments]\nsample_interval = \"1s\"\n\n\
-             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabases = [\"tenant_*\"]\n",
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"deploywatch\"\ndatabases = [\"tenant_*\"]\n",
             pg.port()
         ),
     );
@@ -284,7 +284,7 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     dir.write("token", "shard-token");
     dir.write("checks/one.toml", ONE_CHECK);
     let target = |name: &str| {
-        format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"postgres\"\n")
+        format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"deploywatch\"\n")
     };
     dir.write(
         "deploywatch.toml",

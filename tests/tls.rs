@@ -114,8 +114,10 @@ async fn connect(pg: &PgCluster, host: &str, options: &[(&str, String)]) -> Resu
         tls_options: options,
         ..ConnectionParts::default()
     };
-    let settings =
+    let mut settings =
         ConnectionSettings::new(parts, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    // The client certificates are issued to the bootstrap superuser.
+    settings.allow_superuser = true;
     let pool = TargetPool::new(
         "tls",
         settings,

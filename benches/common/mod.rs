@@ -46,7 +46,7 @@ pub async fn start(
              [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
              [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
              latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-             [[targets]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
+             [[targets]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"deploywatch\"\n",
             hour * 2,
             hour * 3,
             cluster.port()
@@ -91,6 +91,9 @@ pub fn cluster_with_statements(db: &str) -> PgCluster {
         ..ClusterOptions::default()
     })
     .expect("PostgreSQL");
+    cluster
+        .create_monitoring_role("deploywatch")
+        .expect("monitoring role");
     cluster.create_database(db).expect("db");
     cluster
 }

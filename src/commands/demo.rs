@@ -103,6 +103,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         cluster.base_dir().display()
     ));
     cluster.create_database(DATABASE)?;
+    // The daemon connects as a monitoring role, as in production, never as the superuser.
+    cluster.create_monitoring_role("deploywatch")?;
     let connection_string = cluster.connection_string(DATABASE);
     let admin = Application::connect(&connection_string).await?;
     let load = async {

@@ -3,6 +3,9 @@
 //! transaction: PostgreSQL checks table and function privileges while planning, so a missing
 //! `SELECT` grant shows up as SQLSTATE 42501 without running anything. Membership in
 //! `pg_monitor` is checked too: without it the activity views hide other sessions' queries.
+//! And what the role can do beyond reading, which a `READ ONLY` transaction does not stop, is
+//! flagged: being a superuser, or a member of `pg_execute_server_program`,
+//! `pg_write_server_files` or `pg_signal_backend`.
 
 use std::fmt::Write as _;
 
@@ -24,15 +27,34 @@ pub struct PrivilegeReport {
     pub denied: Vec<Denied>,
     /// Per target: the role and whether it is a member of pg_monitor.
     pub roles: Vec<(String, String, bool)>,
+    /// Per target: what the role can do beyond reading (superuser, risky memberships).
+    pub excess: Vec<(String, String)>,
     pub checked: usize,
     /// Targets that could not be asked at all, with why.
     pub unreachable: Vec<(String, String)>,
 }
 
+/// Roles whose members can act outside the database despite `READ ONLY`, and what they allow.
+const RISKY_ROLE_POWERS: [(&str, &str); 3] = [
+    (
+        "pg_execute_server_program",
+        "can run programs on the database server (COPY ... TO PROGRAM)",
+    ),
+    (
+        "pg_write_server_files",
+        "can write files on the database server (COPY ... TO 'file')",
+    ),
+    (
+        "pg_signal_backend",
+        "can cancel and terminate other sessions (pg_terminate_backend)",
+    ),
+];
+
 impl PrivilegeReport {
     pub fn all_runnable(&self) -> bool {
         self.unreachable.is_empty()
             && self.denied.is_empty()
+            && self.excess.is_empty()
             && self.roles.iter().all(|(_, _, monitor)| *monitor)
     }
 
@@ -65,6 +87,9 @@ impl PrivilegeReport {
                     "is NOT a member of pg_monitor: activity checks only see its own sessions (GRANT pg_monitor TO ...)"
                 }
             );
+        }
+        for (target, excess) in &self.excess {
+            let _ = writeln!(out, "target {target}: {excess}");
         }
         if self.denied.is_empty() && self.checked == 0 && !self.unreachable.is_empty() {
             // Nothing could be asked: no "all 0 checks can run".
@@ -112,7 +137,37 @@ pub async fn report(config: &Config) -> PrivilegeReport {
         let role =
             role_membership(pool, config.defaults.timeout, config.defaults.lock_timeout).await;
         match role {
-            Ok((name, monitor)) => report.roles.push((target.name.clone(), name, monitor)),
+            Ok(role) => {
+                let name = &role.name;
+                if role.superuser {
+                    report.excess.push((
+                        target.name.clone(),
+                        format!(
+                            "role {name} is a superuser: READ ONLY does not stop it from writing \
+                             files, running programs or terminating sessions on the server; \
+                             use a role with pg_monitor and SELECT grants"
+                        ),
+                    ));
+                } else {
+                    for risky in &role.risky {
+                        let what = RISKY_ROLE_POWERS
+                            .iter()
+                            .find(|(r, _)| r == risky)
+                            .map(|(_, what)| *what)
+                            .unwrap_or("can act outside the database");
+                        report.excess.push((
+                            target.name.clone(),
+                            format!(
+                                "role {name} is a member of {risky}: it {what}, \
+                                 which READ ONLY does not prevent (REVOKE {risky} FROM {name})"
+                            ),
+                        ));
+                    }
+                }
+                report
+                    .roles
+                    .push((target.name.clone(), role.name.clone(), role.monitor));
+            }
             Err(error) if error.kind == crate::checks::outcome::ErrorKind::Connection => {
                 report
                     .unreachable

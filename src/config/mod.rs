@@ -228,6 +228,8 @@ struct RawTarget {
     sslrootcert: Option<String>,
     sslcert: Option<PathBuf>,
     sslkey: Option<PathBuf>,
+    /// Whether sessions may be opened as a superuser.
+    allow_superuser: Option<bool>,
     /// Glob patterns: the target stands for every matching database of its server.
     databases: Option<Vec<String>>,
     exclude_databases: Option<Vec<String>>,
@@ -1170,7 +1172,11 @@ fn validate_target(
             f.push(format!("{key}.url"), error.to_string());
             None
         }
-    };
+    }
+    .map(|mut settings| {
+        settings.allow_superuser = raw.allow_superuser.unwrap_or(false);
+        settings
+    });
     let max_connections = f.positive(
         &format!("{key}.max_connections"),
         raw.max_connections,

@@ -15,12 +15,21 @@
 //! checked with bcrypt, whose comparison takes the same time whatever the input; answers to
 //! wrong or missing credentials say only "unauthorized".
 //!
+//! bcrypt is slow on purpose, so it must not be a lever against the daemon
+//! ([`LiveWebConfig::authorize`]): it runs on a few threads of its own ([`bcrypt_slots`]),
+//! never on the async workers, at the lowest CPU priority (nice 19) so that probes, scrapes
+//! and checks go first, with a bounded queue; credentials once verified are remembered (a bounded set of
+//! digests), so a scraper pays for bcrypt once; and each client address may fail only a few
+//! times before its further attempts are answered `429 Too Many Requests` without running
+//! bcrypt at all (a token bucket per address, refilled slowly).
+//!
 //! Like the exporter toolkit, the daemon follows the file as it changes ([`LiveWebConfig`]):
 //! when the web configuration or a certificate, key or CA file it names is replaced (a renewed
 //! certificate, a new user), new connections and requests use the new version. A broken new
 //! version is logged and the previous one stays in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -225,46 +234,160 @@ impl WebConfig {
         !probe || self.protect_probes
     }
 
-    /// Checks an `Authorization: Basic ...` header value.
+    /// Whether these exact header bytes were verified before (constant time over the set).
+    fn remembered(&self, digest: &[u8; 32]) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = verified
+            .iter()
+            .fold(subtle::Choice::from(0), |seen, known| {
+                seen | known.ct_eq(digest)
+            });
+        bool::from(seen)
+    }
+
+    /// Remembers a verified header; the oldest is forgotten beyond [`VERIFIED_CAPACITY`].
+    fn remember(&self, digest: [u8; 32]) {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_CAPACITY {
+            verified.remove(0);
+        }
+        verified.push(digest);
+    }
+
+    /// The password and the hash to check it against (a dummy one for unknown users, so they
+    /// take as long), or `None` for a header that is not basic authentication.
+    fn credentials(&self, header: &str) -> Option<(String, String, bool)> {
+        let encoded = header.strip_prefix("Basic ")?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':')?;
+        let (hash, known) = match self.users.get(user) {
+            Some(hash) => (hash.clone(), true),
+            None => (self.dummy.clone(), false),
+        };
+        Some((password.to_string(), hash, known))
+    }
+
+    /// Checks an `Authorization: Basic ...` header value, running bcrypt on this thread
+    /// (the server uses [`LiveWebConfig::authorize`] instead).
+    #[cfg(test)]
     pub(crate) fn authorized(&self, header: Option<&str>) -> bool {
         let Some(value) = header else { return false };
         let digest: [u8; 32] = sha2::Sha256::digest(value.as_bytes()).into();
-        {
-            let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            let seen = verified
-                .iter()
-                .fold(subtle::Choice::from(0), |seen, known| {
-                    seen | known.ct_eq(&digest)
-                });
-            if bool::from(seen) {
-                return true;
-            }
+        if self.remembered(&digest) {
+            return true;
         }
-        let Some(encoded) = value.strip_prefix("Basic ") else {
+        let Some((password, hash, known)) = self.credentials(value) else {
             return false;
         };
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-            return false;
-        };
-        let Ok(text) = String::from_utf8(decoded) else {
-            return false;
-        };
-        let Some((user, password)) = text.split_once(':') else {
-            return false;
-        };
-        let (hash, known) = match self.users.get(user) {
-            Some(hash) => (hash.as_str(), true),
-            None => (self.dummy.as_str(), false),
-        };
-        let ok = bcrypt::verify(password, hash).unwrap_or(false) && known;
+        let ok = bcrypt::verify(password, &hash).unwrap_or(false) && known;
         if ok {
-            let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if verified.len() >= 64 {
-                verified.clear();
-            }
-            verified.push(digest);
+            self.remember(digest);
         }
         ok
+    }
+}
+
+/// How many verified Authorization headers are remembered.
+const VERIFIED_CAPACITY: usize = 64;
+/// Failed attempts a client address may make at once before it is throttled.
+const FAILURE_BURST: f64 = 5.0;
+/// Failed attempts a client address is allowed per second after the burst.
+const FAILURE_REFILL_PER_SECOND: f64 = 0.5;
+/// Client addresses whose failures are tracked; beyond that idle ones are forgotten first.
+const TRACKED_ADDRESSES: usize = 4096;
+
+/// Verifications waiting for a bcrypt thread; beyond that a request is told to retry.
+const BCRYPT_QUEUE: usize = 32;
+
+/// How many bcrypt verifications may run at once: half the cores, at least one, so the
+/// async workers always keep CPU time for probes, scrapes and checks.
+pub fn bcrypt_slots() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() / 2)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A password, the hash to check it against, and where to send the answer.
+type BcryptJob = (String, String, tokio::sync::oneshot::Sender<bool>);
+
+/// The threads that run bcrypt, at the lowest CPU priority; they end with the sender.
+fn bcrypt_workers() -> std::sync::mpsc::SyncSender<BcryptJob> {
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<BcryptJob>(BCRYPT_QUEUE);
+    let receiver = Arc::new(Mutex::new(receiver));
+    for index in 0..bcrypt_slots() {
+        let receiver = receiver.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("bcrypt-{index}"))
+            .spawn(move || {
+                if let Err(error) = thread_priority::ThreadPriority::Min.set_for_current() {
+                    tracing::debug!(?error, "cannot lower the bcrypt thread's priority");
+                }
+                loop {
+                    let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((password, hash, reply)) = job else {
+                        return;
+                    };
+                    let _ = reply.send(bcrypt::verify(password, &hash).unwrap_or(false));
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start a bcrypt thread");
+        }
+    }
+    sender
+}
+
+/// What an Authorization header gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthVerdict {
+    Allowed,
+    Denied,
+    /// Too many failures from this address; try again after this long.
+    Throttled(Duration),
+}
+
+/// A token bucket of allowed failures per client address.
+#[derive(Debug, Default)]
+struct FailureThrottle {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl FailureThrottle {
+    /// Takes one allowed failure from `address`'s bucket, or says how long until there is one.
+    fn reserve(&mut self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.buckets.len() >= TRACKED_ADDRESSES && !self.buckets.contains_key(&address) {
+            // Forget the addresses whose buckets are full again (nothing to remember).
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * FAILURE_REFILL_PER_SECOND
+                    < FAILURE_BURST
+            });
+            if self.buckets.len() >= TRACKED_ADDRESSES {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, at) = self.buckets.entry(address).or_insert((FAILURE_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * FAILURE_REFILL_PER_SECOND)
+            .min(FAILURE_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - *tokens) / FAILURE_REFILL_PER_SECOND,
+            ))
+        }
+    }
+
+    /// Gives back a reserved failure (the attempt succeeded).
+    fn refund(&mut self, address: IpAddr) {
+        if let Some((tokens, _)) = self.buckets.get_mut(&address) {
+            *tokens = (*tokens + 1.0).min(FAILURE_BURST);
+        }
     }
 }
 
@@ -285,6 +408,10 @@ pub struct LiveWebConfig {
     current: RwLock<Arc<WebConfig>>,
     /// When the files were last looked at, and their modification times then.
     seen: Mutex<(Instant, Vec<Option<SystemTime>>)>,
+    /// The bcrypt threads' queue.
+    bcrypt: std::sync::mpsc::SyncSender<BcryptJob>,
+    /// Failures per client address (kept across reloads of the file).
+    throttle: Mutex<FailureThrottle>,
 }
 
 impl LiveWebConfig {
@@ -295,7 +422,57 @@ impl LiveWebConfig {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(config)),
             seen: Mutex::new((Instant::now(), stamps)),
+            bcrypt: bcrypt_workers(),
+            throttle: Mutex::new(FailureThrottle::default()),
         })
+    }
+
+    /// Checks an `Authorization` header from `client` against `config` without stalling the
+    /// async workers: see the module documentation.
+    pub async fn authorize(
+        &self,
+        config: &Arc<WebConfig>,
+        header: Option<&str>,
+        client: IpAddr,
+    ) -> AuthVerdict {
+        let Some(value) = header else {
+            return AuthVerdict::Denied;
+        };
+        let digest: [u8; 32] = sha2::Sha256::digest(value.as_bytes()).into();
+        if config.remembered(&digest) {
+            return AuthVerdict::Allowed;
+        }
+        let Some((password, hash, known)) = config.credentials(value) else {
+            return AuthVerdict::Denied;
+        };
+        let reserved = self
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reserve(client, Instant::now());
+        if let Err(wait) = reserved {
+            return AuthVerdict::Throttled(wait);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.bcrypt.try_send((password, hash, reply)).is_err() {
+            // Every bcrypt thread is busy and the queue is full: no more work is taken on.
+            self.throttle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refund(client);
+            return AuthVerdict::Throttled(Duration::from_secs(1));
+        }
+        let verified = answer.await.unwrap_or(false);
+        if verified && known {
+            config.remember(digest);
+            self.throttle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refund(client);
+            AuthVerdict::Allowed
+        } else {
+            AuthVerdict::Denied
+        }
     }
 
     /// The configuration in force. At most once a second it first checks whether a file
@@ -374,6 +551,27 @@ mod tests {
         assert!(!web.authorized(None));
         assert!(web.protects("/metrics"));
         assert!(!web.protects("/healthz"));
+    }
+
+    #[test]
+    fn failures_are_throttled_per_address_and_refill_slowly() {
+        let mut throttle = FailureThrottle::default();
+        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let start = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(throttle.reserve(a, start), Ok(()));
+        }
+        let wait = throttle.reserve(a, start).expect_err("throttled");
+        assert!(wait <= Duration::from_secs(2), "{wait:?}");
+        assert_eq!(
+            throttle.reserve(b, start),
+            Ok(()),
+            "other addresses are not"
+        );
+        assert_eq!(throttle.reserve(a, start + Duration::from_secs(2)), Ok(()));
+        assert!(throttle.reserve(a, start + Duration::from_secs(2)).is_err());
+        throttle.refund(a);
+        assert_eq!(throttle.reserve(a, start + Duration::from_secs(2)), Ok(()));
     }
 
     #[test]

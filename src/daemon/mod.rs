@@ -5,8 +5,9 @@
 //! (SIGHUP → reload, SIGTERM/SIGINT → shutdown); tests send them directly. The caller binds the
 //! listener, so tests can use port 0.
 //!
-//! Shutdown: stop scheduling, let in-flight checks finish within the grace period, close the
-//! sessions, stop the HTTP server. Reload: a bad new configuration is rejected and the old one
+//! Shutdown: stop scheduling, let in-flight checks finish within the grace period, ask the
+//! servers to cancel the queries still running after it, close the sessions, stop the HTTP
+//! server. Reload: a bad new configuration is rejected and the old one
 //! keeps running.
 
 use std::sync::Arc;
@@ -354,7 +355,13 @@ async fn main_loop(
     root.cancel();
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(grace = ?grace, "grace period expired with checks still running; abandoning them");
+        // Abandoned queries would go on running on the server: PostgreSQL is asked to cancel
+        // them, as psql does on Ctrl-C.
+        let cancelled = generation.pools.cancel_in_flight().await;
+        tracing::warn!(
+            grace = ?grace, cancelled,
+            "grace period expired with checks still running; their queries were cancelled"
+        );
     }
     generation.pools.close_all();
     http_cancel.cancel();

@@ -18,17 +18,24 @@
 //! keeps the server pools (only the budget changes), so the sessions of the previous
 //! configuration count until they are gone: the budget holds across a reload.
 //!
-//! On top of that, per target: the password is read from its source on every connect, failed
-//! connects back off exponentially up to a ceiling (a down database is not hammered), and a
-//! session whose server stopped answering is discarded rather than reused. deadpool, used before,
-//! pools per key and cannot share one cap between keys nor evict an idle session of one
-//! database for a waiter of another, which is the whole point here.
+//! On top of that, per target ([`Connector`]): the password is read from its source on every
+//! connect, and failed connects back off exponentially up to a ceiling (a down database is not
+//! hammered). Opening a session — TCP, TLS, authentication and the role check — is bounded by
+//! the connect timeout as a whole, and a handshake that runs out of time counts as a failed
+//! connect for the backoff. A session whose role is a superuser is refused unless the target
+//! allows it. Once a target is found not answering ([`TargetPool::mark_down`]), its checks
+//! waiting for a session stop waiting (with the reason), and its sessions opened before are
+//! not reused. The cancel keys of the queries in flight are kept, so shutdown can ask the
+//! server to cancel them. deadpool, used before, pools per key and cannot share one cap
+//! between keys nor evict an idle session of one database for a waiter of another, which is
+//! the whole point here.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::postgres::target::{ConnectionSettings, TargetError};
@@ -64,6 +71,14 @@ pub enum PoolError {
         limit: usize,
         limited_by: String,
     },
+    #[error(
+        "{target}: the role {role:?} is a superuser; deploywatch refuses to run checks with it, \
+         as READ ONLY does not stop a superuser from writing files or running programs on the \
+         server. Connect as a role with pg_monitor, or set allow_superuser = true on the target"
+    )]
+    Superuser { target: String, role: String },
+    #[error("could not run: {target} stopped answering ({reason})")]
+    Down { target: String, reason: String },
 }
 
 /// The server's connection limits, as read from it.
@@ -104,6 +119,10 @@ pub struct Session {
     pub client: tokio_postgres::Client,
     driver: Option<JoinHandle<()>>,
     slot: Option<Slot>,
+    /// The target's down epoch, and its value when the session was opened: a session opened
+    /// before the target was last found not answering is not reused.
+    epoch: Arc<AtomicU64>,
+    opened_in: u64,
 }
 
 impl Drop for Session {
@@ -136,7 +155,9 @@ impl Drop for Session {
 
 impl Session {
     fn is_broken(&self) -> bool {
-        self.client.is_closed() || self.driver.as_ref().is_none_or(|d| d.is_finished())
+        self.client.is_closed()
+            || self.driver.as_ref().is_none_or(|d| d.is_finished())
+            || self.epoch.load(Ordering::Acquire) != self.opened_in
     }
 }
 
@@ -279,6 +300,10 @@ impl Inner {
             .is_some_and(|s| now.duration_since(s.since) >= IDLE_TIMEOUT)
         {
             closed.extend(self.close_idle(0));
+        }
+        // Sessions that closed, or whose target was found not answering since they opened.
+        while let Some(index) = self.idle.iter().position(|s| s.session.is_broken()) {
+            closed.extend(self.close_idle(index));
         }
         let limit = self.limit();
         while self.open.saturating_sub(self.closing) > limit && !self.idle.is_empty() {
@@ -432,6 +457,12 @@ impl ServerPool {
 
     fn knows_limits(&self) -> bool {
         self.lock().limits.is_some()
+    }
+
+    /// Closes the idle sessions that closed or whose target was found not answering.
+    fn close_broken(self: &Arc<Self>) {
+        let closed = self.lock().dispatch(self, Instant::now());
+        drop(closed);
     }
 
     /// Closes every idle session (shutdown, or a target that went away).
@@ -649,11 +680,40 @@ impl Backoff {
     }
 }
 
-/// Opens sessions to one target, backing off after failures.
+/// The cancel keys of the queries in flight on one target, by a number of their own.
+#[derive(Default)]
+struct InFlight {
+    next: u64,
+    tokens: HashMap<u64, tokio_postgres::CancelToken>,
+}
+
+/// Keeps a query's cancel key registered while it runs.
+pub struct InFlightGuard {
+    connector: Arc<Connector>,
+    id: u64,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.connector.in_flight().tokens.remove(&self.id);
+    }
+}
+
+/// Opens sessions to one target, backing off after failures; knows whether the target was
+/// found not answering, and the queries in flight on it.
 pub struct Connector {
     target: String,
     settings: ConnectionSettings,
     backoff: Mutex<Backoff>,
+    /// Bumped each time the target is found not answering.
+    down_epoch: Arc<AtomicU64>,
+    /// Wakes the waiters for a session when the target is found not answering.
+    down: Notify,
+    /// Why the target was last found not answering.
+    down_reason: Mutex<String>,
+    /// Whether the warning about an allowed superuser session was logged.
+    warned_superuser: AtomicBool,
+    in_flight: Mutex<InFlight>,
 }
 
 impl Connector {
@@ -662,7 +722,23 @@ impl Connector {
             target: target.to_string(),
             settings,
             backoff: Mutex::new(Backoff::default()),
+            down_epoch: Arc::new(AtomicU64::new(0)),
+            down: Notify::new(),
+            down_reason: Mutex::new(String::new()),
+            warned_superuser: AtomicBool::new(false),
+            in_flight: Mutex::new(InFlight::default()),
         }
+    }
+
+    fn in_flight(&self) -> MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn down_reason(&self) -> String {
+        self.down_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn backing_off(&self) -> Option<PoolError> {
@@ -688,46 +764,172 @@ impl Connector {
         backoff.last_error = message.to_string();
     }
 
-    async fn connect(&self) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
-        let config = self.settings.resolve()?;
-        let tls = match self.settings.tls.client_config() {
-            Ok(tls) => tls,
-            Err(error) => {
-                let message = error.to_string();
-                self.record_failure(&message);
-                return Err(PoolError::Connect {
-                    target: self.target.clone(),
-                    message,
-                });
-            }
+    /// Opens a session and checks its role, within `limit` as a whole; any failure, a
+    /// timeout included, counts toward the backoff.
+    async fn connect(
+        &self,
+        limit: Duration,
+    ) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
+        let result = match tokio::time::timeout(limit, self.open()).await {
+            Ok(result) => result,
+            Err(_) => Err(PoolError::Connect {
+                target: self.target.clone(),
+                message: format!(
+                    "the server did not complete the connection handshake within {limit:?}"
+                ),
+            }),
         };
+        match &result {
+            Ok(_) => self.record_success(),
+            Err(PoolError::BackingOff { .. }) => {}
+            Err(error) => self.record_failure(&error.to_string()),
+        }
+        result
+    }
+
+    async fn open(&self) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
+        let config = self.settings.resolve()?;
+        let tls = self
+            .settings
+            .tls
+            .client_config()
+            .map_err(|error| PoolError::Connect {
+                target: self.target.clone(),
+                message: error.to_string(),
+            })?;
         let target = self.target.clone();
-        // The driver task owns the socket; its type depends on TLS, the client's does not.
+        // The driver task owns the socket; its type depends on TLS, the client's does not. The
+        // server reports the role and whether it is a superuser at startup.
         let connected = match tls {
             None => config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map(|(client, connection)| (client, tokio::spawn(drive(connection, target)))),
+                .map(|(client, connection)| {
+                    let role = reported_role(&connection);
+                    (client, role, tokio::spawn(drive(connection, target)))
+                }),
             Some(tls) => config
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await
-                .map(|(client, connection)| (client, tokio::spawn(drive(connection, target)))),
+                .map(|(client, connection)| {
+                    let role = reported_role(&connection);
+                    (client, role, tokio::spawn(drive(connection, target)))
+                }),
         };
-        match connected {
-            Ok(pair) => {
-                self.record_success();
-                Ok(pair)
-            }
-            Err(error) => {
-                let message = describe_connect_error(&error);
-                self.record_failure(&message);
-                Err(PoolError::Connect {
+        let (client, reported, driver) = connected.map_err(|error| PoolError::Connect {
+            target: self.target.clone(),
+            message: describe_connect_error(&error),
+        })?;
+        let (role, superuser) = match reported {
+            Some(reported) => reported,
+            // Not reported (a proxy in between): asked.
+            None => match session_role(&client).await {
+                Ok(asked) => asked,
+                Err(error) => {
+                    driver.abort();
+                    return Err(PoolError::Connect {
+                        target: self.target.clone(),
+                        message: describe_connect_error(&error),
+                    });
+                }
+            },
+        };
+        if superuser {
+            if !self.settings.allow_superuser {
+                // Dropping the client ends the session (the driver says goodbye).
+                return Err(PoolError::Superuser {
                     target: self.target.clone(),
-                    message,
-                })
+                    role,
+                });
+            }
+            if !self.warned_superuser.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    db_target = %self.target, %role,
+                    "connected as a superuser because allow_superuser = true: READ ONLY does not \
+                     stop a superuser from writing files, running programs or signalling other \
+                     sessions on the server"
+                );
             }
         }
+        Ok((client, driver))
     }
+
+    /// Records that the target does not answer: its waiters for a session stop waiting, and
+    /// its sessions opened before are not reused.
+    fn mark_down(&self, reason: &str) {
+        *self.down_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
+        self.down_epoch.fetch_add(1, Ordering::AcqRel);
+        self.down.notify_waiters();
+    }
+
+    /// Asks the server to cancel every query in flight on this target (PostgreSQL's cancel
+    /// request, on a connection of its own), each within `limit`. Returns how many were asked.
+    async fn cancel_in_flight(&self, limit: Duration) -> usize {
+        let tokens: Vec<tokio_postgres::CancelToken> =
+            self.in_flight().tokens.values().cloned().collect();
+        let tls = self.settings.tls.client_config().ok().flatten();
+        let mut cancels = tokio::task::JoinSet::new();
+        let count = tokens.len();
+        for token in tokens {
+            let (tls, target) = (tls.clone(), self.target.clone());
+            cancels.spawn(async move {
+                let sent = match tls {
+                    None => {
+                        tokio::time::timeout(limit, token.cancel_query(tokio_postgres::NoTls)).await
+                    }
+                    Some(tls) => {
+                        tokio::time::timeout(
+                            limit,
+                            token.cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
+                        )
+                        .await
+                    }
+                };
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(
+                        db_target = %target, error = %describe_connect_error(&error),
+                        "cannot cancel a query in flight"
+                    ),
+                    Err(_) => {
+                        tracing::warn!(db_target = %target, "cancelling a query in flight timed out")
+                    }
+                }
+            });
+        }
+        while cancels.join_next().await.is_some() {}
+        count
+    }
+}
+
+/// The role and whether it is a superuser, as the server reported them at startup.
+fn reported_role<S, T>(connection: &tokio_postgres::Connection<S, T>) -> Option<(String, bool)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let superuser = connection.parameter("is_superuser")? == "on";
+    let role = connection
+        .parameter("session_authorization")
+        .unwrap_or_default()
+        .to_string();
+    Some((role, superuser))
+}
+
+/// The session's role and whether it is a superuser, asked.
+async fn session_role(
+    client: &tokio_postgres::Client,
+) -> Result<(String, bool), tokio_postgres::Error> {
+    let messages = client
+        .simple_query("SELECT current_user, current_setting('is_superuser')")
+        .await?;
+    let row = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    let role = row.and_then(|r| r.get(0)).unwrap_or_default().to_string();
+    let superuser = row.and_then(|r| r.get(1)) == Some("on");
+    Ok((role, superuser))
 }
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>, target: String)
@@ -782,6 +984,15 @@ impl std::ops::Deref for Lease {
     }
 }
 
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Session {
+        match &mut self.session {
+            Some(session) => session,
+            None => unreachable!("a lease holds its session until it is dropped or discarded"),
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(session) = self.session.take() else {
@@ -829,9 +1040,9 @@ pub struct TargetPool {
     ident: Arc<str>,
     cap: usize,
     wait: Duration,
-    /// Bound on opening one session, handshake included: a server that accepts TCP but never
-    /// answers (stopped, overloaded) must not hold a check forever.
-    create: Duration,
+    /// Bound on opening one session, handshake and role check included: a server that accepts
+    /// TCP but never answers (stopped, overloaded) must not hold a check forever.
+    connect_timeout: Duration,
     pin: Option<Arc<Pin>>,
 }
 
@@ -867,7 +1078,7 @@ impl TargetPool {
             ident,
             cap: cap.max(1),
             wait,
-            create: connect_timeout * 2 + Duration::from_secs(2),
+            connect_timeout,
             pin: None,
         }
     }
@@ -878,6 +1089,36 @@ impl TargetPool {
 
     pub fn connector(&self) -> &Arc<Connector> {
         &self.connector
+    }
+
+    /// The bound on opening a session; also how long an answer may be late beyond a
+    /// statement's own timeout before the server counts as not answering.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Records that the target does not answer: checks waiting for one of its sessions stop
+    /// waiting, and its sessions opened before are not reused (idle ones are closed now).
+    pub fn mark_down(&self, reason: &str) {
+        self.connector.mark_down(reason);
+        self.server.close_broken();
+    }
+
+    /// Registers the cancel key of a query about to run, until the guard is dropped.
+    pub fn in_flight(&self, client: &tokio_postgres::Client) -> InFlightGuard {
+        let mut in_flight = self.connector.in_flight();
+        in_flight.next += 1;
+        let id = in_flight.next;
+        in_flight.tokens.insert(id, client.cancel_token());
+        InFlightGuard {
+            connector: self.connector.clone(),
+            id,
+        }
+    }
+
+    /// Asks the server to cancel every query in flight on this target; returns how many.
+    pub async fn cancel_in_flight(&self) -> usize {
+        self.connector.cancel_in_flight(self.connect_timeout).await
     }
 
     /// The database this pool's sessions open.
@@ -903,16 +1144,24 @@ impl TargetPool {
         self.acquire(&self.target, self.wait).await
     }
 
-    /// A session for `what` (shown while it waits), waiting at most `wait`.
+    /// A session for `what` (shown while it waits), waiting at most `wait`; unless the target
+    /// is found not answering meanwhile: then [`PoolError::Down`] at once.
     pub async fn acquire(&self, what: &str, wait: Duration) -> Result<Lease, PoolError> {
         if let Some(error) = self.connector.backing_off() {
             return Err(error);
         }
-        let grant = self
-            .server
-            .acquire(&self.target, &self.ident, self.cap, what, wait)
-            .await?;
-        let slot = match grant {
+        let down = self.connector.down.notified();
+        tokio::pin!(down);
+        down.as_mut().enable();
+        let granted = tokio::select! {
+            biased;
+            grant = self.server.acquire(&self.target, &self.ident, self.cap, what, wait) => grant,
+            _ = down => Err(PoolError::Down {
+                target: self.target.to_string(),
+                reason: self.connector.down_reason(),
+            }),
+        };
+        let slot = match granted? {
             Grant::Idle(session) => {
                 return Ok(Lease {
                     session: Some(session),
@@ -924,25 +1173,21 @@ impl TargetPool {
         if let Some(error) = self.connector.backing_off() {
             return Err(error);
         }
-        let (client, driver) =
-            match tokio::time::timeout(self.create, self.connector.connect()).await {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(error)) => return Err(error),
-                Err(_) => {
-                    drop(slot);
-                    return Err(PoolError::Connect {
-                        target: self.target.to_string(),
-                        message: format!(
-                            "the server did not complete the connection handshake within {:?}",
-                            self.create
-                        ),
-                    });
-                }
-            };
+        let opened_in = self.connector.down_epoch.load(Ordering::Acquire);
+        let (client, driver) = match self.connector.connect(self.connect_timeout).await {
+            Ok(pair) => pair,
+            Err(error) => {
+                drop(slot);
+                self.mark_down(&error.to_string());
+                return Err(error);
+            }
+        };
         let session = Session {
             client,
             driver: Some(driver),
             slot: Some(slot),
+            epoch: self.connector.down_epoch.clone(),
+            opened_in,
         };
         if !self.server.knows_limits() {
             self.server.learn_limits(&session.client).await;

@@ -10,27 +10,56 @@ use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::TargetPool;
 use crate::postgres::runner::{query_read_only, query_read_only_opt};
 
-/// The session's role and whether it is a member of `pg_monitor`.
+/// Roles whose members can act outside the database despite `READ ONLY`.
+pub const RISKY_ROLES: [&str; 3] = [
+    "pg_execute_server_program",
+    "pg_write_server_files",
+    "pg_signal_backend",
+];
+
+/// The session's role as `check --privileges` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    pub name: String,
+    /// Member of `pg_monitor`.
+    pub monitor: bool,
+    pub superuser: bool,
+    /// The [`RISKY_ROLES`] it is a member of.
+    pub risky: Vec<&'static str>,
+}
+
+/// The session's role, whether it is a member of `pg_monitor`, a superuser, and which of
+/// the [`RISKY_ROLES`] it is a member of.
 pub async fn role_membership(
     pool: &TargetPool,
     timeout: Duration,
     lock_timeout: Duration,
-) -> Result<(String, bool), CheckError> {
-    let table = query_read_only(
-        pool,
-        "SELECT current_user::text, pg_has_role(current_user, 'pg_monitor', 'member')",
-        &[],
-        timeout,
-        lock_timeout,
-    )
-    .await?;
+) -> Result<Role, CheckError> {
+    let mut sql = String::from(
+        "SELECT current_user::text, pg_has_role(current_user, 'pg_monitor', 'member'), \
+         current_setting('is_superuser') = 'on'",
+    );
+    for risky in RISKY_ROLES {
+        sql.push_str(&format!(", pg_has_role(current_user, '{risky}', 'member')"));
+    }
+    let table = query_read_only(pool, &sql, &[], timeout, lock_timeout).await?;
     let row = table.rows.first();
     let name = match row.and_then(|r| r.first()) {
         Some(Cell::Text(t)) => t.clone(),
         _ => "?".to_string(),
     };
-    let monitor = matches!(row.and_then(|r| r.get(1)), Some(Cell::Bool(true)));
-    Ok((name, monitor))
+    let flag = |i: usize| matches!(row.and_then(|r| r.get(i)), Some(Cell::Bool(true)));
+    Ok(Role {
+        name,
+        monitor: flag(1),
+        superuser: flag(2),
+        risky: RISKY_ROLES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| flag(3 + i))
+            .map(|(_, r)| *r)
+            .collect(),
+    })
 }
 
 /// Plans the check's SQL with its parameters bound, without running it. An incremental

@@ -1,21 +1,72 @@
 //! Runs SQL on a target without hurting it: every query goes through a capped pool, inside a
 //! `READ ONLY` transaction (committed when the query succeeds, so the database never counts the
-//! monitor's reads as rollbacks), with its own `statement_timeout` and
-//! `lock_timeout`, and under a client-side deadline so a hung server cannot hold a check
-//! forever. Errors are classified into [`ErrorKind`]s here, at the database edge.
+//! monitor's reads as rollbacks), with its own `statement_timeout` and `lock_timeout`, and
+//! under a client-side deadline so a hung server cannot hold a check
+//! forever. Rows are fetched through a portal in bounded batches, and reading stops as soon as
+//! the result is bigger than the check can use (one row for a scalar check, `max_series` for a
+//! rows check) or than a byte cap: a runaway query cannot take the daemon's memory. After every
+//! query the session is reset (`DISCARD ALL`: advisory locks, settings, prepared statements)
+//! before it is reused. Errors are classified into [`ErrorKind`]s here, at the database edge.
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 
 use crate::checks::incremental::IncrementalReport;
 use crate::checks::number::Number;
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
-use crate::checks::spec::CheckSpec;
+use crate::checks::spec::{CheckSpec, Shape};
 use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
 
-/// Extra time the client waits beyond `statement_timeout` before it gives up on the server.
-const CLIENT_GRACE: Duration = Duration::from_secs(3);
+/// How much of a result one query may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Rows beyond this end the query (one more is read to know there are more).
+    pub max_rows: usize,
+    /// Bytes of column data beyond this end the query.
+    pub max_bytes: usize,
+}
+
+impl Limits {
+    /// For deploywatch's own queries (statistics sampling, discovery, version): generous, but
+    /// bounded all the same.
+    pub const INTERNAL: Limits = Limits {
+        max_rows: 1_000_000,
+        max_bytes: 64 << 20,
+    };
+
+    /// Column data a check's result may hold: far beyond anything `max_series` series need.
+    pub const CHECK_MAX_BYTES: usize = 4 << 20;
+
+    /// What a check can use: one row for a scalar check, `max_series` series for a rows check.
+    pub fn for_check(spec: &CheckSpec) -> Limits {
+        let max_rows = match &spec.shape {
+            Shape::Scalar => 1,
+            Shape::Rows {
+                values, max_series, ..
+            } => max_series / values.len().max(1),
+        };
+        Limits {
+            max_rows,
+            max_bytes: Self::CHECK_MAX_BYTES,
+        }
+    }
+}
+
+/// A query that failed, and whether the failure says the server cannot be used.
+struct Failure {
+    error: CheckError,
+    unreachable: bool,
+}
+
+impl From<CheckError> for Failure {
+    fn from(error: CheckError) -> Self {
+        Failure {
+            unreachable: error.kind == ErrorKind::Connection,
+            error,
+        }
+    }
+}
 
 /// The result of one run of one check.
 #[derive(Debug, Clone)]
@@ -32,26 +83,61 @@ pub struct RunReport {
 /// keeps its progress).
 pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
     let started = Instant::now();
-    let result =
-        query_read_only(pool, &spec.sql, &spec.bind, spec.timeout, spec.lock_timeout).await;
+    let limits = Limits::for_check(spec);
+    let bind: Vec<Option<&str>> = spec.bind.iter().map(|b| Some(b.as_str())).collect();
+    let result = query_bounded(
+        pool,
+        &spec.sql,
+        &bind,
+        spec.timeout,
+        spec.lock_timeout,
+        limits,
+    )
+    .await;
     let duration = started.elapsed();
     match result {
-        Ok(table) => RunReport {
+        Ok(Fetched::Complete(table)) => RunReport {
             outcome: outcome::evaluate(spec, &table),
             duration,
             reachable: true,
             incremental: None,
         },
-        Err(error) => RunReport {
-            reachable: error.kind != ErrorKind::Connection,
-            outcome: CheckOutcome::error(error),
+        Ok(Fetched::MoreRows(read)) => {
+            let error = match &spec.shape {
+                Shape::Scalar => CheckError::new(
+                    ErrorKind::TooManyRows,
+                    "a scalar check must return one row, got more; the rest was not read",
+                ),
+                Shape::Rows {
+                    values, max_series, ..
+                } => CheckError::new(
+                    ErrorKind::TooManySeries,
+                    format!(
+                        "more than {} rows x {} value columns, more than max_series = {max_series}; \
+                         the rest was not read; narrow the query or raise max_series",
+                        read - 1,
+                        values.len()
+                    ),
+                ),
+            };
+            RunReport {
+                outcome: CheckOutcome::error(error),
+                duration,
+                reachable: true,
+                incremental: None,
+            }
+        }
+        Err(failure) => RunReport {
+            reachable: !failure.unreachable,
+            outcome: CheckOutcome::error(failure.error),
             duration,
             incremental: None,
         },
     }
 }
 
-/// Runs one read-only query with the given text parameters and returns its rows.
+/// Runs one read-only query with the given text parameters and returns its rows, within
+/// [`Limits::INTERNAL`].
 pub async fn query_read_only(
     pool: &TargetPool,
     sql: &str,
@@ -71,66 +157,213 @@ pub async fn query_read_only_opt(
     timeout: Duration,
     lock_timeout: Duration,
 ) -> Result<ResultTable, CheckError> {
-    let session = pool.get().await.map_err(|error| match error {
-        PoolError::Exhausted { .. } => CheckError::new(ErrorKind::Timeout, error.to_string()),
-        other => CheckError::new(ErrorKind::Connection, other.to_string()),
+    let limits = Limits::INTERNAL;
+    match query_bounded(pool, sql, bind, timeout, lock_timeout, limits).await {
+        Ok(Fetched::Complete(table)) => Ok(table),
+        Ok(Fetched::MoreRows(_)) => Err(CheckError::new(
+            ErrorKind::TooManyRows,
+            format!("more than {} rows; the rest was not read", limits.max_rows),
+        )),
+        Err(failure) => Err(failure.error),
+    }
+}
+
+/// What a bounded query read.
+enum Fetched {
+    /// The whole result.
+    Complete(ResultTable),
+    /// More rows than `max_rows`: reading stopped after this many.
+    MoreRows(usize),
+}
+
+/// Rows fetched per round trip at first; later batches are sized from the rows seen so far.
+const FIRST_BATCH: usize = 16;
+const MAX_BATCH: usize = 1024;
+
+async fn query_bounded(
+    pool: &TargetPool,
+    sql: &str,
+    bind: &[Option<&str>],
+    timeout: Duration,
+    lock_timeout: Duration,
+    limits: Limits,
+) -> Result<Fetched, Failure> {
+    let mut session = pool.get().await.map_err(|error| match error {
+        PoolError::Exhausted { .. } => Failure {
+            error: CheckError::new(ErrorKind::Timeout, error.to_string()),
+            unreachable: false,
+        },
+        other => Failure {
+            error: CheckError::new(ErrorKind::Connection, other.to_string()),
+            unreachable: true,
+        },
     })?;
-    let deadline = timeout + CLIENT_GRACE;
+    // The server cancels the statement at statement_timeout; an answer later than that by
+    // more than the connect timeout means the server is not answering at all.
+    let deadline = timeout + pool.connect_timeout();
+    let _in_flight = pool.in_flight(&session.client);
     let work = async {
-        let setup = format!(
-            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
-             SET LOCAL idle_in_transaction_session_timeout = {}",
-            millis(timeout),
-            millis(lock_timeout),
-            millis(deadline + CLIENT_GRACE),
-        );
-        session
-            .client
-            .batch_execute(&setup)
-            .await
-            .map_err(classify)?;
-        let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = bind
-            .iter()
-            .map(|value| {
-                (
-                    value as &(dyn tokio_postgres::types::ToSql + Sync),
-                    Type::TEXT,
-                )
-            })
-            .collect();
-        let result = session.client.query_typed(sql, &params).await;
-        // A read-only transaction has nothing to keep, so it ends in COMMIT when the query
-        // succeeded: the database then counts the monitor's work as commits, and its rollback
-        // ratio stays the application's own. A failed query's transaction is aborted and must
-        // be rolled back before the session is reused.
-        let end = session
-            .client
-            .batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
-            .await;
-        let rows = result.map_err(classify)?;
-        end.map_err(classify)?;
-        decode(&rows)
+        let client = &mut session.client;
+        let fetched = {
+            let transaction = client
+                .build_transaction()
+                .read_only(true)
+                .start()
+                .await
+                .map_err(classify)?;
+            transaction
+                .batch_execute(&format!(
+                    "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+                     SET LOCAL idle_in_transaction_session_timeout = {}",
+                    millis(timeout),
+                    millis(lock_timeout),
+                    millis(deadline * 2),
+                ))
+                .await
+                .map_err(classify)?;
+            let fetched = fetch(&transaction, sql, bind, limits).await;
+            // A read-only transaction has nothing to keep, so it ends in COMMIT when the
+            // query succeeded: the database then counts the monitor's work as commits, and its
+            // rollback ratio stays the application's own. A failed (or cut short) query's
+            // transaction is rolled back.
+            let end = match &fetched {
+                Ok(Fetched::Complete(_)) => transaction.commit().await,
+                _ => transaction.rollback().await,
+            };
+            let fetched = fetched?;
+            end.map_err(classify)?;
+            fetched
+        };
+        reset(client).await.map_err(classify)?;
+        Ok::<_, CheckError>(fetched)
     };
     match tokio::time::timeout(deadline, work).await {
-        Ok(Ok(table)) => Ok(table),
+        Ok(Ok(fetched)) => Ok(fetched),
         Ok(Err(error)) => {
             if error.kind == ErrorKind::Connection {
+                pool.mark_down(&error.message);
                 TargetPool::discard(session);
+            } else if !session.client.is_closed() {
+                // A failed statement leaves the transaction rolled back (the Transaction's
+                // drop sends ROLLBACK); session state is reset all the same.
+                if let Ok(Err(_)) | Err(_) =
+                    tokio::time::timeout(pool.connect_timeout(), reset(&session.client)).await
+                {
+                    TargetPool::discard(session);
+                }
             }
-            Err(error)
+            Err(error.into())
         }
         Err(_) => {
             // The server did not answer at all; the session is in an unknown state.
             TargetPool::discard(session);
-            Err(CheckError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "no answer from the server within {:.1}s (statement_timeout {:.1}s)",
-                    deadline.as_secs_f64(),
-                    timeout.as_secs_f64()
-                ),
-            ))
+            let message = format!(
+                "no answer from the server within {:.1}s (statement_timeout {:.1}s)",
+                deadline.as_secs_f64(),
+                timeout.as_secs_f64()
+            );
+            pool.mark_down(&message);
+            Err(Failure {
+                error: CheckError::new(ErrorKind::Timeout, message),
+                unreachable: true,
+            })
         }
+    }
+}
+
+/// Clears what a session can keep beyond its transaction — session advisory locks,
+/// `PREPARE`d statements, `LISTEN`, temporary tables, settings — so the next check starts
+/// from a clean session. The driver's own cache of type statements goes with them.
+async fn reset(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("DISCARD ALL").await?;
+    client.clear_type_cache();
+    Ok(())
+}
+
+/// Executes `sql` through a portal, a batch of rows at a time, stopping at the limits.
+async fn fetch(
+    transaction: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    bind: &[Option<&str>],
+    limits: Limits,
+) -> Result<Fetched, CheckError> {
+    let types = vec![Type::TEXT; bind.len()];
+    let statement = transaction
+        .prepare_typed(sql, &types)
+        .await
+        .map_err(classify)?;
+    let params: Vec<&(dyn ToSql + Sync)> = bind
+        .iter()
+        .map(|value| value as &(dyn ToSql + Sync))
+        .collect();
+    let portal = transaction
+        .bind(&statement, &params)
+        .await
+        .map_err(classify)?;
+    let mut table = ResultTable {
+        columns: statement
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
+        rows: Vec::new(),
+    };
+    let mut bytes = 0usize;
+    let mut batch = FIRST_BATCH.min(limits.max_rows + 1);
+    loop {
+        let rows = transaction
+            .query_portal(&portal, i32::try_from(batch).unwrap_or(i32::MAX))
+            .await
+            .map_err(classify)?;
+        let complete = rows.len() < batch;
+        for row in &rows {
+            bytes = bytes.saturating_add(row_bytes(row));
+            if bytes > limits.max_bytes {
+                return Err(CheckError::new(
+                    ErrorKind::TooManyRows,
+                    format!(
+                        "the result is larger than {} MiB after {} rows; the rest was not read",
+                        limits.max_bytes >> 20,
+                        table.rows.len()
+                    ),
+                ));
+            }
+            if table.rows.len() == limits.max_rows {
+                return Ok(Fetched::MoreRows(table.rows.len() + 1));
+            }
+            table.rows.push(decode_row(row)?);
+        }
+        if complete {
+            return Ok(Fetched::Complete(table));
+        }
+        // Size the next batch so that it holds about an eighth of the byte cap.
+        let average = (bytes / table.rows.len().max(1)).max(1);
+        batch = (limits.max_bytes / 8 / average)
+            .clamp(1, MAX_BATCH)
+            .min(limits.max_rows + 1 - table.rows.len());
+    }
+}
+
+/// Bytes of column data in a row, as received.
+fn row_bytes(row: &tokio_postgres::Row) -> usize {
+    (0..row.len())
+        .map(|i| row.try_get::<_, RawLen>(i).map(|l| l.0).unwrap_or(0))
+        .sum()
+}
+
+struct RawLen(usize);
+
+impl<'a> FromSql<'a> for RawLen {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawLen(raw.len()))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawLen(0))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
     }
 }
 
@@ -166,34 +399,23 @@ fn classify(error: tokio_postgres::Error) -> CheckError {
     }
 }
 
-fn decode(rows: &[tokio_postgres::Row]) -> Result<ResultTable, CheckError> {
-    let columns = match rows.first() {
-        Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
-        None => Vec::new(),
-    };
-    let mut table = ResultTable {
-        columns,
-        rows: Vec::with_capacity(rows.len()),
-    };
-    for row in rows {
-        let mut cells = Vec::with_capacity(row.len());
-        for (index, column) in row.columns().iter().enumerate() {
-            let cell: AnyCell = row.try_get(index).map_err(|error| {
-                CheckError::new(
-                    ErrorKind::NotNumeric,
-                    format!(
-                        "column {:?} has type {} which deploywatch cannot read ({error}); \
-                         cast it to text or a number",
-                        column.name(),
-                        column.type_()
-                    ),
-                )
-            })?;
-            cells.push(cell.0);
-        }
-        table.rows.push(cells);
+fn decode_row(row: &tokio_postgres::Row) -> Result<Vec<Cell>, CheckError> {
+    let mut cells = Vec::with_capacity(row.len());
+    for (index, column) in row.columns().iter().enumerate() {
+        let cell: AnyCell = row.try_get(index).map_err(|error| {
+            CheckError::new(
+                ErrorKind::NotNumeric,
+                format!(
+                    "column {:?} has type {} which deploywatch cannot read ({error}); \
+                     cast it to text or a number",
+                    column.name(),
+                    column.type_()
+                ),
+            )
+        })?;
+        cells.push(cell.0);
     }
-    Ok(table)
+    Ok(cells)
 }
 
 /// Decodes PostgreSQL's binary `numeric` exactly, whatever its size: a header of four 16-bit

@@ -75,6 +75,8 @@ pub struct ConnectionSettings {
     pub tls: TlsSettings,
     /// A human description without secrets, e.g. `postgres@127.0.0.1:5432/cognit`.
     pub display: String,
+    /// Whether sessions may be opened as a superuser (refused unless the target allows it).
+    pub allow_superuser: bool,
 }
 
 impl fmt::Debug for ConnectionSettings {
@@ -82,6 +84,7 @@ impl fmt::Debug for ConnectionSettings {
         f.debug_struct("ConnectionSettings")
             .field("display", &self.display)
             .field("password", &self.password)
+            .field("allow_superuser", &self.allow_superuser)
             .field("tls", &self.tls)
             .finish()
     }
@@ -187,6 +190,7 @@ impl ConnectionSettings {
             password,
             tls,
             display,
+            allow_superuser: false,
         })
     }
 
@@ -217,6 +221,7 @@ impl ConnectionSettings {
             base,
             password: self.password.clone(),
             tls: self.tls.clone(),
+            allow_superuser: self.allow_superuser,
         }
     }
 

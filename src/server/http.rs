@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::checks::outcome::Status;
+use crate::config::web::AuthVerdict;
 use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter};
 use crate::shard::{shard_of, Shard};
@@ -38,6 +39,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a throttled authentication attempt waits for its 429 at most.
+const THROTTLE_DELAY: Duration = Duration::from_secs(1);
 
 /// The part of the configuration the handlers follow across reloads.
 #[derive(Debug, Clone)]
@@ -242,19 +245,38 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     // Basic authentication, where configured. Announcements carry their own bearer token.
-    if let Some(web) = ctx.web.as_ref().map(|w| w.current()) {
+    if let Some(live) = ctx.web.as_ref() {
+        let web = live.current();
         let announcement = path == "/api/deployments" && method == Method::POST;
         let header = request
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        if !announcement && web.protects(&path) && !web.authorized(header) {
-            let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
-            response.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"deploywatch\""),
-            );
-            return response;
+        if !announcement && web.protects(&path) {
+            match live.authorize(&web, header, peer.ip()).await {
+                AuthVerdict::Allowed => {}
+                AuthVerdict::Denied => {
+                    let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+                    response.headers_mut().insert(
+                        hyper::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"deploywatch\""),
+                    );
+                    return response;
+                }
+                AuthVerdict::Throttled(wait) => {
+                    // Answered a little late: a client retrying in a tight loop is slowed
+                    // down at the cost of an idle connection, not of CPU.
+                    tokio::time::sleep(wait.min(THROTTLE_DELAY)).await;
+                    let mut response =
+                        text(StatusCode::TOO_MANY_REQUESTS, "too many failed attempts\n");
+                    if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                        response
+                            .headers_mut()
+                            .insert(hyper::header::RETRY_AFTER, value);
+                    }
+                    return response;
+                }
+            }
         }
     }
     let response = match path.as_str() {

@@ -150,6 +150,16 @@ impl Pools {
         }
     }
 
+    /// Asks the server to cancel every query still in flight for these targets (their
+    /// sessions are the servers' own, shared by every target of a server); returns how many.
+    pub async fn cancel_in_flight(&self) -> usize {
+        let mut cancelled = 0;
+        for (_, _, pool) in self.pools.values() {
+            cancelled += pool.cancel_in_flight().await;
+        }
+        cancelled
+    }
+
     pub fn close_all(&self) {
         self.servers.close_idle();
     }

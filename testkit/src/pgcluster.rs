@@ -462,6 +462,33 @@ impl PgCluster {
             .map(|_| ())
     }
 
+    /// Creates the role deploywatch should connect as: `pg_monitor` (statistics views) and
+    /// `pg_read_all_data` (the tables checks read), able to log in, not a superuser. Before
+    /// PostgreSQL 14, which has no `pg_read_all_data`, the bootstrap superuser's future tables
+    /// are readable by it instead (default privileges in `template1` and `postgres`, which
+    /// new databases copy).
+    pub fn create_monitoring_role(&self, name: &str) -> Result<(), PgClusterError> {
+        if self.server_version_num()? >= 140000 {
+            self.psql(
+                "postgres",
+                &format!("CREATE ROLE {name} LOGIN; GRANT pg_monitor, pg_read_all_data TO {name}"),
+            )?;
+        } else {
+            self.psql(
+                "postgres",
+                &format!("CREATE ROLE {name} LOGIN; GRANT pg_monitor TO {name}"),
+            )?;
+            let defaults = format!(
+                "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {name}; \
+                 ALTER DEFAULT PRIVILEGES GRANT SELECT ON SEQUENCES TO {name}"
+            );
+            for database in ["template1", "postgres"] {
+                self.psql(database, &defaults)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs SQL with psql and returns its unaligned output.
     pub fn psql(&self, dbname: &str, sql: &str) -> Result<String, PgClusterError> {
         let output = self.run_checked(self.psql_command(dbname).arg("-c").arg(sql))?;

@@ -17,8 +17,23 @@ pub fn fixture(name: &str) -> PathBuf {
     repo().join("testkit/fixtures/cognit").join(name)
 }
 
-/// A throwaway PostgreSQL. Fails loudly (with the fix) when PostgreSQL is not installed.
+/// The role deploywatch connects as in tests: what the README asks for (`pg_monitor`), plus
+/// read access to every table (`pg_read_all_data`), and not a superuser.
+pub const MONITOR_ROLE: &str = "deploywatch";
+
+/// A throwaway PostgreSQL with the [`MONITOR_ROLE`]. Fails loudly (with the fix) when
+/// PostgreSQL is not installed.
 pub fn cluster() -> PgCluster {
+    let cluster = bare_cluster();
+    cluster
+        .create_monitoring_role(MONITOR_ROLE)
+        .expect("the monitoring role");
+    cluster
+}
+
+/// A throwaway PostgreSQL with only its bootstrap superuser (for documents that create the
+/// monitoring role themselves).
+pub fn bare_cluster() -> PgCluster {
     let options = ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".to_string()],
         ..ClusterOptions::default()
@@ -138,7 +153,7 @@ impl ConfigDir {
 /// A `[[targets]]` entry for a database of a test cluster.
 pub fn target_toml(name: &str, cluster: &PgCluster, db: &str) -> String {
     format!(
-        "[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\n",
+        "[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"{MONITOR_ROLE}\"\n",
         cluster.port()
     )
 }
