@@ -1,5 +1,5 @@
 //! The database edge, and the only layer that sends SQL: connection settings ([`target`]) and
-//! TLS ([`tls`]), capped session pools ([`pool`]), the read-only check runner ([`runner`]), the
+//! TLS ([`tls`]), capped session pools ([`pool`]) on sockets whose close waits for the server ([`socket`]), the read-only check runner ([`runner`]), the
 //! statistics sampler ([`sampler`]), database listing for discovery ([`discovery`]) and the
 //! privilege probe ([`privileges`]).
 
@@ -8,5 +8,6 @@ pub mod pool;
 pub mod privileges;
 pub mod runner;
 pub mod sampler;
+pub mod socket;
 pub mod target;
 pub mod tls;

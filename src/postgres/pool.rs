@@ -14,7 +14,9 @@
 //! session goes first to a waiting check of its own database (no reconnect). The queue — its
 //! length, the oldest waiting check — is visible through [`ServerPool::view`].
 //!
-//! A closing session keeps its place in the budget until its socket is closed, and a reload
+//! A closing session keeps its place in the budget until the server has closed its socket (its
+//! backend has then left `pg_stat_activity` and given its connection back; see
+//! [`crate::postgres::socket`]), and a reload
 //! keeps the server pools (only the budget changes), so the sessions of the previous
 //! configuration count until they are gone: the budget holds across a reload.
 //!
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use crate::postgres::socket;
 use crate::postgres::target::{ConnectionSettings, TargetError};
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -135,7 +138,8 @@ impl Drop for Session {
             return;
         };
         // The client is dropped right after this: the driver then says goodbye (Terminate) and
-        // ends. A server that does not answer gets its socket cut after the grace.
+        // ends once the server has closed the session. A server that does not answer gets its
+        // socket cut after the grace.
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -799,16 +803,52 @@ impl Connector {
             })?;
         let target = self.target.clone();
         // The driver task owns the socket; its type depends on TLS, the client's does not. The
-        // server reports the role and whether it is a superuser at startup.
-        let connected = match tls {
-            None => config
-                .connect(tokio_postgres::NoTls)
+        // server reports the role and whether it is a superuser at startup. A socket of our own
+        // (the usual case, one host) makes the driver end only once the server has closed the
+        // session, so its place in the budget is free on the server too.
+        let connected = match (socket::open(&config, tls.is_some()).await, tls) {
+            (Some(Err(error)), _) => {
+                return Err(PoolError::Connect {
+                    target: self.target.clone(),
+                    message: format!("error connecting to server: {error}"),
+                });
+            }
+            (Some(Ok((stream, _))), None) => config
+                .connect_raw(stream, tokio_postgres::NoTls)
                 .await
                 .map(|(client, connection)| {
                     let role = reported_role(&connection);
                     (client, role, tokio::spawn(drive(connection, target)))
                 }),
-            Some(tls) => config
+            (Some(Ok((stream, host))), Some(tls)) => {
+                let connect =
+                    tokio_postgres::tls::MakeTlsConnect::<socket::Lingering>::make_tls_connect(
+                        &mut tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                        &host,
+                    );
+                match connect {
+                    Ok(connect) => {
+                        config
+                            .connect_raw(stream, connect)
+                            .await
+                            .map(|(client, connection)| {
+                                let role = reported_role(&connection);
+                                (client, role, tokio::spawn(drive(connection, target)))
+                            })
+                    }
+                    Err(never) => match never {},
+                }
+            }
+            (None, None) => {
+                config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map(|(client, connection)| {
+                        let role = reported_role(&connection);
+                        (client, role, tokio::spawn(drive(connection, target)))
+                    })
+            }
+            (None, Some(tls)) => config
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await
                 .map(|(client, connection)| {
