@@ -1,8 +1,9 @@
 //! Runs every check on its own interval against every target.
 //!
 //! One task per (target, check). The first runs of a server's targets are spread evenly over
-//! each check's interval (all checks of one database and interval together, so they share a
-//! session), then each ticks on its interval. A check never runs twice at once on one target:
+//! the shortest interval, each database at its own phase of it for all its intervals (its checks
+//! and samples that fall due together run together, so they share a session), and a longer
+//! interval's runs over the multiples of the shortest it holds; then each ticks on its interval. A check never runs twice at once on one target:
 //! ticks that arrive while a run is in flight are skipped and counted. Runs queue for a session
 //! of their server's budget ([`TargetPool`]) at most until the next run is due; a run that got
 //! none is skipped, counted and reported with the reason. A slow or down target only delays its
@@ -15,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,8 +40,9 @@ pub struct Pools {
     servers: Servers,
     stats: Arc<std::sync::Mutex<HashMap<String, Arc<ServerStats>>>>,
     pools: HashMap<String, (String, usize, TargetPool)>,
-    /// Each target's position among the targets of its server, and their number.
-    phases: HashMap<String, (usize, usize)>,
+    /// Each target's position among the targets of its server, their number, and the target's
+    /// shortest interval (checks and sampling).
+    phases: HashMap<String, (usize, usize, Duration)>,
 }
 
 impl Pools {
@@ -75,7 +76,19 @@ impl Pools {
                 continue;
             }
             let index = per_server.entry(key.clone()).or_insert(0);
-            phases.insert(target.name.clone(), (*index, 0));
+            let shortest = target
+                .checks
+                .iter()
+                .map(|c| c.interval)
+                .chain(
+                    config
+                        .deployments
+                        .enabled
+                        .then_some(config.deployments.sample_interval),
+                )
+                .min()
+                .unwrap_or(config.deployments.sample_interval);
+            phases.insert(target.name.clone(), (*index, 0, shortest));
             *index += 1;
             let server = servers.get(&key, budget, share);
             let settings = format!("{:?}", target.connection);
@@ -140,13 +153,17 @@ impl Pools {
         all.get(pool.server().server()).cloned()
     }
 
-    /// Where in `every` the target's first run goes: the targets of one server are spread
-    /// evenly over it, so a fleet does not start all at once and each database's checks of
-    /// one interval run together on one session.
+    /// Where in `every` the target's first run goes (see [`first_run_offset`]), plus a little
+    /// jitter, the same for all of the target's checks and samples: what falls due together
+    /// asks together, and the session the first one opens goes to the next (no reconnect).
     pub fn first_run_offset(&self, target: &str, every: Duration) -> Duration {
         match self.phases.get(target) {
-            Some((index, count)) if *count > 1 => every.mul_f64(*index as f64 / *count as f64),
-            _ => Duration::ZERO,
+            Some((index, count, shortest)) => {
+                let spread = shortest.mul_f64(0.05).min(Duration::from_millis(500));
+                first_run_offset(*index, *count, *shortest, every)
+                    + spread.mul_f64(target_jitter(target))
+            }
+            None => Duration::ZERO,
         }
     }
 
@@ -163,6 +180,26 @@ impl Pools {
     pub fn close_all(&self) {
         self.servers.close_idle();
     }
+}
+
+/// Where the first run of an interval `every` goes for target `index` of the `count` targets of
+/// a server, whose shortest interval is `shortest`. The targets are spread evenly over
+/// `shortest`, and every interval of a target starts at its phase of it: a database's checks
+/// and samples that fall due together run together, on one session, instead of each opening
+/// one. A longer interval's runs are also spread over the multiples of `shortest` it holds, so
+/// that, say, the 5-minute checks of a fleet do not all fall in the same 30 seconds.
+pub fn first_run_offset(
+    index: usize,
+    count: usize,
+    shortest: Duration,
+    every: Duration,
+) -> Duration {
+    if count <= 1 || shortest.is_zero() {
+        return Duration::ZERO;
+    }
+    let base = shortest.min(every);
+    let slots = (every.as_secs_f64() / base.as_secs_f64()).floor().max(1.0) as u32;
+    base.mul_f64(index as f64 / count as f64) + base * (index as u32 % slots)
 }
 
 fn new_pool(
@@ -227,14 +264,10 @@ async fn check_loop(
     cancel: CancellationToken,
     offset: Duration,
 ) {
-    // A little jitter on top, so one database's checks do not all ask at the same instant.
-    let spread = spec.interval.mul_f64(0.05).min(Duration::from_millis(500));
-    let jitter = Duration::from_secs_f64(
-        rand::thread_rng().gen_range(0.0..=spread.as_secs_f64().max(0.001)),
-    );
-    let mut ticker = tokio::time::interval_at(Instant::now() + offset + jitter, spec.interval);
+    let mut ticker = tokio::time::interval_at(Instant::now() + offset, spec.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let what = format!("{target} {}", spec.name);
+    let mut no_session_skips = 0u64;
     loop {
         tokio::select! {
             // Cancellation wins over a tick that is also ready: no new run after it.
@@ -254,16 +287,32 @@ async fn check_loop(
                 state.release(&target, &spec.name);
                 return;
             }
-            lease = pool.acquire(&what, spec.interval) => lease,
+            // Boxed, as the run below: a task keeps only what it needs between runs, which
+            // matters with thousands of checks.
+            lease = Box::pin(pool.acquire(&what, spec.interval)) => lease,
         };
         let session = match acquired {
-            Ok(lease) => pool.pinned(lease),
+            Ok(lease) => {
+                if no_session_skips > 0 {
+                    tracing::info!(
+                        db_target = %target, check = %spec.name, skipped = no_session_skips,
+                        "got a session again"
+                    );
+                    no_session_skips = 0;
+                }
+                pool.pinned(lease)
+            }
             Err(error @ PoolError::Exhausted { .. }) => {
                 let reason = error.to_string();
-                tracing::warn!(
-                    db_target = %target, check = %spec.name, %reason,
-                    "no session within the check's interval; this run was skipped"
-                );
+                // One line when a check starts going without sessions, one when it gets them
+                // again; every skipped run is counted in the metrics and /status.
+                if no_session_skips == 0 {
+                    tracing::warn!(
+                        db_target = %target, check = %spec.name, %reason,
+                        "no session within the check's interval; this run was skipped, and so will be the next ones until a session is free"
+                    );
+                }
+                no_session_skips += 1;
                 state.record_no_session(&target, &spec.name, reason, state.now());
                 continue;
             }
@@ -283,8 +332,7 @@ async fn check_loop(
             }
         };
         let report: RunReport = {
-            let run = run_check(&session, &spec, &progress, &target);
-            tokio::pin!(run);
+            let mut run = Box::pin(run_check(&session, &spec, &progress, &target));
             let mut skipped = 0u64;
             loop {
                 tokio::select! {
@@ -309,6 +357,14 @@ async fn check_loop(
         log_report(&state, &target, &spec, &report);
         state.record(&target, &spec.name, &report, state.now());
     }
+}
+
+/// A fraction in [0, 1) fixed per target name.
+fn target_jitter(target: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    target.hash(&mut hasher);
+    (hasher.finish() % 1_000_000) as f64 / 1_000_000.0
 }
 
 /// The one place a run's result is logged.
@@ -385,4 +441,57 @@ pub async fn run_once(config: &Config, pools: &Pools, state: &Arc<State>) {
         }
     }
     while runs.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn a_databases_intervals_start_at_one_phase_of_the_shortest() {
+        for index in 0..40 {
+            let phase = first_run_offset(index, 40, S(30), S(30));
+            assert!(phase < S(30));
+            for every in [S(60), S(300)] {
+                let offset = first_run_offset(index, 40, S(30), every);
+                assert!(offset < every, "{offset:?} within {every:?}");
+                let apart = (offset - phase).as_secs_f64();
+                assert!(
+                    (apart / 30.0 - (apart / 30.0).round()).abs() < 1e-9,
+                    "{apart}"
+                );
+            }
+            // Every run of the 1-minute interval falls on a run of the 5-minute one or between
+            // two, never off the 30-second grid of its database.
+            let (one, five) = (
+                first_run_offset(index, 40, S(30), S(60)),
+                first_run_offset(index, 40, S(30), S(300)),
+            );
+            let apart = (five.as_secs_f64() - one.as_secs_f64()).rem_euclid(60.0);
+            assert!(apart < 1e-9 || (apart - 60.0).abs() < 1e-9, "{apart}");
+        }
+    }
+
+    #[test]
+    fn targets_are_spread_over_the_shortest_interval_and_long_intervals_over_their_slots() {
+        let phases: Vec<f64> = (0..10)
+            .map(|i| first_run_offset(i, 10, S(30), S(30)).as_secs_f64())
+            .collect();
+        assert_eq!(
+            phases,
+            vec![0.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 21.0, 24.0, 27.0]
+        );
+        let slots: std::collections::BTreeSet<u64> = (0..10)
+            .map(|i| first_run_offset(i, 10, S(30), S(300)).as_secs() / 30)
+            .collect();
+        assert_eq!(
+            slots.len(),
+            10,
+            "the 5-minute runs fill all ten 30-second slots"
+        );
+        assert_eq!(first_run_offset(0, 1, S(30), S(300)), Duration::ZERO);
+        assert_eq!(first_run_offset(3, 4, S(60), S(30)), S(30).mul_f64(0.75));
+    }
 }

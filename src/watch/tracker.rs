@@ -240,7 +240,7 @@ async fn watch_version(
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let read = sampler::read_version(&pool, &sql).await;
+        let read = Box::pin(sampler::read_version(&pool, &sql)).await;
         version_query_news(&target, &sql, &read, &mut problem);
         match read {
             Ok(version) => state.set_schema_version(&target, version),
@@ -319,7 +319,8 @@ impl Tracker {
                     let result = self.announce(request.announcement, self.state.now()).await;
                     let _ = request.reply.send(result);
                 }
-                _ = ticker.tick() => self.pass(self.state.now()).await,
+                // Boxed: a tracker keeps only its state between passes.
+                _ = ticker.tick() => Box::pin(self.pass(self.state.now())).await,
             }
         }
     }
