@@ -912,23 +912,13 @@ impl Connector {
         let count = tokens.len();
         for token in tokens {
             let (tls, target) = (tls.clone(), self.target.clone());
+            let config = self.settings.resolve().ok();
             cancels.spawn(async move {
-                let sent = match tls {
-                    None => {
-                        tokio::time::timeout(limit, token.cancel_query(tokio_postgres::NoTls)).await
-                    }
-                    Some(tls) => {
-                        tokio::time::timeout(
-                            limit,
-                            token.cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
-                        )
-                        .await
-                    }
-                };
+                let sent = tokio::time::timeout(limit, cancel(token, config, tls)).await;
                 match sent {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => tracing::warn!(
-                        db_target = %target, error = %describe_connect_error(&error),
+                        db_target = %target, %error,
                         "cannot cancel a query in flight"
                     ),
                     Err(_) => {
@@ -940,6 +930,44 @@ impl Connector {
         while cancels.join_next().await.is_some() {}
         count
     }
+}
+
+/// Sends PostgreSQL's cancel request for `token`'s query. A session opened on a socket of
+/// deploywatch's own ([`socket`]) has a cancel key without the server's address, so the request
+/// goes over a socket opened the same way.
+async fn cancel(
+    token: tokio_postgres::CancelToken,
+    config: Option<tokio_postgres::Config>,
+    tls: Option<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let opened = match &config {
+        Some(config) => socket::open(config, tls.is_some()).await,
+        None => None,
+    };
+    let sent = match (opened, tls) {
+        (Some(Err(error)), _) => return Err(format!("error connecting to server: {error}")),
+        (Some(Ok((stream, _))), None) => {
+            token.cancel_query_raw(stream, tokio_postgres::NoTls).await
+        }
+        (Some(Ok((stream, host))), Some(tls)) => {
+            let connect =
+                tokio_postgres::tls::MakeTlsConnect::<socket::Lingering>::make_tls_connect(
+                    &mut tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    &host,
+                );
+            match connect {
+                Ok(connect) => token.cancel_query_raw(stream, connect).await,
+                Err(never) => match never {},
+            }
+        }
+        (None, None) => token.cancel_query(tokio_postgres::NoTls).await,
+        (None, Some(tls)) => {
+            token
+                .cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await
+        }
+    };
+    sent.map_err(|error| describe_connect_error(&error))
 }
 
 /// The role and whether it is a superuser, as the server reported them at startup.
