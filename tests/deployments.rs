@@ -1012,3 +1012,107 @@ async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
     );
     assert!(text.contains("[x] Schema version is 3.7.1"), "{text}");
 }
+
+/// A statement the deployment brings (its query id, and so its text, first seen after the
+/// deployment) is followed in the window, judged with the rest (here: listed among the queries
+/// on a table whose new index nothing scans), named with its id and text in the evidence, and
+/// shown with its text in /status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_first_seen_after_the_deployment_is_judged_and_shown_with_its_text() {
+    const NEW: &str = "SELECT count(*) FROM images WHERE image_id <> 'none'";
+    const NORMALISED: &str = "SELECT count(*) FROM images WHERE image_id <> $1";
+    let setup = Setup::with_statements(Version::V360, 6);
+    setup.workload().await;
+    let pg = &setup.pg;
+    let handle = setup.start().await;
+    wait_baseline(&handle, 6).await;
+
+    // The deployment: the migration adds a partial index on images that nothing scans, and
+    // the new release runs a statement on images that was never run before.
+    common::migrate(pg, "cognit").expect("migration");
+    let deployed = deployment_where(
+        &handle,
+        "deployment detected",
+        Duration::from_secs(20),
+        |v| v.to_version == "3.7.0",
+    )
+    .await;
+    let seen_before: i64 = pg
+        .psql(
+            "cognit",
+            "SELECT count(*) FROM pg_stat_statements WHERE query LIKE '%images WHERE image_id <>%'",
+        )
+        .expect("count")
+        .trim()
+        .parse()
+        .expect("number");
+    assert_eq!(seen_before, 0, "the statement is new");
+    let (client, connection) =
+        tokio_postgres::connect(&pg.connection_string("cognit"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    let stop = setup.cancel.clone();
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let _ = client.simple_query(NEW).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Closed at its end, not only showing a regression (the statement's sequential scans).
+    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| {
+        v.id == deployed.id
+            && closed(v, Window::FirstDay)
+            && v.current_window
+                .is_some_and(|w| w != Window::FirstHour && w != Window::FirstDay)
+    })
+    .await;
+    let query_id = pg
+        .psql(
+            "cognit",
+            "SELECT queryid FROM pg_stat_statements WHERE query LIKE '%images WHERE image_id <>%'",
+        )
+        .expect("query id")
+        .trim()
+        .to_string();
+    assert!(!query_id.is_empty(), "the statement ran");
+    let first_day = view
+        .windows
+        .iter()
+        .find(|w| w.window == Window::FirstDay)
+        .expect("first_day");
+    let finding = first_day
+        .regressions
+        .iter()
+        .find(|f| {
+            f.signal == Signal::UnusedIndex && f.subject == "public.idx_images_ai_generated_true"
+        })
+        .unwrap_or_else(|| panic!("the new index is judged: {first_day:#?}"));
+    let named = format!("{query_id}: {NORMALISED}");
+    let queries = finding.evidence["queries_on_table"]
+        .as_array()
+        .expect("queries on the table");
+    assert!(
+        queries.iter().any(|q| q.as_str() == Some(named.as_str())),
+        "{named} in {queries:?}"
+    );
+    let (_, body) = common::get_as(
+        &format!("http://{}/status", handle.local_addr),
+        "application/json",
+    )
+    .await;
+    assert!(body.contains(&named), "{body}");
+    setup.cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
+    // Its text was fetched after the deployment and is kept in the store.
+    let store =
+        deploywatch::storage::Store::open(&setup.dir.path().join("state.sqlite")).expect("store");
+    assert_eq!(
+        store
+            .query_texts("cognit")
+            .get(&query_id)
+            .map(String::as_str),
+        Some(NORMALISED)
+    );
+}
