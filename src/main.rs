@@ -113,11 +113,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ExitCode::from(code)
     };
     match &cli.command {
-        Command::Run { listen, shard } => {
+        Command::Run {
+            listen,
+            shard,
+            reset_store,
+        } => {
             let mut config = match load(&cli) {
                 Ok(config) => config,
                 Err(code) => return Ok(code),
             };
+            config.store.reset_invalid = *reset_store;
             let overrides = Overrides { shard: *shard };
             if let Err(error) = config.apply_overrides(&overrides) {
                 eprintln!("{error}");

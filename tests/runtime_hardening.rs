@@ -1,6 +1,7 @@
 //! Faults and hostile input must not stall the daemon, hurt the database or make it lie: wrong
-//! passwords, huge results, a hung database, session state a check leaves behind, superuser
-//! roles, and queries still running at shutdown. Everything runs against a real PostgreSQL.
+//! passwords, huge results, a hung database, announcements while it hangs, session state a
+//! check leaves behind, superuser roles, a broken or full state store, and queries still
+//! running at shutdown. Everything runs against a real PostgreSQL.
 
 mod common;
 
@@ -672,6 +673,294 @@ fn check_privileges_flags_roles_that_can_reach_beyond_the_database() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Announcements while the database hangs
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_are_recorded_at_once_while_the_database_hangs() {
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        &pack("p", &[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]),
+    );
+    let token = dir.write("token", "s3cret-token\n");
+    let store = dir.path().join("state.sqlite");
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\napi_token_file = \"{}\"\n\n[store]\npath = \"{}\"\n\n\
+             [defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n\
+             [deployments]\nsample_interval = \"1s\"\nversion_query = \"SELECT '1.0'\"\n\n{}",
+            token.display(),
+            store.display(),
+            target("db", &pg, "app")
+        ),
+    );
+    let handle = start(&dir).await;
+    let url = base(&handle);
+    wait_until("the tracker has sampled", Duration::from_secs(60), || {
+        let state = handle.state.clone();
+        async move { state.snapshot().targets["db"].schema_version.clone() }
+    })
+    .await;
+    pg.pause().expect("SIGSTOP");
+    // The tracker's sampling pass waits on the hung server.
+    wait_until("the hang shows", Duration::from_secs(60), || {
+        let state = handle.state.clone();
+        async move { (state.snapshot().targets["db"].reachable == Some(false)).then_some(()) }
+    })
+    .await;
+    let post = |body: String| {
+        let url = url.clone();
+        async move {
+            let started = Instant::now();
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                deploywatch::commands::client::request(
+                    hyper::Method::POST,
+                    &format!("{url}/api/deployments"),
+                    "application/json",
+                    Some("s3cret-token"),
+                    Some(body),
+                ),
+            )
+            .await;
+            (reply, started.elapsed())
+        }
+    };
+    let body = r#"{"version": "2.0", "started_at": "2026-01-02T03:04:05Z"}"#.to_string();
+    let (reply, took) = post(body.clone()).await;
+    let Ok(reply) = reply else {
+        pg.resume().expect("SIGCONT");
+        panic!("no answer within 5 s while the database hangs");
+    };
+    let (code, text) = reply.expect("request");
+    assert_eq!(code.as_u16(), 201, "{text} after {took:?}");
+    let view: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let expected_at = humantime::parse_rfc3339("2026-01-02T03:04:05Z")
+        .expect("time")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs_f64();
+    assert_eq!(view["at"].as_f64(), Some(expected_at), "{text}");
+    // A pipeline that retries gets the same deployment, not a second one.
+    let (retry, _) = post(body).await;
+    let (code, text) = retry.expect("answer").expect("request");
+    assert!(code.is_success(), "{code} {text}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).expect("json")["id"],
+        view["id"]
+    );
+    // Without started_at, the time the request was received.
+    let sent = deploywatch::time::unix_now();
+    let (reply, _) = post(r#"{"version": "2.1"}"#.to_string()).await;
+    let (code, text) = reply.expect("answer").expect("request");
+    assert_eq!(code.as_u16(), 201, "{text}");
+    let at = serde_json::from_str::<serde_json::Value>(&text).expect("json")["at"]
+        .as_f64()
+        .expect("at");
+    assert!((at - sent).abs() < 2.0, "recorded at {at}, sent at {sent}");
+    pg.resume().expect("SIGCONT");
+    handle.shutdown().await.expect("shutdown");
+    let recorded = deploywatch::storage::Store::open(&store)
+        .expect("store")
+        .deployments(Some("db"))
+        .expect("deployments");
+    let versions: Vec<&str> = recorded.iter().map(|d| d.to_version.as_str()).collect();
+    assert_eq!(versions, ["2.1", "2.0"], "{recorded:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state store
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_store_stops_the_start_until_reset_explicitly() {
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    dir.write("checks/p.toml", &pack("p", &[("a", "sql = \"SELECT 1\"")]));
+    let store = dir.path().join("state.sqlite");
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[store]\npath = \"{}\"\n\n{}",
+            store.display(),
+            target("db", &pg, "app")
+        ),
+    );
+    {
+        let s = deploywatch::storage::Store::open(&store).expect("store");
+        s.set_last_version("db", "1.0", 1.0).expect("write");
+    }
+    for broken in [&b""[..], &b"this is not a database"[..]] {
+        std::fs::write(&store, broken).expect("break the store");
+        let port = common::free_port();
+        let mut child = common::spawn_daemon(&dir, port);
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("the daemon refuses to start")
+            .expect("wait");
+        let stderr = common::stderr_of(&mut child).await;
+        assert_ne!(status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains(&store.display().to_string()) && stderr.contains("--reset-store"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&store).expect("kept"),
+            broken,
+            "the file is left as it was"
+        );
+    }
+    let port = common::free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.main())
+        .args([
+            "run",
+            "--reset-store",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    wait_http(port, "/readyz").await;
+    let _ = child.kill().await;
+    let aside = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.sqlite.invalid-")
+        });
+    assert!(aside, "the invalid file is kept aside");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_write_failures_answer_503_are_counted_and_logged_once() {
+    use std::os::unix::process::CommandExt as _;
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    dir.write("checks/p.toml", &pack("p", &[("a", "sql = \"SELECT 1\"")]));
+    let store = dir.path().join("state.sqlite");
+    let token = dir.write("token", "tok\n");
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[server]\napi_token_file = \"{}\"\n\n[store]\npath = \"{}\"\n\n[deployments]\nsample_interval = \"1h\"\n\n{}",
+            token.display(),
+            store.display(),
+            target("db", &pg, "app")
+        ),
+    );
+    drop(deploywatch::storage::Store::open(&store).expect("store"));
+    // A file size limit stands for a full disk: writes beyond it fail (EFBIG) instead of the
+    // process being killed, as SIGXFSZ is ignored.
+    const LIMIT: u64 = 96 * 1024;
+    let port = common::free_port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"));
+    command
+        .arg("--config")
+        .arg(dir.main())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    unsafe {
+        command.as_std_mut().pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("spawn");
+    let pid = child.id().expect("pid");
+    wait_http(port, "/healthz").await;
+    let url = format!("http://127.0.0.1:{port}/api/deployments");
+    let announce = |n: u32| {
+        let url = url.clone();
+        async move {
+            let body = format!(r#"{{"version": "1.{n}", "note": "{}"}}"#, "x".repeat(2000));
+            deploywatch::commands::client::request(
+                hyper::Method::POST,
+                &url,
+                "*/*",
+                Some("tok"),
+                Some(body),
+            )
+            .await
+            .expect("request")
+        }
+    };
+    let mut n = 0;
+    let mut codes = Vec::new();
+    loop {
+        n += 1;
+        let (code, text) = announce(n).await;
+        codes.push(code.as_u16());
+        if code.as_u16() == 503 {
+            assert!(text.contains("store"), "{text}");
+            break;
+        }
+        assert_eq!(code.as_u16(), 201, "until the disk is full: {text}");
+        assert!(n < 200, "the store never filled up: {codes:?}");
+    }
+    for _ in 0..3 {
+        n += 1;
+        assert_eq!(announce(n).await.0.as_u16(), 503);
+    }
+    let scrape = scrape_port(port).await;
+    let failures = scrape
+        .metric("deploywatch_store_errors_total")
+        .label("operation", "announce")
+        .value();
+    assert!(failures >= 4.0, "{failures}");
+    // Room again: the next write works and the recovery is logged.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let raised = unsafe {
+        libc::prlimit(
+            i32::try_from(pid).expect("pid"),
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(raised, 0);
+    n += 1;
+    assert_eq!(announce(n).await.0.as_u16(), 201);
+    // A clean stop, so every log line is written out.
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    let stderr = common::stderr_of(&mut child).await;
+    assert_eq!(
+        stderr.matches("state store writes are failing").count(),
+        1,
+        "one warning for the change to failing: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("state store writes work again").count(),
+        1,
+        "{stderr}"
     );
 }
 

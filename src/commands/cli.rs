@@ -58,6 +58,10 @@ pub enum Command {
         /// on reload. Discovered databases are assigned one by one.
         #[arg(long, env = "DEPLOYWATCH_SHARD", value_name = "N/M")]
         shard: Option<crate::shard::Shard>,
+        /// When store.path holds a file that is not a valid state store (truncated, not
+        /// SQLite), move it aside and start with an empty store instead of refusing to start.
+        #[arg(long)]
+        reset_store: bool,
     },
     /// Run every configured check once and print the results (a deployment gate).
     /// Exit code: 0 all pass, 1 a check failed or errored, 2 a target is unreachable or the

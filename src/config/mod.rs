@@ -299,6 +299,9 @@ pub struct StoreConfig {
     /// `None` keeps deployment state in memory only (no baseline survives a restart).
     pub path: Option<PathBuf>,
     pub retention: Duration,
+    /// Set by `run --reset-store`, never by a file: an existing file that is not a valid
+    /// store is moved aside and an empty store started instead of refusing to start.
+    pub reset_invalid: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -869,6 +872,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             &raw.store.retention,
             secs(30 * 24 * 3600),
         ),
+        reset_invalid: false,
     };
 
     let default_version_query = raw

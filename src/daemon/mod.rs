@@ -42,7 +42,7 @@ pub enum Event {
 pub enum DaemonError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    #[error("cannot open the state store: {0}")]
+    #[error("{0}")]
     Store(#[from] crate::storage::StoreError),
     #[error("the daemon task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -123,7 +123,7 @@ pub fn start_with(
     state.apply_config(&shown, state.now());
     let registry = metrics::registry(state.clone())?;
     let store = match &config.store.path {
-        Some(path) => Store::open(path)?,
+        Some(path) => Store::open_or_reset(path, config.store.reset_invalid)?,
         None => Store::in_memory()?,
     };
     // Incremental checks keep their progress in a table of their own in the same file.

@@ -33,7 +33,7 @@ use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter};
 use crate::shard::{shard_of, Shard};
 use crate::watch::state::State;
-use crate::watch::tracker::{Announcement, Announcer};
+use crate::watch::tracker::{Announcement, Announcer, TrackerError};
 
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -509,6 +509,10 @@ async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body
     }
     match announcer.announce(announcement).await {
         Ok(view) => json(StatusCode::CREATED, &view),
+        // The request was fine; the daemon could not keep it. The pipeline may retry.
+        Err(error @ (TrackerError::Store(_) | TrackerError::NotRunning(_))) => {
+            json_error(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        }
         Err(error) => json_error(StatusCode::BAD_REQUEST, error.to_string()),
     }
 }

@@ -22,6 +22,12 @@
 //! write is one transaction, so `kill -9` leaves either the whole sample or none of it. The
 //! daemon reaches the store only through [`actor::StoreActor`], a thread of its own, so no
 //! tokio worker waits on the disk.
+//!
+//! A file that exists but is not a valid store (truncated to 0 bytes, not SQLite, SQLite
+//! without deploywatch's tables) is refused: starting over silently would throw away the
+//! baseline and the deployment history. [`Store::open_or_reset`] moves such a file aside
+//! instead, on explicit request. Failed writes (a full disk) are logged once when writes
+//! start failing and once when they work again; the callers count them.
 
 pub mod actor;
 pub mod incremental;
@@ -57,6 +63,23 @@ pub enum StoreError {
     Migration { path: String, reason: String },
     #[error("the state store is closed")]
     Closed,
+    #[error(
+        "{path} is not a valid deploywatch state store: {reason}. Nothing was started. Restore \
+         it from a backup, or run `deploywatch run --reset-store` to move it aside and start \
+         with an empty store (the baseline and deployment history start over)"
+    )]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot move the invalid state store {path} aside: {source}")]
+    Reset {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Whether writes are failing now.
+#[derive(Default)]
+struct WriteHealth {
+    failing: bool,
 }
 
 /// The layout this code writes.
@@ -174,13 +197,52 @@ type Ids = HashMap<String, [HashMap<String, i64>; 4]>;
 pub struct Store {
     inner: Arc<Mutex<Inner>>,
     path: Option<PathBuf>,
+    health: Arc<Mutex<WriteHealth>>,
 }
 
 impl Store {
+    /// Opens the store at `path`, creating it when there is no file; refuses a file that is
+    /// not a valid store.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_or_reset(path, false)
+    }
+
+    /// As [`Store::open`]; with `reset`, a file that is not a valid store is renamed to
+    /// `<path>.invalid-<unix time>` and an empty store is started in its place.
+    pub fn open_or_reset(path: &Path, reset: bool) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
                 let _ = std::fs::create_dir_all(parent);
+            }
+        }
+        if path.exists() {
+            if let Err(reason) = Self::validate(path) {
+                if !reset {
+                    return Err(StoreError::Invalid {
+                        path: path.to_path_buf(),
+                        reason,
+                    });
+                }
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(format!(".invalid-{stamp}"));
+                let aside = PathBuf::from(aside);
+                std::fs::rename(path, &aside).map_err(|source| StoreError::Reset {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                for suffix in ["-wal", "-shm"] {
+                    let mut side = path.as_os_str().to_owned();
+                    side.push(suffix);
+                    let _ = std::fs::remove_file(PathBuf::from(side));
+                }
+                tracing::warn!(
+                    path = %path.display(), moved_to = %aside.display(), %reason,
+                    "the state store was not valid; it was moved aside and an empty store started (--reset-store)"
+                );
             }
         }
         let open_error = |source| StoreError::Open {
@@ -192,6 +254,56 @@ impl Store {
             StoreError::Sqlite(source) => open_error(source),
             other => other,
         })
+    }
+
+    /// Why an existing file is not a store deploywatch wrote, if it is not. Reads only.
+    fn validate(path: &Path) -> Result<(), String> {
+        let length = std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| e.to_string())?;
+        if length == 0 {
+            return Err("the file is empty (0 bytes): it was truncated or never written".into());
+        }
+        let connection =
+            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|e| format!("not an SQLite database ({e})"))?;
+        let tables: i64 = connection
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+                 AND name IN ('samples', 'deployments', 'verdicts', 'versions')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| format!("not an SQLite database ({e})"))?;
+        if tables == 0 {
+            return Err("an SQLite database without deploywatch's tables".into());
+        }
+        Ok(())
+    }
+
+    /// Logs the outcome of a write when it changes: one warning when writes start failing,
+    /// one line when they work again. (Callers count each failure.)
+    fn wrote<T>(
+        &self,
+        operation: &'static str,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) if health.failing => {
+                health.failing = false;
+                tracing::info!(operation, "state store writes work again");
+            }
+            Err(error) if !health.failing => {
+                health.failing = true;
+                tracing::warn!(
+                    operation, %error,
+                    "state store writes are failing (disk full or unwritable?): samples, deployments and verdicts are not kept until they work again"
+                );
+            }
+            _ => {}
+        }
+        result
     }
 
     /// A store that lives only as long as the process.
@@ -262,6 +374,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Mutex::new(inner)),
             path,
+            health: Arc::default(),
         })
     }
 
@@ -300,7 +413,7 @@ impl Store {
             inner.names.clear();
             let _ = inner.load_series();
         }
-        result
+        self.wrote("add_sample", result)
     }
 
     /// Samples of `target` with `from <= at < to`, oldest first.
@@ -393,33 +506,36 @@ impl Store {
         texts: &[(String, String)],
         at: f64,
     ) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let transaction = inner.connection.transaction()?;
-        for (query_id, text) in texts {
-            let id = intern(
-                &transaction,
-                &mut inner.ids,
-                &mut inner.names,
-                target,
-                Kind::Statement,
-                query_id,
-                text,
-                at,
-            )?;
-            let known = inner.names.get(&id).is_some_and(|n| n.detail == *text);
-            if !known && !text.is_empty() {
-                transaction.execute(
-                    "UPDATE series SET detail = ?2 WHERE id = ?1",
-                    params![id, text],
+        let result = (|| -> Result<(), StoreError> {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            let transaction = inner.connection.transaction()?;
+            for (query_id, text) in texts {
+                let id = intern(
+                    &transaction,
+                    &mut inner.ids,
+                    &mut inner.names,
+                    target,
+                    Kind::Statement,
+                    query_id,
+                    text,
+                    at,
                 )?;
-                if let Some(named) = inner.names.get_mut(&id) {
-                    named.detail = text.clone();
+                let known = inner.names.get(&id).is_some_and(|n| n.detail == *text);
+                if !known && !text.is_empty() {
+                    transaction.execute(
+                        "UPDATE series SET detail = ?2 WHERE id = ?1",
+                        params![id, text],
+                    )?;
+                    if let Some(named) = inner.names.get_mut(&id) {
+                        named.detail = text.clone();
+                    }
                 }
             }
-        }
-        transaction.commit()?;
-        Ok(())
+            transaction.commit()?;
+            Ok(())
+        })();
+        self.wrote("add_query_texts", result)
     }
 
     /// Deletes at most [`PRUNE_BATCH`] samples older than `before` and hands up to a few
@@ -427,19 +543,22 @@ impl Store {
     /// calls again on its next pass while that is a full batch. Deployments and verdicts are
     /// kept: they are small and they are the history `report` reads.
     pub fn prune(&self, before: f64) -> Result<usize, StoreError> {
-        let inner = self.lock();
-        let deleted = inner.connection.execute(
-            "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at < ?1 LIMIT ?2)",
-            params![before, i64::try_from(PRUNE_BATCH).unwrap_or(i64::MAX)],
-        )?;
-        if deleted > 0 {
-            let mut vacuum = inner
-                .connection
-                .prepare(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
-            let mut rows = vacuum.query([])?;
-            while rows.next()?.is_some() {}
-        }
-        Ok(deleted)
+        let result = (|| -> Result<usize, StoreError> {
+            let inner = self.lock();
+            let deleted = inner.connection.execute(
+                "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at < ?1 LIMIT ?2)",
+                params![before, i64::try_from(PRUNE_BATCH).unwrap_or(i64::MAX)],
+            )?;
+            if deleted > 0 {
+                let mut vacuum = inner
+                    .connection
+                    .prepare(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
+                let mut rows = vacuum.query([])?;
+                while rows.next()?.is_some() {}
+            }
+            Ok(deleted)
+        })();
+        self.wrote("prune", result)
     }
 
     /// Bytes the store takes on disk: the database file and its write-ahead log.
@@ -489,33 +608,36 @@ impl Store {
         finished_at: Option<f64>,
         note: Option<&str>,
     ) -> Result<DeploymentRecord, StoreError> {
-        let inner = self.lock();
-        let connection = &inner.connection;
-        connection.execute(
-            "INSERT INTO deployments (target, from_version, to_version, kind, detection, at, finished_at, note)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                target,
-                from_version,
-                to_version,
-                kind.as_str(),
-                detection.as_str(),
+        let result = (|| -> Result<DeploymentRecord, StoreError> {
+            let inner = self.lock();
+            let connection = &inner.connection;
+            connection.execute(
+                "INSERT INTO deployments (target, from_version, to_version, kind, detection, at, finished_at, note)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    target,
+                    from_version,
+                    to_version,
+                    kind.as_str(),
+                    detection.as_str(),
+                    at,
+                    finished_at,
+                    note
+                ],
+            )?;
+            Ok(DeploymentRecord {
+                id: connection.last_insert_rowid(),
+                target: target.to_string(),
+                from_version: from_version.map(str::to_string),
+                to_version: to_version.to_string(),
+                kind,
+                detection,
                 at,
                 finished_at,
-                note
-            ],
-        )?;
-        Ok(DeploymentRecord {
-            id: connection.last_insert_rowid(),
-            target: target.to_string(),
-            from_version: from_version.map(str::to_string),
-            to_version: to_version.to_string(),
-            kind,
-            detection,
-            at,
-            finished_at,
-            note: note.map(str::to_string),
-        })
+                note: note.map(str::to_string),
+            })
+        })();
+        self.wrote("add_deployment", result)
     }
 
     /// Moves a deployment's start (an announcement for a version already detected), and
@@ -527,12 +649,15 @@ impl Store {
         finished_at: Option<f64>,
         note: Option<&str>,
     ) -> Result<Option<DeploymentRecord>, StoreError> {
-        self.lock().connection.execute(
-            "UPDATE deployments SET at = ?2, finished_at = coalesce(?3, finished_at),
-                 note = coalesce(?4, note) WHERE id = ?1",
-            params![id, at, finished_at, note],
-        )?;
-        self.deployment(id)
+        let result = (|| -> Result<Option<DeploymentRecord>, StoreError> {
+            self.lock().connection.execute(
+                "UPDATE deployments SET at = ?2, finished_at = coalesce(?3, finished_at),
+                     note = coalesce(?4, note) WHERE id = ?1",
+                params![id, at, finished_at, note],
+            )?;
+            self.deployment(id)
+        })();
+        self.wrote("update_deployment", result)
     }
 
     fn read_deployment(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRecord> {
@@ -610,23 +735,26 @@ impl Store {
         deployment_id: i64,
         record: &VerdictRecord,
     ) -> Result<(), StoreError> {
-        let encode = |f: &Vec<Finding>| {
-            serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))
-        };
-        self.lock().connection.execute(
-            "INSERT OR REPLACE INTO verdicts (deployment_id, window, verdict, samples, regressions, improvements, closed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                deployment_id,
-                record.window.as_str(),
-                record.verdict.as_str(),
-                i64::try_from(record.samples).unwrap_or(i64::MAX),
-                encode(&record.regressions)?,
-                encode(&record.improvements)?,
-                record.closed_at
-            ],
-        )?;
-        Ok(())
+        let result = (|| -> Result<(), StoreError> {
+            let encode = |f: &Vec<Finding>| {
+                serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))
+            };
+            self.lock().connection.execute(
+                "INSERT OR REPLACE INTO verdicts (deployment_id, window, verdict, samples, regressions, improvements, closed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    deployment_id,
+                    record.window.as_str(),
+                    record.verdict.as_str(),
+                    i64::try_from(record.samples).unwrap_or(i64::MAX),
+                    encode(&record.regressions)?,
+                    encode(&record.improvements)?,
+                    record.closed_at
+                ],
+            )?;
+            Ok(())
+        })();
+        self.wrote("set_verdict", result)
     }
 
     pub fn verdicts(&self, deployment_id: i64) -> Result<Vec<VerdictRecord>, StoreError> {
@@ -683,12 +811,15 @@ impl Store {
     }
 
     pub fn set_last_version(&self, target: &str, version: &str, at: f64) -> Result<(), StoreError> {
-        self.lock().connection.execute(
-            "INSERT INTO versions (target, version, seen_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (target) DO UPDATE SET version = excluded.version, seen_at = excluded.seen_at",
-            params![target, version, at],
-        )?;
-        Ok(())
+        let result = (|| -> Result<(), StoreError> {
+            self.lock().connection.execute(
+                "INSERT INTO versions (target, version, seen_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (target) DO UPDATE SET version = excluded.version, seen_at = excluded.seen_at",
+                params![target, version, at],
+            )?;
+            Ok(())
+        })();
+        self.wrote("set_last_version", result)
     }
 
     /// The first deployment of `target` after the one at `at` (id `id`): the one that

@@ -5,6 +5,10 @@
 //! then judges the windows of the latest deployment against its baseline and publishes the
 //! result to the in-memory state. Pipelines announce deployments through [`Announcer`]
 //! (`POST /api/deployments`, `deploywatch deploy mark`); configuration can declare them.
+//! An announcement is recorded at once, through the store's thread, with the time it gives or
+//! the time it was received: it never waits for the sampling loop, which may be waiting on a
+//! hung database. Announcing the same version again (a pipeline retrying) merges into the
+//! deployment already recorded instead of adding a second.
 //!
 //! Everything that must survive a restart — samples, deployments, verdicts, the last seen
 //! version — lives in the [`Store`]; window timing is derived from the deployment's recorded
@@ -15,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -70,15 +73,19 @@ pub enum TrackerError {
     Store(#[from] StoreError),
 }
 
-struct Request {
-    announcement: Announcement,
-    reply: oneshot::Sender<Result<DeploymentView, TrackerError>>,
+/// What recording an announcement for one target needs; nothing of it touches the database.
+#[derive(Clone)]
+struct Recorder {
+    target: String,
+    settings: DeploymentConfig,
+    store: StoreActor,
+    state: Arc<State>,
 }
 
-/// Hands announcements to the tracker of their target.
+/// Records announcements, for the targets whose deployments are tracked.
 #[derive(Clone, Default)]
 pub struct Announcer {
-    trackers: Arc<Mutex<HashMap<String, mpsc::Sender<Request>>>>,
+    recorders: Arc<Mutex<HashMap<String, Recorder>>>,
 }
 
 impl Announcer {
@@ -86,46 +93,168 @@ impl Announcer {
         Announcer::default()
     }
 
+    /// Records an announcement received now: validated, placed and stored through the store's
+    /// thread, never through the target's sampling loop.
     pub async fn announce(
         &self,
         announcement: Announcement,
     ) -> Result<DeploymentView, TrackerError> {
-        let sender = {
-            let trackers = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
+        let recorder = {
+            let recorders = self.recorders.lock().unwrap_or_else(|e| e.into_inner());
             match &announcement.target {
-                Some(name) => trackers
+                Some(name) => recorders
                     .get(name)
                     .cloned()
                     .ok_or_else(|| TrackerError::UnknownTarget(name.clone()))?,
-                None if trackers.len() == 1 => trackers
+                None if recorders.len() == 1 => recorders
                     .values()
                     .next()
                     .cloned()
                     .ok_or(TrackerError::TargetRequired(0))?,
-                None => return Err(TrackerError::TargetRequired(trackers.len())),
+                None => return Err(TrackerError::TargetRequired(recorders.len())),
             }
         };
-        let target = announcement.target.clone().unwrap_or_default();
-        let (reply, answer) = oneshot::channel();
-        sender
-            .send(Request {
-                announcement,
-                reply,
-            })
-            .await
-            .map_err(|_| TrackerError::NotRunning(target.clone()))?;
-        answer.await.map_err(|_| TrackerError::NotRunning(target))?
+        let now = recorder.state.now();
+        let result = record_announcement(&recorder, announcement, now).await;
+        if let Err(TrackerError::Store(error)) = &result {
+            recorder.state.count_store_error("announce");
+            tracing::debug!(db_target = %recorder.target, %error, "cannot record an announcement");
+        }
+        result
     }
 
-    fn register(&self, target: &str, sender: mpsc::Sender<Request>) {
-        let mut trackers = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
-        trackers.insert(target.to_string(), sender);
+    fn register(&self, recorder: Recorder) {
+        let mut recorders = self.recorders.lock().unwrap_or_else(|e| e.into_inner());
+        recorders.insert(recorder.target.clone(), recorder);
     }
 
     fn retain(&self, config: &Config) {
-        let mut trackers = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
-        trackers.retain(|name, _| config.target(name).is_some());
+        let mut recorders = self.recorders.lock().unwrap_or_else(|e| e.into_inner());
+        recorders.retain(|name, _| config.deployments.enabled && config.target(name).is_some());
     }
+}
+
+/// Validates, places and stores one announcement received at `now`, and publishes the
+/// deployment's view.
+async fn record_announcement(
+    recorder: &Recorder,
+    a: Announcement,
+    now: f64,
+) -> Result<DeploymentView, TrackerError> {
+    let name = recorder.target.as_str();
+    let version = a.version.trim();
+    if version.is_empty() || version.len() > 100 {
+        return Err(TrackerError::Invalid(
+            "\"version\" must be a non-empty string of at most 100 characters".to_string(),
+        ));
+    }
+    let at = match &a.started_at {
+        Some(text) => parse_time("started_at", text)?,
+        None => now,
+    };
+    if at > now + 300.0 {
+        return Err(TrackerError::Invalid(
+            "started_at is in the future".to_string(),
+        ));
+    }
+    let finished_at = a
+        .finished_at
+        .as_deref()
+        .map(|t| parse_time("finished_at", t))
+        .transpose()?;
+    if finished_at.is_some_and(|f| f < at) {
+        return Err(TrackerError::Invalid(
+            "finished_at is before started_at".to_string(),
+        ));
+    }
+    let target = name.to_string();
+    let owned_version = version.to_string();
+    let note = a.note.clone();
+    let order = recorder.settings.version_order;
+    let announced_kind = a.kind;
+    let placed = recorder
+        .store
+        .run(move |store| {
+            let deployments = store.deployments(Some(&target))?;
+            let last_version = store.last_version(&target)?;
+            let placement = match place_announcement(
+                &owned_version,
+                at,
+                announced_kind,
+                &deployments,
+                last_version.as_deref(),
+                order,
+            ) {
+                Ok(placement) => placement,
+                Err(error) => return Ok(Err(error.to_string())),
+            };
+            Ok(Ok(match placement {
+                Placement::Merge { id, at } => {
+                    match store.update_deployment(id, at, finished_at, note.as_deref())? {
+                        Some(record) => (record, None, true),
+                        None => return Ok(Err(format!("deployment {id} vanished"))),
+                    }
+                }
+                Placement::New { from, kind } => {
+                    let record = store.add_deployment(
+                        &target,
+                        from.as_deref(),
+                        &owned_version,
+                        kind,
+                        Detection::Announced,
+                        at,
+                        finished_at,
+                        note.as_deref(),
+                    )?;
+                    (record, from, false)
+                }
+            }))
+        })
+        .await?
+        .map_err(TrackerError::Invalid)?;
+    let (record, from, merged) = placed;
+    if merged {
+        // The tracker sees the new start and measures the baseline and windows from it.
+        tracing::info!(
+            db_target = %name, version, deployment = record.id, at = %crate::time::rfc3339(record.at),
+            "announcement merged into the deployment already recorded"
+        );
+    } else {
+        tracing::info!(
+            db_target = %name, version, from = ?from, kind = record.kind.as_str(),
+            "deployment announced"
+        );
+    }
+    let view = announced_view(recorder, &record, now).await?;
+    recorder.state.set_deployment(name, view.clone());
+    Ok(view)
+}
+
+/// The view of a deployment just announced, judged from the store (the tracker judges it
+/// again on its next pass, and records the verdicts of windows that closed).
+async fn announced_view(
+    recorder: &Recorder,
+    record: &DeploymentRecord,
+    now: f64,
+) -> Result<DeploymentView, StoreError> {
+    let settings = &recorder.settings;
+    let summaries = load_summaries(&recorder.store, &recorder.target, record, settings).await?;
+    let id = record.id;
+    let target = recorder.target.clone();
+    let (persisted, rollbacks) = recorder
+        .store
+        .run(move |store| Ok((store.verdicts(id)?, store.rollback_count(&target)?)))
+        .await?;
+    let (view, _closed) = judging::judge(
+        record,
+        &summaries,
+        &persisted,
+        now,
+        &judging_settings(settings),
+        Vec::new(),
+        rollbacks,
+    );
+    Ok(view)
 }
 
 /// Counts a failed sampling step (`version`, `statistics`) and logs at `warn` when it starts
@@ -197,8 +326,12 @@ pub fn start(
         else {
             continue;
         };
-        let (sender, receiver) = mpsc::channel(8);
-        announcer.register(&target.name, sender);
+        announcer.register(Recorder {
+            target: target.name.clone(),
+            settings: config.deployments.clone(),
+            store: store.clone(),
+            state: state.clone(),
+        });
         let tracker = Tracker {
             target: target.clone(),
             settings: config.deployments.clone(),
@@ -216,7 +349,7 @@ pub fn start(
             summaries: None,
             version_problem: None,
         };
-        tasks.spawn(tracker.run(receiver, cancel.clone()));
+        tasks.spawn(tracker.run(cancel.clone()));
     }
 }
 
@@ -303,7 +436,7 @@ struct Tracker {
 }
 
 impl Tracker {
-    async fn run(mut self, mut requests: mpsc::Receiver<Request>, cancel: CancellationToken) {
+    async fn run(mut self, cancel: CancellationToken) {
         self.declare().await;
         let mut ticker = tokio::time::interval_at(
             tokio::time::Instant::now() + self.offset,
@@ -315,10 +448,6 @@ impl Tracker {
                 // Cancellation wins over a tick that is also ready: no new run after it.
                 biased;
                 _ = cancel.cancelled() => return,
-                Some(request) = requests.recv() => {
-                    let result = self.announce(request.announcement, self.state.now()).await;
-                    let _ = request.reply.send(result);
-                }
                 // Boxed: a tracker keeps only its state between passes.
                 _ = ticker.tick() => Box::pin(self.pass(self.state.now())).await,
             }
@@ -379,100 +508,6 @@ impl Tracker {
         }
     }
 
-    async fn announce(
-        &mut self,
-        a: Announcement,
-        now: f64,
-    ) -> Result<DeploymentView, TrackerError> {
-        let version = a.version.trim();
-        if version.is_empty() || version.len() > 100 {
-            return Err(TrackerError::Invalid(
-                "\"version\" must be a non-empty string of at most 100 characters".to_string(),
-            ));
-        }
-        let at = match &a.started_at {
-            Some(text) => parse_time("started_at", text)?,
-            None => now,
-        };
-        if at > now + 300.0 {
-            return Err(TrackerError::Invalid(
-                "started_at is in the future".to_string(),
-            ));
-        }
-        let finished_at = a
-            .finished_at
-            .as_deref()
-            .map(|t| parse_time("finished_at", t))
-            .transpose()?;
-        if finished_at.is_some_and(|f| f < at) {
-            return Err(TrackerError::Invalid(
-                "finished_at is before started_at".to_string(),
-            ));
-        }
-        let target = self.target.name.clone();
-        let owned_version = version.to_string();
-        let note = a.note.clone();
-        let order = self.settings.version_order;
-        let announced_kind = a.kind;
-        let placed = self
-            .store
-            .run(move |store| {
-                let deployments = store.deployments(Some(&target))?;
-                let last_version = store.last_version(&target)?;
-                let placement = match place_announcement(
-                    &owned_version,
-                    at,
-                    announced_kind,
-                    &deployments,
-                    last_version.as_deref(),
-                    order,
-                ) {
-                    Ok(placement) => placement,
-                    Err(error) => return Ok(Err(error.to_string())),
-                };
-                Ok(Ok(match placement {
-                    Placement::Merge { id, at } => {
-                        match store.update_deployment(id, at, finished_at, note.as_deref())? {
-                            Some(record) => (record, None, true),
-                            None => return Ok(Err(format!("deployment {id} vanished"))),
-                        }
-                    }
-                    Placement::New { from, kind } => {
-                        let record = store.add_deployment(
-                            &target,
-                            from.as_deref(),
-                            &owned_version,
-                            kind,
-                            Detection::Announced,
-                            at,
-                            finished_at,
-                            note.as_deref(),
-                        )?;
-                        (record, from, false)
-                    }
-                }))
-            })
-            .await?
-            .map_err(TrackerError::Invalid)?;
-        let (record, from, merged) = placed;
-        if merged {
-            // Its baseline and open windows are measured from the new start.
-            self.forget(record.id);
-            tracing::info!(
-                db_target = %self.name(), version, deployment = record.id, at = %crate::time::rfc3339(record.at),
-                "announcement merged into the deployment already detected"
-            );
-        } else {
-            tracing::info!(
-                db_target = %self.name(), version, from = ?from, kind = record.kind.as_str(),
-                "deployment announced"
-            );
-        }
-        let view = self.view(&record, now).await?;
-        self.state.set_deployment(self.name(), view.clone());
-        Ok(view)
-    }
-
     /// Notes the version the database reports; a change is a deployment unless an
     /// announcement already covers it.
     async fn observe_version(&mut self, version: &str, now: f64) -> Result<(), StoreError> {
@@ -524,9 +559,28 @@ impl Tracker {
     }
 
     /// Logs and counts a failed store operation.
+    /// Counts a failed store operation. A failed write is logged by the store when writes
+    /// start failing and when they work again; any other failure when it starts, and hourly
+    /// while it lasts.
     fn store_failed(&self, operation: &str, error: &StoreError) {
         self.state.count_store_error(operation);
-        tracing::warn!(db_target = %self.name(), operation, %error, "state store operation failed");
+        let writes = [
+            "write_sample",
+            "write_query_texts",
+            "record_version",
+            "prune",
+        ];
+        let transition = self.state.transitions.observe(
+            self.name(),
+            &format!("store:{operation}"),
+            "error",
+            std::time::Instant::now(),
+        );
+        if !writes.contains(&operation) && transition.worth_logging(false) {
+            tracing::warn!(db_target = %self.name(), operation, %error, "state store operation failed");
+        } else {
+            tracing::debug!(db_target = %self.name(), operation, %error, "state store operation failed");
+        }
     }
 
     async fn pass(&mut self, now: f64) {
@@ -734,17 +788,6 @@ impl Tracker {
         }
     }
 
-    /// Drops what was computed for a deployment whose start moved.
-    fn forget(&mut self, id: i64) {
-        if self
-            .summaries
-            .as_ref()
-            .is_some_and(|s| s.deployment_id == id)
-        {
-            self.summaries = None;
-        }
-    }
-
     fn check_points(&self) -> std::collections::BTreeMap<String, CheckPoint> {
         let snapshot = self.state.snapshot();
         let Some(target) = snapshot.targets.get(self.name()) else {
@@ -771,65 +814,26 @@ impl Tracker {
             .collect()
     }
 
-    fn thresholds(&self) -> Thresholds {
-        Thresholds {
-            latency_min_increase: self.settings.latency_min_increase,
-            latency_min_calls: self.settings.latency_min_calls,
-            latency_p_value: self.settings.latency_p_value,
-            min_samples: self.settings.min_window_samples,
-            latency_min_window_samples: self.settings.latency_min_window_samples,
-            latency_min_delta_ms: self.settings.latency_min_delta_ms,
-        }
-    }
-
     fn judging_settings(&self) -> judging::Settings {
-        judging::Settings {
-            durations: self.settings.windows,
-            thresholds: self.thresholds(),
-            min_baseline_samples: self.settings.min_baseline_samples,
-            min_window_samples: self.settings.min_window_samples,
-        }
+        judging_settings(&self.settings)
     }
 
     /// The summaries of `record`: kept from earlier passes, or made from the store — the
     /// baseline read twice (statement totals to choose the followed statements, then the
     /// summary), and the samples since the deployment once, one sample at a time.
     async fn summaries(&mut self, record: &DeploymentRecord) -> Result<(), StoreError> {
+        // An announcement may have moved the deployment's start since they were made.
         if self
             .summaries
             .as_ref()
-            .is_some_and(|s| s.deployment_id == record.id)
+            .is_some_and(|s| s.deployment_id == record.id && s.deployed_at == record.at)
         {
             return Ok(());
         }
         // The previous deployment's summaries go first: never two deployments' at once.
         self.summaries = None;
-        let target = self.target.name.clone();
-        let record_owned = record.clone();
-        let span = self.settings.baseline_span;
-        let durations = self.settings.windows;
-        let min_calls = self.settings.latency_min_calls;
-        let summaries = self
-            .store
-            .run(move |store| {
-                let record = record_owned;
-                let previous = store.previous_deployment_time(&target, record.at)?;
-                let (from, to) = window::baseline_range(record.at, span, previous);
-                let mut totals = std::collections::BTreeMap::new();
-                store.each_sample(&target, from, to, |sample| {
-                    judging::add_totals(&mut totals, &sample)
-                })?;
-                let mut baseline = Summary::new(min_calls, judging::baseline_following(&totals));
-                store.each_sample(&target, from, to, |sample| baseline.add(&sample))?;
-                let mut summaries = Summaries::new(&record, baseline, &totals, min_calls);
-                let next = store.next_deployment(&target, record.at, record.id)?;
-                let until = next.map_or(f64::MAX, |n| n.at);
-                store.each_sample(&target, record.at, until, |sample| {
-                    summaries.add(&sample, &durations)
-                })?;
-                Ok(summaries)
-            })
-            .await?;
+        let summaries =
+            load_summaries(&self.store, &self.target.name, record, &self.settings).await?;
         self.summaries = Some(summaries);
         Ok(())
     }
@@ -889,4 +893,55 @@ impl Tracker {
         }
         Ok(view)
     }
+}
+
+fn judging_settings(settings: &DeploymentConfig) -> judging::Settings {
+    judging::Settings {
+        durations: settings.windows,
+        thresholds: Thresholds {
+            latency_min_increase: settings.latency_min_increase,
+            latency_min_calls: settings.latency_min_calls,
+            latency_p_value: settings.latency_p_value,
+            min_samples: settings.min_window_samples,
+            latency_min_window_samples: settings.latency_min_window_samples,
+            latency_min_delta_ms: settings.latency_min_delta_ms,
+        },
+        min_baseline_samples: settings.min_baseline_samples,
+        min_window_samples: settings.min_window_samples,
+    }
+}
+
+/// The summaries of `record`, made from the store: the baseline read twice (statement totals
+/// to choose the followed statements, then the summary), and the samples since the deployment
+/// once, one sample at a time.
+async fn load_summaries(
+    store: &StoreActor,
+    target: &str,
+    record: &DeploymentRecord,
+    settings: &DeploymentConfig,
+) -> Result<Summaries, StoreError> {
+    let target = target.to_string();
+    let record = record.clone();
+    let span = settings.baseline_span;
+    let durations = settings.windows;
+    let min_calls = settings.latency_min_calls;
+    store
+        .run(move |store| {
+            let previous = store.previous_deployment_time(&target, record.at)?;
+            let (from, to) = window::baseline_range(record.at, span, previous);
+            let mut totals = std::collections::BTreeMap::new();
+            store.each_sample(&target, from, to, |sample| {
+                judging::add_totals(&mut totals, &sample)
+            })?;
+            let mut baseline = Summary::new(min_calls, judging::baseline_following(&totals));
+            store.each_sample(&target, from, to, |sample| baseline.add(&sample))?;
+            let mut summaries = Summaries::new(&record, baseline, &totals, min_calls);
+            let next = store.next_deployment(&target, record.at, record.id)?;
+            let until = next.map_or(f64::MAX, |n| n.at);
+            store.each_sample(&target, record.at, until, |sample| {
+                summaries.add(&sample, &durations)
+            })?;
+            Ok(summaries)
+        })
+        .await
 }
