@@ -249,7 +249,24 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
         .expect("bind");
     let handle = deploywatch::daemon::start(dir.load(), listener).expect("daemon");
     let url = format!("http://{}", handle.local_addr);
-    // A deployment, so the deployment families exist.
+    // A deployment, so the deployment families exist: the rollback comes once the daemon has
+    // read the version it rolls back from (its first sample may come up to an interval late).
+    wait_until(
+        "the version before the rollback read",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move {
+                let (_, body) = get(&format!("{url}/metrics")).await;
+                body.lines()
+                    .any(|l| {
+                        l.starts_with("deploywatch_schema_version_info{") && l.contains("3.7.0")
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql"))
         .expect("rollback");
     let body = wait_until("every family exported", Duration::from_secs(60), || {
