@@ -663,7 +663,13 @@ impl Tracker {
                             "indexes or tables were dropped; their statistics end here"
                         );
                     }
-                    if !sample.resets.is_empty() {
+                    if sample.restarted() {
+                        tracing::info!(
+                            db_target = %self.name(), resets = ?sample.resets,
+                            "the server restarted; its counters are left out of this interval \
+                             and the times of the next samples, taken on cold caches, are not judged"
+                        );
+                    } else if !sample.resets.is_empty() {
                         tracing::info!(
                             db_target = %self.name(), resets = ?sample.resets,
                             "statistics were reset; those counters are left out of this interval"
