@@ -956,6 +956,81 @@ async fn the_sampler_tells_a_restart_the_counters_survived() {
     pool.close();
 }
 
+/// deploywatch's own statements (its checks, its statistics reads) run as its own role and are
+/// not the application's: the sampler leaves them out, so they are never judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampler_leaves_out_the_statements_of_its_own_role() {
+    use deploywatch::postgres::pool::TargetPool;
+    use deploywatch::postgres::sampler;
+    use deploywatch::postgres::target::ConnectionSettings;
+
+    // Structurally different (constants would be normalised away into one query id).
+    const OWN: &str = "SELECT count(*), max(relpages) FROM pg_class";
+    const APPLICATION: &str = "SELECT count(*), min(relpages) FROM pg_class";
+    let pg = common::cluster_with_statements();
+    pg.create_database("app").expect("database");
+    pg.psql("app", "CREATE EXTENSION pg_stat_statements")
+        .expect("extension");
+    let settings = ConnectionSettings::parse(
+        &format!(
+            "host=127.0.0.1 port={} user={} dbname=app",
+            pg.port(),
+            common::MONITOR_ROLE
+        ),
+        Duration::from_secs(5),
+    )
+    .expect("settings");
+    let pool = TargetPool::new(
+        "own",
+        settings,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+    );
+    let (own, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={} dbname=app",
+            pg.port(),
+            common::MONITOR_ROLE
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect as deploywatch's role");
+    tokio::spawn(connection);
+    own.simple_query(OWN).await.expect("own statement");
+    pg.psql("app", APPLICATION).expect("application statement");
+    let id_of = |text: &str| {
+        pg.psql(
+            "app",
+            &format!(
+                "SELECT queryid FROM pg_stat_statements WHERE query LIKE '%{}%'",
+                &text[16..29]
+            ),
+        )
+        .expect("query id")
+        .trim()
+        .to_string()
+    };
+    let (own_id, application_id) = (id_of(OWN), id_of(APPLICATION));
+    assert!(
+        !own_id.is_empty() && !application_id.is_empty(),
+        "both ran: {own_id:?} {application_id:?}"
+    );
+    let support = sampler::statements_support(&pool).await.expect("support");
+    let raw = sampler::read(&pool, &support, 1.0).await.expect("read");
+    let statements = raw.statements.expect("statements read");
+    assert!(
+        statements.contains_key(&application_id),
+        "the application's statement is sampled: {statements:?}"
+    );
+    assert!(
+        !statements.contains_key(&own_id),
+        "deploywatch's own statement is left out"
+    );
+    pool.close();
+}
+
 /// The report of a deployment that a later one superseded counts only its own samples (up to
 /// the next deployment), judges the version it had, and names what superseded it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

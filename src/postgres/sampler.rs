@@ -217,6 +217,9 @@ async fn read_server_wide(
     {
         // Without the text: reading every statement's text means reading the whole query text
         // file on each sample. Texts are fetched once per new query id (`read_texts`).
+        // Statements run by deploywatch's own role (its checks, these reads) are not the
+        // application's and are left out: the role is a dedicated one (README, "The role
+        // deploywatch needs").
         let statements = query(
             pool,
             &format!(
@@ -224,6 +227,7 @@ async fn read_server_wide(
                         sum(s.rows)::float8 \
                  FROM {relation}(showtext := false) s JOIN pg_database d ON d.oid = s.dbid \
                  WHERE s.queryid IS NOT NULL \
+                   AND s.userid IS DISTINCT FROM (SELECT oid FROM pg_roles WHERE rolname = session_user) \
                  GROUP BY 1, 2"
             ),
         )
