@@ -802,3 +802,70 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
     .await;
     let _ = daemon.kill().await;
 }
+
+/// A rediscovery that only waited in vain for a session (the budget of one taken by a long
+/// check) is no outage: the database it already watches never shows unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediscovery_that_gets_no_session_never_shows_a_database_down() {
+    let pg = fleet_cluster(50);
+    create_fleet(&pg, "", &tenant_names(1));
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/slow.toml",
+        "[pack]\nname = \"slow\"\n\n[[check]]\nname = \"slow\"\ncategory = \"health\"\nseverity = \"info\"\n\
+         timeout = \"20s\"\nsql = \"SELECT count(*) FROM (SELECT pg_sleep(5)) s\"\nexpect = \"== 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ninterval = \"1s\"\ntimeout = \"1s\"\nconnect_timeout = \"1s\"\ndiscovery_interval = \"1s\"\n\
+             max_connections_per_server = 1\n\n\
+             [deployments]\nenabled = false\n\n\
+             [[targets]]\nname = \"tenants\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{MONITOR_ROLE}\"\ndatabases = [\"tenant_*\"]\n",
+            pg.port()
+        ),
+    );
+    let handle = start(&dir).await;
+    let reachable = || {
+        handle
+            .state
+            .snapshot()
+            .targets
+            .get("tenants/tenant_00")
+            .and_then(|t| t.reachable)
+    };
+    wait_until(
+        "the database is watched and its check ran",
+        Duration::from_secs(60),
+        || async { (reachable() == Some(true)).then_some(()) },
+    )
+    .await;
+    // Listing waits at most 3 s for the one session (twice the connect timeout plus the
+    // statement timeout); the check holds it 5 s at a time, so passes keep giving up.
+    let watched = Instant::now();
+    let mut longest_discovery_wait = 0.0f64;
+    while watched.elapsed() < Duration::from_secs(20) {
+        let snapshot = handle.state.snapshot();
+        assert_eq!(
+            snapshot
+                .targets
+                .get("tenants/tenant_00")
+                .and_then(|t| t.reachable),
+            Some(true),
+            "shown unreachable after {:.1?} although only discovery waited for a session",
+            watched.elapsed()
+        );
+        for server in &snapshot.servers {
+            if server.oldest_waiting.as_deref() == Some("tenants") {
+                longest_discovery_wait =
+                    longest_discovery_wait.max(server.oldest_wait_seconds.unwrap_or(0.0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        longest_discovery_wait >= 1.5,
+        "discovery waited for the session (longest seen {longest_discovery_wait:.1} s)"
+    );
+    handle.shutdown().await.expect("clean shutdown");
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checks::outcome::Cell;
-use crate::postgres::pool::{Connector, ServerPool, TargetPool};
+use crate::postgres::pool::{Connector, PoolError, ServerPool, TargetPool};
 use crate::postgres::runner::query_read_only;
 use crate::postgres::target::ConnectionSettings;
 
@@ -21,6 +21,10 @@ pub enum DiscoveryError {
     Query { server: String, message: String },
     #[error("database discovery on {server}: pg_database returned an unexpected row")]
     Shape { server: String },
+    /// No session of the server's budget became free in time: the server answers, its
+    /// sessions are all taken by checks. Nothing is known to be wrong with its databases.
+    #[error("database discovery on {server} waited for a session in vain: {message}")]
+    Busy { server: String, message: String },
 }
 
 /// How long listing may take.
@@ -47,6 +51,24 @@ pub async fn list_databases(
         timeouts.connect * 2 + timeouts.statement,
         timeouts.connect,
     );
+    // The session first: a listing that only waited in line for one says nothing about the
+    // server's databases, unlike one that could not connect or failed.
+    let lease = match pool.acquire(name, pool.wait()).await {
+        Ok(lease) => lease,
+        Err(error @ PoolError::Exhausted { .. }) => {
+            return Err(DiscoveryError::Busy {
+                server,
+                message: error.to_string(),
+            })
+        }
+        Err(error) => {
+            return Err(DiscoveryError::Query {
+                server,
+                message: error.to_string(),
+            })
+        }
+    };
+    let pool = pool.pinned(lease);
     let result = query_read_only(
         &pool,
         LIST_DATABASES,

@@ -1159,6 +1159,11 @@ impl TargetPool {
         &self.connector
     }
 
+    /// How long a query waits in line for a session.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
     /// The bound on opening a session; also how long an answer may be late beyond a
     /// statement's own timeout before the server counts as not answering.
     pub fn connect_timeout(&self) -> Duration {

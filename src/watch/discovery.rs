@@ -8,7 +8,9 @@
 //! the template stays in the configuration as a placeholder with no checks, so `/status` and
 //! `deploywatch_up` show the failure, and the databases of its last successful discovery
 //! ([`Known`]) stay targets: shown unreachable while the server is, their deployments kept, back
-//! when it is. The daemon expands again on every reload and every
+//! when it is. A listing that only waited in vain for a session of the server's budget (every
+//! session busy with checks) is no failure: the last list stands and nothing is shown down.
+//! The daemon expands again on every reload and every
 //! `defaults.discovery_interval`, so databases that appear or go away are picked up. Listing
 //! uses a session of the server's budget like every other query.
 //!
@@ -19,7 +21,7 @@ use std::collections::HashMap;
 
 use crate::config::databases::discovered_name;
 use crate::config::{Config, TargetConfig};
-use crate::postgres::discovery::{list_databases, ListTimeouts};
+use crate::postgres::discovery::{list_databases, DiscoveryError, ListTimeouts};
 use crate::postgres::pool::Servers;
 
 /// A configuration with its templates expanded, and the templates that could not be.
@@ -99,6 +101,18 @@ pub async fn expand_on(config: &Config, servers: &Servers, known: &Known) -> Exp
                     targets.push(concrete(target, &database));
                 }
                 now_known.0.insert(target.name.clone(), names);
+            }
+            // Every session was taken by checks: the server answers and nothing is known to
+            // be wrong with its databases, so the last list stands as if just listed (shown
+            // as it was, not unreachable); the next pass asks again.
+            Err(error @ DiscoveryError::Busy { .. }) if known.0.contains_key(&target.name) => {
+                tracing::warn!(db_target = %target.name, %error, "database discovery postponed: the server's sessions are all in use; its last list of databases is kept");
+                if let Some(names) = known.0.get(&target.name) {
+                    for database in discovery.select(names.iter().map(String::as_str)) {
+                        targets.push(concrete(target, &database));
+                    }
+                    now_known.0.insert(target.name.clone(), names.clone());
+                }
             }
             Err(error) => {
                 tracing::warn!(db_target = %target.name, %error, "database discovery failed");
