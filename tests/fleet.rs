@@ -869,3 +869,127 @@ async fn a_rediscovery_that_gets_no_session_never_shows_a_database_down() {
     );
     handle.shutdown().await.expect("clean shutdown");
 }
+
+/// A TCP relay to `upstream` on a slow network: what the server sends reaches the client
+/// `delay` late, and a client that hangs up is seen by the server only `hold` later. Returns
+/// the relay's port.
+async fn slow_relay(upstream: u16, delay: Duration, hold: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("relay binds");
+    let port = listener.local_addr().expect("relay address").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(hold).await;
+                let _ = server_write.shutdown().await;
+            });
+            let (line, mut arriving) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                loop {
+                    let n = server_read.read(&mut buf).await.unwrap_or(0);
+                    let _ = line.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = arriving.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if bytes.is_empty() {
+                        let _ = client_write.shutdown().await;
+                        return;
+                    }
+                    if client_write.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A handshake given up on (the server answers later than the connect timeout) keeps its place
+/// in the server's budget until the server has closed the session, not just until deploywatch
+/// stopped waiting: the backend is still there, and another database's session opened at once
+/// would make two with a budget of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_handshake_holds_its_place_until_the_server_closed_the_session() {
+    use deploywatch::postgres::pool::{Connector, ServerPool, TargetPool};
+    use deploywatch::postgres::target::ConnectionSettings;
+
+    let pg = fleet_cluster(50);
+    let relay = slow_relay(
+        pg.port(),
+        Duration::from_millis(1500),
+        Duration::from_secs(3),
+    )
+    .await;
+    let settings = |port: u16, connect_timeout: Duration| {
+        ConnectionSettings::parse(
+            &format!(
+                "host=127.0.0.1 port={port} user={MONITOR_ROLE} dbname=postgres sslmode=disable"
+            ),
+            connect_timeout,
+        )
+        .expect("settings")
+    };
+    // Both reach the same server and share one budget of one session.
+    let budget = ServerPool::new("shared", 1, 1.0);
+    let on_budget = |name: &str, port: u16, connect_timeout: Duration| {
+        TargetPool::on_server(
+            budget.clone(),
+            Arc::new(Connector::new(name, settings(port, Duration::from_secs(5)))),
+            1,
+            Duration::from_secs(30),
+            connect_timeout,
+        )
+    };
+    let slow = on_budget("slow", relay, Duration::from_secs(1));
+    let direct = on_budget("direct", pg.port(), Duration::from_secs(5));
+    let poll = SessionPoll::start(&pg).await;
+    let started = Instant::now();
+
+    let error = slow
+        .get()
+        .await
+        .err()
+        .expect("the handshake runs out of time");
+    assert!(error.to_string().contains("handshake"), "{error}");
+    let gave_up = Instant::now();
+    let lease = direct
+        .get()
+        .await
+        .expect("a session once the place is free");
+    let granted = Instant::now();
+    // Held a while, so that a poll sees it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(lease);
+
+    assert!(
+        poll.max_since(started) >= 1,
+        "the abandoned handshake's backend was seen on the server"
+    );
+    assert!(
+        poll.max_since(started) <= 1,
+        "never more sessions than the budget of one, saw {} (the place was given back {:.1?} after the handshake was given up on)",
+        poll.max_since(started),
+        granted - gave_up
+    );
+    budget.close_idle();
+}

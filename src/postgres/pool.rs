@@ -16,7 +16,8 @@
 //!
 //! A closing session keeps its place in the budget until the server has closed its socket (its
 //! backend has then left `pg_stat_activity` and given its connection back; see
-//! [`crate::postgres::socket`]), and a reload
+//! [`crate::postgres::socket`]); so does a session whose handshake was given up on (it ran out
+//! of time or failed), whose backend may still be starting on the server. A reload
 //! keeps the server pools (only the budget changes), so the sessions of the previous
 //! configuration count until they are gone: the budget holds across a reload.
 //!
@@ -121,7 +122,7 @@ pub struct ServerView {
 pub struct Session {
     pub client: tokio_postgres::Client,
     driver: Option<JoinHandle<()>>,
-    slot: Option<Slot>,
+    slot: Option<Arc<Slot>>,
     /// The target's down epoch, and its value when the session was opened: a session opened
     /// before the target was last found not answering is not reused.
     epoch: Arc<AtomicU64>,
@@ -130,8 +131,8 @@ pub struct Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let mut slot = self.slot.take();
-        if let Some(slot) = slot.as_mut() {
+        let slot = self.slot.take();
+        if let Some(slot) = &slot {
             slot.mark_closing();
         }
         let Some(mut driver) = self.driver.take() else {
@@ -166,19 +167,29 @@ impl Session {
 }
 
 /// One place in a server's budget, held by a session (or a connect in progress) until it is
-/// closed.
+/// closed. Shared by the session and its socket ([`socket::Lingering`]): the place is given
+/// back when both are done, so a session whose handshake was abandoned keeps it until the
+/// server has closed its end (its backend gone), not just until deploywatch gave up.
 struct Slot {
     pool: Arc<ServerPool>,
     target: Arc<str>,
-    closing: bool,
+    closing: AtomicBool,
     /// False once the place was given back by other means (a grant nobody took).
-    armed: bool,
+    armed: AtomicBool,
 }
 
 impl Slot {
-    fn mark_closing(&mut self) {
-        if !self.closing && self.armed {
-            self.closing = true;
+    fn new(pool: Arc<ServerPool>, target: Arc<str>) -> Slot {
+        Slot {
+            pool,
+            target,
+            closing: AtomicBool::new(false),
+            armed: AtomicBool::new(true),
+        }
+    }
+
+    fn mark_closing(&self) {
+        if self.armed.load(Ordering::Acquire) && !self.closing.swap(true, Ordering::AcqRel) {
             self.pool.lock().closing += 1;
         }
     }
@@ -186,12 +197,13 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.armed {
+        if !*self.armed.get_mut() {
             return;
         }
+        let closing = *self.closing.get_mut();
         let closed = {
             let mut inner = self.pool.lock();
-            inner.free(&self.target, self.closing);
+            inner.free(&self.target, closing);
             inner.dispatch(&self.pool, Instant::now())
         };
         drop(closed);
@@ -202,7 +214,7 @@ enum Grant {
     /// An idle session of the waiter's database.
     Idle(Session),
     /// A place in the budget: the waiter opens the session.
-    Open(Slot),
+    Open(Arc<Slot>),
 }
 
 struct IdleSession {
@@ -284,10 +296,9 @@ impl Inner {
     /// Takes the idle session at `index` out to be closed (dropped by the caller, outside the
     /// lock).
     fn close_idle(&mut self, index: usize) -> Option<Session> {
-        let mut idle = self.idle.remove(index)?;
-        if let Some(slot) = idle.session.slot.as_mut() {
-            if !slot.closing {
-                slot.closing = true;
+        let idle = self.idle.remove(index)?;
+        if let Some(slot) = &idle.session.slot {
+            if !slot.closing.swap(true, Ordering::AcqRel) {
                 self.closing += 1;
             }
         }
@@ -363,14 +374,9 @@ impl Inner {
             };
             self.open += 1;
             *self.per_target.entry(waiter.target.clone()).or_insert(0) += 1;
-            let slot = Slot {
-                pool: pool.clone(),
-                target: waiter.target.clone(),
-                closing: false,
-                armed: true,
-            };
-            if let Err(Grant::Open(mut slot)) = waiter.reply.send(Grant::Open(slot)) {
-                slot.armed = false;
+            let slot = Arc::new(Slot::new(pool.clone(), waiter.target.clone()));
+            if let Err(Grant::Open(slot)) = waiter.reply.send(Grant::Open(slot)) {
+                slot.armed.store(false, Ordering::Release);
                 self.free(&waiter.target, false);
             }
         }
@@ -553,14 +559,15 @@ impl ServerPool {
         }
     }
 
-    fn release(self: &Arc<Self>, ident: Arc<str>, mut session: Session) {
+    fn release(self: &Arc<Self>, ident: Arc<str>, session: Session) {
         let closed = {
             let mut inner = self.lock();
             let mut closed = inner.dispatch(self, Instant::now());
             if inner.open.saturating_sub(inner.closing) > inner.limit() {
-                if let Some(slot) = session.slot.as_mut() {
-                    slot.closing = true;
-                    inner.closing += 1;
+                if let Some(slot) = &session.slot {
+                    if !slot.closing.swap(true, Ordering::AcqRel) {
+                        inner.closing += 1;
+                    }
                 }
                 closed.push(session);
             } else {
@@ -773,8 +780,9 @@ impl Connector {
     async fn connect(
         &self,
         limit: Duration,
+        hold: Arc<dyn std::any::Any + Send + Sync>,
     ) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
-        let result = match tokio::time::timeout(limit, self.open()).await {
+        let result = match tokio::time::timeout(limit, self.open(hold)).await {
             Ok(result) => result,
             Err(_) => Err(PoolError::Connect {
                 target: self.target.clone(),
@@ -791,7 +799,12 @@ impl Connector {
         result
     }
 
-    async fn open(&self) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
+    /// Opens a session whose socket holds `hold` until the server has closed its end (or a
+    /// grace has passed), however the session ends, its handshake abandoned included.
+    async fn open(
+        &self,
+        hold: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<(tokio_postgres::Client, JoinHandle<()>), PoolError> {
         let config = self.settings.resolve()?;
         let tls = self
             .settings
@@ -806,7 +819,7 @@ impl Connector {
         // server reports the role and whether it is a superuser at startup. A socket of our own
         // (the usual case, one host) makes the driver end only once the server has closed the
         // session, so its place in the budget is free on the server too.
-        let connected = match (socket::open(&config, tls.is_some()).await, tls) {
+        let connected = match (socket::open(&config, tls.is_some(), Some(hold)).await, tls) {
             (Some(Err(error)), _) => {
                 return Err(PoolError::Connect {
                     target: self.target.clone(),
@@ -941,7 +954,7 @@ async fn cancel(
     tls: Option<rustls::ClientConfig>,
 ) -> Result<(), String> {
     let opened = match &config {
-        Some(config) => socket::open(config, tls.is_some()).await,
+        Some(config) => socket::open(config, tls.is_some(), None).await,
         None => None,
     };
     let sent = match (opened, tls) {
@@ -1247,9 +1260,13 @@ impl TargetPool {
             return Err(error);
         }
         let opened_in = self.connector.down_epoch.load(Ordering::Acquire);
-        let (client, driver) = match self.connector.connect(self.connect_timeout).await {
+        // The socket holds the place too: a handshake given up on keeps it until the server
+        // has closed its end.
+        let hold: Arc<dyn std::any::Any + Send + Sync> = slot.clone();
+        let (client, driver) = match self.connector.connect(self.connect_timeout, hold).await {
             Ok(pair) => pair,
             Err(error) => {
+                slot.mark_closing();
                 drop(slot);
                 self.mark_down(&error.to_string());
                 return Err(error);
