@@ -391,7 +391,12 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
         ),
     );
     let store_path = dir.path().join("state.sqlite");
+    // Only a store the daemon has created: opening creates the file, and a daemon starting at
+    // that instant would find an SQLite file with no tables yet.
     let read = || -> Option<Progress> {
+        if !store_path.exists() {
+            return None;
+        }
         let store = ProgressStore::new(&Store::open(&store_path).ok()?).ok()?;
         store
             .load("cognit", "orphaned_submissions")

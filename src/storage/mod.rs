@@ -24,7 +24,7 @@
 //! tokio worker waits on the disk.
 //!
 //! A file that exists but is not a valid store (truncated to 0 bytes, not SQLite, SQLite
-//! without deploywatch's tables) is refused: starting over silently would throw away the
+//! holding other tables and none of deploywatch's) is refused: starting over silently would throw away the
 //! baseline and the deployment history. [`Store::open_or_reset`] moves such a file aside
 //! instead, on explicit request. Failed writes (a full disk) are logged once when writes
 //! start failing and once when they work again; the callers count them.
@@ -267,15 +267,18 @@ impl Store {
         let connection =
             Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(|e| format!("not an SQLite database ({e})"))?;
-        let tables: i64 = connection
+        let (tables, ours): (i64, i64) = connection
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
-                 AND name IN ('samples', 'deployments', 'verdicts', 'versions')",
+                "SELECT count(*), count(*) FILTER (WHERE name IN \
+                     ('samples', 'deployments', 'verdicts', 'versions')) \
+                 FROM sqlite_master WHERE type = 'table'",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| format!("not an SQLite database ({e})"))?;
-        if tables == 0 {
+        // No table at all: a store whose first start stopped before its tables were written,
+        // or one another process is creating this instant. Nothing in it can be lost.
+        if tables > 0 && ours == 0 {
             return Err("an SQLite database without deploywatch's tables".into());
         }
         Ok(())
@@ -1156,6 +1159,36 @@ fn migrate_from_json(connection: &mut Connection) -> Result<(usize, usize), Stor
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn an_sqlite_file_with_no_table_yet_opens_one_with_foreign_tables_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What a first start leaves when it stops (or another process is) between creating
+        // the file and writing its tables: SQLite's header and nothing else.
+        let empty = dir.path().join("empty.sqlite");
+        {
+            let connection = Connection::open(&empty).expect("create");
+            let _: String = connection
+                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+                .expect("wal");
+        }
+        assert!(std::fs::metadata(&empty).expect("file").len() > 0);
+        let store = Store::open(&empty).expect("an empty SQLite database is an empty store");
+        store.set_last_version("db", "1.0", 1.0).expect("write");
+        drop(store);
+        Store::open(&empty).expect("reopened with its tables");
+        let foreign = dir.path().join("foreign.sqlite");
+        Connection::open(&foreign)
+            .and_then(|c| c.execute_batch("CREATE TABLE orders (id INTEGER)"))
+            .expect("foreign database");
+        match Store::open(&foreign) {
+            Err(StoreError::Invalid { reason, .. }) => {
+                assert!(reason.contains("without deploywatch's tables"), "{reason}")
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("a database of something else was taken for a store"),
+        }
+    }
 
     fn statement(calls: f64, total_ms: f64, query: &str) -> StatementDelta {
         StatementDelta {
