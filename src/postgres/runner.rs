@@ -202,39 +202,57 @@ async fn query_bounded(
     // more than the connect timeout means the server is not answering at all.
     let deadline = timeout + pool.connect_timeout();
     let _in_flight = pool.in_flight(&session.client);
+    // Round trips are what a session is held for, on a busy server most of all: what need not
+    // wait for an answer goes together (tokio-postgres pipelines requests sent before their
+    // answers are read). Five round trips: BEGIN; the settings and the statement's Parse;
+    // Bind; the first batch of rows; COMMIT (or ROLLBACK) and DISCARD ALL.
     let work = async {
         let client = &mut session.client;
-        let fetched = {
-            let transaction = client
-                .build_transaction()
-                .read_only(true)
-                .start()
-                .await
-                .map_err(classify)?;
-            transaction
-                .batch_execute(&format!(
-                    "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
-                     SET LOCAL idle_in_transaction_session_timeout = {}",
-                    millis(timeout),
-                    millis(lock_timeout),
-                    millis(deadline * 2),
-                ))
-                .await
-                .map_err(classify)?;
-            let fetched = fetch(&transaction, sql, bind, limits).await;
-            // A read-only transaction has nothing to keep, so it ends in COMMIT when the
-            // query succeeded: the database then counts the monitor's work as commits, and its
-            // rollback ratio stays the application's own. A failed (or cut short) query's
-            // transaction is rolled back.
-            let end = match &fetched {
-                Ok(Fetched::Complete(_)) => transaction.commit().await,
-                _ => transaction.rollback().await,
-            };
-            let fetched = fetched?;
-            end.map_err(classify)?;
-            fetched
+        let transaction = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(classify)?;
+        let settings = format!(
+            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = {}",
+            millis(timeout),
+            millis(lock_timeout),
+            millis(deadline * 2),
+        );
+        let types = vec![Type::TEXT; bind.len()];
+        let (set, prepared) = tokio::join!(
+            transaction.batch_execute(&settings),
+            transaction.prepare_typed(sql, &types)
+        );
+        let fetched = match (set, prepared) {
+            (Err(error), _) | (Ok(()), Err(error)) => Err(classify(error)),
+            (Ok(()), Ok(statement)) => fetch(&transaction, &statement, bind, limits).await,
         };
-        reset(client).await.map_err(classify)?;
+        // A read-only transaction has nothing to keep, so it ends in COMMIT when the query
+        // succeeded: the database then counts the monitor's work as commits, and its rollback
+        // ratio stays the application's own. A failed (or cut short) query's transaction is
+        // rolled back. The reset goes with the end of the transaction.
+        let end = match &fetched {
+            Ok(Fetched::Complete(_)) => "COMMIT",
+            _ => "ROLLBACK",
+        };
+        let (ended, reset) = {
+            let client = transaction.client();
+            tokio::join!(
+                client.batch_execute(end),
+                client.batch_execute("DISCARD ALL")
+            )
+        };
+        // Ended above, with the reset pipelined behind it (the transaction's own commit would
+        // hold the session until it is answered); its drop would send another ROLLBACK. It
+        // holds nothing but the borrow of the client.
+        std::mem::forget(transaction);
+        client.clear_type_cache();
+        let fetched = fetched?;
+        ended.map_err(classify)?;
+        reset.map_err(classify)?;
         Ok::<_, CheckError>(fetched)
     };
     match tokio::time::timeout(deadline, work).await {
@@ -280,24 +298,19 @@ async fn reset(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Er
     Ok(())
 }
 
-/// Executes `sql` through a portal, a batch of rows at a time, stopping at the limits.
+/// Executes `statement` through a portal, a batch of rows at a time, stopping at the limits.
 async fn fetch(
     transaction: &tokio_postgres::Transaction<'_>,
-    sql: &str,
+    statement: &tokio_postgres::Statement,
     bind: &[Option<&str>],
     limits: Limits,
 ) -> Result<Fetched, CheckError> {
-    let types = vec![Type::TEXT; bind.len()];
-    let statement = transaction
-        .prepare_typed(sql, &types)
-        .await
-        .map_err(classify)?;
     let params: Vec<&(dyn ToSql + Sync)> = bind
         .iter()
         .map(|value| value as &(dyn ToSql + Sync))
         .collect();
     let portal = transaction
-        .bind(&statement, &params)
+        .bind(statement, &params)
         .await
         .map_err(classify)?;
     let mut table = ResultTable {
