@@ -232,7 +232,9 @@ async fn main() {
     let config = write_config(&setup, None);
     let pools = Pools::for_config(&Pools::default(), &config);
     let store = Store::open(&setup.dir.path().join("bench-progress.sqlite")).expect("store");
-    let progress = ProgressStore::new(&store).expect("progress");
+    let progress = ProgressStore::new(
+        &deploywatch::storage::actor::StoreActor::start(store.clone()).expect("store thread"),
+    );
     let mut full: Vec<f64> = Vec::new();
     for _ in 0..3 {
         full.push(full_cycle(&config, &pools).await);
@@ -259,8 +261,7 @@ async fn main() {
         cycles += 1;
         sweep_db += cycle.seconds;
         let done = FULL_SCAN.iter().all(|(name, _)| {
-            progress
-                .load("cognit", name)
+            deploywatch::storage::incremental::load(&store, "cognit", name)
                 .ok()
                 .flatten()
                 .and_then(|(_, p)| p.last_complete_at)

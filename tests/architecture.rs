@@ -133,6 +133,27 @@ fn only_the_postgres_layer_talks_to_postgresql() {
 }
 
 #[test]
+fn only_the_store_on_postgresql_uses_the_blocking_driver() {
+    // The `postgres` crate (blocking, for the store's own thread), as opposed to the layer
+    // `crate::postgres` and the async `tokio_postgres`.
+    let found: Vec<String> = mentions_outside("postgres::", &["storage/sql.rs"])
+        .into_iter()
+        .filter(|hit| {
+            let code = hit.splitn(3, ':').nth(2).unwrap_or("");
+            code.match_indices("postgres::").any(|(at, _)| {
+                let before = &code[..at];
+                !(before.ends_with("crate::") || before.ends_with("tokio_"))
+            })
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "the blocking PostgreSQL driver outside src/storage/sql.rs:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
 fn only_the_server_and_the_client_know_hyper() {
     let found = mentions_outside("hyper", &["server/http.rs", "commands/client.rs"]);
     assert!(

@@ -467,3 +467,21 @@ fn peers_without_a_shard_load_but_run_needs_one() {
         "{error}"
     );
 }
+
+#[test]
+fn a_postgresql_store_with_a_password_in_its_url_or_beside_a_file() {
+    check(
+        &format!("[store]\nurl = \"postgres://u:secret@h/db\"\n\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "store.url",
+        "password_env",
+    );
+    check(
+        &format!("[store]\nurl = \"postgres://u@h/db\"\npath = \"state.sqlite\"\n\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "store.url",
+        "not both",
+    );
+}

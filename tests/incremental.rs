@@ -12,7 +12,8 @@ use deploywatch::checks::incremental::{Progress, SweepReason};
 use deploywatch::checks::outcome::{Observation, Status};
 use deploywatch::config::Config;
 use deploywatch::postgres::runner::RunReport;
-use deploywatch::storage::incremental::ProgressStore;
+use deploywatch::storage::actor::StoreActor;
+use deploywatch::storage::incremental::{self, ProgressStore};
 use deploywatch::storage::Store;
 use deploywatch::watch::incremental::run_check;
 use deploywatch::watch::scheduler::Pools;
@@ -52,6 +53,7 @@ struct Harness {
     _dir: ConfigDir,
     config: Config,
     pools: Pools,
+    store: Store,
     progress: ProgressStore,
 }
 
@@ -74,12 +76,13 @@ impl Harness {
         let config = dir.load();
         let pools = Pools::for_config(&Pools::default(), &config);
         let store = Store::open(&dir.path().join("state.sqlite")).expect("store");
-        let progress = ProgressStore::new(&store).expect("progress table");
+        let progress = ProgressStore::new(&StoreActor::start(store.clone()).expect("store thread"));
         Harness {
             cluster,
             _dir: dir,
             config,
             pools,
+            store,
             progress,
         }
     }
@@ -117,8 +120,7 @@ impl Harness {
     }
 
     fn stored(&self, check: &str) -> Progress {
-        self.progress
-            .load("cognit", check)
+        incremental::load(&self.store, "cognit", check)
             .expect("load")
             .expect("stored progress")
             .1
@@ -397,9 +399,8 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
         if !store_path.exists() {
             return None;
         }
-        let store = ProgressStore::new(&Store::open(&store_path).ok()?).ok()?;
-        store
-            .load("cognit", "orphaned_submissions")
+        let store = Store::open(&store_path).ok()?;
+        incremental::load(&store, "cognit", "orphaned_submissions")
             .ok()?
             .map(|p| p.1)
     };

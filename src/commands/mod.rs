@@ -341,6 +341,20 @@ pub fn exit(code: u8) -> ExitCode {
 
 /// `deploywatch report`: reads the state store named in the configuration.
 pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) -> (u8, String) {
+    if config.store.url.is_some() {
+        let store = match crate::daemon::open_store(&config.store) {
+            Ok(store) => store,
+            Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
+        };
+        // The PostgreSQL store's calls block: they run on a thread of their own.
+        let result = std::thread::scope(|scope| {
+            scope
+                .spawn(|| report_from(&store, target, deployment))
+                .join()
+                .unwrap_or(Err(crate::storage::StoreError::Closed))
+        });
+        return report_outcome(result);
+    }
     let Some(path) = &config.store.path else {
         return (
             EXIT_UNREACHABLE,
@@ -357,8 +371,26 @@ pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) ->
             ),
         );
     }
-    let result = (|| -> Result<Option<String>, crate::storage::StoreError> {
-        let store = crate::storage::Store::open(path)?;
+    let result =
+        crate::storage::Store::open(path).and_then(|store| report_from(&store, target, deployment));
+    report_outcome(result)
+}
+
+fn report_outcome(result: Result<Option<String>, crate::storage::StoreError>) -> (u8, String) {
+    match result {
+        Ok(Some(text)) => (EXIT_OK, text),
+        Ok(None) => (EXIT_FAILED, "no deployment recorded yet\n".to_string()),
+        Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
+    }
+}
+
+/// The report of a deployment (the latest of `target`, or `deployment`) from `store`.
+fn report_from(
+    store: &crate::storage::Store,
+    target: Option<&str>,
+    deployment: Option<i64>,
+) -> Result<Option<String>, crate::storage::StoreError> {
+    {
         let record = match deployment {
             Some(id) => store.deployment(id)?,
             None => store.deployments(target)?.into_iter().next(),
@@ -395,10 +427,5 @@ pub fn report(config: &Config, target: Option<&str>, deployment: Option<i64>) ->
                 now,
             },
         )))
-    })();
-    match result {
-        Ok(Some(text)) => (EXIT_OK, text),
-        Ok(None) => (EXIT_FAILED, "no deployment recorded yet\n".to_string()),
-        Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
     }
 }

@@ -174,6 +174,9 @@ struct RawChecks {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: Option<PathBuf>,
+    url: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
     retention: Option<String>,
 }
 
@@ -298,6 +301,11 @@ pub struct Defaults {
 pub struct StoreConfig {
     /// `None` keeps deployment state in memory only (no baseline survives a restart).
     pub path: Option<PathBuf>,
+    /// A PostgreSQL store shared by replicas (`postgres://…`, no password in it), instead of
+    /// the file.
+    pub url: Option<String>,
+    /// Where the PostgreSQL store's password comes from.
+    pub password: Option<PasswordSource>,
     pub retention: Duration,
     /// Set by `run --reset-store`, never by a file: an existing file that is not a valid
     /// store is moved aside and an empty store started instead of refusing to start.
@@ -865,8 +873,30 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         ),
     };
 
+    let store_password = f.secret(
+        "store.password",
+        raw.store.password_env,
+        raw.store.password_file,
+        base,
+    );
+    if raw.store.path.is_some() && raw.store.url.is_some() {
+        f.push(
+            "store.url",
+            "give store.path (an SQLite file) or store.url (PostgreSQL), not both",
+        );
+    }
+    if let Some(url) = &raw.store.url {
+        if let Err(reason) = crate::storage::PgSettings::parse(url, None) {
+            f.push(
+                "store.url",
+                format!("is not a PostgreSQL connection URL: {reason}"),
+            );
+        }
+    }
     let store = StoreConfig {
         path: raw.store.path.map(|p| base.join(p)),
+        url: raw.store.url,
+        password: store_password,
         retention: f.duration(
             "store.retention",
             &raw.store.retention,

@@ -122,13 +122,10 @@ pub fn start_with(
     shown.retain_owned();
     state.apply_config(&shown, state.now());
     let registry = metrics::registry(state.clone())?;
-    let store = match &config.store.path {
-        Some(path) => Store::open_or_reset(path, config.store.reset_invalid)?,
-        None => Store::in_memory()?,
-    };
-    // Incremental checks keep their progress in a table of their own in the same file.
-    let progress = ProgressStore::new(&store)?;
+    let store = open_store(&config.store)?;
     let store = StoreActor::start(store)?;
+    // Incremental checks keep their progress in a table of their own in the same store.
+    let progress = ProgressStore::new(&store);
     let local_addr = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -162,6 +159,25 @@ pub fn start_with(
         state,
         local_addr,
         task,
+    })
+}
+
+/// The store the configuration names: a PostgreSQL database (opened by its first operation,
+/// on the store's thread), an SQLite file, or memory.
+pub fn open_store(settings: &crate::config::StoreConfig) -> Result<Store, DaemonError> {
+    if let Some(url) = &settings.url {
+        let password = settings.password.clone().map(|source| {
+            let read: crate::storage::PasswordReader =
+                Arc::new(move || source.read().map(Some).map_err(|e| e.to_string()));
+            read
+        });
+        let pg = crate::storage::PgSettings::parse(url, password)
+            .map_err(|reason| DaemonError::Store(crate::storage::StoreError::Postgres(reason)))?;
+        return Ok(Store::postgres(pg));
+    }
+    Ok(match &settings.path {
+        Some(path) => Store::open_or_reset(path, settings.reset_invalid)?,
+        None => Store::in_memory()?,
     })
 }
 

@@ -4,9 +4,11 @@
 //! computed with. Written after every step of a run, so `kill -9` loses at most one chunk.
 
 use crate::checks::incremental::Progress;
+use crate::storage::actor::StoreActor;
 use crate::storage::{Store, StoreError};
 
-const SCHEMA: &str = "
+/// The table in an SQLite store (created with the store; PostgreSQL's is part of its schema).
+pub(crate) const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS incremental_progress (
     target TEXT NOT NULL,
     check_name TEXT NOT NULL,
@@ -17,57 +19,38 @@ CREATE TABLE IF NOT EXISTS incremental_progress (
 );
 ";
 
-/// The progress of every incremental check, in the state store.
+/// The progress of every incremental check, in the state store, through the store's thread.
 #[derive(Clone)]
 pub struct ProgressStore {
-    store: Store,
+    store: StoreActor,
 }
 
 impl ProgressStore {
-    /// Creates the table if it is missing.
-    pub fn new(store: &Store) -> Result<ProgressStore, StoreError> {
-        store.with_connection(|connection| connection.execute_batch(SCHEMA))?;
-        Ok(ProgressStore {
+    pub fn new(store: &StoreActor) -> ProgressStore {
+        ProgressStore {
             store: store.clone(),
-        })
+        }
     }
 
     /// A store that lives only as long as the process (`deploywatch check`: every run is a
     /// first run, a full count).
     pub fn in_memory() -> Result<ProgressStore, StoreError> {
-        ProgressStore::new(&Store::in_memory()?)
+        Ok(ProgressStore::new(&StoreActor::start(Store::in_memory()?)?))
     }
 
     /// The stored fingerprint and progress of `check` on `target`.
-    pub fn load(
+    pub async fn load(
         &self,
         target: &str,
         check: &str,
     ) -> Result<Option<(String, Progress)>, StoreError> {
-        let row: Option<(String, String)> = self.store.with_connection(|connection| {
-            use rusqlite::OptionalExtension;
-            connection
-                .prepare_cached(
-                    "SELECT fingerprint, progress FROM incremental_progress \
-                     WHERE target = ?1 AND check_name = ?2",
-                )?
-                .query_row(rusqlite::params![target, check], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()
-        })?;
-        match row {
-            None => Ok(None),
-            Some((fingerprint, text)) => {
-                let progress = serde_json::from_str(&text).map_err(|error| {
-                    StoreError::Corrupt(format!("progress of {target}/{check}: {error}"))
-                })?;
-                Ok(Some((fingerprint, progress)))
-            }
-        }
+        let (target, check) = (target.to_string(), check.to_string());
+        self.store
+            .run(move |store| load(store, &target, &check))
+            .await
     }
 
-    pub fn save(
+    pub async fn save(
         &self,
         target: &str,
         check: &str,
@@ -75,22 +58,72 @@ impl ProgressStore {
         progress: &Progress,
         now: f64,
     ) -> Result<(), StoreError> {
-        let text =
-            serde_json::to_string(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.store.with_connection(|connection| {
-            connection
-                .prepare_cached(
-                    "INSERT INTO incremental_progress \
-                         (target, check_name, fingerprint, progress, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (target, check_name) DO UPDATE SET \
-                         fingerprint = excluded.fingerprint, progress = excluded.progress, \
-                         updated_at = excluded.updated_at",
-                )?
-                .execute(rusqlite::params![target, check, fingerprint, text, now])
-        })?;
-        Ok(())
+        let (target, check, fingerprint) = (
+            target.to_string(),
+            check.to_string(),
+            fingerprint.to_string(),
+        );
+        let progress = progress.clone();
+        self.store
+            .run(move |store| save(store, &target, &check, &fingerprint, &progress, now))
+            .await
     }
+}
+
+/// The stored fingerprint and progress of `check` on `target`, read on the caller's thread.
+pub fn load(
+    store: &Store,
+    target: &str,
+    check: &str,
+) -> Result<Option<(String, Progress)>, StoreError> {
+    let row = store.with_db(|db| {
+        db.row(
+            "SELECT fingerprint, progress FROM incremental_progress \
+             WHERE target = $1 AND check_name = $2",
+            &[target.into(), check.into()],
+        )?
+        .map(|row| Ok((row[0].text()?, row[1].text()?)))
+        .transpose()
+    })?;
+    match row {
+        None => Ok(None),
+        Some((fingerprint, text)) => {
+            let progress = serde_json::from_str(&text).map_err(|error| {
+                StoreError::Corrupt(format!("progress of {target}/{check}: {error}"))
+            })?;
+            Ok(Some((fingerprint, progress)))
+        }
+    }
+}
+
+/// Stores the progress of `check` on `target`, on the caller's thread.
+pub fn save(
+    store: &Store,
+    target: &str,
+    check: &str,
+    fingerprint: &str,
+    progress: &Progress,
+    now: f64,
+) -> Result<(), StoreError> {
+    let text = serde_json::to_string(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.with_db(|db| {
+        db.execute(
+            "INSERT INTO incremental_progress \
+                 (target, check_name, fingerprint, progress, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (target, check_name) DO UPDATE SET \
+                 fingerprint = excluded.fingerprint, progress = excluded.progress, \
+                 updated_at = excluded.updated_at",
+            &[
+                target.into(),
+                check.into(),
+                fingerprint.into(),
+                text.into(),
+                now.into(),
+            ],
+        )
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -98,8 +131,8 @@ mod tests {
     use super::*;
     use crate::checks::incremental::{SweepReason, TableIdentity};
 
-    #[test]
-    fn progress_is_kept_per_target_and_check_across_reopening() {
+    #[tokio::test]
+    async fn progress_is_kept_per_target_and_check_across_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.sqlite");
         let mut progress = Progress::default();
@@ -115,19 +148,27 @@ mod tests {
             1.0,
         );
         {
-            let store = ProgressStore::new(&Store::open(&path).expect("open")).expect("table");
-            assert_eq!(store.load("a", "c").expect("load"), None);
-            store.save("a", "c", "f1", &progress, 1.0).expect("save");
+            let store = ProgressStore::new(
+                &StoreActor::start(Store::open(&path).expect("open")).expect("actor"),
+            );
+            assert_eq!(store.load("a", "c").await.expect("load"), None);
+            store
+                .save("a", "c", "f1", &progress, 1.0)
+                .await
+                .expect("save");
             progress.settle(1, Some("50".into()), 2);
             store
                 .save("a", "c", "f2", &progress, 2.0)
+                .await
                 .expect("save again");
         }
-        let store = ProgressStore::new(&Store::open(&path).expect("reopen")).expect("table");
+        let store = ProgressStore::new(
+            &StoreActor::start(Store::open(&path).expect("reopen")).expect("actor"),
+        );
         assert_eq!(
-            store.load("a", "c").expect("load"),
+            store.load("a", "c").await.expect("load"),
             Some(("f2".to_string(), progress))
         );
-        assert_eq!(store.load("b", "c").expect("load"), None);
+        assert_eq!(store.load("b", "c").await.expect("load"), None);
     }
 }

@@ -31,12 +31,13 @@
 
 pub mod actor;
 pub mod incremental;
+pub mod sql;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::deployment::{DeploymentKind, Detection, Finding};
@@ -45,6 +46,8 @@ use crate::analysis::sample::{
     CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters,
 };
 use crate::analysis::window::{Verdict, Window};
+use sql::{Db, PgSession, Value};
+pub use sql::{PasswordReader, PgSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,6 +58,10 @@ pub enum StoreError {
     },
     #[error("state store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("state store (PostgreSQL): {0}")]
+    Postgres(String),
+    #[error("the state store cannot be reached: {0}")]
+    Unreachable(String),
     #[error("state store holds data it cannot read: {0}")]
     Corrupt(String),
     #[error(
@@ -74,6 +81,15 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("this replica does not lead {0} (another replica does, or the store was lost)")]
+    NotLeader(String),
+}
+
+impl StoreError {
+    /// Whether the store could not be reached (as opposed to refusing or failing a statement).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, StoreError::Unreachable(_) | StoreError::Closed)
+    }
 }
 
 /// Whether writes are failing now.
@@ -182,10 +198,10 @@ struct Named {
     detail: String,
 }
 
-/// The connection and the `series` rows, cached both ways (bounded by what the targets hold:
+/// The database and the `series` rows, cached both ways (bounded by what the targets hold:
 /// pg_stat_statements.max statements, their indexes, tables and checks).
 struct Inner {
-    connection: Connection,
+    db: Db,
     ids: Ids,
     names: HashMap<i64, Named>,
 }
@@ -193,12 +209,17 @@ struct Inner {
 /// `series` ids by target, kind and name.
 type Ids = HashMap<String, [HashMap<String, i64>; 4]>;
 
+/// The store: an SQLite file (or memory), or a schema in a PostgreSQL database shared by
+/// replicas. Every operation is the same on both.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Mutex<Inner>>,
     path: Option<PathBuf>,
     health: Arc<Mutex<WriteHealth>>,
 }
+
+const DEPLOYMENT_COLUMNS: &str =
+    "id, target, from_version, to_version, kind, detection, at, finished_at, note";
 
 impl Store {
     /// Opens the store at `path`, creating it when there is no file; refuses a file that is
@@ -256,6 +277,34 @@ impl Store {
         })
     }
 
+    /// A store in a PostgreSQL database (`store.url`). Nothing is opened yet: the session is
+    /// opened — and the schema created or migrated — by the first operation, and opened again
+    /// by the first operation after it was lost, so a store that cannot be reached makes
+    /// operations fail rather than the daemon stop. Its calls block: make them on the store's
+    /// thread ([`actor::StoreActor`]), never on the async runtime.
+    pub fn postgres(settings: PgSettings) -> Store {
+        Store {
+            inner: Arc::new(Mutex::new(Inner {
+                db: Db::Postgres(Box::new(PgSession::new(settings))),
+                ids: HashMap::new(),
+                names: HashMap::new(),
+            })),
+            path: None,
+            health: Arc::default(),
+        }
+    }
+
+    /// Whether the store is a PostgreSQL database (shared by replicas).
+    pub fn is_shared(&self) -> bool {
+        self.lock().db.is_postgres()
+    }
+
+    /// Opens the session now if there is none (a PostgreSQL store), creating or migrating
+    /// the schema: `Ok` when the store can be used.
+    pub fn connect(&self) -> Result<(), StoreError> {
+        self.lock().db.value("SELECT 1", &[]).map(|_| ())
+    }
+
     /// Why an existing file is not a store deploywatch wrote, if it is not. Reads only.
     fn validate(path: &Path) -> Result<(), String> {
         let length = std::fs::metadata(path)
@@ -297,11 +346,12 @@ impl Store {
                 health.failing = false;
                 tracing::info!(operation, "state store writes work again");
             }
+            Err(StoreError::NotLeader(_)) => {}
             Err(error) if !health.failing => {
                 health.failing = true;
                 tracing::warn!(
                     operation, %error,
-                    "state store writes are failing (disk full or unwritable?): samples, deployments and verdicts are not kept until they work again"
+                    "state store writes are failing (disk full, unwritable or unreachable?): samples, deployments and verdicts are not kept until they work again"
                 );
             }
             _ => {}
@@ -314,7 +364,7 @@ impl Store {
         Self::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(mut connection: Connection, path: Option<PathBuf>) -> Result<Store, StoreError> {
+    fn init(connection: Connection, path: Option<PathBuf>) -> Result<Store, StoreError> {
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         let fresh: i64 = connection.query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
@@ -347,29 +397,30 @@ impl Store {
                 ),
             });
         }
+        let mut db = Db::Sqlite(connection);
         let mut migrated = None;
         if previous_layout > 0 {
-            migrated =
-                Some(
-                    migrate_from_json(&mut connection).map_err(|e| StoreError::Migration {
-                        path: shown.clone(),
-                        reason: e.to_string(),
-                    })?,
-                );
+            migrated = Some(
+                migrate_from_json(&mut db).map_err(|e| StoreError::Migration {
+                    path: shown.clone(),
+                    reason: e.to_string(),
+                })?,
+            );
         } else {
-            connection.execute_batch(SCHEMA)?;
-            connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))?;
+            db.batch(SCHEMA)?;
+            db.batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))?;
         }
+        db.batch(incremental::SQLITE_SCHEMA)?;
         if let Some((kept, skipped)) = migrated {
             tracing::warn!(
                 store = %shown, samples = kept, unreadable = skipped,
                 "state store migrated to the compact layout; deployments and verdicts kept"
             );
             // Hands the space of the old documents back and turns on incremental vacuum.
-            connection.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
+            db.batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
         }
         let mut inner = Inner {
-            connection,
+            db,
             ids: HashMap::new(),
             names: HashMap::new(),
         };
@@ -385,33 +436,32 @@ impl Store {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `work` on the connection, for the modules that keep tables of their own in this
-    /// file (each creates its tables when missing).
-    pub fn with_connection<R>(
+    /// Runs `work` on the database, for the modules that keep tables of their own in the
+    /// store (created with the store's schema).
+    pub fn with_db<R>(
         &self,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+        work: impl FnOnce(&mut Db) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        Ok(work(&self.lock().connection)?)
+        work(&mut self.lock().db)
     }
 
     pub fn add_sample(&self, target: &str, sample: &Sample) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let result = (|| {
-            let transaction = inner.connection.transaction()?;
-            insert_sample(
-                &transaction,
-                &mut inner.ids,
-                &mut inner.names,
-                target,
-                sample,
+        let Inner { db, ids, names } = inner;
+        let result = db.transaction(|db| {
+            let body = encode(sample, &mut |kind, name, detail| {
+                intern(db, ids, names, target, kind, name, detail, sample.at)
+            })?;
+            db.execute(
+                "INSERT INTO samples (target, at, body) VALUES ($1, $2, $3)",
+                &[target.into(), sample.at.into(), body.into()],
             )?;
-            transaction.commit()?;
             Ok(())
-        })();
+        });
         if result.is_err() {
             // Names interned by the rolled-back transaction do not exist: start over from
-            // what the file holds.
+            // what the store holds.
             inner.ids.clear();
             inner.names.clear();
             let _ = inner.load_series();
@@ -435,25 +485,30 @@ impl Store {
         to: f64,
         mut each: impl FnMut(Sample),
     ) -> Result<usize, StoreError> {
-        let inner = self.lock();
-        let mut statement = inner.connection.prepare_cached(
-            "SELECT at, body FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3 ORDER BY at",
-        )?;
-        let mut rows = statement.query(params![target, from, to])?;
-        let mut count = 0;
-        while let Some(row) = rows.next()? {
-            let at: f64 = row.get(0)?;
-            let body = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
-            match inner.decode(at, body) {
-                Ok(sample) => {
-                    count += 1;
-                    each(sample)
-                }
-                Err(error) => {
-                    tracing::warn!(db_target = %target, %error, "skipping an unreadable sample");
-                }
-            }
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if inner.db.is_postgres() {
+            // Another replica may have named series since they were cached.
+            inner.load_series()?;
         }
+        let Inner { db, names, .. } = inner;
+        let mut count = 0;
+        db.each(
+            "SELECT at, body FROM samples WHERE target = $1 AND at >= $2 AND at < $3 ORDER BY at",
+            &[target.into(), from.into(), to.into()],
+            |row| {
+                match decode(names, row[0].real()?, row[1].blob()?) {
+                    Ok(sample) => {
+                        count += 1;
+                        each(sample)
+                    }
+                    Err(error) => {
+                        tracing::warn!(db_target = %target, %error, "skipping an unreadable sample");
+                    }
+                }
+                Ok(())
+            },
+        )?;
         Ok(count)
     }
 
@@ -463,31 +518,38 @@ impl Store {
         target: &str,
         before: f64,
     ) -> Result<Option<Sample>, StoreError> {
-        let inner = self.lock();
-        let row = inner
-            .connection
-            .query_row(
-                "SELECT at, body FROM samples WHERE target = ?1 AND at < ?2 ORDER BY at DESC LIMIT 1",
-                params![target, before],
-                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, Vec<u8>>(1)?)),
-            )
-            .optional()?;
-        row.map(|(at, body)| inner.decode(at, &body)).transpose()
+        let mut inner = self.lock();
+        if inner.db.is_postgres() {
+            inner.load_series()?;
+        }
+        let row = inner.db.row(
+            "SELECT at, body FROM samples WHERE target = $1 AND at < $2 ORDER BY at DESC LIMIT 1",
+            &[target.into(), before.into()],
+        )?;
+        row.map(|row| decode(&inner.names, row[0].real()?, row[1].blob()?))
+            .transpose()
     }
 
     /// How many samples of `target` lie in `from <= at < to`.
     pub fn sample_count(&self, target: &str, from: f64, to: f64) -> Result<usize, StoreError> {
-        let n: i64 = self.lock().connection.query_row(
-            "SELECT count(*) FROM samples WHERE target = ?1 AND at >= ?2 AND at < ?3",
-            params![target, from, to],
-            |r| r.get(0),
-        )?;
+        let n = self
+            .lock()
+            .db
+            .value(
+                "SELECT count(*) FROM samples WHERE target = $1 AND at >= $2 AND at < $3",
+                &[target.into(), from.into(), to.into()],
+            )?
+            .int()?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// The query texts known for `target`, by query id.
     pub fn query_texts(&self, target: &str) -> HashMap<String, String> {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        if inner.db.is_postgres() {
+            // Another replica may have stored texts since they were cached.
+            let _ = inner.load_series();
+        }
         let Some(by_kind) = inner.ids.get(target) else {
             return HashMap::new();
         };
@@ -509,70 +571,79 @@ impl Store {
         texts: &[(String, String)],
         at: f64,
     ) -> Result<(), StoreError> {
-        let result = (|| -> Result<(), StoreError> {
-            let mut inner = self.lock();
-            let inner = &mut *inner;
-            let transaction = inner.connection.transaction()?;
+        let mut inner = self.lock();
+        let Inner { db, ids, names } = &mut *inner;
+        let result = db.transaction(|db| {
             for (query_id, text) in texts {
-                let id = intern(
-                    &transaction,
-                    &mut inner.ids,
-                    &mut inner.names,
-                    target,
-                    Kind::Statement,
-                    query_id,
-                    text,
-                    at,
-                )?;
-                let known = inner.names.get(&id).is_some_and(|n| n.detail == *text);
+                let id = intern(db, ids, names, target, Kind::Statement, query_id, text, at)?;
+                let known = names.get(&id).is_some_and(|n| n.detail == *text);
                 if !known && !text.is_empty() {
-                    transaction.execute(
-                        "UPDATE series SET detail = ?2 WHERE id = ?1",
-                        params![id, text],
+                    db.execute(
+                        "UPDATE series SET detail = $2 WHERE id = $1",
+                        &[id.into(), text.as_str().into()],
                     )?;
-                    if let Some(named) = inner.names.get_mut(&id) {
+                    if let Some(named) = names.get_mut(&id) {
                         named.detail = text.clone();
                     }
                 }
             }
-            transaction.commit()?;
             Ok(())
-        })();
+        });
+        drop(inner);
         self.wrote("add_query_texts", result)
     }
 
     /// Deletes at most [`PRUNE_BATCH`] samples older than `before` and hands up to a few
-    /// hundred free pages back to the file system. Returns how many samples went; the caller
-    /// calls again on its next pass while that is a full batch. Deployments and verdicts are
-    /// kept: they are small and they are the history `report` reads.
+    /// hundred free pages back to the file system (SQLite; PostgreSQL's autovacuum does that
+    /// there). Returns how many samples went; the caller calls again on its next pass while
+    /// that is a full batch. Deployments and verdicts are kept: they are small and they are
+    /// the history `report` reads.
     pub fn prune(&self, before: f64) -> Result<usize, StoreError> {
         let result = (|| -> Result<usize, StoreError> {
-            let inner = self.lock();
-            let deleted = inner.connection.execute(
-                "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at < ?1 LIMIT ?2)",
-                params![before, i64::try_from(PRUNE_BATCH).unwrap_or(i64::MAX)],
-            )?;
-            if deleted > 0 {
-                let mut vacuum = inner
-                    .connection
-                    .prepare(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
-                let mut rows = vacuum.query([])?;
-                while rows.next()?.is_some() {}
+            let mut inner = self.lock();
+            let db = &mut inner.db;
+            let batch = Value::Int(i64::try_from(PRUNE_BATCH).unwrap_or(i64::MAX));
+            let deleted = if db.is_postgres() {
+                db.execute(
+                    "DELETE FROM samples WHERE id IN (SELECT id FROM samples WHERE at < $1 LIMIT $2)",
+                    &[before.into(), batch],
+                )?
+            } else {
+                db.execute(
+                    "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at < $1 LIMIT $2)",
+                    &[before.into(), batch],
+                )?
+            };
+            if deleted > 0 && !db.is_postgres() {
+                db.each(
+                    &format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
+                    &[],
+                    |_| Ok(()),
+                )?;
             }
-            Ok(deleted)
+            Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
         })();
         self.wrote("prune", result)
     }
 
-    /// Bytes the store takes on disk: the database file and its write-ahead log.
+    /// Bytes the store takes: the database file and its write-ahead log (SQLite), or the
+    /// tables and indexes of its schema (PostgreSQL).
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let inner = self.lock();
-        let pages: i64 = inner
-            .connection
-            .query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let page_size: i64 = inner
-            .connection
-            .query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let mut inner = self.lock();
+        let db = &mut inner.db;
+        if db.is_postgres() {
+            let bytes = db
+                .value(
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relkind = 'r'",
+                    &[sql::PG_SCHEMA.into()],
+                )?
+                .int()?;
+            return Ok(u64::try_from(bytes).unwrap_or(0));
+        }
+        let pages = db.value("PRAGMA page_count", &[])?.int()?;
+        let page_size = db.value("PRAGMA page_size", &[])?.int()?;
         let wal = self
             .path
             .as_ref()
@@ -586,12 +657,14 @@ impl Store {
         Ok(u64::try_from(pages.saturating_mul(page_size)).unwrap_or(0) + wal)
     }
 
-    /// `PRAGMA integrity_check`: `Ok(())` when SQLite finds the file sound.
+    /// `PRAGMA integrity_check`: `Ok(())` when SQLite finds the file sound. (A PostgreSQL
+    /// store is the server's to keep sound.)
     pub fn check_integrity(&self) -> Result<(), StoreError> {
-        let result: String =
-            self.lock()
-                .connection
-                .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        let mut inner = self.lock();
+        if inner.db.is_postgres() {
+            return Ok(());
+        }
+        let result = inner.db.value("PRAGMA integrity_check", &[])?.text()?;
         if result == "ok" {
             Ok(())
         } else {
@@ -612,24 +685,26 @@ impl Store {
         note: Option<&str>,
     ) -> Result<DeploymentRecord, StoreError> {
         let result = (|| -> Result<DeploymentRecord, StoreError> {
-            let inner = self.lock();
-            let connection = &inner.connection;
-            connection.execute(
-                "INSERT INTO deployments (target, from_version, to_version, kind, detection, at, finished_at, note)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    target,
-                    from_version,
-                    to_version,
-                    kind.as_str(),
-                    detection.as_str(),
-                    at,
-                    finished_at,
-                    note
-                ],
-            )?;
+            let id = self
+                .lock()
+                .db
+                .value(
+                    "INSERT INTO deployments (target, from_version, to_version, kind, detection, at, finished_at, note)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                    &[
+                        target.into(),
+                        from_version.into(),
+                        to_version.into(),
+                        kind.as_str().into(),
+                        detection.as_str().into(),
+                        at.into(),
+                        finished_at.into(),
+                        note.into(),
+                    ],
+                )?
+                .int()?;
             Ok(DeploymentRecord {
-                id: connection.last_insert_rowid(),
+                id,
                 target: target.to_string(),
                 from_version: from_version.map(str::to_string),
                 to_version: to_version.to_string(),
@@ -653,46 +728,59 @@ impl Store {
         note: Option<&str>,
     ) -> Result<Option<DeploymentRecord>, StoreError> {
         let result = (|| -> Result<Option<DeploymentRecord>, StoreError> {
-            self.lock().connection.execute(
-                "UPDATE deployments SET at = ?2, finished_at = coalesce(?3, finished_at),
-                     note = coalesce(?4, note) WHERE id = ?1",
-                params![id, at, finished_at, note],
+            self.lock().db.execute(
+                "UPDATE deployments SET at = $2, finished_at = coalesce($3, finished_at),
+                     note = coalesce($4, note) WHERE id = $1",
+                &[id.into(), at.into(), finished_at.into(), note.into()],
             )?;
             self.deployment(id)
         })();
         self.wrote("update_deployment", result)
     }
 
-    fn read_deployment(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRecord> {
-        let kind: String = row.get(4)?;
-        let detection: String = row.get(5)?;
+    fn read_deployment(row: &[Value]) -> Result<DeploymentRecord, StoreError> {
+        let kind = row[4].text()?;
+        let detection = row[5].text()?;
         Ok(DeploymentRecord {
-            id: row.get(0)?,
-            target: row.get(1)?,
-            from_version: row.get(2)?,
-            to_version: row.get(3)?,
+            id: row[0].int()?,
+            target: row[1].text()?,
+            from_version: row[2].opt_text()?,
+            to_version: row[3].text()?,
             kind: DeploymentKind::parse(&kind).unwrap_or(DeploymentKind::Deploy),
             detection: Detection::parse(&detection).unwrap_or(Detection::Announced),
-            at: row.get(6)?,
-            finished_at: row.get(7)?,
-            note: row.get(8)?,
+            at: row[6].real()?,
+            finished_at: row[7].opt_real()?,
+            note: row[8].opt_text()?,
         })
     }
 
-    const DEPLOYMENT_COLUMNS: &'static str =
-        "id, target, from_version, to_version, kind, detection, at, finished_at, note";
+    fn read_deployments(
+        &self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Vec<DeploymentRecord>, StoreError> {
+        self.lock()
+            .db
+            .rows(sql, params)?
+            .iter()
+            .map(|row| Self::read_deployment(row))
+            .collect()
+    }
 
     /// The deployments of a target (or all), newest first.
     pub fn deployments(&self, target: Option<&str>) -> Result<Vec<DeploymentRecord>, StoreError> {
-        let inner = self.lock();
-        let connection = &inner.connection;
-        let sql = format!(
-            "SELECT {} FROM deployments WHERE (?1 IS NULL OR target = ?1) ORDER BY at DESC, id DESC",
-            Self::DEPLOYMENT_COLUMNS
-        );
-        let mut statement = connection.prepare(&sql)?;
-        let rows = statement.query_map(params![target], Self::read_deployment)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        match target {
+            Some(target) => self.read_deployments(
+                &format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE target = $1 ORDER BY at DESC, id DESC"
+                ),
+                &[target.into()],
+            ),
+            None => self.read_deployments(
+                &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY at DESC, id DESC"),
+                &[],
+            ),
+        }
     }
 
     pub fn latest_deployment(&self, target: &str) -> Result<Option<DeploymentRecord>, StoreError> {
@@ -700,15 +788,13 @@ impl Store {
     }
 
     pub fn deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
-        let inner = self.lock();
-        let connection = &inner.connection;
-        let sql = format!(
-            "SELECT {} FROM deployments WHERE id = ?1",
-            Self::DEPLOYMENT_COLUMNS
-        );
-        Ok(connection
-            .query_row(&sql, params![id], Self::read_deployment)
-            .optional()?)
+        Ok(self
+            .read_deployments(
+                &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1"),
+                &[id.into()],
+            )?
+            .into_iter()
+            .next())
     }
 
     /// Time of the deployment before `at` on `target`, which bounds the next one's baseline.
@@ -717,19 +803,24 @@ impl Store {
         target: &str,
         at: f64,
     ) -> Result<Option<f64>, StoreError> {
-        Ok(self.lock().connection.query_row(
-            "SELECT max(at) FROM deployments WHERE target = ?1 AND at < ?2",
-            params![target, at],
-            |r| r.get::<_, Option<f64>>(0),
-        )?)
+        self.lock()
+            .db
+            .value(
+                "SELECT max(at) FROM deployments WHERE target = $1 AND at < $2",
+                &[target.into(), at.into()],
+            )?
+            .opt_real()
     }
 
     pub fn rollback_count(&self, target: &str) -> Result<u64, StoreError> {
-        let n: i64 = self.lock().connection.query_row(
-            "SELECT count(*) FROM deployments WHERE target = ?1 AND kind = 'rollback'",
-            params![target],
-            |r| r.get(0),
-        )?;
+        let n = self
+            .lock()
+            .db
+            .value(
+                "SELECT count(*) FROM deployments WHERE target = $1 AND kind = 'rollback'",
+                &[target.into()],
+            )?
+            .int()?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -742,17 +833,20 @@ impl Store {
             let encode = |f: &Vec<Finding>| {
                 serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))
             };
-            self.lock().connection.execute(
-                "INSERT OR REPLACE INTO verdicts (deployment_id, window, verdict, samples, regressions, improvements, closed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    deployment_id,
-                    record.window.as_str(),
-                    record.verdict.as_str(),
-                    i64::try_from(record.samples).unwrap_or(i64::MAX),
-                    encode(&record.regressions)?,
-                    encode(&record.improvements)?,
-                    record.closed_at
+            self.lock().db.execute(
+                "INSERT INTO verdicts (deployment_id, \"window\", verdict, samples, regressions, improvements, closed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (deployment_id, \"window\") DO UPDATE SET verdict = excluded.verdict,
+                     samples = excluded.samples, regressions = excluded.regressions,
+                     improvements = excluded.improvements, closed_at = excluded.closed_at",
+                &[
+                    deployment_id.into(),
+                    record.window.as_str().into(),
+                    record.verdict.as_str().into(),
+                    i64::try_from(record.samples).unwrap_or(i64::MAX).into(),
+                    encode(&record.regressions)?.into(),
+                    encode(&record.improvements)?.into(),
+                    record.closed_at.into(),
                 ],
             )?;
             Ok(())
@@ -761,24 +855,14 @@ impl Store {
     }
 
     pub fn verdicts(&self, deployment_id: i64) -> Result<Vec<VerdictRecord>, StoreError> {
-        let inner = self.lock();
-        let connection = &inner.connection;
-        let mut statement = connection.prepare(
-            "SELECT window, verdict, samples, regressions, improvements, closed_at FROM verdicts WHERE deployment_id = ?1",
+        let rows = self.lock().db.rows(
+            "SELECT \"window\", verdict, samples, regressions, improvements, closed_at FROM verdicts WHERE deployment_id = $1",
+            &[deployment_id.into()],
         )?;
-        let rows = statement.query_map(params![deployment_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, f64>(5)?,
-            ))
-        })?;
         let mut records = Vec::new();
         for row in rows {
-            let (window, verdict, samples, regressions, improvements, closed_at) = row?;
+            let window = row[0].text()?;
+            let verdict = row[1].text()?;
             let window = window
                 .parse::<Window>()
                 .map_err(|_| StoreError::Corrupt(format!("unknown window {window}")))?;
@@ -791,10 +875,10 @@ impl Store {
             records.push(VerdictRecord {
                 window,
                 verdict,
-                samples: usize::try_from(samples).unwrap_or(0),
-                regressions: decode(&regressions)?,
-                improvements: decode(&improvements)?,
-                closed_at,
+                samples: usize::try_from(row[2].int()?).unwrap_or(0),
+                regressions: decode(&row[3].text()?)?,
+                improvements: decode(&row[4].text()?)?,
+                closed_at: row[5].real()?,
             });
         }
         records.sort_by_key(|r| Window::ALL.iter().position(|w| *w == r.window));
@@ -802,23 +886,21 @@ impl Store {
     }
 
     pub fn last_version(&self, target: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .lock()
-            .connection
-            .query_row(
-                "SELECT version FROM versions WHERE target = ?1",
-                params![target],
-                |r| r.get(0),
-            )
-            .optional()?)
+        self.lock()
+            .db
+            .value(
+                "SELECT version FROM versions WHERE target = $1",
+                &[target.into()],
+            )?
+            .opt_text()
     }
 
     pub fn set_last_version(&self, target: &str, version: &str, at: f64) -> Result<(), StoreError> {
         let result = (|| -> Result<(), StoreError> {
-            self.lock().connection.execute(
-                "INSERT INTO versions (target, version, seen_at) VALUES (?1, ?2, ?3)
+            self.lock().db.execute(
+                "INSERT INTO versions (target, version, seen_at) VALUES ($1, $2, $3)
                  ON CONFLICT (target) DO UPDATE SET version = excluded.version, seen_at = excluded.seen_at",
-                params![target, version, at],
+                &[target.into(), version.into(), at.into()],
             )?;
             Ok(())
         })();
@@ -833,144 +915,145 @@ impl Store {
         at: f64,
         id: i64,
     ) -> Result<Option<DeploymentRecord>, StoreError> {
-        let inner = self.lock();
-        let sql = format!(
-            "SELECT {} FROM deployments WHERE target = ?1 AND (at > ?2 OR (at = ?2 AND id > ?3)) \
-             ORDER BY at, id LIMIT 1",
-            Self::DEPLOYMENT_COLUMNS
-        );
-        Ok(inner
-            .connection
-            .query_row(&sql, params![target, at, id], Self::read_deployment)
-            .optional()?)
+        Ok(self
+            .read_deployments(
+                &format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE target = $1 \
+                     AND (at > $2 OR (at = $2 AND id > $3)) ORDER BY at, id LIMIT 1"
+                ),
+                &[target.into(), at.into(), id.into()],
+            )?
+            .into_iter()
+            .next())
     }
 }
 
 impl Inner {
     fn load_series(&mut self) -> Result<(), StoreError> {
-        let mut statement = self
-            .connection
-            .prepare("SELECT id, target, kind, name, detail FROM series")?;
-        let rows = statement.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, target, kind, name, detail) = row?;
-            let kind = match kind {
-                0 => Kind::Statement,
-                1 => Kind::Index,
-                2 => Kind::Table,
-                _ => Kind::Check,
-            };
-            self.ids.entry(target).or_default()[kind as usize].insert(name.clone(), id);
-            self.names.insert(id, Named { name, detail });
-        }
-        Ok(())
-    }
-
-    fn decode(&self, at: f64, body: &[u8]) -> Result<Sample, StoreError> {
-        let packed: Packed =
-            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let name = |id: u64| {
-            i64::try_from(id)
-                .ok()
-                .and_then(|id| self.names.get(&id))
-                .ok_or_else(|| StoreError::Corrupt(format!("a sample names unknown series {id}")))
-        };
-        let statements = match packed.statements {
-            Some(list) => {
-                let mut map = std::collections::BTreeMap::new();
-                let mut id = 0u64;
-                for (step, calls, total_us, rows) in list {
-                    id += step;
-                    let total_ms = total_us as f64 / 1000.0;
-                    let named = name(id)?;
-                    map.insert(
-                        named.name.clone(),
-                        StatementDelta {
-                            calls: calls as f64,
-                            total_ms,
-                            rows: rows as f64,
-                            query: named.detail.clone(),
-                        },
-                    );
-                }
-                Some(map)
-            }
-            None => None,
-        };
-        let mut sample = Sample {
-            at,
-            seconds: f64::from(packed.seconds),
-            database: packed.database.map(|d| DbCounters {
-                xact_commit: d[0] as f64,
-                xact_rollback: d[1] as f64,
-                deadlocks: d[2] as f64,
-                conflicts: d[3] as f64,
-                temp_files: d[4] as f64,
-                temp_bytes: d[5] as f64,
-                blks_read: d[6] as f64,
-                blks_hit: d[7] as f64,
-            }),
-            statements,
-            size_bytes: packed.size_bytes as f64,
-            connections: f64::from(packed.connections),
-            max_connections: f64::from(packed.max_connections),
-            resets: packed.resets,
-            statements_available: packed.statements_available,
-            vanished: packed.vanished,
-            ..Sample::default()
-        };
-        for (id, scans) in packed.indexes {
-            let named = name(id)?;
-            sample.indexes.insert(
-                named.name.clone(),
-                IndexDelta {
-                    table: named.detail.clone(),
-                    scans: scans as f64,
-                },
-            );
-        }
-        for (id, seq_scan, seq_tup_read, idx_scan) in packed.tables {
-            sample.tables.insert(
-                name(id)?.name.clone(),
-                TableCounters {
-                    seq_scan: seq_scan as f64,
-                    seq_tup_read: seq_tup_read as f64,
-                    idx_scan: idx_scan as f64,
-                },
-            );
-        }
-        for (id, status, value) in packed.checks {
-            let named = name(id)?;
-            sample.checks.insert(
-                named.name.clone(),
-                CheckPoint {
-                    category: named.detail.clone(),
-                    status: STATUSES
-                        .get(usize::from(status))
-                        .copied()
-                        .unwrap_or("pending")
-                        .to_string(),
-                    value,
-                },
-            );
-        }
-        Ok(sample)
+        let Inner { db, ids, names } = self;
+        db.each(
+            "SELECT id, target, kind, name, detail FROM series",
+            &[],
+            |row| {
+                let id = row[0].int()?;
+                let kind = match row[2].int()? {
+                    0 => Kind::Statement,
+                    1 => Kind::Index,
+                    2 => Kind::Table,
+                    _ => Kind::Check,
+                };
+                let name = row[3].text()?;
+                ids.entry(row[1].text()?).or_default()[kind as usize].insert(name.clone(), id);
+                names.insert(
+                    id,
+                    Named {
+                        name,
+                        detail: row[4].text()?,
+                    },
+                );
+                Ok(())
+            },
+        )
     }
 }
 
-/// The `series` id of a name, created on first sight. A check's category or an index's
-/// table (`detail`) follows the latest value.
+/// A sample from its stored record, the series' names from `names`.
+fn decode(names: &HashMap<i64, Named>, at: f64, body: &[u8]) -> Result<Sample, StoreError> {
+    let packed: Packed =
+        postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let name = |id: u64| {
+        i64::try_from(id)
+            .ok()
+            .and_then(|id| names.get(&id))
+            .ok_or_else(|| StoreError::Corrupt(format!("a sample names unknown series {id}")))
+    };
+    let statements = match packed.statements {
+        Some(list) => {
+            let mut map = std::collections::BTreeMap::new();
+            let mut id = 0u64;
+            for (step, calls, total_us, rows) in list {
+                id += step;
+                let total_ms = total_us as f64 / 1000.0;
+                let named = name(id)?;
+                map.insert(
+                    named.name.clone(),
+                    StatementDelta {
+                        calls: calls as f64,
+                        total_ms,
+                        rows: rows as f64,
+                        query: named.detail.clone(),
+                    },
+                );
+            }
+            Some(map)
+        }
+        None => None,
+    };
+    let mut sample = Sample {
+        at,
+        seconds: f64::from(packed.seconds),
+        database: packed.database.map(|d| DbCounters {
+            xact_commit: d[0] as f64,
+            xact_rollback: d[1] as f64,
+            deadlocks: d[2] as f64,
+            conflicts: d[3] as f64,
+            temp_files: d[4] as f64,
+            temp_bytes: d[5] as f64,
+            blks_read: d[6] as f64,
+            blks_hit: d[7] as f64,
+        }),
+        statements,
+        size_bytes: packed.size_bytes as f64,
+        connections: f64::from(packed.connections),
+        max_connections: f64::from(packed.max_connections),
+        resets: packed.resets,
+        statements_available: packed.statements_available,
+        vanished: packed.vanished,
+        ..Sample::default()
+    };
+    for (id, scans) in packed.indexes {
+        let named = name(id)?;
+        sample.indexes.insert(
+            named.name.clone(),
+            IndexDelta {
+                table: named.detail.clone(),
+                scans: scans as f64,
+            },
+        );
+    }
+    for (id, seq_scan, seq_tup_read, idx_scan) in packed.tables {
+        sample.tables.insert(
+            name(id)?.name.clone(),
+            TableCounters {
+                seq_scan: seq_scan as f64,
+                seq_tup_read: seq_tup_read as f64,
+                idx_scan: idx_scan as f64,
+            },
+        );
+    }
+    for (id, status, value) in packed.checks {
+        let named = name(id)?;
+        sample.checks.insert(
+            named.name.clone(),
+            CheckPoint {
+                category: named.detail.clone(),
+                status: STATUSES
+                    .get(usize::from(status))
+                    .copied()
+                    .unwrap_or("pending")
+                    .to_string(),
+                value,
+            },
+        );
+    }
+    Ok(sample)
+}
+
+/// The `series` id of a name, created on first sight (by this store or another replica's).
+/// A check's category or an index's table (`detail`) follows the latest value.
 #[allow(clippy::too_many_arguments)]
 fn intern(
-    transaction: &Transaction<'_>,
+    db: &mut Db,
     ids: &mut Ids,
     names: &mut HashMap<i64, Named>,
     target: &str,
@@ -979,45 +1062,52 @@ fn intern(
     detail: &str,
     at: f64,
 ) -> Result<i64, StoreError> {
-    if let Some(id) = ids.get(target).and_then(|k| k[kind as usize].get(name)) {
-        if kind != Kind::Statement {
-            if let Some(named) = names.get_mut(id) {
-                if named.detail != detail {
-                    transaction.execute(
-                        "UPDATE series SET detail = ?2 WHERE id = ?1",
-                        params![id, detail],
-                    )?;
-                    named.detail = detail.to_string();
-                }
-            }
+    let known = ids
+        .get(target)
+        .and_then(|k| k[kind as usize].get(name))
+        .copied();
+    let (id, stored) = match known {
+        Some(id) => (id, names.get(&id).map(|n| n.detail.clone())),
+        None => {
+            let row = db
+                .row(
+                    "INSERT INTO series (target, kind, name, detail, first_seen) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (target, kind, name) DO UPDATE SET first_seen = series.first_seen
+                     RETURNING id, detail",
+                    &[target.into(), (kind as i64).into(), name.into(), detail.into(), at.into()],
+                )?
+                .ok_or_else(|| StoreError::Corrupt(format!("no series row for {name}")))?;
+            let id = row[0].int()?;
+            let stored = row[1].text()?;
+            ids.entry(target.to_string()).or_default()[kind as usize].insert(name.to_string(), id);
+            names.insert(
+                id,
+                Named {
+                    name: name.to_string(),
+                    detail: stored.clone(),
+                },
+            );
+            (id, Some(stored))
         }
-        return Ok(*id);
+    };
+    if kind != Kind::Statement && stored.as_deref() != Some(detail) {
+        db.execute(
+            "UPDATE series SET detail = $2 WHERE id = $1",
+            &[id.into(), detail.into()],
+        )?;
+        if let Some(named) = names.get_mut(&id) {
+            named.detail = detail.to_string();
+        }
     }
-    transaction
-        .prepare_cached(
-            "INSERT INTO series (target, kind, name, detail, first_seen) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![target, kind as i64, name, detail, at])?;
-    let id = transaction.last_insert_rowid();
-    ids.entry(target.to_string()).or_default()[kind as usize].insert(name.to_string(), id);
-    names.insert(
-        id,
-        Named {
-            name: name.to_string(),
-            detail: detail.to_string(),
-        },
-    );
     Ok(id)
 }
 
-fn insert_sample(
-    transaction: &Transaction<'_>,
-    ids: &mut Ids,
-    names: &mut HashMap<i64, Named>,
-    target: &str,
+/// The stored record of a sample: numbers only, each name replaced by its `series` id as
+/// `intern` gives it (kind, name, detail). The same on every backend.
+fn encode(
     sample: &Sample,
-) -> Result<(), StoreError> {
-    let at = sample.at;
+    intern: &mut dyn FnMut(Kind, &str, &str) -> Result<i64, StoreError>,
+) -> Result<Vec<u8>, StoreError> {
     let mut packed = Packed {
         seconds: sample.seconds as f32,
         database: sample.database.map(|d| {
@@ -1043,16 +1133,7 @@ fn insert_sample(
     if let Some(statements) = &sample.statements {
         let mut list = Vec::with_capacity(statements.len());
         for (query_id, s) in statements {
-            let id = intern(
-                transaction,
-                ids,
-                names,
-                target,
-                Kind::Statement,
-                query_id,
-                &s.query,
-                at,
-            )?;
+            let id = intern(Kind::Statement, query_id, &s.query)?;
             list.push((
                 u64::try_from(id).unwrap_or(0),
                 whole(s.calls),
@@ -1070,22 +1151,13 @@ fn insert_sample(
         packed.statements = Some(list);
     }
     for (name, index) in &sample.indexes {
-        let id = intern(
-            transaction,
-            ids,
-            names,
-            target,
-            Kind::Index,
-            name,
-            &index.table,
-            at,
-        )?;
+        let id = intern(Kind::Index, name, &index.table)?;
         packed
             .indexes
             .push((u64::try_from(id).unwrap_or(0), whole(index.scans)));
     }
     for (name, table) in &sample.tables {
-        let id = intern(transaction, ids, names, target, Kind::Table, name, "", at)?;
+        let id = intern(Kind::Table, name, "")?;
         packed.tables.push((
             u64::try_from(id).unwrap_or(0),
             whole(table.seq_scan),
@@ -1094,16 +1166,7 @@ fn insert_sample(
         ));
     }
     for (name, point) in &sample.checks {
-        let id = intern(
-            transaction,
-            ids,
-            names,
-            target,
-            Kind::Check,
-            name,
-            &point.category,
-            at,
-        )?;
+        let id = intern(Kind::Check, name, &point.category)?;
         let status = STATUSES
             .iter()
             .position(|s| *s == point.status)
@@ -1114,46 +1177,52 @@ fn insert_sample(
             point.value,
         ));
     }
-    let body = postcard::to_allocvec(&packed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    transaction
-        .prepare_cached("INSERT INTO samples (target, at, body) VALUES (?1, ?2, ?3)")?
-        .execute(params![target, at, body])?;
-    Ok(())
+    postcard::to_allocvec(&packed).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Re-encodes a store of the previous layout (`samples.data`, one JSON document per sample)
 /// in one transaction. Returns how many samples were kept and how many were unreadable.
-fn migrate_from_json(connection: &mut Connection) -> Result<(usize, usize), StoreError> {
-    let transaction = connection.transaction()?;
-    transaction.execute_batch(
-        "DROP INDEX IF EXISTS samples_by_target_time;
-         ALTER TABLE samples RENAME TO samples_previous_layout;",
-    )?;
-    transaction.execute_batch(SCHEMA)?;
-    let mut ids = HashMap::new();
-    let mut names = HashMap::new();
-    let (mut kept, mut skipped) = (0, 0);
-    {
-        let mut statement = transaction
-            .prepare("SELECT target, data FROM samples_previous_layout ORDER BY at, rowid")?;
-        let mut rows = statement.query([])?;
-        while let Some(row) = rows.next()? {
-            let target: String = row.get(0)?;
-            let data = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
-            match serde_json::from_str::<Sample>(data) {
-                Ok(sample) => {
-                    insert_sample(&transaction, &mut ids, &mut names, &target, &sample)?;
+fn migrate_from_json(db: &mut Db) -> Result<(usize, usize), StoreError> {
+    db.transaction(|db| {
+        db.batch(
+            "DROP INDEX IF EXISTS samples_by_target_time;
+             ALTER TABLE samples RENAME TO samples_previous_layout;",
+        )?;
+        db.batch(SCHEMA)?;
+        let mut documents = Vec::new();
+        db.each(
+            "SELECT target, data FROM samples_previous_layout ORDER BY at, rowid",
+            &[],
+            |row| {
+                documents.push((row[0].text()?, row[1].text().ok()));
+                Ok(())
+            },
+        )?;
+        let mut ids = HashMap::new();
+        let mut names = HashMap::new();
+        let (mut kept, mut skipped) = (0, 0);
+        for (target, data) in documents {
+            match data.and_then(|d| serde_json::from_str::<Sample>(&d).ok()) {
+                Some(sample) => {
+                    let body = encode(&sample, &mut |kind, name, detail| {
+                        intern(
+                            db, &mut ids, &mut names, &target, kind, name, detail, sample.at,
+                        )
+                    })?;
+                    db.execute(
+                        "INSERT INTO samples (target, at, body) VALUES ($1, $2, $3)",
+                        &[target.as_str().into(), sample.at.into(), body.into()],
+                    )?;
                     kept += 1;
                 }
-                Err(_) => skipped += 1,
+                None => skipped += 1,
             }
         }
-    }
-    transaction.execute_batch(&format!(
-        "DROP TABLE samples_previous_layout; PRAGMA user_version = {SCHEMA_VERSION};"
-    ))?;
-    transaction.commit()?;
-    Ok((kept, skipped))
+        db.batch(&format!(
+            "DROP TABLE samples_previous_layout; PRAGMA user_version = {SCHEMA_VERSION};"
+        ))?;
+        Ok((kept, skipped))
+    })
 }
 #[cfg(test)]
 mod tests {
@@ -1272,18 +1341,21 @@ mod tests {
                 .add_sample("t", &full_sample(f64::from(i) * 60.0))
                 .expect("add");
         }
-        let inner = store.lock();
-        let texts: i64 = inner
-            .connection
-            .query_row("SELECT count(*) FROM series WHERE kind = 0", [], |r| {
-                r.get(0)
-            })
+        let mut inner = store.lock();
+        let texts = inner
+            .db
+            .value("SELECT count(*) FROM series WHERE kind = 0", &[])
+            .and_then(|v| v.int())
             .expect("count");
         assert_eq!(texts, 2, "one row per statement, not per sample");
-        let body: Vec<u8> = inner
-            .connection
-            .query_row("SELECT body FROM samples LIMIT 1", [], |r| r.get(0))
-            .expect("body");
+        let body = match inner
+            .db
+            .value("SELECT body FROM samples LIMIT 1", &[])
+            .expect("body")
+        {
+            Value::Blob(body) => body,
+            other => panic!("not a body: {other:?}"),
+        };
         assert!(
             body.len() < 120,
             "a sample of two statements takes {} bytes",
@@ -1388,10 +1460,11 @@ mod tests {
                 .len(),
             40
         );
-        let version: i64 = store
+        let version = store
             .lock()
-            .connection
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .db
+            .value("PRAGMA user_version", &[])
+            .and_then(|v| v.int())
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
     }

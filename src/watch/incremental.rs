@@ -118,6 +118,7 @@ impl Runner<'_, '_> {
             .context
             .store
             .load(self.context.target, &self.spec.name)
+            .await
         {
             Ok(Some((stored_fingerprint, progress))) if stored_fingerprint == fingerprint => {
                 progress
@@ -196,7 +197,7 @@ impl Runner<'_, '_> {
                 );
             }
         }
-        self.save(&fingerprint, &progress);
+        self.save(&fingerprint, &progress).await;
         self.sweep(&mut progress, &facts.key_type, &fingerprint)
             .await?;
         let report = IncrementalReport {
@@ -220,14 +221,19 @@ impl Runner<'_, '_> {
         }
     }
 
-    fn save(&self, fingerprint: &str, progress: &Progress) {
-        if let Err(error) = self.context.store.save(
-            self.context.target,
-            &self.spec.name,
-            fingerprint,
-            progress,
-            self.context.clock.now(),
-        ) {
+    async fn save(&self, fingerprint: &str, progress: &Progress) {
+        if let Err(error) = self
+            .context
+            .store
+            .save(
+                self.context.target,
+                &self.spec.name,
+                fingerprint,
+                progress,
+                self.context.clock.now(),
+            )
+            .await
+        {
             tracing::warn!(
                 db_target = %self.context.target, check = %self.spec.name, %error,
                 "cannot store the check's progress; a restart repeats the work"
@@ -499,7 +505,7 @@ impl Runner<'_, '_> {
             let now = self.context.clock.now();
             let Some(hi) = sweep.hi.clone() else {
                 progress.chunk_done(None, 0, 0, true, Duration::ZERO, now);
-                self.save(fingerprint, progress);
+                self.save(fingerprint, progress).await;
                 return Ok(());
             };
             let lower = match &sweep.pos {
@@ -508,7 +514,7 @@ impl Runner<'_, '_> {
             };
             let Some(lower) = lower else {
                 progress.chunk_done(None, 0, 0, true, Duration::ZERO, now);
-                self.save(fingerprint, progress);
+                self.save(fingerprint, progress).await;
                 return Ok(());
             };
             let limit = if urgent {
@@ -532,7 +538,7 @@ impl Runner<'_, '_> {
                 chunk_started.elapsed(),
                 self.context.clock.now(),
             );
-            self.save(fingerprint, progress);
+            self.save(fingerprint, progress).await;
             if completed {
                 tracing::debug!(
                     db_target = %self.context.target, check = %self.spec.name,
