@@ -8,34 +8,14 @@ use std::time::{Duration, Instant};
 use deploywatch::config::Config;
 use deploywatch::daemon;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::process;
 
 const TARGETS: usize = 10;
 const CHECKS: usize = 30;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU seconds of this process, from /proc/self/stat.
+/// User + system CPU seconds of this process.
 fn cpu_seconds() -> f64 {
-    let ticks = 100.0; // USER_HZ on Linux
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / ticks)
-        })
-        .unwrap_or(0.0)
+    process::stat(std::process::id()).map_or(0.0, |stat| stat.cpu)
 }
 
 fn main() {
@@ -117,11 +97,10 @@ async fn run() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     let cpu_used = cpu_seconds() - cpu_start;
     let runs_done = runs(&handle) - runs_start;
-    let rss_idle = rss_kib();
-    let (_, body) =
-        deploywatch::commands::client::request(hyper::Method::GET, &url, "*/*", None, None)
-            .await
-            .expect("scrape");
+    let rss_idle = process::rss_kib(std::process::id());
+    let (_, body) = deploywatch::commands::client::get(&url, "*/*")
+        .await
+        .expect("scrape");
     let series = body.lines().filter(|l| !l.starts_with('#')).count();
 
     let wrk = tokio::process::Command::new("wrk")
@@ -130,7 +109,7 @@ async fn run() {
     let peak = tokio::spawn(async {
         let mut peak = 0;
         for _ in 0..40 {
-            peak = peak.max(rss_kib());
+            peak = peak.max(process::rss_kib(std::process::id()));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         peak

@@ -7,6 +7,9 @@
 //! 2. The database-side cost of one sampling pass with a few thousand statements in
 //!    pg_stat_statements, on a real PostgreSQL.
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -16,23 +19,7 @@ use deploywatch::analysis::window::Window;
 use deploywatch::config::Config;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
-struct Lcg(u64);
-
-impl Lcg {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
+use common::random::Lcg;
 
 fn sample(at: f64, mean_ms: f64) -> Sample {
     let mut statements = BTreeMap::new();
@@ -45,13 +32,7 @@ fn sample(at: f64, mean_ms: f64) -> Sample {
             query: "SELECT hot".into(),
         },
     );
-    Sample {
-        at,
-        seconds: 60.0,
-        statements: Some(statements),
-        statements_available: true,
-        ..Sample::default()
-    }
+    Sample::of_statements(at, 60.0, statements)
 }
 
 const BASELINE: usize = 60;
@@ -103,14 +84,7 @@ fn samples_to_detect(seed: u64, factor: f64, t: &Thresholds) -> Option<usize> {
 }
 
 fn quality() {
-    let t = Thresholds {
-        latency_min_increase: 0.2,
-        latency_min_calls: 5,
-        latency_p_value: 0.01,
-        min_samples: 3,
-        latency_min_window_samples: 6,
-        latency_min_delta_ms: 0.05,
-    };
+    let t = Thresholds::default();
     let seeds = 300u64;
     println!("## Detection quality: first-day query-latency rule\n");
     println!(

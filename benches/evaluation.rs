@@ -12,6 +12,9 @@
 //! is compressed: a sample a minute, 120 baseline samples, `first_hour` 20 samples,
 //! `first_day` 40 more, `first_week` 40 more, and a "day" of 240 samples.
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -23,6 +26,8 @@ use deploywatch::analysis::sample::{
 use deploywatch::analysis::window::{self, Verdict, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use common::scenario::{Hit, Scenario, Subjects, ALL};
 
 const STATEMENTS: usize = 200;
 const TABLES: usize = 30;
@@ -43,78 +48,23 @@ const LOCKED: usize = 4;
 
 fn thresholds() -> Thresholds {
     // The shipped defaults (README, configuration reference).
-    Thresholds {
-        latency_min_increase: 0.2,
-        latency_min_calls: 5,
-        latency_p_value: 0.01,
-        min_samples: 3,
-        latency_min_window_samples: 6,
-        latency_min_delta_ms: 0.05,
-    }
+    Thresholds::default()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Scenario {
-    NoChange,
-    TrafficDouble,
-    TrafficQuarter,
-    StatementsReset,
-    Restart,
-    NewQueries,
-    Vacuum,
-    IndexDrop,
-    Slower(f64),
-    FailingConstraint,
-    LockContention,
-    Integrity(Window),
-}
+/// The simulated workload names its statements `query N` and its tables `tN`.
+struct Simulated;
 
-impl Scenario {
-    fn name(self) -> String {
-        match self {
-            Scenario::NoChange => "no change".into(),
-            Scenario::TrafficDouble => "traffic x2 at the deployment".into(),
-            Scenario::TrafficQuarter => "traffic x1/4 at the deployment".into(),
-            Scenario::StatementsReset => "pg_stat_statements_reset()".into(),
-            Scenario::Restart => "server restart (cold cache)".into(),
-            Scenario::NewQueries => "20 new queries".into(),
-            Scenario::Vacuum => "VACUUM + CHECKPOINT".into(),
-            Scenario::IndexDrop => "index drop".into(),
-            Scenario::Slower(f) => format!("a function {f}x slower"),
-            Scenario::FailingConstraint => "constraint failing 10-20 % of transactions".into(),
-            Scenario::LockContention => "row-lock contention (intermittent waits)".into(),
-            Scenario::Integrity(w) => format!("integrity violation in {}", w.as_str()),
-        }
+impl Subjects for Simulated {
+    fn is_statement(&self, finding: &Finding, hit: Hit) -> bool {
+        let statement = match hit {
+            Hit::Indexed | Hit::Slowed => HIT,
+            Hit::Locked => LOCKED,
+        };
+        finding.subject == format!("query {statement}")
     }
 
-    /// Whether a finding is the injected regression.
-    fn is_the_regression(self, f: &Finding) -> bool {
-        let query = |i: usize| f.subject == format!("query {i}");
-        match self {
-            Scenario::IndexDrop => {
-                (matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && query(HIT))
-                    || (f.signal == Signal::SeqScans && f.subject == table_name(table_of(HIT)))
-            }
-            Scenario::Slower(_) => {
-                matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && query(HIT)
-            }
-            Scenario::LockContention => {
-                matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && query(LOCKED)
-            }
-            Scenario::FailingConstraint => f.signal == Signal::RollbackRatio,
-            Scenario::Integrity(_) => {
-                matches!(f.signal, Signal::CheckFailure | Signal::Integrity)
-            }
-            _ => false,
-        }
-    }
-
-    /// The window where the injected regression starts.
-    fn starts_in(self) -> Window {
-        match self {
-            Scenario::Integrity(w) => w,
-            _ => Window::FirstHour,
-        }
+    fn scanned_table(&self) -> String {
+        table_name(table_of(HIT))
     }
 }
 
@@ -417,7 +367,7 @@ fn simulate(scenario: Scenario, seed: u64) -> Outcome {
             if f.confirmed() {
                 outcome.paged = true;
             }
-            if scenario.is_the_regression(f) {
+            if scenario.is_the_regression(f, &Simulated) {
                 outcome.first_published.get_or_insert(step + 1);
                 outcome.window.get_or_insert(window);
                 if f.confirmed() {
@@ -460,25 +410,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let started = Instant::now();
-    let harmless = [
-        Scenario::NoChange,
-        Scenario::TrafficDouble,
-        Scenario::TrafficQuarter,
-        Scenario::StatementsReset,
-        Scenario::Restart,
-        Scenario::NewQueries,
-        Scenario::Vacuum,
-    ];
-    let injected = [
-        Scenario::IndexDrop,
-        Scenario::Slower(1.5),
-        Scenario::Slower(2.0),
-        Scenario::FailingConstraint,
-        Scenario::LockContention,
-        Scenario::Integrity(Window::FirstHour),
-        Scenario::Integrity(Window::FirstDay),
-        Scenario::Integrity(Window::FirstWeek),
-    ];
+    let (harmless, injected): (Vec<Scenario>, Vec<Scenario>) =
+        ALL.iter().partition(|scenario| scenario.harmless());
     println!("## Evaluation, simulated: harmless changes and injected regressions\n");
     println!(
         "{reps} deployments per scenario (seeds 1..={reps}), each looked at after every sample \
@@ -492,7 +425,7 @@ fn main() {
         "| scenario | deployments | flag published at some look | paged (confirmed) | final regression | signals that fired |\n| --- | --- | --- | --- | --- | --- |"
     );
     let (mut all, mut published, mut paged, mut finals) = (0, 0, 0, 0);
-    for scenario in harmless {
+    for &scenario in &harmless {
         let (mut p, mut c, mut f) = (0, 0, 0);
         let mut signals: BTreeMap<&'static str, usize> = BTreeMap::new();
         for seed in 1..=reps {
@@ -533,7 +466,7 @@ fn main() {
     println!(
         "| regression | deployments | caught (published) | confirmed by the end of first_day (in first_week: of first_week) | median samples to publish | median samples to confirm | slowest to confirm | flagged in the window where it starts | other signals that fired |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    for scenario in injected {
+    for &scenario in &injected {
         let (mut caught, mut by_day, mut right_window) = (0, 0, 0);
         let (mut to_publish, mut to_confirm) = (Vec::new(), Vec::new());
         let mut stray: BTreeMap<&'static str, usize> = BTreeMap::new();

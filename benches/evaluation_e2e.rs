@@ -8,6 +8,9 @@
 //! `first_hour` 6 s, `first_day` 12 s, `first_week` 18 s. Before each deployment a restoring
 //! deployment gives a clean baseline of 8 s. The change is made at the announcement.
 
+#[allow(dead_code)]
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use deploywatch_testkit::pgcluster::PgCluster;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-mod common;
+use common::scenario::{Hit, Scenario, Subjects, ALL};
 
 const HOUR: u64 = 6;
 const BASELINE: u64 = 8;
@@ -194,81 +197,21 @@ async fn session(url: String, knobs: Arc<Knobs>, cancel: CancellationToken, seed
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Scenario {
-    NoChange,
-    TrafficDouble,
-    TrafficQuarter,
-    StatementsReset,
-    Restart,
-    NewQueries,
-    Vacuum,
-    IndexDrop,
-    Slower(f64),
-    FailingConstraint,
-    LockContention,
-    Integrity(Window),
-}
+/// The real workload's statements, as their texts in a finding's message.
+struct Statements;
 
-impl Scenario {
-    fn name(self) -> String {
-        match self {
-            Scenario::NoChange => "no change".into(),
-            Scenario::TrafficDouble => "traffic x2".into(),
-            Scenario::TrafficQuarter => "traffic x1/4".into(),
-            Scenario::StatementsReset => "pg_stat_statements_reset()".into(),
-            Scenario::Restart => "server restart".into(),
-            Scenario::NewQueries => "new queries".into(),
-            Scenario::Vacuum => "VACUUM + CHECKPOINT".into(),
-            Scenario::IndexDrop => "index drop".into(),
-            Scenario::Slower(f) => format!("function {f}x slower"),
-            Scenario::FailingConstraint => "constraint failing ~14 % of transactions".into(),
-            Scenario::LockContention => "row-lock contention".into(),
-            Scenario::Integrity(w) => format!("integrity violation in {}", w.as_str()),
-        }
+impl Subjects for Statements {
+    fn is_statement(&self, finding: &Finding, hit: Hit) -> bool {
+        let needle = match hit {
+            Hit::Indexed => "FROM items WHERE owner",
+            Hit::Slowed => "work(",
+            Hit::Locked => "UPDATE accounts",
+        };
+        finding.message.contains(needle)
     }
 
-    fn harmless(self) -> bool {
-        matches!(
-            self,
-            Scenario::NoChange
-                | Scenario::TrafficDouble
-                | Scenario::TrafficQuarter
-                | Scenario::StatementsReset
-                | Scenario::Restart
-                | Scenario::NewQueries
-                | Scenario::Vacuum
-        )
-    }
-
-    fn is_the_regression(self, f: &Finding) -> bool {
-        let text = |needle: &str| f.message.contains(needle);
-        match self {
-            Scenario::IndexDrop => {
-                (matches!(f.signal, Signal::QueryLatency | Signal::TopQueries)
-                    && text("FROM items WHERE owner"))
-                    || (f.signal == Signal::SeqScans && f.subject == "public.items")
-            }
-            Scenario::Slower(_) => {
-                matches!(f.signal, Signal::QueryLatency | Signal::TopQueries) && text("work(")
-            }
-            Scenario::LockContention => {
-                matches!(f.signal, Signal::QueryLatency | Signal::TopQueries)
-                    && text("UPDATE accounts")
-            }
-            Scenario::FailingConstraint => f.signal == Signal::RollbackRatio,
-            Scenario::Integrity(_) => {
-                matches!(f.signal, Signal::CheckFailure | Signal::Integrity)
-            }
-            _ => false,
-        }
-    }
-
-    fn starts_in(self) -> Window {
-        match self {
-            Scenario::Integrity(w) => w,
-            _ => Window::FirstHour,
-        }
+    fn scanned_table(&self) -> String {
+        "public.items".into()
     }
 }
 
@@ -406,7 +349,7 @@ async fn run_one(
                 for f in w.regressions.iter().filter(|f| f.active()) {
                     outcome.published = true;
                     outcome.paged |= f.confirmed();
-                    if scenario.is_the_regression(f) {
+                    if scenario.is_the_regression(f, &Statements) {
                         let since = elapsed - violation_at.unwrap_or(0.0);
                         outcome.seconds_to_publish.get_or_insert(since);
                         outcome.window.get_or_insert(w.window);
@@ -467,28 +410,11 @@ async fn run() {
         .collect();
     let daemon = common::start(&cluster, "bench", "e2e.toml", PACK, HOUR).await;
     tokio::time::sleep(Duration::from_secs(BASELINE)).await;
-    let scenarios = [
-        Scenario::NoChange,
-        Scenario::TrafficDouble,
-        Scenario::TrafficQuarter,
-        Scenario::StatementsReset,
-        Scenario::Restart,
-        Scenario::NewQueries,
-        Scenario::Vacuum,
-        Scenario::IndexDrop,
-        Scenario::Slower(1.5),
-        Scenario::Slower(2.0),
-        Scenario::FailingConstraint,
-        Scenario::LockContention,
-        Scenario::Integrity(Window::FirstHour),
-        Scenario::Integrity(Window::FirstDay),
-        Scenario::Integrity(Window::FirstWeek),
-    ];
     let started = Instant::now();
     let mut version = 0;
     let mut harmless_rows = Vec::new();
     let mut injected_rows = Vec::new();
-    for scenario in scenarios {
+    for scenario in ALL {
         let mut outcomes = Vec::new();
         for _ in 0..runs {
             outcomes.push(run_one(&daemon, &mut cluster, &knobs, scenario, &mut version).await);

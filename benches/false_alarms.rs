@@ -8,6 +8,9 @@
 //! sets the number of deployments (default 20), `DEPLOYWATCH_BENCH_HOUR` the length of
 //! `first_hour` in seconds (default 4; `first_day` is twice that).
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -15,8 +18,6 @@ use deploywatch::analysis::deployment::DeploymentView;
 use deploywatch::analysis::window::{Verdict, Window};
 use deploywatch_testkit::workload::fixtures;
 use tokio_util::sync::CancellationToken;
-
-mod common;
 
 fn verdict(view: &DeploymentView, window: Window) -> Verdict {
     view.windows

@@ -17,13 +17,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::setting;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
-
-const TICKS: f64 = 100.0; // USER_HZ on Linux
+use deploywatch_testkit::process;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -31,58 +30,22 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// (utime + stime, cutime + cstime) of a process in seconds, and its parent.
-fn proc_cpu(pid: u32) -> Option<(f64, f64, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1.to_string();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let ppid = f.get(1)?.parse().ok()?;
-    Some(((n(11) + n(12)) / TICKS, (n(13) + n(14)) / TICKS, ppid))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// CPU seconds of the whole server: the postmaster, its live children, and the children it
 /// has already reaped (short-lived backends).
-fn server_cpu(postmaster: u32) -> f64 {
-    let Some((own, reaped, _)) = proc_cpu(postmaster) else {
+fn server_cpu(pg: &PgCluster) -> f64 {
+    let pids = pg.server_pids();
+    let Some((postmaster, children)) = pids.split_first() else {
         return 0.0;
     };
-    let mut total = own + reaped;
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if let Some((cpu, _, ppid)) = proc_cpu(pid) {
-                if ppid == postmaster {
-                    total += cpu;
-                }
-            }
-        }
-    }
-    total
-}
-
-fn postmaster_pid(data_dir: &Path) -> u32 {
-    std::fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
-        .expect("postmaster.pid")
+    let Some(own) = process::stat(*postmaster) else {
+        return 0.0;
+    };
+    let live: f64 = children
+        .iter()
+        .filter_map(|&pid| process::stat(pid))
+        .map(|stat| stat.cpu)
+        .sum();
+    own.cpu + own.reaped_cpu + live
 }
 
 fn prepare(pg: &PgCluster, databases: usize) {
@@ -118,29 +81,6 @@ fn prepare(pg: &PgCluster, databases: usize) {
     std::fs::write(&file, script).expect("script");
     pg.psql_file("postgres", &file).expect("databases");
     let _ = std::fs::remove_file(file);
-}
-
-/// The machine's CPU time (all cores, every process) and its number of cores, from /proc/stat.
-fn machine_cpu() -> (f64, usize) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let busy = stat
-        .lines()
-        .next()
-        .map(|l| {
-            let f: Vec<f64> = l
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            // user nice system idle iowait irq softirq steal: all but idle and iowait.
-            f.iter().take(8).sum::<f64>() - f.get(3).unwrap_or(&0.0) - f.get(4).unwrap_or(&0.0)
-        })
-        .unwrap_or(0.0);
-    let cores = stat
-        .lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .count();
-    (busy / TICKS, cores.max(1))
 }
 
 /// The one-minute load average.
@@ -209,17 +149,12 @@ async fn main() {
     .expect("config");
     let budget = if budget > 0 { budget } else { 4 };
 
-    let (client, connection) =
-        tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("poller");
-    tokio::spawn(connection);
+    let client = pg.connect("postgres").await.expect("poller");
     client
         .simple_query("SELECT pg_stat_statements_reset()")
         .await
         .expect("reset");
-    let postmaster = postmaster_pid(&pg.data_dir());
-    let server_cpu_start = server_cpu(postmaster);
+    let server_cpu_start = server_cpu(&pg);
 
     let log_path = std::env::var_os("FLEET_LOG")
         .map(PathBuf::from)
@@ -227,7 +162,7 @@ async fn main() {
             std::env::temp_dir().join(format!("fleet-{databases}-{}.log", std::process::id()))
         });
     let log = std::fs::File::create(&log_path).expect("log file");
-    let (machine_start, cores) = machine_cpu();
+    let (machine_start, cores) = process::machine_cpu();
     let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.path().join("deploywatch.toml"))
@@ -266,23 +201,20 @@ async fn main() {
         }
         for row in &rows {
             let backend = row.get::<_, i32>(0) as u32;
-            if let Some((cpu, _, _)) = proc_cpu(backend) {
-                backend_cpu.insert(backend, cpu);
+            if let Some(stat) = process::stat(backend) {
+                backend_cpu.insert(backend, stat.cpu);
             }
         }
         if polls % 10 == 0 {
-            max_rss = max_rss.max(rss_kib(pid));
+            max_rss = max_rss.max(process::rss_kib(pid));
         }
         if polls % 100 == 0 {
             loads.push(load_average());
         }
         if ready_after.is_none() && polls % 5 == 0 {
-            let ready = deploywatch::commands::client::request(
-                hyper::Method::GET,
+            let ready = deploywatch::commands::client::get(
                 &format!("http://127.0.0.1:{port}/readyz"),
                 "*/*",
-                None,
-                None,
             )
             .await;
             if ready.is_ok_and(|(code, _)| code.is_success()) {
@@ -292,25 +224,20 @@ async fn main() {
         if half_way.is_none() && started.elapsed() >= Duration::from_secs(seconds / 2) {
             half_way = Some((
                 started.elapsed().as_secs_f64(),
-                proc_cpu(pid).map(|(cpu, _, _)| cpu).unwrap_or(0.0),
+                process::stat(pid).map_or(0.0, |stat| stat.cpu),
             ));
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let daemon_cpu = proc_cpu(pid).map(|(cpu, _, _)| cpu).unwrap_or(0.0);
-    let machine_used = machine_cpu().0 - machine_start;
-    let server_cpu_used = server_cpu(postmaster) - server_cpu_start;
+    let daemon_cpu = process::stat(pid).map_or(0.0, |stat| stat.cpu);
+    let machine_used = process::machine_cpu().0 - machine_start;
+    let server_cpu_used = server_cpu(&pg) - server_cpu_start;
     let backends_used: f64 = backend_cpu.values().sum();
-    max_rss = max_rss.max(rss_kib(pid));
-    let (_, body) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("http://127.0.0.1:{port}/metrics"),
-        "*/*",
-        None,
-        None,
-    )
-    .await
-    .expect("metrics");
+    max_rss = max_rss.max(process::rss_kib(pid));
+    let (_, body) =
+        deploywatch::commands::client::get(&format!("http://127.0.0.1:{port}/metrics"), "*/*")
+            .await
+            .expect("metrics");
     let exec = client
         .query_one(
             "SELECT coalesce(sum(total_exec_time) FILTER (WHERE r.rolname = 'deploywatch'), 0)::float8 / 1000, \

@@ -188,15 +188,9 @@ async fn psql(url: &str, sql: &str) {
 }
 
 async fn scrape_value(base: &str, check: &str) -> Option<f64> {
-    let (_, body) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("{base}/metrics"),
-        "*/*",
-        None,
-        None,
-    )
-    .await
-    .ok()?;
+    let (_, body) = deploywatch::commands::client::get(&format!("{base}/metrics"), "*/*")
+        .await
+        .ok()?;
     body.lines()
         .filter(|l| l.starts_with("deploywatch_check_value{"))
         .find(|l| l.contains(&format!("check=\"{check}\"")))

@@ -10,6 +10,9 @@
 //! from the announcement to the first `/status` that shows it. `DEPLOYWATCH_BENCH_ROUNDS`
 //! sets the rounds per factor (default 5).
 
+#[allow(dead_code)]
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +20,6 @@ use std::time::{Duration, Instant};
 use deploywatch::analysis::deployment::{DeploymentView, Signal};
 use deploywatch::analysis::window::{Verdict, Window};
 use tokio_util::sync::CancellationToken;
-
-mod common;
 
 const BASE_SECONDS: f64 = 0.002;
 /// `first_hour` in seconds; `first_day` ends at twice that.

@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::process;
 
 const COLUMNS: usize = 101;
 const STATEMENTS: usize = 5000;
@@ -21,16 +22,6 @@ fn setting(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn store_bytes(dir: &std::path::Path) -> u64 {
@@ -168,7 +159,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(10)).await;
         tick += 1;
         let at = began.elapsed().as_secs_f64() / 60.0;
-        rss.push((at, rss_kib(pid)));
+        rss.push((at, process::rss_kib(pid)));
         if tick % 6 == 0 {
             sizes.push((at, store_bytes(dir.path())));
         }
@@ -238,12 +229,9 @@ async fn main() {
 
 /// The deployment the daemon reports, from /status.
 async fn reqwest_status(port: u16) -> String {
-    match deploywatch::commands::client::request(
-        hyper::Method::GET,
+    match deploywatch::commands::client::get(
         &format!("http://127.0.0.1:{port}/status"),
         "application/json",
-        None,
-        None,
     )
     .await
     {

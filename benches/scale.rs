@@ -12,67 +12,32 @@
 //!
 //! `DEPLOYWATCH_SCALE_DAYS` (default 7) shortens the baseline and the window for a quick look.
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use deploywatch::analysis::deployment::{DeploymentKind, DeploymentRecord, Detection, Signal};
 use deploywatch::analysis::judging::{self, Summaries};
-use deploywatch::analysis::regression::Thresholds;
 use deploywatch::analysis::sample::{
     CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters,
 };
 use deploywatch::analysis::summary::Summary;
 use deploywatch::analysis::window::{self, WindowDurations};
 use deploywatch::storage::Store;
+use deploywatch_testkit::process;
+
+use common::random::Lcg;
 
 const STATEMENTS: usize = 5000;
 const MINUTE: f64 = 60.0;
 const SLOWED: usize = 7;
 
-struct Lcg(u64);
-
-impl Lcg {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// Poisson draw (normal approximation above 30).
-    fn poisson(&mut self, lambda: f64) -> f64 {
-        if lambda > 30.0 {
-            return (lambda + lambda.sqrt() * self.normal()).round().max(0.0);
-        }
-        let limit = (-lambda).exp();
-        let mut k = 0.0;
-        let mut p = self.uniform();
-        while p > limit {
-            k += 1.0;
-            p *= self.uniform();
-        }
-        k
-    }
-}
-
 /// Resident and peak resident memory, KiB.
 fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let me = std::process::id();
+    (process::rss_kib(me), process::status_kib(me, "VmHWM:"))
 }
 
 struct World {
@@ -232,16 +197,7 @@ fn main() {
     };
     let settings = judging::Settings {
         durations,
-        thresholds: Thresholds {
-            latency_min_increase: 0.2,
-            latency_min_calls: 5,
-            latency_p_value: 0.01,
-            min_samples: 3,
-            latency_min_window_samples: 6,
-            latency_min_delta_ms: 0.05,
-        },
-        min_baseline_samples: 5,
-        min_window_samples: 3,
+        ..judging::Settings::default()
     };
 
     // The baseline, summarised once, as the tracker does.

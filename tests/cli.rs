@@ -4,12 +4,11 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use clap::CommandFactory;
-use common::{cluster, get, target_toml, wait_until, ConfigDir};
+use common::{cluster, get, target_toml, ConfigDir};
 use deploywatch::commands::cli::Cli;
-use deploywatch::daemon::{self, DaemonHandle};
+use deploywatch::daemon::DaemonHandle;
 
 // A short interval: the first runs of a server's targets are spread over it, and the daemon is
 // ready once every target has been tried.
@@ -19,17 +18,10 @@ fn binary() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
 }
 
+/// The daemon in this process, once ready.
 async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = daemon::start(dir.load(), listener).expect("daemon starts");
-    let url = format!("http://{}/readyz", handle.local_addr);
-    wait_until("readyz", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (get(&url).await.0 == 200).then_some(()) }
-    })
-    .await;
+    let handle = common::start(dir).await;
+    common::wait_ready(&handle).await;
     handle
 }
 

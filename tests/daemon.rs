@@ -5,11 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cluster, cognit_db, get, parse_metrics, target_toml, wait_until, ConfigDir, Version};
+use common::{
+    base, cluster, cognit_db, get, parse_metrics, scrape, start, target_toml, wait_ready,
+    wait_until, ConfigDir, Version, FAST,
+};
 use deploywatch::daemon::{self, DaemonHandle};
 use deploywatch_testkit::pgcluster::PgCluster;
-
-const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
 
 /// A configuration with the shipped cognit pack, the `FAST` settings and one target `db`, the
 /// cognit database of `pg`.
@@ -21,32 +22,6 @@ fn fast_dir(pg: &PgCluster) -> ConfigDir {
         &format!("{FAST}{}", target_toml("db", pg, "cognit")),
     );
     dir
-}
-
-async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    daemon::start(dir.load(), listener).expect("daemon starts")
-}
-
-fn base(handle: &DaemonHandle) -> String {
-    format!("http://{}", handle.local_addr)
-}
-
-async fn scrape(handle: &DaemonHandle) -> common::Scrape {
-    let (code, body) = get(&format!("{}/metrics", base(handle))).await;
-    assert_eq!(code, 200);
-    parse_metrics(&body)
-}
-
-async fn wait_ready(handle: &DaemonHandle) {
-    let url = format!("{}/readyz", base(handle));
-    wait_until("readyz", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (get(&url).await.0 == 200).then_some(()) }
-    })
-    .await;
 }
 
 /// Waits until every check of every target has run at least once.
@@ -570,16 +545,10 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     let mut child = common::spawn_daemon(&dir, port);
     let url = format!("http://127.0.0.1:{port}");
     let metrics = |url: String| async move {
-        deploywatch::commands::client::request(
-            hyper::Method::GET,
-            &format!("{url}/metrics"),
-            "*/*",
-            None,
-            None,
-        )
-        .await
-        .ok()
-        .map(|(_, body)| parse_metrics(&body))
+        deploywatch::commands::client::get(&format!("{url}/metrics"), "*/*")
+            .await
+            .ok()
+            .map(|(_, body)| parse_metrics(&body))
     };
     wait_until("first check reported", Duration::from_secs(30), || {
         let url = url.clone();
@@ -592,17 +561,11 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         }
     })
     .await;
-    let pid = child.id().expect("pid") as i32;
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .expect("kill");
-    };
+    let pid = child.id().expect("pid");
 
     // A good new configuration: a second check appears.
     dir.write("checks/p.toml", &format!("{one}\n[[check]]\nname = \"second\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 2\"\nexpect = \"== 2\"\n"));
-    signal("-HUP");
+    common::signal(pid, "-HUP");
     wait_until("second check after reload", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
@@ -623,7 +586,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         "checks/p.toml",
         "[pack]\nname = \"p\"\n\n[[check]]\nname = \"broken\"\n",
     );
-    signal("-HUP");
+    common::signal(pid, "-HUP");
     wait_until("reload failure reported", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
@@ -658,11 +621,7 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     )
     .await;
 
-    signal("-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits within the grace period")
-        .expect("wait");
+    let status = common::terminate(&mut child, Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));
     let stderr = common::stderr_of(&mut child).await;
     assert!(stderr.contains("configuration reload rejected"), "{stderr}");
@@ -830,27 +789,9 @@ async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
     let port = common::free_port();
     let mut child = common::spawn_daemon(&dir, port);
     // Wait until PostgreSQL shows the check running.
-    let pg_ref = &pg;
-    wait_until("the slow check is running", Duration::from_secs(30), || async move {
-        let running = pg_ref
-            .psql(
-                "postgres",
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' AND query LIKE '%pg_sleep(3)%' AND state = 'active'",
-            )
-            .ok()?;
-        (running.trim() == "1").then_some(())
-    })
-    .await;
-    let pid = child.id().expect("pid").to_string();
+    common::wait_for_queries(&pg, "%pg_sleep(3)%", 1, Duration::from_secs(30)).await;
     let asked = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
+    let status = common::terminate(&mut child, Duration::from_secs(20)).await;
     let took = asked.elapsed();
     assert_eq!(status.code(), Some(0));
     let stderr = common::stderr_of(&mut child).await;

@@ -46,15 +46,7 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
             std::time::Instant::now() < deadline,
             "the demo did not finish in time"
         );
-        if let Ok((_, body)) = deploywatch::commands::client::request(
-            hyper::Method::GET,
-            &url,
-            "application/json",
-            None,
-            None,
-        )
-        .await
-        {
+        if let Ok((_, body)) = deploywatch::commands::client::get(&url, "application/json").await {
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) {
                 let target = &json["targets"][0];
                 let deployment = &target["deployment"];

@@ -711,12 +711,9 @@ async fn kill_9_mid_window_loses_nothing() {
     let port = common::free_port();
     let spawn = || common::spawn_daemon(dir, port);
     let status = |port: u16| async move {
-        deploywatch::commands::client::request(
-            hyper::Method::GET,
+        deploywatch::commands::client::get(
             &format!("http://127.0.0.1:{port}/status"),
             "application/json",
-            None,
-            None,
         )
         .await
         .ok()
@@ -1122,11 +1119,7 @@ async fn a_statement_first_seen_after_the_deployment_is_judged_and_shown_with_it
         .parse()
         .expect("number");
     assert_eq!(seen_before, 0, "the statement is new");
-    let (client, connection) =
-        tokio_postgres::connect(&pg.connection_string("cognit"), tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(connection);
+    let client = pg.connect("cognit").await.expect("connect");
     let stop = setup.cancel.clone();
     tokio::spawn(async move {
         while !stop.is_cancelled() {

@@ -8,8 +8,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{get, parse_metrics, wait_until, ConfigDir, MONITOR_ROLE};
-use deploywatch::daemon::{self, DaemonHandle, Event};
+use common::{base, get, parse_metrics, start, wait_until, ConfigDir, MONITOR_ROLE};
+use deploywatch::daemon::{DaemonHandle, Event};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
 
@@ -65,17 +65,6 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.03)) s"
 expect = "== 1"
 "#;
 
-async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    daemon::start(dir.load(), listener).expect("daemon starts")
-}
-
-fn base(handle: &DaemonHandle) -> String {
-    format!("http://{}", handle.local_addr)
-}
-
 /// Counts deploywatch's sessions on the server every 50 ms until cancelled.
 struct SessionPoll {
     seen: Arc<Mutex<Vec<(Instant, i64)>>>,
@@ -84,11 +73,7 @@ struct SessionPoll {
 
 impl SessionPoll {
     async fn start(pg: &PgCluster) -> SessionPoll {
-        let (client, connection) =
-            tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("poller connects");
-        tokio::spawn(connection);
+        let client = pg.connect("postgres").await.expect("poller connects");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let cancel = CancellationToken::new();
         let (record, stop) = (seen.clone(), cancel.clone());
@@ -310,11 +295,7 @@ async fn a_nearly_full_server_keeps_deploywatch_inside_its_share_and_shows_why_c
     create_fleet(&pg, "", &names);
     let mut application = Vec::new();
     for _ in 0..22 {
-        let (client, connection) =
-            tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("application connects");
-        tokio::spawn(connection);
+        let client = pg.connect("postgres").await.expect("application connects");
         application.push(client);
     }
     let dir = ConfigDir::new();
@@ -435,11 +416,10 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
 
     // The application still gets in while deploywatch runs.
     for _ in 0..3 {
-        let (client, connection) =
-            tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("the application can still connect");
-        tokio::spawn(connection);
+        let client = pg
+            .connect("postgres")
+            .await
+            .expect("the application can still connect");
         client.simple_query("SELECT 1").await.expect("and query");
     }
     assert!(
@@ -616,11 +596,7 @@ async fn server_wide_views_are_read_once_per_server_per_interval() {
     )
     .await;
 
-    let (client, connection) =
-        tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(connection);
+    let client = pg.connect("postgres").await.expect("connect");
     client
         .simple_query("SELECT /* fleet-test */ pg_stat_statements_reset()")
         .await
@@ -722,13 +698,7 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
         async move {
             let answer = tokio::time::timeout(
                 Duration::from_secs(5),
-                deploywatch::commands::client::request(
-                    hyper::Method::GET,
-                    &format!("{url}/metrics"),
-                    "*/*",
-                    None,
-                    None,
-                ),
+                deploywatch::commands::client::get(&format!("{url}/metrics"), "*/*"),
             )
             .await;
             match answer {

@@ -173,14 +173,9 @@ async fn metrics_over_tls_with_basic_auth() {
         "probes stay open"
     );
     // Plain HTTP is not served on a TLS port.
-    let plain = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("http://127.0.0.1:{port}/metrics"),
-        "*/*",
-        None,
-        None,
-    )
-    .await;
+    let plain =
+        deploywatch::commands::client::get(&format!("http://127.0.0.1:{port}/metrics"), "*/*")
+            .await;
     assert!(plain.is_err() || plain.as_ref().is_ok_and(|(code, _)| code.as_u16() != 200));
     handle.shutdown().await.expect("shutdown");
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, parse_metrics, target_toml, wait_until, ConfigDir};
+use common::{cluster, get_or_none, parse_metrics, target_toml, wait_until, ConfigDir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
@@ -25,20 +25,7 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
         ),
     );
     let port = common::free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn daemon");
+    let mut child = common::spawn_daemon_with(&dir, port, &["--log-format", "json"]);
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     // Wait until both checks ran at least six times and sampling failed at least three times.
     wait_until(
@@ -70,15 +57,7 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
         },
     )
     .await;
-    let pid = child.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status = common::terminate(&mut child, Duration::from_secs(30)).await;
     assert!(status.success());
     let stderr = common::stderr_of(&mut child).await;
     let lines: Vec<serde_json::Value> = stderr
@@ -119,10 +98,4 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
             .any(|l| l["check"] == "always_fails" && l["db_target"] == "db"),
         "{stderr}"
     );
-}
-
-async fn get_or_none(url: &str) -> Option<(u16, String)> {
-    let answer =
-        deploywatch::commands::client::request(hyper::Method::GET, url, "*/*", None, None).await;
-    answer.ok().map(|(code, body)| (code.as_u16(), body))
 }

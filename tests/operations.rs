@@ -454,12 +454,9 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
         "prometheus scrapes deploywatch",
         Duration::from_secs(60),
         || async move {
-            let (code, body) = deploywatch::commands::client::request(
-                hyper::Method::GET,
+            let (code, body) = deploywatch::commands::client::get(
                 &format!("http://127.0.0.1:{prom_port}/api/v1/query?query=deploywatch_up"),
                 "application/json",
-                None,
-                None,
             )
             .await
             .ok()?;

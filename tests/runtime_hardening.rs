@@ -10,52 +10,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, get, parse_metrics, wait_until, ConfigDir};
+use common::{
+    base, cluster, get, pack, parse_metrics, start, target_toml, wait_until, ConfigDir, FAST,
+};
 use deploywatch::checks::outcome::Status;
-use deploywatch::daemon::{self, DaemonHandle};
-use deploywatch_testkit::pgcluster::PgCluster;
-
-const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
-
-/// A `[[targets]]` entry connecting as the cluster's monitoring role (not a superuser).
-fn target(name: &str, pg: &PgCluster, db: &str) -> String {
-    format!(
-        "[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"{}\"\n",
-        pg.port(),
-        common::MONITOR_ROLE
-    )
-}
-
-fn pack(name: &str, checks: &[(&str, &str)]) -> String {
-    let mut text = format!("[pack]\nname = \"{name}\"\n");
-    for (check, extra) in checks {
-        text.push_str(&format!(
-            "\n[[check]]\nname = \"{check}\"\ncategory = \"health\"\nseverity = \"critical\"\n{extra}\n"
-        ));
-    }
-    text
-}
-
-async fn start(dir: &ConfigDir) -> DaemonHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    daemon::start(dir.load(), listener).expect("daemon starts")
-}
-
-fn base(handle: &DaemonHandle) -> String {
-    format!("http://{}", handle.local_addr)
-}
+use deploywatch::daemon::DaemonHandle;
 
 async fn wait_http(port: u16, path: &str) {
     let url = format!("http://127.0.0.1:{port}{path}");
     wait_until("the daemon answers", Duration::from_secs(60), || {
         let url = url.clone();
         async move {
-            let reply =
-                deploywatch::commands::client::request(hyper::Method::GET, &url, "*/*", None, None)
-                    .await
-                    .ok()?;
+            let reply = deploywatch::commands::client::get(&url, "*/*").await.ok()?;
             (reply.0.as_u16() == 200).then_some(())
         }
     })
@@ -116,32 +82,23 @@ fn raw_get(port: u16, path: &str, authorization: Option<&str>) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_passwords_do_not_slow_probes_or_checks() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
+    let (pg, dir) = common::app_with_checks(&[
+        ("a", "sql = \"SELECT 1\"\nexpect = \"== 1\""),
+        ("b", "sql = \"SELECT 2\"\nexpect = \"== 2\""),
+        ("c", "sql = \"SELECT 3\"\nexpect = \"== 3\""),
+        ("d", "sql = \"SELECT 4\"\nexpect = \"== 4\""),
+    ]);
     let hash = bcrypt::hash("right-password", 10).expect("hash");
     dir.write(
         "web.yml",
         &format!("basic_auth_users:\n  prometheus: '{hash}'\n"),
     );
     dir.write(
-        "checks/p.toml",
-        &pack(
-            "p",
-            &[
-                ("a", "sql = \"SELECT 1\"\nexpect = \"== 1\""),
-                ("b", "sql = \"SELECT 2\"\nexpect = \"== 2\""),
-                ("c", "sql = \"SELECT 3\"\nexpect = \"== 3\""),
-                ("d", "sql = \"SELECT 4\"\nexpect = \"== 4\""),
-            ],
-        ),
-    );
-    dir.write(
         "deploywatch.toml",
         &format!(
             "[server]\nweb_config_file = \"{}\"\n\n{FAST}{}",
             dir.path().join("web.yml").display(),
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     let port = common::free_port();
@@ -304,19 +261,7 @@ const CHECKS: [&str; 4] = ["a", "b", "c", "d"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_result_ends_in_too_many_rows_without_growing_memory() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    pg.psql(
-        "app",
-        "CREATE TABLE knob (n int); INSERT INTO knob VALUES (0); GRANT SELECT ON knob TO PUBLIC",
-    )
-    .expect("knob");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        &pack(
-            "p",
-            &[
+    let (pg, dir) = common::app_with_checks(&[
                 (
                     "huge",
                     "sql = \"SELECT repeat('x', 1000) FROM generate_series(1, 1000000) WHERE (SELECT n FROM knob) > 0\"\ntimeout = \"60s\"",
@@ -325,15 +270,18 @@ async fn a_huge_result_ends_in_too_many_rows_without_growing_memory() {
                     "wide",
                     "sql = \"SELECT i::text AS k, 1 AS v, repeat('y', 100000) AS pad FROM generate_series(1, 2000 * (SELECT n FROM knob)) AS i\"\nshape = \"rows\"\nlabels = [\"k\"]\nvalues = [\"v\"]\nmax_series = 100000\ntimeout = \"60s\"",
                 ),
-            ],
-        ),
-    );
+            ]);
+    pg.psql(
+        "app",
+        "CREATE TABLE knob (n int); INSERT INTO knob VALUES (0); GRANT SELECT ON knob TO PUBLIC",
+    )
+    .expect("knob");
     dir.write(
         "deploywatch.toml",
         &format!(
             "{}{}",
             FAST.replace("timeout = \"2s\"", "timeout = \"60s\""),
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     let port = common::free_port();
@@ -413,9 +361,6 @@ async fn wait_all_pass(handle: &DaemonHandle, target: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_database_turns_up_off_and_stale_passes_into_errors_within_the_timeouts() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
     let checks: Vec<(String, String)> = (0..6)
         .map(|i| {
             (
@@ -428,11 +373,14 @@ async fn a_hung_database_turns_up_off_and_stale_passes_into_errors_within_the_ti
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    dir.write("checks/p.toml", &pack("p", &refs));
+    let (pg, dir) = common::app_with_checks(&refs);
     // check timeout 2 s + connect timeout 1 s
     dir.write(
         "deploywatch.toml",
-        &format!("{FAST}{}max_connections = 2\n", target("db", &pg, "app")),
+        &format!(
+            "{FAST}{}max_connections = 2\n",
+            target_toml("db", &pg, "app")
+        ),
     );
     let handle = start(&dir).await;
     wait_all_pass(&handle, "db").await;
@@ -502,7 +450,7 @@ async fn a_handshake_that_times_out_counts_toward_the_reconnect_backoff() {
     dir.write("checks/p.toml", &pack("p", &[("a", "sql = \"SELECT 1\"")]));
     dir.write(
         "deploywatch.toml",
-        &format!("{FAST}{}", target("db", &pg, "postgres")),
+        &format!("{FAST}{}", target_toml("db", &pg, "postgres")),
     );
     let config = dir.load();
     let settings = config.targets[0].connection.clone();
@@ -538,24 +486,15 @@ async fn a_handshake_that_times_out_counts_toward_the_reconnect_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_advisory_lock_taken_by_a_check_does_not_outlive_it() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        &pack(
-            "p",
-            &[(
+    let (pg, dir) = common::app_with_checks(&[(
                 "locker",
                 "sql = \"SELECT pg_advisory_lock(4242)::text || current_setting('application_name')\"\ninterval = \"1h\"",
-            )],
-        ),
-    );
+            )]);
     dir.write(
         "deploywatch.toml",
         &format!(
             "[defaults]\ntimeout = \"5s\"\n\n[deployments]\nenabled = false\n\n{}max_connections = 1\n",
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     let handle = start(&dir).await;
@@ -585,30 +524,15 @@ async fn an_advisory_lock_taken_by_a_check_does_not_outlive_it() {
     );
 }
 
-fn deploywatch(dir: &ConfigDir, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(args)
-        .output()
-        .expect("run deploywatch")
-}
-
 #[test]
 fn a_superuser_role_is_refused_unless_allowed() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        &pack("p", &[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]),
-    );
+    let (pg, dir) = common::app_with_checks(&[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]);
     let superuser = format!(
         "[defaults]\nconnect_timeout = \"2s\"\n\n[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"postgres\"\n",
         pg.port()
     );
     dir.write("deploywatch.toml", &superuser);
-    let refused = deploywatch(&dir, &["check"]);
+    let refused = dir.run(&["check"]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&refused.stdout),
@@ -624,11 +548,11 @@ fn a_superuser_role_is_refused_unless_allowed() {
         "deploywatch.toml",
         &format!("{superuser}allow_superuser = true\n"),
     );
-    let allowed = deploywatch(&dir, &["check"]);
+    let allowed = dir.run(&["check"]);
     let stderr = String::from_utf8_lossy(&allowed.stderr);
     assert_eq!(allowed.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("superuser"), "a warning: {stderr}");
-    let privileges = deploywatch(&dir, &["check", "--privileges"]);
+    let privileges = dir.run(&["check", "--privileges"]);
     let stdout = String::from_utf8_lossy(&privileges.stdout);
     assert_eq!(privileges.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("superuser"), "{stdout}");
@@ -636,23 +560,17 @@ fn a_superuser_role_is_refused_unless_allowed() {
 
 #[test]
 fn check_privileges_flags_roles_that_can_reach_beyond_the_database() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
+    let (pg, dir) = common::app_with_checks(&[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]);
     pg.psql(
         "postgres",
         "CREATE ROLE risky LOGIN; GRANT pg_monitor, pg_signal_backend, pg_write_server_files TO risky",
     )
     .expect("role");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        &pack("p", &[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]),
-    );
     dir.write(
         "deploywatch.toml",
-        &target("db", &pg, "app").replace(common::MONITOR_ROLE, "risky"),
+        &target_toml("db", &pg, "app").replace(common::MONITOR_ROLE, "risky"),
     );
-    let output = deploywatch(&dir, &["check", "--privileges"]);
+    let output = dir.run(&["check", "--privileges"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
@@ -666,8 +584,8 @@ fn check_privileges_flags_roles_that_can_reach_beyond_the_database() {
         "checks/p.toml",
         &pack("p", &[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]),
     );
-    dir.write("deploywatch.toml", &target("db", &pg, "app"));
-    let output = deploywatch(&dir, &["check", "--privileges"]);
+    dir.write("deploywatch.toml", &target_toml("db", &pg, "app"));
+    let output = dir.run(&["check", "--privileges"]);
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -681,13 +599,7 @@ fn check_privileges_flags_roles_that_can_reach_beyond_the_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announcements_are_recorded_at_once_while_the_database_hangs() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        &pack("p", &[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]),
-    );
+    let (pg, dir) = common::app_with_checks(&[("a", "sql = \"SELECT 1\"\nexpect = \"== 1\"")]);
     let token = dir.write("token", "s3cret-token\n");
     let store = dir.path().join("state.sqlite");
     dir.write(
@@ -698,7 +610,7 @@ async fn announcements_are_recorded_at_once_while_the_database_hangs() {
              [deployments]\nsample_interval = \"1s\"\nversion_query = \"SELECT '1.0'\"\n\n{}",
             token.display(),
             store.display(),
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     let handle = start(&dir).await;
@@ -780,17 +692,14 @@ async fn announcements_are_recorded_at_once_while_the_database_hangs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_store_stops_the_start_until_reset_explicitly() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write("checks/p.toml", &pack("p", &[("a", "sql = \"SELECT 1\"")]));
+    let (pg, dir) = common::app_with_checks(&[("a", "sql = \"SELECT 1\"")]);
     let store = dir.path().join("state.sqlite");
     dir.write(
         "deploywatch.toml",
         &format!(
             "[store]\npath = \"{}\"\n\n{}",
             store.display(),
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     {
@@ -847,10 +756,7 @@ async fn a_truncated_store_stops_the_start_until_reset_explicitly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_write_failures_answer_503_are_counted_and_logged_once() {
     use std::os::unix::process::CommandExt as _;
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write("checks/p.toml", &pack("p", &[("a", "sql = \"SELECT 1\"")]));
+    let (pg, dir) = common::app_with_checks(&[("a", "sql = \"SELECT 1\"")]);
     let store = dir.path().join("state.sqlite");
     let token = dir.write("token", "tok\n");
     dir.write(
@@ -859,7 +765,7 @@ async fn store_write_failures_answer_503_are_counted_and_logged_once() {
             "[server]\napi_token_file = \"{}\"\n\n[store]\npath = \"{}\"\n\n[deployments]\nsample_interval = \"1h\"\n\n{}",
             token.display(),
             store.display(),
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     drop(deploywatch::storage::Store::open(&store).expect("store"));
@@ -946,11 +852,7 @@ async fn store_write_failures_answer_503_are_counted_and_logged_once() {
     n += 1;
     assert_eq!(announce(n).await.0.as_u16(), 201);
     // A clean stop, so every log line is written out.
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    common::terminate(&mut child, Duration::from_secs(20)).await;
     let stderr = common::stderr_of(&mut child).await;
     assert_eq!(
         stderr.matches("state store writes are failing").count(),
@@ -969,51 +871,24 @@ async fn store_write_failures_answer_503_are_counted_and_logged_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_still_running_when_the_grace_period_ends_are_cancelled() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        &pack(
-            "p",
-            &[(
-                "slow",
-                "sql = \"SELECT pg_sleep(60)::text\"\ntimeout = \"90s\"",
-            )],
-        ),
-    );
+    let (pg, dir) = common::app_with_checks(&[(
+        "slow",
+        "sql = \"SELECT pg_sleep(60)::text\"\ntimeout = \"90s\"",
+    )]);
     dir.write(
         "deploywatch.toml",
         &format!(
             "[server]\nshutdown_grace = \"1s\"\n\n{}{}",
             FAST.replace("timeout = \"2s\"", "timeout = \"90s\""),
-            target("db", &pg, "app")
+            target_toml("db", &pg, "app")
         ),
     );
     let port = common::free_port();
     let mut child = common::spawn_daemon(&dir, port);
-    let running = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' AND query LIKE '%pg_sleep(60)%' AND state = 'active'";
-    let pg_ref = &pg;
-    wait_until(
-        "the slow check is running",
-        Duration::from_secs(30),
-        || async move { (pg_ref.psql("postgres", running).ok()?.trim() == "1").then_some(()) },
-    )
-    .await;
-    let pid = child.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
+    let running = "%pg_sleep(60)%";
+    common::wait_for_queries(&pg, running, 1, Duration::from_secs(30)).await;
+    let status = common::terminate(&mut child, Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0));
-    wait_until(
-        "no deploywatch query is left running",
-        Duration::from_secs(3),
-        || async move { (pg_ref.psql("postgres", running).ok()?.trim() == "0").then_some(()) },
-    )
-    .await;
+    // None is left running.
+    common::wait_for_queries(&pg, running, 0, Duration::from_secs(3)).await;
 }

@@ -110,12 +110,9 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         || {
             let base = base.clone();
             async move {
-                let (_, body) = deploywatch::commands::client::request(
-                    hyper::Method::GET,
+                let (_, body) = deploywatch::commands::client::get(
                     &format!("{base}/status"),
                     "application/json",
-                    None,
-                    None,
                 )
                 .await
                 .ok()?;
@@ -155,11 +152,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         "deploywatch.toml",
         &format!("{main}\n[[targets]]\nname = \"malformed\"\nurl = \"postgres://secretive:{PASSWORD}@127.0.0.1:notaport/app\"\n"),
     );
-    let pid = child.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill");
+    common::signal(child.id().expect("pid"), "-HUP");
     // The reload is refused (the connection string is malformed): wait until it has been tried.
     wait_until("the reload refused", Duration::from_secs(20), || {
         let base = base.clone();
@@ -183,14 +176,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
         metrics.contains("deploywatch_config_last_reload_successful 0"),
         "the bad reload was rejected"
     );
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
+    let exit = common::terminate(&mut child, Duration::from_secs(20)).await;
     assert_eq!(exit.code(), Some(0));
     let logs = stderr_task.await.expect("stderr") + &stdout_task.await.expect("stdout");
     assert!(logs.contains("configuration reload rejected"), "{logs}");

@@ -1,6 +1,9 @@
 //! What the end-to-end benchmarks share: a daemon on compressed windows, watching one database
 //! of a benchmark's PostgreSQL, taking announcements with a known token.
 
+pub mod random;
+pub mod scenario;
+
 use std::path::PathBuf;
 use std::str::FromStr;
 

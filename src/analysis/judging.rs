@@ -28,6 +28,19 @@ pub struct Settings {
     pub min_window_samples: usize,
 }
 
+impl Default for Settings {
+    /// The shipped defaults (the configuration reference in README.md).
+    fn default() -> Self {
+        let thresholds = Thresholds::default();
+        Settings {
+            durations: WindowDurations::default(),
+            thresholds,
+            min_baseline_samples: 5,
+            min_window_samples: thresholds.min_samples,
+        }
+    }
+}
+
 /// The windows the rules judge, in order.
 pub const JUDGED: [Window; 3] = [Window::FirstHour, Window::FirstDay, Window::FirstWeek];
 
@@ -263,19 +276,7 @@ mod tests {
     use crate::analysis::window::Verdict;
 
     fn settings() -> Settings {
-        Settings {
-            durations: WindowDurations::default(),
-            thresholds: Thresholds {
-                latency_min_increase: 0.2,
-                latency_min_calls: 5,
-                latency_p_value: 0.01,
-                min_samples: 3,
-                latency_min_window_samples: 6,
-                latency_min_delta_ms: 0.05,
-            },
-            min_baseline_samples: 5,
-            min_window_samples: 3,
-        }
+        Settings::default()
     }
 
     fn record() -> DeploymentRecord {
@@ -304,13 +305,7 @@ mod tests {
                 query: "SELECT * FROM submissions".into(),
             },
         );
-        Sample {
-            at,
-            seconds: 60.0,
-            statements: Some(statements),
-            statements_available: true,
-            ..Sample::default()
-        }
+        Sample::of_statements(at, 60.0, statements)
     }
 
     fn summaries(slower: f64, window_minutes: usize) -> Summaries {

@@ -32,6 +32,20 @@ pub struct Thresholds {
     pub latency_min_delta_ms: f64,
 }
 
+impl Default for Thresholds {
+    /// The shipped defaults (the configuration reference in README.md).
+    fn default() -> Self {
+        Thresholds {
+            latency_min_increase: 0.2,
+            latency_min_calls: 5,
+            latency_p_value: 0.01,
+            min_samples: 3,
+            latency_min_window_samples: 6,
+            latency_min_delta_ms: 0.05,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Judgement {
     pub regressions: Vec<Finding>,
@@ -812,14 +826,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     fn t() -> Thresholds {
-        Thresholds {
-            latency_min_increase: 0.2,
-            latency_min_calls: 5,
-            latency_p_value: 0.01,
-            min_samples: 3,
-            latency_min_window_samples: 6,
-            latency_min_delta_ms: 0.05,
-        }
+        Thresholds::default()
     }
 
     /// A tiny deterministic generator for noisy but unchanged data.
@@ -852,19 +859,15 @@ mod tests {
             })
             .collect();
         Sample {
-            at,
-            seconds: 60.0,
             database: Some(DbCounters {
                 xact_commit: 1000.0,
                 xact_rollback: 5.0,
                 ..DbCounters::default()
             }),
-            statements: Some(statements),
-            statements_available: true,
             size_bytes: 1e9,
             connections: 10.0,
             max_connections: 100.0,
-            ..Sample::default()
+            ..Sample::of_statements(at, 60.0, statements)
         }
     }
 

@@ -162,6 +162,21 @@ pub struct Sample {
 pub const SERVER_RESTART: &str = "server restart";
 
 impl Sample {
+    /// A sample of `seconds` ending at `at` that holds statement statistics only.
+    pub fn of_statements(
+        at: f64,
+        seconds: f64,
+        statements: BTreeMap<String, StatementDelta>,
+    ) -> Sample {
+        Sample {
+            at,
+            seconds,
+            statements: Some(statements),
+            statements_available: true,
+            ..Sample::default()
+        }
+    }
+
     /// The server restarted in the interval: its caches are cold for a while, so the times
     /// that follow are not the deployment's.
     pub fn restarted(&self) -> bool {

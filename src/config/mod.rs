@@ -19,6 +19,7 @@ pub mod packs;
 pub mod web;
 
 use crate::analysis::deployment::VersionOrder;
+use crate::analysis::judging;
 use crate::analysis::window::WindowDurations;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
@@ -1036,7 +1037,8 @@ fn validate_deployments(
     problems: &mut Problems,
 ) -> DeploymentConfig {
     let mut f = problems.in_file(path);
-    let defaults = WindowDurations::default();
+    let shipped = judging::Settings::default();
+    let defaults = shipped.durations;
     let windows = WindowDurations {
         first_hour: f.duration(
             "deployments.first_hour",
@@ -1088,27 +1090,38 @@ fn validate_deployments(
         min_baseline_samples: f.positive(
             "deployments.min_baseline_samples",
             raw.min_baseline_samples,
-            5,
+            shipped.min_baseline_samples,
         ),
-        min_window_samples: f.positive("deployments.min_window_samples", raw.min_window_samples, 3),
+        min_window_samples: f.positive(
+            "deployments.min_window_samples",
+            raw.min_window_samples,
+            shipped.min_window_samples,
+        ),
         windows,
         latency_min_increase: f.fraction(
             "deployments.latency_min_increase",
             raw.latency_min_increase,
-            0.2,
+            shipped.thresholds.latency_min_increase,
         ),
-        latency_min_calls: f.positive("deployments.latency_min_calls", raw.latency_min_calls, 5)
-            as u64,
+        latency_min_calls: f.positive(
+            "deployments.latency_min_calls",
+            raw.latency_min_calls,
+            shipped.thresholds.latency_min_calls as usize,
+        ) as u64,
         latency_min_window_samples: f.positive(
             "deployments.latency_min_window_samples",
             raw.latency_min_window_samples,
-            6,
+            shipped.thresholds.latency_min_window_samples,
         ),
-        latency_p_value: f.fraction("deployments.latency_p_value", raw.latency_p_value, 0.01),
+        latency_p_value: f.fraction(
+            "deployments.latency_p_value",
+            raw.latency_p_value,
+            shipped.thresholds.latency_p_value,
+        ),
         latency_min_delta_ms: f.fraction(
             "deployments.latency_min_delta_ms",
             raw.latency_min_delta_ms,
-            0.05,
+            shipped.thresholds.latency_min_delta_ms,
         ),
         version_order: match raw.version_order.as_deref() {
             None => VersionOrder::default(),

@@ -1,10 +1,11 @@
 //! Test support for deploywatch: a throwaway local PostgreSQL ([`pgcluster`]), the cognit
-//! application the checklist describes ([`workload::fixtures`]) and a light workload of it
-//! ([`workload`]). The integration tests, the benchmarks and `deploywatch demo` use it; the
-//! daemon itself never does.
+//! application the checklist describes ([`workload::fixtures`]), a light workload of it
+//! ([`workload`]) and what benchmarks read of a process ([`process`]). The integration tests,
+//! the benchmarks and `deploywatch demo` use it; the daemon itself never does.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod pgcluster;
+pub mod process;
 pub mod workload;

@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::process;
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
@@ -414,6 +416,18 @@ impl PgCluster {
         )
     }
 
+    /// A session on `dbname` as the superuser (the application's, not the monitor's), its
+    /// connection driven by a task of its own that ends with the client.
+    pub async fn connect(
+        &self,
+        dbname: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.connection_string(dbname), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
     /// The directory of the server binaries this cluster runs.
     pub fn bindir(&self) -> &Path {
         &self.bindir
@@ -527,7 +541,8 @@ impl PgCluster {
         self.start_again()
     }
 
-    fn postmaster_pid(&self) -> Option<u32> {
+    /// The postmaster's process id, while the server runs.
+    pub fn postmaster_pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
             .ok()?
             .lines()
@@ -537,33 +552,15 @@ impl PgCluster {
             .ok()
     }
 
-    /// The postmaster and every process below it.
-    fn server_pids(&self) -> Vec<u32> {
+    /// The postmaster (first) and its children: every process of the server.
+    pub fn server_pids(&self) -> Vec<u32> {
         let Some(root) = self.postmaster_pid() else {
             return Vec::new();
         };
-        let mut pids = vec![root];
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for entry in entries.filter_map(Result::ok) {
-                let Some(pid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                let parent = std::fs::read_to_string(entry.path().join("stat"))
-                    .ok()
-                    .and_then(|s| {
-                        let rest = s.rsplit_once(')')?.1.to_string();
-                        rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                    });
-                if parent == Some(root) {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids
+        let children = process::all()
+            .into_iter()
+            .filter(|&pid| process::stat(pid).is_some_and(|stat| stat.parent == root));
+        std::iter::once(root).chain(children).collect()
     }
 
     fn signal(&self, signal: &str) -> Result<(), PgClusterError> {

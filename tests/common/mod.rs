@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use deploywatch::config::Config;
+use deploywatch::daemon::DaemonHandle;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 pub fn repo() -> PathBuf {
@@ -150,6 +151,62 @@ impl ConfigDir {
     }
 }
 
+/// Settings for a daemon under test: every check every second, short timeouts, no
+/// deployment sampling. A main file starts with them and adds its targets.
+pub const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
+
+/// A check pack `name` of `checks`: (check name, its further TOML lines), each a critical
+/// health check.
+pub fn pack(name: &str, checks: &[(&str, &str)]) -> String {
+    let mut text = format!("[pack]\nname = \"{name}\"\n");
+    for (check, extra) in checks {
+        text.push_str(&format!(
+            "\n[[check]]\nname = \"{check}\"\ncategory = \"health\"\nseverity = \"critical\"\n{extra}\n"
+        ));
+    }
+    text
+}
+
+/// A test cluster with an empty database `app`, and a configuration directory whose check
+/// pack `checks/p.toml` holds `checks` (see [`pack`]); the test writes the main file.
+pub fn app_with_checks(checks: &[(&str, &str)]) -> (PgCluster, ConfigDir) {
+    let pg = cluster();
+    pg.create_database("app").expect("db");
+    let dir = ConfigDir::new();
+    dir.write("checks/p.toml", &pack("p", checks));
+    (pg, dir)
+}
+
+/// The daemon in this process on `dir`'s configuration, listening on a free port.
+pub async fn start(dir: &ConfigDir) -> DaemonHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    deploywatch::daemon::start(dir.load(), listener).expect("daemon starts")
+}
+
+/// `http://ADDRESS` of an in-process daemon.
+pub fn base(handle: &DaemonHandle) -> String {
+    format!("http://{}", handle.local_addr)
+}
+
+/// The daemon's `/metrics`, parsed; panics unless it answers 200.
+pub async fn scrape(handle: &DaemonHandle) -> Scrape {
+    let (code, body) = get(&format!("{}/metrics", base(handle))).await;
+    assert_eq!(code, 200);
+    parse_metrics(&body)
+}
+
+/// Waits until the daemon's `/readyz` answers 200.
+pub async fn wait_ready(handle: &DaemonHandle) {
+    let url = format!("{}/readyz", base(handle));
+    wait_until("readyz", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { (get(&url).await.0 == 200).then_some(()) }
+    })
+    .await;
+}
+
 /// A `[[targets]]` entry for a database of a test cluster.
 pub fn target_toml(name: &str, cluster: &PgCluster, db: &str) -> String {
     format!(
@@ -270,16 +327,66 @@ impl<'a> Query<'a> {
     }
 }
 
+/// A GET that answers `None` instead of panicking when nothing answers.
+pub async fn get_or_none(url: &str) -> Option<(u16, String)> {
+    let answer = deploywatch::commands::client::get(url, "*/*").await;
+    answer.ok().map(|(code, body)| (code.as_u16(), body))
+}
+
+/// Waits until `count` of the daemon's sessions on `pg` are running a statement like `like`
+/// (an SQL `LIKE` pattern), for at most `deadline`.
+pub async fn wait_for_queries(pg: &PgCluster, like: &str, count: usize, deadline: Duration) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' \
+         AND query LIKE '{like}' AND state = 'active'"
+    );
+    let (sql, expected) = (&sql, count.to_string());
+    let expected = &expected;
+    wait_until(
+        &format!("{count} deploywatch queries like {like} running"),
+        deadline,
+        || async move { (pg.psql("postgres", sql).ok()?.trim() == expected).then_some(()) },
+    )
+    .await;
+}
+
 /// `deploywatch run` as a process of its own (for signals), its stderr captured.
 pub fn spawn_daemon(dir: &ConfigDir, port: u16) -> tokio::process::Child {
+    spawn_daemon_with(dir, port, &[])
+}
+
+/// [`spawn_daemon`] with global options (`--log-format json`…) before `run`.
+pub fn spawn_daemon_with(dir: &ConfigDir, port: u16, options: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--config")
         .arg(dir.main())
+        .args(options)
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn daemon")
+}
+
+/// Sends `signal` (`-HUP`, `-TERM`…) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// SIGTERM to a daemon process; its exit status, which must come within `limit`.
+pub async fn terminate(
+    child: &mut tokio::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    signal(child.id().expect("pid"), "-TERM");
+    tokio::time::timeout(limit, child.wait())
+        .await
+        .expect("exits")
+        .expect("wait")
 }
 
 /// Everything the process wrote to stderr (once it has exited).
