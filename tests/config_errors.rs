@@ -143,6 +143,31 @@ fn unknown_category() {
 }
 
 #[test]
+fn new_statement_thresholds_are_validated() {
+    check(
+        &format!("[deployments]\nnew_statement_min_share = 1.5\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "deployments.new_statement_min_share",
+        "must be above 0 and at most 1, found 1.5",
+    );
+    check(
+        &format!("[deployments]\nnew_statement_min_ms_per_second = -1.0\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "deployments.new_statement_min_ms_per_second",
+        "must be a positive number",
+    );
+    check(
+        &format!("[deployments]\nnew_statement_min_ms_per_call = 0.0\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "deployments.new_statement_min_ms_per_call",
+        "must be a positive number",
+    );
+}
+
+#[test]
 fn no_targets() {
     check(
         "[server]\nlisten = \"127.0.0.1:1\"\n",

@@ -1086,11 +1086,12 @@ async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
 }
 
 /// A statement the deployment brings (its query id, and so its text, first seen after the
-/// deployment) is followed in the window, judged with the rest (here: listed among the queries
-/// on a table whose new index nothing scans), named with its id and text in the evidence, and
-/// shown with its text in /status.
+/// deployment) is followed in the window, named with its id and text in another signal's
+/// evidence (here: listed among the queries on a table whose new index nothing scans), shown
+/// with its text in /status, and its text is kept in the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_statement_first_seen_after_the_deployment_is_judged_and_shown_with_its_text() {
+async fn a_statement_first_seen_after_the_deployment_is_named_in_evidence_and_shown_with_its_text()
+{
     const NEW: &str = "SELECT count(*) FROM images WHERE image_id <> 'none'";
     const NORMALISED: &str = "SELECT count(*) FROM images WHERE image_id <> $1";
     let setup = Setup::with_statements(Version::V360, 6);
@@ -1183,4 +1184,156 @@ async fn a_statement_first_seen_after_the_deployment_is_judged_and_shown_with_it
             .map(String::as_str),
         Some(NORMALISED)
     );
+}
+
+/// Runs `sql` every `pause` until the setup is cancelled, on a connection of the application.
+async fn keep_running(setup: &Setup, sql: &'static str, pause: Duration) {
+    let (client, connection) =
+        tokio_postgres::connect(&setup.pg.connection_string("cognit"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    let stop = setup.cancel.clone();
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let _ = client.simple_query(sql).await;
+            tokio::time::sleep(pause).await;
+        }
+    });
+}
+
+/// The query id and text pg_stat_statements has for statements whose text contains `part`.
+fn statement_in_view(pg: &PgCluster, part: &str) -> (String, String) {
+    let row = pg
+        .psql(
+            "cognit",
+            &format!(
+                "SELECT queryid || '|' || query FROM pg_stat_statements WHERE query LIKE '%{part}%' \
+                 AND query NOT LIKE '%pg_stat_statements%'"
+            ),
+        )
+        .expect("statement");
+    let row = row.trim();
+    let (id, text) = row.split_once('|').unwrap_or_default();
+    (id.to_string(), text.to_string())
+}
+
+/// A statement the release brings that takes a material share of the database's time is a
+/// regression on its own (`new_statement`), confirmed and shown with its text, though the
+/// baseline has nothing to compare it with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text() {
+    const EXPENSIVE: &str =
+        "SELECT count(*) AS new_feature_total FROM generate_series(1, 300000) g WHERE g % 7 = 3";
+    let setup = Setup::with_statements(Version::V370, 40);
+    setup.workload().await;
+    let handle = setup.start().await;
+    wait_baseline(&handle, 5).await;
+    let (code, body) = announce(&handle, "3.7.1").await;
+    assert_eq!(code, 201, "{body}");
+    let deployed = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
+        v.to_version == "3.7.1"
+    })
+    .await;
+    assert!(
+        statement_in_view(&setup.pg, "new_feature_total")
+            .0
+            .is_empty(),
+        "the statement is new"
+    );
+    keep_running(&setup, EXPENSIVE, Duration::from_millis(50)).await;
+    let view = deployment_where(
+        &handle,
+        "first_hour closed",
+        Duration::from_secs(120),
+        |v| v.id == deployed.id && closed(v, Window::FirstHour),
+    )
+    .await;
+    let (query_id, text) = statement_in_view(&setup.pg, "new_feature_total");
+    assert!(!query_id.is_empty(), "the statement ran");
+    let first_hour = view
+        .windows
+        .iter()
+        .find(|w| w.window == Window::FirstHour)
+        .expect("first_hour");
+    assert_eq!(first_hour.verdict, Verdict::Regression, "{view:#?}");
+    let finding = first_hour
+        .regressions
+        .iter()
+        .find(|f| f.signal == Signal::NewStatement)
+        .unwrap_or_else(|| panic!("the new statement is flagged: {view:#?}"));
+    assert!(finding.was_confirmed(), "{finding:#?}");
+    assert_eq!(finding.subject, format!("query {query_id}"));
+    assert_eq!(finding.evidence["query"].as_str(), Some(text.as_str()));
+    assert!(finding.message.contains(&text), "{}", finding.message);
+    let share = finding.evidence["share_of_statement_time"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let per_second = finding.evidence["db_ms_per_second"].as_f64().unwrap_or(0.0);
+    assert!(share >= 0.05 && per_second >= 10.0, "{finding:#?}");
+    let (_, status) = common::get_as(
+        &format!("http://{}/status", handle.local_addr),
+        "application/json",
+    )
+    .await;
+    assert!(
+        status.contains("new_statement") && status.contains(&text),
+        "{status}"
+    );
+    setup.cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
+}
+
+/// A cheap statement the release brings (a lookup at a sliver of the database's time, touching
+/// no table so that no other signal moves) is followed but not a regression: the windows pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cheap_statement_after_the_deployment_lets_the_windows_pass() {
+    const CHEAP: &str = "SELECT current_setting('TimeZone') AS new_feature_zone";
+    let setup = Setup::with_statements(Version::V370, 15);
+    setup.workload().await;
+    let handle = setup.start().await;
+    wait_baseline(&handle, 5).await;
+    let (code, body) = announce(&handle, "3.7.1").await;
+    assert_eq!(code, 201, "{body}");
+    let deployed = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
+        v.to_version == "3.7.1"
+    })
+    .await;
+    assert!(
+        statement_in_view(&setup.pg, "new_feature_zone")
+            .0
+            .is_empty(),
+        "the statement is new"
+    );
+    keep_running(&setup, CHEAP, Duration::from_millis(50)).await;
+    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| {
+        v.id == deployed.id && closed(v, Window::FirstDay)
+    })
+    .await;
+    let calls: f64 = setup
+        .pg
+        .psql(
+            "cognit",
+            "SELECT sum(calls) FROM pg_stat_statements WHERE query LIKE '%new_feature_zone%'",
+        )
+        .expect("calls")
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    assert!(
+        calls >= 100.0,
+        "the statement ran throughout: {calls} calls"
+    );
+    for window in [Window::FirstHour, Window::FirstDay] {
+        assert_eq!(verdict(&view, window), Some(Verdict::Pass), "{view:#?}");
+    }
+    assert!(
+        view.windows
+            .iter()
+            .flat_map(|w| &w.regressions)
+            .all(|f| f.signal != Signal::NewStatement),
+        "{view:#?}"
+    );
+    setup.cancel.cancel();
+    handle.shutdown().await.expect("shutdown");
 }

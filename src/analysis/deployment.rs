@@ -41,6 +41,8 @@ label_enum! {
         DbGrowth,
         TopQueries,
         Integrity,
+        /// A statement the baseline never saw takes a material share of database time.
+        NewStatement,
     }
 }
 

@@ -395,4 +395,49 @@ mod tests {
         assert_eq!(view.windows[0].verdict, Verdict::Inconclusive);
         assert!(view.limitations[0].contains("only 0 baseline sample(s)"));
     }
+
+    #[test]
+    fn a_new_expensive_statement_is_suspected_then_confirmed_with_its_text() {
+        let d = record();
+        let mut all = summaries(1.0, 0);
+        for i in 0..8 {
+            let mut s = sample(d.at + 30.0 + 60.0 * i as f64, 1.0, i);
+            if let Some(statements) = s.statements.as_mut() {
+                statements.insert(
+                    "77".to_string(),
+                    StatementDelta {
+                        calls: 20.0,
+                        total_ms: 20.0 * 60.0,
+                        rows: 20.0,
+                        query: "SELECT * FROM reports WHERE owner = $1".into(),
+                    },
+                );
+            }
+            all.add(&s, &settings().durations);
+        }
+        let now = d.at + 9.0 * 60.0;
+        let (first, _) = judge(&d, &all, &[], now, &settings(), vec![], 0);
+        assert_eq!(first.windows[0].verdict, Verdict::Watching);
+        let found = &first.windows[0].regressions;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].signal, Signal::NewStatement);
+        assert_eq!(
+            found[0].state,
+            crate::analysis::deployment::FlagState::Suspected
+        );
+        all.flags = first
+            .windows
+            .iter()
+            .map(|w| (w.window, w.regressions.clone()))
+            .collect();
+        let (view, _) = judge(&d, &all, &[], now + 60.0, &settings(), vec![], 0);
+        assert_eq!(view.windows[0].verdict, Verdict::Regression);
+        let found = &view.windows[0].regressions[0];
+        assert!(found.was_confirmed());
+        assert_eq!(
+            found.evidence["query"],
+            "SELECT * FROM reports WHERE owner = $1"
+        );
+        assert_eq!(found.subject, "query 77");
+    }
 }

@@ -30,6 +30,33 @@ pub struct Thresholds {
     /// Smallest change of the median time per call, in milliseconds, that counts: a
     /// microsecond query that gets "30 % slower" under a busy CPU is noise, not a regression.
     pub latency_min_delta_ms: f64,
+    /// When a statement the baseline never saw is a regression on its own.
+    pub new_statement: NewStatementThresholds,
+}
+
+/// A statement absent from the whole baseline is flagged when, since it was first seen, it
+/// takes at least `min_ms_per_second` of database time per second and `min_share` of all
+/// statements' time, or at least `min_ms_per_call` per call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NewStatementThresholds {
+    /// Database time per second (ms of statement time per second of wall time).
+    pub min_ms_per_second: f64,
+    /// Share of all statements' time in the same span (0.05 = 5 %).
+    pub min_share: f64,
+    /// Mean time per call (ms).
+    pub min_ms_per_call: f64,
+}
+
+impl Default for NewStatementThresholds {
+    /// The shipped defaults: 10 ms a second (36 s of database time an hour) and 5 % of all
+    /// statements' time, or 500 ms per call.
+    fn default() -> Self {
+        NewStatementThresholds {
+            min_ms_per_second: 10.0,
+            min_share: 0.05,
+            min_ms_per_call: 500.0,
+        }
+    }
 }
 
 impl Default for Thresholds {
@@ -42,6 +69,7 @@ impl Default for Thresholds {
             min_samples: 3,
             latency_min_window_samples: 6,
             latency_min_delta_ms: 0.05,
+            new_statement: NewStatementThresholds::default(),
         }
     }
 }
@@ -175,6 +203,7 @@ pub fn judge_summaries(
     connections(baseline, window_samples, &mut j);
     integrity(baseline, window_samples, &mut j);
     query_latency(baseline, window_samples, t, &mut j);
+    new_statements(baseline, window_samples, t, &mut j);
     // Rates per second or per transaction are not comparable when the traffic changed sharply.
     match sharp_traffic_change(baseline, window_samples) {
         Some(reason) => j.inconclusive.push(reason),
@@ -573,6 +602,169 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
                 make_evidence(x.test.p_value, q_faster[i]),
             ));
         }
+    }
+}
+
+/// One-sided always-valid p-value for "the mean of these per-sample values is above `floor`":
+/// the mixture sequential test of `mean - floor` with the values' variance (at least `min_sd`
+/// squared) inflated for their lag-1 autocorrelation `r`, over `n` values. 1 when the mean is
+/// not above the floor.
+fn above_floor(mean: f64, variance: f64, r: f64, n: f64, floor: f64, tau: f64, min_sd: f64) -> f64 {
+    let r = r.clamp(0.0, 0.9);
+    let v = variance.max(min_sd * min_sd) * (1.0 + r) / (1.0 - r) / n.max(1.0);
+    let d = mean - floor;
+    if d <= 0.0 {
+        return 1.0;
+    }
+    stats::mixture_test(d, v, tau).map_or(1.0, |(_, p)| p)
+}
+
+/// Statements the baseline never saw (not among its followed statements, its others, nor the
+/// statements the baseline's following listed), judged on their own: a new statement is a
+/// regression when, since it was first seen, it takes a material share of database time —
+/// `new_statement.min_ms_per_second` of statement time per second of the window and
+/// `new_statement.min_share` of all statements' time — or `new_statement.min_ms_per_call` per
+/// call. Materiality alone is not enough: the statement must have run in at least
+/// `latency_min_window_samples` samples (a one-off statement, such as the migration's own DDL,
+/// is not a load), and a sequential test must show its level above the floor it passes: its
+/// per-sample database time per second (samples in which it did not run count as 0) above
+/// `min_ms_per_second`, or its per-sample log time per call above `ln(min_ms_per_call)` (in
+/// samples with `latency_min_calls` calls). The smaller of the two p-values, doubled, goes
+/// through Benjamini–Hochberg across every new statement tested at that look, and q ≤
+/// `latency_p_value` flags it. A cheap new statement (a lookup at a fraction of a percent of
+/// database time) is never material, so never flagged. Only statements followed in detail
+/// are judged (the baseline's top ones and the first new ones of the window).
+fn new_statements(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut Judgement) {
+    if !baseline.saw_statements() || baseline.samples == 0 || window.seconds <= 0.0 {
+        return;
+    }
+    let floor = t.new_statement;
+    let needed = t.latency_min_window_samples.max(t.min_samples) as u64;
+    struct Tested<'a> {
+        id: &'a String,
+        s: &'a crate::analysis::summary::StatementSummary,
+        p: f64,
+        per_second: f64,
+        share: f64,
+        mean_ms: f64,
+        seconds: f64,
+        samples: usize,
+        criterion: &'static str,
+    }
+    let mut tested = Vec::new();
+    for (id, s) in &window.statements {
+        if baseline.knows(id) || window.listed_as_known(id) || s.rates.n < needed {
+            continue;
+        }
+        let seconds = s.seconds_since_seen(window);
+        let all_ms = s.statement_ms_since_seen(window);
+        if seconds <= 0.0 || s.calls <= 0.0 {
+            continue;
+        }
+        let per_second = s.total_ms / seconds;
+        let share = if all_ms > 0.0 {
+            s.total_ms / all_ms
+        } else {
+            0.0
+        };
+        let mean_ms = s.total_ms / s.calls;
+        let samples = s.samples_since_seen(window);
+        // Database time per second, per sample since it was first seen (0 where it did not run).
+        let p_time = if per_second >= floor.min_ms_per_second && share >= floor.min_share {
+            let n = (samples as f64).max(s.rates.n as f64);
+            let mean = s.rates.sum / n;
+            let variance = if n >= 2.0 {
+                ((s.rates.sum_sq - n * mean * mean) / (n - 1.0)).max(0.0)
+            } else {
+                0.0
+            };
+            let r = s.rates.lag1_autocorrelation().unwrap_or(0.0);
+            above_floor(
+                mean,
+                variance,
+                r,
+                n,
+                floor.min_ms_per_second,
+                floor.min_ms_per_second,
+                0.1 * floor.min_ms_per_second,
+            )
+        } else {
+            1.0
+        };
+        // Time per call, per sample with enough calls.
+        let p_call = match (s.log_means.mean(), s.log_means.variance()) {
+            (Some(mean), Some(variance))
+                if mean_ms >= floor.min_ms_per_call && s.log_means.n >= needed =>
+            {
+                above_floor(
+                    mean,
+                    variance,
+                    s.log_means.lag1_autocorrelation().unwrap_or(0.0),
+                    s.log_means.n as f64,
+                    floor.min_ms_per_call.ln(),
+                    LATENCY_MIXTURE_TAU,
+                    LATENCY_MIN_LOG_SD,
+                )
+            }
+            _ => 1.0,
+        };
+        let (p, criterion) = if p_time <= p_call {
+            (p_time, "database time")
+        } else {
+            (p_call, "time per call")
+        };
+        tested.push(Tested {
+            id,
+            s,
+            p: (2.0 * p).min(1.0),
+            per_second,
+            share,
+            mean_ms,
+            seconds,
+            samples,
+            criterion,
+        });
+    }
+    let q = stats::benjamini_hochberg(&tested.iter().map(|x| x.p).collect::<Vec<_>>());
+    let m = tested.len();
+    for (x, q) in tested.iter().zip(q) {
+        if q > t.latency_p_value || x.p >= 1.0 {
+            continue;
+        }
+        j.regressions.push(finding(
+            Signal::NewStatement,
+            format!("query {}", x.id),
+            format!(
+                "{} is new since the deployment (not seen in the {} baseline samples) and takes {:.1} ms of database time per second, {:.1} % of all statements' time ({:.0} calls, {:.3} ms per call, {:.0} ms in all), judged on its {}: sequential p={:.2e}, q={q:.2e} over {m} new statements",
+                query_message(x.id, &x.s.query),
+                baseline.samples,
+                x.per_second,
+                x.share * 100.0,
+                x.s.calls,
+                x.mean_ms,
+                x.s.total_ms,
+                x.criterion,
+                x.p,
+            ),
+            evidence(&[
+                ("query_id", Value::String(x.id.clone())),
+                ("query", Value::String(x.s.query.clone())),
+                ("window_calls", number(x.s.calls)),
+                ("window_ms_per_call", number(rounded(x.mean_ms, 4))),
+                ("window_total_ms", number(rounded(x.s.total_ms, 3))),
+                ("db_ms_per_second", number(rounded(x.per_second, 3))),
+                ("share_of_statement_time", number(rounded(x.share, 5))),
+                ("criterion", Value::String(x.criterion.into())),
+                ("seconds_since_first_seen", number(rounded(x.seconds, 1))),
+                ("samples_since_first_seen", number(x.samples as f64)),
+                ("samples_run", number(x.s.rates.n as f64)),
+                ("sequential_p_value", number(x.p)),
+                ("q_value", number(q)),
+                ("new_statements_tested", number(m as f64)),
+                ("n_baseline", number(baseline.samples as f64)),
+                ("n_window", number(window.samples as f64)),
+            ]),
+        ));
     }
 }
 
@@ -1569,5 +1761,211 @@ mod tests {
                 j.regressions
             );
         }
+    }
+
+    /// Samples where statement `id` runs `calls` times at `ms` per call beside the baseline's
+    /// queries; `None` leaves it out of that sample.
+    fn with_new(
+        start: f64,
+        n: usize,
+        old: &[(&'static str, f64)],
+        new: impl Fn(usize) -> Option<(&'static str, f64, f64)>,
+    ) -> Vec<Sample> {
+        let mut rng = Lcg(5);
+        (0..n)
+            .map(|i| {
+                let mut s = sample(
+                    start + 60.0 * i as f64,
+                    &old.iter()
+                        .map(|(id, ms)| (*id, ms * (1.0 + 0.1 * (rng.next() - 0.5))))
+                        .collect::<Vec<_>>(),
+                );
+                if let (Some((id, calls, ms)), Some(statements)) = (new(i), s.statements.as_mut()) {
+                    statements.insert(
+                        id.to_string(),
+                        StatementDelta {
+                            calls,
+                            total_ms: calls * ms * (1.0 + 0.1 * (rng.next() - 0.5)),
+                            rows: calls,
+                            query: format!("SELECT {id} FROM new_feature"),
+                        },
+                    );
+                }
+                s
+            })
+            .collect()
+    }
+
+    fn new_statement_findings(j: &Judgement) -> Vec<&Finding> {
+        j.regressions
+            .iter()
+            .filter(|f| f.signal == Signal::NewStatement)
+            .collect()
+    }
+
+    #[test]
+    fn a_new_statement_taking_a_material_share_of_database_time_is_flagged_with_its_text() {
+        let old = [("1", 1.0), ("2", 2.0)];
+        let baseline = with_new(0.0, 10, &old, |_| None);
+        // 20 calls of 50 ms a minute: 16.7 ms of database time a second, 94 % of it.
+        let window = with_new(1000.0, 8, &old, |_| Some(("9", 20.0, 50.0)));
+        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        assert_eq!(
+            signals(&j.regressions),
+            vec![(Signal::NewStatement, "query 9".to_string())]
+        );
+        let f = &j.regressions[0];
+        assert!(
+            f.message.contains("SELECT 9 FROM new_feature"),
+            "{}",
+            f.message
+        );
+        assert_eq!(f.evidence["query"], "SELECT 9 FROM new_feature");
+        assert_eq!(f.evidence["criterion"], "database time");
+        assert_eq!(f.evidence["window_calls"].as_f64(), Some(160.0));
+        let per_second = f.evidence["db_ms_per_second"].as_f64().unwrap_or(0.0);
+        assert!((15.0..18.5).contains(&per_second), "{f:?}");
+        let share = f.evidence["share_of_statement_time"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!((0.9..0.97).contains(&share), "{f:?}");
+        let mean = f.evidence["window_ms_per_call"].as_f64().unwrap_or(0.0);
+        assert!((47.0..53.0).contains(&mean), "{f:?}");
+        assert!(
+            f.evidence["q_value"].as_f64().unwrap_or(1.0) <= 0.01,
+            "{f:?}"
+        );
+        assert_eq!(f.evidence["new_statements_tested"].as_f64(), Some(1.0));
+    }
+
+    #[test]
+    fn a_cheap_new_statement_is_not_flagged() {
+        // A busy database: 20 calls of 50 ms and of 80 ms a minute (about 43 ms a second).
+        let busy = [("1", 50.0), ("2", 80.0)];
+        let baseline = with_new(0.0, 10, &busy, |_| None);
+        // A new lookup: 20 calls of 0.13 ms a minute, 0.1 % of the database's time.
+        let window = with_new(1000.0, 30, &busy, |_| Some(("9", 20.0, 0.13)));
+        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        // An idle database: the new statement is most of its time, but 0.3 ms a second is not
+        // a load.
+        let idle = [("1", 0.01)];
+        let baseline = with_new(0.0, 10, &idle, |_| None);
+        let window = with_new(1000.0, 30, &idle, |_| Some(("9", 20.0, 1.0)));
+        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        // 5 % of the database's time, but 2.3 ms a second: under the floor, not flagged.
+        let baseline = with_new(0.0, 10, &busy, |_| None);
+        let window = with_new(1000.0, 30, &busy, |_| Some(("9", 20.0, 7.0)));
+        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+    }
+
+    #[test]
+    fn a_slow_new_statement_is_flagged_on_its_time_per_call() {
+        // A database so busy that the new statement is a small share of its time.
+        let busy = [("1", 20_000.0)];
+        let baseline = with_new(0.0, 10, &busy, |_| None);
+        let window = with_new(1000.0, 8, &busy, |_| Some(("9", 5.0, 900.0)));
+        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let found = new_statement_findings(&j);
+        assert_eq!(found.len(), 1, "{j:?}");
+        assert_eq!(found[0].evidence["criterion"], "time per call");
+        assert!(
+            found[0].evidence["share_of_statement_time"]
+                .as_f64()
+                .unwrap_or(1.0)
+                < 0.05
+        );
+        // Below the floor per call, the same statement is not flagged.
+        let window = with_new(1000.0, 8, &busy, |_| Some(("9", 5.0, 300.0)));
+        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+    }
+
+    #[test]
+    fn a_new_statement_is_judged_only_once_it_ran_in_enough_samples() {
+        let old = [("1", 1.0)];
+        let baseline = with_new(0.0, 10, &old, |_| None);
+        // The migration's own statement: once, for seconds.
+        let once = with_new(1000.0, 20, &old, |i| (i == 0).then_some(("9", 1.0, 8000.0)));
+        let j = judge(Window::FirstHour, &baseline, &once, &once, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        // An expensive new statement seen in fewer than `latency_min_window_samples` samples.
+        let early = with_new(1000.0, 5, &old, |_| Some(("9", 20.0, 50.0)));
+        let j = judge(Window::FirstHour, &baseline, &early, &early, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        let later = with_new(1000.0, 6, &old, |_| Some(("9", 20.0, 50.0)));
+        let j = judge(Window::FirstHour, &baseline, &later, &later, false, &t());
+        assert_eq!(new_statement_findings(&j).len(), 1, "{j:?}");
+    }
+
+    #[test]
+    fn a_statement_the_baseline_saw_is_not_new() {
+        let old = [("1", 1.0)];
+        // Statement 9 ran once in the baseline, cheaply.
+        let baseline = with_new(0.0, 10, &old, |i| (i == 3).then_some(("9", 1.0, 0.5)));
+        let window = with_new(1000.0, 8, &old, |_| Some(("9", 20.0, 50.0)));
+        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        // Known to the baseline but not followed (a window's following lists it as known).
+        let known = BTreeSet::from(["1".to_string(), "9".to_string()]);
+        let mut window_summary = Summary::new(
+            5,
+            crate::analysis::summary::Following::Chosen {
+                followed: BTreeSet::from(["1".to_string()]),
+                known,
+                new_statements: 50,
+            },
+        );
+        for s in &window {
+            window_summary.add(s);
+        }
+        assert!(!window_summary.statements.contains_key("9"));
+        // Without statement statistics in the baseline, nothing can be called new.
+        let mut blind = baseline.clone();
+        for s in &mut blind {
+            s.statements = None;
+        }
+        let fresh = with_new(1000.0, 8, &old, |_| Some(("7", 20.0, 50.0)));
+        let j = judge(Window::FirstHour, &blind, &fresh, &fresh, false, &t());
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+    }
+
+    #[test]
+    fn new_statements_are_adjusted_for_how_many_were_tested() {
+        // One expensive new statement among forty: its p-value goes through Benjamini–Hochberg
+        // across all forty tested, and its evidence says so.
+        let old = [("1", 1.0)];
+        let baseline = with_new(0.0, 10, &old, |_| None);
+        let mut window = with_new(1000.0, 8, &old, |_| Some(("9", 20.0, 50.0)));
+        for s in &mut window {
+            if let Some(statements) = s.statements.as_mut() {
+                for i in 0..39 {
+                    statements.insert(
+                        format!("n{i}"),
+                        StatementDelta {
+                            calls: 20.0,
+                            total_ms: 1.0,
+                            rows: 20.0,
+                            query: format!("SELECT n{i}"),
+                        },
+                    );
+                }
+            }
+        }
+        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let found = new_statement_findings(&j);
+        assert_eq!(found.len(), 1, "{j:?}");
+        let e = &found[0].evidence;
+        assert_eq!(e["new_statements_tested"].as_f64(), Some(40.0));
+        let (p, q) = (
+            e["sequential_p_value"].as_f64().unwrap_or(1.0),
+            e["q_value"].as_f64().unwrap_or(0.0),
+        );
+        assert!(
+            p > 0.0 && (q - 40.0 * p).abs() <= 1e-9 * q.max(1e-300),
+            "p {p}, q {q}"
+        );
     }
 }

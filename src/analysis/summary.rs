@@ -78,6 +78,31 @@ pub struct StatementSummary {
     pub means: Spread,
     /// Running moments of the natural log of those means, for the sequential test.
     pub log_means: RunningMoments,
+    /// Database time per second (ms) of each sample in which it ran, whatever its calls.
+    pub rates: RunningMoments,
+    /// The summary's sample count when it was first seen (1 = the first sample).
+    pub first_sample: usize,
+    /// The summary's seconds and all statements' time (ms) before that sample.
+    pub seconds_before: f64,
+    pub statement_ms_before: f64,
+}
+
+impl StatementSummary {
+    /// Samples of the summary since this statement was first seen, that one included.
+    pub fn samples_since_seen(&self, summary: &Summary) -> usize {
+        summary.samples.saturating_sub(self.first_sample) + 1
+    }
+
+    /// Seconds the summary covers since this statement was first seen.
+    pub fn seconds_since_seen(&self, summary: &Summary) -> f64 {
+        summary.seconds - self.seconds_before
+    }
+
+    /// All statements' time (ms) in the summary since this statement was first seen, its own
+    /// included.
+    pub fn statement_ms_since_seen(&self, summary: &Summary) -> f64 {
+        summary.statement_ms - self.statement_ms_before
+    }
 }
 
 /// Which statements a summary follows in detail.
@@ -197,6 +222,8 @@ pub struct Summary {
     pub connection_peak: Option<f64>,
     pub statements: BTreeMap<String, StatementSummary>,
     pub others: Others,
+    /// Time (ms) of every statement added, followed or not.
+    pub statement_ms: f64,
     /// Statements of the baseline that are not followed, seen here (a bounded set: ids only).
     other_ids: BTreeSet<String>,
     pub tables: BTreeMap<String, TableSummary>,
@@ -231,6 +258,7 @@ impl Summary {
             connection_peak: None,
             statements: BTreeMap::new(),
             others: Others::default(),
+            statement_ms: 0.0,
             other_ids: BTreeSet::new(),
             tables: BTreeMap::new(),
             indexes: BTreeMap::new(),
@@ -299,6 +327,9 @@ impl Summary {
         }
         let statements = sample.statements.as_ref().filter(|_| !warming_up);
         if let Some(statements) = statements {
+            let statement_ms_before = self.statement_ms;
+            self.statement_ms += statements.values().map(|s| s.total_ms).sum::<f64>();
+            let seconds_before = self.seconds - sample.seconds.max(0.0);
             for (id, s) in statements {
                 if !self.follows(id) {
                     if !matches!(self.following, Following::None)
@@ -315,7 +346,7 @@ impl Summary {
                         self.new_followed += 1;
                     }
                 }
-                let capacity = self.capacity;
+                let (capacity, first_sample) = (self.capacity, self.samples);
                 let entry = self
                     .statements
                     .entry(id.clone())
@@ -325,12 +356,19 @@ impl Summary {
                         calls: 0.0,
                         means: Spread::new(capacity),
                         log_means: RunningMoments::default(),
+                        rates: RunningMoments::default(),
+                        first_sample,
+                        seconds_before,
+                        statement_ms_before,
                     });
                 if entry.query.is_empty() && !s.query.is_empty() {
                     entry.query.clone_from(&s.query);
                 }
                 entry.total_ms += s.total_ms;
                 entry.calls += s.calls;
+                if sample.seconds > 0.0 {
+                    entry.rates.push(s.total_ms / sample.seconds);
+                }
                 if s.calls >= self.min_calls as f64 {
                     if let Some(mean) = s.mean_ms() {
                         entry.means.push(mean);
@@ -369,6 +407,23 @@ impl Summary {
         self.checks.add(sample);
     }
 
+    /// Whether a span summarised with this summary's following saw statement `id`: followed,
+    /// added up among the others, or known to the following (the baseline's statements).
+    pub fn knows(&self, id: &str) -> bool {
+        self.statements.contains_key(id) || self.other_ids.contains(id) || self.listed_as_known(id)
+    }
+
+    /// Whether this summary's following lists `id` among the statements known beforehand (a
+    /// window's following lists the baseline's).
+    pub fn listed_as_known(&self, id: &str) -> bool {
+        matches!(&self.following, Following::Chosen { known, .. } if known.contains(id))
+    }
+
+    /// Whether any statement was seen at all (pg_stat_statements was readable).
+    pub fn saw_statements(&self) -> bool {
+        !self.statements.is_empty() || self.others.statements > 0
+    }
+
     /// The statement ids with the largest total time, at most `n` of them.
     pub fn top_statements(&self, n: usize) -> BTreeSet<String> {
         let mut ranked: Vec<(&String, f64)> = self
@@ -394,6 +449,7 @@ impl Summary {
             .collect();
         for id in dropped {
             if let Some(s) = self.statements.remove(&id) {
+                self.other_ids.insert(id);
                 self.others.statements += 1;
                 self.others.calls += s.calls;
                 self.others.total_ms += s.total_ms;

@@ -20,6 +20,7 @@ pub mod web;
 
 use crate::analysis::deployment::VersionOrder;
 use crate::analysis::judging;
+use crate::analysis::regression::NewStatementThresholds;
 use crate::analysis::window::WindowDurations;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
@@ -198,6 +199,9 @@ struct RawDeployments {
     latency_min_window_samples: Option<i64>,
     latency_p_value: Option<f64>,
     latency_min_delta_ms: Option<f64>,
+    new_statement_min_ms_per_second: Option<f64>,
+    new_statement_min_share: Option<f64>,
+    new_statement_min_ms_per_call: Option<f64>,
     version_order: Option<String>,
     #[serde(default)]
     declared: Vec<RawDeclaredDeployment>,
@@ -332,6 +336,8 @@ pub struct DeploymentConfig {
     pub latency_p_value: f64,
     /// Smallest change of a query's median time per call (ms) that can be a regression.
     pub latency_min_delta_ms: f64,
+    /// When a statement the baseline never saw is a regression on its own.
+    pub new_statement: NewStatementThresholds,
     /// How versions order, which tells a deployment from a rollback.
     pub version_order: VersionOrder,
     pub declared: Vec<DeclaredDeployment>,
@@ -710,6 +716,22 @@ impl InFile<'_> {
             Some(v) => {
                 self.problems
                     .push(self.file, key, format!("must be at least 1, found {v}"));
+                default
+            }
+        }
+    }
+
+    /// A share: above zero, at most 1.
+    pub(crate) fn share(&mut self, key: &str, value: Option<f64>, default: f64) -> f64 {
+        match value {
+            None => default,
+            Some(v) if v > 0.0 && v <= 1.0 => v,
+            Some(v) => {
+                self.problems.push(
+                    self.file,
+                    key,
+                    format!("must be above 0 and at most 1, found {v}"),
+                );
                 default
             }
         }
@@ -1123,6 +1145,26 @@ fn validate_deployments(
             raw.latency_min_delta_ms,
             shipped.thresholds.latency_min_delta_ms,
         ),
+        new_statement: {
+            let shipped = shipped.thresholds.new_statement;
+            NewStatementThresholds {
+                min_ms_per_second: f.fraction(
+                    "deployments.new_statement_min_ms_per_second",
+                    raw.new_statement_min_ms_per_second,
+                    shipped.min_ms_per_second,
+                ),
+                min_share: f.share(
+                    "deployments.new_statement_min_share",
+                    raw.new_statement_min_share,
+                    shipped.min_share,
+                ),
+                min_ms_per_call: f.fraction(
+                    "deployments.new_statement_min_ms_per_call",
+                    raw.new_statement_min_ms_per_call,
+                    shipped.min_ms_per_call,
+                ),
+            }
+        },
         version_order: match raw.version_order.as_deref() {
             None => VersionOrder::default(),
             Some(text) => VersionOrder::parse(text).unwrap_or_else(|| {

@@ -911,6 +911,7 @@ fn judging_settings(settings: &DeploymentConfig) -> judging::Settings {
             min_samples: settings.min_window_samples,
             latency_min_window_samples: settings.latency_min_window_samples,
             latency_min_delta_ms: settings.latency_min_delta_ms,
+            new_statement: settings.new_statement,
         },
         min_baseline_samples: settings.min_baseline_samples,
         min_window_samples: settings.min_window_samples,
