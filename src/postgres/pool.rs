@@ -326,7 +326,7 @@ impl Inner {
         }
         // An idle session goes to a waiter of its own database first.
         let mut i = 0;
-        while i < self.waiters.len() {
+        while i < self.waiters.len() && !self.idle.is_empty() {
             let Some(pos) = self
                 .idle
                 .iter()
@@ -354,10 +354,16 @@ impl Inner {
                 );
             }
         }
-        // New sessions, in arrival order, within the budget and each target's cap.
+        // New sessions, in arrival order, within the budget and each target's cap. A full
+        // budget with nothing idle to close grants nothing: the (long) queue is not walked.
         let mut needing = 0;
         let mut i = 0;
         while i < self.waiters.len() {
+            if self.open >= limit
+                && (self.idle.is_empty() || needing >= self.closing + self.idle.len())
+            {
+                break;
+            }
             let waiter = &self.waiters[i];
             let target_open = self.per_target.get(&waiter.target).copied().unwrap_or(0);
             if target_open >= waiter.cap {

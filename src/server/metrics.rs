@@ -38,7 +38,8 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_check_interval_seconds", "The check's configured interval.", MetricType::GAUGE),
     ("deploywatch_check_runs_total", "Runs of the check.", MetricType::COUNTER),
     ("deploywatch_check_errors_total", "Runs of the check that ended in an error, by kind.", MetricType::COUNTER),
-    ("deploywatch_check_skipped_total", "Runs skipped, by reason: overlap (the previous run was still going) or no_session (no session to the server within the interval).", MetricType::COUNTER),
+    ("deploywatch_check_delayed_total", "Due runs merged into a later run because no session to the server was free at their time: the check ran late, once, instead of being skipped.", MetricType::COUNTER),
+    ("deploywatch_check_skipped_total", "Runs skipped, by reason: overlap (the previous run was still going) or no_session (no session to the server within ten intervals).", MetricType::COUNTER),
     ("deploywatch_check_rows_examined", "Incremental check: rows of its table the last run read (increment and sweep chunks).", MetricType::GAUGE),
     ("deploywatch_check_rows_examined_total", "Incremental check: rows of its table read, summed over runs.", MetricType::COUNTER),
     ("deploywatch_check_sweep_progress_ratio", "Incremental check: share of the current sweep done (1 between sweeps).", MetricType::GAUGE),
@@ -332,6 +333,7 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
                 c.spec.interval.as_secs_f64(),
             );
             f.push("deploywatch_check_runs_total", &ids, c.runs as f64);
+            f.push("deploywatch_check_delayed_total", &ids, c.delayed as f64);
             for (reason, count) in [("overlap", c.skipped), ("no_session", c.skipped_no_session)] {
                 f.push(
                     "deploywatch_check_skipped_total",

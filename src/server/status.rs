@@ -98,6 +98,11 @@ pub struct CheckReport {
     /// Why the latest run was skipped, when it was (no session within the interval).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_skip_reason: Option<String>,
+    /// Due runs merged into a later run for lack of a session.
+    pub delayed: u64,
+    /// Why the latest run started late, while it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub late_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runbook: Option<String>,
 }
@@ -186,6 +191,8 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
                     runs: c.runs,
                     skipped: c.skipped,
                     skipped_no_session: c.skipped_no_session,
+                    delayed: c.delayed,
+                    late_reason: c.last_delay.as_ref().map(|(_, reason)| reason.clone()),
                     last_skip: c.last_skip.as_ref().map(|(at, _)| rfc3339(*at)),
                     last_skip_reason: c
                         .last_skip
@@ -307,6 +314,11 @@ pub fn render_text(report: &StatusReport) -> String {
                     .last_skip_reason
                     .as_ref()
                     .map(|reason| format!("skipped: {reason}"))
+                    .or_else(|| {
+                        c.late_reason
+                            .as_ref()
+                            .map(|reason| format!("late: {reason}"))
+                    })
                     .or_else(|| c.error.clone())
                     .or_else(|| c.detail.clone())
                     .unwrap_or_default();

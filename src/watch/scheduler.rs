@@ -3,10 +3,13 @@
 //! One task per (target, check). The first runs of a server's targets are spread evenly over
 //! the shortest interval, each database at its own phase of it for all its intervals (its checks
 //! and samples that fall due together run together, so they share a session), and a longer
-//! interval's runs over the multiples of the shortest it holds; then each ticks on its interval. A check never runs twice at once on one target:
-//! ticks that arrive while a run is in flight are skipped and counted. Runs queue for a session
-//! of their server's budget ([`TargetPool`]) at most until the next run is due; a run that got
-//! none is skipped, counted and reported with the reason. A slow or down target only delays its
+//! interval's runs over the multiples of the shortest it holds; then each ticks on its interval.
+//! A check never runs twice at once on one target: ticks that arrive while a run is in flight
+//! are skipped and counted. Runs queue for a session of their server's budget ([`TargetPool`])
+//! in arrival order; a run still waiting when its next ones fall due keeps its place, and those
+//! due times are merged into it (it runs once, late; counted and reported with the reason): a
+//! budget too small for its checks stretches their intervals evenly instead of dropping runs.
+//! Only a run that got no session within ten intervals is skipped and counted. A slow or down target only delays its
 //! own tasks and its server's queue.
 //!
 //! Cancellation stops scheduling new runs; a run already in flight is allowed to finish (the
@@ -268,6 +271,7 @@ async fn check_loop(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let what = format!("{target} {}", spec.name);
     let mut no_session_skips = 0u64;
+    let mut late_runs = 0u64;
     loop {
         tokio::select! {
             // Cancellation wins over a tick that is also ready: no new run after it.
@@ -279,7 +283,10 @@ async fn check_loop(
             tracing::warn!(db_target = %target, check = %spec.name, "previous run still going; skipped");
             continue;
         }
-        // A run waits for a session at most until its next run is due.
+        // A run waits for its turn in the server's queue, however many of its due times pass
+        // meanwhile: they are merged into it (one late run, counted), where giving up at the
+        // next due time would lose the wait and queue again at the back. Only a wait of
+        // `LATE_LIMIT` intervals ends in a skip.
         let queued = std::time::Instant::now();
         let acquired = tokio::select! {
             biased;
@@ -289,10 +296,37 @@ async fn check_loop(
             }
             // Boxed, as the run below: a task keeps only what it needs between runs, which
             // matters with thousands of checks.
-            lease = Box::pin(pool.acquire(&what, spec.interval)) => lease,
+            lease = Box::pin(pool.acquire(&what, spec.interval * LATE_LIMIT)) => lease,
         };
         let session = match acquired {
             Ok(lease) => {
+                let waited = queued.elapsed();
+                let merged = (waited.as_secs_f64() / spec.interval.as_secs_f64()) as u64;
+                if merged > 0 {
+                    let reason = format!(
+                        "waited {:.1}s for a session to {} (interval {:?}): the server's session budget is busy",
+                        waited.as_secs_f64(),
+                        pool.server().server(),
+                        spec.interval
+                    );
+                    if late_runs == 0 {
+                        tracing::warn!(
+                            db_target = %target, check = %spec.name, %reason,
+                            "check runs late: no session was free when it was due; its due runs are merged until it gets one on time"
+                        );
+                    }
+                    late_runs += 1;
+                    state.record_delay(&target, &spec.name, merged, Some(reason));
+                    // The next run one interval after this one, not at once.
+                    ticker.reset();
+                } else if late_runs > 0 {
+                    tracing::info!(
+                        db_target = %target, check = %spec.name, late_runs,
+                        "check runs on time again"
+                    );
+                    late_runs = 0;
+                    state.record_delay(&target, &spec.name, 0, None);
+                }
                 if no_session_skips > 0 {
                     tracing::info!(
                         db_target = %target, check = %spec.name, skipped = no_session_skips,
@@ -358,6 +392,9 @@ async fn check_loop(
         state.record(&target, &spec.name, &report, state.now());
     }
 }
+
+/// How many intervals a run waits for a session before it is skipped.
+const LATE_LIMIT: u32 = 10;
 
 /// A fraction in [0, 1) fixed per target name.
 fn target_jitter(target: &str) -> f64 {

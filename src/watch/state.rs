@@ -36,6 +36,10 @@ pub struct CheckState {
     pub skipped_no_session: u64,
     /// The latest skip for lack of a session: when, and why.
     pub last_skip: Option<(Timestamp, String)>,
+    /// Due runs that were merged into a later one because no session was free at their time.
+    pub delayed: u64,
+    /// While the latest run started late for lack of a session: when, and why.
+    pub last_delay: Option<(Timestamp, String)>,
     /// True while a run is in flight.
     pub running: bool,
     /// An incremental check's last report (kept through errored runs).
@@ -59,6 +63,8 @@ impl CheckState {
             skipped: 0,
             skipped_no_session: 0,
             last_skip: None,
+            delayed: 0,
+            last_delay: None,
             running: false,
             incremental: None,
             rows_examined_total: 0,
@@ -261,6 +267,21 @@ impl State {
             state.running = false;
             state.skipped_no_session += 1;
             state.last_skip = Some((now, reason));
+        }
+    }
+
+    /// A run that started late for lack of a session: the `merged` due runs it spans are
+    /// counted, and why it waited is kept until a run starts on time again (`reason` `None`).
+    pub fn record_delay(&self, target: &str, check: &str, merged: u64, reason: Option<String>) {
+        let now = self.now();
+        let mut inner = self.write();
+        if let Some(state) = inner
+            .targets
+            .get_mut(target)
+            .and_then(|t| t.checks.get_mut(check))
+        {
+            state.delayed += merged;
+            state.last_delay = reason.map(|reason| (now, reason));
         }
     }
 
