@@ -12,10 +12,13 @@
 //!    30): time from inserting an orphan to its detection, and from deleting a parent to the
 //!    detection of its orphaned children.
 //!
-//! Generating 10 million submissions takes a while; `DEPLOYWATCH_BENCH_DATABASE_URL` points
-//! the benchmark at a database already holding the fixture (schema_3.6.0.sql, generate.sql,
-//! `SELECT cognit_generate(1000)` 25 times) instead, and is left as it was found apart from
-//! the rows the workload and the benchmark add.
+//! The fixture is built set-based ([`FIXTURE`], `generate_series`, the distributions of
+//! `cognit_generate`) with the tables the integrity checks and the workload read: participants,
+//! consents, submissions, attention_stats, rewards and payments; responses, images and
+//! attention_checks, which no integrity check reads, are left empty. No row violates a check.
+//! `DEPLOYWATCH_BENCH_DATABASE_URL` points the benchmark at a database already holding it
+//! (schema_3.6.0.sql, then [`FIXTURE`] with `-v n=2500000`) instead, and is left as it was found
+//! apart from the rows the workload and the benchmark add and the participants it deletes.
 
 #[allow(dead_code)]
 mod common;
@@ -56,6 +59,51 @@ const FULL_SCAN: [(&str, &str); 5] = [
     ),
 ];
 
+/// The fixture for `:n` participants (4 `:n` submissions), set-based; no row violates a check.
+const FIXTURE: &str = r#"
+INSERT INTO participants (participant_id, email, country, created_at, deleted_at)
+SELECT g, 'participant-' || g || '@example.org', (ARRAY['DE', 'FR', 'GB', 'US', 'NL'])[1 + g % 5],
+       now() - (g % 90) * interval '1 day', CASE WHEN g % 25 = 0 THEN now() - interval '1 day' END
+FROM generate_series(1, :n) AS g;
+SELECT setval('participants_participant_id_seq', :n);
+INSERT INTO consents (participant_id, consent_version, granted_at, withdrawn_at)
+SELECT g, '2.' || (g % 3), now() - (g % 90) * interval '1 day',
+       CASE WHEN g % 20 = 0 THEN now() - interval '2 days' END
+FROM generate_series(1, :n) AS g;
+INSERT INTO submissions (submission_id, participant_id, task_id, submitted_at, quality_score,
+                         ai_suspected, flagged, review_status)
+SELECT (i - 1) * 4 + j, i, 'task-' || j, now() - ((i * j) % 720) * interval '1 hour',
+       CASE WHEN (i * 3 + j) % 10 <> 0 AND (i + j) % 7 = 0 THEN NULL
+            ELSE ((i * 37 + j * 11) % 101) / 100.0 END,
+       (i * 3 + j) % 10 = 0,
+       (i * 3 + j) % 10 = 0 OR (i + j) % 13 = 0,
+       (ARRAY['pending', 'accepted', 'rejected'])[1 + (i + j) % 3]
+FROM generate_series(1, :n) AS i CROSS JOIN generate_series(1, 4) AS j
+ORDER BY 1;
+SELECT setval('submissions_submission_id_seq', 4 * :n);
+INSERT INTO attention_stats (participant_id, checks_total, checks_passed, attention_score)
+SELECT g, 3, p, round(CAST(p AS numeric) / 3, 4)
+FROM generate_series(1, :n) AS g
+CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE (g + k) % 4 <> 0)::int AS p
+                    FROM generate_series(1, 3) AS k) c;
+INSERT INTO rewards (reward_id, participant_id, amount_cents, status, created_at, paid_at)
+SELECT g, g, 500 + (g % 5) * 100, (ARRAY['pending', 'approved', 'paid', 'cancelled'])[1 + g % 4],
+       now() - (g % 30) * interval '1 day',
+       CASE WHEN g % 4 = 2 THEN now() - (g % 30) * interval '1 hour' END
+FROM generate_series(1, :n) AS g;
+SELECT setval('rewards_reward_id_seq', :n);
+INSERT INTO payments (participant_id, reward_id, amount_cents, status, paid, provider_ref, paid_at)
+SELECT r.participant_id, r.reward_id, r.amount_cents, s.status, s.status = 'paid',
+       CASE WHEN s.status = 'paid' THEN 'tx-' || r.reward_id END, r.paid_at
+FROM rewards r
+CROSS JOIN LATERAL (SELECT CASE WHEN r.status = 'paid' THEN 'paid'
+                                WHEN (r.participant_id / 4) % 2 = 0 THEN 'pending'
+                                ELSE 'failed' END AS status) s
+WHERE r.status IN ('paid', 'approved')
+ORDER BY r.reward_id;
+VACUUM ANALYZE participants, consents, submissions, attention_stats, rewards, payments;
+"#;
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     if values.is_empty() {
@@ -85,19 +133,16 @@ fn setup() -> Setup {
     cluster
         .psql_file("cognit", &fixtures.join("schema_3.6.0.sql"))
         .expect("schema");
-    cluster
-        .psql_file("cognit", &fixtures.join("generate.sql"))
-        .expect("generator");
     eprintln!("generating the fixture at scale {scale} ...");
     let started = Instant::now();
-    let mut left = scale;
-    while left > 0 {
-        let batch = left.min(1000);
-        cluster
-            .psql("cognit", &format!("SELECT cognit_generate({batch})"))
-            .expect("generate");
-        left -= batch;
-    }
+    let file = tempfile::NamedTempFile::new().expect("fixture file");
+    let participants = u64::from(scale) * 100;
+    std::fs::write(
+        file.path(),
+        FIXTURE.replace(":n", &participants.to_string()),
+    )
+    .expect("fixture file");
+    cluster.psql_file("cognit", file.path()).expect("fixture");
     eprintln!("generated in {:.0?}", started.elapsed());
     Setup {
         url: cluster.connection_string("cognit"),
@@ -185,6 +230,18 @@ async fn psql(url: &str, sql: &str) {
     client.batch_execute(sql).await.expect(sql);
     drop(client);
     let _ = driver.await;
+}
+
+/// Runs one statement as the application; returns the rows it changed.
+async fn execute(url: &str, sql: &str) -> u64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let driver = tokio::spawn(connection);
+    let changed = client.execute(sql, &[]).await.expect(sql);
+    drop(client);
+    let _ = driver.await;
+    changed
 }
 
 async fn scrape_value(base: &str, check: &str) -> Option<f64> {
@@ -312,12 +369,23 @@ async fn main() {
             2_300 + 5_100 * trial as u64 % (interval * 1000),
         ))
         .await;
-        psql(
+        // A participant that still exists, with submissions in the middle of the table (a
+        // later trial's a little further on): each delete orphans rows the sweep must reach.
+        let deleted = execute(
             &setup.url,
-            "DELETE FROM participants WHERE participant_id = (SELECT participant_id FROM submissions \
-             WHERE participant_id > 0 ORDER BY submission_id LIMIT 1)",
+            &format!(
+                "DELETE FROM participants WHERE participant_id = ( \
+                     SELECT s.participant_id FROM submissions s \
+                     WHERE s.submission_id >= (SELECT (min(submission_id) + max(submission_id)) / 2 \
+                                               FROM submissions) + {} \
+                       AND EXISTS (SELECT 1 FROM participants p \
+                                   WHERE p.participant_id = s.participant_id) \
+                     ORDER BY s.submission_id LIMIT 1)",
+                trial * 1000
+            ),
         )
         .await;
+        assert_eq!(deleted, 1, "one participant deleted");
         delete_times.push(wait_for(&base, "orphaned_submissions", current, limit).await);
     }
     handle.shutdown().await.expect("shutdown");

@@ -232,39 +232,45 @@ async fn a_deleted_parent_is_found_by_the_early_sweep() {
     assert_eq!(h.value("orphaned_submissions").await, 0);
     assert_eq!(h.value("orphaned_payments").await, 0);
     // A participant with submissions and a payment; deleting it orphans both, at old keys.
-    let participant = h.sql(
-        "SELECT p.participant_id FROM participants p \
-         WHERE EXISTS (SELECT 1 FROM payments y WHERE y.participant_id = p.participant_id) \
-         ORDER BY p.participant_id LIMIT 1",
-    );
-    let participant = participant.trim();
-    let before = counters(&h, "participants", "del");
-    h.sql(&format!(
-        "DELETE FROM participants WHERE participant_id = {participant}"
-    ));
-    h.stats_show("participants", "del", before).await;
-    let submissions = h.full_scan("orphaned_submissions");
-    let payments = h.full_scan("orphaned_payments");
-    assert!(submissions >= 1 && payments >= 1);
-    for (check, expected, table) in [
-        ("orphaned_submissions", submissions, "submissions"),
-        ("orphaned_payments", payments, "payments"),
-    ] {
-        let report = h.run(check).await;
-        assert_eq!(value_of(check, &report), expected, "{check}");
-        let incremental = report.incremental.expect("incremental");
-        // The early sweep ran to the end within this run.
-        assert_eq!(incremental.sweep_reason, None, "{check}");
-        let rows: u64 = h
-            .sql(&format!("SELECT count(*) FROM {table}"))
-            .trim()
-            .parse()
-            .expect("count");
-        assert!(
-            incremental.rows_examined >= rows,
-            "{check}: a full sweep, {} of {rows} rows",
-            incremental.rows_examined
-        );
+    // Twice: each delete after the previous early sweep completed starts one of its own (the
+    // second participant's rows lie further on in both tables).
+    let mut orphaned = 0;
+    for order in ["", "DESC"] {
+        let participant = h.sql(&format!(
+            "SELECT p.participant_id FROM participants p \
+             WHERE EXISTS (SELECT 1 FROM payments y WHERE y.participant_id = p.participant_id) \
+             ORDER BY p.participant_id {order} LIMIT 1"
+        ));
+        let participant = participant.trim();
+        let before = counters(&h, "participants", "del");
+        h.sql(&format!(
+            "DELETE FROM participants WHERE participant_id = {participant}"
+        ));
+        h.stats_show("participants", "del", before).await;
+        let submissions = h.full_scan("orphaned_submissions");
+        let payments = h.full_scan("orphaned_payments");
+        assert!(submissions > orphaned && payments >= 1);
+        orphaned = submissions;
+        for (check, expected, table) in [
+            ("orphaned_submissions", submissions, "submissions"),
+            ("orphaned_payments", payments, "payments"),
+        ] {
+            let report = h.run(check).await;
+            assert_eq!(value_of(check, &report), expected, "{check}");
+            let incremental = report.incremental.expect("incremental");
+            // The early sweep ran to the end within this run.
+            assert_eq!(incremental.sweep_reason, None, "{check}");
+            let rows: u64 = h
+                .sql(&format!("SELECT count(*) FROM {table}"))
+                .trim()
+                .parse()
+                .expect("count");
+            assert!(
+                incremental.rows_examined >= rows,
+                "{check}: a full sweep, {} of {rows} rows",
+                incremental.rows_examined
+            );
+        }
     }
 }
 

@@ -208,6 +208,36 @@ impl Progress {
         });
     }
 
+    /// Starts the sweep this run calls for, after the increment: an early one when the
+    /// statistics show a change since the current (or last) sweep started ([`early_sweep_reason`]),
+    /// else a periodic one when none is under way. An urgent sweep under way (first, reset,
+    /// early) is never restarted: it runs to its end, and changes made meanwhile start the next
+    /// one then, so sweeps complete even while a parent sees deletes at every run. Returns why
+    /// an early sweep started.
+    pub(crate) fn plan_sweep(
+        &mut self,
+        def: &IncrementalDef,
+        counters: BTreeMap<String, TableCounters>,
+        estimated_rows: u64,
+        now: f64,
+    ) -> Option<String> {
+        if self.sweep.as_ref().is_some_and(|s| s.reason.urgent()) {
+            return None;
+        }
+        let above_zero = self.value().unwrap_or(0) > 0;
+        let early = if def.early_sweep {
+            early_sweep_reason(def, &self.counters, &counters, above_zero)
+        } else {
+            None
+        };
+        if early.is_some() {
+            self.start_sweep(SweepReason::Early, counters, estimated_rows, now);
+        } else if self.sweep.is_none() {
+            self.start_sweep(SweepReason::Periodic, counters, estimated_rows, now);
+        }
+        early
+    }
+
     /// Records an increment: `settle_count` violations in `(settled_hi, pending_hi]` (the range
     /// counted last time, now counted for good) and `new_count` in `(pending_hi, new_hi]`.
     pub fn settle(&mut self, settle_count: i64, new_hi: Option<String>, new_count: i64) {
@@ -328,6 +358,27 @@ pub(crate) fn paced_rows(
         .min(def.sweep_max_rows)
         .min(by_time)
         .max(MIN_CHUNK_ROWS.min(def.sweep_max_rows))
+}
+
+/// The upper bound of a sweep chunk of about `rows` rows over an integer key, from the key
+/// range left, `(lower, hi]`, and the rows the planner's estimate leaves in it: `Some((upper,
+/// rows))` with `upper <= hi`, so that the chunk needs no query to find its bound (reading the
+/// keys of a chunk through the index costs more than most checks themselves). `None` when the
+/// estimate says nothing (no statistics yet, or it is used up): the bound is then read.
+///
+/// The count stays exact (the check counts every key of `(lower, upper]`); only the chunk's
+/// size is estimated, and the time it took feeds the next chunk's size.
+pub(crate) fn integer_chunk(lower: i64, hi: i64, rows_left: u64, rows: u64) -> Option<(i64, u64)> {
+    if hi <= lower || rows_left == 0 || rows == 0 {
+        return None;
+    }
+    if rows >= rows_left {
+        return Some((hi, rows_left));
+    }
+    let span = (i128::from(hi) - i128::from(lower)) as f64;
+    let step = (span * rows as f64 / rows_left as f64).ceil().max(1.0) as i128;
+    let upper = (i128::from(lower) + step).min(i128::from(hi)) as i64;
+    Some((upper, rows))
 }
 
 #[cfg(test)]
@@ -521,6 +572,66 @@ mod tests {
             check(&[("submissions", 10, 0), ("participants", 9, 5)], false),
             None
         );
+    }
+
+    #[test]
+    fn an_early_sweep_runs_to_its_end_and_changes_meanwhile_start_the_next() {
+        let d = def();
+        let mut p = started();
+        p.counters = counters(&[("submissions", 0, 0), ("participants", 0, 0)]);
+        p.chunk_done(key(100), 100, 0, true, Duration::ZERO, 1.0);
+        let quiet = counters(&[("submissions", 0, 0), ("participants", 0, 0)]);
+        assert_eq!(p.plan_sweep(&d, quiet.clone(), 100, 2.0), None);
+        assert_eq!(
+            p.sweep.as_ref().map(|s| s.reason),
+            Some(SweepReason::Periodic)
+        );
+        // A parent row deleted: the periodic sweep gives way to an early one.
+        let one = counters(&[("submissions", 0, 0), ("participants", 0, 1)]);
+        assert!(p.plan_sweep(&d, one.clone(), 100, 3.0).is_some());
+        p.chunk_done(key(40), 40, 1, false, Duration::ZERO, 3.5);
+        // More deletes while it runs: it goes on from where it is, not from the start.
+        let two = counters(&[("submissions", 0, 0), ("participants", 0, 2)]);
+        assert_eq!(p.plan_sweep(&d, two.clone(), 100, 4.0), None);
+        let sweep = p.sweep.clone().expect("the early sweep");
+        assert_eq!(
+            (sweep.reason, sweep.started_at, sweep.pos),
+            (SweepReason::Early, 3.0, key(40))
+        );
+        assert!(p.chunk_done(key(100), 60, 0, true, Duration::ZERO, 5.0));
+        assert_eq!(p.value(), Some(1));
+        // Completed: the deletes made while it ran start the next early sweep.
+        assert!(p.plan_sweep(&d, two.clone(), 100, 6.0).is_some());
+        assert_eq!(
+            p.sweep.as_ref().map(|s| (s.reason, s.started_at)),
+            Some((SweepReason::Early, 6.0))
+        );
+        p.chunk_done(key(100), 100, 2, true, Duration::ZERO, 7.0);
+        assert_eq!(p.value(), Some(2));
+        // Nothing new: back to the periodic pace.
+        assert_eq!(p.plan_sweep(&d, two, 100, 8.0), None);
+        assert_eq!(
+            p.sweep.as_ref().map(|s| s.reason),
+            Some(SweepReason::Periodic)
+        );
+    }
+
+    #[test]
+    fn an_integer_chunk_is_sized_from_the_keys_and_rows_left() {
+        // 1000 keys, 100 rows left: a chunk of 10 rows spans 100 keys.
+        assert_eq!(integer_chunk(0, 1000, 100, 10), Some((100, 10)));
+        // The last chunk ends at the bound, whatever the estimate.
+        assert_eq!(integer_chunk(900, 1000, 10, 10), Some((1000, 10)));
+        assert_eq!(integer_chunk(900, 1000, 5, 10), Some((1000, 5)));
+        // Never an empty step, never past the bound, no overflow at the ends of bigint.
+        assert_eq!(integer_chunk(0, 10, 1_000_000, 1), Some((1, 1)));
+        assert_eq!(
+            integer_chunk(i64::MIN, i64::MAX, 4, 2),
+            Some((i64::MIN + (u64::MAX / 2) as i64 + 1, 2))
+        );
+        // Nothing to go on: read the bound.
+        assert_eq!(integer_chunk(0, 1000, 0, 10), None);
+        assert_eq!(integer_chunk(1000, 1000, 10, 10), None);
     }
 
     #[test]

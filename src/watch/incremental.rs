@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::checks::incremental::{
-    early_sweep_reason, paced_rows, IncrementalDef, IncrementalReport, Progress, SweepReason,
-    TableCounters, TableIdentity,
+    integer_chunk, paced_rows, IncrementalDef, IncrementalReport, Progress, SweepReason,
+    TableCounters, TableIdentity, MIN_CHUNK_ROWS,
 };
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
 use crate::checks::spec::CheckSpec;
@@ -97,6 +97,13 @@ struct KeyType {
     category: char,
 }
 
+impl KeyType {
+    /// smallint, integer or bigint: a sweep chunk's bound is then computed, not read.
+    fn integer(&self) -> bool {
+        matches!(self.name.as_str(), "smallint" | "integer" | "bigint")
+    }
+}
+
 struct TableFacts {
     identity: TableIdentity,
     estimated_rows: u64,
@@ -171,29 +178,12 @@ impl Runner<'_, '_> {
             progress.identity = Some(facts.identity.clone());
             self.increment(&mut progress, &facts.key_type, max_key.clone())
                 .await?;
-            let above_zero = progress.value().unwrap_or(0) > 0;
-            let early = if self.def.early_sweep {
-                early_sweep_reason(self.def, &progress.counters, &counters, above_zero)
-            } else {
-                None
-            };
-            if let Some(why) = early {
+            if let Some(why) =
+                progress.plan_sweep(self.def, counters.clone(), facts.estimated_rows, now)
+            {
                 tracing::info!(
                     db_target = %self.context.target, check = %self.spec.name, %why,
                     "early sweep started"
-                );
-                progress.start_sweep(
-                    SweepReason::Early,
-                    counters.clone(),
-                    facts.estimated_rows,
-                    now,
-                );
-            } else if progress.sweep.is_none() {
-                progress.start_sweep(
-                    SweepReason::Periodic,
-                    counters.clone(),
-                    facts.estimated_rows,
-                    now,
                 );
             }
         }
@@ -487,6 +477,28 @@ impl Runner<'_, '_> {
         })
     }
 
+    /// A chunk `(lower, upper]` whose bound was computed: the check's count over it, `rows` as
+    /// estimated.
+    async fn counted_chunk(
+        &mut self,
+        lower: &str,
+        upper: &str,
+        rows: u64,
+        finished: bool,
+    ) -> Result<Chunk, CheckError> {
+        let mut bind: Vec<Option<&str>> = vec![Some(lower), Some(upper)];
+        bind.extend(self.spec.bind.iter().map(|b| Some(b.as_str())));
+        let result = self.query(&self.spec.sql, &bind).await?;
+        let count = scalar_count(&result)?;
+        self.rows_examined += rows;
+        Ok(Chunk {
+            upper: Some(upper.to_string()),
+            rows,
+            count,
+            finished,
+        })
+    }
+
     /// Works on the current sweep: every chunk up to the bound for an urgent sweep (within
     /// about one interval), one paced chunk for a periodic one.
     async fn sweep(
@@ -518,7 +530,18 @@ impl Runner<'_, '_> {
                 return Ok(());
             };
             let limit = if urgent {
-                self.def.sweep_max_rows
+                // As many rows as the budget allows, but a chunk stays well within the
+                // statement timeout, or it would fail at every run.
+                let by_time = match progress.rows_per_second {
+                    Some(speed) if speed > 0.0 => {
+                        (speed * self.spec.timeout.as_secs_f64() / 2.0) as u64
+                    }
+                    _ => u64::MAX,
+                };
+                self.def
+                    .sweep_max_rows
+                    .min(by_time)
+                    .max(MIN_CHUNK_ROWS.min(self.def.sweep_max_rows))
             } else {
                 paced_rows(
                     self.def,
@@ -529,7 +552,22 @@ impl Runner<'_, '_> {
                 )
             };
             let chunk_started = Instant::now();
-            let chunk = self.chunk(key_type, &lower, &hi, limit).await?;
+            let computed = match (lower.parse::<i64>(), hi.parse::<i64>()) {
+                (Ok(from), Ok(to)) if key_type.integer() => integer_chunk(
+                    from,
+                    to,
+                    sweep.estimated_rows.saturating_sub(sweep.rows),
+                    limit,
+                ),
+                _ => None,
+            };
+            let chunk = match computed {
+                Some((upper, rows)) => {
+                    self.counted_chunk(&lower, &upper.to_string(), rows, upper.to_string() == hi)
+                        .await?
+                }
+                None => self.chunk(key_type, &lower, &hi, limit).await?,
+            };
             let completed = progress.chunk_done(
                 chunk.upper,
                 chunk.rows,
