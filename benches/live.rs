@@ -5,7 +5,8 @@
 //! keep executing (heavy-tailed: a few run hundreds of times a second, most now and then). The
 //! daemon (the release binary, its own process) samples every second into a store on disk; a
 //! third of the way through, the schema version changes (a deployment). Resident memory of the
-//! daemon is read from /proc every 10 s, the store's size every minute.
+//! daemon is read from /proc every 10 s, with the durations of its last sampling and judging
+//! passes (from /metrics), the store's size every minute.
 //!
 //! `DEPLOYWATCH_LIVE_MINUTES` (default 30) sets the length; the deployment is at a third.
 
@@ -154,12 +155,17 @@ async fn main() {
     let mut deployed = false;
     let mut rss: Vec<(f64, u64)> = Vec::new();
     let mut sizes: Vec<(f64, u64)> = Vec::new();
+    // (minutes, sampling pass, judging pass), seconds, from the daemon's gauges.
+    let mut passes: Vec<(f64, f64, f64)> = Vec::new();
     let mut tick = 0u64;
     while began.elapsed() < total {
         tokio::time::sleep(Duration::from_secs(10)).await;
         tick += 1;
         let at = began.elapsed().as_secs_f64() / 60.0;
         rss.push((at, process::rss_kib(pid)));
+        if let Some((sampling, judging)) = pass_durations(port).await {
+            passes.push((at, sampling, judging));
+        }
         if tick % 6 == 0 {
             sizes.push((at, store_bytes(dir.path())));
         }
@@ -224,7 +230,51 @@ async fn main() {
             per_hour / 1048576.0 * 24.0 / 60.0
         );
     }
+    let after_deploy: Vec<&(f64, f64, f64)> = passes
+        .iter()
+        .filter(|(at, _, _)| *at >= deploy_at.as_secs_f64() / 60.0)
+        .collect();
+    for (name, pick) in [
+        (
+            "sampling",
+            (|p: &(f64, f64, f64)| p.1) as fn(&(f64, f64, f64)) -> f64,
+        ),
+        ("judging", |p: &(f64, f64, f64)| p.2),
+    ] {
+        let mut values: Vec<f64> = after_deploy.iter().map(|p| pick(p) * 1000.0).collect();
+        values.sort_by(f64::total_cmp);
+        if let Some(max) = values.last() {
+            let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+            println!(
+                "| {name} pass after the deployment, last pass every 10 s ({} readings): p50 / p99 / max | {:.2} / {:.2} / {:.2} ms |",
+                values.len(),
+                at(0.5),
+                at(0.99),
+                max
+            );
+        }
+    }
     println!("| deployment seen by the daemon | {status} |");
+}
+
+/// The daemon's last sampling and judging pass durations (seconds), from /metrics.
+async fn pass_durations(port: u16) -> Option<(f64, f64)> {
+    let (_, body) = deploywatch::commands::client::get(
+        &format!("http://127.0.0.1:{port}/metrics"),
+        "text/plain",
+    )
+    .await
+    .ok()?;
+    let gauge = |name: &str| {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((
+        gauge("deploywatch_sampling_duration_seconds")?,
+        gauge("deploywatch_judging_duration_seconds")?,
+    ))
 }
 
 /// The deployment the daemon reports, from /status.
