@@ -391,3 +391,70 @@ fn a_store_that_goes_away_fails_fast_and_is_used_again_when_back() {
     store.add_sample("t", &full_sample(3.0)).expect("add again");
     assert_eq!(store.sample_count("t", 0.0, 10.0).expect("count"), 2);
 }
+
+#[test]
+fn one_replica_leads_a_target_and_only_its_writes_are_made() {
+    use deploywatch::storage::Lead;
+    let cluster = common::bare_cluster();
+    cluster.create_database("lead").expect("database");
+    let replica = |name: &str| {
+        let url = format!("postgres://postgres@127.0.0.1:{}/lead", cluster.port());
+        let mut settings = PgSettings::parse(&url, None).expect("url");
+        settings.replica = name.to_string();
+        Store::postgres(settings)
+    };
+    let (a, b) = (replica("deploywatch a"), replica("deploywatch b"));
+    assert_eq!(
+        a.lead("t").expect("lead"),
+        Lead::Leading { took_over: true }
+    );
+    assert_eq!(
+        a.lead("t").expect("lead"),
+        Lead::Leading { took_over: false }
+    );
+    assert_eq!(
+        b.lead("t").expect("lead"),
+        Lead::Following {
+            leader: Some("deploywatch a".into())
+        }
+    );
+    // Another target is another lock.
+    assert_eq!(
+        b.lead("u").expect("lead"),
+        Lead::Leading { took_over: true }
+    );
+    a.fenced("t", |s| s.add_sample("t", &full_sample(1.0)))
+        .expect("the leader writes");
+    let refused = b.fenced("t", |s| s.add_sample("t", &full_sample(2.0)));
+    assert!(
+        matches!(refused, Err(StoreError::NotLeader(_))),
+        "{refused:?}"
+    );
+    // An announcement is recorded by any replica, serialised with the others.
+    b.serialized("t", |s| s.set_last_version("t", "3.7.0", 3.0))
+        .expect("any replica records");
+    assert_eq!(a.sample_count("t", 0.0, 10.0).expect("count"), 1);
+    // The leader's session ends (a replica killed): the other takes over at its next try,
+    // and the old leader, were it still running, writes nothing more.
+    cluster
+        .psql(
+            "postgres",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'deploywatch a'",
+        )
+        .expect("terminate");
+    poll("the other replica leads", || {
+        (b.lead("t").ok()? == Lead::Leading { took_over: true }).then_some(())
+    });
+    let fenced = a.fenced("t", |s| s.add_sample("t", &full_sample(4.0)));
+    assert!(
+        fenced.is_err(),
+        "the old leader's write is refused: {fenced:?}"
+    );
+    poll(
+        "the old leader follows once its store answers again",
+        || matches!(a.lead("t").ok()?, Lead::Following { .. }).then_some(()),
+    );
+    b.fenced("t", |s| s.add_sample("t", &full_sample(5.0)))
+        .expect("the new leader writes");
+    assert_eq!(b.sample_count("t", 0.0, 10.0).expect("count"), 2);
+}

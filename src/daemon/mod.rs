@@ -171,8 +171,14 @@ pub fn open_store(settings: &crate::config::StoreConfig) -> Result<Store, Daemon
                 Arc::new(move || source.read().map(Some).map_err(|e| e.to_string()));
             read
         });
-        let pg = crate::storage::PgSettings::parse(url, password)
+        let mut pg = crate::storage::PgSettings::parse(url, password)
             .map_err(|reason| DaemonError::Store(crate::storage::StoreError::Postgres(reason)))?;
+        // What the other replicas show as a target's leader: the pod's (host's) name.
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("pid {}", std::process::id()));
+        pg.replica = format!("deploywatch {host}").chars().take(63).collect();
         return Ok(Store::postgres(pg));
     }
     Ok(match &settings.path {

@@ -64,7 +64,8 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_shard_info", "This replica's shard of the fleet (shard of shards); always 1.", MetricType::GAUGE),
     ("deploywatch_shards", "How many shards the fleet is split into (1: one replica watches every target).", MetricType::GAUGE),
     ("deploywatch_shard_targets", "Targets this replica owns and watches.", MetricType::GAUGE),
-    ("deploywatch_store_bytes", "Bytes the state store takes on disk (database file and write-ahead log).", MetricType::GAUGE),
+    ("deploywatch_store_bytes", "Bytes the state store takes (SQLite: database file and write-ahead log; PostgreSQL: its schema's tables and indexes).", MetricType::GAUGE),
+    ("deploywatch_target_leader", "1 when this replica samples and judges the target's deployments (always, with a store of its own; with a shared store, while it holds the target's lock there), 0 when another replica does.", MetricType::GAUGE),
     ("deploywatch_store_errors_total", "Failed state store operations, by operation.", MetricType::COUNTER),
     ("deploywatch_sampling_duration_seconds", "Duration of the target's last deployment-tracking sampling pass.", MetricType::GAUGE),
     ("deploywatch_judging_duration_seconds", "Duration of the target's last judging pass over its deployment windows.", MetricType::GAUGE),
@@ -247,6 +248,13 @@ pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> V
             &[("target", target)],
             flag(t.reachable == Some(true)),
         );
+        if let Some(leadership) = &t.leadership {
+            f.push(
+                "deploywatch_target_leader",
+                &[("target", target)],
+                flag(leadership.leading),
+            );
+        }
         if let Some(seconds) = t.sampling_seconds {
             f.push(
                 "deploywatch_sampling_duration_seconds",

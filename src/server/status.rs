@@ -61,6 +61,10 @@ pub struct TargetReport {
     pub schema_version: Option<String>,
     /// Statistics samples stored since the daemon started.
     pub samples_recorded: u64,
+    /// Whether this replica samples and judges the target, and who does (deployment
+    /// tracking only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leadership: Option<crate::watch::state::Leadership>,
     pub checks: Vec<CheckReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deployment: Option<DeploymentView>,
@@ -211,6 +215,7 @@ pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusRepo
             connection_error: target.last_connection_error.clone(),
             schema_version: target.schema_version.clone(),
             samples_recorded: target.samples_recorded,
+            leadership: target.leadership.clone(),
             checks,
             deployment,
         });
@@ -305,6 +310,21 @@ pub fn render_text(report: &StatusReport) -> String {
         );
         if let Some(error) = &target.connection_error {
             let _ = writeln!(out, "  connection error: {error}");
+        }
+        match &target.leadership {
+            Some(l) if l.leading && l.leader.is_some() => {
+                let _ = writeln!(out, "  leader: this replica samples and judges it");
+            }
+            Some(l) if !l.leading => {
+                let _ = writeln!(
+                    out,
+                    "  follower: {} samples and judges it; this replica takes over if it stops",
+                    l.leader.as_deref().unwrap_or(
+                        "no replica (the store cannot be reached, or a takeover is due)"
+                    )
+                );
+            }
+            _ => {}
         }
         let rows: Vec<[String; 6]> = target
             .checks

@@ -204,7 +204,24 @@ struct Inner {
     db: Db,
     ids: Ids,
     names: HashMap<i64, Named>,
+    /// The targets whose lock this replica holds in a shared store, with the generation of
+    /// the session that took it: a lock does not outlive its session.
+    leading: HashMap<String, u64>,
 }
+
+/// Whether this replica may sample and judge a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// It does; `took_over` the first time after another replica did (or none did).
+    Leading { took_over: bool },
+    /// Another replica does (`leader`: its name, when the store knows it).
+    Following { leader: Option<String> },
+}
+
+/// The advisory lock key of a target's leadership, and of the transaction lock that
+/// serialises the recording of its deployments (both from the target's name).
+const LEADER_KEY: &str = "hashtextextended('deploywatch leader ' || $1, 0)";
+const DEPLOYMENTS_KEY: &str = "hashtextextended('deploywatch deployments ' || $1, 0)";
 
 /// `series` ids by target, kind and name.
 type Ids = HashMap<String, [HashMap<String, i64>; 4]>;
@@ -288,6 +305,7 @@ impl Store {
                 db: Db::Postgres(Box::new(PgSession::new(settings))),
                 ids: HashMap::new(),
                 names: HashMap::new(),
+                leading: HashMap::new(),
             })),
             path: None,
             health: Arc::default(),
@@ -303,6 +321,126 @@ impl Store {
     /// the schema: `Ok` when the store can be used.
     pub fn connect(&self) -> Result<(), StoreError> {
         self.lock().db.value("SELECT 1", &[]).map(|_| ())
+    }
+
+    /// Whether this replica leads `target`: always with a store of its own; with a shared
+    /// store, while it holds the target's advisory lock on its session there. A lock held
+    /// before is checked to be still held by a live session (the one this store writes on);
+    /// one not held is tried (`pg_try_advisory_lock`, never waited for).
+    pub fn lead(&self, target: &str) -> Result<Lead, StoreError> {
+        let mut inner = self.lock();
+        let Inner { db, leading, .. } = &mut *inner;
+        if !db.is_postgres() {
+            return Ok(Lead::Leading { took_over: false });
+        }
+        if let Some(held) = leading.get(target).copied() {
+            let alive = db.value("SELECT 1", &[]);
+            let generation = db.postgres().map(|s| s.generation());
+            match alive {
+                Ok(_) if generation == Some(held) => return Ok(Lead::Leading { took_over: false }),
+                Ok(_) => {
+                    leading.remove(target);
+                }
+                Err(error) => {
+                    leading.remove(target);
+                    return Err(error);
+                }
+            }
+        }
+        let got = db.value(
+            &format!("SELECT pg_try_advisory_lock({LEADER_KEY})"),
+            &[target.into()],
+        )?;
+        if got == Value::Int(1) {
+            if let Some(generation) = db.postgres().map(|s| s.generation()) {
+                leading.insert(target.to_string(), generation);
+            }
+            return Ok(Lead::Leading { took_over: true });
+        }
+        let key = db
+            .value(&format!("SELECT {LEADER_KEY}"), &[target.into()])?
+            .int()?;
+        let leader = db
+            .value(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())                  AND l.classid::text::bigint = ($1::bigint >> 32) & 4294967295                  AND l.objid::text::bigint = $1::bigint & 4294967295 LIMIT 1",
+                &[key.into()],
+            )?
+            .opt_text()?;
+        Ok(Lead::Following { leader })
+    }
+
+    /// Gives up the lead of `target` (a target no longer watched, a daemon stopping), so
+    /// another replica takes over at its next try.
+    pub fn resign(&self, target: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Inner { db, leading, .. } = &mut *inner;
+        if leading.remove(target).is_some() {
+            db.execute(
+                &format!("SELECT pg_advisory_unlock({LEADER_KEY})"),
+                &[target.into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs the writes of a leader for `target` as one batch: with a shared store, only
+    /// while this replica holds the target's lock, on the session that holds it, in one
+    /// transaction (a session that was lost, even one replaced since, makes it fail with
+    /// [`StoreError::NotLeader`] and write nothing), serialised with the target's
+    /// announcements on every replica. With a store of its own, `work` simply runs.
+    pub fn fenced<R>(
+        &self,
+        target: &str,
+        work: impl FnOnce(&Store) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.batch(target, true, work)
+    }
+
+    /// Runs `work` (an announcement's or a declared deployment's recording) as one batch,
+    /// serialised with the other replicas' recordings and their leaders' detection of
+    /// deployments of `target` (a transaction lock in a shared store), so a deployment is
+    /// recorded once whichever replica hears of it.
+    pub fn serialized<R>(
+        &self,
+        target: &str,
+        work: impl FnOnce(&Store) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.batch(target, false, work)
+    }
+
+    fn batch<R>(
+        &self,
+        target: &str,
+        fenced: bool,
+        work: impl FnOnce(&Store) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        {
+            let mut inner = self.lock();
+            let Inner { db, leading, .. } = &mut *inner;
+            if !db.is_postgres() || db.in_transaction() {
+                drop(inner);
+                return work(self);
+            }
+            let held = leading.get(target).copied();
+            if fenced && held.is_none() {
+                return Err(StoreError::NotLeader(target.to_string()));
+            }
+            db.begin()?;
+            let generation = db.postgres().map(|s| s.generation());
+            if fenced && generation != held {
+                leading.remove(target);
+                return db.end(Err(StoreError::NotLeader(target.to_string())));
+            }
+            let locked = db.execute(
+                &format!("SELECT pg_advisory_xact_lock({DEPLOYMENTS_KEY})"),
+                &[target.into()],
+            );
+            if let Err(error) = locked {
+                return db.end(Err(error));
+            }
+        }
+        let result = work(self);
+        self.lock().db.end(result)
     }
 
     /// Why an existing file is not a store deploywatch wrote, if it is not. Reads only.
@@ -423,6 +561,7 @@ impl Store {
             db,
             ids: HashMap::new(),
             names: HashMap::new(),
+            leading: HashMap::new(),
         };
         inner.load_series()?;
         Ok(Store {
@@ -448,7 +587,7 @@ impl Store {
     pub fn add_sample(&self, target: &str, sample: &Sample) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let Inner { db, ids, names } = inner;
+        let Inner { db, ids, names, .. } = inner;
         let result = db.transaction(|db| {
             let body = encode(sample, &mut |kind, name, detail| {
                 intern(db, ids, names, target, kind, name, detail, sample.at)
@@ -572,7 +711,7 @@ impl Store {
         at: f64,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let Inner { db, ids, names } = &mut *inner;
+        let Inner { db, ids, names, .. } = &mut *inner;
         let result = db.transaction(|db| {
             for (query_id, text) in texts {
                 let id = intern(db, ids, names, target, Kind::Statement, query_id, text, at)?;
@@ -930,7 +1069,7 @@ impl Store {
 
 impl Inner {
     fn load_series(&mut self) -> Result<(), StoreError> {
-        let Inner { db, ids, names } = self;
+        let Inner { db, ids, names, .. } = self;
         db.each(
             "SELECT id, target, kind, name, detail FROM series",
             &[],

@@ -229,6 +229,8 @@ fn pg_value(row: &postgres::Row, i: usize) -> Result<Value, postgres::Error> {
     } else if *ty == Type::FLOAT8 {
         row.try_get::<_, Option<f64>>(i)?
             .map_or(Value::Null, Value::Real)
+    } else if *ty == Type::VOID {
+        Value::Null
     } else if *ty == Type::BYTEA {
         row.try_get::<_, Option<Vec<u8>>>(i)?
             .map_or(Value::Null, Value::Blob)
@@ -276,6 +278,9 @@ pub struct PgSettings {
     pub password: Option<PasswordReader>,
     /// Shown in logs and errors (no password).
     pub display: String,
+    /// This replica's name, its session's `application_name`: what the other replicas show
+    /// as a target's leader.
+    pub replica: String,
 }
 
 impl PgSettings {
@@ -307,6 +312,7 @@ impl PgSettings {
             config,
             password,
             display,
+            replica: "deploywatch".to_string(),
         })
     }
 }
@@ -405,14 +411,16 @@ impl PgSession {
         config.keepalives_interval(Duration::from_secs(5));
         config.keepalives_retries(3);
         config.tcp_user_timeout(Duration::from_secs(20));
-        config.application_name("deploywatch");
+        config.application_name(&self.settings.replica);
         let mut client = config.connect(postgres::NoTls).map_err(|error| {
             StoreError::Unreachable(format!("{}: {}", self.settings.display, describe(&error)))
         })?;
         client
             .batch_execute(&format!(
                 "SET statement_timeout = '30s'; SET lock_timeout = '10s'; \
-                 SET idle_in_transaction_session_timeout = '60s'; SET search_path = {PG_SCHEMA}"
+                 SET idle_in_transaction_session_timeout = '60s'; SET search_path = {PG_SCHEMA}; \
+                 SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3"
             ))
             .map_err(pg)?;
         ensure_schema(&mut client)?;
@@ -421,10 +429,16 @@ impl PgSession {
 
     /// Forgets a session that failed, so the next operation opens another.
     fn failed(&mut self, error: postgres::Error) -> StoreError {
-        if self
-            .client
-            .as_ref()
-            .is_some_and(postgres::Client::is_closed)
+        // Anything but an error the server reported on a statement means the session is
+        // gone (or cannot be trusted): the next operation opens another.
+        let fatal = error.as_db_error().is_none_or(|db| {
+            matches!(db.severity(), "FATAL" | "PANIC") || db.code().code().starts_with("57P")
+        });
+        if fatal
+            || self
+                .client
+                .as_ref()
+                .is_some_and(postgres::Client::is_closed)
             || error.is_closed()
         {
             self.client = None;
@@ -623,9 +637,33 @@ impl Db {
         &mut self,
         work: impl FnOnce(&mut Db) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        if self.in_transaction() {
+            // Part of a batch already under way: it commits or rolls back as a whole.
+            return work(self);
+        }
+        self.begin()?;
+        let result = work(self);
+        self.end(result)
+    }
+
+    /// Whether a transaction is open.
+    pub fn in_transaction(&self) -> bool {
+        match self {
+            Db::Sqlite(connection) => !connection.is_autocommit(),
+            Db::Postgres(session) => session.in_transaction,
+        }
+    }
+
+    /// Opens a transaction; a lost PostgreSQL session is not replaced until it ends.
+    pub fn begin(&mut self) -> Result<(), StoreError> {
         self.batch("BEGIN")?;
         self.set_in_transaction(true);
-        let result = work(self).and_then(|value| self.batch("COMMIT").map(|()| value));
+        Ok(())
+    }
+
+    /// Commits the transaction when `result` is a success, rolls it back otherwise.
+    pub fn end<R>(&mut self, result: Result<R, StoreError>) -> Result<R, StoreError> {
+        let result = result.and_then(|value| self.batch("COMMIT").map(|()| value));
         if result.is_err() {
             let _ = self.batch("ROLLBACK");
         }

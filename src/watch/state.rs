@@ -91,6 +91,19 @@ pub struct TargetState {
     pub sampling_seconds: Option<f64>,
     /// Seconds the last judging pass took.
     pub judging_seconds: Option<f64>,
+    /// Whether this replica samples and judges the target, when its deployments are tracked.
+    pub leadership: Option<Leadership>,
+}
+
+/// Who samples and judges a target: always this replica with a store of its own; with a
+/// shared store, the replica holding the target's lock there.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Leadership {
+    /// This replica leads the target.
+    pub leading: bool,
+    /// The replica that leads it, as the shared store knows it (`None` when no replica does,
+    /// or the store cannot be asked).
+    pub leader: Option<String>,
 }
 
 /// The state store as last measured.
@@ -408,6 +421,28 @@ impl State {
 
     pub fn set_deployment(&self, target: &str, view: crate::analysis::deployment::DeploymentView) {
         self.write().deployments.insert(target.to_string(), view);
+    }
+
+    /// Forgets the deployment view of a target this replica no longer judges: its windows and
+    /// verdicts are shown by the replica that does.
+    pub fn clear_deployment(&self, target: &str) {
+        self.write().deployments.remove(target);
+    }
+
+    pub fn set_leadership(&self, target: &str, leadership: Leadership) {
+        let mut inner = self.write();
+        if let Some(state) = inner.targets.get_mut(target) {
+            state.leadership = Some(leadership);
+        }
+    }
+
+    /// Whether this replica judges `target` (true when leadership is not known yet).
+    pub fn leads(&self, target: &str) -> bool {
+        self.lock()
+            .targets
+            .get(target)
+            .and_then(|t| t.leadership.as_ref())
+            .is_none_or(|l| l.leading)
     }
 
     /// Every target has been tried at least once (readiness). A replica whose shard owns no

@@ -35,9 +35,9 @@ use crate::config::{Config, DeploymentConfig, StoreConfig, TargetConfig};
 use crate::postgres::pool::TargetPool;
 use crate::postgres::sampler::{self, ServerStats, StatementsSupport};
 use crate::storage::actor::StoreActor;
-use crate::storage::{DeploymentRecord, StoreError};
+use crate::storage::{DeploymentRecord, Lead, StoreError};
 use crate::watch::scheduler::Pools;
-use crate::watch::state::State;
+use crate::watch::state::{Leadership, State};
 use crate::watch::transitions::Transition;
 
 /// How often pg_stat_statements support is looked up again (in sampling passes).
@@ -175,40 +175,42 @@ async fn record_announcement(
     let placed = recorder
         .store
         .run(move |store| {
-            let deployments = store.deployments(Some(&target))?;
-            let last_version = store.last_version(&target)?;
-            let placement = match place_announcement(
-                &owned_version,
-                at,
-                announced_kind,
-                &deployments,
-                last_version.as_deref(),
-                order,
-            ) {
-                Ok(placement) => placement,
-                Err(error) => return Ok(Err(error.to_string())),
-            };
-            Ok(Ok(match placement {
-                Placement::Merge { id, at } => {
-                    match store.update_deployment(id, at, finished_at, note.as_deref())? {
-                        Some(record) => (record, None, true),
-                        None => return Ok(Err(format!("deployment {id} vanished"))),
+            store.serialized(&target.clone(), |store| {
+                let deployments = store.deployments(Some(&target))?;
+                let last_version = store.last_version(&target)?;
+                let placement = match place_announcement(
+                    &owned_version,
+                    at,
+                    announced_kind,
+                    &deployments,
+                    last_version.as_deref(),
+                    order,
+                ) {
+                    Ok(placement) => placement,
+                    Err(error) => return Ok(Err(error.to_string())),
+                };
+                Ok(Ok(match placement {
+                    Placement::Merge { id, at } => {
+                        match store.update_deployment(id, at, finished_at, note.as_deref())? {
+                            Some(record) => (record, None, true),
+                            None => return Ok(Err(format!("deployment {id} vanished"))),
+                        }
                     }
-                }
-                Placement::New { from, kind } => {
-                    let record = store.add_deployment(
-                        &target,
-                        from.as_deref(),
-                        &owned_version,
-                        kind,
-                        Detection::Announced,
-                        at,
-                        finished_at,
-                        note.as_deref(),
-                    )?;
-                    (record, from, false)
-                }
-            }))
+                    Placement::New { from, kind } => {
+                        let record = store.add_deployment(
+                            &target,
+                            from.as_deref(),
+                            &owned_version,
+                            kind,
+                            Detection::Announced,
+                            at,
+                            finished_at,
+                            note.as_deref(),
+                        )?;
+                        (record, from, false)
+                    }
+                }))
+            })
         })
         .await?
         .map_err(TrackerError::Invalid)?;
@@ -226,7 +228,11 @@ async fn record_announcement(
         );
     }
     let view = announced_view(recorder, &record, now).await?;
-    recorder.state.set_deployment(name, view.clone());
+    // A follower records the announcement in the shared store, where the leader reads it on
+    // its next pass; only the leader shows the deployment's windows and verdicts.
+    if recorder.state.leads(name) {
+        recorder.state.set_deployment(name, view.clone());
+    }
     Ok(view)
 }
 
@@ -348,6 +354,7 @@ pub fn start(
             last_pass_at: None,
             summaries: None,
             version_problem: None,
+            leading: None,
         };
         tasks.spawn(tracker.run(cancel.clone()));
     }
@@ -433,6 +440,8 @@ struct Tracker {
     summaries: Option<Summaries>,
     /// What was last logged about the version query not working.
     version_problem: Option<String>,
+    /// Whether this replica led the target at its last pass (`None` before the first).
+    leading: Option<bool>,
 }
 
 impl Tracker {
@@ -475,32 +484,35 @@ impl Tracker {
         let result = self
             .store
             .run(move |store| {
-                for declared in declared {
-                    let all = store.deployments(Some(&target))?;
-                    let known = all.iter().any(|d| {
-                        d.to_version == declared.version && (d.at - declared.at).abs() < 1.0
-                    });
-                    if known {
-                        continue;
+                store.serialized(&target.clone(), |store| {
+                    for declared in declared {
+                        let all = store.deployments(Some(&target))?;
+                        let known = all.iter().any(|d| {
+                            d.to_version == declared.version && (d.at - declared.at).abs() < 1.0
+                        });
+                        if known {
+                            continue;
+                        }
+                        let before = all.into_iter().find(|d| d.at < declared.at);
+                        let from = before
+                            .as_ref()
+                            .map(|d| d.to_version.clone())
+                            .filter(|from| *from != declared.version);
+                        let kind =
+                            kind_of(from.as_deref(), &declared.version, order, before.as_ref());
+                        store.add_deployment(
+                            &target,
+                            from.as_deref(),
+                            &declared.version,
+                            kind,
+                            Detection::Declared,
+                            declared.at,
+                            None,
+                            declared.note.as_deref(),
+                        )?;
                     }
-                    let before = all.into_iter().find(|d| d.at < declared.at);
-                    let from = before
-                        .as_ref()
-                        .map(|d| d.to_version.clone())
-                        .filter(|from| *from != declared.version);
-                    let kind = kind_of(from.as_deref(), &declared.version, order, before.as_ref());
-                    store.add_deployment(
-                        &target,
-                        from.as_deref(),
-                        &declared.version,
-                        kind,
-                        Detection::Declared,
-                        declared.at,
-                        None,
-                        declared.note.as_deref(),
-                    )?;
-                }
-                Ok(())
+                    Ok(())
+                })
             })
             .await;
         if let Err(error) = result {
@@ -523,6 +535,7 @@ impl Tracker {
         let order = self.settings.version_order;
         self.store
             .run(move |store| {
+                store.fenced(&target.clone(), |store| {
                 let last = store.last_version(&target)?;
                 match last.as_deref() {
                     None => {
@@ -554,6 +567,7 @@ impl Tracker {
                     }
                 }
                 store.set_last_version(&target, &version, now)
+                })
             })
             .await
     }
@@ -563,6 +577,11 @@ impl Tracker {
     /// start failing and when they work again; any other failure when it starts, and hourly
     /// while it lasts.
     fn store_failed(&self, operation: &str, error: &StoreError) {
+        if matches!(error, StoreError::NotLeader(_)) {
+            // The lead was lost since the pass began: the next pass finds out and says so.
+            tracing::debug!(db_target = %self.name(), operation, %error, "write not made");
+            return;
+        }
         self.state.count_store_error(operation);
         let writes = [
             "write_sample",
@@ -583,7 +602,59 @@ impl Tracker {
         }
     }
 
+    /// Whether this replica samples and judges the target this pass (see [`Lead`]); on a
+    /// change, what it held of the target is dropped, so a takeover starts from the store
+    /// (deployment, baseline, recorded verdicts) and a follower shows no windows.
+    async fn lead(&mut self) -> bool {
+        let target = self.target.name.clone();
+        let result = self.store.run(move |store| store.lead(&target)).await;
+        let shared = self.store_settings.url.is_some();
+        let (leading, leader, took_over) = match result {
+            Ok(Lead::Leading { took_over }) => {
+                (true, shared.then(|| "this replica".to_string()), took_over)
+            }
+            Ok(Lead::Following { leader }) => (false, leader, false),
+            Err(error) => {
+                self.store_failed("lead", &error);
+                (false, None, false)
+            }
+        };
+        if leading && took_over {
+            tracing::info!(
+                db_target = %self.name(),
+                "this replica leads the target now: it samples and judges it, from what the store holds"
+            );
+            self.previous = None;
+            self.summaries = None;
+            self.texts = None;
+        }
+        if !leading && self.leading != Some(false) {
+            if self.leading == Some(true) {
+                tracing::warn!(
+                    db_target = %self.name(), leader = ?leader,
+                    "this replica lost the lead of the target (store unreachable or its session lost): it no longer samples or judges it"
+                );
+            } else {
+                tracing::info!(
+                    db_target = %self.name(), leader = ?leader,
+                    "another replica leads the target; this one takes over if it stops"
+                );
+            }
+            self.previous = None;
+            self.summaries = None;
+            self.texts = None;
+            self.state.clear_deployment(self.name());
+        }
+        self.leading = Some(leading);
+        self.state
+            .set_leadership(self.name(), Leadership { leading, leader });
+        leading
+    }
+
     async fn pass(&mut self, now: f64) {
+        if !self.lead().await {
+            return;
+        }
         self.passes += 1;
         let started = std::time::Instant::now();
         // One session for the whole pass, waited for at most one interval.
@@ -681,7 +752,9 @@ impl Tracker {
                     let target = self.target.name.clone();
                     let stored = self
                         .store
-                        .run(move |store| store.add_sample(&target, &sample))
+                        .run(move |store| {
+                            store.fenced(&target, |store| store.add_sample(&target, &sample))
+                        })
                         .await;
                     match stored {
                         Ok(()) => self.state.count_sample(self.name()),
@@ -705,10 +778,14 @@ impl Tracker {
         self.state
             .set_sampling_duration(self.name(), started.elapsed().as_secs_f64());
         if self.passes % 10 == 1 {
+            let target = self.target.name.clone();
             let horizon = now - self.store_settings.retention.as_secs_f64();
             match self
                 .store
-                .run(move |store| Ok((store.prune(horizon)?, store.size_bytes()?)))
+                .run(move |store| {
+                    let pruned = store.fenced(&target, |store| store.prune(horizon))?;
+                    Ok((pruned, store.size_bytes()?))
+                })
                 .await
             {
                 Ok((_, bytes)) => self.state.set_store_bytes(bytes),
@@ -775,7 +852,11 @@ impl Tracker {
                     let target = self.target.name.clone();
                     let stored = self
                         .store
-                        .run(move |store| store.add_query_texts(&target, &found, now))
+                        .run(move |store| {
+                            store.fenced(&target, |store| {
+                                store.add_query_texts(&target, &found, now)
+                            })
+                        })
                         .await;
                     if let Err(error) = stored {
                         self.state.count_store_error("write_query_texts");
@@ -893,8 +974,9 @@ impl Tracker {
                 verdict = verdict.verdict.as_str(), regressions = verdict.regressions.len(),
                 "window closed"
             );
+            let target = self.target.name.clone();
             self.store
-                .run(move |store| store.set_verdict(id, &verdict))
+                .run(move |store| store.fenced(&target, |store| store.set_verdict(id, &verdict)))
                 .await?;
         }
         Ok(view)

@@ -1,0 +1,408 @@
+//! Two replicas on one PostgreSQL store (`store.url`) for one target: exactly one samples and
+//! judges it at a time, deployments and verdicts are recorded once, the other takes over
+//! within a sampling interval when the leader is killed, and a store that goes away stops
+//! neither replica's checks nor its metrics. Real PostgreSQL for the target and the store, real
+//! daemon processes; windows compressed to seconds as in `tests/deployments.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{cluster, cognit_db, parse_metrics, wait_until, ConfigDir, Version};
+use deploywatch_testkit::pgcluster::PgCluster;
+
+const TOKEN: &str = "ha-token";
+/// The sampling interval of both replicas, in seconds.
+const INTERVAL: u64 = 1;
+
+/// The target's cluster (cognit), the store's cluster, and the replicas' shared configuration.
+struct Pair {
+    target: PgCluster,
+    store: PgCluster,
+    dir: ConfigDir,
+}
+
+impl Pair {
+    /// Windows of `hour`, `2 * hour` and `3 * hour` seconds.
+    fn new(version: Version, hour: u32) -> Pair {
+        let target = cluster();
+        cognit_db(&target, "cognit", version);
+        let store = common::bare_cluster();
+        store.create_database("dwstore").expect("store database");
+        let dir = ConfigDir::new();
+        dir.add_shipped_pack("cognit-3.7.0.toml");
+        dir.write("token", TOKEN);
+        dir.write(
+            "deploywatch.toml",
+            &format!(
+                "[server]\napi_token_file = \"token\"\n\n\
+                 [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
+                 [store]\nurl = \"postgres://postgres@127.0.0.1:{}/dwstore\"\n\n\
+                 [deployments]\nsample_interval = \"{INTERVAL}s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
+                 latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
+                 [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"deploywatch\"\n",
+                store.port(),
+                hour * 2,
+                hour * 3,
+                target.port()
+            ),
+        );
+        Pair { target, store, dir }
+    }
+
+    fn spawn(&self) -> Replica {
+        let port = common::free_port();
+        Replica {
+            port,
+            child: common::spawn_daemon(&self.dir, port),
+        }
+    }
+
+    /// One number from the store (psql's unaligned output).
+    fn store_count(&self, sql: &str) -> i64 {
+        let out = self.store.psql("dwstore", sql).expect("store query");
+        out.lines()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no count in {out:?}"))
+    }
+}
+
+struct Replica {
+    port: u16,
+    child: tokio::process::Child,
+}
+
+impl Replica {
+    fn kill_9(&mut self) {
+        std::process::Command::new("kill")
+            .args(["-9", &self.child.id().expect("pid").to_string()])
+            .status()
+            .expect("kill -9");
+    }
+}
+
+async fn metrics(port: u16) -> Option<String> {
+    let (code, body) = deploywatch::commands::client::request(
+        hyper::Method::GET,
+        &format!("http://127.0.0.1:{port}/metrics"),
+        "text/plain",
+        None,
+        None,
+    )
+    .await
+    .ok()?;
+    (code.as_u16() == 200).then_some(body)
+}
+
+/// `deploywatch_target_leader{target="cognit"}` of a replica, once it has one.
+async fn leader_gauge(port: u16) -> Option<f64> {
+    let body = metrics(port).await?;
+    parse_metrics(&body)
+        .metric("deploywatch_target_leader")
+        .label("target", "cognit")
+        .value_opt()
+}
+
+async fn status(port: u16) -> Option<serde_json::Value> {
+    let (_, body) = deploywatch::commands::client::request(
+        hyper::Method::GET,
+        &format!("http://127.0.0.1:{port}/status"),
+        "application/json",
+        None,
+        None,
+    )
+    .await
+    .ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+async fn announce(port: u16, version: &str) -> u16 {
+    let body = serde_json::json!({ "target": "cognit", "version": version }).to_string();
+    deploywatch::commands::client::request(
+        hyper::Method::POST,
+        &format!("http://127.0.0.1:{port}/api/deployments"),
+        "application/json",
+        Some(TOKEN),
+        Some(body),
+    )
+    .await
+    .map(|(code, _)| code.as_u16())
+    .unwrap_or(0)
+}
+
+/// Waits until exactly one of the replicas leads; returns its index.
+async fn one_leader(replicas: &[&Replica]) -> usize {
+    let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+    wait_until(
+        "one replica leads, the other follows",
+        Duration::from_secs(60),
+        || {
+            let ports = ports.clone();
+            async move {
+                let mut gauges = Vec::new();
+                for port in &ports {
+                    gauges.push(leader_gauge(*port).await?);
+                }
+                let leaders: Vec<usize> = (0..gauges.len()).filter(|i| gauges[*i] == 1.0).collect();
+                let followers = gauges.iter().filter(|g| **g == 0.0).count();
+                (leaders.len() == 1 && followers == gauges.len() - 1).then(|| leaders[0])
+            }
+        },
+    )
+    .await
+}
+
+/// The replica's view of cognit's deployment, once `accept` holds.
+async fn deployment_where(
+    port: u16,
+    what: &str,
+    deadline: Duration,
+    accept: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let accept = &accept;
+    wait_until(what, deadline, || async move {
+        let s = status(port).await?;
+        let d = s["targets"][0]["deployment"].clone();
+        (d["id"].is_number() && accept(&d)).then_some(d)
+    })
+    .await
+}
+
+fn window<'a>(d: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    d["windows"]
+        .as_array()?
+        .iter()
+        .find(|w| w["window"] == name)
+}
+
+fn closed(d: &serde_json::Value, name: &str) -> bool {
+    window(d, name).is_some_and(|w| w["verdict"].is_string() && w["verdict"] != "watching")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_deployment_is_recorded_once_with_one_verdict_per_window() {
+    let pair = Pair::new(Version::V360, 6);
+    let a = pair.spawn();
+    let b = pair.spawn();
+    let replicas = [&a, &b];
+    let first = one_leader(&replicas).await;
+    let (leader, follower) = (replicas[first], replicas[1 - first]);
+    wait_until(
+        "a baseline in the store",
+        Duration::from_secs(60),
+        || async {
+            (pair.store_count("SELECT count(*) FROM deploywatch.samples") >= 6).then_some(())
+        },
+    )
+    .await;
+    // The pipeline announces to the follower (a Service picks either), and the migration
+    // runs, which the leader detects: still one deployment.
+    assert_eq!(announce(follower.port, "3.7.0").await, 201);
+    common::migrate(&pair.target, "cognit").expect("migration");
+    deployment_where(
+        leader.port,
+        "the leader sees the deployment",
+        Duration::from_secs(20),
+        |d| d["to_version"] == "3.7.0",
+    )
+    .await;
+    let again = announce(leader.port, "3.7.0").await;
+    assert!(again == 200 || again == 201, "merged: {again}");
+    let view = deployment_where(
+        leader.port,
+        "every window closed on the leader",
+        Duration::from_secs(60),
+        |d| {
+            ["first_hour", "first_day", "first_week"]
+                .iter()
+                .all(|w| closed(d, w))
+        },
+    )
+    .await;
+    assert_eq!(view["to_version"], "3.7.0", "{view:#}");
+    assert_eq!(
+        pair.store_count("SELECT count(*) FROM deploywatch.deployments"),
+        1,
+        "one deployment row"
+    );
+    assert_eq!(
+        pair.store_count("SELECT count(*) FROM deploywatch.verdicts"),
+        3,
+        "one verdict per window"
+    );
+    assert_eq!(
+        pair.store_count("SELECT count(DISTINCT \"window\") FROM deploywatch.verdicts"),
+        3
+    );
+    // Only the leader shows the deployment's series; the follower says who leads.
+    let leader_metrics = metrics(leader.port).await.expect("leader metrics");
+    let follower_metrics = metrics(follower.port).await.expect("follower metrics");
+    let verdicts = |body: &str| {
+        parse_metrics(body)
+            .metric("deploywatch_window_verdict")
+            .label("target", "cognit")
+            .samples()
+            .len()
+    };
+    assert!(verdicts(&leader_metrics) > 0, "{leader_metrics}");
+    assert_eq!(verdicts(&follower_metrics), 0, "{follower_metrics}");
+    let s = status(follower.port).await.expect("status");
+    let leadership = &s["targets"][0]["leadership"];
+    assert_eq!(leadership["leading"], false, "{s:#}");
+    assert!(
+        leadership["leader"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("deploywatch")),
+        "the follower names the leader: {s:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_mid_first_hour_hands_the_target_over_within_an_interval() {
+    let pair = Pair::new(Version::V370, 12);
+    let mut a = pair.spawn();
+    let mut b = pair.spawn();
+    let first = one_leader(&[&a, &b]).await;
+    let (leader, follower) = if first == 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    wait_until(
+        "a baseline in the store",
+        Duration::from_secs(60),
+        || async {
+            (pair.store_count("SELECT count(*) FROM deploywatch.samples") >= 6).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(announce(leader.port, "3.7.1").await, 201);
+    let before = deployment_where(
+        leader.port,
+        "first_hour under way with a baseline",
+        Duration::from_secs(30),
+        |d| d["current_window"] == "first_hour" && d["baseline_samples"].as_u64() >= Some(4),
+    )
+    .await;
+    leader.kill_9();
+    let killed = Instant::now();
+    // Two sampling intervals plus slack for the store server to see the session end.
+    wait_until(
+        "the follower leads",
+        Duration::from_secs(2 * INTERVAL + 3),
+        || async { (leader_gauge(follower.port).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let took = killed.elapsed();
+    let after = deployment_where(
+        follower.port,
+        "the deployment on the new leader",
+        Duration::from_secs(10),
+        |_| true,
+    )
+    .await;
+    assert_eq!(after["id"], before["id"], "{before:#}\n{after:#}");
+    assert_eq!(after["at"], before["at"]);
+    assert!(
+        after["baseline_samples"].as_u64() >= before["baseline_samples"].as_u64(),
+        "the baseline is kept: {before:#}\n{after:#}"
+    );
+    let hour_end = window(&before, "first_hour").expect("first_hour")["end"].clone();
+    assert_eq!(
+        window(&after, "first_hour").expect("first_hour")["end"],
+        hour_end
+    );
+    let closed_view = deployment_where(
+        follower.port,
+        "first_hour closes on the new leader",
+        Duration::from_secs(30),
+        |d| closed(d, "first_hour"),
+    )
+    .await;
+    let verdict = window(&closed_view, "first_hour").expect("first_hour")["verdict"].clone();
+    assert!(
+        matches!(
+            verdict.as_str(),
+            Some("pass" | "regression" | "inconclusive")
+        ),
+        "{closed_view:#}"
+    );
+    // On time: recorded within a few sampling passes of the window's end.
+    let end = deploywatch::time::parse_rfc3339(hour_end.as_str().expect("end")).expect("time");
+    let closed_at = pair.store_count(
+        "SELECT floor(closed_at)::bigint FROM deploywatch.verdicts WHERE \"window\" = 'first_hour'",
+    ) as f64;
+    assert!(
+        closed_at >= end.floor() && closed_at <= end + 3.0 * INTERVAL as f64,
+        "first_hour ended at {end} and was closed at {closed_at}"
+    );
+    assert_eq!(
+        pair.store_count("SELECT count(*) FROM deploywatch.deployments"),
+        1
+    );
+    assert_eq!(
+        pair.store_count(
+            "SELECT count(*) FROM deploywatch.verdicts WHERE \"window\" = 'first_hour'"
+        ),
+        1
+    );
+    eprintln!("takeover after the kill: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_away_for_a_while_stops_no_check_and_loses_nothing() {
+    let mut pair = Pair::new(Version::V370, 600);
+    let a = pair.spawn();
+    let b = pair.spawn();
+    one_leader(&[&a, &b]).await;
+    assert_eq!(announce(a.port, "3.7.1").await, 201);
+    wait_until("samples in the store", Duration::from_secs(60), || async {
+        (pair.store_count("SELECT count(*) FROM deploywatch.samples") >= 5).then_some(())
+    })
+    .await;
+    pair.store.stop().expect("store down");
+    let runs = |body: &str| {
+        parse_metrics(body)
+            .metric("deploywatch_check_runs_total")
+            .label("target", "cognit")
+            .samples()
+            .iter()
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    for replica in [&a, &b] {
+        // Leadership is given up: nobody writes while the store is away.
+        wait_until("the lead given up", Duration::from_secs(30), || async {
+            (leader_gauge(replica.port).await == Some(0.0)).then_some(())
+        })
+        .await;
+        assert_eq!(announce(replica.port, "3.7.2").await, 503);
+        let first = runs(&metrics(replica.port).await.expect("metrics answer"));
+        wait_until("checks keep running", Duration::from_secs(30), || async {
+            let now = runs(&metrics(replica.port).await?);
+            (now > first).then_some(())
+        })
+        .await;
+    }
+    pair.store.start_again().expect("store back");
+    one_leader(&[&a, &b]).await;
+    let kept = pair.store_count("SELECT count(*) FROM deploywatch.samples");
+    assert!(kept >= 5, "samples recorded before are kept: {kept}");
+    assert_eq!(
+        pair.store_count("SELECT count(*) FROM deploywatch.deployments WHERE to_version = '3.7.1'"),
+        1,
+        "the deployment recorded before is kept"
+    );
+    assert_eq!(
+        pair.store_count("SELECT count(*) FROM deploywatch.deployments WHERE to_version = '3.7.2'"),
+        0,
+        "the refused announcement was not recorded"
+    );
+    wait_until("sampling again", Duration::from_secs(30), || async {
+        (pair.store_count("SELECT count(*) FROM deploywatch.samples") > kept).then_some(())
+    })
+    .await;
+}
