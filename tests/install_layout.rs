@@ -358,3 +358,107 @@ fn the_sharded_kubernetes_manifests_agree() {
     assert!(rules.contains("up{job=\"deploywatch\"}"));
     assert!(rules.contains("- alert: DeploywatchShardMissing"));
 }
+
+/// The HA variant: two StatefulSets whose pods pair up by ordinal, each pod's shard taken from
+/// its name by the real parser, so every shard has exactly two pods; a configuration that loads
+/// with a PostgreSQL store and no file, its password on the Secret's mount; one peer URL per
+/// shard, each a Service on both pods of that shard; and the scrape of every pod.
+#[test]
+fn the_ha_kubernetes_manifests_agree() {
+    let sets = documents("deploy/kubernetes/ha/statefulset.yaml");
+    assert_eq!(
+        sets.len(),
+        2,
+        "two StatefulSets: one pod of each pair in each"
+    );
+    let mut pods_per_shard = std::collections::BTreeMap::<u32, Vec<String>>::new();
+    let mut counts = std::collections::BTreeSet::new();
+    for set in &sets {
+        assert_eq!(set["kind"], "StatefulSet");
+        assert_eq!(set["spec"]["serviceName"], "deploywatch");
+        assert!(
+            set["spec"]["volumeClaimTemplates"].is_null(),
+            "the pods keep nothing: the store is shared"
+        );
+        let name = set["metadata"]["name"].as_str().expect("name");
+        let replicas = set["spec"]["replicas"].as_u64().expect("replicas") as u32;
+        let container = &set["spec"]["template"]["spec"]["containers"][0];
+        let shard_template = container["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "DEPLOYWATCH_SHARD")
+            .and_then(|e| e["value"].as_str())
+            .expect("DEPLOYWATCH_SHARD");
+        for ordinal in 0..replicas {
+            let pod = format!("{name}-{ordinal}");
+            let shard: deploywatch::shard::Shard = shard_template
+                .replace("$(POD_NAME)", &pod)
+                .parse()
+                .unwrap_or_else(|e| panic!("pod {pod}: {e}"));
+            assert_eq!(shard.index, ordinal, "pod {pod}");
+            counts.insert(shard.count);
+            pods_per_shard.entry(shard.index).or_default().push(pod);
+        }
+        assert_eq!(
+            set["spec"]["template"]["metadata"]["labels"]["app"],
+            "deploywatch"
+        );
+    }
+    assert_eq!(counts.len(), 1, "both sets split the fleet alike");
+    let shards = *counts.iter().next().expect("count");
+    assert_eq!(pods_per_shard.len(), shards as usize);
+    assert!(
+        pods_per_shard.values().all(|pods| pods.len() == 2),
+        "a pair per shard: {pods_per_shard:?}"
+    );
+
+    let services = documents("deploy/kubernetes/ha/service.yaml");
+    let headless = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == "deploywatch")
+        .expect("the headless Service");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+
+    let maps = documents("deploy/kubernetes/ha/configmap.yaml");
+    let text = maps
+        .iter()
+        .find(|d| d["metadata"]["name"] == "deploywatch")
+        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
+        .expect("deploywatch.toml in the ConfigMap");
+    let dir = common::ConfigDir::new();
+    dir.add_shipped_pack("postgres.toml");
+    dir.write("deploywatch.toml", text);
+    let config = dir.load();
+    assert!(config.store.url.is_some(), "a shared PostgreSQL store");
+    assert!(config.store.path.is_none());
+    assert!(
+        matches!(&config.store.password,
+            Some(deploywatch::postgres::target::PasswordSource::File(p)) if p.starts_with("/etc/deploywatch/secret")),
+        "{:?}",
+        config.store.password
+    );
+    assert_eq!(config.server.shard_peers.len(), shards as usize);
+    for (index, peer) in config.server.shard_peers.iter().enumerate() {
+        let service = services
+            .iter()
+            .find(|s| {
+                s["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| peer.starts_with(&format!("http://{n}:")))
+            })
+            .unwrap_or_else(|| panic!("no Service for {peer}"));
+        let selector = &service["spec"]["selector"];
+        assert_eq!(selector["app"], "deploywatch", "{peer}");
+        assert_eq!(
+            selector["apps.kubernetes.io/pod-index"].as_str(),
+            Some(index.to_string().as_str()),
+            "{peer} reaches both pods of shard {index}"
+        );
+    }
+    let monitor = &documents("deploy/kubernetes/ha/servicemonitor.yaml")[0];
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["app"],
+        "deploywatch"
+    );
+}
