@@ -167,7 +167,9 @@ fn write_config(setup: &Setup, interval: Option<u64>) -> Config {
         dir.join("deploywatch.toml"),
         format!(
             "{checks}[deployments]\nenabled = false\n\n[store]\npath = \"state.sqlite\"\n\n\
-             [[targets]]\nname = \"cognit\"\nurl = \"{}\"\n",
+             [[targets]]\nname = \"cognit\"\nurl = \"{}\"\n\
+             # the application's own (superuser) role of a throwaway benchmark database\n\
+             allow_superuser = true\n",
             setup.url
         ),
     )

@@ -24,7 +24,10 @@ use serde::{Deserialize, Serialize};
 
 /// Defaults for a check that does not set its own sweep budget.
 pub(crate) const DEFAULT_SWEEP_PERIOD: Duration = Duration::from_secs(86_400);
-pub(crate) const DEFAULT_SWEEP_MAX_ROWS: u64 = 1_000_000;
+/// Large: the measured speed and `sweep_max_time` (a periodic sweep) or half the check's timeout
+/// (an urgent one) size most chunks; a few large chunks of a first or early sweep let the
+/// planner hash-join them, where small ones each pay for building the hash again.
+pub(crate) const DEFAULT_SWEEP_MAX_ROWS: u64 = 10_000_000;
 pub(crate) const DEFAULT_SWEEP_MAX_TIME: Duration = Duration::from_secs(5);
 /// A paced chunk never drops below this many rows, so a sweep always moves.
 pub(crate) const MIN_CHUNK_ROWS: u64 = 1_000;
@@ -657,6 +660,7 @@ mod tests {
         };
         assert_eq!(paced_rows(&d, &on_time, five_minutes, None, 3000.0), 46_297);
         // Behind schedule (the daemon was down), up to the row cap.
+        d.sweep_max_rows = 1_000_000;
         assert_eq!(
             paced_rows(&d, &sweep, five_minutes, None, 43_000.0),
             1_000_000
