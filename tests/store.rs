@@ -458,3 +458,36 @@ fn one_replica_leads_a_target_and_only_its_writes_are_made() {
         .expect("the new leader writes");
     assert_eq!(b.sample_count("t", 0.0, 10.0).expect("count"), 2);
 }
+
+#[test]
+fn the_report_reads_a_postgresql_store() {
+    let cluster = common::bare_cluster();
+    let store = pg_store(&cluster, "reported");
+    store.add_sample("cognit", &full_sample(100.0)).expect("sample");
+    store
+        .add_deployment(
+            "cognit",
+            Some("3.6.0"),
+            "3.7.0",
+            DeploymentKind::Deploy,
+            Detection::Announced,
+            150.0,
+            None,
+            Some("payments index"),
+        )
+        .expect("deployment");
+    store.add_sample("cognit", &full_sample(200.0)).expect("sample");
+    let dir = common::ConfigDir::new();
+    dir.add_shipped_pack("postgres.toml");
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[store]\nurl = \"postgres://postgres@127.0.0.1:{}/reported\"\n\n\
+             [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\n",
+            cluster.port()
+        ),
+    );
+    let (code, text) = deploywatch::commands::report(&dir.load(), Some("cognit"), None);
+    assert_eq!(code, deploywatch::commands::EXIT_OK, "{text}");
+    assert!(text.contains("3.7.0"), "{text}");
+}
