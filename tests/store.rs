@@ -463,7 +463,9 @@ fn one_replica_leads_a_target_and_only_its_writes_are_made() {
 fn the_report_reads_a_postgresql_store() {
     let cluster = common::bare_cluster();
     let store = pg_store(&cluster, "reported");
-    store.add_sample("cognit", &full_sample(100.0)).expect("sample");
+    store
+        .add_sample("cognit", &full_sample(100.0))
+        .expect("sample");
     store
         .add_deployment(
             "cognit",
@@ -476,7 +478,9 @@ fn the_report_reads_a_postgresql_store() {
             Some("payments index"),
         )
         .expect("deployment");
-    store.add_sample("cognit", &full_sample(200.0)).expect("sample");
+    store
+        .add_sample("cognit", &full_sample(200.0))
+        .expect("sample");
     let dir = common::ConfigDir::new();
     dir.add_shipped_pack("postgres.toml");
     dir.write(
