@@ -406,3 +406,35 @@ async fn a_store_away_for_a_while_stops_no_check_and_loses_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starts_while_the_store_is_away_and_leads_once_it_is_back() {
+    let mut pair = Pair::new(Version::V370, 600);
+    pair.store.stop().expect("store down");
+    let a = pair.spawn();
+    wait_until(
+        "checks run and the lead is not taken",
+        Duration::from_secs(30),
+        || async {
+            let body = metrics(a.port).await?;
+            let scrape = parse_metrics(&body);
+            let ran = scrape
+                .metric("deploywatch_check_runs_total")
+                .label("target", "cognit")
+                .samples()
+                .len();
+            let leader = scrape
+                .metric("deploywatch_target_leader")
+                .label("target", "cognit")
+                .value_opt()?;
+            (ran > 0 && leader == 0.0).then_some(())
+        },
+    )
+    .await;
+    pair.store.start_again().expect("store back");
+    one_leader(&[&a]).await;
+    wait_until("samples in the store", Duration::from_secs(30), || async {
+        (pair.store_count("SELECT count(*) FROM deploywatch.samples") > 0).then_some(())
+    })
+    .await;
+}
