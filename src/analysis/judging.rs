@@ -440,4 +440,49 @@ mod tests {
         );
         assert_eq!(found.subject, "query 77");
     }
+
+    #[test]
+    fn an_expensive_new_statement_is_judged_behind_many_cheap_new_ones() {
+        // The release brings more cheap new statements than are followed, and later an
+        // expensive one: it takes the place of a cheap one and is flagged.
+        let d = record();
+        let mut all = summaries(1.0, 0);
+        let cheap = NEW_STATEMENTS + 10;
+        for i in 0..20 {
+            let mut s = sample(d.at + 30.0 + 60.0 * i as f64, 1.0, i);
+            if let Some(statements) = s.statements.as_mut() {
+                for k in 0..cheap {
+                    statements.insert(
+                        format!("{}", 1000 + k),
+                        StatementDelta {
+                            calls: 20.0,
+                            total_ms: 0.5,
+                            rows: 20.0,
+                            query: format!("SELECT {k} FROM lookups"),
+                        },
+                    );
+                }
+                if i >= 5 {
+                    statements.insert(
+                        "77".to_string(),
+                        StatementDelta {
+                            calls: 20.0,
+                            total_ms: 20.0 * 60.0,
+                            rows: 20.0,
+                            query: "SELECT * FROM reports WHERE owner = $1".into(),
+                        },
+                    );
+                }
+            }
+            all.add(&s, &settings().durations);
+        }
+        let (view, _) = judge(&d, &all, &[], d.at + 21.0 * 60.0, &settings(), vec![], 0);
+        let found: Vec<&Finding> = view.windows[0]
+            .regressions
+            .iter()
+            .filter(|f| f.signal == Signal::NewStatement)
+            .collect();
+        assert_eq!(found.len(), 1, "{view:#?}");
+        assert_eq!(found[0].subject, "query 77");
+    }
 }

@@ -241,6 +241,8 @@ pub struct Summary {
     capacity: usize,
     /// Statements followed because the baseline never saw them.
     new_followed: usize,
+    /// New statements no longer followed: a costlier new statement took their place.
+    displaced: BTreeSet<String>,
 }
 
 impl Summary {
@@ -272,6 +274,7 @@ impl Summary {
             following,
             capacity,
             new_followed: 0,
+            displaced: BTreeSet::new(),
         }
     }
 
@@ -295,9 +298,53 @@ impl Summary {
             } => {
                 followed.contains(id)
                     || self.statements.contains_key(id)
-                    || (!known.contains(id) && self.new_followed < *new_statements)
+                    || (!known.contains(id)
+                        && self.new_followed < *new_statements
+                        && !self.displaced.contains(id))
             }
         }
+    }
+
+    /// When every place for new statements is taken, a new statement whose time in this
+    /// sample exceeds the whole time of the cheapest followed new statement takes its place
+    /// (that one is added up among the others from then on, and never followed again), so the
+    /// costliest new statements are the ones followed, whichever came first. Whether `id` got
+    /// a place.
+    fn make_room_for(&mut self, id: &str, total_ms: f64) -> bool {
+        let Following::Chosen {
+            followed,
+            known,
+            new_statements,
+        } = &self.following
+        else {
+            return false;
+        };
+        if *new_statements == 0 || known.contains(id) || self.displaced.contains(id) {
+            return false;
+        }
+        let cheapest = self
+            .statements
+            .iter()
+            .filter(|(k, _)| !followed.contains(*k))
+            .min_by(|a, b| {
+                a.1.total_ms
+                    .total_cmp(&b.1.total_ms)
+                    .then_with(|| a.0.cmp(b.0))
+            })
+            .map(|(k, s)| (k.clone(), s.total_ms));
+        let Some((victim, _)) = cheapest.filter(|(_, ms)| total_ms > *ms) else {
+            return false;
+        };
+        if let Some(gone) = self.statements.remove(&victim) {
+            self.others.calls += gone.calls;
+            self.others.total_ms += gone.total_ms;
+            if self.other_ids.insert(victim.clone()) {
+                self.others.statements += 1;
+            }
+        }
+        self.displaced.insert(victim);
+        self.new_followed = self.new_followed.saturating_sub(1);
+        true
     }
 
     pub fn add(&mut self, sample: &Sample) {
@@ -331,7 +378,7 @@ impl Summary {
             self.statement_ms += statements.values().map(|s| s.total_ms).sum::<f64>();
             let seconds_before = self.seconds - sample.seconds.max(0.0);
             for (id, s) in statements {
-                if !self.follows(id) {
+                if !self.follows(id) && !self.make_room_for(id, s.total_ms) {
                     if !matches!(self.following, Following::None)
                         && self.other_ids.insert(id.clone())
                     {
@@ -598,5 +645,52 @@ mod tests {
             }
         }
         assert_eq!(sizes[0], sizes[1], "{sizes:?}");
+    }
+
+    #[test]
+    fn a_costlier_new_statement_takes_the_place_of_the_cheapest_new_one() {
+        let followed: BTreeSet<String> = ["a".to_string()].into();
+        let known: BTreeSet<String> = ["a".to_string()].into();
+        let mut summary = Summary::new(
+            1,
+            Following::Chosen {
+                followed,
+                known,
+                new_statements: 2,
+            },
+        );
+        for i in 0..5 {
+            summary.add(&sample(
+                f64::from(i),
+                &[
+                    ("a", 10.0, 10.0),
+                    ("cheap1", 10.0, 1.0),
+                    ("cheap2", 10.0, 2.0),
+                ],
+            ));
+        }
+        // A costly new statement arrives once the places are taken: the cheapest new one
+        // (5 ms in all) makes way, and is not followed again.
+        for i in 5..10 {
+            summary.add(&sample(
+                f64::from(i),
+                &[
+                    ("a", 10.0, 10.0),
+                    ("cheap1", 10.0, 1.0),
+                    ("cheap2", 10.0, 2.0),
+                    ("costly", 10.0, 500.0),
+                ],
+            ));
+        }
+        let ids: Vec<&str> = summary.statements.keys().map(String::as_str).collect();
+        assert_eq!(ids, vec!["a", "cheap2", "costly"]);
+        assert_eq!(summary.statements["costly"].calls, 50.0);
+        assert_eq!(summary.statements["costly"].first_sample, 6);
+        // A statement cheaper than every followed new one gets no place.
+        summary.add(&sample(10.0, &[("other", 10.0, 3.0)]));
+        assert!(!summary.statements.contains_key("other"));
+        // Nothing is lost: every statement's time is followed or among the others.
+        let followed_ms: f64 = summary.statements.values().map(|s| s.total_ms).sum();
+        assert_eq!(followed_ms + summary.others.total_ms, summary.statement_ms);
     }
 }
