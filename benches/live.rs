@@ -153,6 +153,9 @@ async fn main() {
     let total = Duration::from_secs(minutes * 60);
     let deploy_at = total / 3;
     let mut deployed = false;
+    // The minute of the reading taken just before the schema changed (same tick): readings
+    // after the deployment are those after it.
+    let mut deployed_after = f64::MAX;
     let mut rss: Vec<(f64, u64)> = Vec::new();
     let mut sizes: Vec<(f64, u64)> = Vec::new();
     // (minutes, sampling pass, judging pass), seconds, from the daemon's gauges.
@@ -177,6 +180,7 @@ async fn main() {
                 )
                 .expect("deploy");
             deployed = true;
+            deployed_after = at;
         }
     }
     let status = reqwest_status(port).await;
@@ -186,7 +190,7 @@ async fn main() {
 
     let after: Vec<u64> = rss
         .iter()
-        .filter(|(at, _)| *at >= deploy_at.as_secs_f64() / 60.0)
+        .filter(|(at, _)| *at > deployed_after)
         .map(|(_, k)| *k)
         .collect();
     let (low, high) = (
@@ -232,7 +236,7 @@ async fn main() {
     }
     let after_deploy: Vec<&(f64, f64, f64)> = passes
         .iter()
-        .filter(|(at, _, _)| *at >= deploy_at.as_secs_f64() / 60.0)
+        .filter(|(at, _, _)| *at > deployed_after)
         .collect();
     for (name, pick) in [
         (
