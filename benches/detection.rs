@@ -17,7 +17,7 @@ use deploywatch::analysis::regression::{judge, Thresholds};
 use deploywatch::analysis::sample::{Sample, StatementDelta};
 use deploywatch::analysis::window::Window;
 use deploywatch::config::Config;
-use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::ClusterOptions;
 
 use common::random::Lcg;
 
@@ -124,16 +124,11 @@ fn quality() {
 }
 
 async fn sampling_cost() {
-    let cluster = PgCluster::start(ClusterOptions {
-        shared_preload_libraries: vec!["pg_stat_statements".into()],
+    let options = ClusterOptions {
         extra_conf: vec![("pg_stat_statements.max".into(), "10000".into())],
         ..ClusterOptions::default()
-    })
-    .expect("PostgreSQL");
-    cluster
-        .create_monitoring_role("deploywatch")
-        .expect("monitoring role");
-    cluster.create_database("bench").expect("db");
+    };
+    let cluster = common::cluster_with(options, "bench");
     cluster
         .psql("bench", "CREATE EXTENSION pg_stat_statements")
         .expect("extension");

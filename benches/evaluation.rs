@@ -18,7 +18,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use deploywatch::analysis::deployment::{latch, Finding, Signal};
+use deploywatch::analysis::deployment::{latch, Finding};
 use deploywatch::analysis::regression::{self, Thresholds};
 use deploywatch::analysis::sample::{
     CheckPoint, DbCounters, IndexDelta, Sample, StatementDelta, TableCounters, SERVER_RESTART,
@@ -27,7 +27,7 @@ use deploywatch::analysis::window::{self, Verdict, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use common::scenario::{Hit, Scenario, Subjects, ALL};
+use common::scenario::{stray_signals, Hit, Scenario, Subjects, ALL};
 
 const STATEMENTS: usize = 200;
 const TABLES: usize = 30;
@@ -309,23 +309,9 @@ impl Workload {
     }
 }
 
-/// What one simulated deployment showed.
-#[derive(Default)]
-struct Outcome {
-    /// Any flag (suspected or confirmed) published at any look.
-    published: bool,
-    /// Any flag confirmed (paged) at any look.
-    paged: bool,
-    /// Any window closed `regression`.
-    final_regression: bool,
-    /// Signals of flags that were not the injected regression.
-    stray: Vec<Signal>,
-    /// The injected regression: first look (samples since the deployment) at which it was
-    /// published, and confirmed, and the window it was first published in.
-    first_published: Option<usize>,
-    first_confirmed: Option<usize>,
-    window: Option<Window>,
-}
+/// What one simulated deployment showed, the injected regression's looks counted in samples
+/// since the deployment.
+type Outcome = common::scenario::Outcome<usize>;
 
 fn which_window(step: usize) -> Window {
     if step < HOUR {
@@ -426,34 +412,25 @@ fn main() {
     );
     let (mut all, mut published, mut paged, mut finals) = (0, 0, 0, 0);
     for &scenario in &harmless {
-        let (mut p, mut c, mut f) = (0, 0, 0);
-        let mut signals: BTreeMap<&'static str, usize> = BTreeMap::new();
-        for seed in 1..=reps {
-            let o = simulate(scenario, seed);
-            p += usize::from(o.published);
-            c += usize::from(o.paged);
-            f += usize::from(o.final_regression);
-            for s in o.stray {
-                *signals.entry(s.as_str()).or_default() += 1;
-            }
-        }
+        let outcomes: Vec<Outcome> = (1..=reps).map(|seed| simulate(scenario, seed)).collect();
+        let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+        let (p, c, f) = (
+            count(|o| o.published),
+            count(|o| o.paged),
+            count(|o| o.final_regression),
+        );
         let n = reps as usize;
         all += n;
         published += p;
         paged += c;
         finals += f;
-        let list: Vec<String> = signals.iter().map(|(s, n)| format!("{s} x{n}")).collect();
         println!(
             "| {} | {n} | {p} ({}) | {c} ({}) | {f} ({}) | {} |",
             scenario.name(),
             percent(p, n),
             percent(c, n),
             percent(f, n),
-            if list.is_empty() {
-                "-".to_string()
-            } else {
-                list.join(", ")
-            }
+            stray_signals(&outcomes)
         );
     }
     println!(
@@ -469,9 +446,8 @@ fn main() {
     for &scenario in &injected {
         let (mut caught, mut by_day, mut right_window) = (0, 0, 0);
         let (mut to_publish, mut to_confirm) = (Vec::new(), Vec::new());
-        let mut stray: BTreeMap<&'static str, usize> = BTreeMap::new();
-        for seed in 1..=reps {
-            let o = simulate(scenario, seed);
+        let outcomes: Vec<Outcome> = (1..=reps).map(|seed| simulate(scenario, seed)).collect();
+        for o in &outcomes {
             if let Some(s) = o.first_published {
                 caught += 1;
                 // Samples since the regression began (integrity: since it was injected).
@@ -496,16 +472,12 @@ fn main() {
             if o.window == Some(scenario.starts_in()) {
                 right_window += 1;
             }
-            for s in o.stray {
-                *stray.entry(s.as_str()).or_default() += 1;
-            }
         }
         let n = reps as usize;
         let slowest = to_confirm
             .iter()
             .max()
             .map_or("-".to_string(), |v| v.to_string());
-        let list: Vec<String> = stray.iter().map(|(s, n)| format!("{s} x{n}")).collect();
         println!(
             "| {} | {n} | {caught} ({}) | {by_day} ({}) | {} | {} | {slowest} | {right_window} of {n} | {} |",
             scenario.name(),
@@ -513,11 +485,7 @@ fn main() {
             percent(by_day, n),
             median(&mut to_publish),
             median(&mut to_confirm),
-            if list.is_empty() {
-                "-".to_string()
-            } else {
-                list.join(", ")
-            }
+            stray_signals(&outcomes)
         );
     }
     println!(

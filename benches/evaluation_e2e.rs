@@ -15,13 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploywatch::analysis::deployment::{DeploymentView, Finding, Signal};
+use deploywatch::analysis::deployment::{DeploymentView, Finding};
 use deploywatch::analysis::window::{Verdict, Window};
 use deploywatch_testkit::pgcluster::PgCluster;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use common::scenario::{Hit, Scenario, Subjects, ALL};
+use common::scenario::{stray_signals, Hit, Scenario, Subjects, ALL};
 
 const HOUR: u64 = 6;
 const BASELINE: u64 = 8;
@@ -215,16 +215,8 @@ impl Subjects for Statements {
     }
 }
 
-#[derive(Default)]
-struct Outcome {
-    published: bool,
-    paged: bool,
-    final_regression: bool,
-    stray: Vec<Signal>,
-    seconds_to_publish: Option<f64>,
-    seconds_to_confirm: Option<f64>,
-    window: Option<Window>,
-}
+/// What one deployment showed, the injected regression's looks in seconds since it.
+type Outcome = common::scenario::Outcome<f64>;
 
 fn verdict(view: &DeploymentView, window: Window) -> Option<Verdict> {
     view.windows
@@ -351,10 +343,10 @@ async fn run_one(
                     outcome.paged |= f.confirmed();
                     if scenario.is_the_regression(f, &Statements) {
                         let since = elapsed - violation_at.unwrap_or(0.0);
-                        outcome.seconds_to_publish.get_or_insert(since);
+                        outcome.first_published.get_or_insert(since);
                         outcome.window.get_or_insert(w.window);
                         if f.confirmed() {
-                            outcome.seconds_to_confirm.get_or_insert(since);
+                            outcome.first_confirmed.get_or_insert(since);
                         }
                     } else if !outcome.stray.contains(&f.signal) {
                         outcome.stray.push(f.signal);
@@ -420,26 +412,7 @@ async fn run() {
             outcomes.push(run_one(&daemon, &mut cluster, &knobs, scenario, &mut version).await);
         }
         let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
-        let mut stray: Vec<String> = Vec::new();
-        for o in &outcomes {
-            for s in &o.stray {
-                stray.push(s.as_str().to_string());
-            }
-        }
-        stray.sort();
-        let mut grouped: Vec<String> = Vec::new();
-        for s in &stray {
-            let n = stray.iter().filter(|x| *x == s).count();
-            let label = format!("{s} x{n}");
-            if !grouped.contains(&label) {
-                grouped.push(label);
-            }
-        }
-        let stray = if grouped.is_empty() {
-            "-".to_string()
-        } else {
-            grouped.join(", ")
-        };
+        let stray = stray_signals(&outcomes);
         if scenario.harmless() {
             harmless_rows.push(format!(
                 "| {} | {runs} | {} | {} | {} | {stray} |",
@@ -449,19 +422,13 @@ async fn run() {
                 count(&|o| o.final_regression)
             ));
         } else {
-            let mut publish: Vec<f64> = outcomes
-                .iter()
-                .filter_map(|o| o.seconds_to_publish)
-                .collect();
-            let mut confirm: Vec<f64> = outcomes
-                .iter()
-                .filter_map(|o| o.seconds_to_confirm)
-                .collect();
+            let mut publish: Vec<f64> = outcomes.iter().filter_map(|o| o.first_published).collect();
+            let mut confirm: Vec<f64> = outcomes.iter().filter_map(|o| o.first_confirmed).collect();
             injected_rows.push(format!(
                 "| {} | {runs} | {} | {} | {} | {} | {} of {runs} | {stray} |",
                 scenario.name(),
-                count(&|o| o.seconds_to_publish.is_some()),
-                count(&|o| o.seconds_to_confirm.is_some()),
+                count(&|o| o.first_published.is_some()),
+                count(&|o| o.first_confirmed.is_some()),
                 median(&mut publish),
                 median(&mut confirm),
                 count(&|o| o.window == Some(scenario.starts_in())),

@@ -10,20 +10,18 @@
 //!
 //! `DEPLOYWATCH_LIVE_MINUTES` (default 30) sets the length; the deployment is at a third.
 
+#[allow(dead_code)]
+mod common;
+
 use std::time::{Duration, Instant};
 
-use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::pgcluster::ClusterOptions;
 use deploywatch_testkit::process;
+
+use common::setting;
 
 const COLUMNS: usize = 101;
 const STATEMENTS: usize = 5000;
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn store_bytes(dir: &std::path::Path) -> u64 {
     ["state.sqlite", "state.sqlite-wal"]
@@ -83,17 +81,12 @@ async fn workload(connection_string: String, stop: tokio_util::sync::Cancellatio
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let minutes = setting("DEPLOYWATCH_LIVE_MINUTES", 30);
-    let cluster = PgCluster::start(ClusterOptions {
-        shared_preload_libraries: vec!["pg_stat_statements".into()],
+    let options = ClusterOptions {
         extra_conf: vec![("pg_stat_statements.max".into(), STATEMENTS.to_string())],
         max_connections: 50,
         ..ClusterOptions::default()
-    })
-    .expect("PostgreSQL");
-    cluster
-        .create_monitoring_role("deploywatch")
-        .expect("monitoring role");
-    cluster.create_database("app").expect("db");
+    };
+    let cluster = common::cluster_with(options, "app");
     let columns: Vec<String> = (0..COLUMNS).map(|i| format!("c{i} int")).collect();
     cluster
         .psql(

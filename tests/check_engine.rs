@@ -16,14 +16,6 @@ use deploywatch::watch::scheduler::{self, Pools};
 use deploywatch::watch::state::{CheckState, State};
 use deploywatch_testkit::pgcluster::PgCluster;
 
-const INTEGRITY: [&str; 5] = [
-    "invalid_attention_score",
-    "invalid_quality_score",
-    "ai_suspected_without_quality_score",
-    "orphaned_payments",
-    "orphaned_submissions",
-];
-
 /// Config with the shipped packs for one database.
 fn shipped_config(cluster: &PgCluster, db: &str) -> ConfigDir {
     let dir = ConfigDir::new();
@@ -107,7 +99,7 @@ async fn on_360_the_health_checks_fail_for_the_right_reasons() {
         "{version}"
     );
     assert_eq!(number_of(&checks, "image_id_type_consistency"), 2.0);
-    for check in INTEGRITY {
+    for check in common::INTEGRITY_CHECKS {
         assert_eq!(status_of(&checks, check), Status::Pass, "{check}\n{all}");
         assert_eq!(number_of(&checks, check), 0.0);
     }
@@ -217,7 +209,7 @@ async fn each_corruption_fails_exactly_its_own_integrity_check_with_its_count() 
         cognit_db(&pg, script, Version::V360);
         common::corrupt(&pg, script, script);
         let checks = run_all(&shipped_config(&pg, script).load()).await;
-        for other in INTEGRITY {
+        for other in common::INTEGRITY_CHECKS {
             if other == script {
                 assert_eq!(status_of(&checks, other), Status::Fail, "{script}");
                 assert_eq!(number_of(&checks, other), count, "{script}");
@@ -321,77 +313,7 @@ async fn reported_values_equal_the_checklist_queries_run_verbatim() {
     );
 }
 
-const BROKEN_PACK: &str = r#"
-[pack]
-name = "broken"
-
-[[check]]
-name = "good"
-category = "health"
-severity = "info"
-sql = "SELECT 1"
-expect = "== 1"
-
-[[check]]
-name = "syntax_error"
-category = "health"
-severity = "warning"
-sql = "SELEC 1"
-expect = "== 1"
-
-[[check]]
-name = "too_slow"
-category = "performance"
-severity = "warning"
-timeout = "300ms"
-sql = "SELECT count(*) FROM pg_sleep(5)"
-expect = "== 1"
-
-[[check]]
-name = "tries_to_write"
-category = "integrity"
-severity = "critical"
-sql = "WITH d AS (DELETE FROM participants RETURNING 1) SELECT count(*) FROM d"
-expect = "== 0"
-
-[[check]]
-name = "returns_null"
-category = "health"
-severity = "info"
-sql = "SELECT NULL::int"
-expect = "== 0"
-
-[[check]]
-name = "returns_nothing"
-category = "health"
-severity = "info"
-sql = "SELECT 1 WHERE false"
-expect = "== 0"
-
-[[check]]
-name = "text_for_number"
-category = "health"
-severity = "info"
-sql = "SELECT 'many'::text"
-expect = ">= 4"
-
-[[check]]
-name = "too_many_rows"
-category = "health"
-severity = "info"
-sql = "SELECT generate_series(1, 3)"
-expect = ">= 0"
-
-[[check]]
-name = "too_many_series"
-category = "index_usage"
-severity = "info"
-shape = "rows"
-labels = ["n"]
-values = ["v"]
-max_series = 10
-sql = "SELECT g::text AS n, g AS v FROM generate_series(1, 11) g"
-"#;
+const BROKEN_PACK: &str = include_str!("fixtures/packs/broken.toml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_checks_report_their_own_error_kind_while_the_others_pass() {
@@ -519,13 +441,7 @@ fn the_binary_prints_every_checklist_check_as_passing_on_a_migrated_database() {
         .arg("check")
         .output()
         .expect("run deploywatch");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = common::succeeded(&output);
     for check in [
         "connection",
         "schema_version",

@@ -7,17 +7,7 @@ use deploywatch::config::Config;
 
 const TARGET: &str = "[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\ndbname = \"x\"\n";
 
-const GOOD_CHECK: &str = r#"
-[pack]
-name = "p"
-
-[[check]]
-name = "one"
-category = "integrity"
-severity = "critical"
-sql = "SELECT 0"
-expect = "== 0"
-"#;
+const GOOD_CHECK: &str = include_str!("fixtures/packs/good.toml");
 
 /// Loads a config made of `main` and one pack, expecting one problem that mentions `file`,
 /// `key` and `message`.
@@ -338,20 +328,7 @@ fn an_invalid_environment_override_names_the_variable() {
     }
 }
 
-const PARAMETER_CHECK: &str = r#"
-[pack]
-name = "p"
-
-[pack.parameters]
-expectedVersion = "1.0.0"
-
-[[check]]
-name = "version"
-category = "health"
-severity = "critical"
-sql = "SELECT '1.0.0'::text"
-expect = "== $expectedVersion"
-"#;
+const PARAMETER_CHECK: &str = include_str!("fixtures/packs/parameter.toml");
 
 fn expectation_of(config: &Config) -> String {
     format!("{:?}", config.targets[0].checks[0].expectation)

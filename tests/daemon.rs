@@ -364,7 +364,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
         "deploywatch.toml",
         &format!(
             "{}{}\n{}",
-            FAST.replace("timeout = \"2s\"", "timeout = \"1s\""),
+            common::fast_with_timeout("1s"),
             target_toml("hung", &hung, "cognit"),
             target_toml("healthy", &healthy, "cognit")
         ),
@@ -463,20 +463,12 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    let mut pack = String::from("[pack]\nname = \"many\"\n");
-    for i in 0..50 {
-        pack.push_str(&format!(
-            "\n[[check]]\nname = \"sleepy_{i}\"\ncategory = \"performance\"\nseverity = \"info\"\ninterval = \"1s\"\nsql = \"SELECT count(*) FROM pg_sleep(0.05)\"\nexpect = \"== 1\"\n"
-        ));
-    }
-    dir.write("checks/many.toml", &pack);
-    dir.write(
-        "deploywatch.toml",
-        &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"deploywatch\"\nmax_connections = 2\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()),
-    );
+    let sleepy =
+        "interval = \"1s\"\nsql = \"SELECT count(*) FROM pg_sleep(0.05)\"\nexpect = \"== 1\"";
+    let checks: Vec<(String, &str)> = (0..50).map(|i| (format!("sleepy_{i}"), sleepy)).collect();
+    let (pg, dir) = common::app_with_checks(&checks);
+    let settings = common::fast_with_timeout("10s");
+    common::write_app_config(&dir, &pg, &settings, "max_connections = 2\n");
     let handle = start(&dir).await;
     let mut max_seen = 0;
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -500,14 +492,12 @@ async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/slow.toml",
-        "[pack]\nname = \"slow\"\n\n[[check]]\nname = \"slow\"\ncategory = \"performance\"\nseverity = \"info\"\ninterval = \"1s\"\ntimeout = \"10s\"\nsql = \"SELECT count(*) FROM pg_sleep(2.5)\"\nexpect = \"== 1\"\n",
-    );
-    dir.write("deploywatch.toml", &format!("{}[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\nuser = \"deploywatch\"\nmax_connections = 4\n", FAST.replace("timeout = \"2s\"", "timeout = \"10s\""), pg.port()));
+    let (pg, dir) = common::app_with_checks(&[(
+        "slow",
+        "interval = \"1s\"\ntimeout = \"10s\"\nsql = \"SELECT count(*) FROM pg_sleep(2.5)\"\nexpect = \"== 1\"",
+    )]);
+    let settings = common::fast_with_timeout("10s");
+    common::write_app_config(&dir, &pg, &settings, "max_connections = 4\n");
     let handle = start(&dir).await;
     let mut max_running = 0;
     let deadline = Instant::now() + Duration::from_secs(7);
@@ -662,21 +652,9 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
     let url = base(&handle);
     let targets_up = |url: String| async move {
         let (_, body) = get(&format!("{url}/metrics")).await;
-        let m = parse_metrics(&body);
-        let mut up: Vec<(String, f64)> = m
+        parse_metrics(&body)
             .metric("deploywatch_up")
-            .samples()
-            .iter()
-            .filter_map(|s| {
-                let value = match s.value {
-                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
-                    _ => return None,
-                };
-                Some((s.labels.get("target")?.to_string(), value))
-            })
-            .collect();
-        up.sort_by(|a, b| a.0.cmp(&b.0));
-        up
+            .by_label("target")
     };
     let expect = |names: &[(&str, f64)]| -> Vec<(String, f64)> {
         names.iter().map(|(n, v)| (n.to_string(), *v)).collect()
@@ -772,20 +750,12 @@ fn every_exported_metric_is_documented() {
 /// exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
-    let pg = cluster();
-    pg.create_database("app").expect("db");
-    let dir = ConfigDir::new();
-    dir.write(
-        "checks/p.toml",
-        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"slow\"\ncategory = \"performance\"\nseverity = \"info\"\nsql = \"SELECT pg_sleep(3)::text\"\ntimeout = \"10s\"\n",
-    );
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\nshutdown_grace = \"8s\"\n\n{FAST}{}",
-            target_toml("db", &pg, "app")
-        ),
-    );
+    let (pg, dir) = common::app_with_checks(&[(
+        "slow",
+        "sql = \"SELECT pg_sleep(3)::text\"\ntimeout = \"10s\"",
+    )]);
+    let settings = format!("[server]\nshutdown_grace = \"8s\"\n\n{FAST}");
+    common::write_app_config(&dir, &pg, &settings, "");
     let port = common::free_port();
     let mut child = common::spawn_daemon(&dir, port);
     // Wait until PostgreSQL shows the check running.

@@ -46,36 +46,32 @@ async fn the_demo_tells_the_whole_story_and_leaves_nothing_behind() {
             std::time::Instant::now() < deadline,
             "the demo did not finish in time"
         );
-        if let Ok((_, body)) = deploywatch::commands::client::get(&url, "application/json").await {
-            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) {
-                let target = &json["targets"][0];
-                let deployment = &target["deployment"];
-                saw_deployment |=
-                    deployment["to_version"] == "3.7.0" && deployment["from_version"] == "3.6.0";
-                if let Some(windows) = deployment["windows"].as_array() {
-                    saw_first_hour_pass |= windows
-                        .iter()
-                        .any(|w| w["window"] == "first_hour" && w["verdict"] == "pass");
-                    saw_regression |= windows.iter().any(|w| {
-                        w["regressions"].as_array().is_some_and(|r| {
-                            r.iter().any(|f| {
-                                (f["signal"] == "query_latency" || f["signal"] == "seq_scans")
-                                    && f["evidence"].as_object().is_some_and(|e| e.len() >= 3)
-                            })
+        if let Some(json) = common::get_json(&url).await {
+            let target = &json["targets"][0];
+            let deployment = &target["deployment"];
+            saw_deployment |=
+                deployment["to_version"] == "3.7.0" && deployment["from_version"] == "3.6.0";
+            if let Some(windows) = deployment["windows"].as_array() {
+                saw_first_hour_pass |= windows
+                    .iter()
+                    .any(|w| w["window"] == "first_hour" && w["verdict"] == "pass");
+                saw_regression |= windows.iter().any(|w| {
+                    w["regressions"].as_array().is_some_and(|r| {
+                        r.iter().any(|f| {
+                            (f["signal"] == "query_latency" || f["signal"] == "seq_scans")
+                                && f["evidence"].as_object().is_some_and(|e| e.len() >= 3)
                         })
-                    });
-                }
-                if let Some(checks) = target["checks"].as_array() {
-                    saw_integrity_failure |= checks.iter().any(|c| {
-                        c["name"] == "orphaned_payments"
-                            && c["status"] == "fail"
-                            && c["value"] == 5.0
-                    });
-                    saw_repair |= saw_integrity_failure
-                        && checks
-                            .iter()
-                            .any(|c| c["name"] == "orphaned_payments" && c["status"] == "pass");
-                }
+                    })
+                });
+            }
+            if let Some(checks) = target["checks"].as_array() {
+                saw_integrity_failure |= checks.iter().any(|c| {
+                    c["name"] == "orphaned_payments" && c["status"] == "fail" && c["value"] == 5.0
+                });
+                saw_repair |= saw_integrity_failure
+                    && checks
+                        .iter()
+                        .any(|c| c["name"] == "orphaned_payments" && c["status"] == "pass");
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

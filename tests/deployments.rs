@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use common::{cluster, cognit_db, get, parse_metrics, wait_until, ConfigDir, Version};
 use deploywatch::analysis::deployment::{
-    DeploymentKind, DeploymentView, Detection, FlagState, Signal,
+    DeploymentKind, DeploymentView, Detection, FlagState, Signal, WindowView,
 };
 use deploywatch::analysis::window::{Verdict, Window};
-use deploywatch::daemon::{self, DaemonHandle};
+use deploywatch::daemon::DaemonHandle;
+use deploywatch::storage::Store;
 use deploywatch_testkit::pgcluster::PgCluster;
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +37,13 @@ impl Setup {
 
     /// cognit at `version` with pg_stat_statements preloaded and created.
     fn with_statements(version: Version, hour: u32) -> Setup {
+        Setup::with_statements_at(1, version, hour)
+    }
+
+    /// [`Setup::with_statements`] with cognit's data generated at `scale`.
+    fn with_statements_at(scale: u32, version: Version, hour: u32) -> Setup {
         let pg = common::cluster_with_statements();
-        cognit_db(&pg, "cognit", version);
+        common::cognit_db_at(&pg, "cognit", scale, version);
         pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
             .expect("extension");
         Setup::on(pg, hour)
@@ -89,10 +95,25 @@ impl Setup {
     }
 
     async fn start(&self) -> DaemonHandle {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        daemon::start(self.dir.load(), listener).expect("daemon starts")
+        common::start(&self.dir).await
+    }
+
+    /// The daemon, once `samples` baseline samples are stored.
+    async fn start_after_baseline(&self, samples: usize) -> DaemonHandle {
+        let handle = self.start().await;
+        wait_baseline(&handle, samples).await;
+        handle
+    }
+
+    /// The daemon's store, opened beside it (or after it).
+    fn store(&self) -> Store {
+        Store::open(&self.dir.path().join("state.sqlite")).expect("store")
+    }
+
+    /// `deploywatch report` with `args`: what it printed.
+    fn report(&self, args: &[&str]) -> String {
+        let output = self.dir.run(&[&["report"], args].concat());
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
 
@@ -129,6 +150,25 @@ fn closed(view: &DeploymentView, window: Window) -> bool {
     verdict(view, window).is_some_and(|v| v != Verdict::Watching)
 }
 
+/// The view of `window` in `view`.
+fn window_of(view: &DeploymentView, window: Window) -> &WindowView {
+    view.windows
+        .iter()
+        .find(|w| w.window == window)
+        .unwrap_or_else(|| panic!("{window:?} in {view:#?}"))
+}
+
+/// The first deployment the daemon shows.
+async fn first_deployment(handle: &DaemonHandle, what: &str) -> DeploymentView {
+    deployment_where(handle, what, Duration::from_secs(20), |_| true).await
+}
+
+/// The deployment once `window` has closed.
+async fn once_closed(handle: &DaemonHandle, window: Window, timeout: Duration) -> DeploymentView {
+    let what = format!("{} closed", window.as_str());
+    deployment_where(handle, &what, timeout, |v| closed(v, window)).await
+}
+
 async fn wait_baseline(handle: &DaemonHandle, samples: usize) {
     // Samples are written every second; wait until the baseline has enough of them.
     let state = handle.state.clone();
@@ -156,18 +196,19 @@ async fn wait_samples(handle: &DaemonHandle, count: u64) {
 }
 
 async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
+    announce_to(&common::base(handle), version).await
+}
+
+/// Announces `version` to the daemon at `base` (`http://ADDRESS`): the answer.
+async fn announce_to(base: &str, version: &str) -> (u16, String) {
     let announcement = deploywatch::commands::client::Announcement {
         version,
         note: Some("test"),
         ..Default::default()
     };
-    let (code, body) = deploywatch::commands::client::announce(
-        &format!("http://{}", handle.local_addr),
-        TOKEN,
-        &announcement,
-    )
-    .await
-    .expect("post");
+    let (code, body) = deploywatch::commands::client::announce(base, TOKEN, &announcement)
+        .await
+        .expect("post");
     (code.as_u16(), body)
 }
 
@@ -175,18 +216,11 @@ async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
 async fn the_migration_is_detected_and_its_windows_close_in_order() {
     let setup = Setup::new(Version::V360, 6);
     setup.workload().await;
-    let (pg, dir) = (&setup.pg, &setup.dir);
-    let handle = setup.start().await;
-    wait_baseline(&handle, 6).await;
+    let pg = &setup.pg;
+    let handle = setup.start_after_baseline(6).await;
 
     common::migrate(pg, "cognit").expect("migration");
-    let view = deployment_where(
-        &handle,
-        "deployment detected",
-        Duration::from_secs(20),
-        |_| true,
-    )
-    .await;
+    let view = first_deployment(&handle, "deployment detected").await;
     assert_eq!(view.kind, DeploymentKind::Deploy);
     assert_eq!(view.detected_by, Detection::VersionChange);
     assert_eq!(view.from_version.as_deref(), Some("3.6.0"));
@@ -200,29 +234,19 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
     assert_eq!(verdict(&view, Window::FirstHour), Some(Verdict::Watching));
 
     // first_hour closes before first_day, which closes before first_week.
-    let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(30), |v| {
-        closed(v, Window::FirstHour)
-    })
-    .await;
+    let view = once_closed(&handle, Window::FirstHour, Duration::from_secs(30)).await;
     assert!(!closed(&view, Window::FirstDay));
     assert_eq!(
         verdict(&view, Window::FirstHour),
         Some(Verdict::Pass),
         "{view:#?}"
     );
-    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(30), |v| {
-        closed(v, Window::FirstDay)
-    })
-    .await;
+    let view = once_closed(&handle, Window::FirstDay, Duration::from_secs(30)).await;
     assert!(!closed(&view, Window::FirstWeek));
     // New partial indexes the workload never scanned are flagged, and only those: at this
     // scale the planner seq-scans the small images table, while the submissions queries use
     // their partial indexes from the start.
-    let first_day = view
-        .windows
-        .iter()
-        .find(|w| w.window == Window::FirstDay)
-        .expect("first_day");
+    let first_day = window_of(&view, Window::FirstDay);
     let unused: Vec<&str> = first_day
         .regressions
         .iter()
@@ -254,10 +278,7 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
         .filter(|f| f.signal == Signal::UnusedIndex)
         .all(|f| f.state == FlagState::Notice && !f.active()));
     assert_eq!(first_day.verdict, Verdict::Pass, "{first_day:#?}");
-    let view = deployment_where(&handle, "first_week closed", Duration::from_secs(30), |v| {
-        closed(v, Window::FirstWeek)
-    })
-    .await;
+    let view = once_closed(&handle, Window::FirstWeek, Duration::from_secs(30)).await;
     assert_eq!(view.current_window, Some(Window::Steady));
 
     let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
@@ -293,13 +314,7 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
     assert!(m.metric("deploywatch_deployment_timestamp_seconds").value() > 1.7e9);
 
     // `deploywatch report` fills in the checklist's notes from the store.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .arg("report")
-        .output()
-        .expect("report");
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = setup.report(&[]);
     assert!(text.contains("3.6.0 -> 3.7.0"), "{text}");
     assert!(
         text.contains("**Database Size Before**:") && !text.contains("not sampled"),
@@ -314,22 +329,10 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
-    let pg = common::cluster_with_statements();
-    pg.create_database("cognit").expect("db");
-    pg.psql_file("cognit", &common::fixture("schema_3.6.0.sql"))
-        .expect("schema");
-    pg.psql_file("cognit", &common::fixture("generate.sql"))
-        .expect("generator");
-    pg.psql("cognit", "SELECT cognit_generate(25)")
-        .expect("data");
-    common::migrate(&pg, "cognit").expect("migration");
-    pg.psql("cognit", "CREATE EXTENSION pg_stat_statements")
-        .expect("extension");
-    let setup = Setup::on(pg, 8);
+    let setup = Setup::with_statements_at(25, Version::V370, 8);
     setup.workload().await;
     let pg = &setup.pg;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 8).await;
+    let handle = setup.start_after_baseline(8).await;
 
     let (code, body) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201, "{body}");
@@ -424,8 +427,7 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
 async fn deployments_that_change_nothing_pass() {
     let setup = Setup::with_statements(Version::V370, 4);
     setup.workload().await;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 5).await;
+    let handle = setup.start_after_baseline(5).await;
     let mut alarms = 0;
     let rounds = 3;
     for round in 0..rounds {
@@ -455,17 +457,10 @@ async fn deployments_that_change_nothing_pass() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announcement_for_the_detected_version_moves_its_start_and_keeps_its_baseline() {
     let setup = Setup::new(Version::V360, 60);
-    let (pg, dir) = (&setup.pg, &setup.dir);
-    let handle = setup.start().await;
-    wait_baseline(&handle, 6).await;
+    let pg = &setup.pg;
+    let handle = setup.start_after_baseline(6).await;
     common::migrate(pg, "cognit").expect("migration");
-    let detected = deployment_where(
-        &handle,
-        "deployment detected",
-        Duration::from_secs(20),
-        |_| true,
-    )
-    .await;
+    let detected = first_deployment(&handle, "deployment detected").await;
     assert_eq!(detected.detected_by, Detection::VersionChange);
     // The pipeline announces it afterwards, dated a few seconds before it was noticed.
     let started_at = deploywatch::time::rfc3339(detected.at.floor() - 3.0);
@@ -495,7 +490,7 @@ async fn an_announcement_for_the_detected_version_moves_its_start_and_keeps_its_
         merged.baseline_samples >= 4,
         "the baseline was cut: {merged:#?}"
     );
-    let store = deploywatch::storage::Store::open(&dir.path().join("state.sqlite")).expect("store");
+    let store = setup.store();
     let all = store.deployments(Some("cognit")).expect("deployments");
     assert_eq!(all.len(), 1, "{all:#?}");
     assert!(all
@@ -510,27 +505,13 @@ async fn too_small_a_baseline_judges_no_signal() {
     // Far more baseline samples wanted than the few seconds before the deployment give.
     setup.edit_config("min_baseline_samples = 4", "min_baseline_samples = 500");
     let pg = &setup.pg;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 4).await;
+    let handle = setup.start_after_baseline(4).await;
     common::migrate(pg, "cognit").expect("migration");
-    deployment_where(
-        &handle,
-        "deployment detected",
-        Duration::from_secs(20),
-        |_| true,
-    )
-    .await;
+    first_deployment(&handle, "deployment detected").await;
     // An integrity check that passed throughout the (short) baseline now fails.
     common::corrupt(pg, "cognit", "orphaned_payments");
-    let view = deployment_where(&handle, "first_hour closed", Duration::from_secs(40), |v| {
-        closed(v, Window::FirstHour)
-    })
-    .await;
-    let first_hour = view
-        .windows
-        .iter()
-        .find(|w| w.window == Window::FirstHour)
-        .expect("first_hour");
+    let view = once_closed(&handle, Window::FirstHour, Duration::from_secs(40)).await;
+    let first_hour = window_of(&view, Window::FirstHour);
     assert_eq!(first_hour.verdict, Verdict::Inconclusive, "{view:#?}");
     assert!(first_hour.regressions.is_empty(), "{view:#?}");
     assert!(
@@ -546,17 +527,10 @@ async fn too_small_a_baseline_judges_no_signal() {
 async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
     let setup = Setup::new(Version::V370, 30);
     let pg = &setup.pg;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 2).await;
+    let handle = setup.start_after_baseline(2).await;
     pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql"))
         .expect("rollback script");
-    let view = deployment_where(
-        &handle,
-        "rollback detected",
-        Duration::from_secs(20),
-        |_| true,
-    )
-    .await;
+    let view = first_deployment(&handle, "rollback detected").await;
     assert_eq!(view.kind, DeploymentKind::Rollback);
     assert_eq!(view.from_version.as_deref(), Some("3.7.0"));
     assert_eq!(view.to_version, "3.6.0");
@@ -585,8 +559,7 @@ async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
 async fn statistics_resets_and_a_restart_raise_no_alarm() {
     let mut setup = Setup::with_statements(Version::V370, 10);
     setup.workload().await;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 6).await;
+    let handle = setup.start_after_baseline(6).await;
     let (code, body) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201, "{body}");
     wait_samples(&handle, 2).await;
@@ -604,10 +577,7 @@ async fn statistics_resets_and_a_restart_raise_no_alarm() {
     setup.pg.restart().expect("restart postgres");
     setup.cancel = CancellationToken::new();
     setup.workload().await;
-    let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| {
-        closed(v, Window::FirstDay)
-    })
-    .await;
+    let view = once_closed(&handle, Window::FirstDay, Duration::from_secs(60)).await;
     assert_eq!(
         verdict(&view, Window::FirstHour),
         Some(Verdict::Pass),
@@ -689,13 +659,7 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
         .output()
         .await
         .expect("deploy mark");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = common::succeeded(&output);
     assert!(stdout.contains("\"to_version\": \"3.8.1\""), "{stdout}");
     let (_, listed) = get(&url).await;
     assert!(listed.contains("3.8.1"), "{listed}");
@@ -711,13 +675,7 @@ async fn kill_9_mid_window_loses_nothing() {
     let port = common::free_port();
     let spawn = || common::spawn_daemon(dir, port);
     let status = |port: u16| async move {
-        deploywatch::commands::client::get(
-            &format!("http://127.0.0.1:{port}/status"),
-            "application/json",
-        )
-        .await
-        .ok()
-        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        common::get_json(&format!("http://127.0.0.1:{port}/status")).await
     };
     let mut child = spawn();
     // A baseline of a few stored samples before the announcement.
@@ -731,17 +689,8 @@ async fn kill_9_mid_window_loses_nothing() {
         },
     )
     .await;
-    let body = serde_json::json!({ "version": "3.7.1" }).to_string();
-    let (code, _) = deploywatch::commands::client::request(
-        hyper::Method::POST,
-        &format!("http://127.0.0.1:{port}/api/deployments"),
-        "application/json",
-        Some(TOKEN),
-        Some(body),
-    )
-    .await
-    .expect("announce");
-    assert_eq!(code.as_u16(), 201);
+    let (code, body) = announce_to(&format!("http://127.0.0.1:{port}"), "3.7.1").await;
+    assert_eq!(code, 201, "{body}");
     let before = wait_until(
         "first_hour closed",
         Duration::from_secs(30),
@@ -858,15 +807,8 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
         "[[targets]]",
         "[[deployments.declared]]\ntarget = \"cognit\"\nversion = \"3.7.0\"\nat = \"2026-01-05T10:00:00Z\"\nnote = \"release train 12\"\n\n[[targets]]",
     );
-    let dir = &setup.dir;
     let handle = setup.start().await;
-    let view = deployment_where(
-        &handle,
-        "declared deployment",
-        Duration::from_secs(20),
-        |_| true,
-    )
-    .await;
+    let view = first_deployment(&handle, "declared deployment").await;
     assert_eq!(view.detected_by, Detection::Declared);
     assert_eq!(view.to_version, "3.7.0");
     assert_eq!(view.note.as_deref(), Some("release train 12"));
@@ -888,14 +830,13 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
         async move { (now != reloaded_before).then_some(()) }
     })
     .await;
-    let output = dir.run(&["report"]);
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = setup.report(&[]);
     assert!(
         text.contains("# Deployment notes: cognit #1"),
         "recorded once: {text}"
     );
     handle.shutdown().await.expect("shutdown");
-    let store = deploywatch::storage::Store::open(&dir.path().join("state.sqlite")).expect("store");
+    let store = setup.store();
     assert_eq!(
         store
             .deployments(Some("cognit"))
@@ -1033,9 +974,7 @@ async fn the_sampler_leaves_out_the_statements_of_its_own_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
     let setup = Setup::new(Version::V370, 30);
-    let dir = &setup.dir;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 2).await;
+    let handle = setup.start_after_baseline(2).await;
     let (code, _) = announce(&handle, "3.7.1").await;
     assert_eq!(code, 201);
     let first = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
@@ -1053,8 +992,7 @@ async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
     wait_samples(&handle, 3).await;
     handle.shutdown().await.expect("shutdown");
     let (own, since) = {
-        let store =
-            deploywatch::storage::Store::open(&dir.path().join("state.sqlite")).expect("store");
+        let store = setup.store();
         (
             store
                 .sample_count("cognit", first.at, second.at)
@@ -1065,13 +1003,7 @@ async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
         )
     };
     assert!(own >= 2 && since > own, "own {own}, since {since}");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["report", "--deployment", &first.id.to_string()])
-        .output()
-        .expect("report");
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = setup.report(&["--deployment", &first.id.to_string()]);
     assert!(
         text.contains(&format!(
             "**Watched**: {own} sample(s) since the deployment"
@@ -1097,8 +1029,7 @@ async fn a_statement_first_seen_after_the_deployment_is_named_in_evidence_and_sh
     let setup = Setup::with_statements(Version::V360, 6);
     setup.workload().await;
     let pg = &setup.pg;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 6).await;
+    let handle = setup.start_after_baseline(6).await;
 
     // The deployment: the migration adds a partial index on images that nothing scans, and
     // the new release runs a statement on images that was never run before.
@@ -1146,11 +1077,7 @@ async fn a_statement_first_seen_after_the_deployment_is_named_in_evidence_and_sh
         .trim()
         .to_string();
     assert!(!query_id.is_empty(), "the statement ran");
-    let first_day = view
-        .windows
-        .iter()
-        .find(|w| w.window == Window::FirstDay)
-        .expect("first_day");
+    let first_day = window_of(&view, Window::FirstDay);
     let finding = first_day
         .regressions
         .iter()
@@ -1175,8 +1102,7 @@ async fn a_statement_first_seen_after_the_deployment_is_named_in_evidence_and_sh
     setup.cancel.cancel();
     handle.shutdown().await.expect("shutdown");
     // Its text was fetched after the deployment and is kept in the store.
-    let store =
-        deploywatch::storage::Store::open(&setup.dir.path().join("state.sqlite")).expect("store");
+    let store = setup.store();
     assert_eq!(
         store
             .query_texts("cognit")

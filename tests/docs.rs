@@ -791,11 +791,7 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
     let mut child = common::spawn_daemon(dir, port);
     let url = format!("http://127.0.0.1:{port}/status?format=json");
     let target = |url: String| async move {
-        let (code, body) = deploywatch::commands::client::get(&url, "application/json")
-            .await
-            .ok()?;
-        code.is_success().then_some(())?;
-        let json = serde_json::from_str::<serde_json::Value>(&body).ok()?;
+        let json = common::get_json(&url).await?;
         json["targets"].get(0).cloned()
     };
     common::wait_until(

@@ -46,24 +46,7 @@ fn tenant_names(count: usize) -> Vec<String> {
 }
 
 /// A check pack whose checks keep sessions busy for a while.
-const BUSY_PACK: &str = r#"
-[pack]
-name = "fleet"
-
-[[check]]
-name = "catalog"
-category = "health"
-severity = "info"
-sql = "SELECT count(*) FROM pg_class"
-expect = ">= 1"
-
-[[check]]
-name = "busy"
-category = "health"
-severity = "info"
-sql = "SELECT count(*) FROM (SELECT pg_sleep(0.03)) s"
-expect = "== 1"
-"#;
+const BUSY_PACK: &str = include_str!("fixtures/packs/busy.toml");
 
 /// Counts deploywatch's sessions on the server every 50 ms until cancelled.
 struct SessionPoll {
@@ -455,21 +438,9 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
 }
 
 fn up(body: &str) -> Vec<(String, f64)> {
-    let m = parse_metrics(body);
-    let mut up: Vec<(String, f64)> = m
+    parse_metrics(body)
         .metric("deploywatch_up")
-        .samples()
-        .iter()
-        .filter_map(|s| {
-            let value = match s.value {
-                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
-                _ => return None,
-            };
-            Some((s.labels.get("target")?.to_string(), value))
-        })
-        .collect();
-    up.sort_by(|a, b| a.0.cmp(&b.0));
-    up
+        .by_label("target")
 }
 
 /// A rediscovery that fails after a success (the server is down) keeps every known database as

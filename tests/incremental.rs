@@ -160,20 +160,12 @@ fn counters(h: &Harness, table: &str, what: &str) -> i64 {
     .unwrap_or(0)
 }
 
-const INTEGRITY: [&str; 5] = [
-    "invalid_attention_score",
-    "invalid_quality_score",
-    "ai_suspected_without_quality_score",
-    "orphaned_payments",
-    "orphaned_submissions",
-];
-
 #[tokio::test]
 async fn inserted_orphans_and_out_of_range_scores_are_found_by_the_next_increment() {
     // Chunks of 20 rows: the periodic sweep of 400 submissions (50 payments) takes several
     // runs, so what the second run finds, the increment found.
     let h = Harness::new(Version::V360, 20, None);
-    for check in INTEGRITY {
+    for check in common::INTEGRITY_CHECKS {
         let first = h.run(check).await;
         assert_eq!(value_of(check, &first), 0, "{check}");
         let report = first.incremental.as_ref().expect("an incremental check");
@@ -276,23 +268,7 @@ async fn a_deleted_parent_is_found_by_the_early_sweep() {
 
 /// A pack whose attention check is incremental but never swept early: only the periodic sweep
 /// can find an updated old row.
-const NO_EARLY_SWEEP: &str = r#"
-[pack]
-name = "late"
-
-[[check]]
-name = "late_invalid_attention_score"
-category = "integrity"
-severity = "critical"
-incremental_key = "participant_id"
-incremental_table = "attention_stats"
-early_sweep = false
-sql = """
-SELECT COUNT(*)::bigint FROM attention_stats
-WHERE participant_id > $1::bigint AND participant_id <= $2::bigint
-  AND (attention_score < 0 OR attention_score > 1)"""
-expect = "== 0"
-"#;
+const NO_EARLY_SWEEP: &str = include_str!("fixtures/packs/late.toml");
 
 #[tokio::test]
 async fn an_update_that_breaks_an_old_row_is_found_by_the_next_complete_sweep() {

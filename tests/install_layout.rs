@@ -138,23 +138,45 @@ fn the_container_image_uses_the_same_layout() {
     );
 }
 
+/// The main file of the ConfigMap `deploywatch` among `documents`, with the shipped pack it
+/// names, in a configuration directory.
+fn configmap_config(documents: &[serde_yaml::Value]) -> common::ConfigDir {
+    let text = documents
+        .iter()
+        .find(|d| d["metadata"]["name"] == "deploywatch")
+        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
+        .expect("deploywatch.toml in the ConfigMap");
+    let dir = common::ConfigDir::new();
+    dir.add_shipped_pack("postgres.toml");
+    dir.write("deploywatch.toml", text);
+    dir
+}
+
+/// A Kubernetes container's arguments.
+fn container_args(container: &serde_yaml::Value) -> Vec<&str> {
+    container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect()
+}
+
+/// The value of `--config` in a command line.
+fn config_option<'a>(args: &[&'a str]) -> &'a str {
+    args.iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1).copied())
+        .expect("--config and its value")
+}
+
 #[test]
 fn the_kubernetes_manifests_use_the_same_layout() {
     let deployment: serde_yaml::Value =
         serde_yaml::from_str(&read("deploy/kubernetes/deployment.yaml")).expect("yaml");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_sequence()
-        .expect("args")
-        .iter()
-        .filter_map(|a| a.as_str())
-        .collect();
-    let config_at = args
-        .iter()
-        .position(|a| *a == "--config")
-        .map(|i| args[i + 1])
-        .expect("--config");
-    assert_eq!(config_at, CONFIG);
+    let args = container_args(container);
+    assert_eq!(config_option(&args), CONFIG);
     let mounts: Vec<(String, String)> = container["volumeMounts"]
         .as_sequence()
         .expect("volumeMounts")
@@ -183,17 +205,11 @@ fn the_kubernetes_manifests_use_the_same_layout() {
         serde_yaml::Deserializer::from_str(&read("deploy/kubernetes/configmap.yaml"))
             .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
             .collect();
-    let text = documents
-        .iter()
-        .find(|d| d["metadata"]["name"] == "deploywatch")
-        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
-        .expect("deploywatch.toml in the ConfigMap");
-    let dir = common::ConfigDir::new();
-    dir.add_shipped_pack("postgres.toml");
-    dir.write("deploywatch.toml", text);
+    let dir = configmap_config(&documents);
     let store = shipped_store_path(&dir.main());
     assert!(store.starts_with(STATE_DIR), "{}", store.display());
-    let raw: toml::Value = toml::from_str(text).expect("toml");
+    let text = std::fs::read_to_string(dir.main()).expect("main file");
+    let raw: toml::Value = toml::from_str(&text).expect("toml");
     let secret = mount("secret");
     let password = raw["targets"][0]["password_file"]
         .as_str()
@@ -256,17 +272,8 @@ fn the_sharded_kubernetes_manifests_agree() {
     }
 
     // The same layout as the Deployment: configuration, packs, secret, state.
-    let args: Vec<&str> = container["args"]
-        .as_sequence()
-        .expect("args")
-        .iter()
-        .filter_map(|a| a.as_str())
-        .collect();
-    let config_at = args
-        .iter()
-        .position(|a| *a == "--config")
-        .expect("--config");
-    assert_eq!(args[config_at + 1], CONFIG);
+    let args = container_args(container);
+    assert_eq!(config_option(&args), CONFIG);
     assert!(args.contains(&"run"));
     let mount = |wanted: &str| {
         container["volumeMounts"]
@@ -313,14 +320,7 @@ fn the_sharded_kubernetes_manifests_agree() {
     // The configuration loads, keeps its state on the volume, and lists every pod as a peer,
     // in shard order.
     let maps = documents("deploy/kubernetes/sharded/configmap.yaml");
-    let text = maps
-        .iter()
-        .find(|d| d["metadata"]["name"] == "deploywatch")
-        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
-        .expect("deploywatch.toml in the ConfigMap");
-    let dir = common::ConfigDir::new();
-    dir.add_shipped_pack("postgres.toml");
-    dir.write("deploywatch.toml", text);
+    let dir = configmap_config(&maps);
     assert!(shipped_store_path(&dir.main()).starts_with(STATE_DIR));
     let mut config = dir.load();
     let peers: Vec<String> = (0..replicas)
@@ -333,7 +333,8 @@ fn the_sharded_kubernetes_manifests_agree() {
             shard: Some(last.parse().expect("shard")),
         })
         .expect("the pods' shards fit the peers");
-    let raw: toml::Value = toml::from_str(text).expect("toml");
+    let text = std::fs::read_to_string(dir.main()).expect("main file");
+    let raw: toml::Value = toml::from_str(&text).expect("toml");
     let password = raw["targets"][0]["password_file"]
         .as_str()
         .expect("password_file");

@@ -93,14 +93,11 @@ async fn wrong_passwords_do_not_slow_probes_or_checks() {
         "web.yml",
         &format!("basic_auth_users:\n  prometheus: '{hash}'\n"),
     );
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\nweb_config_file = \"{}\"\n\n{FAST}{}",
-            dir.path().join("web.yml").display(),
-            target_toml("db", &pg, "app")
-        ),
+    let settings = format!(
+        "[server]\nweb_config_file = \"{}\"\n\n{FAST}",
+        dir.path().join("web.yml").display()
     );
+    common::write_app_config(&dir, &pg, &settings, "");
     let port = common::free_port();
     let _child = common::spawn_daemon(&dir, port);
     wait_http(port, "/healthz").await;
@@ -276,14 +273,7 @@ async fn a_huge_result_ends_in_too_many_rows_without_growing_memory() {
         "CREATE TABLE knob (n int); INSERT INTO knob VALUES (0); GRANT SELECT ON knob TO PUBLIC",
     )
     .expect("knob");
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "{}{}",
-            FAST.replace("timeout = \"2s\"", "timeout = \"60s\""),
-            target_toml("db", &pg, "app")
-        ),
-    );
+    common::write_app_config(&dir, &pg, &common::fast_with_timeout("60s"), "");
     let port = common::free_port();
     let mut child = common::spawn_daemon(&dir, port);
     let pid = child.id().expect("pid");
@@ -369,19 +359,9 @@ async fn a_hung_database_turns_up_off_and_stale_passes_into_errors_within_the_ti
             )
         })
         .collect();
-    let refs: Vec<(&str, &str)> = checks
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
-    let (pg, dir) = common::app_with_checks(&refs);
+    let (pg, dir) = common::app_with_checks(&checks);
     // check timeout 2 s + connect timeout 1 s
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "{FAST}{}max_connections = 2\n",
-            target_toml("db", &pg, "app")
-        ),
-    );
+    common::write_app_config(&dir, &pg, FAST, "max_connections = 2\n");
     let handle = start(&dir).await;
     wait_all_pass(&handle, "db").await;
     let bound = Duration::from_secs(2) + Duration::from_secs(1);
@@ -875,14 +855,11 @@ async fn queries_still_running_when_the_grace_period_ends_are_cancelled() {
         "slow",
         "sql = \"SELECT pg_sleep(60)::text\"\ntimeout = \"90s\"",
     )]);
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\nshutdown_grace = \"1s\"\n\n{}{}",
-            FAST.replace("timeout = \"2s\"", "timeout = \"90s\""),
-            target_toml("db", &pg, "app")
-        ),
+    let settings = format!(
+        "[server]\nshutdown_grace = \"1s\"\n\n{}",
+        common::fast_with_timeout("90s")
     );
+    common::write_app_config(&dir, &pg, &settings, "");
     let port = common::free_port();
     let mut child = common::spawn_daemon(&dir, port);
     let running = "%pg_sleep(60)%";

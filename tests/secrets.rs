@@ -157,13 +157,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     wait_until("the reload refused", Duration::from_secs(20), || {
         let base = base.clone();
         async move {
-            let (_, body) = deploywatch::commands::client::get(
-                &format!("{base}/status?format=json"),
-                "application/json",
-            )
-            .await
-            .ok()?;
-            let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let json = common::get_json(&format!("{base}/status?format=json")).await?;
             (json["config_reload_successful"] == false).then_some(())
         }
     })
@@ -249,13 +243,7 @@ fn libpq_environment_and_pgpass_fill_what_the_target_leaves_out() {
             .expect("check")
     };
     let output = run(&pgpass);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = common::succeeded(&output);
     assert!(stdout.contains("secretive@127.0.0.1"), "{stdout}");
     assert_clean("`check` output", &stdout);
     // Without a matching .pgpass line the server refuses, and says so without a secret.

@@ -89,9 +89,14 @@ pub fn setting<T: FromStr>(name: &str, default: T) -> T {
 
 /// A throwaway PostgreSQL with pg_stat_statements loaded and database `db` created.
 pub fn cluster_with_statements(db: &str) -> PgCluster {
+    cluster_with(ClusterOptions::default(), db)
+}
+
+/// [`cluster_with_statements`] with more `options`.
+pub fn cluster_with(options: ClusterOptions, db: &str) -> PgCluster {
     let cluster = PgCluster::start(ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".into()],
-        ..ClusterOptions::default()
+        ..options
     })
     .expect("PostgreSQL");
     cluster

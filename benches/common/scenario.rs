@@ -1,6 +1,8 @@
 //! The deployments the evaluation benchmarks make, simulated or on a real PostgreSQL: harmless
 //! changes the rules must not call a regression, and injected regressions they must find.
 
+use std::collections::BTreeMap;
+
 use deploywatch::analysis::deployment::{Finding, Signal};
 use deploywatch::analysis::window::Window;
 
@@ -38,6 +40,38 @@ pub const ALL: [Scenario; 15] = [
     Scenario::Integrity(Window::FirstDay),
     Scenario::Integrity(Window::FirstWeek),
 ];
+
+/// What one deployment of a scenario showed.
+#[derive(Default)]
+pub struct Outcome<T> {
+    /// Any flag (suspected or confirmed) published at any look.
+    pub published: bool,
+    /// Any flag confirmed (paged) at any look.
+    pub paged: bool,
+    /// Any window closed `regression`.
+    pub final_regression: bool,
+    /// Signals of flags that were not the injected regression.
+    pub stray: Vec<Signal>,
+    /// The injected regression: when it was first published, and confirmed (`T` measures
+    /// from the deployment), and the window it was first published in.
+    pub first_published: Option<T>,
+    pub first_confirmed: Option<T>,
+    pub window: Option<Window>,
+}
+
+/// The signals that fired in `outcomes` but were not the injected regression, with how often:
+/// `seq_scans x2, top_queries x1`, or `-`.
+pub fn stray_signals<T>(outcomes: &[Outcome<T>]) -> String {
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for signal in outcomes.iter().flat_map(|o| &o.stray) {
+        *counts.entry(signal.as_str()).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return "-".to_string();
+    }
+    let listed: Vec<String> = counts.iter().map(|(s, n)| format!("{s} x{n}")).collect();
+    listed.join(", ")
+}
 
 /// The statements of a workload that an injected regression hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1073,6 +1073,16 @@ mod tests {
             .collect()
     }
 
+    /// Samples without statements, each made by `with` from an empty one.
+    fn series_with(start: f64, n: usize, with: impl Fn(Sample) -> Sample) -> Vec<Sample> {
+        series(start, n, |_| vec![]).into_iter().map(with).collect()
+    }
+
+    /// The rules on an open window that holds every sample since the deployment.
+    fn judged(window: Window, baseline: &[Sample], samples: &[Sample]) -> Judgement {
+        judge(window, baseline, samples, samples, false, &t())
+    }
+
     fn signals(j: &[Finding]) -> Vec<(Signal, String)> {
         j.iter().map(|f| (f.signal, f.subject.clone())).collect()
     }
@@ -1095,7 +1105,7 @@ mod tests {
                 ("3", 1.0 * noise()),
             ]
         });
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::QueryLatency, "query 1".to_string())]
@@ -1125,7 +1135,7 @@ mod tests {
         let baseline = series(0.0, 10, |_| vec![("1", 1.0 * noise())]);
         let window = series(1000.0, 10, |_| vec![("1", 1.5 * noise())]);
         for w in [Window::FirstHour, Window::FirstDay, Window::FirstWeek] {
-            let j = judge(w, &baseline, &window, &window, false, &t());
+            let j = judged(w, &baseline, &window);
             assert_eq!(
                 signals(&j.regressions),
                 vec![(Signal::QueryLatency, "query 1".to_string())],
@@ -1134,7 +1144,7 @@ mod tests {
         }
         // Below `latency_min_window_samples` window samples there is no latency verdict at all.
         let few = &window[..5];
-        let j = judge(Window::FirstHour, &baseline, few, few, false, &t());
+        let j = judged(Window::FirstHour, &baseline, few);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
     }
 
@@ -1168,7 +1178,7 @@ mod tests {
         let mut window = Vec::new();
         for i in 0..40 {
             window.push(make(10_000.0 + 60.0 * i as f64, next(&mut drift)));
-            let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+            let j = judged(Window::FirstDay, &baseline, &window);
             assert!(
                 j.regressions.is_empty(),
                 "look {i}: {:?}",
@@ -1188,7 +1198,7 @@ mod tests {
             let wait = if i % 3 == 0 { 20.0 } else { 1.0 };
             vec![("1", wait * (1.0 + 0.1 * (rng.next() - 0.5)))]
         });
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::QueryLatency, "query 1".to_string())]
@@ -1214,19 +1224,12 @@ mod tests {
             .resets
             .push(crate::analysis::sample::SERVER_RESTART.into());
         for n in 1..=window.len() {
-            let j = judge(
-                Window::FirstHour,
-                &baseline,
-                &window[..n],
-                &window[..n],
-                false,
-                &t(),
-            );
+            let j = judged(Window::FirstHour, &baseline, &window[..n]);
             assert!(j.regressions.is_empty(), "{n}: {:?}", j.regressions);
         }
         // Without the restart mark, the same times are a regression.
         window[0].resets.clear();
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         assert!(!j.regressions.is_empty());
     }
 
@@ -1242,23 +1245,14 @@ mod tests {
     #[test]
     fn sequential_scans_are_counted_per_transaction() {
         // A lookup table scanned once per transaction: twice the traffic, twice the scans.
-        let baseline: Vec<Sample> = series(0.0, 30, |_| vec![])
-            .into_iter()
-            .map(|s| with_traffic(s, 1000.0, 1000.0))
-            .collect();
-        let doubled: Vec<Sample> = series(10_000.0, 10, |_| vec![])
-            .into_iter()
-            .map(|s| with_traffic(s, 2000.0, 2000.0))
-            .collect();
-        let j = judge(Window::FirstDay, &baseline, &doubled, &doubled, false, &t());
+        let baseline: Vec<Sample> = series_with(0.0, 30, |s| with_traffic(s, 1000.0, 1000.0));
+        let doubled: Vec<Sample> = series_with(10_000.0, 10, |s| with_traffic(s, 2000.0, 2000.0));
+        let j = judged(Window::FirstDay, &baseline, &doubled);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
         assert!(j.inconclusive.is_empty());
         // The same traffic scanning it twice per transaction: a lost index.
-        let lost: Vec<Sample> = series(10_000.0, 10, |_| vec![])
-            .into_iter()
-            .map(|s| with_traffic(s, 1000.0, 2000.0))
-            .collect();
-        let j = judge(Window::FirstHour, &baseline, &lost, &lost, false, &t());
+        let lost: Vec<Sample> = series_with(10_000.0, 10, |s| with_traffic(s, 1000.0, 2000.0));
+        let j = judged(Window::FirstHour, &baseline, &lost);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::SeqScans, "public.submissions".to_string())]
@@ -1272,15 +1266,9 @@ mod tests {
 
     #[test]
     fn a_sharp_traffic_change_leaves_rates_unjudged_and_says_why() {
-        let baseline: Vec<Sample> = series(0.0, 30, |_| vec![])
-            .into_iter()
-            .map(|s| with_traffic(s, 1000.0, 1000.0))
-            .collect();
-        let quiet: Vec<Sample> = series(10_000.0, 10, |_| vec![])
-            .into_iter()
-            .map(|s| with_traffic(s, 250.0, 2000.0))
-            .collect();
-        let j = judge(Window::FirstDay, &baseline, &quiet, &quiet, false, &t());
+        let baseline: Vec<Sample> = series_with(0.0, 30, |s| with_traffic(s, 1000.0, 1000.0));
+        let quiet: Vec<Sample> = series_with(10_000.0, 10, |s| with_traffic(s, 250.0, 2000.0));
+        let j = judged(Window::FirstDay, &baseline, &quiet);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
         assert_eq!(j.inconclusive.len(), 1);
         assert!(j.inconclusive[0].contains("0.25x"), "{:?}", j.inconclusive);
@@ -1304,7 +1292,7 @@ mod tests {
                 }
             }
         }
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstDay, &baseline, &window);
         let f = j
             .regressions
             .iter()
@@ -1331,7 +1319,7 @@ mod tests {
     fn a_faster_query_is_an_improvement() {
         let baseline = series(0.0, 8, |i| vec![("1", 1.0 + 0.01 * i as f64)]);
         let window = series(1000.0, 8, |i| vec![("1", 0.6 + 0.01 * i as f64)]);
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstDay, &baseline, &window);
         assert!(j.regressions.is_empty());
         assert_eq!(
             signals(&j.improvements),
@@ -1367,7 +1355,7 @@ mod tests {
     fn a_microsecond_change_is_not_material() {
         let baseline = series(0.0, 10, |i| vec![("1", 0.020 + 0.0001 * i as f64)]);
         let window = series(1000.0, 10, |i| vec![("1", 0.030 + 0.0001 * i as f64)]);
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstDay, &baseline, &window);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
     }
 
@@ -1375,11 +1363,9 @@ mod tests {
     fn too_few_samples_are_never_judged() {
         let baseline = series(0.0, 2, |_| vec![("1", 1.0)]);
         let window = series(1000.0, 8, |_| vec![("1", 10.0)]);
-        assert!(
-            judge(Window::FirstHour, &baseline, &window, &window, false, &t())
-                .regressions
-                .is_empty()
-        );
+        assert!(judged(Window::FirstHour, &baseline, &window)
+            .regressions
+            .is_empty());
     }
 
     #[test]
@@ -1390,7 +1376,7 @@ mod tests {
             s.statements = None;
             s.database = None;
         }
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
     }
 
@@ -1408,40 +1394,33 @@ mod tests {
 
     #[test]
     fn a_check_that_passed_before_and_fails_now_is_flagged() {
-        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![])
-            .into_iter()
-            .map(|s| with_check(s, "orphans", "integrity", "pass", 0.0))
-            .collect();
-        let window: Vec<Sample> = series(1000.0, 3, |_| vec![])
-            .into_iter()
-            .map(|s| with_check(s, "orphans", "integrity", "fail", 5.0))
-            .collect();
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let baseline: Vec<Sample> = series_with(0.0, 5, |s| {
+            with_check(s, "orphans", "integrity", "pass", 0.0)
+        });
+        let window: Vec<Sample> = series_with(1000.0, 3, |s| {
+            with_check(s, "orphans", "integrity", "fail", 5.0)
+        });
+        let j = judged(Window::FirstHour, &baseline, &window);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::CheckFailure, "orphans".to_string())]
         );
         // A check that already failed before the deployment is not a regression of it.
-        let failing: Vec<Sample> = series(0.0, 5, |_| vec![])
-            .into_iter()
-            .map(|s| with_check(s, "orphans", "integrity", "fail", 5.0))
-            .collect();
-        assert!(
-            judge(Window::FirstHour, &failing, &window, &window, false, &t())
-                .regressions
-                .is_empty()
-        );
+        let failing: Vec<Sample> = series_with(0.0, 5, |s| {
+            with_check(s, "orphans", "integrity", "fail", 5.0)
+        });
+        assert!(judged(Window::FirstHour, &failing, &window)
+            .regressions
+            .is_empty());
         // Info checks do not count.
         let info: Vec<Sample> = window
             .iter()
             .cloned()
             .map(|s| with_check(s, "orphans", "performance", "fail", 5.0))
             .collect();
-        assert!(
-            judge(Window::FirstHour, &baseline, &info, &info, false, &t())
-                .regressions
-                .is_empty()
-        );
+        assert!(judged(Window::FirstHour, &baseline, &info)
+            .regressions
+            .is_empty());
     }
 
     #[test]
@@ -1457,7 +1436,7 @@ mod tests {
             });
             s.connections = 95.0;
         }
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         let found: BTreeSet<Signal> = j.regressions.iter().map(|f| f.signal).collect();
         assert_eq!(
             found,
@@ -1467,14 +1446,7 @@ mod tests {
                 Signal::Connections
             ])
         );
-        let same = judge(
-            Window::FirstHour,
-            &baseline,
-            &baseline,
-            &baseline,
-            false,
-            &t(),
-        );
+        let same = judged(Window::FirstHour, &baseline, &baseline);
         assert!(same.regressions.is_empty());
     }
 
@@ -1519,38 +1491,23 @@ mod tests {
                 )
             })
             .collect();
-        assert!(
-            judge(Window::FirstDay, &baseline, &window, &window, false, &t())
-                .regressions
-                .is_empty()
-        );
+        assert!(judged(Window::FirstDay, &baseline, &window)
+            .regressions
+            .is_empty());
     }
 
     #[test]
     fn more_sequential_scans_on_a_table_are_flagged() {
-        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![])
-            .into_iter()
-            .map(|s| with_table(s, 1.0, 100.0))
-            .collect();
-        let window: Vec<Sample> = series(1000.0, 5, |_| vec![])
-            .into_iter()
-            .map(|s| with_table(s, 600.0, 6e6))
-            .collect();
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        let baseline: Vec<Sample> = series_with(0.0, 5, |s| with_table(s, 1.0, 100.0));
+        let window: Vec<Sample> = series_with(1000.0, 5, |s| with_table(s, 600.0, 6e6));
+        let j = judged(Window::FirstDay, &baseline, &window);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::SeqScans, "public.submissions".to_string())]
         );
-        assert!(judge(
-            Window::FirstDay,
-            &baseline,
-            &baseline,
-            &baseline,
-            false,
-            &t()
-        )
-        .regressions
-        .is_empty());
+        assert!(judged(Window::FirstDay, &baseline, &baseline)
+            .regressions
+            .is_empty());
     }
 
     fn with_index(mut s: Sample, name: &str, scans: f64) -> Sample {
@@ -1566,10 +1523,7 @@ mod tests {
 
     #[test]
     fn a_new_index_never_scanned_is_flagged_when_the_window_closes() {
-        let baseline: Vec<Sample> = series(0.0, 5, |_| vec![])
-            .into_iter()
-            .map(|s| with_index(s, "public.old", 3.0))
-            .collect();
+        let baseline: Vec<Sample> = series_with(0.0, 5, |s| with_index(s, "public.old", 3.0));
         let since: Vec<Sample> = series(1000.0, 5, |_| vec![])
             .into_iter()
             .map(|s| {
@@ -1580,7 +1534,7 @@ mod tests {
                 )
             })
             .collect();
-        let open = judge(Window::FirstDay, &baseline, &since, &since, false, &t());
+        let open = judged(Window::FirstDay, &baseline, &since);
         assert!(open.regressions.is_empty());
         let mut since = since;
         for s in &mut since {
@@ -1625,11 +1579,9 @@ mod tests {
                 ..Sample::default()
             })
             .collect();
-        assert!(
-            judge(Window::FirstDay, &baseline, &window, &window, false, &t())
-                .regressions
-                .is_empty()
-        );
+        assert!(judged(Window::FirstDay, &baseline, &window)
+            .regressions
+            .is_empty());
     }
 
     #[test]
@@ -1648,7 +1600,7 @@ mod tests {
                 ..Sample::default()
             })
             .collect();
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstDay, &baseline, &window);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::DbGrowth, "database size".to_string())]
@@ -1665,7 +1617,7 @@ mod tests {
             .into_iter()
             .map(|s| with_check(s, "orphans", "integrity", "fail", 2.0))
             .collect();
-        let j = judge(Window::FirstWeek, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstWeek, &baseline, &window);
         let found: BTreeSet<Signal> = j.regressions.iter().map(|f| f.signal).collect();
         // The integrity check passed throughout the baseline: a check failure, reported once.
         assert_eq!(
@@ -1721,14 +1673,12 @@ mod tests {
 
     #[test]
     fn breakage_is_judged_in_every_window() {
-        let baseline: Vec<Sample> = series(0.0, 6, |_| vec![])
-            .into_iter()
-            .map(|s| with_check(s, "orphans", "integrity", "pass", 0.0))
-            .collect();
-        let broken: Vec<Sample> = series(1000.0, 6, |_| vec![])
-            .into_iter()
-            .map(|s| with_check(s, "orphans", "integrity", "fail", 4.0))
-            .collect();
+        let baseline: Vec<Sample> = series_with(0.0, 6, |s| {
+            with_check(s, "orphans", "integrity", "pass", 0.0)
+        });
+        let broken: Vec<Sample> = series_with(1000.0, 6, |s| {
+            with_check(s, "orphans", "integrity", "fail", 4.0)
+        });
         let mut failing_transactions = series(1000.0, 6, |_| vec![]);
         for s in &mut failing_transactions {
             s.database = Some(DbCounters {
@@ -1738,21 +1688,14 @@ mod tests {
             });
         }
         for window in [Window::FirstHour, Window::FirstDay, Window::FirstWeek] {
-            let j = judge(window, &baseline, &broken, &broken, false, &t());
+            let j = judged(window, &baseline, &broken);
             let found: Vec<(Signal, String)> = signals(&j.regressions);
             assert_eq!(
                 found,
                 vec![(Signal::CheckFailure, "orphans".to_string())],
                 "{window:?}"
             );
-            let j = judge(
-                window,
-                &baseline,
-                &failing_transactions,
-                &failing_transactions,
-                false,
-                &t(),
-            );
+            let j = judged(window, &baseline, &failing_transactions);
             assert!(
                 j.regressions
                     .iter()

@@ -172,21 +172,15 @@ pub fn render(input: &ReportInput<'_>) -> String {
             rfc3339(*first)
         );
     }
-    for finding in &regressions {
-        let _ = writeln!(
-            out,
-            "- regression ({}): {}",
-            finding.signal.as_str(),
-            finding.message
-        );
-    }
-    for finding in &notices {
-        let _ = writeln!(
-            out,
-            "- notice ({}): {}",
-            finding.signal.as_str(),
-            finding.message
-        );
+    for (kind, findings) in [("regression", &regressions), ("notice", &notices)] {
+        for finding in findings {
+            let _ = writeln!(
+                out,
+                "- {kind} ({}): {}",
+                finding.signal.as_str(),
+                finding.message
+            );
+        }
     }
     let _ = writeln!(out);
 

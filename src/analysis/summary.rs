@@ -471,21 +471,6 @@ impl Summary {
         !self.statements.is_empty() || self.others.statements > 0
     }
 
-    /// The statement ids with the largest total time, at most `n` of them.
-    pub fn top_statements(&self, n: usize) -> BTreeSet<String> {
-        let mut ranked: Vec<(&String, f64)> = self
-            .statements
-            .iter()
-            .map(|(id, s)| (id, s.total_ms))
-            .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        ranked
-            .into_iter()
-            .take(n)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
     /// Keeps only the statements in `keep`, adding the others to [`Summary::others`].
     pub fn retain_statements(&mut self, keep: &BTreeSet<String>) {
         let dropped: Vec<String> = self

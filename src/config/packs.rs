@@ -203,20 +203,14 @@ fn check_def(
     }
     let shape = match raw.shape.as_deref().unwrap_or("scalar") {
         "scalar" => {
-            for (field, present) in [
+            let misplaced = [
                 ("labels", raw.labels.is_some()),
                 ("values", raw.values.is_some()),
                 ("max_series", raw.max_series.is_some()),
                 ("expect_column", raw.expect_column.is_some()),
-            ] {
-                if present {
-                    problems.push(
-                        file,
-                        format!("{key}.{field}"),
-                        format!("{field} only applies to shape = \"rows\""),
-                    );
-                    ok = false;
-                }
+            ];
+            if !only_for(file, &key, &misplaced, "shape = \"rows\"", problems) {
+                ok = false;
             }
             Shape::Scalar
         }
@@ -323,6 +317,27 @@ fn valid_column(name: &str) -> bool {
 
 /// The incremental settings of a check, checked; `None` when it has none or they are wrong
 /// (then with problems reported).
+/// A problem for each `(field, present)` that is present although it only applies to `what`;
+/// whether there was none.
+fn only_for(
+    file: &Path,
+    key: &str,
+    fields: &[(&str, bool)],
+    what: &str,
+    problems: &mut Problems,
+) -> bool {
+    let mut none = true;
+    for (field, _) in fields.iter().filter(|(_, present)| *present) {
+        problems.push(
+            file,
+            format!("{key}.{field}"),
+            format!("{field} only applies to {what}"),
+        );
+        none = false;
+    }
+    none
+}
+
 fn incremental_decl(
     file: &Path,
     key: &str,
@@ -332,22 +347,21 @@ fn incremental_decl(
     problems: &mut Problems,
 ) -> Option<IncrementalDecl> {
     let Some(column) = &raw.incremental_key else {
-        for (field, present) in [
+        let misplaced = [
             ("incremental_table", raw.incremental_table.is_some()),
             ("parent_tables", raw.parent_tables.is_some()),
             ("early_sweep", raw.early_sweep.is_some()),
             ("sweep_period", raw.sweep_period.is_some()),
             ("sweep_max_rows", raw.sweep_max_rows.is_some()),
             ("sweep_max_time", raw.sweep_max_time.is_some()),
-        ] {
-            if present {
-                problems.push(
-                    file,
-                    format!("{key}.{field}"),
-                    format!("{field} only applies to an incremental check (incremental_key)"),
-                );
-            }
-        }
+        ];
+        only_for(
+            file,
+            key,
+            &misplaced,
+            "an incremental check (incremental_key)",
+            problems,
+        );
         return None;
     };
     let before = problems.len();

@@ -835,45 +835,19 @@ impl Connector {
             (Some(Ok((stream, _))), None) => config
                 .connect_raw(stream, tokio_postgres::NoTls)
                 .await
-                .map(|(client, connection)| {
-                    let role = reported_role(&connection);
-                    (client, role, tokio::spawn(drive(connection, target)))
-                }),
-            (Some(Ok((stream, host))), Some(tls)) => {
-                let connect =
-                    tokio_postgres::tls::MakeTlsConnect::<socket::Lingering>::make_tls_connect(
-                        &mut tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                        &host,
-                    );
-                match connect {
-                    Ok(connect) => {
-                        config
-                            .connect_raw(stream, connect)
-                            .await
-                            .map(|(client, connection)| {
-                                let role = reported_role(&connection);
-                                (client, role, tokio::spawn(drive(connection, target)))
-                            })
-                    }
-                    Err(never) => match never {},
-                }
-            }
-            (None, None) => {
-                config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map(|(client, connection)| {
-                        let role = reported_role(&connection);
-                        (client, role, tokio::spawn(drive(connection, target)))
-                    })
-            }
+                .map(|session| started(session, target)),
+            (Some(Ok((stream, host))), Some(tls)) => config
+                .connect_raw(stream, tls_over_socket(tls, &host))
+                .await
+                .map(|session| started(session, target)),
+            (None, None) => config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map(|session| started(session, target)),
             (None, Some(tls)) => config
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await
-                .map(|(client, connection)| {
-                    let role = reported_role(&connection);
-                    (client, role, tokio::spawn(drive(connection, target)))
-                }),
+                .map(|session| started(session, target)),
         };
         let (client, reported, driver) = connected.map_err(|error| PoolError::Connect {
             target: self.target.clone(),
@@ -969,15 +943,9 @@ async fn cancel(
             token.cancel_query_raw(stream, tokio_postgres::NoTls).await
         }
         (Some(Ok((stream, host))), Some(tls)) => {
-            let connect =
-                tokio_postgres::tls::MakeTlsConnect::<socket::Lingering>::make_tls_connect(
-                    &mut tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                    &host,
-                );
-            match connect {
-                Ok(connect) => token.cancel_query_raw(stream, connect).await,
-                Err(never) => match never {},
-            }
+            token
+                .cancel_query_raw(stream, tls_over_socket(tls, &host))
+                .await
         }
         (None, None) => token.cancel_query(tokio_postgres::NoTls).await,
         (None, Some(tls)) => {
@@ -987,6 +955,41 @@ async fn cancel(
         }
     };
     sent.map_err(|error| describe_connect_error(&error))
+}
+
+/// The TLS handshake with `host` over a socket of deploywatch's own ([`socket`]).
+fn tls_over_socket(
+    tls: rustls::ClientConfig,
+    host: &str,
+) -> <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+    socket::Lingering,
+>>::TlsConnect {
+    let connect = tokio_postgres::tls::MakeTlsConnect::<socket::Lingering>::make_tls_connect(
+        &mut tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+        host,
+    );
+    match connect {
+        Ok(connect) => connect,
+        Err(never) => match never {},
+    }
+}
+
+/// A session just opened: its client, the role the server reported, and the task that drives
+/// its connection.
+fn started<S, T>(
+    (client, connection): (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+    target: String,
+) -> (
+    tokio_postgres::Client,
+    Option<(String, bool)>,
+    JoinHandle<()>,
+)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let role = reported_role(&connection);
+    (client, role, tokio::spawn(drive(connection, target)))
 }
 
 /// The role and whether it is a superuser, as the server reported them at startup.

@@ -42,6 +42,20 @@ async fn query(pool: &TargetPool, sql: &str) -> Result<ResultTable, CheckError> 
     query_read_only(pool, sql, &[], TIMEOUT, LOCK_TIMEOUT).await
 }
 
+/// The rows of `sql` by the name in their first column, each made into a value by `value`.
+async fn named_rows<T>(
+    pool: &TargetPool,
+    sql: &str,
+    value: impl Fn(&[Cell]) -> T,
+) -> Result<BTreeMap<String, T>, CheckError> {
+    let table = query(pool, sql).await?;
+    Ok(table
+        .rows
+        .iter()
+        .filter_map(|row| Some((text(row.first())?, value(row))))
+        .collect())
+}
+
 fn number(cell: Option<&Cell>) -> f64 {
     match cell {
         Some(Cell::Int(i)) => *i as f64,
@@ -311,39 +325,25 @@ pub async fn read_with(
         database = text(row.get(10)).or(database);
         raw.postmaster_start = row.get(11).map(|_| n(11)).filter(|t| *t > 0.0);
     }
-    let indexes = query(
+    raw.indexes = named_rows(
         pool,
         "SELECT schemaname || '.' || indexrelname, schemaname || '.' || relname, idx_scan FROM pg_stat_user_indexes",
+        |row| IndexCounters {
+            table: text(row.get(1)).unwrap_or_default(),
+            scans: number(row.get(2)),
+        },
     )
     .await?;
-    for row in &indexes.rows {
-        if let Some(name) = text(row.first()) {
-            raw.indexes.insert(
-                name,
-                IndexCounters {
-                    table: text(row.get(1)).unwrap_or_default(),
-                    scans: number(row.get(2)),
-                },
-            );
-        }
-    }
-    let tables = query(
+    raw.tables = named_rows(
         pool,
         "SELECT schemaname || '.' || relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0) FROM pg_stat_user_tables",
+        |row| TableCounters {
+            seq_scan: number(row.get(1)),
+            seq_tup_read: number(row.get(2)),
+            idx_scan: number(row.get(3)),
+        },
     )
     .await?;
-    for row in &tables.rows {
-        if let Some(name) = text(row.first()) {
-            raw.tables.insert(
-                name,
-                TableCounters {
-                    seq_scan: number(row.get(1)),
-                    seq_tup_read: number(row.get(2)),
-                    idx_scan: number(row.get(3)),
-                },
-            );
-        }
-    }
     let wide = server.current(pool, support).await?;
     raw.connections = wide.connections;
     raw.max_connections = wide.max_connections;

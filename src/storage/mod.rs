@@ -1547,12 +1547,12 @@ mod tests {
         assert_eq!(store.prune(1e9).expect("prune"), 0);
     }
 
-    #[test]
-    fn a_store_of_the_previous_layout_is_migrated_keeping_deployments_and_verdicts() {
+    /// A copy of a store written by the previous release (layout 1): 40 JSON samples, one
+    /// unreadable row, two deployments, two verdicts (one with a finding) and the last seen
+    /// version. The file lives as long as the directory.
+    fn previous_layout() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.sqlite");
-        // Written by the previous release: 40 JSON samples, one unreadable row, two
-        // deployments, two verdicts (one with a finding) and the last seen version.
         std::fs::copy(
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -1561,6 +1561,12 @@ mod tests {
             &path,
         )
         .expect("copy");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_store_of_the_previous_layout_is_migrated_keeping_deployments_and_verdicts() {
+        let (_dir, path) = previous_layout();
         let store = Store::open(&path).expect("migrated");
         let deployments = store.deployments(Some("cognit")).expect("deployments");
         let versions: Vec<&str> = deployments.iter().map(|d| d.to_version.as_str()).collect();
@@ -1610,16 +1616,7 @@ mod tests {
 
     #[test]
     fn a_failed_migration_leaves_the_file_as_it_was() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("state.sqlite");
-        std::fs::copy(
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/store_v1.sqlite"
-            ),
-            &path,
-        )
-        .expect("copy");
+        let (_dir, path) = previous_layout();
         {
             // A table in the way of the new layout makes the migration fail half-way.
             let connection = Connection::open(&path).expect("open");

@@ -237,50 +237,48 @@ impl State {
         self.write().config_reload_ok = false;
     }
 
-    /// Marks a check as running unless it already is.
-    pub fn claim(&self, target: &str, check: &str) -> Claim {
+    /// Changes the state of a check, if the target has it.
+    fn change_check<R>(
+        &self,
+        target: &str,
+        check: &str,
+        change: impl FnOnce(&mut CheckState) -> R,
+    ) -> Option<R> {
         let mut inner = self.write();
-        let Some(state) = inner
+        inner
             .targets
             .get_mut(target)
             .and_then(|t| t.checks.get_mut(check))
-        else {
-            return Claim::Skipped;
-        };
-        if state.running {
-            state.skipped += 1;
-            Claim::Skipped
-        } else {
-            state.running = true;
-            Claim::Started
-        }
+            .map(change)
+    }
+
+    /// Marks a check as running unless it already is.
+    pub fn claim(&self, target: &str, check: &str) -> Claim {
+        self.change_check(target, check, |state| {
+            if state.running {
+                state.skipped += 1;
+                Claim::Skipped
+            } else {
+                state.running = true;
+                Claim::Started
+            }
+        })
+        .unwrap_or(Claim::Skipped)
     }
 
     /// Releases a claim without a run (the run was cancelled while it waited for a session).
     pub fn release(&self, target: &str, check: &str) {
-        let mut inner = self.write();
-        if let Some(state) = inner
-            .targets
-            .get_mut(target)
-            .and_then(|t| t.checks.get_mut(check))
-        {
-            state.running = false;
-        }
+        self.change_check(target, check, |state| state.running = false);
     }
 
     /// A run that got no session within its interval: counted, its reason kept, the claim
     /// released. The previous result stays.
     pub fn record_no_session(&self, target: &str, check: &str, reason: String, now: Timestamp) {
-        let mut inner = self.write();
-        if let Some(state) = inner
-            .targets
-            .get_mut(target)
-            .and_then(|t| t.checks.get_mut(check))
-        {
+        self.change_check(target, check, |state| {
             state.running = false;
             state.skipped_no_session += 1;
             state.last_skip = Some((now, reason));
-        }
+        });
     }
 
     /// A run that started late for lack of a session: the `merged` due runs it spans are
@@ -307,14 +305,7 @@ impl State {
     }
 
     pub fn record_skip(&self, target: &str, check: &str) {
-        let mut inner = self.write();
-        if let Some(state) = inner
-            .targets
-            .get_mut(target)
-            .and_then(|t| t.checks.get_mut(check))
-        {
-            state.skipped += 1;
-        }
+        self.change_check(target, check, |state| state.skipped += 1);
     }
 
     /// Stores the result of a run and releases the claim.

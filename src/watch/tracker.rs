@@ -572,6 +572,18 @@ impl Tracker {
             .await
     }
 
+    /// The statistics could not be read: noted, and the next good pass starts a fresh delta
+    /// (the gap is simply not sampled).
+    fn statistics_failed(&mut self, error: &impl std::fmt::Display) {
+        note_step(
+            &self.state,
+            self.name(),
+            "statistics",
+            Err(&error.to_string()),
+        );
+        self.previous = None;
+    }
+
     /// Logs and counts a failed store operation.
     /// Counts a failed store operation. A failed write is logged by the store when writes
     /// start failing and when they work again; any other failure when it starts, and hourly
@@ -698,13 +710,7 @@ impl Tracker {
             match sampler::statements_support(&pool).await {
                 Ok(support) => self.support = Some(support),
                 Err(error) => {
-                    note_step(
-                        &self.state,
-                        self.name(),
-                        "statistics",
-                        Err(&error.to_string()),
-                    );
-                    self.previous = None;
+                    self.statistics_failed(&error);
                     return;
                 }
             }
@@ -765,14 +771,7 @@ impl Tracker {
             }
             Err(error) => {
                 drop(pool);
-                // The next good pass starts a fresh delta: the gap is simply not sampled.
-                note_step(
-                    &self.state,
-                    self.name(),
-                    "statistics",
-                    Err(&error.to_string()),
-                );
-                self.previous = None;
+                self.statistics_failed(&error);
             }
         }
         self.state

@@ -67,6 +67,11 @@ pub enum Version {
 
 /// Creates database `name` holding the cognit application at `version` with generated data.
 pub fn cognit_db(cluster: &PgCluster, name: &str, version: Version) {
+    cognit_db_at(cluster, name, 1, version);
+}
+
+/// [`cognit_db`] with the data generated at `scale` (`cognit_generate(scale)`).
+pub fn cognit_db_at(cluster: &PgCluster, name: &str, scale: u32, version: Version) {
     cluster.create_database(name).expect("create database");
     cluster
         .psql_file(name, &fixture("schema_3.6.0.sql"))
@@ -75,7 +80,7 @@ pub fn cognit_db(cluster: &PgCluster, name: &str, version: Version) {
         .psql_file(name, &fixture("generate.sql"))
         .expect("generator");
     cluster
-        .psql(name, "SELECT cognit_generate(1)")
+        .psql(name, &format!("SELECT cognit_generate({scale})"))
         .expect("generate data");
     if version == Version::V370 {
         migrate(cluster, name).expect("migration");
@@ -100,6 +105,15 @@ pub fn repair(cluster: &PgCluster, name: &str, script: &str) {
         .psql_file(name, &fixture(&format!("repair/{script}.sql")))
         .unwrap_or_else(|e| panic!("repair {script}: {e}"));
 }
+
+/// The integrity checks of the shipped cognit pack.
+pub const INTEGRITY_CHECKS: [&str; 5] = [
+    "invalid_attention_score",
+    "invalid_quality_score",
+    "ai_suspected_without_quality_score",
+    "orphaned_payments",
+    "orphaned_submissions",
+];
 
 /// A directory with a main config file and (optionally) check packs.
 pub struct ConfigDir {
@@ -155,11 +169,26 @@ impl ConfigDir {
 /// deployment sampling. A main file starts with them and adds its targets.
 pub const FAST: &str = "[defaults]\ninterval = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n";
 
+/// [`FAST`] with another check timeout.
+pub fn fast_with_timeout(timeout: &str) -> String {
+    FAST.replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""))
+}
+
+/// Writes the main file of an [`app_with_checks`] configuration: `settings`, then the target
+/// `db` on database `app` followed by `target_keys` (more keys of that target).
+pub fn write_app_config(dir: &ConfigDir, pg: &PgCluster, settings: &str, target_keys: &str) {
+    dir.write(
+        "deploywatch.toml",
+        &format!("{settings}{}{target_keys}", target_toml("db", pg, "app")),
+    );
+}
+
 /// A check pack `name` of `checks`: (check name, its further TOML lines), each a critical
 /// health check.
-pub fn pack(name: &str, checks: &[(&str, &str)]) -> String {
+pub fn pack(name: &str, checks: &[(impl AsRef<str>, impl AsRef<str>)]) -> String {
     let mut text = format!("[pack]\nname = \"{name}\"\n");
     for (check, extra) in checks {
+        let (check, extra) = (check.as_ref(), extra.as_ref());
         text.push_str(&format!(
             "\n[[check]]\nname = \"{check}\"\ncategory = \"health\"\nseverity = \"critical\"\n{extra}\n"
         ));
@@ -169,7 +198,7 @@ pub fn pack(name: &str, checks: &[(&str, &str)]) -> String {
 
 /// A test cluster with an empty database `app`, and a configuration directory whose check
 /// pack `checks/p.toml` holds `checks` (see [`pack`]); the test writes the main file.
-pub fn app_with_checks(checks: &[(&str, &str)]) -> (PgCluster, ConfigDir) {
+pub fn app_with_checks(checks: &[(impl AsRef<str>, impl AsRef<str>)]) -> (PgCluster, ConfigDir) {
     let pg = cluster();
     pg.create_database("app").expect("db");
     let dir = ConfigDir::new();
@@ -325,6 +354,45 @@ impl<'a> Query<'a> {
     pub fn value_opt(&self) -> Option<f64> {
         (self.samples().len() == 1).then(|| self.value())
     }
+
+    /// Each matching sample's `key` label and value, by that label.
+    pub fn by_label(&self, key: &str) -> Vec<(String, f64)> {
+        let mut values: Vec<(String, f64)> = self
+            .samples()
+            .iter()
+            .filter_map(|s| {
+                let value = match s.value {
+                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                    _ => return None,
+                };
+                Some((s.labels.get(key)?.to_string(), value))
+            })
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        values
+    }
+}
+
+/// The standard output of a command that must have succeeded (its output shown if not).
+pub fn succeeded(output: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The JSON document at `url` (`/status`, `/api/deployments`…), or `None` while there is
+/// none: no answer, not a success, or not JSON.
+pub async fn get_json(url: &str) -> Option<serde_json::Value> {
+    let (code, body) = deploywatch::commands::client::get(url, "application/json")
+        .await
+        .ok()?;
+    code.is_success().then_some(())?;
+    serde_json::from_str(&body).ok()
 }
 
 /// A GET that answers `None` instead of panicking when nothing answers.
