@@ -188,7 +188,11 @@ pub fn render(input: &ReportInput<'_>) -> String {
     let performance = |f: &&&Finding| {
         matches!(
             f.signal,
-            Signal::QueryLatency | Signal::TopQueries | Signal::SeqScans | Signal::DbGrowth
+            Signal::QueryLatency
+                | Signal::TopQueries
+                | Signal::NewStatement
+                | Signal::SeqScans
+                | Signal::DbGrowth
         )
     };
     let slow: Vec<_> = regressions.iter().filter(performance).collect();
@@ -219,7 +223,7 @@ pub fn render(input: &ReportInput<'_>) -> String {
     let performance_ok = !regressions.iter().any(|f| {
         matches!(
             f.signal,
-            Signal::QueryLatency | Signal::TopQueries | Signal::SeqScans
+            Signal::QueryLatency | Signal::TopQueries | Signal::NewStatement | Signal::SeqScans
         )
     });
     let version_ok = input.current_version == Some(d.to_version.as_str());
@@ -334,6 +338,43 @@ mod tests {
         assert!(text.contains("**Database Size After**: 2.0 MiB"), "{text}");
         assert!(text.contains("- first_hour: pass"), "{text}");
         assert!(text.contains("Migration is successful."), "{text}");
+    }
+
+    #[test]
+    fn an_expensive_new_statement_is_a_performance_note_and_breaks_the_criteria() {
+        let d = record();
+        let after = vec![sample(d.at + 60.0, 1.0, "pass")];
+        let finding = Finding::new(
+            crate::analysis::deployment::Signal::NewStatement,
+            "query 77".into(),
+            "query 77 (SELECT * FROM reports) is new since the deployment".into(),
+            serde_json::Map::new(),
+        );
+        let verdicts = vec![VerdictRecord {
+            window: Window::FirstHour,
+            verdict: Verdict::Regression,
+            samples: 1,
+            regressions: vec![finding],
+            improvements: vec![],
+            closed_at: d.at + 3600.0,
+        }];
+        let text = render(&ReportInput {
+            deployment: &d,
+            before: None,
+            after: &after,
+            verdicts: &verdicts,
+            current_version: Some("3.7.0"),
+            superseded_by: None,
+            now: d.at + 4000.0,
+        });
+        assert!(
+            text.contains("- slower: query 77 (SELECT * FROM reports) is new"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[ ] Query performance is same or better"),
+            "{text}"
+        );
     }
 
     #[test]
