@@ -266,3 +266,78 @@ fn tls_options_are_read_from_the_target_configuration() {
         "{error}"
     );
 }
+
+/// A PostgreSQL store over TLS: `sslmode` and `sslrootcert` in `store.url` mean what they mean
+/// for targets (libpq's), against a server that refuses plain connections.
+#[test]
+fn a_store_on_postgresql_speaks_tls_as_its_url_says() {
+    use deploywatch::config::store_settings;
+    use deploywatch::storage::Store;
+
+    let pki = pki();
+    let pg = tls_cluster(
+        &pki,
+        "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+    );
+    let url = |query: &str| {
+        format!(
+            "postgres://postgres@localhost:{}/postgres?{query}",
+            pg.port()
+        )
+    };
+    let verified = Store::postgres(
+        store_settings(
+            &url(&format!(
+                "sslmode=verify-full&sslrootcert={}",
+                path(&pki, "ca.pem")
+            )),
+            None,
+        )
+        .expect("settings"),
+    );
+    verified
+        .set_last_version("t", "3.7.0", 1.0)
+        .expect("written over TLS");
+    assert_eq!(
+        verified.last_version("t").expect("read"),
+        Some("3.7.0".to_string())
+    );
+    let encrypted = pg
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'deploywatch' AND s.ssl",
+        )
+        .expect("pg_stat_ssl");
+    assert_eq!(encrypted.trim(), "1", "the store's session is encrypted");
+
+    let wrong_ca = Store::postgres(
+        store_settings(
+            &url(&format!(
+                "sslmode=verify-full&sslrootcert={}",
+                path(&pki, "other-ca.pem")
+            )),
+            None,
+        )
+        .expect("settings"),
+    );
+    let refused = wrong_ca
+        .last_version("t")
+        .expect_err("a server the CA does not vouch for");
+    assert!(refused.to_string().contains("ssuer"), "{refused}");
+
+    let plain = Store::postgres(store_settings(&url("sslmode=disable"), None).expect("settings"));
+    let refused = plain.last_version("t").expect_err("plain is rejected");
+    assert!(
+        refused.to_string().contains("no encryption") || refused.to_string().contains("pg_hba"),
+        "{refused}"
+    );
+
+    let missing = store_settings(
+        &url("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+        None,
+    )
+    .err()
+    .expect("an unreadable root certificate is a configuration error");
+    assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+}

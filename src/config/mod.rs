@@ -909,7 +909,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         );
     }
     if let Some(url) = &raw.store.url {
-        if let Err(reason) = crate::storage::PgSettings::parse(url, None) {
+        if let Err(reason) = store_settings(url, None) {
             f.push(
                 "store.url",
                 format!("is not a PostgreSQL connection URL: {reason}"),
@@ -1363,4 +1363,25 @@ fn validate_discovery(
             })
         }
     }
+}
+
+/// The settings of a PostgreSQL store from its URL: the TLS options (`sslmode`, `sslrootcert`,
+/// `sslcert`, `sslkey`, with libpq's meanings, as for targets) taken out and checked, the rest
+/// parsed as the driver does.
+pub fn store_settings(
+    url: &str,
+    password: Option<crate::storage::PasswordReader>,
+) -> Result<crate::storage::PgSettings, String> {
+    let (rest, options) = crate::postgres::tls::split_options(url);
+    let tls =
+        crate::postgres::tls::TlsSettings::from_options(&options).map_err(|e| e.to_string())?;
+    let mut settings = crate::storage::PgSettings::parse(&rest, password)?;
+    settings.config.ssl_mode(tls.mode.for_driver());
+    // Checked now, so a missing or unreadable file is a configuration error, not a store that
+    // never opens; read again for every session.
+    tls.client_config().map_err(|e| e.to_string())?;
+    let make: crate::storage::TlsMaker =
+        std::sync::Arc::new(move || tls.client_config().map_err(|e| e.to_string()));
+    settings.tls = Some(make);
+    Ok(settings)
 }

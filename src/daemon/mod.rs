@@ -171,7 +171,7 @@ pub fn open_store(settings: &crate::config::StoreConfig) -> Result<Store, Daemon
                 Arc::new(move || source.read().map(Some).map_err(|e| e.to_string()));
             read
         });
-        let mut pg = crate::storage::PgSettings::parse(url, password)
+        let mut pg = crate::config::store_settings(url, password)
             .map_err(|reason| DaemonError::Store(crate::storage::StoreError::Postgres(reason)))?;
         // What the other replicas show as a target's leader: the pod's (host's) name.
         let host = std::env::var("HOSTNAME")

@@ -47,7 +47,7 @@ use crate::analysis::sample::{
 };
 use crate::analysis::window::{Verdict, Window};
 use sql::{Db, PgSession, Value};
-pub use sql::{PasswordReader, PgSettings};
+pub use sql::{PasswordReader, PgSettings, TlsMaker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

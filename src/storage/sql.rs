@@ -271,11 +271,17 @@ fn for_sqlite(sql: &str) -> Cow<'_, str> {
 /// Reads a PostgreSQL store's password when a session is opened (never kept).
 pub type PasswordReader = Arc<dyn Fn() -> Result<Option<String>, String> + Send + Sync>;
 
+/// Makes the TLS configuration of a PostgreSQL store's session when one is opened (files are
+/// read then, so a renewed certificate is used by the next session); `None` is plain TCP.
+pub type TlsMaker = Arc<dyn Fn() -> Result<Option<rustls::ClientConfig>, String> + Send + Sync>;
+
 /// Where the PostgreSQL store is and how to reach it.
 #[derive(Clone)]
 pub struct PgSettings {
     pub config: postgres::Config,
     pub password: Option<PasswordReader>,
+    /// TLS, with libpq's `sslmode` meanings (set by the caller; none: plain TCP).
+    pub tls: Option<TlsMaker>,
     /// Shown in logs and errors (no password).
     pub display: String,
     /// This replica's name, its session's `application_name`: what the other replicas show
@@ -311,6 +317,7 @@ impl PgSettings {
         Ok(PgSettings {
             config,
             password,
+            tls: None,
             display,
             replica: "deploywatch".to_string(),
         })
@@ -412,7 +419,17 @@ impl PgSession {
         config.keepalives_retries(3);
         config.tcp_user_timeout(Duration::from_secs(20));
         config.application_name(&self.settings.replica);
-        let mut client = config.connect(postgres::NoTls).map_err(|error| {
+        let tls = match &self.settings.tls {
+            Some(make) => make().map_err(|reason| {
+                StoreError::Unreachable(format!("{}: {reason}", self.settings.display))
+            })?,
+            None => None,
+        };
+        let connected = match tls {
+            Some(tls) => config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
+            None => config.connect(postgres::NoTls),
+        };
+        let mut client = connected.map_err(|error| {
             StoreError::Unreachable(format!("{}: {}", self.settings.display, describe(&error)))
         })?;
         client
