@@ -6,7 +6,8 @@
 //! ends is counted up to its last poll). Also measured from /proc: the daemon's CPU time and
 //! resident memory, the whole server's CPU time, and how busy the machine was (its CPU time and
 //! load average; other work on the machine slows the server and the daemon alike). The
-//! daemon's metrics give the runs, errors and the checks skipped for lack of a session.
+//! daemon's metrics give the runs, errors, the checks skipped for lack of a session and the due
+//! runs merged into late ones (a budget too small for the fleet stretches the intervals).
 //!
 //! `cargo bench --bench fleet`; `FLEET_DATABASES` (default 500), `FLEET_SECONDS` (default 600),
 //! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies), `FLEET_LOG` (the
@@ -255,6 +256,7 @@ async fn main() {
     let runs = metric_sum(&body, "deploywatch_check_runs_total", "");
     let no_session = metric_sum(&body, "deploywatch_check_skipped_total", "no_session");
     let skipped = metric_sum(&body, "deploywatch_check_skipped_total", "");
+    let delayed = metric_sum(&body, "deploywatch_check_delayed_total", "");
     let errors = metric_sum(&body, "deploywatch_check_errors_total", "");
     let up = metric_sum(&body, "deploywatch_up", "");
     let (half_at, half_cpu) = half_way.unwrap_or((0.0, 0.0));
@@ -286,6 +288,11 @@ async fn main() {
         "| checks skipped for lack of a session | {no_session:.0} (all skips: {skipped:.0}; log lines: {} no session, {} slower than the interval) |",
         log_lines("no session within"),
         log_lines("slower than its interval")
+    );
+    println!(
+        "| due runs merged into late runs (no session when due) | {delayed:.0} (runs plus merged: {:.0}; log lines: {} runs late) |",
+        runs + delayed,
+        log_lines("check runs late")
     );
     println!(
         "| server CPU of deploywatch's sessions | {:.1} % of one core ({backends_used:.1} CPU s, {} sessions opened) |",
