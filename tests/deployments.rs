@@ -199,6 +199,17 @@ async fn announce(handle: &DaemonHandle, version: &str) -> (u16, String) {
     announce_to(&common::base(handle), version).await
 }
 
+/// Announces `version` and waits until the daemon shows it as the deployment.
+async fn announced(handle: &DaemonHandle, version: &str) -> DeploymentView {
+    let (code, body) = announce(handle, version).await;
+    assert_eq!(code, 201, "{body}");
+    let what = format!("{version} recorded");
+    deployment_where(handle, &what, Duration::from_secs(20), |v| {
+        v.to_version == version
+    })
+    .await
+}
+
 /// Announces `version` to the daemon at `base` (`http://ADDRESS`): the answer.
 async fn announce_to(base: &str, version: &str) -> (u16, String) {
     let announcement = deploywatch::commands::client::Announcement {
@@ -975,20 +986,10 @@ async fn the_sampler_leaves_out_the_statements_of_its_own_role() {
 async fn the_report_of_a_superseded_deployment_uses_its_own_samples() {
     let setup = Setup::new(Version::V370, 30);
     let handle = setup.start_after_baseline(2).await;
-    let (code, _) = announce(&handle, "3.7.1").await;
-    assert_eq!(code, 201);
-    let first = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
-        v.to_version == "3.7.1"
-    })
-    .await;
+    let first = announced(&handle, "3.7.1").await;
     // Samples under 3.7.1, then 3.7.2 supersedes it, and more samples follow.
     wait_samples(&handle, 3).await;
-    let (code, _) = announce(&handle, "3.7.2").await;
-    assert_eq!(code, 201);
-    let second = deployment_where(&handle, "3.7.2 recorded", Duration::from_secs(20), |v| {
-        v.to_version == "3.7.2"
-    })
-    .await;
+    let second = announced(&handle, "3.7.2").await;
     wait_samples(&handle, 3).await;
     handle.shutdown().await.expect("shutdown");
     let (own, since) = {
@@ -1153,14 +1154,8 @@ async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text
         "SELECT count(*) AS new_feature_total FROM generate_series(1, 300000) g WHERE g % 7 = 3";
     let setup = Setup::with_statements(Version::V370, 40);
     setup.workload().await;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 5).await;
-    let (code, body) = announce(&handle, "3.7.1").await;
-    assert_eq!(code, 201, "{body}");
-    let deployed = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
-        v.to_version == "3.7.1"
-    })
-    .await;
+    let handle = setup.start_after_baseline(5).await;
+    let deployed = announced(&handle, "3.7.1").await;
     assert!(
         statement_in_view(&setup.pg, "new_feature_total")
             .0
@@ -1177,11 +1172,7 @@ async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text
     .await;
     let (query_id, text) = statement_in_view(&setup.pg, "new_feature_total");
     assert!(!query_id.is_empty(), "the statement ran");
-    let first_hour = view
-        .windows
-        .iter()
-        .find(|w| w.window == Window::FirstHour)
-        .expect("first_hour");
+    let first_hour = window_of(&view, Window::FirstHour);
     assert_eq!(first_hour.verdict, Verdict::Regression, "{view:#?}");
     let finding = first_hour
         .regressions
@@ -1217,14 +1208,8 @@ async fn a_new_cheap_statement_after_the_deployment_lets_the_windows_pass() {
     const CHEAP: &str = "SELECT current_setting('TimeZone') AS new_feature_zone";
     let setup = Setup::with_statements(Version::V370, 15);
     setup.workload().await;
-    let handle = setup.start().await;
-    wait_baseline(&handle, 5).await;
-    let (code, body) = announce(&handle, "3.7.1").await;
-    assert_eq!(code, 201, "{body}");
-    let deployed = deployment_where(&handle, "3.7.1 recorded", Duration::from_secs(20), |v| {
-        v.to_version == "3.7.1"
-    })
-    .await;
+    let handle = setup.start_after_baseline(5).await;
+    let deployed = announced(&handle, "3.7.1").await;
     assert!(
         statement_in_view(&setup.pg, "new_feature_zone")
             .0
