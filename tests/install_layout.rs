@@ -421,15 +421,7 @@ fn the_ha_kubernetes_manifests_agree() {
         .expect("the headless Service");
     assert_eq!(headless["spec"]["clusterIP"], "None");
 
-    let maps = documents("deploy/kubernetes/ha/configmap.yaml");
-    let text = maps
-        .iter()
-        .find(|d| d["metadata"]["name"] == "deploywatch")
-        .and_then(|d| d["data"]["deploywatch.toml"].as_str())
-        .expect("deploywatch.toml in the ConfigMap");
-    let dir = common::ConfigDir::new();
-    dir.add_shipped_pack("postgres.toml");
-    dir.write("deploywatch.toml", text);
+    let dir = configmap_config(&documents("deploy/kubernetes/ha/configmap.yaml"));
     let config = dir.load();
     assert!(config.store.url.is_some(), "a shared PostgreSQL store");
     assert!(config.store.path.is_none());
