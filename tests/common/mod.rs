@@ -355,6 +355,17 @@ impl<'a> Query<'a> {
         (self.samples().len() == 1).then(|| self.value())
     }
 
+    /// The sum of the matching counters (0 when none matches).
+    pub fn sum(&self) -> f64 {
+        self.samples()
+            .iter()
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
     /// Each matching sample's `key` label and value, by that label.
     pub fn by_label(&self, key: &str) -> Vec<(String, f64)> {
         let mut values: Vec<(String, f64)> = self
