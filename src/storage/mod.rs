@@ -1366,7 +1366,6 @@ fn migrate_from_json(db: &mut Db) -> Result<(usize, usize), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     #[test]
     fn an_sqlite_file_with_no_table_yet_opens_one_with_foreign_tables_does_not() {
@@ -1398,87 +1397,36 @@ mod tests {
         }
     }
 
-    fn statement(calls: f64, total_ms: f64, query: &str) -> StatementDelta {
-        StatementDelta {
-            calls,
-            total_ms,
-            rows: calls,
-            query: query.to_string(),
-        }
-    }
-
-    fn full_sample(at: f64) -> Sample {
-        let mut statements = BTreeMap::new();
-        statements.insert(
-            "-9123456789012".to_string(),
-            statement(20.0, 31.5, "SELECT * FROM submissions WHERE id = $1"),
-        );
-        statements.insert("17".to_string(), statement(3.0, 0.75, "SELECT 1"));
-        let mut sample = Sample {
-            at,
-            seconds: 60.0,
-            database: Some(DbCounters {
-                xact_commit: 1200.0,
-                xact_rollback: 4.0,
-                deadlocks: 1.0,
-                blks_hit: 123_456.0,
-                temp_bytes: 8.0e9,
-                ..DbCounters::default()
-            }),
-            statements: Some(statements),
-            size_bytes: 123_456_789.0,
-            connections: 12.0,
-            max_connections: 100.0,
-            resets: vec!["pg_stat_user_tables".to_string()],
-            statements_available: true,
-            ..Sample::default()
-        };
-        sample.indexes.insert(
-            "public.idx_new".into(),
-            IndexDelta {
-                table: "public.t".into(),
-                scans: 0.0,
-            },
-        );
-        sample.tables.insert(
-            "public.t".into(),
-            TableCounters {
-                seq_scan: 2.0,
-                seq_tup_read: 400.0,
-                idx_scan: 9.0,
-            },
-        );
-        sample.checks.insert(
-            "orphans".into(),
-            CheckPoint {
-                category: "integrity".into(),
-                status: "fail".into(),
-                value: Some(3.0),
-            },
-        );
-        sample
-    }
-
-    #[test]
-    fn a_sample_reads_back_as_it_was_written() {
-        let store = Store::in_memory().expect("store");
-        let sample = full_sample(1000.0);
-        store.add_sample("t", &sample).expect("add");
-        let read = store.samples("t", 0.0, 2000.0).expect("read");
-        assert_eq!(read, vec![sample]);
-        assert!(store
-            .samples("other", 0.0, 2000.0)
-            .expect("read")
-            .is_empty());
-    }
+    // What every backend must do (samples, texts learned later, pruning) is tested on SQLite
+    // and PostgreSQL alike in tests/store.rs; here, what is particular to the SQLite file.
 
     #[test]
     fn query_text_is_stored_once_and_samples_hold_numbers_only() {
         let store = Store::in_memory().expect("store");
         for i in 0..50 {
-            store
-                .add_sample("t", &full_sample(f64::from(i) * 60.0))
-                .expect("add");
+            let statements = [
+                ("-9123456789012", "SELECT * FROM t WHERE id = $1"),
+                ("17", "SELECT 1"),
+            ]
+            .into_iter()
+            .map(|(id, query)| {
+                let delta = StatementDelta {
+                    calls: 3.0,
+                    total_ms: 0.75,
+                    rows: 3.0,
+                    query: query.to_string(),
+                };
+                (id.to_string(), delta)
+            })
+            .collect();
+            let sample = Sample {
+                at: f64::from(i) * 60.0,
+                seconds: 60.0,
+                statements: Some(statements),
+                statements_available: true,
+                ..Sample::default()
+            };
+            store.add_sample("t", &sample).expect("add");
         }
         let mut inner = store.lock();
         let texts = inner
@@ -1509,42 +1457,6 @@ mod tests {
             store.query_texts("t").get("17").map(String::as_str),
             Some("SELECT 1")
         );
-    }
-
-    #[test]
-    fn a_text_learned_later_replaces_a_missing_one() {
-        let store = Store::in_memory().expect("store");
-        let mut sample = full_sample(60.0);
-        if let Some(statements) = sample.statements.as_mut() {
-            statements.insert("99".into(), statement(5.0, 5.0, ""));
-        }
-        store.add_sample("t", &sample).expect("add");
-        store
-            .add_query_texts("t", &[("99".into(), "SELECT 99".into())], 120.0)
-            .expect("texts");
-        let read = store.samples("t", 0.0, 1000.0).expect("read");
-        let statements = read[0].statements.as_ref().expect("statements");
-        assert_eq!(statements["99"].query, "SELECT 99");
-    }
-
-    #[test]
-    fn pruning_goes_in_small_batches() {
-        let store = Store::in_memory().expect("store");
-        let n = PRUNE_BATCH + 500;
-        for i in 0..n {
-            store
-                .add_sample(
-                    "t",
-                    &Sample {
-                        at: i as f64,
-                        ..Sample::default()
-                    },
-                )
-                .expect("add");
-        }
-        assert_eq!(store.prune(1e9).expect("prune"), PRUNE_BATCH);
-        assert_eq!(store.prune(1e9).expect("prune"), 500);
-        assert_eq!(store.prune(1e9).expect("prune"), 0);
     }
 
     /// A copy of a store written by the previous release (layout 1): 40 JSON samples, one
