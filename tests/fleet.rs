@@ -934,8 +934,13 @@ async fn an_abandoned_handshake_holds_its_place_until_the_server_closed_the_sess
         .await
         .expect("a session once the place is free");
     let granted = Instant::now();
-    // Held a while, so that a poll sees it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Held until a poll has seen it.
+    wait_until(
+        "a poll that sees the granted session",
+        Duration::from_secs(10),
+        || async { (poll.max_since(granted) >= 1).then_some(()) },
+    )
+    .await;
     drop(lease);
 
     assert!(

@@ -396,6 +396,16 @@ mod tests {
         assert!(view.limitations[0].contains("only 0 baseline sample(s)"));
     }
 
+    /// A statement the baseline never saw: 20 calls of 60 ms a sample.
+    fn expensive_new_statement() -> StatementDelta {
+        StatementDelta {
+            calls: 20.0,
+            total_ms: 20.0 * 60.0,
+            rows: 20.0,
+            query: "SELECT * FROM reports WHERE owner = $1".into(),
+        }
+    }
+
     #[test]
     fn a_new_expensive_statement_is_suspected_then_confirmed_with_its_text() {
         let d = record();
@@ -403,15 +413,7 @@ mod tests {
         for i in 0..8 {
             let mut s = sample(d.at + 30.0 + 60.0 * i as f64, 1.0, i);
             if let Some(statements) = s.statements.as_mut() {
-                statements.insert(
-                    "77".to_string(),
-                    StatementDelta {
-                        calls: 20.0,
-                        total_ms: 20.0 * 60.0,
-                        rows: 20.0,
-                        query: "SELECT * FROM reports WHERE owner = $1".into(),
-                    },
-                );
+                statements.insert("77".to_string(), expensive_new_statement());
             }
             all.add(&s, &settings().durations);
         }
@@ -463,15 +465,7 @@ mod tests {
                     );
                 }
                 if i >= 5 {
-                    statements.insert(
-                        "77".to_string(),
-                        StatementDelta {
-                            calls: 20.0,
-                            total_ms: 20.0 * 60.0,
-                            rows: 20.0,
-                            query: "SELECT * FROM reports WHERE owner = $1".into(),
-                        },
-                    );
+                    statements.insert("77".to_string(), expensive_new_statement());
                 }
             }
             all.add(&s, &settings().durations);
