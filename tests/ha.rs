@@ -65,6 +65,18 @@ impl Pair {
             .find_map(|l| l.trim().parse().ok())
             .unwrap_or_else(|| panic!("no count in {out:?}"))
     }
+
+    /// Waits until the store holds `n` samples: a baseline either replica can judge against.
+    async fn wait_baseline(&self, n: i64) {
+        wait_until(
+            "a baseline in the store",
+            Duration::from_secs(60),
+            || async {
+                (self.store_count("SELECT count(*) FROM deploywatch.samples") >= n).then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 struct Replica {
@@ -187,14 +199,7 @@ async fn one_deployment_is_recorded_once_with_one_verdict_per_window() {
     let replicas = [&a, &b];
     let first = one_leader(&replicas).await;
     let (leader, follower) = (replicas[first], replicas[1 - first]);
-    wait_until(
-        "a baseline in the store",
-        Duration::from_secs(60),
-        || async {
-            (pair.store_count("SELECT count(*) FROM deploywatch.samples") >= 6).then_some(())
-        },
-    )
-    .await;
+    pair.wait_baseline(6).await;
     // The pipeline announces to the follower (a Service picks either), and the migration
     // runs, which the leader detects: still one deployment.
     assert_eq!(announce(follower.port, "3.7.0").await, 201);
@@ -268,14 +273,7 @@ async fn kill_9_of_the_leader_mid_first_hour_hands_the_target_over_within_an_int
     } else {
         (&mut b, &mut a)
     };
-    wait_until(
-        "a baseline in the store",
-        Duration::from_secs(60),
-        || async {
-            (pair.store_count("SELECT count(*) FROM deploywatch.samples") >= 6).then_some(())
-        },
-    )
-    .await;
+    pair.wait_baseline(6).await;
     assert_eq!(announce(leader.port, "3.7.1").await, 201);
     let before = deployment_where(
         leader.port,
