@@ -486,4 +486,11 @@ fn a_postgresql_store_with_a_password_in_its_url_or_beside_a_file() {
         "store.url",
         "not both",
     );
+    check(
+        &format!("[store]\nurl = \"postgres://u@h/db?sslmode=bogus\"\n\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "store.url",
+        "invalid sslmode \"bogus\"",
+    );
 }

@@ -910,10 +910,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     }
     if let Some(url) = &raw.store.url {
         if let Err(reason) = store_settings(url, None) {
-            f.push(
-                "store.url",
-                format!("is not a PostgreSQL connection URL: {reason}"),
-            );
+            f.push("store.url", format!("cannot be used: {reason}"));
         }
     }
     let store = StoreConfig {

@@ -621,6 +621,7 @@ impl Tracker {
         let target = self.target.name.clone();
         let result = self.store.run(move |store| store.lead(&target)).await;
         let shared = self.store_settings.url.is_some();
+        let store_unreachable = result.is_err();
         let (leading, leader, took_over) = match result {
             Ok(Lead::Leading { took_over }) => {
                 (true, shared.then(|| "this replica".to_string()), took_over)
@@ -645,6 +646,11 @@ impl Tracker {
                 tracing::warn!(
                     db_target = %self.name(), leader = ?leader,
                     "this replica lost the lead of the target (store unreachable or its session lost): it no longer samples or judges it"
+                );
+            } else if store_unreachable {
+                tracing::warn!(
+                    db_target = %self.name(),
+                    "the store cannot be reached: this replica does not sample or judge the target until it is back"
                 );
             } else {
                 tracing::info!(
