@@ -360,11 +360,13 @@ async fn a_hung_database_turns_up_off_and_stale_passes_into_errors_within_the_ti
         })
         .collect();
     let (pg, dir) = common::app_with_checks(&checks);
-    // check timeout 2 s + connect timeout 1 s
+    // interval 1 s, check timeout 2 s, connect timeout 1 s
     common::write_app_config(&dir, &pg, FAST, "max_connections = 2\n");
     let handle = start(&dir).await;
     wait_all_pass(&handle, "db").await;
-    let bound = Duration::from_secs(2) + Duration::from_secs(1);
+    // A check due just after the hang starts within one interval and gives up within its
+    // timeout plus the connect timeout.
+    let bound = Duration::from_secs(1) + Duration::from_secs(2) + Duration::from_secs(1);
 
     pg.pause().expect("SIGSTOP");
     let paused = Instant::now();
