@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    base, cluster, cognit_db, get, parse_metrics, scrape, start, target_toml, wait_ready,
-    wait_until, ConfigDir, Version, FAST,
+    base, cluster, cognit_db, get, parse_metrics, scrape, start, target_toml, wait_for_answer,
+    wait_for_metrics, wait_ready, wait_until, ConfigDir, Version, FAST,
 };
 use deploywatch::daemon::{self, DaemonHandle};
 use deploywatch_testkit::pgcluster::PgCluster;
@@ -152,20 +152,15 @@ async fn metrics_and_status_show_every_check_of_every_target() {
     // /status says the same, with each target's schema version (read even though deployment
     // tracking is off here).
     let url = base(&handle);
-    wait_until("schema versions read", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            let (_, body) = get(&format!("{url}/metrics")).await;
-            let m = parse_metrics(&body);
-            let seen = |target: &str, version: &str| {
-                m.metric("deploywatch_schema_version_info")
-                    .label("target", target)
-                    .label("version", version)
-                    .value_opt()
-                    == Some(1.0)
-            };
-            (seen("legacy", "3.6.0") && seen("migrated", "3.7.0")).then_some(())
-        }
+    wait_for_metrics(&url, "schema versions read", Duration::from_secs(20), |m| {
+        let seen = |target: &str, version: &str| {
+            m.metric("deploywatch_schema_version_info")
+                .label("target", target)
+                .label("version", version)
+                .value_opt()
+                == Some(1.0)
+        };
+        (seen("legacy", "3.6.0") && seen("migrated", "3.7.0")).then_some(())
     })
     .await;
     let (code, body) = get(&format!("{}/status", base(&handle))).await;
@@ -279,13 +274,8 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
 
     a.stop().expect("stop postgres");
     let url = base(&handle);
-    wait_until("up = 0", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            let (_, body) = get(&format!("{url}/metrics")).await;
-            let m = parse_metrics(&body);
-            (m.metric("deploywatch_up").label("target", "db").value() == 0.0).then_some(())
-        }
+    wait_for_metrics(&url, "up = 0", Duration::from_secs(20), |m| {
+        (m.metric("deploywatch_up").label("target", "db").value() == 0.0).then_some(())
     })
     .await;
     let started = Instant::now();
@@ -314,20 +304,15 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     );
 
     a.start_again().expect("start postgres");
-    wait_until("up = 1 again", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let (_, body) = get(&format!("{url}/metrics")).await;
-            let m = parse_metrics(&body);
-            let up = m.metric("deploywatch_up").label("target", "db").value() == 1.0;
-            let passing = m
-                .metric("deploywatch_check_success")
-                .label("target", "db")
-                .label("check", "orphaned_payments")
-                .value()
-                == 1.0;
-            (up && passing).then_some(())
-        }
+    wait_for_metrics(&url, "up = 1 again", Duration::from_secs(60), |m| {
+        let up = m.metric("deploywatch_up").label("target", "db").value() == 1.0;
+        let passing = m
+            .metric("deploywatch_check_success")
+            .label("target", "db")
+            .label("check", "orphaned_payments")
+            .value()
+            == 1.0;
+        (up && passing).then_some(())
     })
     .await;
     handle.shutdown().await.expect("clean shutdown");
@@ -528,21 +513,10 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     let port = common::free_port();
     let mut child = common::spawn_daemon(&dir, port);
     let url = format!("http://127.0.0.1:{port}");
-    let metrics = |url: String| async move {
-        deploywatch::commands::client::get(&format!("{url}/metrics"), "*/*")
-            .await
-            .ok()
-            .map(|(_, body)| parse_metrics(&body))
-    };
-    wait_until("first check reported", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            metrics(url).await.and_then(|m| {
-                m.metric("deploywatch_check_success")
-                    .label("check", "first")
-                    .value_opt()
-            })
-        }
+    wait_for_metrics(&url, "first check reported", Duration::from_secs(30), |m| {
+        m.metric("deploywatch_check_success")
+            .label("check", "first")
+            .value_opt()
     })
     .await;
     let pid = child.id().expect("pid");
@@ -550,19 +524,17 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
     // A good new configuration: a second check appears.
     dir.write("checks/p.toml", &format!("{one}\n[[check]]\nname = \"second\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 2\"\nexpect = \"== 2\"\n"));
     common::signal(pid, "-HUP");
-    wait_until("second check after reload", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            metrics(url)
-                .await
-                .and_then(|m| {
-                    m.metric("deploywatch_check_success")
-                        .label("check", "second")
-                        .value_opt()
-                })
+    wait_for_metrics(
+        &url,
+        "second check after reload",
+        Duration::from_secs(30),
+        |m| {
+            m.metric("deploywatch_check_success")
+                .label("check", "second")
+                .value_opt()
                 .filter(|v| *v == 1.0)
-        }
-    })
+        },
+    )
     .await;
 
     // A bad one: rejected, the old checks keep running.
@@ -571,37 +543,28 @@ async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
         "[pack]\nname = \"p\"\n\n[[check]]\nname = \"broken\"\n",
     );
     common::signal(pid, "-HUP");
-    wait_until("reload failure reported", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            metrics(url)
-                .await
-                .and_then(|m| {
-                    m.metric("deploywatch_config_last_reload_successful")
-                        .value_opt()
-                })
+    wait_for_metrics(
+        &url,
+        "reload failure reported",
+        Duration::from_secs(30),
+        |m| {
+            m.metric("deploywatch_config_last_reload_successful")
+                .value_opt()
                 .filter(|v| *v == 0.0)
-        }
-    })
+        },
+    )
     .await;
     let runs = |m: &common::Scrape| {
         m.metric("deploywatch_check_runs_total")
             .label("check", "second")
             .value()
     };
-    let before = runs(&metrics(url.clone()).await.expect("scrape"));
-    wait_until(
+    let before = runs(&parse_metrics(&get(&format!("{url}/metrics")).await.1));
+    wait_for_metrics(
+        &url,
         "the previous configuration keeps running",
         Duration::from_secs(20),
-        || {
-            let url = url.clone();
-            async move {
-                metrics(url)
-                    .await
-                    .map(|m| runs(&m))
-                    .filter(|after| *after > before)
-            }
-        },
+        |m| (runs(m) > before).then_some(()),
     )
     .await;
 
@@ -644,25 +607,19 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
     let handle = start(&dir).await;
     wait_ready(&handle).await;
     let url = base(&handle);
-    let targets_up = |url: String| async move {
-        let (_, body) = get(&format!("{url}/metrics")).await;
-        parse_metrics(&body)
-            .metric("deploywatch_up")
-            .by_label("target")
+    let targets_up = |what: &'static str, names: &'static [(&str, f64)]| {
+        let want: Vec<(String, f64)> = names.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+        let url = url.clone();
+        async move {
+            wait_for_metrics(&url, what, Duration::from_secs(30), |m| {
+                (m.metric("deploywatch_up").by_label("target") == want).then_some(())
+            })
+            .await
+        }
     };
-    let expect = |names: &[(&str, f64)]| -> Vec<(String, f64)> {
-        names.iter().map(|(n, v)| (n.to_string(), *v)).collect()
-    };
-    wait_until(
+    targets_up(
         "both matching databases are watched",
-        Duration::from_secs(30),
-        || {
-            let (url, want) = (
-                url.clone(),
-                expect(&[("fleet/app_eu", 1.0), ("fleet/app_us", 1.0), ("gone", 0.0)]),
-            );
-            async move { (targets_up(url).await == want).then_some(()) }
-        },
+        &[("fleet/app_eu", 1.0), ("fleet/app_us", 1.0), ("gone", 0.0)],
     )
     .await;
     let (_, status) = get(&format!("{url}/status")).await;
@@ -672,16 +629,11 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
         .iter()
         .find(|t| t["name"] == "fleet/app_eu")
         .expect("fleet/app_eu");
-    wait_until(
+    wait_for_answer(
+        &format!("{url}/status?target=fleet/app_eu"),
         "the check ran in the discovered database",
         Duration::from_secs(10),
-        || {
-            let url = url.clone();
-            async move {
-                let (_, body) = get(&format!("{url}/status?target=fleet/app_eu")).await;
-                body.contains("\"app_eu\"").then_some(())
-            }
-        },
+        |_, body| body.contains("\"app_eu\"").then_some(()),
     )
     .await;
     assert!(
@@ -702,20 +654,13 @@ async fn databases_matching_a_pattern_are_discovered_and_followed() {
     pg.create_database("app_asia").expect("create database");
     pg.psql("postgres", "DROP DATABASE app_us WITH (FORCE)")
         .expect("drop database");
-    wait_until(
+    targets_up(
         "the fleet follows the server",
-        Duration::from_secs(30),
-        || {
-            let (url, want) = (
-                url.clone(),
-                expect(&[
-                    ("fleet/app_asia", 1.0),
-                    ("fleet/app_eu", 1.0),
-                    ("gone", 0.0),
-                ]),
-            );
-            async move { (targets_up(url).await == want).then_some(()) }
-        },
+        &[
+            ("fleet/app_asia", 1.0),
+            ("fleet/app_eu", 1.0),
+            ("gone", 0.0),
+        ],
     )
     .await;
     handle.shutdown().await.expect("clean shutdown");

@@ -123,12 +123,21 @@ pub struct ConfigDir {
 impl ConfigDir {
     /// Runs the deploywatch binary on this configuration with `args` and waits for it.
     pub fn run(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .arg("--config")
-            .arg(self.main())
-            .args(args)
-            .output()
-            .expect("run deploywatch")
+        self.command().args(args).output().expect("run deploywatch")
+    }
+
+    /// The deploywatch binary on this configuration (`--config` given), for more arguments.
+    pub fn command(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"));
+        command.arg("--config").arg(self.main());
+        command
+    }
+
+    /// [`ConfigDir::command`] as a child process of the async runtime.
+    pub fn async_command(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"));
+        command.arg("--config").arg(self.main());
+        command
     }
 
     pub fn new() -> Self {
@@ -284,6 +293,56 @@ where
     }
 }
 
+/// Polls `url` until `read` finds in an answer (status code, body) what the test waits for;
+/// what `read` returned. No answer at all counts as not yet.
+pub async fn wait_for_answer<T>(
+    url: &str,
+    what: &str,
+    deadline: Duration,
+    read: impl Fn(u16, &str) -> Option<T>,
+) -> T {
+    let read = &read;
+    wait_until(what, deadline, || async move {
+        let (code, body) = get_or_none(url).await?;
+        read(code, &body)
+    })
+    .await
+}
+
+/// Polls the `/metrics` of the daemon at `base` (`http://ADDRESS`) until `read` finds in a
+/// scrape what the test waits for; what `read` returned. A scrape that gets no answer, or not
+/// 200, counts as not yet.
+pub async fn wait_for_metrics<T>(
+    base: &str,
+    what: &str,
+    deadline: Duration,
+    read: impl Fn(&Scrape) -> Option<T>,
+) -> T {
+    let url = format!("{base}/metrics");
+    wait_for_answer(&url, what, deadline, |code, body| {
+        (code == 200).then_some(())?;
+        read(&parse_metrics(body))
+    })
+    .await
+}
+
+/// Polls the JSON document at `url` (`/status`…) until `read` finds in it what the test waits
+/// for; what `read` returned. No answer, not a success or not JSON counts as not yet.
+pub async fn wait_for_json<T>(
+    url: &str,
+    what: &str,
+    deadline: Duration,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+) -> T {
+    let read = &read;
+    wait_until(
+        what,
+        deadline,
+        || async move { read(&get_json(url).await?) },
+    )
+    .await
+}
+
 /// A parsed Prometheus scrape with small matchers.
 pub struct Scrape(pub prometheus_parse::Scrape);
 
@@ -384,6 +443,15 @@ impl<'a> Query<'a> {
     }
 }
 
+/// Everything a command wrote: its standard output, then its standard error.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// The standard output of a command that must have succeeded (its output shown if not).
 pub fn succeeded(output: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -436,11 +504,16 @@ pub fn spawn_daemon(dir: &ConfigDir, port: u16) -> tokio::process::Child {
 
 /// [`spawn_daemon`] with global options (`--log-format json`…) before `run`.
 pub fn spawn_daemon_with(dir: &ConfigDir, port: u16, options: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
+    spawn_run(dir, options, &["--listen", &format!("127.0.0.1:{port}")])
+}
+
+/// `deploywatch OPTIONS run RUN_ARGS` on `dir` as a process of its own, its stderr captured,
+/// killed when dropped.
+pub fn spawn_run(dir: &ConfigDir, options: &[&str], run_args: &[&str]) -> tokio::process::Child {
+    dir.async_command()
         .args(options)
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("run")
+        .args(run_args)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
