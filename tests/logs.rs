@@ -99,3 +99,50 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
         "{stderr}"
     );
 }
+
+/// A target removed by a reload is forgotten: added back later, its first failure is logged
+/// again as a first observation, and a fleet whose discovered databases come and go does not
+/// keep the log state of every database it ever saw.
+#[test]
+fn a_removed_target_is_forgotten_by_the_log_state() {
+    use deploywatch::watch::state::State;
+    use deploywatch::watch::transitions::Transition;
+
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        &common::pack("p", &[("c", "sql = \"SELECT 1\"\nexpect = \"== 0\"")]),
+    );
+    let target = |name: &str| {
+        format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = 1\ndbname = \"d\"\nuser = \"u\"\n")
+    };
+    dir.write(
+        "deploywatch.toml",
+        &format!("{}{}", target("a"), target("b")),
+    );
+    let both = dir.load();
+    dir.write("deploywatch.toml", &target("a"));
+    let only_a = dir.load();
+
+    let state = State::new();
+    let now = std::time::Instant::now();
+    state.apply_config(&both, 0.0);
+    assert_eq!(
+        state.transitions.observe("a", "c", "fail", now),
+        Transition::First
+    );
+    assert_eq!(
+        state.transitions.observe("b", "c", "fail", now),
+        Transition::First
+    );
+    state.apply_config(&only_a, 1.0);
+    state.apply_config(&both, 2.0);
+    assert_eq!(
+        state.transitions.observe("a", "c", "fail", now),
+        Transition::Same
+    );
+    assert_eq!(
+        state.transitions.observe("b", "c", "fail", now),
+        Transition::First
+    );
+}

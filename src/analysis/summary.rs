@@ -60,11 +60,6 @@ impl Spread {
     pub fn values(&self) -> &[f64] {
         &self.values
     }
-
-    /// How many values were offered (kept or not).
-    pub fn offered(&self) -> u64 {
-        self.offered
-    }
 }
 
 /// One statement followed in detail.
@@ -470,37 +465,6 @@ impl Summary {
     pub fn saw_statements(&self) -> bool {
         !self.statements.is_empty() || self.others.statements > 0
     }
-
-    /// Keeps only the statements in `keep`, adding the others to [`Summary::others`].
-    pub fn retain_statements(&mut self, keep: &BTreeSet<String>) {
-        let dropped: Vec<String> = self
-            .statements
-            .keys()
-            .filter(|id| !keep.contains(*id))
-            .cloned()
-            .collect();
-        for id in dropped {
-            if let Some(s) = self.statements.remove(&id) {
-                self.other_ids.insert(id);
-                self.others.statements += 1;
-                self.others.calls += s.calls;
-                self.others.total_ms += s.total_ms;
-            }
-        }
-    }
-
-    /// Approximate bytes held, for the record of what a summary costs.
-    pub fn approximate_bytes(&self) -> usize {
-        let statements: usize = self
-            .statements
-            .iter()
-            .map(|(id, s)| id.len() + s.query.len() + s.means.values.capacity() * 8 + 96)
-            .sum();
-        statements
-            + self.other_ids.iter().map(|id| id.len() + 32).sum::<usize>()
-            + (self.tables.len() + self.indexes.len()) * 96
-            + self.checks.last.len() * 160
-    }
 }
 
 #[cfg(test)]
@@ -519,7 +483,7 @@ mod tests {
         assert_eq!(values[0], 0.0);
         assert!(values.windows(2).all(|w| w[1] - w[0] == 16.0), "{values:?}");
         assert!(*values.last().unwrap_or(&0.0) >= 80.0, "{values:?}");
-        assert_eq!(spread.offered(), 100);
+        assert_eq!(spread.offered, 100);
         let mut small = Spread::new(8);
         for i in 0..5 {
             small.push(f64::from(i));
@@ -605,6 +569,23 @@ mod tests {
         assert_eq!(summary.seconds, 60.0 * summary.samples as f64);
     }
 
+    /// Approximate bytes a summary holds: what grows with what it follows.
+    fn approximate_bytes(summary: &Summary) -> usize {
+        let statements: usize = summary
+            .statements
+            .iter()
+            .map(|(id, s)| id.len() + s.query.len() + s.means.values.capacity() * 8 + 96)
+            .sum();
+        statements
+            + summary
+                .other_ids
+                .iter()
+                .map(|id| id.len() + 32)
+                .sum::<usize>()
+            + (summary.tables.len() + summary.indexes.len()) * 96
+            + summary.checks.last.len() * 160
+    }
+
     #[test]
     fn memory_does_not_grow_with_samples() {
         let mut summary = Summary::new(1, Following::All);
@@ -626,7 +607,7 @@ mod tests {
             }
             summary.add(&s);
             if i == 5_000 || i == 19_999 {
-                sizes.push(summary.approximate_bytes());
+                sizes.push(approximate_bytes(&summary));
             }
         }
         assert_eq!(sizes[0], sizes[1], "{sizes:?}");

@@ -1,7 +1,6 @@
 //! What each CLI subcommand does, as library functions returning an exit code, so tests can
 //! call them and `main` stays a flat dispatch.
 
-use std::process::ExitCode;
 use std::sync::Arc;
 
 pub mod cli;
@@ -333,10 +332,6 @@ pub async fn deploy_mark(
         ),
         Err(error) => (EXIT_UNREACHABLE, format!("{error}\n")),
     }
-}
-
-pub fn exit(code: u8) -> ExitCode {
-    ExitCode::from(code)
 }
 
 /// `deploywatch report`: reads the state store named in the configuration.

@@ -510,7 +510,7 @@ async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body
     match announcer.announce(announcement).await {
         Ok(view) => json(StatusCode::CREATED, &view),
         // The request was fine; the daemon could not keep it. The pipeline may retry.
-        Err(error @ (TrackerError::Store(_) | TrackerError::NotRunning(_))) => {
+        Err(error @ TrackerError::Store(_)) => {
             json_error(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
         }
         Err(error) => json_error(StatusCode::BAD_REQUEST, error.to_string()),

@@ -312,11 +312,6 @@ impl Store {
         }
     }
 
-    /// Whether the store is a PostgreSQL database (shared by replicas).
-    pub fn is_shared(&self) -> bool {
-        self.lock().db.is_postgres()
-    }
-
     /// Opens the session now if there is none (a PostgreSQL store), creating or migrating
     /// the schema: `Ok` when the store can be used.
     pub fn connect(&self) -> Result<(), StoreError> {
@@ -367,20 +362,6 @@ impl Store {
             )?
             .opt_text()?;
         Ok(Lead::Following { leader })
-    }
-
-    /// Gives up the lead of `target` (a target no longer watched, a daemon stopping), so
-    /// another replica takes over at its next try.
-    pub fn resign(&self, target: &str) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let Inner { db, leading, .. } = &mut *inner;
-        if leading.remove(target).is_some() {
-            db.execute(
-                &format!("SELECT pg_advisory_unlock({LEADER_KEY})"),
-                &[target.into()],
-            )?;
-        }
-        Ok(())
     }
 
     /// Runs the writes of a leader for `target` as one batch: with a shared store, only

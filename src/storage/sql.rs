@@ -358,10 +358,6 @@ impl PgSession {
         self.generation
     }
 
-    pub fn display(&self) -> &str {
-        &self.settings.display
-    }
-
     /// The open session, opening one (and creating or migrating the schema) when there is
     /// none or it was lost.
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {

@@ -57,10 +57,6 @@ impl Pools {
         }
     }
 
-    pub fn servers(&self) -> &Servers {
-        &self.servers
-    }
-
     pub fn for_config(previous: &Pools, config: &Config) -> Pools {
         let servers = previous.servers.clone();
         let (budget, share) = (

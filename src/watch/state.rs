@@ -196,7 +196,8 @@ impl State {
     }
 
     /// Makes the targets and checks match a (new) configuration. Results and counters of
-    /// checks that still exist are kept; removed ones disappear from the output.
+    /// checks that still exist are kept; removed ones disappear from the output, and the log
+    /// state of removed targets is forgotten.
     pub fn apply_config(&self, config: &Config, now: Timestamp) {
         let mut inner = self.write();
         let mut targets = BTreeMap::new();
@@ -224,6 +225,8 @@ impl State {
             targets.insert(target.name.clone(), state);
         }
         inner.targets = targets;
+        self.transitions
+            .retain_targets(|name| config.target(name).is_some());
         inner
             .deployments
             .retain(|name, _| config.target(name).is_some());

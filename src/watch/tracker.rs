@@ -67,8 +67,6 @@ pub enum TrackerError {
     UnknownTarget(String),
     #[error("\"target\" is required: this daemon watches {0} targets")]
     TargetRequired(usize),
-    #[error("the deployment tracker of {0} is not running")]
-    NotRunning(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
