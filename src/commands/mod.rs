@@ -24,7 +24,7 @@ use crate::watch::state::{Claim, State};
 /// Exit code: everything passed.
 pub const EXIT_OK: u8 = 0;
 /// Exit code: a check failed or errored (or the daemon reports a problem).
-pub const EXIT_FAILED: u8 = 1;
+pub(crate) const EXIT_FAILED: u8 = 1;
 /// Exit code: a target or the daemon cannot be reached, or the configuration is invalid.
 pub const EXIT_UNREACHABLE: u8 = 2;
 

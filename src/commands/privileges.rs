@@ -15,23 +15,23 @@ use crate::watch::scheduler::Pools;
 
 /// What one check needs that the role does not have.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Denied {
-    pub target: String,
-    pub check: String,
-    pub reason: String,
-    pub sqlstate: Option<String>,
+pub(crate) struct Denied {
+    pub(crate) target: String,
+    pub(crate) check: String,
+    pub(crate) reason: String,
+    pub(crate) sqlstate: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PrivilegeReport {
-    pub denied: Vec<Denied>,
+    pub(crate) denied: Vec<Denied>,
     /// Per target: the role and whether it is a member of pg_monitor.
-    pub roles: Vec<(String, String, bool)>,
+    pub(crate) roles: Vec<(String, String, bool)>,
     /// Per target: what the role can do beyond reading (superuser, risky memberships).
-    pub excess: Vec<(String, String)>,
-    pub checked: usize,
+    pub(crate) excess: Vec<(String, String)>,
+    pub(crate) checked: usize,
     /// Targets that could not be asked at all, with why.
-    pub unreachable: Vec<(String, String)>,
+    pub(crate) unreachable: Vec<(String, String)>,
 }
 
 /// Roles whose members can act outside the database despite `READ ONLY`, and what they allow.
@@ -51,7 +51,7 @@ const RISKY_ROLE_POWERS: [(&str, &str); 3] = [
 ];
 
 impl PrivilegeReport {
-    pub fn all_runnable(&self) -> bool {
+    pub(crate) fn all_runnable(&self) -> bool {
         self.unreachable.is_empty()
             && self.denied.is_empty()
             && self.excess.is_empty()
