@@ -109,7 +109,7 @@ pub fn start_with_clock(
 }
 
 /// As [`start_with_clock`] and [`start_with_overrides`] together.
-pub fn start_with(
+pub(crate) fn start_with(
     config: Config,
     listener: TcpListener,
     clock: crate::time::SharedClock,
@@ -164,7 +164,7 @@ pub fn start_with(
 
 /// The store the configuration names: a PostgreSQL database (opened by its first operation,
 /// on the store's thread), an SQLite file, or memory.
-pub fn open_store(settings: &crate::config::StoreConfig) -> Result<Store, DaemonError> {
+pub(crate) fn open_store(settings: &crate::config::StoreConfig) -> Result<Store, DaemonError> {
     if let Some(url) = &settings.url {
         let password = settings.password.clone().map(|source| {
             let read: crate::storage::PasswordReader =
