@@ -44,19 +44,19 @@ const THROTTLE_DELAY: Duration = Duration::from_secs(1);
 
 /// The part of the configuration the handlers follow across reloads.
 #[derive(Debug, Clone)]
-pub struct HttpSettings {
+pub(crate) struct HttpSettings {
     /// Whether deployments are tracked (announcements are refused with 503 otherwise).
-    pub tracking: bool,
+    pub(crate) tracking: bool,
     /// The bearer token `POST /api/deployments` requires; `None` refuses every announcement.
-    pub api_token: Option<PasswordSource>,
+    pub(crate) api_token: Option<PasswordSource>,
     /// This replica's shard: announcements for another shard's targets go to their owner.
-    pub shard: Shard,
+    pub(crate) shard: Shard,
     /// Every replica's base URL, by shard; empty when they are not known.
-    pub shard_peers: Vec<String>,
+    pub(crate) shard_peers: Vec<String>,
 }
 
 impl HttpSettings {
-    pub fn from_config(config: &crate::config::Config) -> HttpSettings {
+    pub(crate) fn from_config(config: &crate::config::Config) -> HttpSettings {
         HttpSettings {
             tracking: config.deployments.enabled,
             api_token: config.server.api_token.clone(),
@@ -73,22 +73,22 @@ const FORWARDED_BY: &str = "x-deploywatch-forwarded-by";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers need.
-pub struct AppContext {
-    pub state: Arc<State>,
-    pub registry: Registry,
-    pub announcer: Announcer,
+pub(crate) struct AppContext {
+    pub(crate) state: Arc<State>,
+    pub(crate) registry: Registry,
+    pub(crate) announcer: Announcer,
     /// What a configuration reload can change for the handlers.
-    pub settings: std::sync::RwLock<HttpSettings>,
+    pub(crate) settings: std::sync::RwLock<HttpSettings>,
     /// TLS and basic authentication, when a web configuration file is given.
-    pub web: Option<crate::config::web::LiveWebConfig>,
+    pub(crate) web: Option<crate::config::web::LiveWebConfig>,
     /// The last rendering of /metrics, with the state generation and dropped-log-line count
     /// it shows: scrapes between two changes are served without rendering again.
-    pub metrics_cache: std::sync::Mutex<Option<((u64, u64), Bytes)>>,
+    pub(crate) metrics_cache: std::sync::Mutex<Option<((u64, u64), Bytes)>>,
 }
 
 impl AppContext {
     /// The settings in force now.
-    pub fn settings(&self) -> HttpSettings {
+    pub(crate) fn settings(&self) -> HttpSettings {
         self.settings
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -96,7 +96,7 @@ impl AppContext {
     }
 
     /// Takes the settings of a (re)loaded configuration.
-    pub fn apply(&self, config: &crate::config::Config) {
+    pub(crate) fn apply(&self, config: &crate::config::Config) {
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) =
             HttpSettings::from_config(config);
     }
@@ -171,7 +171,11 @@ fn query_pairs(request: &Request<Incoming>) -> Vec<(String, String)> {
 }
 
 /// Serves until `shutdown` fires. Connections in progress are given a moment to finish.
-pub async fn serve(listener: TcpListener, ctx: Arc<AppContext>, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<AppContext>,
+    shutdown: CancellationToken,
+) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {

@@ -81,21 +81,21 @@ pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCou
 }
 
 /// Log lines dropped so far (0 when logging is not lossy).
-pub fn log_lines_dropped() -> u64 {
+pub(crate) fn log_lines_dropped() -> u64 {
     LOG_DROPS
         .get()
         .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
 }
 
 /// Renders a [`State`] as metric families.
-pub struct StateCollector {
+pub(crate) struct StateCollector {
     state: Arc<State>,
     version: String,
     descs: Vec<Desc>,
 }
 
 impl StateCollector {
-    pub fn new(state: Arc<State>) -> Self {
+    pub(crate) fn new(state: Arc<State>) -> Self {
         let descs = FAMILIES
             .iter()
             .filter_map(|(name, help, _)| {
@@ -177,7 +177,11 @@ fn flag(b: bool) -> f64 {
 }
 
 /// Pure rendering of a snapshot into families (tested without a registry).
-pub fn families(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> Vec<MetricFamily> {
+pub(crate) fn families(
+    snapshot: &Snapshot,
+    version: &str,
+    log_lines_dropped: u64,
+) -> Vec<MetricFamily> {
     let mut f = Families::new();
     f.push("deploywatch_build_info", &[("version", version)], 1.0);
     f.push(
@@ -476,7 +480,7 @@ impl Collector for StateCollector {
 }
 
 /// A registry holding deploywatch's collector. Passed explicitly; there is no global one.
-pub fn registry(state: Arc<State>) -> Result<Registry, MetricsError> {
+pub(crate) fn registry(state: Arc<State>) -> Result<Registry, MetricsError> {
     let registry = Registry::new();
     registry
         .register(Box::new(StateCollector::new(state)))
@@ -485,7 +489,7 @@ pub fn registry(state: Arc<State>) -> Result<Registry, MetricsError> {
 }
 
 /// The text exposition of everything in the registry.
-pub fn render(registry: &Registry) -> Result<String, MetricsError> {
+pub(crate) fn render(registry: &Registry) -> Result<String, MetricsError> {
     let mut buffer = Vec::new();
     TextEncoder::new()
         .encode(&registry.gather(), &mut buffer)
@@ -493,7 +497,7 @@ pub fn render(registry: &Registry) -> Result<String, MetricsError> {
     Ok(String::from_utf8_lossy(&buffer).into_owned())
 }
 
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! What the daemon serves: the HTTP endpoints ([`http`]), the Prometheus rendering of the
 //! state ([`metrics`]) and the `/status` report ([`status`]).
 
-pub mod http;
+pub(crate) mod http;
 pub mod metrics;
-pub mod status;
+pub(crate) mod status;

@@ -14,7 +14,7 @@ use crate::time::{rfc3339, Timestamp};
 use crate::watch::state::Snapshot;
 
 label_enum! {
-    pub enum Overall {
+    pub(crate) enum Overall {
         Ok,
         Degraded,
         Failing,
@@ -23,92 +23,92 @@ label_enum! {
 
 /// Which parts of the report to show.
 #[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub target: Option<String>,
-    pub status: Option<Status>,
-    pub check: Option<String>,
+pub(crate) struct Filter {
+    pub(crate) target: Option<String>,
+    pub(crate) status: Option<Status>,
+    pub(crate) check: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct StatusReport {
-    pub status: Overall,
-    pub generated_at: String,
-    pub config_reload_successful: bool,
+pub(crate) struct StatusReport {
+    pub(crate) status: Overall,
+    pub(crate) generated_at: String,
+    pub(crate) config_reload_successful: bool,
     /// The session budget of each server: limit, sessions open, checks waiting.
-    pub servers: Vec<crate::postgres::pool::ServerView>,
+    pub(crate) servers: Vec<crate::postgres::pool::ServerView>,
     /// Which part of a split fleet this replica watches (`0` of `1`: all of it).
-    pub shard: ShardReport,
-    pub targets: Vec<TargetReport>,
+    pub(crate) shard: ShardReport,
+    pub(crate) targets: Vec<TargetReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ShardReport {
-    pub index: u32,
-    pub count: u32,
+pub(crate) struct ShardReport {
+    pub(crate) index: u32,
+    pub(crate) count: u32,
     /// The targets this replica owns and watches (all of them, whatever the filters).
-    pub targets: usize,
+    pub(crate) targets: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct TargetReport {
-    pub name: String,
-    pub connection: String,
-    pub status: Overall,
+pub(crate) struct TargetReport {
+    pub(crate) name: String,
+    pub(crate) connection: String,
+    pub(crate) status: Overall,
     /// `null` until the first attempt.
-    pub reachable: Option<bool>,
+    pub(crate) reachable: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub connection_error: Option<String>,
-    pub schema_version: Option<String>,
+    pub(crate) connection_error: Option<String>,
+    pub(crate) schema_version: Option<String>,
     /// Statistics samples stored since the daemon started.
-    pub samples_recorded: u64,
+    pub(crate) samples_recorded: u64,
     /// Whether this replica samples and judges the target, and who does (deployment
     /// tracking only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub leadership: Option<crate::watch::state::Leadership>,
-    pub checks: Vec<CheckReport>,
+    pub(crate) leadership: Option<crate::watch::state::Leadership>,
+    pub(crate) checks: Vec<CheckReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub deployment: Option<DeploymentView>,
+    pub(crate) deployment: Option<DeploymentView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct CheckReport {
-    pub name: String,
-    pub pack: String,
-    pub category: String,
-    pub severity: String,
-    pub description: String,
-    pub status: Status,
+pub(crate) struct CheckReport {
+    pub(crate) name: String,
+    pub(crate) pack: String,
+    pub(crate) category: String,
+    pub(crate) severity: String,
+    pub(crate) description: String,
+    pub(crate) status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub value: Option<Observation>,
+    pub(crate) value: Option<Observation>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expectation: Option<String>,
+    pub(crate) expectation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error_kind: Option<String>,
+    pub(crate) error_kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub last_run: Option<String>,
-    pub last_success: Option<String>,
-    pub last_pass: Option<String>,
-    pub duration_seconds: Option<f64>,
-    pub interval_seconds: f64,
-    pub runs: u64,
-    pub skipped: u64,
+    pub(crate) error: Option<String>,
+    pub(crate) last_run: Option<String>,
+    pub(crate) last_success: Option<String>,
+    pub(crate) last_pass: Option<String>,
+    pub(crate) duration_seconds: Option<f64>,
+    pub(crate) interval_seconds: f64,
+    pub(crate) runs: u64,
+    pub(crate) skipped: u64,
     /// Runs skipped because no session became free within the interval.
-    pub skipped_no_session: u64,
+    pub(crate) skipped_no_session: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_skip: Option<String>,
+    pub(crate) last_skip: Option<String>,
     /// Why the latest run was skipped, when it was (no session within the interval).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_skip_reason: Option<String>,
+    pub(crate) last_skip_reason: Option<String>,
     /// Due runs merged into a later run for lack of a session.
-    pub delayed: u64,
+    pub(crate) delayed: u64,
     /// Why the latest run started late, while it did.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub late_reason: Option<String>,
+    pub(crate) late_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub runbook: Option<String>,
+    pub(crate) runbook: Option<String>,
 }
 
 fn check_weight(status: Status, severity: Severity) -> Overall {
@@ -121,7 +121,7 @@ fn check_weight(status: Status, severity: Severity) -> Overall {
 
 /// Whether the target `name` is the one asked for: the same name, or a database discovered
 /// under it (`tenants` selects `tenants/tenant_eu`).
-pub fn target_matches(asked: &str, name: &str) -> bool {
+pub(crate) fn target_matches(asked: &str, name: &str) -> bool {
     name == asked
         || name
             .strip_prefix(asked)
@@ -129,7 +129,7 @@ pub fn target_matches(asked: &str, name: &str) -> bool {
 }
 
 /// The target names of a snapshot, for "no target is named ..." messages.
-pub fn known_targets(snapshot: &Snapshot) -> String {
+pub(crate) fn known_targets(snapshot: &Snapshot) -> String {
     let names: Vec<&str> = snapshot.targets.keys().map(String::as_str).collect();
     if names.is_empty() {
         "none is configured".to_string()
@@ -139,7 +139,7 @@ pub fn known_targets(snapshot: &Snapshot) -> String {
 }
 
 /// Builds the report. `now` is only used for `generated_at`.
-pub fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusReport {
+pub(crate) fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> StatusReport {
     let mut targets = Vec::new();
     let mut overall = Overall::Ok;
     for (name, target) in &snapshot.targets {
@@ -251,7 +251,7 @@ fn short_value(value: &Option<Observation>) -> String {
 }
 
 /// The plain-text table.
-pub fn render_text(report: &StatusReport) -> String {
+pub(crate) fn render_text(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
