@@ -26,23 +26,23 @@ use crate::postgres::pool::Servers;
 
 /// A configuration with its templates expanded, and the templates that could not be.
 #[derive(Debug, Clone)]
-pub struct Expanded {
-    pub config: Config,
+pub(crate) struct Expanded {
+    pub(crate) config: Config,
     /// Template target name and why its server could not be asked.
-    pub failures: Vec<(String, String)>,
+    pub(crate) failures: Vec<(String, String)>,
     /// Every template's databases as last listed successfully.
-    pub known: Known,
+    pub(crate) known: Known,
 }
 
 /// The databases each template's server listed on its last successful discovery (all of them,
 /// before the patterns are applied), by template name.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Known(pub HashMap<String, Vec<String>>);
+pub(crate) struct Known(pub HashMap<String, Vec<String>>);
 
 impl Expanded {
     /// The concrete targets, each with its connection settings and cap: when a new pass
     /// gives the same, nothing needs restarting.
-    pub fn shape(&self) -> Vec<String> {
+    pub(crate) fn shape(&self) -> Vec<String> {
         self.config
             .targets
             .iter()
@@ -53,7 +53,7 @@ impl Expanded {
 }
 
 /// True when some target of `config` is a discovery template.
-pub fn has_templates(config: &Config) -> bool {
+pub(crate) fn has_templates(config: &Config) -> bool {
     config.targets.iter().any(|t| t.discover.is_some())
 }
 
@@ -61,7 +61,7 @@ pub fn has_templates(config: &Config) -> bool {
 /// `databases` are kept as they are.
 /// The commands (`check`, `check --privileges`) see the whole fleet, whatever shard the
 /// configuration names.
-pub async fn expand(config: &Config) -> Expanded {
+pub(crate) async fn expand(config: &Config) -> Expanded {
     let mut whole = config.clone();
     whole.server.shard = crate::shard::Shard::default();
     expand_on(&whole, &Servers::default(), &Known::default()).await
@@ -70,7 +70,7 @@ pub async fn expand(config: &Config) -> Expanded {
 /// As [`expand`], for the daemon: sessions from `servers`' budgets, a template's `known`
 /// databases kept when its server cannot be asked, and only the targets of the configuration's
 /// shard (`server.shard`) kept.
-pub async fn expand_on(config: &Config, servers: &Servers, known: &Known) -> Expanded {
+pub(crate) async fn expand_on(config: &Config, servers: &Servers, known: &Known) -> Expanded {
     let mut targets = Vec::with_capacity(config.targets.len());
     let mut failures = Vec::new();
     let mut now_known = Known::default();

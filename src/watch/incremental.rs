@@ -29,11 +29,11 @@ use crate::storage::incremental::ProgressStore;
 use crate::time::SharedClock;
 
 /// What the run needs besides the check: where progress is kept and whose it is.
-pub struct Context<'a> {
-    pub pool: &'a TargetPool,
-    pub store: &'a ProgressStore,
-    pub target: &'a str,
-    pub clock: &'a SharedClock,
+pub(crate) struct Context<'a> {
+    pub(crate) pool: &'a TargetPool,
+    pub(crate) store: &'a ProgressStore,
+    pub(crate) target: &'a str,
+    pub(crate) clock: &'a SharedClock,
 }
 
 /// Runs one check once: a plain check through the runner, an incremental one with its
@@ -58,7 +58,11 @@ pub async fn run_check(
 }
 
 /// Runs one incremental check once.
-pub async fn run(context: &Context<'_>, spec: &CheckSpec, def: &IncrementalDef) -> RunReport {
+pub(crate) async fn run(
+    context: &Context<'_>,
+    spec: &CheckSpec,
+    def: &IncrementalDef,
+) -> RunReport {
     let started = Instant::now();
     let mut runner = Runner {
         context,

@@ -4,9 +4,9 @@
 //! in-memory results everything else reads ([`state`]), and which of them are worth a log line
 //! ([`transitions`]).
 
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod incremental;
 pub mod scheduler;
 pub mod state;
-pub mod tracker;
+pub(crate) mod tracker;
 pub mod transitions;

@@ -50,7 +50,7 @@ pub struct Pools {
 
 impl Pools {
     /// Empty pools on these server budgets (which discovery uses too).
-    pub fn with_servers(servers: Servers) -> Pools {
+    pub(crate) fn with_servers(servers: Servers) -> Pools {
         Pools {
             servers,
             ..Pools::default()
@@ -146,7 +146,7 @@ impl Pools {
     }
 
     /// The server-wide statistics of the server `target` is on.
-    pub fn server_stats(&self, target: &str) -> Option<Arc<ServerStats>> {
+    pub(crate) fn server_stats(&self, target: &str) -> Option<Arc<ServerStats>> {
         let pool = self.get(target)?;
         let all = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         all.get(pool.server().server()).cloned()
@@ -155,7 +155,7 @@ impl Pools {
     /// Where in `every` the target's first run goes (see [`first_run_offset`]), plus a little
     /// jitter, the same for all of the target's checks and samples: what falls due together
     /// asks together, and the session the first one opens goes to the next (no reconnect).
-    pub fn first_run_offset(&self, target: &str, every: Duration) -> Duration {
+    pub(crate) fn first_run_offset(&self, target: &str, every: Duration) -> Duration {
         match self.phases.get(target) {
             Some((index, count, shortest)) => {
                 let spread = shortest.mul_f64(0.05).min(Duration::from_millis(500));
@@ -168,7 +168,7 @@ impl Pools {
 
     /// Asks the server to cancel every query still in flight for these targets (their
     /// sessions are the servers' own, shared by every target of a server); returns how many.
-    pub async fn cancel_in_flight(&self) -> usize {
+    pub(crate) async fn cancel_in_flight(&self) -> usize {
         let mut cancelled = 0;
         for (_, _, pool) in self.pools.values() {
             cancelled += pool.cancel_in_flight().await;
@@ -187,7 +187,7 @@ impl Pools {
 /// and samples that fall due together run together, on one session, instead of each opening
 /// one. A longer interval's runs are also spread over the multiples of `shortest` it holds, so
 /// that, say, the 5-minute checks of a fleet do not all fall in the same 30 seconds.
-pub fn first_run_offset(
+pub(crate) fn first_run_offset(
     index: usize,
     count: usize,
     shortest: Duration,
@@ -228,7 +228,7 @@ fn new_pool(
 
 /// Starts one task per (target, check) of `config`, stopping when `cancel` fires. Incremental
 /// checks keep their progress in `progress`.
-pub fn start(
+pub(crate) fn start(
     config: &Config,
     pools: &Pools,
     state: &Arc<State>,
@@ -401,7 +401,7 @@ fn target_jitter(target: &str) -> f64 {
 }
 
 /// The one place a run's result is logged.
-pub fn log_report(state: &State, target: &str, spec: &CheckSpec, report: &RunReport) {
+pub(crate) fn log_report(state: &State, target: &str, spec: &CheckSpec, report: &RunReport) {
     let status = report.outcome.status.as_str();
     let duration_ms = report.duration.as_secs_f64() * 1000.0;
     // Logged when the state changes (pass -> fail, fail -> pass, a new error kind) and, while it

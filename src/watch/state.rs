@@ -15,37 +15,37 @@ use crate::checks::spec::CheckSpec;
 use crate::config::Config;
 use crate::postgres::runner::RunReport;
 
-pub use crate::time::Timestamp;
+pub(crate) use crate::time::Timestamp;
 use crate::time::{system_clock, SharedClock};
 
 #[derive(Debug, Clone)]
 pub struct CheckState {
-    pub spec: Arc<CheckSpec>,
+    pub(crate) spec: Arc<CheckSpec>,
     pub status: Status,
     pub outcome: Option<CheckOutcome>,
-    pub last_run: Option<Timestamp>,
+    pub(crate) last_run: Option<Timestamp>,
     /// Last run that completed with a verdict (pass or fail), i.e. without an error.
-    pub last_success: Option<Timestamp>,
+    pub(crate) last_success: Option<Timestamp>,
     /// Last run that passed.
-    pub last_pass: Option<Timestamp>,
-    pub duration_seconds: Option<f64>,
+    pub(crate) last_pass: Option<Timestamp>,
+    pub(crate) duration_seconds: Option<f64>,
     pub runs: u64,
-    pub errors: BTreeMap<ErrorKind, u64>,
-    pub skipped: u64,
+    pub(crate) errors: BTreeMap<ErrorKind, u64>,
+    pub(crate) skipped: u64,
     /// Runs skipped because no session to the server became free within the interval.
-    pub skipped_no_session: u64,
+    pub(crate) skipped_no_session: u64,
     /// The latest skip for lack of a session: when, and why.
-    pub last_skip: Option<(Timestamp, String)>,
+    pub(crate) last_skip: Option<(Timestamp, String)>,
     /// Due runs that were merged into a later one because no session was free at their time.
-    pub delayed: u64,
+    pub(crate) delayed: u64,
     /// While the latest run started late for lack of a session: when, and why.
-    pub last_delay: Option<(Timestamp, String)>,
+    pub(crate) last_delay: Option<(Timestamp, String)>,
     /// True while a run is in flight.
-    pub running: bool,
+    pub(crate) running: bool,
     /// An incremental check's last report (kept through errored runs).
-    pub incremental: Option<crate::checks::incremental::IncrementalReport>,
+    pub(crate) incremental: Option<crate::checks::incremental::IncrementalReport>,
     /// Rows an incremental check has read, over all runs.
-    pub rows_examined_total: u64,
+    pub(crate) rows_examined_total: u64,
 }
 
 impl CheckState {
@@ -75,61 +75,61 @@ impl CheckState {
 #[derive(Debug, Clone, Default)]
 pub struct TargetState {
     /// Connection description without secrets.
-    pub display: String,
+    pub(crate) display: String,
     /// `None` until the first attempt.
     pub reachable: Option<bool>,
-    pub last_connection_error: Option<String>,
+    pub(crate) last_connection_error: Option<String>,
     pub schema_version: Option<String>,
     pub checks: BTreeMap<String, CheckState>,
     /// Backends in use and max_connections, as last sampled.
     pub connections: Option<(f64, f64)>,
     /// Failed sampling steps (`version`, `statistics`) since the start.
-    pub sampling_errors: BTreeMap<&'static str, u64>,
+    pub(crate) sampling_errors: BTreeMap<&'static str, u64>,
     /// Statistics samples stored since the daemon started.
     pub samples_recorded: u64,
     /// Seconds the last deployment-tracking sampling pass took.
-    pub sampling_seconds: Option<f64>,
+    pub(crate) sampling_seconds: Option<f64>,
     /// Seconds the last judging pass took.
-    pub judging_seconds: Option<f64>,
+    pub(crate) judging_seconds: Option<f64>,
     /// Whether this replica samples and judges the target, when its deployments are tracked.
-    pub leadership: Option<Leadership>,
+    pub(crate) leadership: Option<Leadership>,
 }
 
 /// Who samples and judges a target: always this replica with a store of its own; with a
 /// shared store, the replica holding the target's lock there.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Leadership {
+pub(crate) struct Leadership {
     /// This replica leads the target.
-    pub leading: bool,
+    pub(crate) leading: bool,
     /// The replica that leads it, as the shared store knows it (`None` when no replica does,
     /// or the store cannot be asked).
-    pub leader: Option<String>,
+    pub(crate) leader: Option<String>,
 }
 
 /// The state store as last measured.
 #[derive(Debug, Clone, Default)]
-pub struct StoreHealth {
+pub(crate) struct StoreHealth {
     /// Bytes on disk (database file and write-ahead log).
-    pub bytes: Option<f64>,
+    pub(crate) bytes: Option<f64>,
     /// Failed store operations, by operation.
-    pub errors: BTreeMap<String, u64>,
+    pub(crate) errors: BTreeMap<String, u64>,
 }
 
 /// Deployment tracking as shown to readers; filled by the deployment tracker.
-pub type DeploymentViews = BTreeMap<String, crate::analysis::deployment::DeploymentView>;
+pub(crate) type DeploymentViews = BTreeMap<String, crate::analysis::deployment::DeploymentView>;
 
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub targets: BTreeMap<String, TargetState>,
-    pub config_reload_ok: bool,
+    pub(crate) config_reload_ok: bool,
     pub config_last_reload_success: Option<Timestamp>,
-    pub config_source: String,
+    pub(crate) config_source: String,
     pub deployments: DeploymentViews,
     /// The session budget of every server, as last published.
     pub servers: Vec<crate::postgres::pool::ServerView>,
     /// This replica's part of a split fleet; its targets are the ones above.
-    pub shard: crate::shard::Shard,
-    pub store: StoreHealth,
+    pub(crate) shard: crate::shard::Shard,
+    pub(crate) store: StoreHealth,
 }
 
 #[derive(Debug)]
@@ -150,7 +150,7 @@ impl Default for State {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// The run may start.
     Started,
     /// The previous run is still going; this one is skipped (and counted).
@@ -163,7 +163,7 @@ impl State {
     }
 
     /// A state whose "now" comes from `clock` (tests and simulations drive it).
-    pub fn with_clock(clock: SharedClock) -> Self {
+    pub(crate) fn with_clock(clock: SharedClock) -> Self {
         State {
             inner: Mutex::new(Snapshot::default()),
             generation: AtomicU64::new(0),
@@ -173,7 +173,7 @@ impl State {
     }
 
     /// Now, by the daemon's clock.
-    pub fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }
 
@@ -191,7 +191,7 @@ impl State {
     }
 
     /// Changes so far; equal generations mean equal contents.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
@@ -236,7 +236,7 @@ impl State {
         inner.config_source = config.source.display().to_string();
     }
 
-    pub fn set_reload_failed(&self) {
+    pub(crate) fn set_reload_failed(&self) {
         self.write().config_reload_ok = false;
     }
 
@@ -256,7 +256,7 @@ impl State {
     }
 
     /// Marks a check as running unless it already is.
-    pub fn claim(&self, target: &str, check: &str) -> Claim {
+    pub(crate) fn claim(&self, target: &str, check: &str) -> Claim {
         self.change_check(target, check, |state| {
             if state.running {
                 state.skipped += 1;
@@ -270,13 +270,19 @@ impl State {
     }
 
     /// Releases a claim without a run (the run was cancelled while it waited for a session).
-    pub fn release(&self, target: &str, check: &str) {
+    pub(crate) fn release(&self, target: &str, check: &str) {
         self.change_check(target, check, |state| state.running = false);
     }
 
     /// A run that got no session within its interval: counted, its reason kept, the claim
     /// released. The previous result stays.
-    pub fn record_no_session(&self, target: &str, check: &str, reason: String, now: Timestamp) {
+    pub(crate) fn record_no_session(
+        &self,
+        target: &str,
+        check: &str,
+        reason: String,
+        now: Timestamp,
+    ) {
         self.change_check(target, check, |state| {
             state.running = false;
             state.skipped_no_session += 1;
@@ -286,7 +292,13 @@ impl State {
 
     /// A run that started late for lack of a session: the `merged` due runs it spans are
     /// counted, and why it waited is kept until a run starts on time again (`reason` `None`).
-    pub fn record_delay(&self, target: &str, check: &str, merged: u64, reason: Option<String>) {
+    pub(crate) fn record_delay(
+        &self,
+        target: &str,
+        check: &str,
+        merged: u64,
+        reason: Option<String>,
+    ) {
         let now = self.now();
         let mut inner = self.write();
         if let Some(state) = inner
@@ -300,19 +312,19 @@ impl State {
     }
 
     /// Publishes the servers' session budgets (only a change moves the generation on).
-    pub fn set_servers(&self, servers: Vec<crate::postgres::pool::ServerView>) {
+    pub(crate) fn set_servers(&self, servers: Vec<crate::postgres::pool::ServerView>) {
         if self.lock().servers == servers {
             return;
         }
         self.write().servers = servers;
     }
 
-    pub fn record_skip(&self, target: &str, check: &str) {
+    pub(crate) fn record_skip(&self, target: &str, check: &str) {
         self.change_check(target, check, |state| state.skipped += 1);
     }
 
     /// Stores the result of a run and releases the claim.
-    pub fn record(&self, target: &str, check: &str, report: &RunReport, now: Timestamp) {
+    pub(crate) fn record(&self, target: &str, check: &str, report: &RunReport, now: Timestamp) {
         let mut inner = self.write();
         let Some(target_state) = inner.targets.get_mut(target) else {
             return;
@@ -347,7 +359,7 @@ impl State {
 
     /// Marks a target unreachable without a check run (a discovery template whose server
     /// could not be asked).
-    pub fn set_unreachable(&self, target: &str, message: String) {
+    pub(crate) fn set_unreachable(&self, target: &str, message: String) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.reachable = Some(false);
@@ -355,7 +367,7 @@ impl State {
         }
     }
 
-    pub fn set_schema_version(&self, target: &str, version: Option<String>) {
+    pub(crate) fn set_schema_version(&self, target: &str, version: Option<String>) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.schema_version = version;
@@ -363,7 +375,7 @@ impl State {
     }
 
     /// One more statistics sample stored for `target`.
-    pub fn count_sample(&self, target: &str) {
+    pub(crate) fn count_sample(&self, target: &str) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.samples_recorded += 1;
@@ -371,40 +383,40 @@ impl State {
     }
 
     /// Counts a failed sampling step (`version` or `statistics`) of a target.
-    pub fn record_sampling_error(&self, target: &str, step: &'static str) {
+    pub(crate) fn record_sampling_error(&self, target: &str, step: &'static str) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             *state.sampling_errors.entry(step).or_insert(0) += 1;
         }
     }
 
-    pub fn set_connections(&self, target: &str, in_use: f64, max: f64) {
+    pub(crate) fn set_connections(&self, target: &str, in_use: f64, max: f64) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.connections = Some((in_use, max));
         }
     }
 
-    pub fn set_sampling_duration(&self, target: &str, seconds: f64) {
+    pub(crate) fn set_sampling_duration(&self, target: &str, seconds: f64) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.sampling_seconds = Some(seconds);
         }
     }
 
-    pub fn set_judging_duration(&self, target: &str, seconds: f64) {
+    pub(crate) fn set_judging_duration(&self, target: &str, seconds: f64) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.judging_seconds = Some(seconds);
         }
     }
 
-    pub fn set_store_bytes(&self, bytes: u64) {
+    pub(crate) fn set_store_bytes(&self, bytes: u64) {
         self.write().store.bytes = Some(bytes as f64);
     }
 
     /// Counts a failed store operation (`deploywatch_store_errors_total{operation}`).
-    pub fn count_store_error(&self, operation: &str) {
+    pub(crate) fn count_store_error(&self, operation: &str) {
         *self
             .write()
             .store
@@ -413,17 +425,21 @@ impl State {
             .or_insert(0) += 1;
     }
 
-    pub fn set_deployment(&self, target: &str, view: crate::analysis::deployment::DeploymentView) {
+    pub(crate) fn set_deployment(
+        &self,
+        target: &str,
+        view: crate::analysis::deployment::DeploymentView,
+    ) {
         self.write().deployments.insert(target.to_string(), view);
     }
 
     /// Forgets the deployment view of a target this replica no longer judges: its windows and
     /// verdicts are shown by the replica that does.
-    pub fn clear_deployment(&self, target: &str) {
+    pub(crate) fn clear_deployment(&self, target: &str) {
         self.write().deployments.remove(target);
     }
 
-    pub fn set_leadership(&self, target: &str, leadership: Leadership) {
+    pub(crate) fn set_leadership(&self, target: &str, leadership: Leadership) {
         let mut inner = self.write();
         if let Some(state) = inner.targets.get_mut(target) {
             state.leadership = Some(leadership);
@@ -431,7 +447,7 @@ impl State {
     }
 
     /// Whether this replica judges `target` (true when leadership is not known yet).
-    pub fn leads(&self, target: &str) -> bool {
+    pub(crate) fn leads(&self, target: &str) -> bool {
         self.lock()
             .targets
             .get(target)
@@ -441,7 +457,7 @@ impl State {
 
     /// Every target has been tried at least once (readiness). A replica whose shard owns no
     /// target of the fleet has nothing to try, and is ready once its configuration is loaded.
-    pub fn all_targets_tried(&self) -> bool {
+    pub(crate) fn all_targets_tried(&self) -> bool {
         let inner = self.lock();
         let loaded = inner.config_last_reload_success.is_some();
         let shard_owns_none = inner.shard.is_split() && inner.targets.is_empty();

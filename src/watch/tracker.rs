@@ -46,21 +46,21 @@ const SUPPORT_REFRESH_PASSES: u64 = 30;
 /// A deployment announced by a pipeline.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Announcement {
+pub(crate) struct Announcement {
     /// Required when the daemon watches more than one target.
     pub target: Option<String>,
     pub version: String,
     /// RFC 3339; default now.
     pub started_at: Option<String>,
-    pub finished_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
     pub note: Option<String>,
     /// `deploy` or `rollback`; needed only where versions have no order
     /// (`deployments.version_order = "unordered"`).
-    pub kind: Option<DeploymentKind>,
+    pub(crate) kind: Option<DeploymentKind>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TrackerError {
+pub(crate) enum TrackerError {
     #[error("{0}")]
     Invalid(String),
     #[error("no target is named {0:?}")]
@@ -82,18 +82,18 @@ struct Recorder {
 
 /// Records announcements, for the targets whose deployments are tracked.
 #[derive(Clone, Default)]
-pub struct Announcer {
+pub(crate) struct Announcer {
     recorders: Arc<Mutex<HashMap<String, Recorder>>>,
 }
 
 impl Announcer {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Announcer::default()
     }
 
     /// Records an announcement received now: validated, placed and stored through the store's
     /// thread, never through the target's sampling loop.
-    pub async fn announce(
+    pub(crate) async fn announce(
         &self,
         announcement: Announcement,
     ) -> Result<DeploymentView, TrackerError> {
@@ -296,7 +296,7 @@ fn parse_time(field: &str, text: &str) -> Result<f64, TrackerError> {
 }
 
 /// Starts one tracker per target of `config`.
-pub fn start(
+pub(crate) fn start(
     config: &Config,
     pools: &Pools,
     state: &Arc<State>,

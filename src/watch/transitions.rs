@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How often a state that stays bad is logged again.
-pub const REMINDER_EVERY: Duration = Duration::from_secs(3600);
+pub(crate) const REMINDER_EVERY: Duration = Duration::from_secs(3600);
 
 /// What a new observation is, compared with the last one of the same subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum Transition {
 impl Transition {
     /// Whether this observation deserves a line at `info`/`warn`, given whether its state is
     /// a good one (a pass, a readable version).
-    pub fn worth_logging(&self, good: bool) -> bool {
+    pub(crate) fn worth_logging(&self, good: bool) -> bool {
         match self {
             Transition::First => !good,
             Transition::Changed { .. } => true,
@@ -82,7 +82,7 @@ impl Transitions {
     }
 
     /// Forgets the subjects of targets no longer configured.
-    pub fn retain_targets(&self, keep: impl Fn(&str) -> bool) {
+    pub(crate) fn retain_targets(&self, keep: impl Fn(&str) -> bool) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|(target, _), _| keep(target));
     }
