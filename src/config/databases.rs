@@ -3,14 +3,14 @@
 
 /// Which databases of a server a template target stands for.
 #[derive(Debug, Clone)]
-pub struct Discovery {
-    pub include: Vec<glob::Pattern>,
-    pub exclude: Vec<glob::Pattern>,
+pub(crate) struct Discovery {
+    pub(crate) include: Vec<glob::Pattern>,
+    pub(crate) exclude: Vec<glob::Pattern>,
 }
 
 impl Discovery {
     /// The names that match an `include` pattern and no `exclude` pattern, in the given order.
-    pub fn select<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    pub(crate) fn select<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
         names
             .into_iter()
             .filter(|name| self.include.iter().any(|p| p.matches(name)))

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub mod databases;
-pub mod packs;
-pub mod web;
+pub(crate) mod databases;
+pub(crate) mod packs;
+pub(crate) mod web;
 
 use crate::analysis::deployment::VersionOrder;
 use crate::analysis::judging;
@@ -41,7 +41,7 @@ pub struct Problem {
     pub key: String,
     pub message: String,
     /// The `DEPLOYWATCH_<SECTION>__<KEY>` variable the value came from, when it did.
-    pub variable: Option<String>,
+    pub(crate) variable: Option<String>,
 }
 
 impl fmt::Display for Problem {
@@ -251,25 +251,25 @@ struct RawTarget {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The main file it was loaded from, for reloads and messages.
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
     pub server: ServerConfig,
-    pub defaults: Defaults,
+    pub(crate) defaults: Defaults,
     pub store: StoreConfig,
-    pub deployments: DeploymentConfig,
+    pub(crate) deployments: DeploymentConfig,
     pub targets: Vec<TargetConfig>,
     /// Every pack that was loaded, in load order.
-    pub packs: Vec<Arc<Pack>>,
+    pub(crate) packs: Vec<Arc<Pack>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// Where the bearer token for `POST /api/deployments` comes from. Without one, the
     /// endpoint refuses every request.
-    pub api_token: Option<PasswordSource>,
+    pub(crate) api_token: Option<PasswordSource>,
     /// TLS and basic authentication of the endpoints (exporter-toolkit format).
-    pub web_config_file: Option<PathBuf>,
+    pub(crate) web_config_file: Option<PathBuf>,
     /// This replica's part of a split fleet (`0/1`, the whole fleet, by default).
     pub shard: Shard,
     /// The base URL of every replica, by shard index (empty: announcements for another
@@ -278,28 +278,28 @@ pub struct ServerConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct Defaults {
-    pub interval: Duration,
+pub(crate) struct Defaults {
+    pub(crate) interval: Duration,
     /// Runs every check at this interval whatever its pack says (demos, tests, drills).
-    pub interval_override: Option<Duration>,
-    pub timeout: Duration,
-    pub lock_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub max_connections_per_target: usize,
+    pub(crate) interval_override: Option<Duration>,
+    pub(crate) timeout: Duration,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_connections_per_target: usize,
     /// Sessions to one server (host and port), all its targets and databases together.
-    pub max_connections_per_server: usize,
+    pub(crate) max_connections_per_server: usize,
     /// Share of the server's `max_connections` (minus reserved connections) deploywatch may
     /// take, whatever `max_connections_per_server` says.
-    pub server_connection_share: f64,
-    pub max_series: usize,
+    pub(crate) server_connection_share: f64,
+    pub(crate) max_series: usize,
     /// How often targets with `databases` patterns ask their server again.
-    pub discovery_interval: Duration,
+    pub(crate) discovery_interval: Duration,
     /// Incremental checks: every sweep completes within this.
-    pub sweep_period: Duration,
+    pub(crate) sweep_period: Duration,
     /// Incremental checks: rows per sweep chunk.
-    pub sweep_max_rows: u64,
+    pub(crate) sweep_max_rows: u64,
     /// Incremental checks: a periodic sweep's chunk is sized to take about this long.
-    pub sweep_max_time: Duration,
+    pub(crate) sweep_max_time: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -311,45 +311,45 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// Where the PostgreSQL store's password comes from.
     pub password: Option<PasswordSource>,
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// Set by `run --reset-store`, never by a file: an existing file that is not a valid
     /// store is moved aside and an empty store started instead of refusing to start.
     pub reset_invalid: bool,
 }
 
 #[derive(Debug, Clone)]
-pub struct DeploymentConfig {
-    pub enabled: bool,
-    pub sample_interval: Duration,
-    pub baseline_span: Duration,
-    pub min_baseline_samples: usize,
-    pub min_window_samples: usize,
-    pub windows: WindowDurations,
+pub(crate) struct DeploymentConfig {
+    pub(crate) enabled: bool,
+    pub(crate) sample_interval: Duration,
+    pub(crate) baseline_span: Duration,
+    pub(crate) min_baseline_samples: usize,
+    pub(crate) min_window_samples: usize,
+    pub(crate) windows: WindowDurations,
     /// Relative increase of a query's mean time that counts as a regression (0.2 = +20 %).
-    pub latency_min_increase: f64,
+    pub(crate) latency_min_increase: f64,
     /// Calls per sample a query needs before its latency is judged.
-    pub latency_min_calls: u64,
+    pub(crate) latency_min_calls: u64,
     /// Window samples a query needs before any latency verdict on it.
-    pub latency_min_window_samples: usize,
+    pub(crate) latency_min_window_samples: usize,
     /// False-discovery level of the sequential tests (Benjamini–Hochberg across what is
     /// tested at one look).
-    pub latency_p_value: f64,
+    pub(crate) latency_p_value: f64,
     /// Smallest change of a query's median time per call (ms) that can be a regression.
-    pub latency_min_delta_ms: f64,
+    pub(crate) latency_min_delta_ms: f64,
     /// When a statement the baseline never saw is a regression on its own.
-    pub new_statement: NewStatementThresholds,
+    pub(crate) new_statement: NewStatementThresholds,
     /// How versions order, which tells a deployment from a rollback.
-    pub version_order: VersionOrder,
-    pub declared: Vec<DeclaredDeployment>,
+    pub(crate) version_order: VersionOrder,
+    pub(crate) declared: Vec<DeclaredDeployment>,
 }
 
 #[derive(Debug, Clone)]
-pub struct DeclaredDeployment {
-    pub target: String,
-    pub version: String,
+pub(crate) struct DeclaredDeployment {
+    pub(crate) target: String,
+    pub(crate) version: String,
     /// Unix seconds.
-    pub at: f64,
-    pub note: Option<String>,
+    pub(crate) at: f64,
+    pub(crate) note: Option<String>,
 }
 
 /// One database deploywatch watches, with the checks resolved for it.
@@ -357,12 +357,12 @@ pub struct DeclaredDeployment {
 pub struct TargetConfig {
     pub name: String,
     pub connection: ConnectionSettings,
-    pub max_connections: usize,
-    pub version_query: String,
+    pub(crate) max_connections: usize,
+    pub(crate) version_query: String,
     pub checks: Vec<Arc<CheckSpec>>,
     /// `Some` for a template that stands for the matching databases of its server; see
     /// [`crate::postgres::discovery`].
-    pub discover: Option<Discovery>,
+    pub(crate) discover: Option<Discovery>,
 }
 
 pub(crate) const DEFAULT_VERSION_QUERY: &str =
@@ -406,7 +406,7 @@ impl Config {
         }
     }
 
-    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+    pub(crate) fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
     }
 

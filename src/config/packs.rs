@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::checks::expectation;
 use crate::checks::incremental::IncrementalDef;
 use crate::checks::spec::{valid_label, RESERVED_LABELS};
-pub use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
+pub(crate) use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
 use crate::config::{parameter_text, Defaults, Problems};
 
 #[derive(Debug, Deserialize)]
@@ -27,7 +27,9 @@ struct RawPack {
 #[serde(deny_unknown_fields)]
 struct RawPackHeader {
     name: String,
+    /// For the pack's readers: accepted, not used.
     #[serde(default)]
+    #[allow(dead_code)]
     description: String,
     #[serde(default)]
     parameters: BTreeMap<String, toml::Value>,
@@ -64,43 +66,42 @@ struct RawCheck {
 
 /// A loaded pack file.
 #[derive(Debug, Clone)]
-pub struct Pack {
-    pub name: String,
-    pub description: String,
-    pub file: PathBuf,
-    pub parameters: BTreeMap<String, String>,
-    pub checks: Vec<CheckDef>,
+pub(crate) struct Pack {
+    pub(crate) name: String,
+    pub(crate) file: PathBuf,
+    pub(crate) parameters: BTreeMap<String, String>,
+    pub(crate) checks: Vec<CheckDef>,
 }
 
 /// A check as its pack defines it, before a target's parameters are bound.
 #[derive(Debug, Clone)]
-pub struct CheckDef {
-    pub name: String,
+pub(crate) struct CheckDef {
+    pub(crate) name: String,
     /// Where the check sits in its file, e.g. `check[3]`, for error messages.
-    pub key: String,
-    pub category: Category,
-    pub severity: Severity,
-    pub description: String,
-    pub sql: String,
-    pub expect: Option<String>,
-    pub interval: Option<String>,
-    pub timeout: Option<String>,
-    pub runbook: Option<String>,
-    pub params: Vec<String>,
-    pub shape: Shape,
-    pub incremental: Option<IncrementalDecl>,
+    pub(crate) key: String,
+    pub(crate) category: Category,
+    pub(crate) severity: Severity,
+    pub(crate) description: String,
+    pub(crate) sql: String,
+    pub(crate) expect: Option<String>,
+    pub(crate) interval: Option<String>,
+    pub(crate) timeout: Option<String>,
+    pub(crate) runbook: Option<String>,
+    pub(crate) params: Vec<String>,
+    pub(crate) shape: Shape,
+    pub(crate) incremental: Option<IncrementalDecl>,
 }
 
 /// An incremental check's settings as its pack writes them (budget defaults not yet applied).
 #[derive(Debug, Clone)]
-pub struct IncrementalDecl {
-    pub table: String,
-    pub key: String,
-    pub parents: Vec<String>,
-    pub early_sweep: bool,
-    pub sweep_period: Option<String>,
-    pub sweep_max_rows: Option<u64>,
-    pub sweep_max_time: Option<String>,
+pub(crate) struct IncrementalDecl {
+    pub(crate) table: String,
+    pub(crate) key: String,
+    pub(crate) parents: Vec<String>,
+    pub(crate) early_sweep: bool,
+    pub(crate) sweep_period: Option<String>,
+    pub(crate) sweep_max_rows: Option<u64>,
+    pub(crate) sweep_max_time: Option<String>,
 }
 /// Reads one pack file. Problems go to `problems`; `None` when the file could not be read at all.
 pub(crate) fn load(file: &Path, problems: &mut Problems) -> Option<Pack> {
@@ -153,7 +154,6 @@ pub(crate) fn parse(file: &Path, text: &str, problems: &mut Problems) -> Option<
     }
     Some(Pack {
         name: raw.pack.name,
-        description: raw.pack.description,
         file: file.to_path_buf(),
         parameters,
         checks,

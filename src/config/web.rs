@@ -70,8 +70,8 @@ struct RawTls {
 }
 
 /// The validated web configuration.
-pub struct WebConfig {
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+pub(crate) struct WebConfig {
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     users: BTreeMap<String, String>,
     protect_probes: bool,
     /// SHA-256 digests of Authorization headers already verified: bcrypt is deliberately slow,
@@ -115,7 +115,7 @@ fn certs(
 }
 
 impl WebConfig {
-    pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| WebConfigError::Read {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -304,7 +304,7 @@ const BCRYPT_QUEUE: usize = 32;
 
 /// How many bcrypt verifications may run at once: half the cores, at least one, so the
 /// async workers always keep CPU time for probes, scrapes and checks.
-pub fn bcrypt_slots() -> usize {
+pub(crate) fn bcrypt_slots() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() / 2)
         .unwrap_or(1)
@@ -343,7 +343,7 @@ fn bcrypt_workers() -> std::sync::mpsc::SyncSender<BcryptJob> {
 
 /// What an Authorization header gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthVerdict {
+pub(crate) enum AuthVerdict {
     Allowed,
     Denied,
     /// Too many failures from this address; try again after this long.
@@ -403,7 +403,7 @@ const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A web configuration that follows its files: see the module documentation.
 #[derive(Debug)]
-pub struct LiveWebConfig {
+pub(crate) struct LiveWebConfig {
     path: PathBuf,
     current: RwLock<Arc<WebConfig>>,
     /// When the files were last looked at, and their modification times then.
@@ -415,7 +415,7 @@ pub struct LiveWebConfig {
 }
 
 impl LiveWebConfig {
-    pub fn load(path: &Path) -> Result<LiveWebConfig, WebConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<LiveWebConfig, WebConfigError> {
         let config = WebConfig::load(path)?;
         let stamps = config.stamps();
         Ok(LiveWebConfig {
@@ -429,7 +429,7 @@ impl LiveWebConfig {
 
     /// Checks an `Authorization` header from `client` against `config` without stalling the
     /// async workers: see the module documentation.
-    pub async fn authorize(
+    pub(crate) async fn authorize(
         &self,
         config: &Arc<WebConfig>,
         header: Option<&str>,
@@ -478,7 +478,7 @@ impl LiveWebConfig {
     /// The configuration in force. At most once a second it first checks whether a file
     /// changed, and if so reads the new version; one that does not load is logged and ignored
     /// until its files change again.
-    pub fn current(&self) -> Arc<WebConfig> {
+    pub(crate) fn current(&self) -> Arc<WebConfig> {
         if self.changed() {
             match WebConfig::load(&self.path) {
                 Ok(config) => {
