@@ -16,7 +16,7 @@ const LIST_DATABASES: &str =
     "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1";
 
 #[derive(Debug, thiserror::Error)]
-pub enum DiscoveryError {
+pub(crate) enum DiscoveryError {
     #[error("database discovery on {server} failed: {message}")]
     Query { server: String, message: String },
     #[error("database discovery on {server}: pg_database returned an unexpected row")]
@@ -29,15 +29,15 @@ pub enum DiscoveryError {
 
 /// How long listing may take.
 #[derive(Debug, Clone, Copy)]
-pub struct ListTimeouts {
-    pub connect: Duration,
-    pub statement: Duration,
-    pub lock: Duration,
+pub(crate) struct ListTimeouts {
+    pub(crate) connect: Duration,
+    pub(crate) statement: Duration,
+    pub(crate) lock: Duration,
 }
 
 /// The names of the databases of `connection`'s server that accept connections, asked from
 /// its maintenance database with one session of the server's budget (`budget`).
-pub async fn list_databases(
+pub(crate) async fn list_databases(
     name: &str,
     connection: &ConnectionSettings,
     timeouts: ListTimeouts,

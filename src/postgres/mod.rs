@@ -3,11 +3,11 @@
 //! statistics sampler ([`sampler`]), database listing for discovery ([`discovery`]) and the
 //! privilege probe ([`privileges`]).
 
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod pool;
-pub mod privileges;
+pub(crate) mod privileges;
 pub mod runner;
 pub mod sampler;
-pub mod socket;
+pub(crate) mod socket;
 pub mod target;
-pub mod tls;
+pub(crate) mod tls;

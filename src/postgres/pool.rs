@@ -47,13 +47,13 @@ use crate::postgres::target::{ConnectionSettings, TargetError};
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CEILING: Duration = Duration::from_secs(30);
 /// An idle session is closed after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing session may take to say goodbye before its socket is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Default sessions per server, all its databases together.
-pub const DEFAULT_SESSIONS_PER_SERVER: usize = 4;
+pub(crate) const DEFAULT_SESSIONS_PER_SERVER: usize = 4;
 /// Default share of the server's usable connections deploywatch may take.
-pub const DEFAULT_SERVER_SHARE: f64 = 0.1;
+pub(crate) const DEFAULT_SERVER_SHARE: f64 = 0.1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -87,31 +87,31 @@ pub enum PoolError {
 
 /// The server's connection limits, as read from it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ServerLimits {
-    pub max_connections: u32,
+pub(crate) struct ServerLimits {
+    pub(crate) max_connections: u32,
     /// `superuser_reserved_connections` plus `reserved_connections` (PostgreSQL 16+).
-    pub reserved: u32,
+    pub(crate) reserved: u32,
 }
 
 /// A server pool as shown in `/status` and the metrics.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ServerView {
     /// `host:port`
-    pub server: String,
+    pub(crate) server: String,
     /// Sessions that may exist now.
-    pub limit: usize,
+    pub(crate) limit: usize,
     /// `max_connections_per_server`.
-    pub configured: usize,
-    pub max_connections: Option<u32>,
-    pub reserved_connections: Option<u32>,
+    pub(crate) configured: usize,
+    pub(crate) max_connections: Option<u32>,
+    pub(crate) reserved_connections: Option<u32>,
     /// Why the limit is what it is.
-    pub limited_by: String,
+    pub(crate) limited_by: String,
     /// Sessions open (in use, idle or closing).
-    pub open: usize,
-    pub in_use: usize,
-    pub idle: usize,
+    pub(crate) open: usize,
+    pub(crate) in_use: usize,
+    pub(crate) idle: usize,
     /// Checks and samplers waiting for a session.
-    pub queue: usize,
+    pub(crate) queue: usize,
     pub oldest_wait_seconds: Option<f64>,
     /// Who has waited longest (`target check`).
     pub oldest_waiting: Option<String>,
@@ -120,7 +120,7 @@ pub struct ServerView {
 /// An open session. Dropping it closes the session; its place in the server's budget is given
 /// back once the socket is closed.
 pub struct Session {
-    pub client: tokio_postgres::Client,
+    pub(crate) client: tokio_postgres::Client,
     driver: Option<JoinHandle<()>>,
     slot: Option<Arc<Slot>>,
     /// The target's down epoch, and its value when the session was opened: a session opened
@@ -248,7 +248,7 @@ struct Inner {
 }
 
 /// The sessions allowed for a server's `max_connections` (minus the reserved ones) at `share`.
-pub fn share_of(limits: ServerLimits, share: f64) -> usize {
+pub(crate) fn share_of(limits: ServerLimits, share: f64) -> usize {
     let usable = f64::from(limits.max_connections.saturating_sub(limits.reserved));
     ((usable * share).floor() as usize).max(1)
 }
@@ -442,13 +442,13 @@ impl ServerPool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn server(&self) -> &str {
+    pub(crate) fn server(&self) -> &str {
         &self.server
     }
 
     /// A new budget and share (a reload). Sessions beyond it are closed as they become idle;
     /// none is opened until the count is below it.
-    pub fn set_budget(self: &Arc<Self>, configured: usize, share: f64) {
+    pub(crate) fn set_budget(self: &Arc<Self>, configured: usize, share: f64) {
         let closed = {
             let mut inner = self.lock();
             inner.configured = configured.max(1);
@@ -459,7 +459,7 @@ impl ServerPool {
     }
 
     /// The server's limits, as just read from it.
-    pub fn set_limits(self: &Arc<Self>, limits: ServerLimits) {
+    pub(crate) fn set_limits(self: &Arc<Self>, limits: ServerLimits) {
         let closed = {
             let mut inner = self.lock();
             if inner.limits == Some(limits) {
@@ -494,7 +494,7 @@ impl ServerPool {
         drop(closed);
     }
 
-    pub fn view(&self, now: Instant) -> ServerView {
+    pub(crate) fn view(&self, now: Instant) -> ServerView {
         let inner = self.lock();
         let oldest = inner.waiters.iter().min_by_key(|w| w.since);
         ServerView {
@@ -627,13 +627,13 @@ impl Drop for Queued<'_> {
 
 /// The server pools of a process, by `host:port`; kept across reloads.
 #[derive(Clone, Default)]
-pub struct Servers {
+pub(crate) struct Servers {
     pools: Arc<Mutex<HashMap<String, Arc<ServerPool>>>>,
 }
 
 impl Servers {
     /// The pool of `server`, created on first use, with this budget.
-    pub fn get(&self, server: &str, configured: usize, share: f64) -> Arc<ServerPool> {
+    pub(crate) fn get(&self, server: &str, configured: usize, share: f64) -> Arc<ServerPool> {
         let pool = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools
@@ -646,7 +646,7 @@ impl Servers {
     }
 
     /// Every server pool, for `/status` and the metrics.
-    pub fn views(&self, now: Instant) -> Vec<ServerView> {
+    pub(crate) fn views(&self, now: Instant) -> Vec<ServerView> {
         let pools: Vec<Arc<ServerPool>> = {
             let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools.values().cloned().collect()
@@ -657,7 +657,7 @@ impl Servers {
     }
 
     /// Forgets the servers no target reaches any more (their sessions close as they go idle).
-    pub fn retain(&self, used: &std::collections::HashSet<String>) {
+    pub(crate) fn retain(&self, used: &std::collections::HashSet<String>) {
         let removed: Vec<Arc<ServerPool>> = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             let gone: Vec<String> = pools
@@ -672,7 +672,7 @@ impl Servers {
         }
     }
 
-    pub fn close_idle(&self) {
+    pub(crate) fn close_idle(&self) {
         let pools: Vec<Arc<ServerPool>> = {
             let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools.values().cloned().collect()
@@ -705,7 +705,7 @@ struct InFlight {
 }
 
 /// Keeps a query's cancel key registered while it runs.
-pub struct InFlightGuard {
+pub(crate) struct InFlightGuard {
     connector: Arc<Connector>,
     id: u64,
 }
@@ -1034,7 +1034,7 @@ where
 
 /// tokio-postgres' connect errors are terse ("error connecting to server"); the source error
 /// says why (refused, timed out, authentication failed).
-pub fn describe_connect_error(error: &tokio_postgres::Error) -> String {
+pub(crate) fn describe_connect_error(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
         return format!("{} (SQLSTATE {})", db.message(), db.code().code());
     }
@@ -1173,34 +1173,34 @@ impl TargetPool {
         }
     }
 
-    pub fn server(&self) -> &Arc<ServerPool> {
+    pub(crate) fn server(&self) -> &Arc<ServerPool> {
         &self.server
     }
 
-    pub fn connector(&self) -> &Arc<Connector> {
+    pub(crate) fn connector(&self) -> &Arc<Connector> {
         &self.connector
     }
 
     /// How long a query waits in line for a session.
-    pub fn wait(&self) -> Duration {
+    pub(crate) fn wait(&self) -> Duration {
         self.wait
     }
 
     /// The bound on opening a session; also how long an answer may be late beyond a
     /// statement's own timeout before the server counts as not answering.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
 
     /// Records that the target does not answer: checks waiting for one of its sessions stop
     /// waiting, and its sessions opened before are not reused (idle ones are closed now).
-    pub fn mark_down(&self, reason: &str) {
+    pub(crate) fn mark_down(&self, reason: &str) {
         self.connector.mark_down(reason);
         self.server.close_broken();
     }
 
     /// Registers the cancel key of a query about to run, until the guard is dropped.
-    pub fn in_flight(&self, client: &tokio_postgres::Client) -> InFlightGuard {
+    pub(crate) fn in_flight(&self, client: &tokio_postgres::Client) -> InFlightGuard {
         let mut in_flight = self.connector.in_flight();
         in_flight.next += 1;
         let id = in_flight.next;
@@ -1212,12 +1212,12 @@ impl TargetPool {
     }
 
     /// Asks the server to cancel every query in flight on this target; returns how many.
-    pub async fn cancel_in_flight(&self) -> usize {
+    pub(crate) async fn cancel_in_flight(&self) -> usize {
         self.connector.cancel_in_flight(self.connect_timeout).await
     }
 
     /// The database this pool's sessions open.
-    pub fn dbname(&self) -> Option<&str> {
+    pub(crate) fn dbname(&self) -> Option<&str> {
         self.connector.settings.dbname()
     }
 
@@ -1241,7 +1241,7 @@ impl TargetPool {
 
     /// A session for `what` (shown while it waits), waiting at most `wait`; unless the target
     /// is found not answering meanwhile: then [`PoolError::Down`] at once.
-    pub async fn acquire(&self, what: &str, wait: Duration) -> Result<Lease, PoolError> {
+    pub(crate) async fn acquire(&self, what: &str, wait: Duration) -> Result<Lease, PoolError> {
         if let Some(error) = self.connector.backing_off() {
             return Err(error);
         }
@@ -1306,7 +1306,7 @@ impl TargetPool {
 
     /// A pool whose every `get` returns `lease`'s session: the queries of one run or pass share
     /// one session instead of queueing for each.
-    pub fn pinned(&self, mut lease: Lease) -> TargetPool {
+    pub(crate) fn pinned(&self, mut lease: Lease) -> TargetPool {
         let session = lease.session.take();
         let pin = Arc::new(Pin {
             session: Mutex::new(session),
@@ -1320,7 +1320,7 @@ impl TargetPool {
     }
 
     /// Drops a session instead of returning it (its server stopped answering).
-    pub fn discard(mut lease: Lease) {
+    pub(crate) fn discard(mut lease: Lease) {
         drop(lease.session.take());
     }
 

@@ -11,7 +11,7 @@ use crate::postgres::pool::TargetPool;
 use crate::postgres::runner::{query_read_only, query_read_only_opt};
 
 /// Roles whose members can act outside the database despite `READ ONLY`.
-pub const RISKY_ROLES: [&str; 3] = [
+pub(crate) const RISKY_ROLES: [&str; 3] = [
     "pg_execute_server_program",
     "pg_write_server_files",
     "pg_signal_backend",
@@ -19,18 +19,18 @@ pub const RISKY_ROLES: [&str; 3] = [
 
 /// The session's role as `check --privileges` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Role {
-    pub name: String,
+pub(crate) struct Role {
+    pub(crate) name: String,
     /// Member of `pg_monitor`.
-    pub monitor: bool,
-    pub superuser: bool,
+    pub(crate) monitor: bool,
+    pub(crate) superuser: bool,
     /// The [`RISKY_ROLES`] it is a member of.
-    pub risky: Vec<&'static str>,
+    pub(crate) risky: Vec<&'static str>,
 }
 
 /// The session's role, whether it is a member of `pg_monitor`, a superuser, and which of
 /// the [`RISKY_ROLES`] it is a member of.
-pub async fn role_membership(
+pub(crate) async fn role_membership(
     pool: &TargetPool,
     timeout: Duration,
     lock_timeout: Duration,
@@ -64,7 +64,7 @@ pub async fn role_membership(
 
 /// Plans the check's SQL with its parameters bound, without running it. An incremental
 /// check's key range (`$1`, `$2`) is planned as NULL, which every key type accepts.
-pub async fn plan(pool: &TargetPool, check: &CheckSpec) -> Result<(), CheckError> {
+pub(crate) async fn plan(pool: &TargetPool, check: &CheckSpec) -> Result<(), CheckError> {
     let explain = format!("EXPLAIN {}", check.sql);
     let mut bind: Vec<Option<&str>> = Vec::new();
     if check.incremental.is_some() {

@@ -20,26 +20,26 @@ use crate::postgres::pool::{describe_connect_error, PoolError, TargetPool};
 
 /// How much of a result one query may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Rows beyond this end the query (one more is read to know there are more).
-    pub max_rows: usize,
+    pub(crate) max_rows: usize,
     /// Bytes of column data beyond this end the query.
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
 }
 
 impl Limits {
     /// For deploywatch's own queries (statistics sampling, discovery, version): generous, but
     /// bounded all the same.
-    pub const INTERNAL: Limits = Limits {
+    pub(crate) const INTERNAL: Limits = Limits {
         max_rows: 1_000_000,
         max_bytes: 64 << 20,
     };
 
     /// Column data a check's result may hold: far beyond anything `max_series` series need.
-    pub const CHECK_MAX_BYTES: usize = 4 << 20;
+    pub(crate) const CHECK_MAX_BYTES: usize = 4 << 20;
 
     /// What a check can use: one row for a scalar check, `max_series` series for a rows check.
-    pub fn for_check(spec: &CheckSpec) -> Limits {
+    pub(crate) fn for_check(spec: &CheckSpec) -> Limits {
         let max_rows = match &spec.shape {
             Shape::Scalar => 1,
             Shape::Rows {
@@ -72,16 +72,16 @@ impl From<CheckError> for Failure {
 #[derive(Debug, Clone)]
 pub struct RunReport {
     pub outcome: CheckOutcome,
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Whether a session to the target could be used (false: the target looks down).
-    pub reachable: bool,
+    pub(crate) reachable: bool,
     /// What an incremental check's run examined and where its sweep stands.
     pub incremental: Option<IncrementalReport>,
 }
 
 /// Runs one plain check once (an incremental check goes through `watch::incremental`, which
 /// keeps its progress).
-pub async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
+pub(crate) async fn run_check(pool: &TargetPool, spec: &CheckSpec) -> RunReport {
     let started = Instant::now();
     let limits = Limits::for_check(spec);
     let bind: Vec<Option<&str>> = spec.bind.iter().map(|b| Some(b.as_str())).collect();
@@ -150,7 +150,7 @@ pub async fn query_read_only(
 }
 
 /// As [`query_read_only`], with text parameters that may be NULL.
-pub async fn query_read_only_opt(
+pub(crate) async fn query_read_only_opt(
     pool: &TargetPool,
     sql: &str,
     bind: &[Option<&str>],
@@ -434,7 +434,9 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<Vec<Cell>, CheckError> {
 /// Decodes PostgreSQL's binary `numeric` exactly, whatever its size: a header of four 16-bit
 /// words (digit count, weight of the first digit in powers of 10000, sign, display scale) and
 /// base-10000 digits. The sign word also spells NaN and ±Infinity (PostgreSQL 14+).
-pub fn decode_numeric(raw: &[u8]) -> Result<Number, Box<dyn std::error::Error + Sync + Send>> {
+pub(crate) fn decode_numeric(
+    raw: &[u8],
+) -> Result<Number, Box<dyn std::error::Error + Sync + Send>> {
     let word = |i: usize| -> Result<u16, Box<dyn std::error::Error + Sync + Send>> {
         match raw.get(i * 2..i * 2 + 2) {
             Some(&[high, low]) => Ok(u16::from_be_bytes([high, low])),

@@ -134,23 +134,23 @@ pub async fn statements_support(pool: &TargetPool) -> Result<StatementsSupport, 
 }
 
 /// Statement counters of one database, by query id.
-pub type Statements = BTreeMap<String, StatementCounters>;
+pub(crate) type Statements = BTreeMap<String, StatementCounters>;
 
 /// What the server-wide views said at one moment.
 #[derive(Debug, Clone)]
-pub struct ServerWide {
-    pub read_at: Instant,
+pub(crate) struct ServerWide {
+    pub(crate) read_at: Instant,
     /// Client backends on the whole server.
-    pub connections: f64,
-    pub max_connections: f64,
+    pub(crate) connections: f64,
+    pub(crate) max_connections: f64,
     /// By database name; `None` when the reader had no pg_stat_statements, `Err` when it could
     /// not be read.
-    pub statements: Option<Result<HashMap<String, Statements>, String>>,
-    pub statements_reset: Option<String>,
+    pub(crate) statements: Option<Result<HashMap<String, Statements>, String>>,
+    pub(crate) statements_reset: Option<String>,
 }
 
 /// The server-wide statistics of one server, read at most once per sampling interval.
-pub struct ServerStats {
+pub(crate) struct ServerStats {
     every: Mutex<Duration>,
     latest: tokio::sync::Mutex<Option<Arc<ServerWide>>>,
 }
@@ -162,21 +162,21 @@ impl Default for ServerStats {
 }
 
 impl ServerStats {
-    pub fn new() -> ServerStats {
+    pub(crate) fn new() -> ServerStats {
         ServerStats {
             every: Mutex::new(Duration::from_secs(60)),
             latest: tokio::sync::Mutex::new(None),
         }
     }
 
-    pub fn set_interval(&self, every: Duration) {
+    pub(crate) fn set_interval(&self, every: Duration) {
         *self.every.lock().unwrap_or_else(|e| e.into_inner()) = every;
     }
 
     /// The server-wide figures of this interval, read through `pool` when nobody has yet. A
     /// reading younger than 90 % of the interval is reused, so the databases of a server,
     /// sampled at different moments of the interval, share one reading.
-    pub async fn current(
+    pub(crate) async fn current(
         &self,
         pool: &TargetPool,
         support: &StatementsSupport,
@@ -289,7 +289,7 @@ pub async fn read(
 
 /// Reads this database's views, and its share of the server-wide ones from `server`. The
 /// second value says why pg_stat_statements could not be read, when it could not.
-pub async fn read_with(
+pub(crate) async fn read_with(
     pool: &TargetPool,
     support: &StatementsSupport,
     server: &ServerStats,
@@ -374,7 +374,7 @@ pub async fn read_with(
 /// all (that is reported as the target being down). Without a working version query a
 /// deployment is only seen when it is announced, so this is worth a warning. Pure.
 /// `default_query` says whether the target uses the default version query (the checklist's).
-pub fn version_problem(
+pub(crate) fn version_problem(
     target: &str,
     default_query: bool,
     read: &Result<Option<String>, CheckError>,
@@ -413,7 +413,7 @@ const TEXT_BATCH: usize = 500;
 
 /// The texts of the given query ids (those the tracker has not seen before), shortened to
 /// what is kept. Ids that are not numbers are skipped; ids gone from the view get no text.
-pub async fn read_texts(
+pub(crate) async fn read_texts(
     pool: &TargetPool,
     support: &StatementsSupport,
     ids: &[String],
@@ -452,7 +452,10 @@ pub async fn read_texts(
 
 /// Reads the schema version with the target's version query. `Ok(None)` when the query runs
 /// but returns nothing usable.
-pub async fn read_version(pool: &TargetPool, sql: &str) -> Result<Option<String>, CheckError> {
+pub(crate) async fn read_version(
+    pool: &TargetPool,
+    sql: &str,
+) -> Result<Option<String>, CheckError> {
     let table = query(pool, sql).await?;
     Ok(table
         .rows

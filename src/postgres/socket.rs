@@ -40,13 +40,13 @@ enum Stream {
 
 /// How long a socket dropped before the server closed its end waits for it to, holding what
 /// it holds (its session's place in the budget).
-pub const LINGER_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const LINGER_GRACE: Duration = Duration::from_secs(10);
 
 /// What a socket keeps until the server has closed its end.
-pub type Hold = Arc<dyn Any + Send + Sync>;
+pub(crate) type Hold = Arc<dyn Any + Send + Sync>;
 
 /// A TCP or Unix socket whose shutdown completes once the server has closed its end too.
-pub struct Lingering {
+pub(crate) struct Lingering {
     /// `None` only once handed to the task that waits for the server after a drop.
     stream: Option<Stream>,
     /// Our side is shut down; waiting for the server's end of file.
@@ -62,7 +62,7 @@ pub struct Lingering {
 /// Also returns the host name, for TLS. The socket keeps `hold` until the server has closed its
 /// end, however it ends (dropped half-way through a handshake included), at most
 /// [`LINGER_GRACE`] after it was dropped.
-pub async fn open(
+pub(crate) async fn open(
     config: &tokio_postgres::Config,
     tls: bool,
     hold: Option<Hold>,

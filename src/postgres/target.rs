@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::postgres::tls::{split_options, TlsSettings};
 
 /// The `application_name` every deploywatch session carries, so DBAs can see and count them.
-pub const APPLICATION_NAME: &str = "deploywatch";
+pub(crate) const APPLICATION_NAME: &str = "deploywatch";
 
 #[derive(Clone, PartialEq)]
 pub enum PasswordSource {
@@ -52,7 +52,7 @@ pub enum TargetError {
 
 impl PasswordSource {
     /// Reads the secret now.
-    pub fn read(&self) -> Result<String, TargetError> {
+    pub(crate) fn read(&self) -> Result<String, TargetError> {
         match self {
             PasswordSource::Env(var) => {
                 std::env::var(var).map_err(|_| TargetError::MissingEnv(var.clone()))
@@ -72,7 +72,7 @@ impl PasswordSource {
 pub struct ConnectionSettings {
     base: tokio_postgres::Config,
     password: Option<PasswordSource>,
-    pub tls: TlsSettings,
+    pub(crate) tls: TlsSettings,
     /// A human description without secrets, e.g. `postgres@127.0.0.1:5432/cognit`.
     pub display: String,
     /// Whether sessions may be opened as a superuser (refused unless the target allows it).
@@ -195,13 +195,13 @@ impl ConnectionSettings {
     }
 
     /// The database these settings open, when one is named.
-    pub fn dbname(&self) -> Option<&str> {
+    pub(crate) fn dbname(&self) -> Option<&str> {
         self.base.get_dbname()
     }
 
     /// The server these settings reach, `host:port`: targets with the same one share a
     /// session budget.
-    pub fn server(&self) -> String {
+    pub(crate) fn server(&self) -> String {
         let host = match self.base.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             #[cfg(unix)]
@@ -213,7 +213,7 @@ impl ConnectionSettings {
     }
 
     /// The same server, user, password source and TLS, on another database.
-    pub fn with_dbname(&self, dbname: &str) -> ConnectionSettings {
+    pub(crate) fn with_dbname(&self, dbname: &str) -> ConnectionSettings {
         let mut base = self.base.clone();
         base.dbname(dbname);
         ConnectionSettings {
@@ -226,7 +226,7 @@ impl ConnectionSettings {
     }
 
     /// The tokio-postgres configuration with the password read from its source now.
-    pub fn resolve(&self) -> Result<tokio_postgres::Config, TargetError> {
+    pub(crate) fn resolve(&self) -> Result<tokio_postgres::Config, TargetError> {
         let mut config = self.base.clone();
         if let Some(source) = &self.password {
             config.password(source.read()?);
@@ -310,7 +310,7 @@ const LIBPQ_KEYWORDS: &[&str] = &[
 
 /// Why a connection string cannot be read as meant, in words that quote none of it (it may
 /// hold a password). `None` when nothing is wrong that can be found before parsing.
-pub fn connection_string_problem(text: &str) -> Option<String> {
+pub(crate) fn connection_string_problem(text: &str) -> Option<String> {
     let rest = text
         .strip_prefix("postgresql://")
         .or_else(|| text.strip_prefix("postgres://"));
@@ -472,7 +472,7 @@ fn safe_parse_error(error: &tokio_postgres::Error) -> String {
 
 /// Finds the password in `.pgpass` text: `host:port:database:user:password` lines, `*` matching
 /// anything, `\:` and `\\` escaping; the first matching line wins.
-pub fn pgpass_lookup(text: &str, wanted: &[&str; 4]) -> Option<String> {
+pub(crate) fn pgpass_lookup(text: &str, wanted: &[&str; 4]) -> Option<String> {
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;

@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     Disable,
     #[default]
     Prefer,
@@ -30,7 +30,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(text: &str) -> Option<SslMode> {
+    pub(crate) fn parse(text: &str) -> Option<SslMode> {
         match text {
             "disable" => Some(SslMode::Disable),
             "prefer" | "allow" => Some(SslMode::Prefer),
@@ -41,7 +41,7 @@ impl SslMode {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Prefer => "prefer",
@@ -52,7 +52,7 @@ impl SslMode {
     }
 
     /// What tokio-postgres is told: whether TLS is attempted and whether it is mandatory.
-    pub fn for_driver(self) -> tokio_postgres::config::SslMode {
+    pub(crate) fn for_driver(self) -> tokio_postgres::config::SslMode {
         match self {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -62,7 +62,7 @@ impl SslMode {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum RootCert {
+pub(crate) enum RootCert {
     File(PathBuf),
     /// The operating system's trust store.
     System,
@@ -70,11 +70,11 @@ pub enum RootCert {
 
 /// The TLS options of one target.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct TlsSettings {
-    pub mode: SslMode,
-    pub root_cert: Option<RootCert>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
+pub(crate) struct TlsSettings {
+    pub(crate) mode: SslMode,
+    pub(crate) root_cert: Option<RootCert>,
+    pub(crate) client_cert: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,7 @@ const TLS_KEYS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
 /// Takes the TLS options out of a connection string (URL or `key=value` form). Returns the
 /// string without them and the options found.
-pub fn split_options(text: &str) -> (String, BTreeMap<String, String>) {
+pub(crate) fn split_options(text: &str) -> (String, BTreeMap<String, String>) {
     let mut found = BTreeMap::new();
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         if let Some((base, query)) = text.split_once('?') {
@@ -160,7 +160,9 @@ pub fn split_options(text: &str) -> (String, BTreeMap<String, String>) {
 impl TlsSettings {
     /// From the options of a connection string, then the target's own keys, then `PGSSLMODE`
     /// and `PGSSLROOTCERT` for what is still missing.
-    pub fn from_options(options: &BTreeMap<String, String>) -> Result<TlsSettings, TlsError> {
+    pub(crate) fn from_options(
+        options: &BTreeMap<String, String>,
+    ) -> Result<TlsSettings, TlsError> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mode_text = options
             .get("sslmode")
@@ -202,7 +204,7 @@ impl TlsSettings {
 
     /// The rustls configuration, or `None` for `disable`. Files are read now, so a rotated
     /// certificate is picked up by the next connection.
-    pub fn client_config(&self) -> Result<Option<rustls::ClientConfig>, TlsError> {
+    pub(crate) fn client_config(&self) -> Result<Option<rustls::ClientConfig>, TlsError> {
         if self.mode == SslMode::Disable {
             return Ok(None);
         }
