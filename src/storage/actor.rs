@@ -32,7 +32,7 @@ impl StoreActor {
     }
 
     /// Runs `operation` on the store thread and waits (asynchronously) for its result.
-    pub async fn run<R, F>(&self, operation: F) -> Result<R, StoreError>
+    pub(crate) async fn run<R, F>(&self, operation: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,

@@ -34,12 +34,12 @@ impl ProgressStore {
 
     /// A store that lives only as long as the process (`deploywatch check`: every run is a
     /// first run, a full count).
-    pub fn in_memory() -> Result<ProgressStore, StoreError> {
+    pub(crate) fn in_memory() -> Result<ProgressStore, StoreError> {
         Ok(ProgressStore::new(&StoreActor::start(Store::in_memory()?)?))
     }
 
     /// The stored fingerprint and progress of `check` on `target`.
-    pub async fn load(
+    pub(crate) async fn load(
         &self,
         target: &str,
         check: &str,
@@ -50,7 +50,7 @@ impl ProgressStore {
             .await
     }
 
-    pub async fn save(
+    pub(crate) async fn save(
         &self,
         target: &str,
         check: &str,

@@ -31,7 +31,7 @@
 
 pub mod actor;
 pub mod incremental;
-pub mod sql;
+pub(crate) mod sql;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -99,7 +99,7 @@ struct WriteHealth {
 }
 
 /// The layout this code writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// How many rows one pruning step deletes: small enough that a step never holds the write
 /// lock for long, so sampling and `report` are never kept waiting.
@@ -247,7 +247,7 @@ impl Store {
 
     /// As [`Store::open`]; with `reset`, a file that is not a valid store is renamed to
     /// `<path>.invalid-<unix time>` and an empty store is started in its place.
-    pub fn open_or_reset(path: &Path, reset: bool) -> Result<Store, StoreError> {
+    pub(crate) fn open_or_reset(path: &Path, reset: bool) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
                 let _ = std::fs::create_dir_all(parent);
@@ -479,7 +479,7 @@ impl Store {
     }
 
     /// A store that lives only as long as the process.
-    pub fn in_memory() -> Result<Store, StoreError> {
+    pub(crate) fn in_memory() -> Result<Store, StoreError> {
         Self::init(Connection::open_in_memory()?, None)
     }
 
@@ -558,7 +558,7 @@ impl Store {
 
     /// Runs `work` on the database, for the modules that keep tables of their own in the
     /// store (created with the store's schema).
-    pub fn with_db<R>(
+    pub(crate) fn with_db<R>(
         &self,
         work: impl FnOnce(&mut Db) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
@@ -907,7 +907,7 @@ impl Store {
         Ok(self.deployments(Some(target))?.into_iter().next())
     }
 
-    pub fn deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
+    pub(crate) fn deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
         Ok(self
             .read_deployments(
                 &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1"),

@@ -18,10 +18,10 @@ use postgres::types::{IsNull, ToSql, Type};
 use super::StoreError;
 
 /// The schema the PostgreSQL store keeps its tables in.
-pub const PG_SCHEMA: &str = "deploywatch";
+pub(crate) const PG_SCHEMA: &str = "deploywatch";
 
 /// The layout the PostgreSQL store's tables have (`deploywatch.schema_version`).
-pub const PG_SCHEMA_VERSION: i64 = 1;
+pub(crate) const PG_SCHEMA_VERSION: i64 = 1;
 
 /// The advisory lock held while the PostgreSQL schema is created or migrated, so replicas
 /// starting together do it once ("dwschema" in ASCII).
@@ -85,7 +85,7 @@ CREATE TABLE incremental_progress (
 
 /// One value of a row or a parameter: the types the store's tables use.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     Null,
     Int(i64),
     Real(f64),
@@ -94,7 +94,7 @@ pub enum Value {
 }
 
 impl Value {
-    pub fn int(&self) -> Result<i64, StoreError> {
+    pub(crate) fn int(&self) -> Result<i64, StoreError> {
         match self {
             Value::Int(v) => Ok(*v),
             Value::Real(v) => Ok(*v as i64),
@@ -104,7 +104,7 @@ impl Value {
         }
     }
 
-    pub fn real(&self) -> Result<f64, StoreError> {
+    pub(crate) fn real(&self) -> Result<f64, StoreError> {
         match self {
             Value::Real(v) => Ok(*v),
             Value::Int(v) => Ok(*v as f64),
@@ -114,14 +114,14 @@ impl Value {
         }
     }
 
-    pub fn opt_real(&self) -> Result<Option<f64>, StoreError> {
+    pub(crate) fn opt_real(&self) -> Result<Option<f64>, StoreError> {
         match self {
             Value::Null => Ok(None),
             other => other.real().map(Some),
         }
     }
 
-    pub fn text(&self) -> Result<String, StoreError> {
+    pub(crate) fn text(&self) -> Result<String, StoreError> {
         match self {
             Value::Text(v) => Ok(v.clone()),
             other => Err(StoreError::Corrupt(format!(
@@ -130,14 +130,14 @@ impl Value {
         }
     }
 
-    pub fn opt_text(&self) -> Result<Option<String>, StoreError> {
+    pub(crate) fn opt_text(&self) -> Result<Option<String>, StoreError> {
         match self {
             Value::Null => Ok(None),
             other => other.text().map(Some),
         }
     }
 
-    pub fn blob(&self) -> Result<&[u8], StoreError> {
+    pub(crate) fn blob(&self) -> Result<&[u8], StoreError> {
         match self {
             Value::Blob(v) => Ok(v),
             other => Err(StoreError::Corrupt(format!(
@@ -278,12 +278,12 @@ pub type TlsMaker = Arc<dyn Fn() -> Result<Option<rustls::ClientConfig>, String>
 /// Where the PostgreSQL store is and how to reach it.
 #[derive(Clone)]
 pub struct PgSettings {
-    pub config: postgres::Config,
-    pub password: Option<PasswordReader>,
+    pub(crate) config: postgres::Config,
+    pub(crate) password: Option<PasswordReader>,
     /// TLS, with libpq's `sslmode` meanings (set by the caller; none: plain TCP).
-    pub tls: Option<TlsMaker>,
+    pub(crate) tls: Option<TlsMaker>,
     /// Shown in logs and errors (no password).
-    pub display: String,
+    pub(crate) display: String,
     /// This replica's name, its session's `application_name`: what the other replicas show
     /// as a target's leader.
     pub replica: String,
@@ -325,7 +325,7 @@ impl PgSettings {
 }
 
 /// A PostgreSQL session opened on demand.
-pub struct PgSession {
+pub(crate) struct PgSession {
     settings: PgSettings,
     client: Option<postgres::Client>,
     last_failure: Option<Instant>,
@@ -343,7 +343,7 @@ pub struct PgSession {
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl PgSession {
-    pub fn new(settings: PgSettings) -> PgSession {
+    pub(crate) fn new(settings: PgSettings) -> PgSession {
         PgSession {
             settings,
             client: None,
@@ -354,7 +354,7 @@ impl PgSession {
         }
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
@@ -537,18 +537,18 @@ fn ensure_schema(client: &mut postgres::Client) -> Result<(), StoreError> {
 }
 
 /// The store's database.
-pub enum Db {
+pub(crate) enum Db {
     Sqlite(rusqlite::Connection),
     Postgres(Box<PgSession>),
 }
 
 impl Db {
-    pub fn is_postgres(&self) -> bool {
+    pub(crate) fn is_postgres(&self) -> bool {
         matches!(self, Db::Postgres(_))
     }
 
     /// Runs statements without parameters or results.
-    pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
         match self {
             Db::Sqlite(connection) => Ok(connection.execute_batch(sql)?),
             Db::Postgres(session) => {
@@ -559,7 +559,7 @@ impl Db {
     }
 
     /// Runs one statement; returns how many rows it changed.
-    pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+    pub(crate) fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
         match self {
             Db::Sqlite(connection) => {
                 let mut statement = connection.prepare_cached(&for_sqlite(sql))?;
@@ -576,7 +576,7 @@ impl Db {
     }
 
     /// Calls `each` with every row of a query, in order, one at a time.
-    pub fn each(
+    pub(crate) fn each(
         &mut self,
         sql: &str,
         params: &[Value],
@@ -623,7 +623,11 @@ impl Db {
     }
 
     /// Every row of a query.
-    pub fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, StoreError> {
+    pub(crate) fn rows(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Vec<Vec<Value>>, StoreError> {
         let mut rows = Vec::new();
         self.each(sql, params, |row| {
             rows.push(row);
@@ -633,12 +637,16 @@ impl Db {
     }
 
     /// The first row of a query, if any.
-    pub fn row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError> {
+    pub(crate) fn row(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Option<Vec<Value>>, StoreError> {
         Ok(self.rows(sql, params)?.into_iter().next())
     }
 
     /// The first column of the first row (`Null` when there is no row).
-    pub fn value(&mut self, sql: &str, params: &[Value]) -> Result<Value, StoreError> {
+    pub(crate) fn value(&mut self, sql: &str, params: &[Value]) -> Result<Value, StoreError> {
         Ok(self
             .row(sql, params)?
             .and_then(|row| row.into_iter().next())
@@ -646,7 +654,7 @@ impl Db {
     }
 
     /// Runs `work` in one transaction: committed when it succeeds, rolled back otherwise.
-    pub fn transaction<R>(
+    pub(crate) fn transaction<R>(
         &mut self,
         work: impl FnOnce(&mut Db) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
@@ -660,7 +668,7 @@ impl Db {
     }
 
     /// Whether a transaction is open.
-    pub fn in_transaction(&self) -> bool {
+    pub(crate) fn in_transaction(&self) -> bool {
         match self {
             Db::Sqlite(connection) => !connection.is_autocommit(),
             Db::Postgres(session) => session.in_transaction,
@@ -668,14 +676,14 @@ impl Db {
     }
 
     /// Opens a transaction; a lost PostgreSQL session is not replaced until it ends.
-    pub fn begin(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn begin(&mut self) -> Result<(), StoreError> {
         self.batch("BEGIN")?;
         self.set_in_transaction(true);
         Ok(())
     }
 
     /// Commits the transaction when `result` is a success, rolls it back otherwise.
-    pub fn end<R>(&mut self, result: Result<R, StoreError>) -> Result<R, StoreError> {
+    pub(crate) fn end<R>(&mut self, result: Result<R, StoreError>) -> Result<R, StoreError> {
         let result = result.and_then(|value| self.batch("COMMIT").map(|()| value));
         if result.is_err() {
             let _ = self.batch("ROLLBACK");
@@ -691,7 +699,7 @@ impl Db {
     }
 
     /// The PostgreSQL session, if the store is there.
-    pub fn postgres(&mut self) -> Option<&mut PgSession> {
+    pub(crate) fn postgres(&mut self) -> Option<&mut PgSession> {
         match self {
             Db::Postgres(session) => Some(session),
             Db::Sqlite(_) => None,
