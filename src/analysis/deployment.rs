@@ -64,7 +64,7 @@ pub enum FlagState {
 }
 
 impl FlagState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FlagState::Suspected => "suspected",
             FlagState::Confirmed => "confirmed",
@@ -88,18 +88,18 @@ pub struct Finding {
     pub state: FlagState,
     /// Consecutive looks that found it (kept as it was once resolved).
     #[serde(default)]
-    pub looks: u32,
+    pub(crate) looks: u32,
     /// When it was first found (Unix seconds), and its message and evidence then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_seen_at: Option<f64>,
+    pub(crate) first_seen_at: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_message: Option<String>,
+    pub(crate) first_message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_evidence: Option<serde_json::Map<String, serde_json::Value>>,
+    pub(crate) first_evidence: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Finding {
-    pub fn new(
+    pub(crate) fn new(
         signal: Signal,
         subject: String,
         message: String,
@@ -119,7 +119,7 @@ impl Finding {
     }
 
     /// A notice rather than a regression.
-    pub fn notice(mut self) -> Finding {
+    pub(crate) fn notice(mut self) -> Finding {
         self.state = FlagState::Notice;
         self
     }
@@ -194,19 +194,19 @@ pub fn latch(previous: &[Finding], current: Vec<Finding>, now: f64, closed: bool
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowView {
     pub window: Window,
-    pub start: String,
+    pub(crate) start: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub end: Option<String>,
+    pub(crate) end: Option<String>,
     pub verdict: Verdict,
-    pub samples: usize,
+    pub(crate) samples: usize,
     pub regressions: Vec<Finding>,
-    pub improvements: Vec<Finding>,
+    pub(crate) improvements: Vec<Finding>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentView {
     pub id: i64,
-    pub target: String,
+    pub(crate) target: String,
     pub kind: DeploymentKind,
     pub from_version: Option<String>,
     pub to_version: String,
@@ -225,7 +225,7 @@ pub struct DeploymentView {
 }
 
 impl DeploymentView {
-    pub fn has_regressions(&self) -> bool {
+    pub(crate) fn has_regressions(&self) -> bool {
         self.windows
             .iter()
             .any(|w| w.regressions.iter().any(Finding::active))
@@ -233,7 +233,7 @@ impl DeploymentView {
 }
 
 /// The deployment part of the plain-text status.
-pub fn render_text(view: &DeploymentView) -> String {
+pub(crate) fn render_text(view: &DeploymentView) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -293,7 +293,7 @@ pub fn render_text(view: &DeploymentView) -> String {
 /// (`deployments.version_order`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum VersionOrder {
+pub(crate) enum VersionOrder {
     /// Semantic versioning where both versions parse (a leading `v` allowed), so
     /// `3.7.0-rc1` < `3.7.0`; otherwise numeric parts numerically and other parts as text.
     #[default]
@@ -304,7 +304,7 @@ pub enum VersionOrder {
 }
 
 impl VersionOrder {
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         match text {
             "semver" => Some(VersionOrder::Semver),
             "unordered" => Some(VersionOrder::Unordered),
@@ -325,7 +325,7 @@ fn as_semver(text: &str) -> Option<semver::Version> {
 /// Orders two version strings: by semantic versioning when both parse ("3.7.0-rc1" <
 /// "3.7.0" < "3.10.0"), otherwise numeric parts numerically ("3.10" > "3.9.1") and other parts
 /// as text.
-pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     if let (Some(x), Some(y)) = (as_semver(a), as_semver(b)) {
         // Build metadata does not order versions.
         return x.cmp_precedence(&y);
@@ -363,7 +363,7 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// Deploy or rollback. With an order, a move to a lower version is a rollback. Without one, a
 /// move back to the version the latest deployment (`latest`) replaced is.
-pub fn kind_of(
+pub(crate) fn kind_of(
     from: Option<&str>,
     to: &str,
     order: VersionOrder,
@@ -388,7 +388,7 @@ pub fn kind_of(
 
 /// Where an announced deployment goes among the recorded ones.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Placement {
+pub(crate) enum Placement {
     /// A new deployment from `from`.
     New {
         from: Option<String>,
@@ -401,7 +401,7 @@ pub enum Placement {
 
 /// Why an announcement cannot be placed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PlacementError {
+pub(crate) enum PlacementError {
     #[error(
         "started_at {at_text} precedes the latest deployment ({version} at {latest_text}): announce a deployment when it starts"
     )]
@@ -417,7 +417,7 @@ pub enum PlacementError {
 /// version the latest deployment moved to merges into it, its start moved to the earlier of
 /// the two (but never before the deployment before it); it never makes a deployment from a
 /// version to itself, and never one that would end another deployment's baseline early.
-pub fn place_announcement(
+pub(crate) fn place_announcement(
     version: &str,
     at: f64,
     announced_kind: Option<DeploymentKind>,

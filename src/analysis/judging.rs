@@ -15,9 +15,9 @@ use crate::analysis::window::{self, Verdict, Window, WindowDurations};
 use crate::time::{rfc3339, Timestamp};
 
 /// How many of the baseline's statements (by total time) are followed in detail.
-pub const FOLLOWED_STATEMENTS: usize = 500;
+pub(crate) const FOLLOWED_STATEMENTS: usize = 500;
 /// How many statements the baseline never saw are followed in detail per window.
-pub const NEW_STATEMENTS: usize = 50;
+pub(crate) const NEW_STATEMENTS: usize = 50;
 
 /// What judging needs from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,28 +42,28 @@ impl Default for Settings {
 }
 
 /// The windows the rules judge, in order.
-pub const JUDGED: [Window; 3] = [Window::FirstHour, Window::FirstDay, Window::FirstWeek];
+pub(crate) const JUDGED: [Window; 3] = [Window::FirstHour, Window::FirstDay, Window::FirstWeek];
 
 /// The running summaries of one deployment: the baseline (made once) and each window's, fed
 /// as samples arrive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summaries {
-    pub deployment_id: i64,
-    pub deployed_at: Timestamp,
+    pub(crate) deployment_id: i64,
+    pub(crate) deployed_at: Timestamp,
     pub baseline: Summary,
     pub windows: BTreeMap<Window, Summary>,
     /// From the deployment to the end of the first day: new indexes and the statements on
     /// their tables (the unused-index notice).
-    pub since: Summary,
+    pub(crate) since: Summary,
     /// Samples up to this time have been added.
-    pub through: Option<Timestamp>,
+    pub(crate) through: Option<Timestamp>,
     /// The regressions each open window showed at the previous look, latched across looks
     /// (`deployment::latch`); the caller keeps them from one judging to the next.
-    pub flags: BTreeMap<Window, Vec<Finding>>,
+    pub(crate) flags: BTreeMap<Window, Vec<Finding>>,
 }
 
 /// Which baseline statements to follow: the `n` with the largest total time.
-pub fn chosen_statements(totals: &BTreeMap<String, f64>, n: usize) -> BTreeSet<String> {
+pub(crate) fn chosen_statements(totals: &BTreeMap<String, f64>, n: usize) -> BTreeSet<String> {
     let mut ranked: Vec<(&String, f64)> = totals.iter().map(|(id, t)| (id, *t)).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     ranked

@@ -8,7 +8,7 @@
 pub mod deployment;
 pub mod judging;
 pub mod regression;
-pub mod report;
+pub(crate) mod report;
 pub mod sample;
 pub mod stats;
 pub mod summary;

@@ -16,35 +16,35 @@ use crate::analysis::window::Window;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     /// Relative increase of a query's median time per call that counts (0.2 = +20 %).
-    pub latency_min_increase: f64,
+    pub(crate) latency_min_increase: f64,
     /// A sample counts for a query only with at least this many calls in it.
-    pub latency_min_calls: u64,
+    pub(crate) latency_min_calls: u64,
     /// The false-discovery level: a query (or table, or the failure share) is flagged when its
     /// always-valid sequential p-value, adjusted by Benjamini–Hochberg across everything tested
     /// at that look, is at most this.
-    pub latency_p_value: f64,
+    pub(crate) latency_p_value: f64,
     /// Samples needed on each side of any comparison.
     pub min_samples: usize,
     /// Window samples (with enough calls) a query needs before any latency verdict on it.
-    pub latency_min_window_samples: usize,
+    pub(crate) latency_min_window_samples: usize,
     /// Smallest change of the median time per call, in milliseconds, that counts: a
     /// microsecond query that gets "30 % slower" under a busy CPU is noise, not a regression.
-    pub latency_min_delta_ms: f64,
+    pub(crate) latency_min_delta_ms: f64,
     /// When a statement the baseline never saw is a regression on its own.
-    pub new_statement: NewStatementThresholds,
+    pub(crate) new_statement: NewStatementThresholds,
 }
 
 /// A statement absent from the whole baseline is flagged when, since it was first seen, it
 /// takes at least `min_ms_per_second` of database time per second and `min_share` of all
 /// statements' time, or at least `min_ms_per_call` per call.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NewStatementThresholds {
+pub(crate) struct NewStatementThresholds {
     /// Database time per second (ms of statement time per second of wall time).
-    pub min_ms_per_second: f64,
+    pub(crate) min_ms_per_second: f64,
     /// Share of all statements' time in the same span (0.05 = 5 %).
-    pub min_share: f64,
+    pub(crate) min_share: f64,
     /// Mean time per call (ms).
-    pub min_ms_per_call: f64,
+    pub(crate) min_ms_per_call: f64,
 }
 
 impl Default for NewStatementThresholds {
@@ -77,10 +77,10 @@ impl Default for Thresholds {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Judgement {
     pub regressions: Vec<Finding>,
-    pub improvements: Vec<Finding>,
+    pub(crate) improvements: Vec<Finding>,
     /// Why some signals could not be judged in this window (a sharp change of traffic): a
     /// window without regressions then ends `inconclusive`, not `pass`.
-    pub inconclusive: Vec<String>,
+    pub(crate) inconclusive: Vec<String>,
 }
 
 /// Sequential scans must add at least this many scans over the window.
@@ -114,7 +114,7 @@ fn traffic(summary: &Summary) -> Option<(f64, f64)> {
 }
 
 /// Window traffic per second over the baseline's.
-pub fn traffic_ratio(baseline: &Summary, window: &Summary) -> Option<f64> {
+pub(crate) fn traffic_ratio(baseline: &Summary, window: &Summary) -> Option<f64> {
     let (tb, sb) = traffic(baseline)?;
     let (tw, sw) = traffic(window)?;
     Some((tw / sw) / (tb / sb))
@@ -183,7 +183,7 @@ pub fn judge(
 
 /// Judges a window's summary against the baseline's. The summaries must have been made with
 /// `t.latency_min_calls`.
-pub fn judge_summaries(
+pub(crate) fn judge_summaries(
     window: Window,
     baseline: &Summary,
     window_samples: &Summary,

@@ -12,21 +12,21 @@ use crate::analysis::window::Verdict;
 use crate::time::rfc3339;
 
 /// Everything the report is made from.
-pub struct ReportInput<'a> {
-    pub deployment: &'a DeploymentRecord,
+pub(crate) struct ReportInput<'a> {
+    pub(crate) deployment: &'a DeploymentRecord,
     /// The last sample before the deployment.
-    pub before: Option<&'a Sample>,
+    pub(crate) before: Option<&'a Sample>,
     /// Every sample since the deployment, oldest first; for a superseded deployment only
     /// those before the deployment that superseded it.
-    pub after: &'a [Sample],
-    pub verdicts: &'a [VerdictRecord],
+    pub(crate) after: &'a [Sample],
+    pub(crate) verdicts: &'a [VerdictRecord],
     /// The version the database reports now; for a superseded deployment, the version it
     /// reported when it was superseded.
-    pub current_version: Option<&'a str>,
+    pub(crate) current_version: Option<&'a str>,
     /// The later deployment (or rollback) that ended this one's watch, if any.
-    pub superseded_by: Option<&'a DeploymentRecord>,
+    pub(crate) superseded_by: Option<&'a DeploymentRecord>,
     /// Until when the deployment was watched: now, or when it was superseded.
-    pub now: f64,
+    pub(crate) now: f64,
 }
 
 fn size(bytes: f64) -> String {
@@ -48,7 +48,7 @@ fn tick(ok: bool) -> &'static str {
     }
 }
 
-pub fn render(input: &ReportInput<'_>) -> String {
+pub(crate) fn render(input: &ReportInput<'_>) -> String {
     let d = input.deployment;
     let mut out = String::new();
     let _ = writeln!(out, "# Deployment notes: {} #{}", d.target, d.id);

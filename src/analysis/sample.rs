@@ -55,16 +55,16 @@ impl DbCounters {
 /// One statement of `pg_stat_statements` (all users' executions of one query id summed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatementCounters {
-    pub calls: f64,
-    pub total_ms: f64,
-    pub rows: f64,
-    pub query: String,
+    pub(crate) calls: f64,
+    pub(crate) total_ms: f64,
+    pub(crate) rows: f64,
+    pub(crate) query: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexCounters {
-    pub table: String,
-    pub scans: f64,
+    pub(crate) table: String,
+    pub(crate) scans: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -86,10 +86,10 @@ pub struct CheckPoint {
 /// What one sampling pass read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RawStats {
-    pub at: f64,
-    pub database: Option<DbCounters>,
+    pub(crate) at: f64,
+    pub(crate) database: Option<DbCounters>,
     /// `pg_stat_database.stats_reset`, as text.
-    pub database_reset: Option<String>,
+    pub(crate) database_reset: Option<String>,
     /// `pg_postmaster_start_time()` (Unix seconds): a change means the server restarted,
     /// even when its statistics survived the restart (a clean shutdown keeps them).
     #[serde(default)]
@@ -97,15 +97,15 @@ pub struct RawStats {
     /// `None` when pg_stat_statements is not available.
     pub statements: Option<BTreeMap<String, StatementCounters>>,
     /// `pg_stat_statements_info.stats_reset` where the extension version has it.
-    pub statements_reset: Option<String>,
+    pub(crate) statements_reset: Option<String>,
     /// Keyed by `schema.index`.
     pub indexes: BTreeMap<String, IndexCounters>,
     /// Keyed by `schema.table`.
     pub tables: BTreeMap<String, TableCounters>,
-    pub size_bytes: f64,
-    pub connections: f64,
-    pub max_connections: f64,
-    pub checks: BTreeMap<String, CheckPoint>,
+    pub(crate) size_bytes: f64,
+    pub(crate) connections: f64,
+    pub(crate) max_connections: f64,
+    pub(crate) checks: BTreeMap<String, CheckPoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,7 +118,7 @@ pub struct StatementDelta {
 }
 
 impl StatementDelta {
-    pub fn mean_ms(&self) -> Option<f64> {
+    pub(crate) fn mean_ms(&self) -> Option<f64> {
         (self.calls > 0.0).then(|| self.total_ms / self.calls)
     }
 }
@@ -189,7 +189,7 @@ const QUERY_TEXT_CHARS: usize = 200;
 
 /// A query text on one line and at most [`QUERY_TEXT_CHARS`] characters long: what is kept
 /// and shown of a statement.
-pub fn shorten(query: &str) -> String {
+pub(crate) fn shorten(query: &str) -> String {
     let one_line: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() > QUERY_TEXT_CHARS {
         format!(

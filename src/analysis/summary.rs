@@ -17,14 +17,14 @@ use crate::analysis::stats::RunningMoments;
 use crate::time::Timestamp;
 
 /// How many per-sample values a series keeps for the distribution tests.
-pub const SPREAD_CAPACITY: usize = 512;
+pub(crate) const SPREAD_CAPACITY: usize = 512;
 /// After a server restart, the times of this many samples (the restart's interval included)
 /// are left out: caches are cold, and what the queries cost then is not the deployment's doing.
-pub const RESTART_WARMUP_SAMPLES: usize = 10;
+pub(crate) const RESTART_WARMUP_SAMPLES: usize = 10;
 
 /// Per-sample values spread evenly over everything seen, at most `capacity` of them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Spread {
+pub(crate) struct Spread {
     values: Vec<f64>,
     /// Every `stride`-th value offered is kept.
     stride: u64,
@@ -33,7 +33,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    pub fn new(capacity: usize) -> Spread {
+    pub(crate) fn new(capacity: usize) -> Spread {
         Spread {
             values: Vec::new(),
             stride: 1,
@@ -42,7 +42,7 @@ impl Spread {
         }
     }
 
-    pub fn push(&mut self, value: f64) {
+    pub(crate) fn push(&mut self, value: f64) {
         if self.offered % self.stride == 0 {
             self.values.push(value);
             if self.values.len() >= self.capacity {
@@ -57,7 +57,7 @@ impl Spread {
         self.offered += 1;
     }
 
-    pub fn values(&self) -> &[f64] {
+    pub(crate) fn values(&self) -> &[f64] {
         &self.values
     }
 }
@@ -66,36 +66,36 @@ impl Spread {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatementSummary {
     /// The query text (shortened), as first known.
-    pub query: String,
-    pub total_ms: f64,
-    pub calls: f64,
+    pub(crate) query: String,
+    pub(crate) total_ms: f64,
+    pub(crate) calls: f64,
     /// Mean time per call of each sample with at least `min_calls` calls.
-    pub means: Spread,
+    pub(crate) means: Spread,
     /// Running moments of the natural log of those means, for the sequential test.
-    pub log_means: RunningMoments,
+    pub(crate) log_means: RunningMoments,
     /// Database time per second (ms) of each sample in which it ran, whatever its calls.
-    pub rates: RunningMoments,
+    pub(crate) rates: RunningMoments,
     /// The summary's sample count when it was first seen (1 = the first sample).
-    pub first_sample: usize,
+    pub(crate) first_sample: usize,
     /// The summary's seconds and all statements' time (ms) before that sample.
-    pub seconds_before: f64,
-    pub statement_ms_before: f64,
+    pub(crate) seconds_before: f64,
+    pub(crate) statement_ms_before: f64,
 }
 
 impl StatementSummary {
     /// Samples of the summary since this statement was first seen, that one included.
-    pub fn samples_since_seen(&self, summary: &Summary) -> usize {
+    pub(crate) fn samples_since_seen(&self, summary: &Summary) -> usize {
         summary.samples.saturating_sub(self.first_sample) + 1
     }
 
     /// Seconds the summary covers since this statement was first seen.
-    pub fn seconds_since_seen(&self, summary: &Summary) -> f64 {
+    pub(crate) fn seconds_since_seen(&self, summary: &Summary) -> f64 {
         summary.seconds - self.seconds_before
     }
 
     /// All statements' time (ms) in the summary since this statement was first seen, its own
     /// included.
-    pub fn statement_ms_since_seen(&self, summary: &Summary) -> f64 {
+    pub(crate) fn statement_ms_since_seen(&self, summary: &Summary) -> f64 {
         summary.statement_ms - self.statement_ms_before
     }
 }
@@ -118,56 +118,56 @@ pub enum Following {
 
 /// Sequential scans of one table.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TableSummary {
-    pub seq_scan: f64,
-    pub seq_tup_read: f64,
-    pub seconds: f64,
-    pub samples: usize,
+pub(crate) struct TableSummary {
+    pub(crate) seq_scan: f64,
+    pub(crate) seq_tup_read: f64,
+    pub(crate) seconds: f64,
+    pub(crate) samples: usize,
 }
 
 /// Scans of one index.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct IndexSummary {
+pub(crate) struct IndexSummary {
     /// The table, as first seen.
-    pub table: String,
-    pub scans: f64,
-    pub samples: usize,
+    pub(crate) table: String,
+    pub(crate) scans: f64,
+    pub(crate) samples: usize,
 }
 
 /// Database-wide counters over the samples that have them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct DatabaseSummary {
-    pub xact_commit: f64,
-    pub xact_rollback: f64,
-    pub deadlocks: f64,
-    pub seconds: f64,
-    pub samples: usize,
+pub(crate) struct DatabaseSummary {
+    pub(crate) xact_commit: f64,
+    pub(crate) xact_rollback: f64,
+    pub(crate) deadlocks: f64,
+    pub(crate) seconds: f64,
+    pub(crate) samples: usize,
 }
 
 /// Statements not followed in detail, added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Others {
-    pub statements: usize,
-    pub calls: f64,
-    pub total_ms: f64,
+pub(crate) struct Others {
+    pub(crate) statements: usize,
+    pub(crate) calls: f64,
+    pub(crate) total_ms: f64,
 }
 
 /// `(at, bytes)` of a sample that reported a size.
-pub type SizePoint = (Timestamp, f64);
+pub(crate) type SizePoint = (Timestamp, f64);
 
 /// Check states over a span.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ChecksSummary {
+pub(crate) struct ChecksSummary {
     /// Samples in which each check passed.
-    pub passes: BTreeMap<String, usize>,
+    pub(crate) passes: BTreeMap<String, usize>,
     /// Checks that failed at least once.
-    pub failed: BTreeSet<String>,
+    pub(crate) failed: BTreeSet<String>,
     /// The latest failing state of each check that failed.
-    pub latest_failure: BTreeMap<String, CheckPoint>,
+    pub(crate) latest_failure: BTreeMap<String, CheckPoint>,
     /// The latest sample's check states.
-    pub last: BTreeMap<String, CheckPoint>,
+    pub(crate) last: BTreeMap<String, CheckPoint>,
     /// When each check was last seen at value 0 before the latest sample.
-    pub zero_before_last: BTreeMap<String, Timestamp>,
+    pub(crate) zero_before_last: BTreeMap<String, Timestamp>,
     last_at: Timestamp,
 }
 
@@ -193,7 +193,7 @@ impl ChecksSummary {
     }
 
     /// When `check` was last seen at 0 in the whole span.
-    pub fn latest_zero(&self, check: &str) -> Option<Timestamp> {
+    pub(crate) fn latest_zero(&self, check: &str) -> Option<Timestamp> {
         if self.last.get(check).and_then(|p| p.value) == Some(0.0) {
             return Some(self.last_at);
         }
@@ -205,32 +205,32 @@ impl ChecksSummary {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     /// Samples added.
-    pub samples: usize,
+    pub(crate) samples: usize,
     /// Seconds the samples cover.
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// Server restarts seen.
-    pub restarts: usize,
+    pub(crate) restarts: usize,
     /// Samples still to leave out of the statement times after a restart.
     warmup_left: usize,
-    pub database: Option<DatabaseSummary>,
+    pub(crate) database: Option<DatabaseSummary>,
     /// Highest share of max_connections in use.
-    pub connection_peak: Option<f64>,
+    pub(crate) connection_peak: Option<f64>,
     pub statements: BTreeMap<String, StatementSummary>,
-    pub others: Others,
+    pub(crate) others: Others,
     /// Time (ms) of every statement added, followed or not.
-    pub statement_ms: f64,
+    pub(crate) statement_ms: f64,
     /// Statements of the baseline that are not followed, seen here (a bounded set: ids only).
     other_ids: BTreeSet<String>,
-    pub tables: BTreeMap<String, TableSummary>,
-    pub indexes: BTreeMap<String, IndexSummary>,
+    pub(crate) tables: BTreeMap<String, TableSummary>,
+    pub(crate) indexes: BTreeMap<String, IndexSummary>,
     /// Size of the first and the latest sample (0 when not sampled).
-    pub first_size: f64,
-    pub last_size: f64,
+    pub(crate) first_size: f64,
+    pub(crate) last_size: f64,
     /// The first and latest samples that reported a size, and how many did.
-    pub first_sized: Option<SizePoint>,
-    pub last_sized: Option<SizePoint>,
-    pub sized_samples: usize,
-    pub checks: ChecksSummary,
+    pub(crate) first_sized: Option<SizePoint>,
+    pub(crate) last_sized: Option<SizePoint>,
+    pub(crate) sized_samples: usize,
+    pub(crate) checks: ChecksSummary,
     min_calls: u64,
     following: Following,
     capacity: usize,
@@ -245,7 +245,7 @@ impl Summary {
         Summary::with_capacity(min_calls, following, SPREAD_CAPACITY)
     }
 
-    pub fn with_capacity(min_calls: u64, following: Following, capacity: usize) -> Summary {
+    pub(crate) fn with_capacity(min_calls: u64, following: Following, capacity: usize) -> Summary {
         Summary {
             samples: 0,
             seconds: 0.0,
@@ -274,7 +274,7 @@ impl Summary {
     }
 
     /// A summary of `samples`, following every statement.
-    pub fn of(samples: &[Sample], min_calls: u64) -> Summary {
+    pub(crate) fn of(samples: &[Sample], min_calls: u64) -> Summary {
         let mut summary = Summary::new(min_calls, Following::All);
         for sample in samples {
             summary.add(sample);
@@ -451,18 +451,18 @@ impl Summary {
 
     /// Whether a span summarised with this summary's following saw statement `id`: followed,
     /// added up among the others, or known to the following (the baseline's statements).
-    pub fn knows(&self, id: &str) -> bool {
+    pub(crate) fn knows(&self, id: &str) -> bool {
         self.statements.contains_key(id) || self.other_ids.contains(id) || self.listed_as_known(id)
     }
 
     /// Whether this summary's following lists `id` among the statements known beforehand (a
     /// window's following lists the baseline's).
-    pub fn listed_as_known(&self, id: &str) -> bool {
+    pub(crate) fn listed_as_known(&self, id: &str) -> bool {
         matches!(&self.following, Following::Chosen { known, .. } if known.contains(id))
     }
 
     /// Whether any statement was seen at all (pg_stat_statements was readable).
-    pub fn saw_statements(&self) -> bool {
+    pub(crate) fn saw_statements(&self) -> bool {
         !self.statements.is_empty() || self.others.statements > 0
     }
 }

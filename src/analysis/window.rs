@@ -35,7 +35,7 @@ impl Default for WindowDurations {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum WindowError {
+pub(crate) enum WindowError {
     #[error(
         "windows must end in order: 0 < first_hour ({first_hour:?}) < first_day ({first_day:?}) < first_week ({first_week:?})"
     )]
@@ -47,7 +47,7 @@ pub enum WindowError {
 }
 
 impl WindowDurations {
-    pub fn validate(&self) -> Result<(), WindowError> {
+    pub(crate) fn validate(&self) -> Result<(), WindowError> {
         if self.first_hour.is_zero()
             || self.first_hour >= self.first_day
             || self.first_day >= self.first_week
@@ -63,7 +63,7 @@ impl WindowDurations {
 }
 
 /// Start and end (exclusive) of a window; steady has no end.
-pub fn bounds(
+pub(crate) fn bounds(
     window: Window,
     deployed_at: Timestamp,
     d: &WindowDurations,
@@ -78,7 +78,11 @@ pub fn bounds(
 }
 
 /// The window `now` falls in; `None` before the deployment.
-pub fn window_at(deployed_at: Timestamp, now: Timestamp, d: &WindowDurations) -> Option<Window> {
+pub(crate) fn window_at(
+    deployed_at: Timestamp,
+    now: Timestamp,
+    d: &WindowDurations,
+) -> Option<Window> {
     if now < deployed_at {
         return None;
     }
