@@ -38,23 +38,23 @@ const PACE_SHARE: f64 = 0.75;
 
 /// What a pack declares for an incremental check.
 #[derive(Debug, Clone, PartialEq)]
-pub struct IncrementalDef {
+pub(crate) struct IncrementalDef {
     /// The table holding the key (`submissions` or `public.submissions`).
-    pub table: String,
+    pub(crate) table: String,
     /// The monotonic key column: an integer, numeric, date or timestamp column with a btree
     /// index (the primary key, a `created_at` index).
-    pub key: String,
+    pub(crate) key: String,
     /// Tables whose deleted rows can turn rows of `table` into violations (an orphan check's
     /// parent): deletes there start an early sweep.
-    pub parents: Vec<String>,
+    pub(crate) parents: Vec<String>,
     /// Whether statistics may start a sweep early.
-    pub early_sweep: bool,
+    pub(crate) early_sweep: bool,
     /// Every sweep completes within this period.
-    pub sweep_period: Duration,
+    pub(crate) sweep_period: Duration,
     /// At most this many rows per chunk (one query), and per run for a periodic sweep.
-    pub sweep_max_rows: u64,
+    pub(crate) sweep_max_rows: u64,
     /// A periodic sweep's chunk is sized to take at most about this long.
-    pub sweep_max_time: Duration,
+    pub(crate) sweep_max_time: Duration,
 }
 
 /// Why a sweep runs.
@@ -72,7 +72,7 @@ pub enum SweepReason {
 }
 
 impl SweepReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SweepReason::Initial => "initial",
             SweepReason::Reset => "reset",
@@ -91,15 +91,15 @@ impl SweepReason {
 /// Which physical table the counts belong to: a TRUNCATE, `VACUUM FULL` or a restore changes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableIdentity {
-    pub oid: i64,
-    pub relfilenode: i64,
+    pub(crate) oid: i64,
+    pub(crate) relfilenode: i64,
 }
 
 /// Cumulative write counters of one table (`pg_stat_user_tables`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableCounters {
-    pub n_tup_upd: i64,
-    pub n_tup_del: i64,
+    pub(crate) n_tup_upd: i64,
+    pub(crate) n_tup_del: i64,
 }
 
 /// A sweep under way.
@@ -107,16 +107,16 @@ pub struct TableCounters {
 pub struct Sweep {
     pub reason: SweepReason,
     /// Every key up to and including this one is swept; `None`: the table was empty.
-    pub hi: Option<String>,
+    pub(crate) hi: Option<String>,
     /// Exclusive lower bound of the next chunk; `None`: from the smallest key.
-    pub pos: Option<String>,
-    pub count: i64,
+    pub(crate) pos: Option<String>,
+    pub(crate) count: i64,
     pub rows: u64,
     pub started_at: f64,
     /// `settled_count` when the sweep started: the part of it the sweep re-counts.
-    pub settled_at_start: i64,
+    pub(crate) settled_at_start: i64,
     /// The planner's row estimate of the table when the sweep started (for progress and pace).
-    pub estimated_rows: u64,
+    pub(crate) estimated_rows: u64,
 }
 
 /// Everything kept per (target, check) between runs and across restarts.
@@ -147,7 +147,7 @@ pub struct IncrementalReport {
     /// Why the current sweep runs, if one does.
     pub sweep_reason: Option<SweepReason>,
     pub last_complete_sweep: Option<f64>,
-    pub sweep_period: Duration,
+    pub(crate) sweep_period: Duration,
     /// A reset was detected in this run.
     pub reset: bool,
 }
@@ -169,7 +169,7 @@ impl Progress {
     }
 
     /// Forgets every count (a reset) and starts a full sweep up to `hi`.
-    pub fn reset(
+    pub(crate) fn reset(
         &mut self,
         identity: TableIdentity,
         hi: Option<String>,
@@ -243,7 +243,7 @@ impl Progress {
 
     /// Records an increment: `settle_count` violations in `(settled_hi, pending_hi]` (the range
     /// counted last time, now counted for good) and `new_count` in `(pending_hi, new_hi]`.
-    pub fn settle(&mut self, settle_count: i64, new_hi: Option<String>, new_count: i64) {
+    pub(crate) fn settle(&mut self, settle_count: i64, new_hi: Option<String>, new_count: i64) {
         self.settled_count += settle_count;
         self.settled_hi = self.pending_hi.take();
         self.pending_hi = new_hi.or_else(|| self.settled_hi.clone());
@@ -283,7 +283,7 @@ impl Progress {
     }
 
     /// Share of the current sweep done, by rows against the planner's estimate.
-    pub fn sweep_progress(&self) -> f64 {
+    pub(crate) fn sweep_progress(&self) -> f64 {
         match &self.sweep {
             None => 1.0,
             Some(sweep) if sweep.estimated_rows == 0 => 0.0,

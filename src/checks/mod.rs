@@ -7,4 +7,4 @@ pub mod expectation;
 pub mod incremental;
 pub mod number;
 pub mod outcome;
-pub mod spec;
+pub(crate) mod spec;

@@ -57,7 +57,7 @@ impl Number {
 
     /// How this number compares with an expectation's literal: exactly for exact numbers, as
     /// doubles for floats (so a `double precision` 0.9 equals the literal 0.9). `None` for NaN.
-    pub fn compare(&self, literal: &BigDecimal) -> Option<Ordering> {
+    pub(crate) fn compare(&self, literal: &BigDecimal) -> Option<Ordering> {
         match self {
             Number::Exact(d) => Some(d.cmp(literal)),
             Number::Float(f) => f.partial_cmp(&literal.to_f64().unwrap_or(f64::NAN)),

@@ -56,7 +56,7 @@ impl Cell {
 /// The rows a check's query returned.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResultTable {
-    pub columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
     pub rows: Vec<Vec<Cell>>,
 }
 
@@ -102,7 +102,7 @@ pub struct CheckError {
 }
 
 impl CheckError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         CheckError {
             kind,
             message: message.into(),
@@ -126,7 +126,7 @@ pub struct Series {
     pub labels: Vec<(String, String)>,
     pub column: String,
     /// The nearest double (what the metric carries).
-    pub value: f64,
+    pub(crate) value: f64,
 }
 
 /// The value a check observed.
@@ -174,7 +174,7 @@ pub struct CheckOutcome {
 }
 
 impl CheckOutcome {
-    pub fn error(error: CheckError) -> Self {
+    pub(crate) fn error(error: CheckError) -> Self {
         CheckOutcome {
             status: Status::Error,
             observation: None,
@@ -189,7 +189,7 @@ fn shape_error(kind: ErrorKind, message: impl Into<String>) -> CheckOutcome {
 }
 
 /// Judges a query's result against the check's shape and expectation.
-pub fn evaluate(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
+pub(crate) fn evaluate(spec: &CheckSpec, table: &ResultTable) -> CheckOutcome {
     match &spec.shape {
         Shape::Scalar => evaluate_scalar(spec, table),
         Shape::Rows {

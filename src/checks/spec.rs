@@ -32,7 +32,7 @@ label_enum! {
 
 /// The result shape a check's SQL returns.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Shape {
+pub(crate) enum Shape {
     /// Exactly one row with one column.
     Scalar,
     /// Any number of rows: `labels` columns become Prometheus labels and each `values` column
@@ -50,26 +50,26 @@ pub enum Shape {
 #[derive(Debug, Clone)]
 pub struct CheckSpec {
     pub name: String,
-    pub pack: String,
+    pub(crate) pack: String,
     pub category: Category,
     pub severity: Severity,
-    pub description: String,
-    pub sql: String,
+    pub(crate) description: String,
+    pub(crate) sql: String,
     /// Values bound to `$1`, `$2`, ... as text.
-    pub bind: Vec<String>,
+    pub(crate) bind: Vec<String>,
     pub expectation: Option<Expectation>,
     pub interval: Duration,
-    pub timeout: Duration,
-    pub lock_timeout: Duration,
-    pub runbook: Option<String>,
-    pub shape: Shape,
+    pub(crate) timeout: Duration,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) runbook: Option<String>,
+    pub(crate) shape: Shape,
     /// Set for an incremental check: its key, table and sweep budget. Its SQL takes the key
     /// range as `$1` and `$2`, and `bind` follows from `$3`.
-    pub incremental: Option<IncrementalDef>,
+    pub(crate) incremental: Option<IncrementalDef>,
 }
 
 /// Check, target and pack names: letters, digits, `_` and `-`.
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 100
         && name
