@@ -46,7 +46,7 @@ pub enum ShardError {
 
 impl Shard {
     /// Whether this replica watches the target `name`.
-    pub fn owns(&self, name: &str) -> bool {
+    pub(crate) fn owns(&self, name: &str) -> bool {
         shard_of(name, self.count) == self.index
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Unix time in seconds.
-pub type Timestamp = f64;
+pub(crate) type Timestamp = f64;
 
 /// Where "now" comes from.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -46,7 +46,7 @@ impl ManualClock {
         }
     }
 
-    pub fn set(&self, at: Timestamp) {
+    pub(crate) fn set(&self, at: Timestamp) {
         self.bits.store(at.to_bits(), Ordering::SeqCst);
     }
 
