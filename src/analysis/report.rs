@@ -281,6 +281,25 @@ mod tests {
     use crate::analysis::sample::CheckPoint;
     use crate::analysis::window::Window;
 
+    /// The report of `d` while 3.7.0 is still the current version.
+    fn render_current(
+        d: &DeploymentRecord,
+        before: Option<&Sample>,
+        after: &[Sample],
+        verdicts: &[VerdictRecord],
+        now: f64,
+    ) -> String {
+        render(&ReportInput {
+            deployment: d,
+            before,
+            after,
+            verdicts,
+            current_version: Some("3.7.0"),
+            superseded_by: None,
+            now,
+        })
+    }
+
     fn record() -> DeploymentRecord {
         DeploymentRecord {
             id: 7,
@@ -325,15 +344,7 @@ mod tests {
             improvements: vec![],
             closed_at: d.at + 3600.0,
         }];
-        let text = render(&ReportInput {
-            deployment: &d,
-            before: Some(&before),
-            after: &after,
-            verdicts: &verdicts,
-            current_version: Some("3.7.0"),
-            superseded_by: None,
-            now: d.at + 4000.0,
-        });
+        let text = render_current(&d, Some(&before), &after, &verdicts, d.at + 4000.0);
         assert!(text.contains("**Database Size Before**: 1.0 MiB"), "{text}");
         assert!(text.contains("**Database Size After**: 2.0 MiB"), "{text}");
         assert!(text.contains("- first_hour: pass"), "{text}");
@@ -358,15 +369,7 @@ mod tests {
             improvements: vec![],
             closed_at: d.at + 3600.0,
         }];
-        let text = render(&ReportInput {
-            deployment: &d,
-            before: None,
-            after: &after,
-            verdicts: &verdicts,
-            current_version: Some("3.7.0"),
-            superseded_by: None,
-            now: d.at + 4000.0,
-        });
+        let text = render_current(&d, None, &after, &verdicts, d.at + 4000.0);
         assert!(
             text.contains("- slower: query 77 (SELECT * FROM reports) is new"),
             "{text}"
@@ -384,15 +387,7 @@ mod tests {
             sample(d.at + 60.0, 1.0, "fail"),
             sample(d.at + 120.0, 1.0, "pass"),
         ];
-        let text = render(&ReportInput {
-            deployment: &d,
-            before: None,
-            after: &after,
-            verdicts: &[],
-            current_version: Some("3.7.0"),
-            superseded_by: None,
-            now: d.at + 200.0,
-        });
+        let text = render_current(&d, None, &after, &[], d.at + 200.0);
         assert!(
             text.contains("check orphaned_payments: fail in 1 sample(s)"),
             "{text}"

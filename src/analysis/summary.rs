@@ -517,16 +517,7 @@ mod tests {
 
     #[test]
     fn only_chosen_and_a_few_new_statements_are_followed() {
-        let followed: BTreeSet<String> = ["a".to_string()].into();
-        let known: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
-        let mut summary = Summary::new(
-            1,
-            Following::Chosen {
-                followed,
-                known,
-                new_statements: 1,
-            },
-        );
+        let mut summary = chosen(&["a"], &["a", "b"], 1);
         for i in 0..10 {
             summary.add(&sample(
                 f64::from(i),
@@ -567,6 +558,20 @@ mod tests {
         assert_eq!(summary.restarts, 1);
         assert_eq!(summary.samples, 5 + RESTART_WARMUP_SAMPLES + 1);
         assert_eq!(summary.seconds, 60.0 * summary.samples as f64);
+    }
+
+    /// A summary following `followed` in detail, of the statements `known` beforehand, and
+    /// up to `new_statements` new ones.
+    fn chosen(followed: &[&str], known: &[&str], new_statements: usize) -> Summary {
+        let set = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect();
+        Summary::new(
+            1,
+            Following::Chosen {
+                followed: set(followed),
+                known: set(known),
+                new_statements,
+            },
+        )
     }
 
     /// Approximate bytes a summary holds: what grows with what it follows.
@@ -615,16 +620,7 @@ mod tests {
 
     #[test]
     fn a_costlier_new_statement_takes_the_place_of_the_cheapest_new_one() {
-        let followed: BTreeSet<String> = ["a".to_string()].into();
-        let known: BTreeSet<String> = ["a".to_string()].into();
-        let mut summary = Summary::new(
-            1,
-            Following::Chosen {
-                followed,
-                known,
-                new_statements: 2,
-            },
-        );
+        let mut summary = chosen(&["a"], &["a"], 2);
         for i in 0..5 {
             summary.add(&sample(
                 f64::from(i),

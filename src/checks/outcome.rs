@@ -467,9 +467,14 @@ mod tests {
     }
 
     fn scalar(cell: Cell) -> ResultTable {
+        column_v(vec![vec![cell]])
+    }
+
+    /// A result of one column `v` with these rows.
+    fn column_v(rows: Vec<Vec<Cell>>) -> ResultTable {
         ResultTable {
             columns: vec!["v".into()],
-            rows: vec![vec![cell]],
+            rows,
         }
     }
 
@@ -527,19 +532,13 @@ mod tests {
         );
         check(
             Some("== 0"),
-            ResultTable {
-                columns: vec!["v".into()],
-                rows: vec![],
-            },
+            column_v(vec![]),
             Status::Error,
             Some(ErrorKind::NoRows),
         );
         check(
             Some("== 0"),
-            ResultTable {
-                columns: vec!["v".into()],
-                rows: vec![vec![Cell::Int(0)], vec![Cell::Int(0)]],
-            },
+            column_v(vec![vec![Cell::Int(0)], vec![Cell::Int(0)]]),
             Status::Error,
             Some(ErrorKind::TooManyRows),
         );

@@ -84,17 +84,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     })?;
     // From here on the cluster is removed when `cluster` is dropped, on every path out.
     let interrupted = |cluster: PgCluster| {
-        let base_dir = cluster.base_dir().to_path_buf();
-        drop(cluster);
-        say(&format!(
-            "\ninterrupted; {} {}",
-            base_dir.display(),
-            if base_dir.exists() {
-                "could not be removed"
-            } else {
-                "is removed"
-            }
-        ));
+        say(&format!("\ninterrupted; {}", remove(cluster)));
         Ok(())
     };
     say(&format!(
@@ -191,22 +181,24 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let _ = workload_task.await;
     let _ = handle.shutdown().await;
     drop(admin);
-    let base_dir = cluster.base_dir().to_path_buf();
-    drop(cluster);
     drop(dir);
-    say(&format!(
-        "done; {} {}",
-        base_dir.display(),
-        if base_dir.exists() {
-            "could not be removed"
-        } else {
-            "is removed"
-        }
-    ));
+    say(&format!("done; {}", remove(cluster)));
     if let Some(log) = &options.log_file {
         say(&format!("the daemon's log stays in {}", log.display()));
     }
     outcome
+}
+
+/// Stops and removes the throwaway cluster, and says whether its directory is gone.
+fn remove(cluster: PgCluster) -> String {
+    let base_dir = cluster.base_dir().to_path_buf();
+    drop(cluster);
+    let what = if base_dir.exists() {
+        "could not be removed"
+    } else {
+        "is removed"
+    };
+    format!("{} {what}", base_dir.display())
 }
 
 fn tempdir_for_config() -> Result<tempfile::TempDir, std::io::Error> {

@@ -98,9 +98,7 @@ impl Value {
         match self {
             Value::Int(v) => Ok(*v),
             Value::Real(v) => Ok(*v as i64),
-            other => Err(StoreError::Corrupt(format!(
-                "expected an integer, found {other:?}"
-            ))),
+            other => Err(other.unexpected("an integer")),
         }
     }
 
@@ -108,42 +106,45 @@ impl Value {
         match self {
             Value::Real(v) => Ok(*v),
             Value::Int(v) => Ok(*v as f64),
-            other => Err(StoreError::Corrupt(format!(
-                "expected a number, found {other:?}"
-            ))),
+            other => Err(other.unexpected("a number")),
         }
     }
 
     pub(crate) fn opt_real(&self) -> Result<Option<f64>, StoreError> {
-        match self {
-            Value::Null => Ok(None),
-            other => other.real().map(Some),
-        }
+        self.optional(Value::real)
     }
 
     pub(crate) fn text(&self) -> Result<String, StoreError> {
         match self {
             Value::Text(v) => Ok(v.clone()),
-            other => Err(StoreError::Corrupt(format!(
-                "expected text, found {other:?}"
-            ))),
+            other => Err(other.unexpected("text")),
         }
     }
 
     pub(crate) fn opt_text(&self) -> Result<Option<String>, StoreError> {
-        match self {
-            Value::Null => Ok(None),
-            other => other.text().map(Some),
-        }
+        self.optional(Value::text)
     }
 
     pub(crate) fn blob(&self) -> Result<&[u8], StoreError> {
         match self {
             Value::Blob(v) => Ok(v),
-            other => Err(StoreError::Corrupt(format!(
-                "expected bytes, found {other:?}"
-            ))),
+            other => Err(other.unexpected("bytes")),
         }
+    }
+
+    /// `None` for NULL, else what `read` makes of the value.
+    fn optional<T>(
+        &self,
+        read: impl FnOnce(&Value) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        match self {
+            Value::Null => Ok(None),
+            other => read(other).map(Some),
+        }
+    }
+
+    fn unexpected(&self, expected: &str) -> StoreError {
+        StoreError::Corrupt(format!("expected {expected}, found {self:?}"))
     }
 }
 
