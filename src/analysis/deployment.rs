@@ -469,6 +469,24 @@ pub struct DeploymentRecord {
     pub note: Option<String>,
 }
 
+#[cfg(test)]
+impl DeploymentRecord {
+    /// A deployment of target `cognit` from `from` to `to` found by a version change (tests).
+    pub(crate) fn detected(id: i64, from: Option<&str>, to: &str, at: f64) -> DeploymentRecord {
+        DeploymentRecord {
+            id,
+            target: "cognit".into(),
+            from_version: from.map(str::to_string),
+            to_version: to.into(),
+            kind: DeploymentKind::Deploy,
+            detection: Detection::VersionChange,
+            at,
+            finished_at: None,
+            note: None,
+        }
+    }
+}
+
 /// A window's recorded verdict.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerdictRecord {
@@ -532,24 +550,10 @@ mod tests {
         assert_eq!(kind_of(None, "3.7.0", order, None), DeploymentKind::Deploy);
     }
 
-    fn record(id: i64, from: Option<&str>, to: &str, at: f64) -> DeploymentRecord {
-        DeploymentRecord {
-            id,
-            target: "cognit".into(),
-            from_version: from.map(str::to_string),
-            to_version: to.into(),
-            kind: DeploymentKind::Deploy,
-            detection: Detection::VersionChange,
-            at,
-            finished_at: None,
-            note: None,
-        }
-    }
-
     #[test]
     fn unordered_versions_take_their_direction_from_history() {
         let order = VersionOrder::Unordered;
-        let latest = record(1, Some("a1b2c3d"), "9f8e7d6", 100.0);
+        let latest = DeploymentRecord::detected(1, Some("a1b2c3d"), "9f8e7d6", 100.0);
         // Back to the version the latest deployment replaced: a rollback.
         assert_eq!(
             kind_of(Some("9f8e7d6"), "a1b2c3d", order, Some(&latest)),
@@ -582,8 +586,8 @@ mod tests {
     fn an_announcement_for_the_detected_version_merges_into_it() {
         let order = VersionOrder::Semver;
         let detected = vec![
-            record(2, Some("3.6.0"), "3.7.0", 1000.0),
-            record(1, Some("3.5.0"), "3.6.0", 500.0),
+            DeploymentRecord::detected(2, Some("3.6.0"), "3.7.0", 1000.0),
+            DeploymentRecord::detected(1, Some("3.5.0"), "3.6.0", 500.0),
         ];
         // Announced as starting before the detection: the deployment starts earlier.
         assert_eq!(
@@ -621,7 +625,12 @@ mod tests {
             })
         );
         // A new version dated before the latest deployment would cut its baseline: refused.
-        let detected = vec![record(2, Some("3.6.0"), "3.7.0", 1000.0)];
+        let detected = vec![DeploymentRecord::detected(
+            2,
+            Some("3.6.0"),
+            "3.7.0",
+            1000.0,
+        )];
         assert!(place_announcement("3.8.0", 900.0, None, &detected, None, order).is_err());
         assert_eq!(
             place_announcement("3.8.0", 1100.0, None, &detected, None, order),

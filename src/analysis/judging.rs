@@ -271,7 +271,7 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::deployment::{DeploymentKind, Detection, Signal};
+    use crate::analysis::deployment::Signal;
     use crate::analysis::sample::StatementDelta;
     use crate::analysis::window::Verdict;
 
@@ -280,17 +280,7 @@ mod tests {
     }
 
     fn record() -> DeploymentRecord {
-        DeploymentRecord {
-            id: 1,
-            target: "t".into(),
-            from_version: Some("1".into()),
-            to_version: "2".into(),
-            kind: DeploymentKind::Deploy,
-            detection: Detection::Announced,
-            at: 100_000.0,
-            finished_at: None,
-            note: None,
-        }
+        DeploymentRecord::detected(1, Some("1"), "2", 100_000.0)
     }
 
     /// A minute sample in which statement "1" takes `ms` per call (plus a little wobble).

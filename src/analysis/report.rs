@@ -277,7 +277,7 @@ pub(crate) fn render(input: &ReportInput<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::deployment::{DeploymentKind, Detection};
+    use crate::analysis::deployment::DeploymentKind;
     use crate::analysis::sample::CheckPoint;
     use crate::analysis::window::Window;
 
@@ -301,17 +301,7 @@ mod tests {
     }
 
     fn record() -> DeploymentRecord {
-        DeploymentRecord {
-            id: 7,
-            target: "cognit".into(),
-            from_version: Some("3.6.0".into()),
-            to_version: "3.7.0".into(),
-            kind: DeploymentKind::Deploy,
-            detection: Detection::VersionChange,
-            at: 1_800_000_000.0,
-            finished_at: None,
-            note: None,
-        }
+        DeploymentRecord::detected(7, Some("3.6.0"), "3.7.0", 1_800_000_000.0)
     }
 
     fn sample(at: f64, size: f64, integrity: &str) -> Sample {
