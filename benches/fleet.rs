@@ -11,7 +11,8 @@
 //!
 //! `cargo bench --bench fleet`; `FLEET_DATABASES` (default 500), `FLEET_SECONDS` (default 600),
 //! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies), `FLEET_LOG` (the
-//! daemon's log file; default a file in the temporary directory, named when the run ends).
+//! daemon's log file; default a file in the temporary directory, named when the run ends),
+//! `FLEET_WRAP` (a command the daemon runs under, such as a heap profiler).
 //! Prints a Markdown table for BENCHMARKS.md.
 
 #[allow(dead_code)]
@@ -101,6 +102,34 @@ fn metric_sum(body: &str, name: &str, filter: &str) -> f64 {
         + 0.0 // an empty sum is -0
 }
 
+/// The daemon's pid when it runs under a wrapper (`FLEET_WRAP`): the deploywatch process
+/// that descends from it.
+async fn daemon_under(wrapper: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let found = process::all().into_iter().find(|&pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim() == "deploywatch" && descends(pid, wrapper)
+        });
+        if let Some(pid) = found {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no deploywatch process under the wrapper {wrapper}");
+}
+
+fn descends(mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..8 {
+        match process::stat(pid) {
+            Some(stat) if stat.parent == ancestor => return true,
+            Some(stat) if stat.parent > 1 => pid = stat.parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -164,7 +193,20 @@ async fn main() {
         });
     let log = std::fs::File::create(&log_path).expect("log file");
     let (machine_start, cores) = process::machine_cpu();
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+    // `FLEET_WRAP` runs the daemon under a profiler, e.g. `heaptrack -o /tmp/fleet`: its
+    // figures are then the profiler's process' (CPU and memory are not comparable).
+    let wrap: Vec<String> = std::env::var("FLEET_WRAP")
+        .map(|w| w.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(args).arg(env!("CARGO_BIN_EXE_deploywatch"));
+            command
+        }
+        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch")),
+    };
+    let mut daemon = command
         .arg("--config")
         .arg(dir.path().join("deploywatch.toml"))
         .arg("run")
@@ -172,7 +214,12 @@ async fn main() {
         .kill_on_drop(true)
         .spawn()
         .expect("daemon");
-    let pid = daemon.id().expect("pid");
+    let wrapper = daemon.id().expect("pid");
+    let pid = if wrap.is_empty() {
+        wrapper
+    } else {
+        daemon_under(wrapper).await
+    };
     let started = Instant::now();
     let mut polls = 0u64;
     let mut over_budget = 0u64;
@@ -249,7 +296,19 @@ async fn main() {
         .await
         .expect("exec time");
     let (dw_exec, other_exec): (f64, f64) = (exec.get(0), exec.get(1));
-    let _ = daemon.kill().await;
+    if wrap.is_empty() {
+        let _ = daemon.kill().await;
+    } else {
+        // The profiler writes its data when the daemon ends: a graceful stop, then its exit.
+        // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(120), daemon.wait())
+            .await
+            .is_err()
+        {
+            let _ = daemon.kill().await;
+        }
+    }
     let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
     let log_lines = |needle: &str| log_text.lines().filter(|l| l.contains(needle)).count();
 
@@ -290,9 +349,9 @@ async fn main() {
         log_lines("slower than its interval")
     );
     println!(
-        "| due runs merged into late runs (no session when due) | {delayed:.0} (runs plus merged: {:.0}; log lines: {} runs late) |",
+        "| due runs merged into late runs (no session when due) | {delayed:.0} (runs plus merged: {:.0}; log lines about late runs: {}) |",
         runs + delayed,
-        log_lines("check runs late")
+        log_lines("run late") + log_lines("ran late")
     );
     println!(
         "| server CPU of deploywatch's sessions | {:.1} % of one core ({backends_used:.1} CPU s, {} sessions opened) |",

@@ -1272,7 +1272,10 @@ impl TargetPool {
         // The socket holds the place too: a handshake given up on keeps it until the server
         // has closed its end.
         let hold: Arc<dyn std::any::Any + Send + Sync> = slot.clone();
-        let (client, driver) = match self.connector.connect(self.connect_timeout, hold).await {
+        // Boxed: a check waiting in line holds this future, and thousands wait at once when a
+        // fleet's budget is busy; opening a session needs far more state than waiting does.
+        let connect = Box::pin(self.connector.connect(self.connect_timeout, hold));
+        let (client, driver) = match connect.await {
             Ok(pair) => pair,
             Err(error) => {
                 slot.mark_closing();
@@ -1289,7 +1292,7 @@ impl TargetPool {
             opened_in,
         };
         if !self.server.knows_limits() {
-            self.server.learn_limits(&session.client).await;
+            Box::pin(self.server.learn_limits(&session.client)).await;
         }
         Ok(Lease {
             session: Some(session),
@@ -1341,6 +1344,32 @@ mod tests {
         assert_eq!(Backoff::delay(3), Duration::from_secs(2));
         assert_eq!(Backoff::delay(10), BACKOFF_CEILING);
         assert_eq!(Backoff::delay(u32::MAX), BACKOFF_CEILING);
+    }
+
+    #[test]
+    fn a_check_waiting_for_a_session_holds_little_memory() {
+        // Thousands of checks wait in line when a fleet's budget is busy: what each holds
+        // while waiting must not be sized for opening a session (a TLS handshake's state),
+        // which only the one granted a place needs.
+        let settings = ConnectionSettings::parse(
+            "postgresql://deploywatch@127.0.0.1:1/tenant_1",
+            Duration::from_secs(1),
+        )
+        .expect("settings");
+        let pool = TargetPool::new(
+            "tenant_1",
+            settings,
+            1,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let waiting = std::mem::size_of_val(&pool.acquire("tenant_1 a check", Duration::ZERO));
+        let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(());
+        let opening = std::mem::size_of_val(&pool.connector.connect(Duration::from_secs(1), hold));
+        assert!(
+            waiting * 2 < opening,
+            "waiting for a session holds {waiting} bytes, opening one {opening}"
+        );
     }
 
     #[test]

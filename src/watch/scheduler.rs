@@ -32,7 +32,7 @@ use crate::postgres::sampler::ServerStats;
 use crate::storage::incremental::ProgressStore;
 use crate::watch::incremental::run_check;
 use crate::watch::state::{Claim, State};
-use crate::watch::transitions::Transition;
+use crate::watch::transitions::{LateLine, Punctuality, Transition};
 
 /// The pools of the running configuration, keyed by target name, on the per-server budgets
 /// ([`Servers`]) that outlive every configuration. A reload keeps a target's pool when its
@@ -166,6 +166,13 @@ impl Pools {
         }
     }
 
+    /// The target's shortest interval (checks and sampling); zero for an unknown target.
+    pub fn shortest(&self, target: &str) -> Duration {
+        self.phases
+            .get(target)
+            .map_or(Duration::ZERO, |(_, _, shortest)| *shortest)
+    }
+
     /// Asks the server to cancel every query still in flight for these targets (their
     /// sessions are the servers' own, shared by every target of a server); returns how many.
     pub(crate) async fn cancel_in_flight(&self) -> usize {
@@ -240,6 +247,8 @@ pub(crate) fn start(
         let Some(pool) = pools.get(&target.name) else {
             continue;
         };
+        let visits = Arc::new(tokio::sync::Notify::new());
+        let shortest = pools.shortest(&target.name);
         for spec in &target.checks {
             tracker.spawn(check_loop(
                 target.name.clone(),
@@ -248,7 +257,11 @@ pub(crate) fn start(
                 state.clone(),
                 progress.clone(),
                 cancel.clone(),
-                pools.first_run_offset(&target.name, spec.interval),
+                Timing {
+                    offset: pools.first_run_offset(&target.name, spec.interval),
+                    horizon: join_horizon(spec.interval, shortest),
+                    visits: visits.clone(),
+                },
             ));
         }
     }
@@ -261,19 +274,42 @@ async fn check_loop(
     state: Arc<State>,
     progress: ProgressStore,
     cancel: CancellationToken,
-    offset: Duration,
+    timing: Timing,
 ) {
-    let mut ticker = tokio::time::interval_at(Instant::now() + offset, spec.interval);
+    let Timing {
+        offset,
+        horizon,
+        visits,
+    } = timing;
+    let mut next_due = Instant::now() + offset;
+    let mut ticker = tokio::time::interval_at(next_due, spec.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let what = format!("{target} {}", spec.name);
     let mut no_session_skips = 0u64;
-    let mut late_runs = 0u64;
+    let mut late = false;
     loop {
-        tokio::select! {
+        // Due now, or early: another check of the database got a session while this one is
+        // due within its horizon, and it goes along (the session is handed to the waiting
+        // checks of its own database first), instead of a session of its own soon after.
+        let early = tokio::select! {
             // Cancellation wins over a tick that is also ready: no new run after it.
             biased;
             _ = cancel.cancelled() => return,
-            _ = ticker.tick() => {}
+            due = ticker.tick() => {
+                next_due = due + spec.interval;
+                false
+            }
+            _ = visits.notified() => {
+                if next_due.saturating_duration_since(Instant::now()) > horizon {
+                    continue;
+                }
+                true
+            }
+        };
+        if early {
+            // Its next run one interval after this one.
+            ticker.reset();
+            next_due = Instant::now() + spec.interval;
         }
         if state.claim(&target, &spec.name) == Claim::Skipped {
             tracing::warn!(db_target = %target, check = %spec.name, "previous run still going; skipped");
@@ -298,30 +334,42 @@ async fn check_loop(
             Ok(lease) => {
                 let waited = queued.elapsed();
                 let merged = (waited.as_secs_f64() / spec.interval.as_secs_f64()) as u64;
+                let server = pool.server().server();
+                let punctuality = if merged > 0 {
+                    Punctuality::Late {
+                        what: &what,
+                        waited,
+                        merged,
+                    }
+                } else {
+                    Punctuality::OnTime
+                };
+                // Summed up per server in the log; every late run is counted and shown.
+                if let Some(line) =
+                    state
+                        .late_runs
+                        .observe(server, punctuality, std::time::Instant::now())
+                {
+                    log_late_runs(server, line);
+                }
                 if merged > 0 {
                     let reason = format!(
-                        "waited {:.1}s for a session to {} (interval {:?}): the server's session budget is busy",
+                        "waited {:.1}s for a session to {server} (interval {:?}): the server's session budget is busy",
                         waited.as_secs_f64(),
-                        pool.server().server(),
                         spec.interval
                     );
-                    if late_runs == 0 {
-                        tracing::warn!(
-                            db_target = %target, check = %spec.name, %reason,
-                            "check runs late: no session was free when it was due; its due runs are merged until it gets one on time"
-                        );
-                    }
-                    late_runs += 1;
+                    late = true;
                     state.record_delay(&target, &spec.name, merged, Some(reason));
                     // The next run one interval after this one, not at once.
                     ticker.reset();
-                } else if late_runs > 0 {
-                    tracing::info!(
-                        db_target = %target, check = %spec.name, late_runs,
-                        "check runs on time again"
-                    );
-                    late_runs = 0;
+                    next_due = Instant::now() + spec.interval;
+                } else if late {
+                    late = false;
                     state.record_delay(&target, &spec.name, 0, None);
+                }
+                if !early {
+                    // The database's checks due soon come along on this session.
+                    visits.notify_waiters();
                 }
                 if no_session_skips > 0 {
                     tracing::info!(
@@ -389,6 +437,50 @@ async fn check_loop(
     }
 }
 
+/// The log line about a server's late runs.
+fn log_late_runs(server: &str, line: LateLine) {
+    match line {
+        LateLine::Started {
+            what,
+            waited,
+            merged,
+        } => tracing::warn!(
+            server, run = %what, waited_seconds = waited.as_secs_f64(), merged,
+            "checks run late: no session to the server was free when they were due; their due runs are merged into late ones (summed up here once a minute)"
+        ),
+        LateLine::Summary {
+            runs,
+            merged,
+            on_time,
+            worst_wait,
+            worst,
+            over,
+        } => tracing::warn!(
+            server, late_runs = runs, merged, on_time, worst_wait_seconds = worst_wait.as_secs_f64(),
+            worst = %worst, over_seconds = over.as_secs_f64().round(),
+            "checks ran late for lack of a session"
+        ),
+        LateLine::OnTimeAgain { runs } => tracing::info!(server, runs, "checks run on time again"),
+    }
+}
+
+/// When a check task runs: its first run's offset, and how early it joins a session another
+/// check of its database got (see [`join_horizon`]).
+struct Timing {
+    offset: Duration,
+    horizon: Duration,
+    visits: Arc<tokio::sync::Notify>,
+}
+
+/// How long before its due time a check runs along with another check of its database that
+/// got a session: a quarter of its interval, and less than half the database's shortest
+/// interval, so that checks on the grid of the shortest interval are never pulled a whole
+/// step early, while checks that drifted apart (late runs restart their interval) come
+/// together again and share a session instead of each moving one to their database.
+pub fn join_horizon(interval: Duration, shortest: Duration) -> Duration {
+    (interval / 4).min(shortest / 2)
+}
+
 /// How many intervals a run waits for a session before it is skipped.
 const LATE_LIMIT: u32 = 10;
 
@@ -406,9 +498,9 @@ pub(crate) fn log_report(state: &State, target: &str, spec: &CheckSpec, report: 
     let duration_ms = report.duration.as_secs_f64() * 1000.0;
     // Logged when the state changes (pass -> fail, fail -> pass, a new error kind) and, while it
     // stays bad, once an hour; every run is counted in the metrics anyway.
-    let key = match &report.outcome.error {
-        Some(error) => format!("error:{}", error.kind.as_str()),
-        None => status.to_string(),
+    let key: std::borrow::Cow<'_, str> = match &report.outcome.error {
+        Some(error) => format!("error:{}", error.kind.as_str()).into(),
+        None => status.into(),
     };
     let passed = report.outcome.status == crate::checks::outcome::Status::Pass;
     let transition = state
@@ -505,6 +597,19 @@ mod tests {
             let apart = (five.as_secs_f64() - one.as_secs_f64()).rem_euclid(60.0);
             assert!(apart < 1e-9 || (apart - 60.0).abs() < 1e-9, "{apart}");
         }
+    }
+
+    #[test]
+    fn checks_join_a_session_early_only_within_less_than_half_the_shortest_interval() {
+        // The shipped packs: 30 s, 1 minute and 5 minutes, on a 30-second grid.
+        assert_eq!(join_horizon(S(30), S(30)), S(30).mul_f64(0.25));
+        assert_eq!(join_horizon(S(60), S(30)), S(15));
+        assert_eq!(join_horizon(S(300), S(30)), S(15));
+        // A check on the grid is a whole step (30 s) from the next visit: never pulled early.
+        for every in [S(30), S(60), S(300)] {
+            assert!(join_horizon(every, S(30)) < S(30));
+        }
+        assert_eq!(join_horizon(S(60), Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

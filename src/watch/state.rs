@@ -139,6 +139,8 @@ pub struct State {
     generation: AtomicU64,
     /// The last logged state of each check and sampling step, so logs tell what changed.
     pub transitions: crate::watch::transitions::Transitions,
+    /// Runs that started late for lack of a session, summed up per server for the log.
+    pub late_runs: crate::watch::transitions::LateRuns,
     /// The daemon's one clock: every component that records or judges asks it for "now".
     clock: SharedClock,
 }
@@ -168,6 +170,7 @@ impl State {
             inner: Mutex::new(Snapshot::default()),
             generation: AtomicU64::new(0),
             transitions: Default::default(),
+            late_runs: Default::default(),
             clock,
         }
     }
@@ -467,5 +470,11 @@ impl State {
 
     pub fn snapshot(&self) -> Snapshot {
         self.lock().clone()
+    }
+
+    /// What `read` makes of one target's state, read under the lock without copying the
+    /// rest: a fleet's per-database readers must not each copy every database's state.
+    pub fn read_target<R>(&self, target: &str, read: impl FnOnce(&TargetState) -> R) -> Option<R> {
+        self.lock().targets.get(target).map(read)
     }
 }

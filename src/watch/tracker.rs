@@ -879,29 +879,31 @@ impl Tracker {
     }
 
     fn check_points(&self) -> std::collections::BTreeMap<String, CheckPoint> {
-        let snapshot = self.state.snapshot();
-        let Some(target) = snapshot.targets.get(self.name()) else {
-            return Default::default();
-        };
-        target
-            .checks
-            .iter()
-            .map(|(name, c)| {
-                let value = c
-                    .outcome
-                    .as_ref()
-                    .and_then(|o| o.observation.as_ref())
-                    .and_then(Observation::as_number);
-                (
-                    name.clone(),
-                    CheckPoint {
-                        category: c.spec.category.as_str().to_string(),
-                        status: c.status.as_str().to_string(),
-                        value,
-                    },
-                )
+        // Only this target's checks: a copy of the whole state here, once per pass of every
+        // database, cost a fleet's daemon time and memory growing with the square of its size.
+        self.state
+            .read_target(self.name(), |target| {
+                target
+                    .checks
+                    .iter()
+                    .map(|(name, c)| {
+                        let value = c
+                            .outcome
+                            .as_ref()
+                            .and_then(|o| o.observation.as_ref())
+                            .and_then(Observation::as_number);
+                        (
+                            name.clone(),
+                            CheckPoint {
+                                category: c.spec.category.as_str().to_string(),
+                                status: c.status.as_str().to_string(),
+                                value,
+                            },
+                        )
+                    })
+                    .collect()
             })
-            .collect()
+            .unwrap_or_default()
     }
 
     fn judging_settings(&self) -> judging::Settings {
