@@ -1739,6 +1739,11 @@ mod tests {
             .collect()
     }
 
+    fn assert_no_new_statement_flagged(kind: Window, baseline: &[Sample], window: &[Sample]) {
+        let j = judged(kind, baseline, window);
+        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+    }
+
     fn new_statement_findings(j: &Judgement) -> Vec<&Finding> {
         j.regressions
             .iter()
@@ -1752,7 +1757,7 @@ mod tests {
         let baseline = with_new(0.0, 10, &old, |_| None);
         // 20 calls of 50 ms a minute: 16.7 ms of database time a second, 94 % of it.
         let window = with_new(1000.0, 8, &old, |_| Some(("9", 20.0, 50.0)));
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         assert_eq!(
             signals(&j.regressions),
             vec![(Signal::NewStatement, "query 9".to_string())]
@@ -1788,20 +1793,17 @@ mod tests {
         let baseline = with_new(0.0, 10, &busy, |_| None);
         // A new lookup: 20 calls of 0.13 ms a minute, 0.1 % of the database's time.
         let window = with_new(1000.0, 30, &busy, |_| Some(("9", 20.0, 0.13)));
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstDay, &baseline, &window);
         // An idle database: the new statement is most of its time, but 0.3 ms a second is not
         // a load.
         let idle = [("1", 0.01)];
         let baseline = with_new(0.0, 10, &idle, |_| None);
         let window = with_new(1000.0, 30, &idle, |_| Some(("9", 20.0, 1.0)));
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstDay, &baseline, &window);
         // 5 % of the database's time, but 2.3 ms a second: under the floor, not flagged.
         let baseline = with_new(0.0, 10, &busy, |_| None);
         let window = with_new(1000.0, 30, &busy, |_| Some(("9", 20.0, 7.0)));
-        let j = judge(Window::FirstDay, &baseline, &window, &window, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstDay, &baseline, &window);
     }
 
     #[test]
@@ -1810,7 +1812,7 @@ mod tests {
         let busy = [("1", 20_000.0)];
         let baseline = with_new(0.0, 10, &busy, |_| None);
         let window = with_new(1000.0, 8, &busy, |_| Some(("9", 5.0, 900.0)));
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         let found = new_statement_findings(&j);
         assert_eq!(found.len(), 1, "{j:?}");
         assert_eq!(found[0].evidence["criterion"], "time per call");
@@ -1822,8 +1824,7 @@ mod tests {
         );
         // Below the floor per call, the same statement is not flagged.
         let window = with_new(1000.0, 8, &busy, |_| Some(("9", 5.0, 300.0)));
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstHour, &baseline, &window);
     }
 
     #[test]
@@ -1832,14 +1833,12 @@ mod tests {
         let baseline = with_new(0.0, 10, &old, |_| None);
         // The migration's own statement: once, for seconds.
         let once = with_new(1000.0, 20, &old, |i| (i == 0).then_some(("9", 1.0, 8000.0)));
-        let j = judge(Window::FirstHour, &baseline, &once, &once, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstHour, &baseline, &once);
         // An expensive new statement seen in fewer than `latency_min_window_samples` samples.
         let early = with_new(1000.0, 5, &old, |_| Some(("9", 20.0, 50.0)));
-        let j = judge(Window::FirstHour, &baseline, &early, &early, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstHour, &baseline, &early);
         let later = with_new(1000.0, 6, &old, |_| Some(("9", 20.0, 50.0)));
-        let j = judge(Window::FirstHour, &baseline, &later, &later, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &later);
         assert_eq!(new_statement_findings(&j).len(), 1, "{j:?}");
     }
 
@@ -1849,8 +1848,7 @@ mod tests {
         // Statement 9 ran once in the baseline, cheaply.
         let baseline = with_new(0.0, 10, &old, |i| (i == 3).then_some(("9", 1.0, 0.5)));
         let window = with_new(1000.0, 8, &old, |_| Some(("9", 20.0, 50.0)));
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstHour, &baseline, &window);
         // Known to the baseline but not followed (a window's following lists it as known).
         let known = BTreeSet::from(["1".to_string(), "9".to_string()]);
         let mut window_summary = Summary::new(
@@ -1871,8 +1869,7 @@ mod tests {
             s.statements = None;
         }
         let fresh = with_new(1000.0, 8, &old, |_| Some(("7", 20.0, 50.0)));
-        let j = judge(Window::FirstHour, &blind, &fresh, &fresh, false, &t());
-        assert!(new_statement_findings(&j).is_empty(), "{j:?}");
+        assert_no_new_statement_flagged(Window::FirstHour, &blind, &fresh);
     }
 
     #[test]
@@ -1897,7 +1894,7 @@ mod tests {
                 }
             }
         }
-        let j = judge(Window::FirstHour, &baseline, &window, &window, false, &t());
+        let j = judged(Window::FirstHour, &baseline, &window);
         let found = new_statement_findings(&j);
         assert_eq!(found.len(), 1, "{j:?}");
         let e = &found[0].evidence;

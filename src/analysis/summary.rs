@@ -518,17 +518,16 @@ mod tests {
     #[test]
     fn only_chosen_and_a_few_new_statements_are_followed() {
         let mut summary = chosen(&["a"], &["a", "b"], 1);
-        for i in 0..10 {
-            summary.add(&sample(
-                f64::from(i),
-                &[
-                    ("a", 10.0, 10.0),
-                    ("b", 10.0, 5.0),
-                    ("new1", 2.0, 2.0),
-                    ("new2", 2.0, 2.0),
-                ],
-            ));
-        }
+        feed(
+            &mut summary,
+            0..10,
+            &[
+                ("a", 10.0, 10.0),
+                ("b", 10.0, 5.0),
+                ("new1", 2.0, 2.0),
+                ("new2", 2.0, 2.0),
+            ],
+        );
         let ids: Vec<&str> = summary.statements.keys().map(String::as_str).collect();
         assert_eq!(ids, vec!["a", "new1"]);
         assert_eq!(summary.statements["a"].means.values().len(), 10);
@@ -558,6 +557,13 @@ mod tests {
         assert_eq!(summary.restarts, 1);
         assert_eq!(summary.samples, 5 + RESTART_WARMUP_SAMPLES + 1);
         assert_eq!(summary.seconds, 60.0 * summary.samples as f64);
+    }
+
+    /// Adds a sample of `statements` at each second of `times`.
+    fn feed(summary: &mut Summary, times: std::ops::Range<u32>, statements: &[(&str, f64, f64)]) {
+        for i in times {
+            summary.add(&sample(f64::from(i), statements));
+        }
     }
 
     /// A summary following `followed` in detail, of the statements `known` beforehand, and
@@ -621,29 +627,27 @@ mod tests {
     #[test]
     fn a_costlier_new_statement_takes_the_place_of_the_cheapest_new_one() {
         let mut summary = chosen(&["a"], &["a"], 2);
-        for i in 0..5 {
-            summary.add(&sample(
-                f64::from(i),
-                &[
-                    ("a", 10.0, 10.0),
-                    ("cheap1", 10.0, 1.0),
-                    ("cheap2", 10.0, 2.0),
-                ],
-            ));
-        }
+        feed(
+            &mut summary,
+            0..5,
+            &[
+                ("a", 10.0, 10.0),
+                ("cheap1", 10.0, 1.0),
+                ("cheap2", 10.0, 2.0),
+            ],
+        );
         // A costly new statement arrives once the places are taken: the cheapest new one
         // (5 ms in all) makes way, and is not followed again.
-        for i in 5..10 {
-            summary.add(&sample(
-                f64::from(i),
-                &[
-                    ("a", 10.0, 10.0),
-                    ("cheap1", 10.0, 1.0),
-                    ("cheap2", 10.0, 2.0),
-                    ("costly", 10.0, 500.0),
-                ],
-            ));
-        }
+        feed(
+            &mut summary,
+            5..10,
+            &[
+                ("a", 10.0, 10.0),
+                ("cheap1", 10.0, 1.0),
+                ("cheap2", 10.0, 2.0),
+                ("costly", 10.0, 500.0),
+            ],
+        );
         let ids: Vec<&str> = summary.statements.keys().map(String::as_str).collect();
         assert_eq!(ids, vec!["a", "cheap2", "costly"]);
         assert_eq!(summary.statements["costly"].calls, 50.0);
