@@ -246,6 +246,16 @@ async fn execute(url: &str, sql: &str) -> u64 {
     changed
 }
 
+/// The exported orphaned_submissions count (0 while there is none), then a pause of `millis`:
+/// where in the sweep cycle the next change lands.
+async fn orphans_then_pause(base: &str, millis: u64) -> f64 {
+    let current = scrape_value(base, "orphaned_submissions")
+        .await
+        .unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    current
+}
+
 async fn scrape_value(base: &str, check: &str) -> Option<f64> {
     let (_, body) = deploywatch::commands::client::get(&format!("{base}/metrics"), "*/*")
         .await
@@ -347,13 +357,8 @@ async fn main() {
     let mut insert_times = Vec::new();
     let mut delete_times = Vec::new();
     for trial in 0..trials {
-        let current = scrape_value(&base, "orphaned_submissions")
-            .await
-            .unwrap_or(0.0);
-        tokio::time::sleep(Duration::from_millis(
-            1_000 + 3_700 * trial as u64 % (interval * 1000),
-        ))
-        .await;
+        let current =
+            orphans_then_pause(&base, 1_000 + 3_700 * trial as u64 % (interval * 1000)).await;
         psql(
             &setup.url,
             &format!(
@@ -364,13 +369,8 @@ async fn main() {
         .await;
         insert_times.push(wait_for(&base, "orphaned_submissions", current, limit).await);
 
-        let current = scrape_value(&base, "orphaned_submissions")
-            .await
-            .unwrap_or(0.0);
-        tokio::time::sleep(Duration::from_millis(
-            2_300 + 5_100 * trial as u64 % (interval * 1000),
-        ))
-        .await;
+        let current =
+            orphans_then_pause(&base, 2_300 + 5_100 * trial as u64 % (interval * 1000)).await;
         // A participant that still exists, with submissions in the middle of the table (a
         // later trial's a little further on): each delete orphans rows the sweep must reach.
         let deleted = execute(

@@ -136,11 +136,7 @@ fn only_the_postgres_layer_talks_to_postgresql() {
                     .all(|(at, _)| code[at..].starts_with("tokio_postgres_rustls::")))
         })
         .collect();
-    assert!(
-        found.is_empty(),
-        "tokio_postgres outside src/postgres/:\n{}",
-        found.join("\n")
-    );
+    assert_none(&found, "tokio_postgres outside src/postgres/");
 }
 
 #[test]
@@ -157,41 +153,28 @@ fn only_the_store_on_postgresql_uses_the_blocking_driver() {
             })
         })
         .collect();
-    assert!(
-        found.is_empty(),
-        "the blocking PostgreSQL driver outside src/storage/sql.rs:\n{}",
-        found.join("\n")
+    assert_none(
+        &found,
+        "the blocking PostgreSQL driver outside src/storage/sql.rs",
     );
 }
 
 #[test]
 fn only_the_server_and_the_client_know_hyper() {
     let found = mentions_outside("hyper", &["server/http.rs", "commands/client.rs"]);
-    assert!(
-        found.is_empty(),
-        "hyper outside http.rs and client.rs:\n{}",
-        found.join("\n")
-    );
+    assert_none(&found, "hyper outside http.rs and client.rs");
 }
 
 #[test]
 fn only_the_store_knows_sqlite() {
     let found = mentions_outside("rusqlite", &["storage/"]);
-    assert!(
-        found.is_empty(),
-        "rusqlite outside src/storage/:\n{}",
-        found.join("\n")
-    );
+    assert_none(&found, "rusqlite outside src/storage/");
 }
 
 #[test]
 fn only_the_demo_uses_the_test_support_crate() {
     let found = mentions_outside("deploywatch_testkit", &["commands/demo.rs"]);
-    assert!(
-        found.is_empty(),
-        "the test kit outside the demo:\n{}",
-        found.join("\n")
-    );
+    assert_none(&found, "the test kit outside the demo");
 }
 
 #[test]
@@ -218,9 +201,10 @@ fn pure_layers_do_no_io_and_never_read_the_clock() {
             }
         }
     }
-    assert!(
-        found.is_empty(),
-        "I/O or clock reads in a pure layer:\n{}",
-        found.join("\n")
-    );
+    assert_none(&found, "I/O or clock reads in a pure layer");
+}
+
+/// Fails with `what` and the places found unless none was.
+fn assert_none(found: &[String], what: &str) {
+    assert!(found.is_empty(), "{what}:\n{}", found.join("\n"));
 }

@@ -17,6 +17,16 @@ use deploywatch::watch::state::{CheckState, State};
 use deploywatch_testkit::pgcluster::PgCluster;
 
 /// Config with the shipped packs for one database.
+/// `check` (of `only` or every check) on [`shipped_config`]: its exit code and output.
+async fn check_shipped(
+    cluster: &PgCluster,
+    db: &str,
+    only: Option<&str>,
+    format: OutputFormat,
+) -> (u8, String) {
+    commands::check(shipped_config(cluster, db).load(), None, only, format).await
+}
+
 fn shipped_config(cluster: &PgCluster, db: &str) -> ConfigDir {
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
@@ -72,8 +82,7 @@ fn describe(checks: &BTreeMap<String, CheckState>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_360_the_health_checks_fail_for_the_right_reasons() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V360);
+    let pg = common::cognit_cluster(Version::V360);
     let checks = run_all(&shipped_config(&pg, "cognit").load()).await;
     let all = describe(&checks);
     for failing in [
@@ -107,8 +116,7 @@ async fn on_360_the_health_checks_fail_for_the_right_reasons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_migration_every_check_passes() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = common::cognit_cluster(Version::V370);
     let checks = run_all(&shipped_config(&pg, "cognit").load()).await;
     let all = describe(&checks);
     assert!(checks.len() >= 25, "{all}");
@@ -166,8 +174,7 @@ fn transactions(pg: &PgCluster, db: &str) -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitors_reads_never_count_as_the_applications_rollbacks() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = common::cognit_cluster(Version::V370);
     let config = shipped_config(&pg, "cognit").load();
     let (commits_before, rollbacks_before) = transactions(&pg, "cognit");
     let mut runs = 0.0;
@@ -251,8 +258,7 @@ async fn each_corruption_fails_exactly_its_own_integrity_check_with_its_count() 
 /// The values deploywatch reports equal what the checklist's own queries return verbatim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reported_values_equal_the_checklist_queries_run_verbatim() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = common::cognit_cluster(Version::V370);
     common::corrupt(&pg, "cognit", "orphaned_payments");
     let checks = run_all(&shipped_config(&pg, "cognit").load()).await;
     let verbatim = |sql: &str| -> f64 {
@@ -317,8 +323,7 @@ const BROKEN_PACK: &str = include_str!("fixtures/packs/broken.toml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_checks_report_their_own_error_kind_while_the_others_pass() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = common::cognit_cluster(Version::V370);
     let dir = ConfigDir::new();
     dir.write("checks/broken.toml", BROKEN_PACK);
     dir.write("deploywatch.toml", &target_toml("cognit", &pg, "cognit"));
@@ -367,13 +372,7 @@ async fn check_command_gates_a_deployment_with_its_exit_code() {
     let pg = cluster();
     cognit_db(&pg, "before", Version::V360);
     cognit_db(&pg, "after", Version::V370);
-    let (code, output) = commands::check(
-        shipped_config(&pg, "before").load(),
-        None,
-        None,
-        OutputFormat::Table,
-    )
-    .await;
+    let (code, output) = check_shipped(&pg, "before", None, OutputFormat::Table).await;
     assert_eq!(code, 1, "{output}");
     assert!(
         output
@@ -382,25 +381,14 @@ async fn check_command_gates_a_deployment_with_its_exit_code() {
         "{output}"
     );
     assert!(output.contains("schema version 3.6.0"), "{output}");
-    let (code, output) = commands::check(
-        shipped_config(&pg, "after").load(),
-        None,
-        None,
-        OutputFormat::Table,
-    )
-    .await;
+    let (code, output) = check_shipped(&pg, "after", None, OutputFormat::Table).await;
     assert_eq!(code, 0, "{output}");
     assert!(
         !output.contains("FAIL") && !output.contains("ERROR"),
         "{output}"
     );
-    let (code, output) = commands::check(
-        shipped_config(&pg, "before").load(),
-        None,
-        Some("orphaned_payments"),
-        OutputFormat::Json,
-    )
-    .await;
+    let (code, output) =
+        check_shipped(&pg, "before", Some("orphaned_payments"), OutputFormat::Json).await;
     assert_eq!(code, 0, "{output}");
     let json: serde_json::Value = serde_json::from_str(&output).expect("json");
     assert_eq!(
@@ -432,16 +420,9 @@ async fn an_unreachable_target_exits_2_with_a_clear_message() {
 /// The binary itself, as a pipeline would call it.
 #[test]
 fn the_binary_prints_every_checklist_check_as_passing_on_a_migrated_database() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = common::cognit_cluster(Version::V370);
     let dir = shipped_config(&pg, "cognit");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .args(["--config"])
-        .arg(dir.main())
-        .arg("check")
-        .output()
-        .expect("run deploywatch");
-    let stdout = common::succeeded(&output);
+    let stdout = common::succeeded(&dir.run(&["check"]));
     for check in [
         "connection",
         "schema_version",
@@ -466,8 +447,7 @@ fn the_binary_prints_every_checklist_check_as_passing_on_a_migrated_database() {
 /// application tables.
 #[test]
 fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = common::cognit_cluster(Version::V370);
     pg.psql(
         "cognit",
         "CREATE ROLE watcher LOGIN; GRANT pg_monitor TO watcher",

@@ -75,26 +75,14 @@ async fn an_unknown_target_is_an_error_that_lists_the_known_ones() {
             .output()
             .await
             .expect("status command");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(output.status.code(), Some(2), "{format}: {text}");
+        let text = common::exit_text(&output, 2);
         assert!(
             text.contains("nosuch") && text.contains("alpha, beta"),
             "{format}: {text}"
         );
     }
     // `check` lists them too.
-    let output = binary()
-        .arg("--config")
-        .arg(dir.main())
-        .args(["check", "--target", "nosuch"])
-        .output()
-        .expect("check");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(2), "{text}");
+    let text = common::exit_stdout(&dir.run(&["check", "--target", "nosuch"]), 2);
     assert!(text.contains("alpha, beta"), "{text}");
 
     // A reader that goes away early (`| head`) ends the command quietly, without a panic.
@@ -135,28 +123,14 @@ fn every_flag_has_help() {
 #[test]
 fn check_against_an_unreachable_database_says_it_cannot_connect() {
     let dir = unreachable_config();
-    let output = binary()
-        .arg("--config")
-        .arg(dir.main())
-        .arg("check")
-        .output()
-        .expect("check");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(2), "{text}");
+    let text = common::exit_stdout(&dir.run(&["check"]), 2);
     assert!(text.contains("cannot connect"), "{text}");
     assert!(
         !text.contains("reconnecting") && !text.contains("backoff"),
         "{text}"
     );
 
-    let output = binary()
-        .arg("--config")
-        .arg(dir.main())
-        .args(["check", "--privileges"])
-        .output()
-        .expect("check --privileges");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(2), "{text}");
+    let text = common::exit_stdout(&dir.run(&["check", "--privileges"]), 2);
     assert!(
         text.contains("gone") && text.contains("cannot connect"),
         "{text}"
@@ -172,27 +146,21 @@ fn deploy_mark_says_the_token_variable_is_empty() {
         "deploywatch.toml",
         &format!("[server]\napi_token_env = \"DW_TEST_EMPTY_TOKEN\"\n\n{main}"),
     );
-    let output = binary()
-        .arg("--config")
-        .arg(dir.main())
-        .args(["deploy", "mark", "--version", "3.7.0"])
+    let mark = || {
+        let mut command = dir.command();
+        command.args(["deploy", "mark", "--version", "3.7.0"]);
+        command
+    };
+    let output = mark()
         .env("DW_TEST_EMPTY_TOKEN", "")
         .output()
         .expect("deploy mark");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(output.status.code(), Some(2), "{text}");
+    let text = common::exit_text(&output, 2);
     assert!(
         text.contains("DW_TEST_EMPTY_TOKEN") && text.contains("is empty"),
         "{text}"
     );
-    let output = binary()
-        .arg("--config")
-        .arg(dir.main())
-        .args(["deploy", "mark", "--version", "3.7.0"])
+    let output = mark()
         .env_remove("DW_TEST_EMPTY_TOKEN")
         .output()
         .expect("deploy mark");

@@ -9,12 +9,18 @@ const TARGET: &str = "[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\ndbname =
 
 const GOOD_CHECK: &str = include_str!("fixtures/packs/good.toml");
 
-/// Loads a config made of `main` and one pack, expecting one problem that mentions `file`,
-/// `key` and `message`.
-fn check(main: &str, pack: &str, file: &str, key: &str, message: &str) {
+/// A configuration directory of the main file `main` and one pack.
+fn config_dir(main: &str, pack: &str) -> ConfigDir {
     let dir = ConfigDir::new();
     dir.write("deploywatch.toml", main);
     dir.write("checks/pack.toml", pack);
+    dir
+}
+
+/// Loads a config made of `main` and one pack, expecting one problem that mentions `file`,
+/// `key` and `message`.
+fn check(main: &str, pack: &str, file: &str, key: &str, message: &str) {
+    let dir = config_dir(main, pack);
     let error = match Config::load(&dir.main()) {
         Ok(_) => panic!("config should be rejected ({message})"),
         Err(error) => error,
@@ -179,9 +185,7 @@ fn malformed_connection_url_does_not_echo_the_password() {
         "targets[0].url",
         "invalid connection string",
     );
-    let dir = ConfigDir::new();
-    dir.write("deploywatch.toml", main);
-    dir.write("checks/pack.toml", GOOD_CHECK);
+    let dir = config_dir(main, GOOD_CHECK);
     let text = Config::load(&dir.main())
         .err()
         .map(|e| e.to_string())
@@ -191,21 +195,17 @@ fn malformed_connection_url_does_not_echo_the_password() {
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let dir = ConfigDir::new();
-    dir.write(
-        "deploywatch.toml",
+    let dir = config_dir(
         &format!("[defaults]\ninterval = \"x\"\ntimeout = \"y\"\n{TARGET}"),
+        GOOD_CHECK,
     );
-    dir.write("checks/pack.toml", GOOD_CHECK);
     let error = Config::load(&dir.main()).expect_err("rejected");
     assert!(error.problems().len() >= 2, "{error}");
 }
 
 #[test]
 fn environment_overrides_a_section_but_leaves_secrets_alone() {
-    let dir = ConfigDir::new();
-    dir.write("deploywatch.toml", TARGET);
-    dir.write("checks/pack.toml", GOOD_CHECK);
+    let dir = config_dir(TARGET, GOOD_CHECK);
     let env = vec![
         (
             "DEPLOYWATCH_SERVER__LISTEN".to_string(),
@@ -309,9 +309,7 @@ fn an_unknown_key_does_not_hide_the_other_problems() {
 
 #[test]
 fn an_invalid_environment_override_names_the_variable() {
-    let dir = ConfigDir::new();
-    dir.write("deploywatch.toml", TARGET);
-    dir.write("checks/pack.toml", GOOD_CHECK);
+    let dir = config_dir(TARGET, GOOD_CHECK);
     for (variable, value) in [
         ("DEPLOYWATCH_DEFAULTS__TIMEOUT", "soon"),
         ("DEPLOYWATCH_DEFAULTS__MAX_CONNECTIONS_PER_TARGET", "many"),
@@ -330,7 +328,14 @@ fn an_invalid_environment_override_names_the_variable() {
 
 const PARAMETER_CHECK: &str = include_str!("fixtures/packs/parameter.toml");
 
-fn expectation_of(config: &Config) -> String {
+/// The expectation of the parameter check when the main file overrides `expectedVersion`
+/// with 2.5.0 and the environment is `env`.
+fn overridden_expectation(env: Vec<(String, String)>) -> String {
+    let dir = config_dir(
+        &format!("[checks.parameters]\nexpectedVersion = \"2.5.0\"\n\n{TARGET}"),
+        PARAMETER_CHECK,
+    );
+    let config = Config::load_with_env(&dir.main(), env).expect("loads");
     format!("{:?}", config.targets[0].checks[0].expectation)
 }
 
@@ -338,38 +343,17 @@ fn expectation_of(config: &Config) -> String {
 fn a_parameter_override_keeps_the_case_of_its_name() {
     // The main file's override of `expectedVersion` must reach the pack parameter of that
     // name; a loader that lowercases keys turned it into `expectedversion` and dropped it.
-    let dir = ConfigDir::new();
-    dir.write(
-        "deploywatch.toml",
-        &format!("[checks.parameters]\nexpectedVersion = \"2.5.0\"\n\n{TARGET}"),
-    );
-    dir.write("checks/pack.toml", PARAMETER_CHECK);
-    let config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
-    assert!(
-        expectation_of(&config).contains("2.5.0"),
-        "{}",
-        expectation_of(&config)
-    );
+    let expectation = overridden_expectation(Vec::new());
+    assert!(expectation.contains("2.5.0"), "{expectation}");
 }
 
 #[test]
 fn an_environment_override_matches_a_parameter_whatever_its_case() {
-    let dir = ConfigDir::new();
-    dir.write(
-        "deploywatch.toml",
-        &format!("[checks.parameters]\nexpectedVersion = \"2.5.0\"\n\n{TARGET}"),
-    );
-    dir.write("checks/pack.toml", PARAMETER_CHECK);
-    let env = vec![(
+    let expectation = overridden_expectation(vec![(
         "DEPLOYWATCH_CHECKS__PARAMETERS__EXPECTEDVERSION".to_string(),
         "3.0.0".to_string(),
-    )];
-    let config = Config::load_with_env(&dir.main(), env).expect("loads");
-    assert!(
-        expectation_of(&config).contains("3.0.0"),
-        "{}",
-        expectation_of(&config)
-    );
+    )]);
+    assert!(expectation.contains("3.0.0"), "{expectation}");
 }
 
 #[test]
@@ -421,12 +405,10 @@ fn shard_peers_are_one_base_url_per_shard() {
 
 #[test]
 fn the_command_line_shard_wins_but_must_match_the_peers() {
-    let dir = ConfigDir::new();
-    dir.write(
-        "deploywatch.toml",
+    let dir = config_dir(
         &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"),
+        GOOD_CHECK,
     );
-    dir.write("checks/pack.toml", GOOD_CHECK);
     let mut config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
     let overrides = |shard: &str| deploywatch::config::Overrides {
         shard: Some(shard.parse().expect("shard")),
@@ -452,12 +434,10 @@ fn the_command_line_shard_wins_but_must_match_the_peers() {
 #[test]
 fn peers_without_a_shard_load_but_run_needs_one() {
     // Each pod of a StatefulSet reads the same file and gets its shard from the command line.
-    let dir = ConfigDir::new();
-    dir.write(
-        "deploywatch.toml",
+    let dir = config_dir(
         &format!("[server]\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"),
+        GOOD_CHECK,
     );
-    dir.write("checks/pack.toml", GOOD_CHECK);
     let mut config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
     let error = config
         .apply_overrides(&deploywatch::config::Overrides::default())

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    base, cluster, cognit_db, get, parse_metrics, scrape, start, target_toml, wait_for_answer,
+    base, cluster, cognit_cluster, get, parse_metrics, scrape, start, target_toml, wait_for_answer,
     wait_for_metrics, wait_ready, wait_until, ConfigDir, Version, FAST,
 };
 use deploywatch::daemon::{self, DaemonHandle};
@@ -57,10 +57,8 @@ fn two_targets(a: &PgCluster, b: &PgCluster) -> ConfigDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_status_show_every_check_of_every_target() {
-    let a = cluster();
-    cognit_db(&a, "cognit", Version::V370);
-    let b = cluster();
-    cognit_db(&b, "cognit", Version::V360);
+    let a = cognit_cluster(Version::V370);
+    let b = cognit_cluster(Version::V360);
     let dir = two_targets(&a, &b);
     let handle = start(&dir).await;
     wait_ready(&handle).await;
@@ -241,8 +239,7 @@ async fn metrics_and_status_show_every_check_of_every_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_answer_404_405_and_probes() {
-    let a = cluster();
-    cognit_db(&a, "cognit", Version::V370);
+    let a = cognit_cluster(Version::V370);
     let dir = fast_dir(&a);
     let handle = start(&dir).await;
     let url = base(&handle);
@@ -265,8 +262,7 @@ async fn endpoints_answer_404_405_and_probes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
-    let mut a = cluster();
-    cognit_db(&a, "cognit", Version::V370);
+    let mut a = cognit_cluster(Version::V370);
     let dir = fast_dir(&a);
     let handle = start(&dir).await;
     wait_ready(&handle).await;
@@ -330,10 +326,8 @@ fn deploywatch_sessions(pg: &PgCluster) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_database_times_out_without_delaying_other_targets() {
-    let hung = cluster();
-    cognit_db(&hung, "cognit", Version::V370);
-    let healthy = cluster();
-    cognit_db(&healthy, "cognit", Version::V370);
+    let hung = cognit_cluster(Version::V370);
+    let healthy = cognit_cluster(Version::V370);
     let dir = ConfigDir::new();
     dir.write(
         "checks/light.toml",
@@ -503,8 +497,7 @@ async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
 /// The binary with real signals: SIGHUP with a good and a bad configuration, then SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_or_rejects_and_sigterm_exits_zero() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = cognit_cluster(Version::V370);
     let dir = ConfigDir::new();
     let one = "[pack]\nname = \"p\"\n\n[[check]]\nname = \"first\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n";
     dir.write("checks/p.toml", one);
@@ -730,8 +723,7 @@ async fn sigterm_lets_a_check_in_flight_finish_within_the_grace_period() {
 /// in the new configuration take effect for `POST /api/deployments` without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_applies_the_deployment_api_settings() {
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = cognit_cluster(Version::V370);
     let dir = fast_dir(&pg);
     dir.write("token", "reload-token");
     let handle = start(&dir).await;

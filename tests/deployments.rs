@@ -6,13 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, cognit_db, get, parse_metrics, wait_until, ConfigDir, Version};
+use common::{cluster, cognit_cluster, get, parse_metrics, wait_until, ConfigDir, Version};
 use deploywatch::analysis::deployment::{
     DeploymentKind, DeploymentView, Detection, FlagState, Signal, WindowView,
 };
 use deploywatch::analysis::window::{Verdict, Window};
 use deploywatch::daemon::DaemonHandle;
 use deploywatch::storage::Store;
+use deploywatch_testkit::config::compressed_clock;
 use deploywatch_testkit::pgcluster::PgCluster;
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +31,7 @@ struct Setup {
 impl Setup {
     /// cognit at `version` on a new cluster.
     fn new(version: Version, hour: u32) -> Setup {
-        let pg = cluster();
-        cognit_db(&pg, "cognit", version);
+        let pg = cognit_cluster(version);
         Setup::on(pg, hour)
     }
 
@@ -56,16 +56,12 @@ impl Setup {
         dir.write("token", TOKEN);
         dir.write(
             "deploywatch.toml",
-            &format!(
-                "[server]\napi_token_file = \"token\"\n\n\
-                 [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
-                 [store]\npath = \"state.sqlite\"\n\n\
-                 [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
-                 latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-                 [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"deploywatch\"\n",
-                hour * 2,
-                hour * 3,
-                pg.port()
+            &compressed_clock(
+                "cognit",
+                pg.port(),
+                Some("path = \"state.sqlite\""),
+                1,
+                hour.into(),
             ),
         );
         Setup {
@@ -857,32 +853,40 @@ async fn a_deployment_declared_in_config_is_recorded_once() {
     );
 }
 
+/// The connection string of database `db` of `pg` as deploywatch's role.
+fn monitor_dsn(pg: &PgCluster, db: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={} dbname={db}",
+        pg.port(),
+        common::MONITOR_ROLE
+    )
+}
+
+/// A pool `name` of one session to database `db` of `pg` as deploywatch's role.
+fn monitor_pool(name: &str, pg: &PgCluster, db: &str) -> deploywatch::postgres::pool::TargetPool {
+    let settings = deploywatch::postgres::target::ConnectionSettings::parse(
+        &monitor_dsn(pg, db),
+        Duration::from_secs(5),
+    )
+    .expect("settings");
+    deploywatch::postgres::pool::TargetPool::new(
+        name,
+        settings,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+    )
+}
+
 /// A clean restart keeps the statistics (they are saved at shutdown), so no counter goes back;
 /// the sampler still tells the interval that held the restart, from the server's start time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sampler_tells_a_restart_the_counters_survived() {
     use deploywatch::analysis::sample::delta;
-    use deploywatch::postgres::pool::TargetPool;
     use deploywatch::postgres::sampler::{self, StatementsSupport};
-    use deploywatch::postgres::target::ConnectionSettings;
 
     let mut pg = cluster();
-    let settings = ConnectionSettings::parse(
-        &format!(
-            "host=127.0.0.1 port={} user={} dbname=postgres",
-            pg.port(),
-            common::MONITOR_ROLE
-        ),
-        Duration::from_secs(5),
-    )
-    .expect("settings");
-    let pool = TargetPool::new(
-        "restart",
-        settings,
-        1,
-        Duration::from_secs(10),
-        Duration::from_secs(5),
-    );
+    let pool = monitor_pool("restart", &pg, "postgres");
     let none = StatementsSupport::Unavailable(String::new());
     let read = |at: f64| {
         let (pool, none) = (&pool, &none);
@@ -909,9 +913,7 @@ async fn the_sampler_tells_a_restart_the_counters_survived() {
 /// not the application's: the sampler leaves them out, so they are never judged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sampler_leaves_out_the_statements_of_its_own_role() {
-    use deploywatch::postgres::pool::TargetPool;
     use deploywatch::postgres::sampler;
-    use deploywatch::postgres::target::ConnectionSettings;
 
     // Structurally different (constants would be normalised away into one query id).
     const OWN: &str = "SELECT count(*), max(relpages) FROM pg_class";
@@ -920,32 +922,11 @@ async fn the_sampler_leaves_out_the_statements_of_its_own_role() {
     pg.create_database("app").expect("database");
     pg.psql("app", "CREATE EXTENSION pg_stat_statements")
         .expect("extension");
-    let settings = ConnectionSettings::parse(
-        &format!(
-            "host=127.0.0.1 port={} user={} dbname=app",
-            pg.port(),
-            common::MONITOR_ROLE
-        ),
-        Duration::from_secs(5),
-    )
-    .expect("settings");
-    let pool = TargetPool::new(
-        "own",
-        settings,
-        1,
-        Duration::from_secs(10),
-        Duration::from_secs(5),
-    );
-    let (own, connection) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user={} dbname=app",
-            pg.port(),
-            common::MONITOR_ROLE
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect as deploywatch's role");
+    let pool = monitor_pool("own", &pg, "app");
+    let (own, connection) =
+        tokio_postgres::connect(&monitor_dsn(&pg, "app"), tokio_postgres::NoTls)
+            .await
+            .expect("connect as deploywatch's role");
     tokio::spawn(connection);
     own.simple_query(OWN).await.expect("own statement");
     pg.psql("app", APPLICATION).expect("application statement");

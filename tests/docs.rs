@@ -562,12 +562,7 @@ fn the_readme_runs_and_its_role_can_run_every_shipped_check() {
             cluster.port()
         ),
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["check", "--privileges"])
-        .output()
-        .expect("deploywatch");
+    let output = dir.run(&["check", "--privileges"]);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -760,14 +755,22 @@ async fn version_queries_work_on_the_tables_their_tools_create() {
     }
 }
 
+/// The only target of the `/status` at `url`, once `read` finds in it what the test waits for.
+async fn target_where<T>(
+    url: &str,
+    what: &str,
+    seconds: u64,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+) -> T {
+    common::wait_for_json(url, what, Duration::from_secs(seconds), |json| {
+        read(json["targets"].get(0)?)
+    })
+    .await
+}
+
 async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
     // `check` shows the version.
-    let output = Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .arg("check")
-        .output()
-        .expect("deploywatch check");
+    let output = dir.run(&["check"]);
     let table = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{}: {table}{stderr}", tool.name);
@@ -790,17 +793,11 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
     let port = free_port();
     let mut child = common::spawn_daemon(dir, port);
     let url = format!("http://127.0.0.1:{port}/status?format=json");
-    let target = |url: String| async move {
-        let json = common::get_json(&url).await?;
-        json["targets"].get(0).cloned()
-    };
-    common::wait_until(
+    target_where(
+        &url,
         &format!("{}: version {} seen", tool.name, tool.version),
-        Duration::from_secs(60),
-        || {
-            let url = url.clone();
-            async move { (target(url).await?["schema_version"] == tool.version).then_some(()) }
-        },
+        60,
+        |t| (t["schema_version"] == tool.version).then_some(()),
     )
     .await;
     let mut expected = vec![(tool.change, tool.version, tool.changed_version, tool.kind)];
@@ -809,16 +806,11 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
     }
     for (sql, from, to, kind) in expected {
         cluster.psql(tool.database, sql).expect("migration");
-        let deployment = common::wait_until(
+        let deployment = target_where(
+            &url,
             &format!("{}: {from} -> {to} recorded", tool.name),
-            Duration::from_secs(60),
-            || {
-                let url = url.clone();
-                async move {
-                    let deployment = target(url).await?["deployment"].clone();
-                    (deployment["to_version"] == to).then_some(deployment)
-                }
-            },
+            60,
+            |t| (t["deployment"]["to_version"] == to).then(|| t["deployment"].clone()),
         )
         .await;
         assert_eq!(deployment["from_version"], from, "{}", tool.name);
@@ -827,33 +819,41 @@ async fn watch_tool(tool: &Tool, cluster: &PgCluster, dir: &common::ConfigDir) {
     }
     if tool.name == "golang-migrate" {
         // The dirty flag fails the documented check until the schema is fixed.
-        let dirty = |url: String| async move {
-            let target = target(url).await?;
-            target["checks"]
-                .as_array()?
-                .iter()
-                .find(|c| c["name"] == "migration_dirty")
-                .and_then(|c| c["status"].as_str().map(str::to_string))
+        let dirty = |status: &'static str| {
+            move |t: &serde_json::Value| {
+                let check = t["checks"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["name"] == "migration_dirty")?;
+                (check["status"] == status).then(|| check.clone())
+            }
         };
-        common::wait_until("migration_dirty fails", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { (dirty(url).await? == "fail").then_some(()) }
-        })
-        .await;
+        target_where(&url, "migration_dirty fails", 30, dirty("fail")).await;
         cluster
             .psql(tool.database, "UPDATE schema_migrations SET dirty = false")
             .expect("migrate force");
-        common::wait_until(
-            "migration_dirty passes again",
-            Duration::from_secs(30),
-            || {
-                let url = url.clone();
-                async move { (dirty(url).await? == "pass").then_some(()) }
-            },
-        )
-        .await;
+        target_where(&url, "migration_dirty passes again", 30, dirty("pass")).await;
     }
     let _ = child.kill().await;
+}
+
+/// Reads `lines` into `log` until one contains `needle`: whether one did, within 60 s.
+async fn log_until(
+    lines: &mut tokio::io::Lines<impl tokio::io::AsyncBufRead + Unpin>,
+    log: &mut String,
+    needle: &str,
+) -> Result<bool, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
 }
 
 /// On a schema without the checklist's `database_metadata` table the default version query
@@ -881,12 +881,7 @@ async fn the_default_version_query_on_a_foreign_schema_is_warned_about() {
         ),
     );
 
-    let output = Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args(["check", "--format", "json"])
-        .output()
-        .expect("deploywatch check");
+    let output = dir.run(&["check", "--format", "json"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -905,34 +900,28 @@ async fn the_default_version_query_on_a_foreign_schema_is_warned_about() {
     let mut child = common::spawn_daemon(&dir, port);
     let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut log = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("the default version query reads the database_metadata table") {
-                return true;
-            }
-        }
-        false
-    })
+    let found = log_until(
+        &mut lines,
+        &mut log,
+        "the default version query reads the database_metadata table",
+    )
     .await;
     assert_eq!(found, Ok(true), "the daemon warns:\n{log}");
     assert!(log.contains("WARN"), "{log}");
     // Several more passes over the same problem, then the table appears.
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
-    common::wait_until("a few more passes", Duration::from_secs(60), || {
-        let metrics = metrics.clone();
-        async move {
-            let (_, body) = common::get(&metrics).await;
-            let scrape = common::parse_metrics(&body);
+    common::wait_for_metrics(
+        &format!("http://127.0.0.1:{port}"),
+        "a few more passes",
+        Duration::from_secs(60),
+        |scrape| {
             (scrape
                 .metric("deploywatch_check_runs_total")
                 .label("check", "orders_readable")
                 .value_opt()?
                 >= 5.0)
                 .then_some(())
-        }
-    })
+        },
+    )
     .await;
     cluster
         .psql(
@@ -941,17 +930,7 @@ async fn the_default_version_query_on_a_foreign_schema_is_warned_about() {
              INSERT INTO database_metadata VALUES ('version', '1.0.0')",
         )
         .expect("metadata");
-    let fixed = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("the version query works again") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let fixed = log_until(&mut lines, &mut log, "the version query works again").await;
     assert_eq!(fixed, Ok(true), "the daemon says it works again:\n{log}");
     assert_eq!(
         log.matches("the default version query reads").count(),

@@ -8,7 +8,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{base, get, parse_metrics, start, wait_until, ConfigDir, MONITOR_ROLE};
+use common::{
+    base, get, get_json, parse_metrics, scrape_at, start, wait_for_answer, wait_for_metrics,
+    wait_until, ConfigDir, MONITOR_ROLE,
+};
 use deploywatch::daemon::{DaemonHandle, Event};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
@@ -31,14 +34,16 @@ fn create_fleet(pg: &PgCluster, setup: &str, names: &[String]) {
     if !setup.is_empty() {
         pg.psql("fleet_template", setup).expect("template setup");
     }
-    let script: String = names
-        .iter()
-        .map(|name| format!("CREATE DATABASE {name} TEMPLATE fleet_template;\n"))
-        .collect();
-    let file = tempfile::NamedTempFile::new().expect("script file");
-    std::fs::write(file.path(), script).expect("script");
-    pg.psql_file("postgres", file.path())
-        .expect("create the fleet");
+    common::create_databases(pg, names, Some("fleet_template"));
+}
+
+/// A server of `max_connections` with `count` tenant databases made from a template that
+/// `setup` ran in; their names.
+fn tenant_fleet(max_connections: u32, setup: &str, count: usize) -> (PgCluster, Vec<String>) {
+    let pg = fleet_cluster(max_connections);
+    let names = tenant_names(count);
+    create_fleet(&pg, setup, &names);
+    (pg, names)
 }
 
 fn tenant_names(count: usize) -> Vec<String> {
@@ -199,9 +204,7 @@ fn fleet_config(pg: &PgCluster, budget: usize, per_target: usize, extra: &str) -
 /// new pool) drains the old sessions before new ones count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_databases_never_take_more_than_the_server_budget_even_across_a_reload() {
-    let pg = fleet_cluster(100);
-    let names = tenant_names(50);
-    create_fleet(&pg, "", &names);
+    let (pg, _) = tenant_fleet(100, "", 50);
     let dir = ConfigDir::new();
     dir.write("checks/fleet.toml", BUSY_PACK);
     dir.write("deploywatch.toml", &fleet_config(&pg, 3, 2, ""));
@@ -273,9 +276,7 @@ async fn fifty_databases_never_take_more_than_the_server_budget_even_across_a_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_server_keeps_deploywatch_inside_its_share_and_shows_why_checks_wait() {
     // 30 - 3 superuser-reserved = 27; 10 % of it is 2 sessions, below the configured 4.
-    let pg = fleet_cluster(30);
-    let names = tenant_names(10);
-    create_fleet(&pg, "", &names);
+    let (pg, _) = tenant_fleet(30, "", 10);
     let mut application = Vec::new();
     for _ in 0..22 {
         let client = pg.connect("postgres").await.expect("application connects");
@@ -321,28 +322,23 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
     let status = wait_until(
         "waiting checks are reported",
         Duration::from_secs(60),
-        || {
-            let (url, server) = (url.clone(), server.clone());
-            async move {
-                let (_, body) = get(&format!("{url}/metrics")).await;
-                let m = parse_metrics(&body);
-                let queue = m
-                    .metric("deploywatch_server_session_queue")
-                    .label("server", &server)
-                    .value_opt()?;
-                let oldest = m
-                    .metric("deploywatch_server_session_oldest_wait_seconds")
-                    .label("server", &server)
-                    .value_opt()?;
-                if queue < 1.0 || oldest <= 0.0 {
-                    return None;
-                }
-                let (_, status) = get(&format!("{url}/status")).await;
-                let json: serde_json::Value = serde_json::from_str(&status).ok()?;
-                let server = json["servers"].as_array()?.first()?.clone();
-                (server["queue"].as_u64()? > 0 && server["oldest_wait_seconds"].as_f64()? > 0.0)
-                    .then_some(server)
+        || async {
+            let m = scrape_at(&url).await?;
+            let queue = m
+                .metric("deploywatch_server_session_queue")
+                .label("server", &server)
+                .value_opt()?;
+            let oldest = m
+                .metric("deploywatch_server_session_oldest_wait_seconds")
+                .label("server", &server)
+                .value_opt()?;
+            if queue < 1.0 || oldest <= 0.0 {
+                return None;
             }
+            let json = get_json(&format!("{url}/status")).await?;
+            let server = json["servers"].as_array()?.first()?.clone();
+            (server["queue"].as_u64()? > 0 && server["oldest_wait_seconds"].as_f64()? > 0.0)
+                .then_some(server)
         },
     )
     .await;
@@ -364,51 +360,32 @@ sql = "SELECT count(*) FROM (SELECT pg_sleep(0.3)) s"
 
     // Checks that could not get a session when due keep their place and run late: the due runs
     // they span are merged into them and counted, with the reason; none is skipped.
-    let late = wait_until(
+    let (skipped, limit) = wait_for_metrics(
+        &url,
         "a check runs late for lack of a session",
         Duration::from_secs(60),
-        || {
-            let url = url.clone();
-            async move {
-                let (_, body) = get(&format!("{url}/metrics")).await;
-                let m = parse_metrics(&body);
-                let total: f64 = m
-                    .metric("deploywatch_check_delayed_total")
-                    .samples()
-                    .iter()
-                    .map(|s| match s.value {
-                        prometheus_parse::Value::Counter(v)
-                        | prometheus_parse::Value::Untyped(v) => v,
-                        _ => 0.0,
-                    })
+        |m| {
+            (m.metric("deploywatch_check_delayed_total").sum() > 0.0).then(|| {
+                let skipped = m
+                    .metric("deploywatch_check_skipped_total")
+                    .label("reason", "no_session")
                     .sum();
-                (total > 0.0).then_some(body)
-            }
+                let limit = m
+                    .metric("deploywatch_server_session_limit")
+                    .label("server", &server)
+                    .value();
+                (skipped, limit)
+            })
         },
     )
     .await;
-    let m = parse_metrics(&late);
-    let skipped: f64 = m
-        .metric("deploywatch_check_skipped_total")
-        .label("reason", "no_session")
-        .sum();
     assert_eq!(skipped, 0.0, "no run is skipped for lack of a session");
-    assert_eq!(
-        m.metric("deploywatch_server_session_limit")
-            .label("server", &server)
-            .value(),
-        2.0
-    );
-    let text = wait_until(
+    assert_eq!(limit, 2.0);
+    let text = wait_for_answer(
+        &format!("{url}/status?format=text"),
         "/status says why a check runs late",
         Duration::from_secs(30),
-        || {
-            let url = url.clone();
-            async move {
-                let (_, text) = get(&format!("{url}/status?format=text")).await;
-                text.contains("late: waited").then_some(text)
-            }
-        },
+        |_, text| text.contains("late: waited").then(|| text.to_string()),
     )
     .await;
     assert!(text.contains("for a session"), "{text}");
@@ -475,12 +452,8 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
     let wait_up = |want: Vec<(String, f64)>, what: &'static str| {
         let url = url.clone();
         async move {
-            wait_until(what, Duration::from_secs(60), || {
-                let (url, want) = (url.clone(), want.clone());
-                async move {
-                    let (_, body) = get(&format!("{url}/metrics")).await;
-                    (up(&body) == want).then_some(())
-                }
+            wait_for_metrics(&url, what, Duration::from_secs(60), |m| {
+                (m.metric("deploywatch_up").by_label("target") == want).then_some(())
             })
             .await
         }
@@ -552,9 +525,7 @@ async fn a_failed_rediscovery_keeps_the_known_databases_and_their_deployments() 
 /// second, they are queried once per second, not ten times (counted in pg_stat_statements).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_wide_views_are_read_once_per_server_per_interval() {
-    let pg = fleet_cluster(50);
-    let names = tenant_names(10);
-    create_fleet(&pg, "CREATE EXTENSION pg_stat_statements", &names);
+    let (pg, _) = tenant_fleet(50, "CREATE EXTENSION pg_stat_statements", 10);
     pg.psql("postgres", "CREATE EXTENSION pg_stat_statements")
         .expect("extension");
     let dir = ConfigDir::new();
@@ -654,9 +625,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// the server is back, so are its databases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics_answer() {
-    let mut pg = fleet_cluster(100);
-    let names = tenant_names(20);
-    create_fleet(&pg, "", &names);
+    let (mut pg, names) = tenant_fleet(100, "", 20);
     let dir = ConfigDir::new();
     dir.write("checks/fleet.toml", BUSY_PACK);
     dir.write(
@@ -670,9 +639,8 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
     );
     let port = common::free_port();
     let log = dir.path().join("daemon.log");
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
+    let mut daemon = dir
+        .async_command()
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .stderr(std::fs::File::create(&log).expect("log file"))
         .kill_on_drop(true)
@@ -764,8 +732,7 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
 /// check) is no outage: the database it already watches never shows unreachable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rediscovery_that_gets_no_session_never_shows_a_database_down() {
-    let pg = fleet_cluster(50);
-    create_fleet(&pg, "", &tenant_names(1));
+    let (pg, _) = tenant_fleet(50, "", 1);
     let dir = ConfigDir::new();
     dir.write(
         "checks/slow.toml",

@@ -8,7 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cluster, cognit_db, parse_metrics, wait_until, ConfigDir, Version};
+use common::{cognit_cluster, parse_metrics, wait_until, ConfigDir, Version};
+use deploywatch_testkit::config::compressed_clock;
 use deploywatch_testkit::pgcluster::PgCluster;
 
 const TOKEN: &str = "ha-token";
@@ -25,26 +26,24 @@ struct Pair {
 impl Pair {
     /// Windows of `hour`, `2 * hour` and `3 * hour` seconds.
     fn new(version: Version, hour: u32) -> Pair {
-        let target = cluster();
-        cognit_db(&target, "cognit", version);
+        let target = cognit_cluster(version);
         let store = common::bare_cluster();
         store.create_database("dwstore").expect("store database");
         let dir = ConfigDir::new();
         dir.add_shipped_pack("cognit-3.7.0.toml");
         dir.write("token", TOKEN);
+        let store_url = format!(
+            "url = \"postgres://postgres@127.0.0.1:{}/dwstore\"",
+            store.port()
+        );
         dir.write(
             "deploywatch.toml",
-            &format!(
-                "[server]\napi_token_file = \"token\"\n\n\
-                 [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
-                 [store]\nurl = \"postgres://postgres@127.0.0.1:{}/dwstore\"\n\n\
-                 [deployments]\nsample_interval = \"{INTERVAL}s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
-                 latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-                 [[targets]]\nname = \"cognit\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"cognit\"\nuser = \"deploywatch\"\n",
-                store.port(),
-                hour * 2,
-                hour * 3,
-                target.port()
+            &compressed_clock(
+                "cognit",
+                target.port(),
+                Some(&store_url),
+                INTERVAL,
+                hour.into(),
             ),
         );
         Pair { target, store, dir }
@@ -68,13 +67,15 @@ impl Pair {
 
     /// Waits until the store holds `n` samples: a baseline either replica can judge against.
     async fn wait_baseline(&self, n: i64) {
-        wait_until(
-            "a baseline in the store",
-            Duration::from_secs(60),
-            || async {
-                (self.store_count("SELECT count(*) FROM deploywatch.samples") >= n).then_some(())
-            },
-        )
+        self.wait_samples("a baseline in the store", 60, |stored| stored >= n)
+            .await;
+    }
+
+    /// Waits at most `seconds` until the number of samples in the store is `enough`.
+    async fn wait_samples(&self, what: &str, seconds: u64, enough: impl Fn(i64) -> bool) {
+        wait_until(what, Duration::from_secs(seconds), || async {
+            enough(self.store_count("SELECT count(*) FROM deploywatch.samples")).then_some(())
+        })
         .await;
     }
 }
@@ -94,16 +95,8 @@ impl Replica {
 }
 
 async fn metrics(port: u16) -> Option<String> {
-    let (code, body) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("http://127.0.0.1:{port}/metrics"),
-        "text/plain",
-        None,
-        None,
-    )
-    .await
-    .ok()?;
-    (code.as_u16() == 200).then_some(body)
+    let (code, body) = common::get_or_none(&format!("http://127.0.0.1:{port}/metrics")).await?;
+    (code == 200).then_some(body)
 }
 
 /// `deploywatch_target_leader{target="cognit"}` of a replica, once it has one.
@@ -116,16 +109,7 @@ async fn leader_gauge(port: u16) -> Option<f64> {
 }
 
 async fn status(port: u16) -> Option<serde_json::Value> {
-    let (_, body) = deploywatch::commands::client::request(
-        hyper::Method::GET,
-        &format!("http://127.0.0.1:{port}/status"),
-        "application/json",
-        None,
-        None,
-    )
-    .await
-    .ok()?;
-    serde_json::from_str(&body).ok()
+    common::get_json(&format!("http://127.0.0.1:{port}/status")).await
 }
 
 async fn announce(port: u16, version: &str) -> u16 {
@@ -148,17 +132,14 @@ async fn one_leader(replicas: &[&Replica]) -> usize {
     wait_until(
         "one replica leads, the other follows",
         Duration::from_secs(60),
-        || {
-            let ports = ports.clone();
-            async move {
-                let mut gauges = Vec::new();
-                for port in &ports {
-                    gauges.push(leader_gauge(*port).await?);
-                }
-                let leaders: Vec<usize> = (0..gauges.len()).filter(|i| gauges[*i] == 1.0).collect();
-                let followers = gauges.iter().filter(|g| **g == 0.0).count();
-                (leaders.len() == 1 && followers == gauges.len() - 1).then(|| leaders[0])
+        || async {
+            let mut gauges = Vec::new();
+            for port in &ports {
+                gauges.push(leader_gauge(*port).await?);
             }
+            let leaders: Vec<usize> = (0..gauges.len()).filter(|i| gauges[*i] == 1.0).collect();
+            let followers = gauges.iter().filter(|g| **g == 0.0).count();
+            (leaders.len() == 1 && followers == gauges.len() - 1).then(|| leaders[0])
         },
     )
     .await
@@ -354,22 +335,14 @@ async fn a_store_away_for_a_while_stops_no_check_and_loses_nothing() {
     let b = pair.spawn();
     one_leader(&[&a, &b]).await;
     assert_eq!(announce(a.port, "3.7.1").await, 201);
-    wait_until("samples in the store", Duration::from_secs(60), || async {
-        (pair.store_count("SELECT count(*) FROM deploywatch.samples") >= 5).then_some(())
-    })
-    .await;
+    pair.wait_samples("samples in the store", 60, |stored| stored >= 5)
+        .await;
     pair.store.stop().expect("store down");
     let runs = |body: &str| {
         parse_metrics(body)
             .metric("deploywatch_check_runs_total")
             .label("target", "cognit")
-            .samples()
-            .iter()
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum::<f64>()
+            .sum()
     };
     for replica in [&a, &b] {
         // Leadership is given up: nobody writes while the store is away.
@@ -399,10 +372,8 @@ async fn a_store_away_for_a_while_stops_no_check_and_loses_nothing() {
         0,
         "the refused announcement was not recorded"
     );
-    wait_until("sampling again", Duration::from_secs(30), || async {
-        (pair.store_count("SELECT count(*) FROM deploywatch.samples") > kept).then_some(())
-    })
-    .await;
+    pair.wait_samples("sampling again", 30, |stored| stored > kept)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,8 +402,6 @@ async fn a_replica_starts_while_the_store_is_away_and_leads_once_it_is_back() {
     .await;
     pair.store.start_again().expect("store back");
     one_leader(&[&a]).await;
-    wait_until("samples in the store", Duration::from_secs(30), || async {
-        (pair.store_count("SELECT count(*) FROM deploywatch.samples") > 0).then_some(())
-    })
-    .await;
+    pair.wait_samples("samples in the store", 30, |stored| stored > 0)
+        .await;
 }

@@ -51,6 +51,11 @@ fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 
 /// GET over TLS; returns the status, or the error text when the handshake fails.
 /// `https_get` with basic-auth credentials and no client certificate.
+/// `/metrics` as `user`: see [`as_user`].
+async fn scrape_as(port: u16, ca: &str, user: &str, password: &str) -> Result<u16, String> {
+    as_user(port, "/metrics", ca, user, password).await
+}
+
 async fn as_user(
     port: u16,
     path: &str,
@@ -127,10 +132,7 @@ async fn daemon(dir: &ConfigDir, web: &str) -> deploywatch::daemon::DaemonHandle
         "deploywatch.toml",
         "[server]\nweb_config_file = \"web.yml\"\n\n[deployments]\nenabled = false\n\n[[targets]]\nname = \"nowhere\"\nhost = \"127.0.0.1\"\nport = 1\ndbname = \"x\"\n",
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    deploywatch::daemon::start(dir.load(), listener).expect("daemon")
+    common::start(dir).await
 }
 
 fn write_pki(dir: &ConfigDir, pki: &Pki) {
@@ -152,11 +154,11 @@ async fn metrics_over_tls_with_basic_auth() {
     .await;
     let port = handle.local_addr.port();
     assert_eq!(
-        as_user(port, "/metrics", &pki.ca, "prometheus", "scrape-pass").await,
+        scrape_as(port, &pki.ca, "prometheus", "scrape-pass").await,
         Ok(200)
     );
     assert_eq!(
-        as_user(port, "/metrics", &pki.ca, "prometheus", "wrong").await,
+        scrape_as(port, &pki.ca, "prometheus", "wrong").await,
         Ok(401)
     );
     assert_eq!(
@@ -242,7 +244,7 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     .await;
     let port = handle.local_addr.port();
     assert_eq!(
-        as_user(port, "/metrics", &old.ca, "alice", "alice-pass").await,
+        scrape_as(port, &old.ca, "alice", "alice-pass").await,
         Ok(200)
     );
 
@@ -257,19 +259,15 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     common::wait_until(
         "the new certificate is served",
         std::time::Duration::from_secs(10),
-        || async {
-            (as_user(port, "/metrics", &new.ca, "bob", "bob-pass").await == Ok(200)).then_some(())
-        },
+        || async { (scrape_as(port, &new.ca, "bob", "bob-pass").await == Ok(200)).then_some(()) },
     )
     .await;
     assert!(
-        as_user(port, "/metrics", &old.ca, "bob", "bob-pass")
-            .await
-            .is_err(),
+        scrape_as(port, &old.ca, "bob", "bob-pass").await.is_err(),
         "the old certificate is no longer served"
     );
     assert_eq!(
-        as_user(port, "/metrics", &new.ca, "alice", "alice-pass").await,
+        scrape_as(port, &new.ca, "alice", "alice-pass").await,
         Ok(401),
         "a removed user is refused"
     );
@@ -283,7 +281,7 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
     while std::time::Instant::now() < until {
         assert_eq!(
-            as_user(port, "/metrics", &new.ca, "bob", "bob-pass").await,
+            scrape_as(port, &new.ca, "bob", "bob-pass").await,
             Ok(200),
             "the broken version must not replace the last good one"
         );

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{cluster, cognit_db, corrupt, target_toml, wait_until, ConfigDir, Version};
-use deploywatch::checks::incremental::{Progress, SweepReason};
+use deploywatch::checks::incremental::{Progress, Sweep, SweepReason};
 use deploywatch::checks::outcome::{Observation, Status};
 use deploywatch::config::Config;
 use deploywatch::postgres::runner::RunReport;
@@ -139,6 +139,21 @@ impl Harness {
         )
         .await;
     }
+}
+
+/// Waits at most `seconds` until `read` gives a progress whose sweep `accept` takes; that
+/// progress.
+async fn progress_where(
+    what: &str,
+    seconds: u64,
+    read: &impl Fn() -> Option<Progress>,
+    accept: impl Fn(&Sweep) -> bool,
+) -> Progress {
+    wait_until(what, Duration::from_secs(seconds), || {
+        let progress = read().filter(|p| p.sweep.as_ref().is_some_and(&accept));
+        async move { progress }
+    })
+    .await
 }
 
 fn value_of(check: &str, report: &RunReport) -> i64 {
@@ -389,26 +404,11 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
     let port = common::free_port();
     let mut daemon = common::spawn_daemon(&dir, port);
     // Mid-way through the periodic sweep that follows the first one.
-    let before = wait_until(
-        "a periodic sweep past 100 rows",
-        Duration::from_secs(90),
-        || {
-            let progress = read();
-            async move {
-                progress.filter(|p| {
-                    p.sweep.as_ref().is_some_and(|s| {
-                        s.reason == SweepReason::Periodic && s.rows >= 100 && s.rows < 300
-                    })
-                })
-            }
-        },
-    )
+    let before = progress_where("a periodic sweep past 100 rows", 90, &read, |s| {
+        s.reason == SweepReason::Periodic && s.rows >= 100 && s.rows < 300
+    })
     .await;
-    let pid = daemon.id().expect("pid");
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .expect("kill");
+    common::signal(daemon.id().expect("pid"), "-9");
     let _ = daemon.wait().await;
     let killed_at = read().expect("stored");
     let sweep = killed_at.sweep.clone().expect("a sweep in flight");
@@ -422,15 +422,9 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
         )
         .expect("insert");
     let mut daemon = common::spawn_daemon(&dir, port);
-    let after = wait_until(
-        "the sweep moves on after the restart",
-        Duration::from_secs(60),
-        || {
-            let progress = read();
-            let rows = sweep.rows;
-            async move { progress.filter(|p| p.sweep.as_ref().is_some_and(|s| s.rows > rows)) }
-        },
-    )
+    let after = progress_where("the sweep moves on after the restart", 60, &read, |s| {
+        s.rows > sweep.rows
+    })
     .await;
     let resumed = after.sweep.clone().expect("sweep");
     assert_eq!(
@@ -450,20 +444,19 @@ async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() 
         "6 before the kill + 1 new, counted once"
     );
     // And the exported value says so.
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    wait_until("the value 7 exported", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            let (_, body) = common::get(&url).await;
-            let scrape = common::parse_metrics(&body);
+    common::wait_for_metrics(
+        &format!("http://127.0.0.1:{port}"),
+        "the value 7 exported",
+        Duration::from_secs(30),
+        |scrape| {
             (scrape
                 .metric("deploywatch_check_value")
                 .label("check", "orphaned_submissions")
                 .value_opt()
                 == Some(7.0))
             .then_some(())
-        }
-    })
+        },
+    )
     .await;
     let _ = daemon.start_kill();
     let _ = daemon.wait().await;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, get_or_none, parse_metrics, target_toml, wait_until, ConfigDir};
+use common::{cluster, target_toml, wait_for_metrics, ConfigDir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
@@ -26,34 +26,26 @@ async fn a_check_that_keeps_failing_is_logged_once_not_on_every_run() {
     );
     let port = common::free_port();
     let mut child = common::spawn_daemon_with(&dir, port, &["--log-format", "json"]);
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
     // Wait until both checks ran at least six times and sampling failed at least three times.
-    wait_until(
+    wait_for_metrics(
+        &format!("http://127.0.0.1:{port}"),
         "six runs and three sampling failures",
         Duration::from_secs(60),
-        || {
-            let metrics = metrics.clone();
-            async move {
-                let (code, body) = get_or_none(&metrics).await?;
-                if code != 200 {
-                    return None;
-                }
-                let scrape = parse_metrics(&body);
-                let runs = |check: &str| {
-                    scrape
-                        .metric("deploywatch_check_runs_total")
-                        .label("check", check)
-                        .value_opt()
-                        .unwrap_or(0.0)
-                };
-                let sampling = scrape
-                    .metric("deploywatch_sampling_errors_total")
-                    .label("step", "version")
+        |scrape| {
+            let runs = |check: &str| {
+                scrape
+                    .metric("deploywatch_check_runs_total")
+                    .label("check", check)
                     .value_opt()
-                    .unwrap_or(0.0);
-                (runs("always_fails") >= 6.0 && runs("always_errors") >= 6.0 && sampling >= 3.0)
-                    .then_some(())
-            }
+                    .unwrap_or(0.0)
+            };
+            let sampling = scrape
+                .metric("deploywatch_sampling_errors_total")
+                .label("step", "version")
+                .value_opt()
+                .unwrap_or(0.0);
+            (runs("always_fails") >= 6.0 && runs("always_errors") >= 6.0 && sampling >= 3.0)
+                .then_some(())
         },
     )
     .await;

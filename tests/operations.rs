@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{cluster, cognit_db, get, repo, target_toml, wait_until, ConfigDir, Version};
+use common::{cognit_cluster, repo, target_toml, wait_for_answer, wait_until, ConfigDir, Version};
 
 fn tool(names: &[&str]) -> PathBuf {
     for name in names {
@@ -33,11 +33,7 @@ fn tool(names: &[&str]) -> PathBuf {
 
 fn run(command: &mut Command) -> String {
     let output = command.output().expect("run tool");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = common::output_text(&output);
     assert!(output.status.success(), "{command:?} failed:\n{text}");
     text
 }
@@ -230,8 +226,7 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
     }
 
     assert!(used.len() >= 15, "metric names found: {used:?}");
-    let mut pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let mut pg = cognit_cluster(Version::V370);
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
     dir.add_shipped_pack("postgres.toml");
@@ -244,35 +239,28 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
             target_toml("cognit", &pg, "cognit")
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = deploywatch::daemon::start(dir.load(), listener).expect("daemon");
-    let url = format!("http://{}", handle.local_addr);
+    let handle = common::start(&dir).await;
+    let metrics = format!("{}/metrics", common::base(&handle));
     // A deployment, so the deployment families exist: the rollback comes once the daemon has
     // read the version it rolls back from (its first sample may come up to an interval late).
-    wait_until(
+    wait_for_answer(
+        &metrics,
         "the version before the rollback read",
         Duration::from_secs(30),
-        || {
-            let url = url.clone();
-            async move {
-                let (_, body) = get(&format!("{url}/metrics")).await;
-                body.lines()
-                    .any(|l| {
-                        l.starts_with("deploywatch_schema_version_info{") && l.contains("3.7.0")
-                    })
-                    .then_some(())
-            }
+        |_, body| {
+            body.lines()
+                .any(|l| l.starts_with("deploywatch_schema_version_info{") && l.contains("3.7.0"))
+                .then_some(())
         },
     )
     .await;
     pg.psql_file("cognit", &common::fixture("rollback_to_3.6.0.sql"))
         .expect("rollback");
-    let body = wait_until("every family exported", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let (_, body) = get(&format!("{url}/metrics")).await;
+    let body = wait_for_answer(
+        &metrics,
+        "every family exported",
+        Duration::from_secs(60),
+        |_, body| {
             let ready = [
                 "deploywatch_window_verdict",
                 "deploywatch_pg_connections",
@@ -281,9 +269,9 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
             ]
             .iter()
             .all(|name| body.contains(&format!("\n{name}{{")));
-            ready.then_some(body)
-        }
-    })
+            ready.then(|| body.to_string())
+        },
+    )
     .await;
     let exported: BTreeSet<String> = common::parse_metrics(&body).names();
     for name in &used {
@@ -366,8 +354,7 @@ fn write(path: &Path, text: &str) {
 async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_resolves() {
     let prometheus = tool(&["prometheus"]);
     let alertmanager = tool(&["prometheus-alertmanager", "alertmanager"]);
-    let pg = cluster();
-    cognit_db(&pg, "cognit", Version::V370);
+    let pg = cognit_cluster(Version::V370);
 
     // The daemon.
     let dir = ConfigDir::new();
@@ -379,14 +366,13 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
             target_toml("cognit", &pg, "cognit")
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = deploywatch::daemon::start(dir.load(), listener).expect("daemon");
+    let handle = common::start(&dir).await;
 
     // The webhook, Alertmanager and Prometheus, all on loopback.
     let (hook_port, received) = webhook().await;
     let work = tempfile::tempdir().expect("tempdir");
+    // `--FLAG=PATH` of `file` in the work directory.
+    let in_work = |flag: &str, file: &str| format!("--{flag}={}", work.path().join(file).display());
     let am_port = common::free_port();
     write(
         &work.path().join("alertmanager.yml"),
@@ -395,14 +381,8 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
         ),
     );
     let mut am = tokio::process::Command::new(&alertmanager)
-        .arg(format!(
-            "--config.file={}",
-            work.path().join("alertmanager.yml").display()
-        ))
-        .arg(format!(
-            "--storage.path={}",
-            work.path().join("am-data").display()
-        ))
+        .arg(in_work("config.file", "alertmanager.yml"))
+        .arg(in_work("storage.path", "am-data"))
         .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
         .arg("--cluster.listen-address=")
         .stdout(std::process::Stdio::null())
@@ -434,14 +414,8 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
     );
     let mut prom = tokio::process::Command::new(&prometheus)
         .current_dir(work.path())
-        .arg(format!(
-            "--config.file={}",
-            work.path().join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            work.path().join("prom-data").display()
-        ))
+        .arg(in_work("config.file", "prometheus.yml"))
+        .arg(in_work("storage.tsdb.path", "prom-data"))
         .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -450,17 +424,12 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
         .expect("start prometheus");
 
     // Prometheus scrapes the daemon.
-    wait_until(
+    wait_for_answer(
+        &format!("http://127.0.0.1:{prom_port}/api/v1/query?query=deploywatch_up"),
         "prometheus scrapes deploywatch",
         Duration::from_secs(60),
-        || async move {
-            let (code, body) = deploywatch::commands::client::get(
-                &format!("http://127.0.0.1:{prom_port}/api/v1/query?query=deploywatch_up"),
-                "application/json",
-            )
-            .await
-            .ok()?;
-            (code.is_success() && body.contains("\"target\":\"cognit\"")).then_some(())
+        |code, body| {
+            ((200..300).contains(&code) && body.contains("\"target\":\"cognit\"")).then_some(())
         },
     )
     .await;
@@ -519,11 +488,7 @@ fn the_systemd_unit_verifies() {
         .arg(&path)
         .output()
         .expect("systemd-analyze");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = common::output_text(&output);
     assert!(
         output.status.success() && text.trim().is_empty(),
         "systemd-analyze verify:\n{text}"

@@ -11,27 +11,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    base, cluster, get, pack, parse_metrics, start, target_toml, wait_until, ConfigDir, FAST,
+    base, cluster, pack, parse_metrics, start, target_toml, wait_for_metrics, wait_until,
+    ConfigDir, FAST,
 };
 use deploywatch::checks::outcome::Status;
 use deploywatch::daemon::DaemonHandle;
 
 async fn wait_http(port: u16, path: &str) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    wait_until("the daemon answers", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let reply = deploywatch::commands::client::get(&url, "*/*").await.ok()?;
-            (reply.0.as_u16() == 200).then_some(())
-        }
-    })
+    common::wait_for_answer(
+        &format!("http://127.0.0.1:{port}{path}"),
+        "the daemon answers",
+        Duration::from_secs(60),
+        |code, _| (code == 200).then_some(()),
+    )
     .await;
-}
-
-async fn scrape_port(port: u16) -> common::Scrape {
-    let (code, body) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
-    assert_eq!(code, 200);
-    parse_metrics(&body)
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -279,29 +272,25 @@ async fn a_huge_result_ends_in_too_many_rows_without_growing_memory() {
     let pid = child.id().expect("pid");
     wait_http(port, "/readyz").await;
     // Let a few small runs settle the allocator before the baseline is read.
-    wait_until(
-        "the gated checks ran",
-        Duration::from_secs(30),
-        || async move {
-            let scrape = scrape_port(port).await;
-            let runs = scrape
-                .metric("deploywatch_check_runs_total")
-                .label("check", "wide")
-                .value_opt()?;
-            (runs >= 3.0).then_some(())
-        },
-    )
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_metrics(&url, "the gated checks ran", Duration::from_secs(30), |m| {
+        let runs = m
+            .metric("deploywatch_check_runs_total")
+            .label("check", "wide")
+            .value_opt()?;
+        (runs >= 3.0).then_some(())
+    })
     .await;
     let before = proc_status_kib(pid, "VmRSS:");
     pg.psql("app", "UPDATE knob SET n = 1")
         .expect("open the gate");
     for check in ["huge", "wide"] {
-        wait_until(
+        wait_for_metrics(
+            &url,
             &format!("{check} ends in too_many_rows"),
             Duration::from_secs(120),
-            || async move {
-                let scrape = scrape_port(port).await;
-                let errors = scrape
+            |m| {
+                let errors = m
                     .metric("deploywatch_check_errors_total")
                     .label("check", check)
                     .label("kind", "too_many_rows")
@@ -333,18 +322,13 @@ async fn a_huge_result_ends_in_too_many_rows_without_growing_memory() {
 
 /// Waits until every check of `target` has passed at least once.
 async fn wait_all_pass(handle: &DaemonHandle, target: &str) {
-    let state = handle.state.clone();
-    let target = target.to_string();
-    wait_until("every check passes", Duration::from_secs(60), || {
-        let (state, target) = (state.clone(), target.clone());
-        async move {
-            let snapshot = state.snapshot();
-            snapshot.targets[&target]
-                .checks
-                .values()
-                .all(|c| c.status == Status::Pass)
-                .then_some(())
-        }
+    wait_until("every check passes", Duration::from_secs(60), || async {
+        let snapshot = handle.state.snapshot();
+        snapshot.targets[target]
+            .checks
+            .values()
+            .all(|c| c.status == Status::Pass)
+            .then_some(())
     })
     .await;
 }
@@ -372,31 +356,20 @@ async fn a_hung_database_turns_up_off_and_stale_passes_into_errors_within_the_ti
     let paused = Instant::now();
     let state = handle.state.clone();
     let url = base(&handle);
-    let down_after = wait_until("up drops", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let (_, body) = get(&format!("{url}/metrics")).await;
-            let up = parse_metrics(&body)
-                .metric("deploywatch_up")
-                .label("target", "db")
-                .value();
-            (up == 0.0).then(|| paused.elapsed())
-        }
+    let down_after = wait_for_metrics(&url, "up drops", Duration::from_secs(60), |m| {
+        let up = m.metric("deploywatch_up").label("target", "db").value();
+        (up == 0.0).then(|| paused.elapsed())
     })
     .await;
     let stale_gone_after = wait_until(
         "no check shows its last pass",
         Duration::from_secs(60),
-        || {
-            let state = state.clone();
-            async move {
-                let snapshot = state.snapshot();
-                snapshot.targets["db"]
-                    .checks
-                    .values()
-                    .all(|c| c.status != Status::Pass)
-                    .then(|| paused.elapsed())
-            }
+        || async {
+            state.snapshot().targets["db"]
+                .checks
+                .values()
+                .all(|c| c.status != Status::Pass)
+                .then(|| paused.elapsed())
         },
     )
     .await;
@@ -480,9 +453,8 @@ async fn an_advisory_lock_taken_by_a_check_does_not_outlive_it() {
         ),
     );
     let handle = start(&dir).await;
-    wait_until("the check ran", Duration::from_secs(60), || {
-        let state = handle.state.clone();
-        async move { (state.snapshot().targets["db"].checks["locker"].runs > 0).then_some(()) }
+    wait_until("the check ran", Duration::from_secs(60), || async {
+        (handle.state.snapshot().targets["db"].checks["locker"].runs > 0).then_some(())
     })
     .await;
     let held = pg
@@ -515,11 +487,7 @@ fn a_superuser_role_is_refused_unless_allowed() {
     );
     dir.write("deploywatch.toml", &superuser);
     let refused = dir.run(&["check"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&refused.stdout),
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    let text = common::output_text(&refused);
     assert_eq!(refused.status.code(), Some(2), "{text}");
     assert!(
         text.contains("superuser") && text.contains("allow_superuser"),
@@ -597,16 +565,16 @@ async fn announcements_are_recorded_at_once_while_the_database_hangs() {
     );
     let handle = start(&dir).await;
     let url = base(&handle);
-    wait_until("the tracker has sampled", Duration::from_secs(60), || {
-        let state = handle.state.clone();
-        async move { state.snapshot().targets["db"].schema_version.clone() }
-    })
+    wait_until(
+        "the tracker has sampled",
+        Duration::from_secs(60),
+        || async { handle.state.snapshot().targets["db"].schema_version.clone() },
+    )
     .await;
     pg.pause().expect("SIGSTOP");
     // The tracker's sampling pass waits on the hung server.
-    wait_until("the hang shows", Duration::from_secs(60), || {
-        let state = handle.state.clone();
-        async move { (state.snapshot().targets["db"].reachable == Some(false)).then_some(()) }
+    wait_until("the hang shows", Duration::from_secs(60), || async {
+        (handle.state.snapshot().targets["db"].reachable == Some(false)).then_some(())
     })
     .await;
     let post = |body: String| {
@@ -709,19 +677,11 @@ async fn a_truncated_store_stops_the_start_until_reset_explicitly() {
         );
     }
     let port = common::free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .args([
-            "run",
-            "--reset-store",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
+    let mut child = common::spawn_run(
+        &dir,
+        &[],
+        &["--reset-store", "--listen", &format!("127.0.0.1:{port}")],
+    );
     wait_http(port, "/readyz").await;
     let _ = child.kill().await;
     let aside = std::fs::read_dir(dir.path())
@@ -755,10 +715,8 @@ async fn store_write_failures_answer_503_are_counted_and_logged_once() {
     // process being killed, as SIGXFSZ is ignored.
     const LIMIT: u64 = 96 * 1024;
     let port = common::free_port();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"));
+    let mut command = dir.async_command();
     command
-        .arg("--config")
-        .arg(dir.main())
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -811,7 +769,9 @@ async fn store_write_failures_answer_503_are_counted_and_logged_once() {
         n += 1;
         assert_eq!(announce(n).await.0.as_u16(), 503);
     }
-    let scrape = scrape_port(port).await;
+    let scrape = common::scrape_at(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("/metrics answers 200");
     let failures = scrape
         .metric("deploywatch_store_errors_total")
         .label("operation", "announce")

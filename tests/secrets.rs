@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, wait_until, ConfigDir};
+use common::{cluster, wait_for_answer, ConfigDir};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 const PASSWORD: &str = "Zx9-LEAK-CANARY-pw-7q";
@@ -65,9 +65,8 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     );
     dir.write("deploywatch.toml", &main);
     let port = common::free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
+    let mut child = dir
+        .async_command()
         .args([
             "--log-level",
             "trace",
@@ -104,26 +103,18 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
             .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let status = wait_until(
+    let status = wait_for_answer(
+        &format!("{base}/status"),
         "every target tried, the good one passing",
         Duration::from_secs(60),
-        || {
-            let base = base.clone();
-            async move {
-                let (_, body) = deploywatch::commands::client::get(
-                    &format!("{base}/status"),
-                    "application/json",
-                )
-                .await
-                .ok()?;
-                let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-                let targets = json["targets"].as_array()?;
-                let good_ok = targets
-                    .iter()
-                    .any(|t| t["name"] == "good" && t["reachable"] == true);
-                let all_tried = targets.iter().all(|t| t["reachable"].is_boolean());
-                (good_ok && all_tried).then_some(body)
-            }
+        |_, body| {
+            let json: serde_json::Value = serde_json::from_str(body).ok()?;
+            let targets = json["targets"].as_array()?;
+            let good_ok = targets
+                .iter()
+                .any(|t| t["name"] == "good" && t["reachable"] == true);
+            let all_tried = targets.iter().all(|t| t["reachable"].is_boolean());
+            (good_ok && all_tried).then(|| body.to_string())
         },
     )
     .await;
@@ -154,13 +145,12 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     );
     common::signal(child.id().expect("pid"), "-HUP");
     // The reload is refused (the connection string is malformed): wait until it has been tried.
-    wait_until("the reload refused", Duration::from_secs(20), || {
-        let base = base.clone();
-        async move {
-            let json = common::get_json(&format!("{base}/status?format=json")).await?;
-            (json["config_reload_successful"] == false).then_some(())
-        }
-    })
+    common::wait_for_json(
+        &format!("{base}/status?format=json"),
+        "the reload refused",
+        Duration::from_secs(20),
+        |json| (json["config_reload_successful"] == false).then_some(()),
+    )
     .await;
 
     let (_, metrics) = common::get_as(&format!("{base}/metrics"), "*/*").await;
@@ -184,21 +174,9 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     assert_clean("the logs", &logs);
 
     // The CLI's own error paths.
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
-        .arg("check")
-        .output()
-        .expect("check");
+    let check = dir.run(&["check"]);
     assert_eq!(check.status.code(), Some(2));
-    assert_clean(
-        "`check` with a malformed URL",
-        &format!(
-            "{}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        ),
-    );
+    assert_clean("`check` with a malformed URL", &common::output_text(&check));
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
         .arg("--help")
         .output()
@@ -230,9 +208,7 @@ fn libpq_environment_and_pgpass_fill_what_the_target_leaves_out() {
     std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod");
     let run = |passfile: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .arg("--config")
-            .arg(dir.main())
+        dir.command()
             .arg("check")
             .env("PGHOST", "127.0.0.1")
             .env("PGPORT", pg.port().to_string())
@@ -275,22 +251,22 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
             pg.port()
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = deploywatch::daemon::start(dir.load(), listener).expect("daemon starts");
-    let base = format!("http://{}", handle.local_addr);
-    let target = |base: String| async move {
-        let (_, body) = common::get(&format!("{base}/status")).await;
-        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        Some((json["targets"][0].clone(), body))
-    };
-    wait_until("the first password works", Duration::from_secs(30), || {
-        let base = base.clone();
-        async move {
-            let (t, _) = target(base).await?;
-            (t["reachable"] == true && t["checks"][0]["status"] == "pass").then_some(())
-        }
+    let handle = common::start(&dir).await;
+    let status = format!("{}/status", common::base(&handle));
+    // `/status` once its only target is as `accept` wants it (given the target and the text).
+    let target_where =
+        |what: &'static str, deadline: u64, accept: fn(&serde_json::Value, &str) -> bool| {
+            let status = status.clone();
+            async move {
+                wait_for_answer(&status, what, Duration::from_secs(deadline), |_, body| {
+                    let json: serde_json::Value = serde_json::from_str(body).ok()?;
+                    accept(&json["targets"][0], body).then(|| body.to_string())
+                })
+                .await
+            }
+        };
+    target_where("the first password works", 30, |t, _| {
+        t["reachable"] == true && t["checks"][0]["status"] == "pass"
     })
     .await;
 
@@ -303,20 +279,11 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
         ),
     )
     .expect("rotate the role's password");
-    let refused = wait_until(
-        "the old password is refused",
-        Duration::from_secs(30),
-        || {
-            let base = base.clone();
-            async move {
-                // A session the server ended may first show as closed; the next attempt
-                // opens a new one, which the old password cannot.
-                let (t, body) = target(base).await?;
-                (t["reachable"] == false && body.contains("password authentication failed"))
-                    .then_some(body)
-            }
-        },
-    )
+    // A session the server ended may first show as closed; the next attempt opens a new one,
+    // which the old password cannot.
+    let refused = target_where("the old password is refused", 30, |t, body| {
+        t["reachable"] == false && body.contains("password authentication failed")
+    })
     .await;
     assert!(
         refused.contains("password authentication failed"),
@@ -325,17 +292,9 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
 
     // The secret is updated in place; the daemon is not told.
     dir.write("pw", ROTATED);
-    let recovered = wait_until(
-        "the rotated password is used",
-        Duration::from_secs(60),
-        || {
-            let base = base.clone();
-            async move {
-                let (t, body) = target(base).await?;
-                (t["reachable"] == true && t["checks"][0]["status"] == "pass").then_some(body)
-            }
-        },
-    )
+    let recovered = target_where("the rotated password is used", 60, |t, _| {
+        t["reachable"] == true && t["checks"][0]["status"] == "pass"
+    })
     .await;
     assert_clean("/status", &recovered);
     handle.shutdown().await.expect("clean shutdown");
@@ -361,13 +320,7 @@ fn a_connection_string_that_cannot_be_parsed_never_shows_any_part_of_it() {
         &["check", "--privileges"],
         &["run"],
     ] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .arg("--config")
-            .arg(dir.main())
-            .args(["--log-level", "trace"])
-            .args(command)
-            .output()
-            .expect("run deploywatch");
+        let output = dir.run(&[&["--log-level", "trace"][..], command].concat());
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(

@@ -63,14 +63,7 @@ async fn two_shards_split_twenty_discovered_databases_keep_it_across_a_reload_an
 ) {
     let pg = common::cluster();
     let databases: Vec<String> = (0..20).map(|i| format!("tenant_{i:02}")).collect();
-    let script: String = databases
-        .iter()
-        .map(|name| format!("CREATE DATABASE {name};\n"))
-        .collect();
-    let file = tempfile::NamedTempFile::new().expect("script file");
-    std::fs::write(file.path(), script).expect("script");
-    pg.psql_file("postgres", file.path())
-        .expect("create the fleet");
+    common::create_databases(&pg, &databases, None);
     let all: BTreeSet<String> = databases.iter().map(|d| format!("tenants/{d}")).collect();
     let expected = |shard: u32| -> BTreeSet<String> {
         all.iter()
@@ -101,9 +94,8 @@ async fn two_shards_split_twenty_discovered_databases_keep_it_across_a_reload_an
         ),
     );
     let first = daemon::start(dir.load(), listener).expect("first replica starts");
-    let mut second = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
+    let mut second = dir
+        .async_command()
         .args([
             "run",
             "--listen",
@@ -173,12 +165,7 @@ async fn two_shards_split_twenty_discovered_databases_keep_it_across_a_reload_an
         &format!("{ONE_CHECK}\n[[check]]\nname = \"two\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 2\"\nexpect = \"== 2\"\n"),
     );
     first.events.send(Event::Reload).await.expect("reload");
-    let pid = second.id().expect("pid");
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    common::signal(second.id().expect("pid"), "-HUP");
     for url in [&first_url, &second_url] {
         wait_until("the reload is done", Duration::from_secs(30), || async {
             let (_, body) = get(&format!("{url}/status?check=two")).await;

@@ -336,10 +336,14 @@ fn a_shared_store_is_created_once_versioned_and_read_by_every_replica() {
             "INSERT INTO deploywatch.schema_version (version) VALUES (99)",
         )
         .expect("newer");
-    let error = pg_store_as(&cluster, "shared", "postgres")
-        .connect()
-        .expect_err("refused");
-    assert!(error.to_string().contains("newer"), "{error}");
+    let error = refused(&cluster, "shared", "postgres");
+    assert!(error.contains("newer"), "{error}");
+}
+
+/// Why the store on database `db` of `cluster` as `role` refuses to connect.
+fn refused(cluster: &PgCluster, db: &str, role: &str) -> String {
+    let store = pg_store_as(cluster, db, role);
+    store.connect().expect_err("refused").to_string()
 }
 
 #[test]
@@ -365,10 +369,8 @@ fn a_role_with_create_on_a_precreated_schema_is_enough() {
     cluster
         .psql("bare", "REVOKE CREATE ON DATABASE bare FROM PUBLIC")
         .expect("revoke");
-    let error = pg_store_as(&cluster, "bare", "dwstore")
-        .connect()
-        .expect_err("no CREATE");
-    assert!(error.to_string().contains("permission denied"), "{error}");
+    let error = refused(&cluster, "bare", "dwstore");
+    assert!(error.contains("permission denied"), "{error}");
 }
 
 #[test]

@@ -154,12 +154,14 @@ async fn sslmodes_behave_like_libpq() {
         "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
     );
 
-    let full = |ca: &str| {
+    // `sslmode` with the root certificate `ca`.
+    let checking = |mode: &str, ca: &str| {
         vec![
-            ("sslmode", "verify-full".to_string()),
+            ("sslmode", mode.to_string()),
             ("sslrootcert", path(&pki, ca)),
         ]
     };
+    let full = |ca: &str| checking("verify-full", ca);
     assert_eq!(
         connect(&pg, "localhost", &full("ca.pem")).await,
         Ok(true),
@@ -180,15 +182,9 @@ async fn sslmodes_behave_like_libpq() {
         "{wrong_name}"
     );
     // verify-ca checks the chain but not the name.
-    let ca_only = vec![
-        ("sslmode", "verify-ca".to_string()),
-        ("sslrootcert", path(&pki, "ca.pem")),
-    ];
+    let ca_only = checking("verify-ca", "ca.pem");
     assert_eq!(connect(&pg, "127.0.0.1", &ca_only).await, Ok(true));
-    let ca_wrong = vec![
-        ("sslmode", "verify-ca".to_string()),
-        ("sslrootcert", path(&pki, "other-ca.pem")),
-    ];
+    let ca_wrong = checking("verify-ca", "other-ca.pem");
     assert!(connect(&pg, "127.0.0.1", &ca_wrong).await.is_err());
     // require encrypts without checking; prefer uses TLS when offered.
     assert_eq!(
@@ -196,12 +192,7 @@ async fn sslmodes_behave_like_libpq() {
         Ok(true)
     );
     // As in libpq, require with a root certificate checks the chain (like verify-ca).
-    let require_with = |ca: &str| {
-        vec![
-            ("sslmode", "require".to_string()),
-            ("sslrootcert", path(&pki, ca)),
-        ]
-    };
+    let require_with = |ca: &str| checking("require", ca);
     assert_eq!(
         connect(&pg, "127.0.0.1", &require_with("ca.pem")).await,
         Ok(true)

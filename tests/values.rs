@@ -135,24 +135,30 @@ fn rows_pack(sql: &str) -> String {
     )
 }
 
+/// The error message of the rows check on `sql`, which must end in an error of `kind`.
+async fn rows_error(sql: &str, kind: &str) -> String {
+    let checks = run(&rows_pack(sql)).await;
+    expect_status(&checks, "by_label", "error", Some(kind));
+    let message = checks["by_label"]["error"].as_str().unwrap_or_default();
+    message.to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_null_label_is_an_error_not_a_second_empty_series() {
-    let checks = run(&rows_pack(
+    let message = rows_error(
         "SELECT * FROM (VALUES ('a', 1), ('', 2), (NULL, 3)) AS t(name, n)",
-    ))
+        "null_label",
+    )
     .await;
-    expect_status(&checks, "by_label", "error", Some("null_label"));
-    let message = checks["by_label"]["error"].as_str().unwrap_or_default();
     assert!(message.contains("\"name\""), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_with_the_same_labels_are_an_error() {
-    let checks = run(&rows_pack(
+    let message = rows_error(
         "SELECT * FROM (VALUES ('a', 1), ('b', 2), ('a', 3)) AS t(name, n)",
-    ))
+        "duplicate_series",
+    )
     .await;
-    expect_status(&checks, "by_label", "error", Some("duplicate_series"));
-    let message = checks["by_label"]["error"].as_str().unwrap_or_default();
     assert!(message.contains("name=a"), "{message}");
 }

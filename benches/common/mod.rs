@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use deploywatch::config::Config;
 use deploywatch::daemon::DaemonHandle;
+use deploywatch_testkit::config::compressed_clock;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 
 pub const TOKEN: &str = "bench-token";
@@ -44,16 +45,7 @@ pub async fn start(
     std::fs::write(dir.join("token"), TOKEN).expect("token");
     std::fs::write(
         dir.join("deploywatch.toml"),
-        format!(
-            "[server]\napi_token_file = \"token\"\n\n\
-             [defaults]\ninterval = \"1s\"\ntimeout = \"5s\"\n\n[checks]\ninterval_override = \"1s\"\n\n\
-             [deployments]\nsample_interval = \"1s\"\nbaseline_span = \"1h\"\nmin_baseline_samples = 4\nmin_window_samples = 3\n\
-             latency_min_calls = 5\nfirst_hour = \"{hour}s\"\nfirst_day = \"{}s\"\nfirst_week = \"{}s\"\n\n\
-             [[targets]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"deploywatch\"\n",
-            hour * 2,
-            hour * 3,
-            cluster.port()
-        ),
+        compressed_clock(db, cluster.port(), None, 1, hour),
     )
     .expect("config");
     let config = Config::load(&dir.join("deploywatch.toml")).expect("config");

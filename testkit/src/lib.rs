@@ -1,11 +1,13 @@
 //! Test support for deploywatch: a throwaway local PostgreSQL ([`pgcluster`]), the cognit
 //! application the checklist describes ([`workload::fixtures`]), a light workload of it
-//! ([`workload`]) and what benchmarks read of a process ([`process`]). The integration tests,
+//! ([`workload`]), configuration files for a daemon on a compressed clock ([`config`]) and what
+//! benchmarks read of a process ([`process`]). The integration tests,
 //! the benchmarks and `deploywatch demo` use it; the daemon itself never does.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod config;
 pub mod pgcluster;
 pub mod process;
 pub mod workload;

@@ -65,6 +65,14 @@ pub enum Version {
     V370,
 }
 
+/// A throwaway PostgreSQL (see [`cluster`]) whose database `cognit` holds the cognit
+/// application at `version`.
+pub fn cognit_cluster(version: Version) -> PgCluster {
+    let pg = cluster();
+    cognit_db(&pg, "cognit", version);
+    pg
+}
+
 /// Creates database `name` holding the cognit application at `version` with generated data.
 pub fn cognit_db(cluster: &PgCluster, name: &str, version: Version) {
     cognit_db_at(cluster, name, 1, version);
@@ -104,6 +112,21 @@ pub fn repair(cluster: &PgCluster, name: &str, script: &str) {
     cluster
         .psql_file(name, &fixture(&format!("repair/{script}.sql")))
         .unwrap_or_else(|e| panic!("repair {script}: {e}"));
+}
+
+/// Creates the databases `names` on `pg` in one psql run, each a copy of `template` if given.
+pub fn create_databases(pg: &PgCluster, names: &[String], template: Option<&str>) {
+    let template = template
+        .map(|t| format!(" TEMPLATE {t}"))
+        .unwrap_or_default();
+    let script: String = names
+        .iter()
+        .map(|name| format!("CREATE DATABASE {name}{template};\n"))
+        .collect();
+    let file = tempfile::NamedTempFile::new().expect("script file");
+    std::fs::write(file.path(), script).expect("script");
+    pg.psql_file("postgres", file.path())
+        .expect("create the databases");
 }
 
 /// The integrity checks of the shipped cognit pack.
@@ -320,10 +343,18 @@ pub async fn wait_for_metrics<T>(
 ) -> T {
     let url = format!("{base}/metrics");
     wait_for_answer(&url, what, deadline, |code, body| {
-        (code == 200).then_some(())?;
-        read(&parse_metrics(body))
+        (code == 200)
+            .then(|| parse_metrics(body))
+            .and_then(|m| read(&m))
     })
     .await
+}
+
+/// The `/metrics` of the daemon at `base` (`http://ADDRESS`), parsed; `None` when it gets no
+/// answer or not 200.
+pub async fn scrape_at(base: &str) -> Option<Scrape> {
+    let (code, body) = get_or_none(&format!("{base}/metrics")).await?;
+    (code == 200).then(|| parse_metrics(&body))
 }
 
 /// Polls the JSON document at `url` (`/status`…) until `read` finds in it what the test waits
@@ -334,12 +365,10 @@ pub async fn wait_for_json<T>(
     deadline: Duration,
     read: impl Fn(&serde_json::Value) -> Option<T>,
 ) -> T {
-    let read = &read;
-    wait_until(
-        what,
-        deadline,
-        || async move { read(&get_json(url).await?) },
-    )
+    wait_for_answer(url, what, deadline, |code, body| {
+        let json = serde_json::from_str((200..300).contains(&code).then_some(body)?).ok()?;
+        read(&json)
+    })
     .await
 }
 
@@ -454,14 +483,27 @@ pub fn output_text(output: &std::process::Output) -> String {
 
 /// The standard output of a command that must have succeeded (its output shown if not).
 pub fn succeeded(output: &std::process::Output) -> String {
+    exit_stdout(output, 0)
+}
+
+/// The standard output of a command that must have exited with `code` (its output shown if
+/// not).
+pub fn exit_stdout(output: &std::process::Output, code: i32) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert_eq!(
         output.status.code(),
-        Some(0),
+        Some(code),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Everything a command that must have exited with `code` wrote (see [`output_text`]).
+pub fn exit_text(output: &std::process::Output, code: i32) -> String {
+    let text = output_text(output);
+    assert_eq!(output.status.code(), Some(code), "{text}");
+    text
 }
 
 /// The JSON document at `url` (`/status`, `/api/deployments`…), or `None` while there is
