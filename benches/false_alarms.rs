@@ -103,11 +103,7 @@ async fn run() {
         with_alarm += usize::from(alarm);
     }
     let elapsed = started.elapsed();
-    cancel.cancel();
-    let _ = workload.await;
-    daemon.stop().await;
-    driver.abort();
-    drop(cluster);
+    daemon.stop_all(&cancel, workload, driver, cluster).await;
 
     println!("## False alarms end to end: no-change deployments on a real PostgreSQL\n");
     println!(

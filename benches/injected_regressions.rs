@@ -151,11 +151,7 @@ async fn run() {
         }
         rows.push(row);
     }
-    cancel.cancel();
-    let _ = workload.await;
-    daemon.stop().await;
-    driver.abort();
-    drop(cluster);
+    daemon.stop_all(&cancel, workload, driver, cluster).await;
 
     println!("## Injected regressions end to end on a real PostgreSQL\n");
     println!(

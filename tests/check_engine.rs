@@ -458,9 +458,7 @@ fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
         .expect("config")
         .replace("user = \"deploywatch\"", "user = \"watcher\"");
     dir.write("deploywatch.toml", &main);
-    let output = dir.run(&["check", "--privileges"]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    let stdout = common::exit_stdout(&dir.run(&["check", "--privileges"]), 1);
     assert!(
         stdout.contains("role watcher is a member of pg_monitor"),
         "{stdout}"
@@ -488,9 +486,7 @@ fn the_privilege_report_names_the_checks_a_pg_monitor_role_cannot_run() {
         "GRANT SELECT ON database_metadata, attention_stats, submissions, payments, participants TO watcher",
     )
     .expect("grant");
-    let output = dir.run(&["check", "--privileges"]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let stdout = common::exit_stdout(&dir.run(&["check", "--privileges"]), 0);
     assert!(
         stdout.contains("checks can run with these privileges"),
         "{stdout}"

@@ -9,6 +9,9 @@ const TARGET: &str = "[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\ndbname =
 
 const GOOD_CHECK: &str = include_str!("fixtures/packs/good.toml");
 
+/// The `shard_peers` of a configuration with two replicas.
+const PEERS: &str = "shard_peers = [\"http://a:9788\", \"http://b:9788\"]\n";
+
 /// A configuration directory of the main file `main` and one pack.
 fn config_dir(main: &str, pack: &str) -> ConfigDir {
     let dir = ConfigDir::new();
@@ -406,7 +409,7 @@ fn shard_peers_are_one_base_url_per_shard() {
 #[test]
 fn the_command_line_shard_wins_but_must_match_the_peers() {
     let dir = config_dir(
-        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"),
+        &format!("[server]\nshard = \"0/2\"\n{PEERS}{TARGET}"),
         GOOD_CHECK,
     );
     let mut config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
@@ -434,10 +437,7 @@ fn the_command_line_shard_wins_but_must_match_the_peers() {
 #[test]
 fn peers_without_a_shard_load_but_run_needs_one() {
     // Each pod of a StatefulSet reads the same file and gets its shard from the command line.
-    let dir = config_dir(
-        &format!("[server]\nshard_peers = [\"http://a:9788\", \"http://b:9788\"]\n{TARGET}"),
-        GOOD_CHECK,
-    );
+    let dir = config_dir(&format!("[server]\n{PEERS}{TARGET}"), GOOD_CHECK);
     let mut config = Config::load_with_env(&dir.main(), Vec::new()).expect("loads");
     let error = config
         .apply_overrides(&deploywatch::config::Overrides::default())

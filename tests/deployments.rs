@@ -1110,6 +1110,26 @@ async fn keep_running(setup: &Setup, sql: &'static str, pause: Duration) {
     });
 }
 
+/// cognit 3.7.0 under its workload (windows of `hour` seconds), the daemon started after a
+/// baseline of 5 samples and 3.7.1 announced; from then on `sql`, a statement new to
+/// pg_stat_statements (its text holds `marker`), runs every 50 ms.
+async fn new_statement_deployed(
+    hour: u32,
+    sql: &'static str,
+    marker: &str,
+) -> (Setup, DaemonHandle, DeploymentView) {
+    let setup = Setup::with_statements(Version::V370, hour);
+    setup.workload().await;
+    let handle = setup.start_after_baseline(5).await;
+    let deployed = announced(&handle, "3.7.1").await;
+    assert!(
+        statement_in_view(&setup.pg, marker).0.is_empty(),
+        "the statement is new"
+    );
+    keep_running(&setup, sql, Duration::from_millis(50)).await;
+    (setup, handle, deployed)
+}
+
 /// The query id and text pg_stat_statements has for statements whose text contains `part`.
 fn statement_in_view(pg: &PgCluster, part: &str) -> (String, String) {
     let row = pg
@@ -1133,17 +1153,8 @@ fn statement_in_view(pg: &PgCluster, part: &str) -> (String, String) {
 async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text() {
     const EXPENSIVE: &str =
         "SELECT count(*) AS new_feature_total FROM generate_series(1, 300000) g WHERE g % 7 = 3";
-    let setup = Setup::with_statements(Version::V370, 40);
-    setup.workload().await;
-    let handle = setup.start_after_baseline(5).await;
-    let deployed = announced(&handle, "3.7.1").await;
-    assert!(
-        statement_in_view(&setup.pg, "new_feature_total")
-            .0
-            .is_empty(),
-        "the statement is new"
-    );
-    keep_running(&setup, EXPENSIVE, Duration::from_millis(50)).await;
+    let (setup, handle, deployed) =
+        new_statement_deployed(40, EXPENSIVE, "new_feature_total").await;
     let view = deployment_where(
         &handle,
         "first_hour closed",
@@ -1187,17 +1198,7 @@ async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_cheap_statement_after_the_deployment_lets_the_windows_pass() {
     const CHEAP: &str = "SELECT current_setting('TimeZone') AS new_feature_zone";
-    let setup = Setup::with_statements(Version::V370, 15);
-    setup.workload().await;
-    let handle = setup.start_after_baseline(5).await;
-    let deployed = announced(&handle, "3.7.1").await;
-    assert!(
-        statement_in_view(&setup.pg, "new_feature_zone")
-            .0
-            .is_empty(),
-        "the statement is new"
-    );
-    keep_running(&setup, CHEAP, Duration::from_millis(50)).await;
+    let (setup, handle, deployed) = new_statement_deployed(15, CHEAP, "new_feature_zone").await;
     let view = deployment_where(&handle, "first_day closed", Duration::from_secs(60), |v| {
         v.id == deployed.id && closed(v, Window::FirstDay)
     })

@@ -668,29 +668,22 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
             .map(|n| (format!("tenants/{n}"), value))
             .collect()
     };
-    let want_up = all(1.0);
-    wait_until(
-        "the 20 databases are watched",
-        Duration::from_secs(90),
-        || {
-            let (metrics, want) = (metrics(), want_up.clone());
-            async move { metrics.await.filter(|body| up(body) == want).map(|_| ()) }
-        },
-    )
-    .await;
+    // Waits at most `seconds` until `deploywatch_up` is `want`.
+    let wait_up = |what: &'static str, seconds: u64, want: Vec<(String, f64)>| {
+        let metrics = &metrics;
+        async move {
+            wait_until(what, Duration::from_secs(seconds), || async {
+                metrics().await.filter(|body| up(body) == want).map(|_| ())
+            })
+            .await
+        }
+    };
+    wait_up("the 20 databases are watched", 90, all(1.0)).await;
 
     pg.stop().expect("stop the server");
     let mut want_down = all(0.0);
     want_down.insert(0, ("tenants".to_string(), 0.0));
-    wait_until(
-        "the databases show as unreachable",
-        Duration::from_secs(60),
-        || {
-            let (metrics, want) = (metrics(), want_down.clone());
-            async move { metrics.await.filter(|body| up(body) == want).map(|_| ()) }
-        },
-    )
-    .await;
+    wait_up("the databases show as unreachable", 60, want_down).await;
     // Ten seconds of a refusing server: every check (1 s interval), sampler and rediscovery keeps
     // failing. A task retrying without pause would take a whole core; the daemon's own work is
     // a few per cent of one.
@@ -716,15 +709,7 @@ async fn a_server_stopped_under_a_running_daemon_costs_it_little_cpu_and_metrics
     );
 
     pg.start_again().expect("start the server again");
-    wait_until(
-        "the databases come back with the server",
-        Duration::from_secs(90),
-        || {
-            let (metrics, want) = (metrics(), want_up.clone());
-            async move { metrics.await.filter(|body| up(body) == want).map(|_| ()) }
-        },
-    )
-    .await;
+    wait_up("the databases come back with the server", 90, all(1.0)).await;
     let _ = daemon.kill().await;
 }
 

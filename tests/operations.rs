@@ -232,14 +232,12 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
     dir.add_shipped_pack("postgres.toml");
     dir.write("checks/broken.toml", "[pack]\nname = \"broken\"\n\n[[check]]\nname = \"broken\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT nope\"\n");
     dir.write("token", "t0ken");
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\napi_token_file = \"token\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nsample_interval = \"1s\"\nfirst_hour = \"2s\"\nfirst_day = \"4s\"\nfirst_week = \"6s\"\n\n{}",
-            target_toml("cognit", &pg, "cognit")
-        ),
-    );
-    let handle = common::start(&dir).await;
+    let handle = start_on_cognit(
+        &dir,
+        &pg,
+        "[server]\napi_token_file = \"token\"\n\n[checks]\ninterval_override = \"1s\"\n\n[deployments]\nsample_interval = \"1s\"\nfirst_hour = \"2s\"\nfirst_day = \"4s\"\nfirst_week = \"6s\"\n\n",
+    )
+    .await;
     let metrics = format!("{}/metrics", common::base(&handle));
     // A deployment, so the deployment families exist: the rollback comes once the daemon has
     // read the version it rolls back from (its first sample may come up to an interval late).
@@ -282,6 +280,20 @@ async fn dashboard_and_rule_queries_parse_and_use_metrics_the_daemon_exports() {
     }
     handle.shutdown().await.expect("shutdown");
     pg.stop().expect("stop");
+}
+
+/// The daemon in this process on `dir`, whose main file is `settings` and the target `cognit`
+/// (database cognit of `pg`).
+async fn start_on_cognit(
+    dir: &ConfigDir,
+    pg: &deploywatch_testkit::pgcluster::PgCluster,
+    settings: &str,
+) -> deploywatch::daemon::DaemonHandle {
+    dir.write(
+        "deploywatch.toml",
+        &format!("{settings}{}", target_toml("cognit", pg, "cognit")),
+    );
+    common::start(dir).await
 }
 
 /// A webhook receiver that keeps every body it is sent.
@@ -359,14 +371,12 @@ async fn an_integrity_failure_pages_through_prometheus_and_alertmanager_and_reso
     // The daemon.
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n{}",
-            target_toml("cognit", &pg, "cognit")
-        ),
-    );
-    let handle = common::start(&dir).await;
+    let handle = start_on_cognit(
+        &dir,
+        &pg,
+        "[checks]\ninterval_override = \"1s\"\n\n[deployments]\nenabled = false\n\n",
+    )
+    .await;
 
     // The webhook, Alertmanager and Prometheus, all on loopback.
     let (hook_port, received) = webhook().await;

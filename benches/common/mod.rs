@@ -28,6 +28,22 @@ impl BenchDaemon {
         self.handle.shutdown().await.expect("shutdown");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+
+    /// The end of a run: the workload is cancelled and awaited, the daemon stopped (see
+    /// [`BenchDaemon::stop`]), the connection's `driver` task ended and the cluster removed.
+    pub async fn stop_all<T, U>(
+        self,
+        cancel: &tokio_util::sync::CancellationToken,
+        workload: tokio::task::JoinHandle<T>,
+        driver: tokio::task::JoinHandle<U>,
+        cluster: PgCluster,
+    ) {
+        cancel.cancel();
+        let _ = workload.await;
+        self.stop().await;
+        driver.abort();
+        drop(cluster);
+    }
 }
 
 /// Starts the daemon on target `db` with one check pack (`pack_file`, `pack_text`), sampling
