@@ -238,15 +238,16 @@ async fn a_deleted_parent_is_found_by_the_early_sweep() {
     let h = Harness::new(Version::V370, 50, None);
     assert_eq!(h.value("orphaned_submissions").await, 0);
     assert_eq!(h.value("orphaned_payments").await, 0);
-    // A participant with submissions and a payment; deleting it orphans both, at old keys.
-    // Twice: each delete after the previous early sweep completed starts one of its own (the
-    // second participant's rows lie further on in both tables).
+    // A participant whose submission comes first, then one whose submission comes last;
+    // deleting each orphans old rows. Each delete after the previous early sweep completed
+    // starts one of its own.
     let mut orphaned = 0;
-    for order in ["", "DESC"] {
+    // (The last one's other rows may lie anywhere: its run may end early or complete the sweep.)
+    for (order, ends_early) in [("", true), ("DESC", false)] {
         let participant = h.sql(&format!(
-            "SELECT p.participant_id FROM participants p \
-             WHERE EXISTS (SELECT 1 FROM payments y WHERE y.participant_id = p.participant_id) \
-             ORDER BY p.participant_id {order} LIMIT 1"
+            "SELECT s.participant_id FROM submissions s \
+             WHERE EXISTS (SELECT 1 FROM participants p WHERE p.participant_id = s.participant_id) \
+             ORDER BY s.submission_id {order} LIMIT 1"
         ));
         let participant = participant.trim();
         let before = counters(&h, "participants", "del");
@@ -255,30 +256,134 @@ async fn a_deleted_parent_is_found_by_the_early_sweep() {
         ));
         h.stats_show("participants", "del", before).await;
         let submissions = h.full_scan("orphaned_submissions");
-        let payments = h.full_scan("orphaned_payments");
-        assert!(submissions > orphaned && payments >= 1);
-        orphaned = submissions;
-        for (check, expected, table) in [
-            ("orphaned_submissions", submissions, "submissions"),
-            ("orphaned_payments", payments, "payments"),
-        ] {
-            let report = h.run(check).await;
-            assert_eq!(value_of(check, &report), expected, "{check}");
-            let incremental = report.incremental.expect("incremental");
-            // The early sweep ran to the end within this run.
-            assert_eq!(incremental.sweep_reason, None, "{check}");
-            let rows: u64 = h
-                .sql(&format!("SELECT count(*) FROM {table}"))
-                .trim()
-                .parse()
-                .expect("count");
+        assert!(submissions > orphaned);
+        let rows: u64 = h
+            .sql("SELECT count(*) FROM submissions")
+            .trim()
+            .parse()
+            .expect("count");
+        // The run ends as soon as a chunk raised the count, to export it: the first
+        // participant's rows are in the sweep's first chunk of 50 (of 400 rows), so that run
+        // ends before the sweep does, reporting what it found (never more than there is).
+        let report = h.run("orphaned_submissions").await;
+        let found = value_of("orphaned_submissions", &report);
+        let incremental = report.incremental.expect("incremental");
+        assert!(
+            found > orphaned && found <= submissions,
+            "{found} of {submissions}, {orphaned} before"
+        );
+        if ends_early {
+            assert_eq!(incremental.sweep_reason, Some(SweepReason::Early));
             assert!(
-                incremental.rows_examined >= rows,
-                "{check}: a full sweep, {} of {rows} rows",
-                incremental.rows_examined
+                incremental.sweep_progress < 0.5,
+                "ended early, at {}",
+                incremental.sweep_progress
             );
         }
+        if incremental.sweep_reason.is_some() {
+            // The next run takes the rest, chunk after chunk, to the complete count.
+            let rest = h.run("orphaned_submissions").await;
+            assert_eq!(value_of("orphaned_submissions", &rest), submissions);
+            let rest = rest.incremental.expect("incremental");
+            assert_eq!(rest.sweep_reason, None, "the early sweep completed");
+            assert!(incremental.rows_examined + rest.rows_examined >= rows);
+        } else {
+            assert_eq!(found, submissions);
+            assert!(incremental.rows_examined >= rows, "a full sweep");
+        }
+        orphaned = submissions;
+        // Payments: one chunk of 50 holds them all.
+        let payments = h.full_scan("orphaned_payments");
+        let report = h.run("orphaned_payments").await;
+        assert_eq!(value_of("orphaned_payments", &report), payments);
+        assert_eq!(
+            report.incremental.expect("incremental").sweep_reason,
+            None,
+            "orphaned_payments"
+        );
     }
+}
+
+/// With `early_sweep_watch`, the statistics are read between runs: a deleted parent starts the
+/// check's run (and its early sweep) at once instead of at the next interval, an hour away.
+#[tokio::test]
+async fn the_statistics_watch_runs_the_check_when_a_parent_is_deleted() {
+    let cluster = cluster();
+    cognit_db(&cluster, DB, Version::V370);
+    let dir = ConfigDir::new();
+    dir.add_shipped_pack("cognit-3.7.0.toml");
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\nearly_sweep_watch = \"1s\"\n\n[checks]\ninterval_override = \"1h\"\n\n\
+             [deployments]\nenabled = false\n\n[store]\npath = \"state.sqlite\"\n\n{}",
+            target_toml("cognit", &cluster, DB)
+        ),
+    );
+    let port = common::free_port();
+    let mut daemon = common::spawn_daemon(&dir, port);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let value = |check: &'static str| {
+        let url = url.clone();
+        async move {
+            let (_, body) = common::get_or_none(&url).await?;
+            common::parse_metrics(&body)
+                .metric("deploywatch_check_value")
+                .label("check", check)
+                .value_opt()
+        }
+    };
+    // The first runs (full sweeps) at start; the next ones due in an hour.
+    for check in ["orphaned_submissions", "orphaned_payments"] {
+        wait_until(
+            &format!("{check}: the first count"),
+            Duration::from_secs(60),
+            || async move { (value(check).await == Some(0.0)).then_some(()) },
+        )
+        .await;
+    }
+    let participant = cluster
+        .psql(
+            DB,
+            "SELECT p.participant_id FROM participants p \
+             WHERE EXISTS (SELECT 1 FROM submissions s WHERE s.participant_id = p.participant_id) \
+               AND EXISTS (SELECT 1 FROM payments y WHERE y.participant_id = p.participant_id) \
+             ORDER BY p.participant_id LIMIT 1",
+        )
+        .expect("participant");
+    cluster
+        .psql(
+            DB,
+            &format!(
+                "DELETE FROM participants WHERE participant_id = {}",
+                participant.trim()
+            ),
+        )
+        .expect("delete");
+    let count = |sql: &str| -> f64 {
+        cluster
+            .psql(DB, sql)
+            .expect("count")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    let submissions = count(FULL_SCAN[4].1);
+    let payments = count(FULL_SCAN[3].1);
+    assert!(submissions >= 1.0 && payments >= 1.0);
+    for (check, expected) in [
+        ("orphaned_submissions", submissions),
+        ("orphaned_payments", payments),
+    ] {
+        wait_until(
+            &format!("{check} = {expected} long before the next interval"),
+            Duration::from_secs(60),
+            || async move { (value(check).await == Some(expected)).then_some(()) },
+        )
+        .await;
+    }
+    let _ = daemon.start_kill();
+    let _ = daemon.wait().await;
 }
 
 /// A pack whose attention check is incremental but never swept early: only the periodic sweep

@@ -117,6 +117,10 @@ pub struct Sweep {
     pub(crate) settled_at_start: i64,
     /// The planner's row estimate of the table when the sweep started (for progress and pace).
     pub(crate) estimated_rows: u64,
+    /// A run already ended early to export what this (urgent) sweep found (at most once per
+    /// sweep, so that the sweep still completes within a few runs).
+    #[serde(default)]
+    pub(crate) reported_early: bool,
 }
 
 /// Everything kept per (target, check) between runs and across restarts.
@@ -135,6 +139,10 @@ pub struct Progress {
     pub last_complete_at: Option<f64>,
     /// Rows per second of the last sweep chunk, to size the next one to the time budget.
     pub rows_per_second: Option<f64>,
+    /// The key's type as the catalog spelled it last time, so the next run can ask for the
+    /// largest key together with the table's facts instead of after them.
+    #[serde(default)]
+    pub key_type: Option<String>,
 }
 
 /// What a run did, for metrics and `/status`.
@@ -179,11 +187,13 @@ impl Progress {
         now: f64,
     ) {
         let last_complete_at = self.last_complete_at;
+        let key_type = self.key_type.take();
         *self = Progress {
             identity: Some(identity),
             settled_hi: hi.clone(),
             pending_hi: hi,
             last_complete_at,
+            key_type,
             ..Progress::default()
         };
         self.start_sweep(reason, counters, estimated_rows, now);
@@ -208,6 +218,7 @@ impl Progress {
             started_at: now,
             settled_at_start: self.settled_count,
             estimated_rows,
+            reported_early: false,
         });
     }
 
@@ -280,6 +291,29 @@ impl Progress {
         self.settled_count -= sweep.settled_at_start;
         self.last_complete_at = Some(now);
         true
+    }
+
+    /// After a chunk of an urgent sweep: whether the run should end now, before the sweep
+    /// completes, to export the value the sweep has raised above `before` (the value when the
+    /// run began its sweep work). Once per sweep: the rest of the sweep runs chunk after chunk
+    /// in the next runs. Never before the first complete sweep (no value to raise yet), never
+    /// for a periodic sweep (one chunk per run anyway). The value exported early counts only
+    /// rows found violating, so it is below or at the complete sweep's count, never above.
+    pub(crate) fn end_run_to_report(&mut self, before: Option<i64>) -> bool {
+        let value = self.value();
+        let Some(sweep) = self.sweep.as_mut() else {
+            return false;
+        };
+        if sweep.reported_early || !sweep.reason.urgent() {
+            return false;
+        }
+        match (before, value) {
+            (Some(before), Some(value)) if value > before => {
+                sweep.reported_early = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Share of the current sweep done, by rows against the planner's estimate.
@@ -500,6 +534,35 @@ mod tests {
     }
 
     #[test]
+    fn an_early_sweep_ends_its_run_once_when_it_raised_the_value() {
+        let mut p = started();
+        // No value before the first sweep completes: nothing to report early.
+        p.chunk_done(key(50), 50, 1, false, Duration::ZERO, 1.0);
+        assert!(!p.end_run_to_report(p.value()));
+        p.chunk_done(key(100), 50, 0, true, Duration::ZERO, 1.5);
+        assert_eq!(p.value(), Some(1));
+        // A periodic sweep takes one chunk per run anyway.
+        p.start_sweep(SweepReason::Periodic, BTreeMap::new(), 100, 2.0);
+        p.chunk_done(key(10), 10, 2, false, Duration::ZERO, 2.5);
+        assert!(!p.end_run_to_report(Some(1)));
+        p.start_sweep(SweepReason::Early, BTreeMap::new(), 100, 3.0);
+        let before = p.value();
+        // A chunk that found no more than the base: go on.
+        p.chunk_done(key(20), 20, 1, false, Duration::ZERO, 3.1);
+        assert!(!p.end_run_to_report(before));
+        // One that did: end the run and export it.
+        p.chunk_done(key(40), 20, 2, false, Duration::ZERO, 3.2);
+        assert!(p.end_run_to_report(before));
+        assert_eq!(p.value(), Some(3));
+        // Only once per sweep: the next run goes on to the end.
+        let before = p.value();
+        p.chunk_done(key(60), 20, 1, false, Duration::ZERO, 4.0);
+        assert!(!p.end_run_to_report(before));
+        assert!(p.chunk_done(key(100), 40, 0, true, Duration::ZERO, 4.1));
+        assert_eq!(p.value(), Some(4));
+    }
+
+    #[test]
     fn a_reset_forgets_every_count_but_keeps_the_last_complete_time() {
         let mut p = started();
         p.chunk_done(key(100), 100, 7, true, Duration::ZERO, 1.0);
@@ -649,6 +712,7 @@ mod tests {
             started_at: 0.0,
             settled_at_start: 0,
             estimated_rows: 10_000_000,
+            reported_early: false,
         };
         let five_minutes = Duration::from_secs(300);
         // 216 runs in three quarters of a day: 10M / 216 rows each.

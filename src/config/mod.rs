@@ -161,6 +161,7 @@ struct RawDefaults {
     sweep_period: Option<String>,
     sweep_max_rows: Option<i64>,
     sweep_max_time: Option<String>,
+    early_sweep_watch: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -300,6 +301,9 @@ pub(crate) struct Defaults {
     pub(crate) sweep_max_rows: u64,
     /// Incremental checks: a periodic sweep's chunk is sized to take about this long.
     pub(crate) sweep_max_time: Duration,
+    /// Incremental checks: how often the statistics of their tables are read between runs, a
+    /// change that calls for an early sweep running the check at once; `None`: only at runs.
+    pub(crate) early_sweep_watch: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -894,6 +898,10 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             &d.sweep_max_time,
             crate::checks::incremental::DEFAULT_SWEEP_MAX_TIME,
         ),
+        early_sweep_watch: d
+            .early_sweep_watch
+            .as_ref()
+            .map(|_| f.duration("defaults.early_sweep_watch", &d.early_sweep_watch, secs(5))),
     };
 
     let store_password = f.secret(

@@ -12,19 +12,24 @@
 //! 4. otherwise counts the new keys (and recounts the previous run's range), then starts an
 //!    early sweep when `pg_stat_user_tables` shows deletes on a parent or updates on the table;
 //! 5. sweeps: chunk after chunk for an urgent sweep (first run, reset, early), one paced chunk
-//!    per run for the periodic one.
+//!    per run for the periodic one; a run ends early, once per sweep, when the sweep raised the
+//!    value, so that what it found is exported at once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
 use crate::checks::incremental::{
-    integer_chunk, paced_rows, IncrementalDef, IncrementalReport, Progress, SweepReason,
-    TableCounters, TableIdentity, MIN_CHUNK_ROWS,
+    early_sweep_reason, integer_chunk, paced_rows, IncrementalDef, IncrementalReport, Progress,
+    SweepReason, TableCounters, TableIdentity, MIN_CHUNK_ROWS,
 };
 use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, ResultTable};
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::TargetPool;
-use crate::postgres::runner::{query_read_only_opt, RunReport};
+use crate::postgres::runner::{query_read_only_many, query_read_only_opt, RunReport};
 use crate::storage::incremental::ProgressStore;
 use crate::time::SharedClock;
 
@@ -143,11 +148,8 @@ impl Runner<'_, '_> {
                 Progress::default()
             }
         };
-        let facts = self.table_facts().await?;
-        let (max_key, backwards) = self
-            .max_key(&facts.key_type, progress.pending_hi.as_deref())
-            .await?;
-        let counters = self.counters().await?;
+        let (facts, counters, (max_key, backwards)) = self.look(&progress).await?;
+        progress.key_type = Some(facts.key_type.name.clone());
         let replaced = progress
             .identity
             .as_ref()
@@ -246,19 +248,74 @@ impl Runner<'_, '_> {
         .await
     }
 
-    async fn table_facts(&self) -> Result<TableFacts, CheckError> {
-        let table = self
-            .query(
-                "SELECT c.oid::bigint, c.relfilenode::bigint, greatest(c.reltuples, 0)::float8, \
-                        format_type(a.atttypid, a.atttypmod), t.typcategory::text \
-                 FROM pg_class c \
-                 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
-                      AND a.attnum > 0 AND NOT a.attisdropped \
-                 LEFT JOIN pg_type t ON t.oid = a.atttypid \
-                 WHERE c.oid = $1::regclass",
-                &[Some(&self.def.table), Some(&self.def.key)],
-            )
-            .await?;
+    /// What a run needs to know first, in one transaction: the table's facts, the write
+    /// counters of it and its parents, and its largest key (asked together with the others
+    /// when the key's type is known from the last run, else after them).
+    async fn look(
+        &self,
+        progress: &Progress,
+    ) -> Result<
+        (
+            TableFacts,
+            BTreeMap<String, TableCounters>,
+            (Option<String>, bool),
+        ),
+        CheckError,
+    > {
+        let watermark = progress.pending_hi.as_deref();
+        let mut tables = vec![self.def.table.clone()];
+        tables.extend(self.def.parents.iter().cloned());
+        let list = format!("{{{}}}", tables.join(","));
+        let facts_bind = [Some(self.def.table.as_str()), Some(self.def.key.as_str())];
+        let counters_bind = [Some(list.as_str())];
+        let max_bind = [watermark];
+        let max_sql = progress.key_type.as_deref().map(|ty| self.max_key_sql(ty));
+        let mut queries: Vec<(&str, &[Option<&str>])> =
+            vec![(FACTS_SQL, &facts_bind), (COUNTERS_SQL, &counters_bind)];
+        if let Some(sql) = &max_sql {
+            queries.push((sql, &max_bind));
+        }
+        let results = match query_read_only_many(
+            self.context.pool,
+            &queries,
+            self.spec.timeout,
+            self.spec.lock_timeout,
+        )
+        .await
+        {
+            Ok(results) => results,
+            // The key's type may have changed since: ask again without it.
+            Err(error) if max_sql.is_some() && error.kind != ErrorKind::Connection => {
+                tracing::debug!(
+                    db_target = %self.context.target, check = %self.spec.name, %error,
+                    "reading the largest key with last run's key type failed"
+                );
+                query_read_only_many(
+                    self.context.pool,
+                    &queries[..2],
+                    self.spec.timeout,
+                    self.spec.lock_timeout,
+                )
+                .await?
+            }
+            Err(error) => return Err(error),
+        };
+        let mut results = results.into_iter();
+        let (Some(facts), Some(counters)) = (results.next(), results.next()) else {
+            return Err(CheckError::new(ErrorKind::Sql, "missing query results"));
+        };
+        let facts = self.table_facts(&facts)?;
+        let counters = parse_counters(&counters);
+        let max = match results.next() {
+            Some(max) if progress.key_type.as_deref() == Some(facts.key_type.name.as_str()) => {
+                parse_max_key(&max)
+            }
+            _ => self.max_key(&facts.key_type, watermark).await?,
+        };
+        Ok((facts, counters, max))
+    }
+
+    fn table_facts(&self, table: &ResultTable) -> Result<TableFacts, CheckError> {
         let row = table.rows.first().ok_or_else(|| {
             CheckError::new(
                 ErrorKind::NoRows,
@@ -307,55 +364,25 @@ impl Runner<'_, '_> {
         })
     }
 
+    /// The largest key and whether it is below `$1`, the watermark, for a key of type `ty`.
+    fn max_key_sql(&self, ty: &str) -> String {
+        let (key, table) = (self.key(), self.table());
+        format!(
+            "SELECT m::text, coalesce(m < $1::text::{ty}, false) \
+             FROM (SELECT max({key}) AS m FROM {table}) s"
+        )
+    }
+
     /// The largest key now, and whether it is below `watermark`.
     async fn max_key(
         &self,
         key_type: &KeyType,
         watermark: Option<&str>,
     ) -> Result<(Option<String>, bool), CheckError> {
-        let (key, table, ty) = (self.key(), self.table(), &key_type.name);
-        let sql = format!(
-            "SELECT m::text, coalesce(m < $1::text::{ty}, false) \
-             FROM (SELECT max({key}) AS m FROM {table}) s"
-        );
-        let result = self.query(&sql, &[watermark]).await?;
-        let row = result.rows.first();
-        let max = match row.and_then(|r| r.first()) {
-            Some(Cell::Text(t)) => Some(t.clone()),
-            _ => None,
-        };
-        let backwards = matches!(row.and_then(|r| r.get(1)), Some(Cell::Bool(true)));
-        Ok((max, backwards))
-    }
-
-    /// `n_tup_upd` and `n_tup_del` of the checked table and its parents.
-    async fn counters(&self) -> Result<BTreeMap<String, TableCounters>, CheckError> {
-        let mut names = vec![self.def.table.clone()];
-        names.extend(self.def.parents.iter().cloned());
-        let list = format!("{{{}}}", names.join(","));
         let result = self
-            .query(
-                "SELECT r.name, coalesce(s.n_tup_upd, 0)::bigint, coalesce(s.n_tup_del, 0)::bigint \
-                 FROM unnest($1::text::text[]) AS r(name) \
-                 JOIN pg_stat_user_tables s ON s.relid = r.name::regclass",
-                &[Some(&list)],
-            )
+            .query(&self.max_key_sql(&key_type.name), &[watermark])
             .await?;
-        let mut counters = BTreeMap::new();
-        for row in &result.rows {
-            if let (Some(Cell::Text(name)), Some(Cell::Int(upd)), Some(Cell::Int(del))) =
-                (row.first(), row.get(1), row.get(2))
-            {
-                counters.insert(
-                    name.clone(),
-                    TableCounters {
-                        n_tup_upd: *upd,
-                        n_tup_del: *del,
-                    },
-                );
-            }
-        }
-        Ok(counters)
+        Ok(parse_max_key(&result))
     }
 
     /// Counts the keys past the watermark, recounting the previous run's range.
@@ -365,6 +392,12 @@ impl Runner<'_, '_> {
         key_type: &KeyType,
         max_key: Option<String>,
     ) -> Result<(), CheckError> {
+        if let Some((settle, new_hi, new_count)) =
+            self.small_increment(progress, key_type, &max_key).await?
+        {
+            progress.settle(settle, new_hi, new_count);
+            return Ok(());
+        }
         let settle = match (&progress.settled_hi, &progress.pending_hi) {
             (settled, Some(pending)) if settled.as_ref() != Some(pending) => {
                 self.scan_range(key_type, settled.as_deref(), pending)
@@ -383,6 +416,81 @@ impl Runner<'_, '_> {
         };
         progress.settle(settle, new_hi, new_count);
         Ok(())
+    }
+
+    /// The usual increment on an integer key, both ranges (the previous run's, to recount, and
+    /// the new keys) spanning at most `sweep_max_rows` keys: both counted in one transaction,
+    /// with no query for their bounds. `None` when it does not apply (then range by range).
+    async fn small_increment(
+        &mut self,
+        progress: &Progress,
+        key_type: &KeyType,
+        max_key: &Option<String>,
+    ) -> Result<Option<(i64, Option<String>, i64)>, CheckError> {
+        if !key_type.integer() {
+            return Ok(None);
+        }
+        let parse = |key: &Option<String>| key.as_deref().map(str::parse::<i64>);
+        let (Some(Ok(settled)), Some(Ok(pending))) =
+            (parse(&progress.settled_hi), parse(&progress.pending_hi))
+        else {
+            return Ok(None);
+        };
+        let max = match parse(max_key) {
+            Some(Ok(max)) => max,
+            None => pending,
+            Some(Err(_)) => return Ok(None),
+        };
+        let span = |lo: i64, hi: i64| u64::try_from(i128::from(hi) - i128::from(lo)).unwrap_or(0);
+        let (recount, new) = (span(settled, pending), span(pending, max));
+        if recount > self.def.sweep_max_rows || new > self.def.sweep_max_rows {
+            return Ok(None);
+        }
+        let ranges: Vec<(String, String)> = [(settled, pending), (pending, max)]
+            .into_iter()
+            .filter(|(lo, hi)| hi > lo)
+            .map(|(lo, hi)| (lo.to_string(), hi.to_string()))
+            .collect();
+        let binds: Vec<Vec<Option<&str>>> = ranges
+            .iter()
+            .map(|(lo, hi)| {
+                let mut bind = vec![Some(lo.as_str()), Some(hi.as_str())];
+                bind.extend(self.spec.bind.iter().map(|b| Some(b.as_str())));
+                bind
+            })
+            .collect();
+        let queries: Vec<(&str, &[Option<&str>])> = binds
+            .iter()
+            .map(|bind| (self.spec.sql.as_str(), bind.as_slice()))
+            .collect();
+        let counts = if queries.is_empty() {
+            Vec::new()
+        } else {
+            query_read_only_many(
+                self.context.pool,
+                &queries,
+                self.spec.timeout,
+                self.spec.lock_timeout,
+            )
+            .await?
+            .iter()
+            .map(scalar_count)
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut counts = counts.into_iter();
+        let settle = if pending > settled {
+            counts.next().unwrap_or(0)
+        } else {
+            0
+        };
+        let (new_hi, new_count) = if max > pending {
+            (Some(max.to_string()), counts.next().unwrap_or(0))
+        } else {
+            (None, 0)
+        };
+        // Rows examined: the keys' span, which bounds the rows of a unique key.
+        self.rows_examined += recount + new;
+        Ok(Some((settle, new_hi, new_count)))
     }
 
     /// Violations among the keys in `(lo, hi]`, chunk by chunk.
@@ -513,6 +621,7 @@ impl Runner<'_, '_> {
     ) -> Result<(), CheckError> {
         let started = Instant::now();
         let urgent_budget = self.spec.interval.max(self.def.sweep_max_time);
+        let before = progress.value();
         loop {
             let Some(sweep) = progress.sweep.clone() else {
                 return Ok(());
@@ -592,6 +701,17 @@ impl Runner<'_, '_> {
             if !urgent || started.elapsed() >= urgent_budget {
                 return Ok(());
             }
+            // The sweep raised the value (a deleted parent's orphans): export it now, not
+            // after the rest of the table; the next run goes on from here.
+            if progress.end_run_to_report(before) {
+                self.save(fingerprint, progress).await;
+                tracing::info!(
+                    db_target = %self.context.target, check = %self.spec.name,
+                    reason = sweep.reason.as_str(), value = ?progress.value(),
+                    "sweep found more violations; reporting them before the sweep completes"
+                );
+                return Ok(());
+            }
         }
     }
 
@@ -601,6 +721,132 @@ impl Runner<'_, '_> {
 
     fn table(&self) -> String {
         quote_qualified(&self.def.table)
+    }
+}
+
+/// The table's identity, the planner's row estimate and the key's type: `$1` the table, `$2`
+/// the key column.
+const FACTS_SQL: &str =
+    "SELECT c.oid::bigint, c.relfilenode::bigint, greatest(c.reltuples, 0)::float8, \
+            format_type(a.atttypid, a.atttypmod), t.typcategory::text \
+     FROM pg_class c \
+     LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
+          AND a.attnum > 0 AND NOT a.attisdropped \
+     LEFT JOIN pg_type t ON t.oid = a.atttypid \
+     WHERE c.oid = $1::regclass";
+
+/// `n_tup_upd` and `n_tup_del` of the tables in `$1`, an array literal of names.
+const COUNTERS_SQL: &str =
+    "SELECT r.name, coalesce(s.n_tup_upd, 0)::bigint, coalesce(s.n_tup_del, 0)::bigint \
+     FROM unnest($1::text::text[]) AS r(name) \
+     JOIN pg_stat_user_tables s ON s.relid = r.name::regclass";
+
+/// The largest key (as text) and whether it is below the watermark.
+fn parse_max_key(result: &ResultTable) -> (Option<String>, bool) {
+    let row = result.rows.first();
+    let max = match row.and_then(|r| r.first()) {
+        Some(Cell::Text(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let backwards = matches!(row.and_then(|r| r.get(1)), Some(Cell::Bool(true)));
+    (max, backwards)
+}
+
+/// `n_tup_upd` and `n_tup_del` of `tables` (names as the pack spells them).
+async fn read_counters(
+    pool: &TargetPool,
+    tables: &[String],
+    timeout: Duration,
+    lock_timeout: Duration,
+) -> Result<BTreeMap<String, TableCounters>, CheckError> {
+    let list = format!("{{{}}}", tables.join(","));
+    let result =
+        query_read_only_opt(pool, COUNTERS_SQL, &[Some(&list)], timeout, lock_timeout).await?;
+    Ok(parse_counters(&result))
+}
+
+fn parse_counters(result: &ResultTable) -> BTreeMap<String, TableCounters> {
+    let mut counters = BTreeMap::new();
+    for row in &result.rows {
+        if let (Some(Cell::Text(name)), Some(Cell::Int(upd)), Some(Cell::Int(del))) =
+            (row.first(), row.get(1), row.get(2))
+        {
+            counters.insert(
+                name.clone(),
+                TableCounters {
+                    n_tup_upd: *upd,
+                    n_tup_del: *del,
+                },
+            );
+        }
+    }
+    counters
+}
+
+/// An incremental check whose tables' statistics are watched between its runs, and where to
+/// ask it to run at once.
+pub(crate) struct Watched {
+    pub(crate) spec: Arc<CheckSpec>,
+    pub(crate) wake: mpsc::Sender<()>,
+}
+
+/// Reads the write counters (`pg_stat_user_tables`) of the watched checks' tables every
+/// `every`, one short query on the target's pool, and asks a check to run at once when they
+/// changed the way that starts its early sweep (deletes on a parent, updates of its table,
+/// counters reset; a repair, deletes on its own table, waits for the next run): a parent's delete is then found within `every` plus the
+/// sweep up to its orphans, instead of waiting for the next interval. The run itself reads the
+/// counters again and decides; the watch only decides when it runs. Stops when `cancel` fires.
+pub(crate) async fn watch_statistics(
+    target: String,
+    pool: TargetPool,
+    checks: Vec<Watched>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tables: Vec<String> = Vec::new();
+    for check in &checks {
+        if let Some(def) = &check.spec.incremental {
+            for table in std::iter::once(&def.table).chain(&def.parents) {
+                if !tables.contains(table) {
+                    tables.push(table.clone());
+                }
+            }
+        }
+    }
+    let timeout = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<BTreeMap<String, TableCounters>> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = match read_counters(&pool, &tables, timeout, timeout).await {
+            Ok(now) => now,
+            Err(error) => {
+                // The checks' own runs report what is wrong with the target.
+                tracing::debug!(db_target = %target, %error, "cannot read table statistics");
+                continue;
+            }
+        };
+        if let Some(before) = &last {
+            for check in &checks {
+                let Some(def) = &check.spec.incremental else {
+                    continue;
+                };
+                if let Some(why) = early_sweep_reason(def, before, &now, false) {
+                    tracing::debug!(
+                        db_target = %target, check = %check.spec.name, %why,
+                        "table statistics changed; running the check now"
+                    );
+                    // Full: a wake-up is already waiting.
+                    let _ = check.wake.try_send(());
+                }
+            }
+        }
+        last = Some(now);
     }
 }
 

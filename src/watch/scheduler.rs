@@ -30,7 +30,7 @@ use crate::postgres::pool::{Connector, PoolError, ServerPool, Servers, TargetPoo
 use crate::postgres::runner::RunReport;
 use crate::postgres::sampler::ServerStats;
 use crate::storage::incremental::ProgressStore;
-use crate::watch::incremental::run_check;
+use crate::watch::incremental::{run_check, watch_statistics, Watched};
 use crate::watch::state::{Claim, State};
 use crate::watch::transitions::{LateLine, Punctuality, Transition};
 
@@ -249,7 +249,20 @@ pub(crate) fn start(
         };
         let visits = Arc::new(tokio::sync::Notify::new());
         let shortest = pools.shortest(&target.name);
+        let mut watched = Vec::new();
         for spec in &target.checks {
+            // An incremental check that may sweep early can be woken by the statistics watch.
+            let wake = match (&config.defaults.early_sweep_watch, &spec.incremental) {
+                (Some(_), Some(def)) if def.early_sweep => {
+                    let (wake, woken) = tokio::sync::mpsc::channel(1);
+                    watched.push(Watched {
+                        spec: spec.clone(),
+                        wake,
+                    });
+                    Some(woken)
+                }
+                _ => None,
+            };
             tracker.spawn(check_loop(
                 target.name.clone(),
                 spec.clone(),
@@ -261,7 +274,17 @@ pub(crate) fn start(
                     offset: pools.first_run_offset(&target.name, spec.interval),
                     horizon: join_horizon(spec.interval, shortest),
                     visits: visits.clone(),
+                    wake,
                 },
+            ));
+        }
+        if let (Some(every), false) = (config.defaults.early_sweep_watch, watched.is_empty()) {
+            tracker.spawn(watch_statistics(
+                target.name.clone(),
+                pool.clone(),
+                watched,
+                every,
+                cancel.clone(),
             ));
         }
     }
@@ -280,6 +303,7 @@ async fn check_loop(
         offset,
         horizon,
         visits,
+        mut wake,
     } = timing;
     let mut next_due = Instant::now() + offset;
     let mut ticker = tokio::time::interval_at(next_due, spec.interval);
@@ -287,25 +311,36 @@ async fn check_loop(
     let what = format!("{target} {}", spec.name);
     let mut no_session_skips = 0u64;
     let mut late = false;
+    // Woken by the statistics watch since the last due time: at most one such extra run
+    // between two due times, however often the statistics change.
+    let mut woken = false;
     loop {
         // Due now, or early: another check of the database got a session while this one is
         // due within its horizon, and it goes along (the session is handed to the waiting
-        // checks of its own database first), instead of a session of its own soon after.
-        let early = tokio::select! {
+        // checks of its own database first), instead of a session of its own soon after. Or
+        // woken by the statistics watch: an extra run, the due times unchanged.
+        let why = tokio::select! {
             // Cancellation wins over a tick that is also ready: no new run after it.
             biased;
             _ = cancel.cancelled() => return,
             due = ticker.tick() => {
                 next_due = due + spec.interval;
-                false
+                Why::Due
             }
             _ = visits.notified() => {
                 if next_due.saturating_duration_since(Instant::now()) > horizon {
                     continue;
                 }
-                true
+                Why::Along
             }
+            Some(()) = next_wake(&mut wake), if !woken => Why::Woken,
         };
+        woken = why == Why::Woken;
+        if let (false, Some(wake)) = (woken, wake.as_mut()) {
+            // This run reads the statistics itself.
+            while wake.try_recv().is_ok() {}
+        }
+        let early = why == Why::Along;
         if early {
             // Its next run one interval after this one.
             ticker.reset();
@@ -470,6 +505,8 @@ struct Timing {
     offset: Duration,
     horizon: Duration,
     visits: Arc<tokio::sync::Notify>,
+    /// Wake-ups from the statistics watch, for an incremental check it watches.
+    wake: Option<tokio::sync::mpsc::Receiver<()>>,
 }
 
 /// How long before its due time a check runs along with another check of its database that
@@ -479,6 +516,25 @@ struct Timing {
 /// together again and share a session instead of each moving one to their database.
 pub fn join_horizon(interval: Duration, shortest: Duration) -> Duration {
     (interval / 4).min(shortest / 2)
+}
+
+/// The statistics watch's next wake-up; never, for a check it does not watch.
+async fn next_wake(wake: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match wake {
+        Some(wake) => wake.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why a check task runs now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// Its due time.
+    Due,
+    /// Along with another check of its database that got a session.
+    Along,
+    /// The statistics watch saw a change that calls for its early sweep.
+    Woken,
 }
 
 /// How many intervals a run waits for a session before it is skipped.
