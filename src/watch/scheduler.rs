@@ -167,7 +167,7 @@ impl Pools {
     }
 
     /// The target's shortest interval (checks and sampling); zero for an unknown target.
-    pub fn shortest(&self, target: &str) -> Duration {
+    pub(crate) fn shortest(&self, target: &str) -> Duration {
         self.phases
             .get(target)
             .map_or(Duration::ZERO, |(_, _, shortest)| *shortest)
@@ -514,7 +514,7 @@ struct Timing {
 /// interval, so that checks on the grid of the shortest interval are never pulled a whole
 /// step early, while checks that drifted apart (late runs restart their interval) come
 /// together again and share a session instead of each moving one to their database.
-pub fn join_horizon(interval: Duration, shortest: Duration) -> Duration {
+pub(crate) fn join_horizon(interval: Duration, shortest: Duration) -> Duration {
     (interval / 4).min(shortest / 2)
 }
 

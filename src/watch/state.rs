@@ -140,7 +140,7 @@ pub struct State {
     /// The last logged state of each check and sampling step, so logs tell what changed.
     pub transitions: crate::watch::transitions::Transitions,
     /// Runs that started late for lack of a session, summed up per server for the log.
-    pub late_runs: crate::watch::transitions::LateRuns,
+    pub(crate) late_runs: crate::watch::transitions::LateRuns,
     /// The daemon's one clock: every component that records or judges asks it for "now".
     clock: SharedClock,
 }
@@ -474,7 +474,11 @@ impl State {
 
     /// What `read` makes of one target's state, read under the lock without copying the
     /// rest: a fleet's per-database readers must not each copy every database's state.
-    pub fn read_target<R>(&self, target: &str, read: impl FnOnce(&TargetState) -> R) -> Option<R> {
+    pub(crate) fn read_target<R>(
+        &self,
+        target: &str,
+        read: impl FnOnce(&TargetState) -> R,
+    ) -> Option<R> {
         self.lock().targets.get(target).map(read)
     }
 }

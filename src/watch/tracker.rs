@@ -48,12 +48,12 @@ const SUPPORT_REFRESH_PASSES: u64 = 30;
 #[serde(deny_unknown_fields)]
 pub(crate) struct Announcement {
     /// Required when the daemon watches more than one target.
-    pub target: Option<String>,
-    pub version: String,
+    pub(crate) target: Option<String>,
+    pub(crate) version: String,
     /// RFC 3339; default now.
-    pub started_at: Option<String>,
+    pub(crate) started_at: Option<String>,
     pub(crate) finished_at: Option<String>,
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
     /// `deploy` or `rollback`; needed only where versions have no order
     /// (`deployments.version_order = "unordered"`).
     pub(crate) kind: Option<DeploymentKind>,

@@ -93,11 +93,11 @@ impl Transitions {
 }
 
 /// How often the late runs of one server are summed up in a log line.
-pub const LATE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const LATE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 /// What a run of a server's queue was, for [`LateRuns`].
 #[derive(Debug, Clone, Copy)]
-pub enum Punctuality<'a> {
+pub(crate) enum Punctuality<'a> {
     /// It got its session when it was due.
     OnTime,
     /// It waited `waited` for a session, past `merged` of its due times; `what` names it.
@@ -110,7 +110,7 @@ pub enum Punctuality<'a> {
 
 /// A log line about the late runs of one server.
 #[derive(Debug, Clone, PartialEq)]
-pub enum LateLine {
+pub(crate) enum LateLine {
     /// Its first late run after a time with none.
     Started {
         what: String,
@@ -148,13 +148,18 @@ struct LateWindow {
 /// fleet, thousands of checks run late every minute: each is counted in the metrics
 /// (`deploywatch_check_delayed_total`) and shown in `/status`, and the log stays readable.
 #[derive(Debug, Default)]
-pub struct LateRuns {
+pub(crate) struct LateRuns {
     servers: Mutex<HashMap<String, LateWindow>>,
 }
 
 impl LateRuns {
     /// Takes note of a run of `server` at `now`; returns the line to log, if one is due.
-    pub fn observe(&self, server: &str, run: Punctuality<'_>, now: Instant) -> Option<LateLine> {
+    pub(crate) fn observe(
+        &self,
+        server: &str,
+        run: Punctuality<'_>,
+        now: Instant,
+    ) -> Option<LateLine> {
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         let window = match servers.get_mut(server) {
             Some(window) => window,
