@@ -27,16 +27,13 @@ fn fast_dir(pg: &PgCluster) -> ConfigDir {
 /// Waits until every check of every target has run at least once.
 async fn wait_all_ran(handle: &DaemonHandle) {
     let state = handle.state.clone();
-    wait_until("every check ran", Duration::from_secs(60), || {
-        let state = state.clone();
-        async move {
-            let snapshot = state.snapshot();
-            snapshot
-                .targets
-                .values()
-                .all(|t| t.checks.values().all(|c| c.runs > 0))
-                .then_some(())
-        }
+    wait_until("every check ran", Duration::from_secs(60), || async {
+        let snapshot = state.snapshot();
+        snapshot
+            .targets
+            .values()
+            .all(|t| t.checks.values().all(|c| c.runs > 0))
+            .then_some(())
     })
     .await;
 }
@@ -362,18 +359,15 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     let url = base(&handle);
     // A query in flight hits the client deadline (timeout); a new session's handshake hits the
     // connect bound (connection). Either way the check ends in seconds instead of hanging.
-    wait_until("hung checks time out", Duration::from_secs(30), || {
-        let state = state.clone();
-        async move {
-            let snapshot = state.snapshot();
-            let check = &snapshot.targets["hung"].checks["ping"];
-            let error = check.outcome.as_ref().and_then(|o| o.error.clone())?;
-            let timed_out = error.message.contains("no answer from the server")
-                || error
-                    .message
-                    .contains("did not complete the connection handshake");
-            (timed_out && matches!(error.kind.as_str(), "timeout" | "connection")).then_some(())
-        }
+    wait_until("hung checks time out", Duration::from_secs(30), || async {
+        let snapshot = state.snapshot();
+        let check = &snapshot.targets["hung"].checks["ping"];
+        let error = check.outcome.as_ref().and_then(|o| o.error.clone())?;
+        let timed_out = error.message.contains("no answer from the server")
+            || error
+                .message
+                .contains("did not complete the connection handshake");
+        (timed_out && matches!(error.kind.as_str(), "timeout" | "connection")).then_some(())
     })
     .await;
     for _ in 0..5 {
@@ -390,23 +384,17 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
     wait_until(
         "the healthy target keeps its schedule while the other hangs",
         Duration::from_secs(10),
-        || {
-            let state = state.clone();
-            async move { (runs_of_healthy(&state) >= before + 3).then_some(()) }
-        },
+        || async { (runs_of_healthy(&state) >= before + 3).then_some(()) },
     )
     .await;
 
     hung.resume().expect("SIGCONT postgres");
-    wait_until("hung target recovers", Duration::from_secs(60), || {
-        let state = state.clone();
-        async move {
-            let snapshot = state.snapshot();
-            let check = &snapshot.targets["hung"].checks["ping"];
-            (check.status == deploywatch::checks::outcome::Status::Pass
-                && snapshot.targets["hung"].reachable == Some(true))
-            .then_some(())
-        }
+    wait_until("hung target recovers", Duration::from_secs(60), || async {
+        let snapshot = state.snapshot();
+        let check = &snapshot.targets["hung"].checks["ping"];
+        (check.status == deploywatch::checks::outcome::Status::Pass
+            && snapshot.targets["hung"].reachable == Some(true))
+        .then_some(())
     })
     .await;
     // Sessions abandoned during the hang are gone; at most the cap remain.
@@ -752,13 +740,14 @@ async fn a_reload_applies_the_deployment_api_settings() {
         .await
         .expect("reload");
     let url = base(&handle);
-    let body = wait_until("the announcement is taken", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            let (code, body) = announce(url).await;
+    let body = wait_until(
+        "the announcement is taken",
+        Duration::from_secs(20),
+        || async {
+            let (code, body) = announce(url.clone()).await;
             (code.as_u16() == 201).then_some(body)
-        }
-    })
+        },
+    )
     .await;
     assert!(body.contains("3.7.1"), "{body}");
     handle.shutdown().await.expect("clean shutdown");

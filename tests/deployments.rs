@@ -90,6 +90,12 @@ impl Setup {
         .expect("workload");
     }
 
+    /// Stops the workload, then the daemon.
+    async fn stop(&self, handle: DaemonHandle) {
+        self.cancel.cancel();
+        handle.shutdown().await.expect("shutdown");
+    }
+
     async fn start(&self) -> DaemonHandle {
         common::start(&self.dir).await
     }
@@ -330,8 +336,7 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
     assert!(text.contains("first_day: pass"), "{text}");
     assert!(text.contains("unused_index"), "{text}");
     assert!(text.contains("[x] Schema version is 3.7.0"), "{text}");
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,8 +431,7 @@ async fn dropping_the_index_a_hot_query_needs_is_flagged_with_evidence() {
         status.contains("query_latency") && status.contains("evidence"),
         "{status}"
     );
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,8 +461,7 @@ async fn deployments_that_change_nothing_pass() {
         }
     }
     assert_eq!(alarms, 0, "false alarms in {rounds} no-change deployments");
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,8 +598,7 @@ async fn statistics_resets_and_a_restart_raise_no_alarm() {
         Some(Verdict::Pass),
         "{view:#?}"
     );
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,9 +654,8 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
     assert_eq!(created["note"], "release train 42");
 
     // `deploywatch deploy mark` from a pipeline.
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.main())
+    let output = dir
+        .async_command()
         .args([
             "deploy",
             "mark",
@@ -681,38 +682,26 @@ async fn kill_9_mid_window_loses_nothing() {
     let dir = &setup.dir;
     let port = common::free_port();
     let spawn = || common::spawn_daemon(dir, port);
-    let status = |port: u16| async move {
-        common::get_json(&format!("http://127.0.0.1:{port}/status")).await
-    };
+    let status = format!("http://127.0.0.1:{port}/status");
     let mut child = spawn();
     // A baseline of a few stored samples before the announcement.
-    wait_until(
+    common::wait_for_json(
+        &status,
         "baseline samples stored",
         Duration::from_secs(60),
-        || async move {
-            status(port)
-                .await
-                .filter(|s| s["targets"][0]["samples_recorded"].as_u64() > Some(6))
-        },
+        |s| (s["targets"][0]["samples_recorded"].as_u64() > Some(6)).then_some(()),
     )
     .await;
     let (code, body) = announce_to(&format!("http://127.0.0.1:{port}"), "3.7.1").await;
     assert_eq!(code, 201, "{body}");
-    let before = wait_until(
-        "first_hour closed",
-        Duration::from_secs(30),
-        || async move {
-            let s = status(port).await?;
-            let d = s["targets"][0]["deployment"].clone();
+    let before =
+        common::wait_for_json(&status, "first_hour closed", Duration::from_secs(30), |s| {
+            let d = &s["targets"][0]["deployment"];
             (d["windows"][0]["verdict"] != "watching" && d["windows"][0]["verdict"].is_string())
-                .then_some(d)
-        },
-    )
-    .await;
-    std::process::Command::new("kill")
-        .args(["-9", &child.id().expect("pid").to_string()])
-        .status()
-        .expect("kill -9");
+                .then(|| d.clone())
+        })
+        .await;
+    common::signal(child.id().expect("pid"), "-9");
     let _ = child.wait().await;
     // The daemon was writing a sample every second when it died: the file is sound and every
     // sample in it reads back whole.
@@ -727,13 +716,13 @@ async fn kill_9_mid_window_loses_nothing() {
     }
 
     let mut child = spawn();
-    let after = wait_until(
+    let after = common::wait_for_json(
+        &status,
         "deployment restored",
         Duration::from_secs(30),
-        || async move {
-            let s = status(port).await?;
-            let d = s["targets"][0]["deployment"].clone();
-            d["id"].is_number().then_some(d)
+        |s| {
+            let d = &s["targets"][0]["deployment"];
+            d["id"].is_number().then(|| d.clone())
         },
     )
     .await;
@@ -780,18 +769,16 @@ async fn kill_9_mid_window_loses_nothing() {
     );
     assert_eq!(is[..was.len()], was[..], "{before:#}\n{after:#}");
     // The window that was open when the daemon died still closes, with a verdict.
-    let closed = wait_until(
+    let closed = common::wait_for_json(
+        &status,
         "first_day closes after the restart",
         Duration::from_secs(30),
-        || async move {
-            let s = status(port).await?;
-            let d = s["targets"][0]["deployment"].clone();
-            let day = d["windows"]
+        |s| {
+            let day = s["targets"][0]["deployment"]["windows"]
                 .as_array()?
                 .iter()
-                .find(|w| w["window"] == "first_day")?
-                .clone();
-            (day["verdict"] != "watching").then_some(day)
+                .find(|w| w["window"] == "first_day")?;
+            (day["verdict"] != "watching").then(|| day.clone())
         },
     )
     .await;
@@ -1081,8 +1068,7 @@ async fn a_statement_first_seen_after_the_deployment_is_named_in_evidence_and_sh
     )
     .await;
     assert!(body.contains(&named), "{body}");
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
     // Its text was fetched after the deployment and is kept in the store.
     let store = setup.store();
     assert_eq!(
@@ -1189,8 +1175,7 @@ async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text
         status.contains("new_statement") && status.contains(&text),
         "{status}"
     );
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
 }
 
 /// A cheap statement the release brings (a lookup at a sliver of the database's time, touching
@@ -1227,6 +1212,5 @@ async fn a_new_cheap_statement_after_the_deployment_lets_the_windows_pass() {
             .all(|f| f.signal != Signal::NewStatement),
         "{view:#?}"
     );
-    setup.cancel.cancel();
-    handle.shutdown().await.expect("shutdown");
+    setup.stop(handle).await;
 }

@@ -118,23 +118,13 @@ fn a_removed_target_is_forgotten_by_the_log_state() {
 
     let state = State::new();
     let now = std::time::Instant::now();
+    // A failure of check `c` of `target` as the log state sees it.
+    let fails = |target: &str| state.transitions.observe(target, "c", "fail", now);
     state.apply_config(&both, 0.0);
-    assert_eq!(
-        state.transitions.observe("a", "c", "fail", now),
-        Transition::First
-    );
-    assert_eq!(
-        state.transitions.observe("b", "c", "fail", now),
-        Transition::First
-    );
+    assert_eq!(fails("a"), Transition::First);
+    assert_eq!(fails("b"), Transition::First);
     state.apply_config(&only_a, 1.0);
     state.apply_config(&both, 2.0);
-    assert_eq!(
-        state.transitions.observe("a", "c", "fail", now),
-        Transition::Same
-    );
-    assert_eq!(
-        state.transitions.observe("b", "c", "fail", now),
-        Transition::First
-    );
+    assert_eq!(fails("a"), Transition::Same);
+    assert_eq!(fails("b"), Transition::First);
 }

@@ -272,12 +272,7 @@ fn any_announcement_body_gets_an_answer() {
             target_toml("db", &pg, "postgres")
         ),
     );
-    let handle = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        deploywatch::daemon::start(dir.load(), listener).expect("daemon starts")
-    });
+    let handle = runtime.block_on(common::start(&dir));
     let url = format!("http://{}/api/deployments", handle.local_addr);
     let health = format!("http://{}/healthz", handle.local_addr);
     let mut runner = proptest::test_runner::TestRunner::new(cases(24));

@@ -18,13 +18,8 @@ use deploywatch::checks::outcome::Status;
 use deploywatch::daemon::DaemonHandle;
 
 async fn wait_http(port: u16, path: &str) {
-    common::wait_for_answer(
-        &format!("http://127.0.0.1:{port}{path}"),
-        "the daemon answers",
-        Duration::from_secs(60),
-        |code, _| (code == 200).then_some(()),
-    )
-    .await;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    common::wait_until_ok(&url, "the daemon answers", Duration::from_secs(60)).await;
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {

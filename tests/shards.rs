@@ -282,11 +282,8 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
         ),
     );
     let config = dir.load();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let handle = daemon::start(config.clone(), listener).expect("starts");
-    let url = format!("http://{}", handle.local_addr);
+    let handle = common::start(&dir).await;
+    let url = common::base(&handle);
     let shown = names(&watched(&url).await);
     assert_eq!(shown, BTreeSet::from([mine.clone()]), "only its own target");
     // Asked about a target of the other shard, it says whose it is.
@@ -403,17 +400,10 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
             target(&theirs)
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let idle = daemon::start(dir.load(), listener).expect("starts");
-    let url = format!("http://{}", idle.local_addr);
-    wait_until(
-        "the idle replica is ready",
-        Duration::from_secs(10),
-        || async { (get(&format!("{url}/readyz")).await.0 == 200).then_some(()) },
-    )
-    .await;
+    let idle = common::start(&dir).await;
+    let url = common::base(&idle);
+    let ready = format!("{url}/readyz");
+    common::wait_until_ok(&ready, "the idle replica is ready", Duration::from_secs(10)).await;
     assert!(watched(&url).await.is_empty());
     assert_eq!(
         metric(&url, "deploywatch_shard_targets", &[]).await,

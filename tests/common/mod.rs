@@ -261,11 +261,12 @@ pub async fn scrape(handle: &DaemonHandle) -> Scrape {
 /// Waits until the daemon's `/readyz` answers 200.
 pub async fn wait_ready(handle: &DaemonHandle) {
     let url = format!("{}/readyz", base(handle));
-    wait_until("readyz", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (get(&url).await.0 == 200).then_some(()) }
-    })
-    .await;
+    wait_until_ok(&url, "readyz", Duration::from_secs(30)).await;
+}
+
+/// Waits until `url` answers 200.
+pub async fn wait_until_ok(url: &str, what: &str, deadline: Duration) {
+    wait_for_answer(url, what, deadline, |code, _| (code == 200).then_some(())).await;
 }
 
 /// A `[[targets]]` entry for a database of a test cluster.
