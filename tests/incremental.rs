@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, cognit_db, corrupt, target_toml, wait_until, ConfigDir, Version};
+use common::{cognit_cluster, corrupt, target_toml, wait_until, ConfigDir, Version};
 use deploywatch::checks::incremental::{Progress, Sweep, SweepReason};
 use deploywatch::checks::outcome::{Observation, Status};
 use deploywatch::config::Config;
@@ -59,8 +59,7 @@ struct Harness {
 
 impl Harness {
     fn new(version: Version, max_rows: u64, extra_pack: Option<&str>) -> Harness {
-        let cluster = cluster();
-        cognit_db(&cluster, DB, version);
+        let cluster = cognit_cluster(version);
         let dir = ConfigDir::new();
         dir.add_shipped_pack("cognit-3.7.0.toml");
         if let Some(pack) = extra_pack {
@@ -308,8 +307,7 @@ async fn a_deleted_parent_is_found_by_the_early_sweep() {
 /// check's run (and its early sweep) at once instead of at the next interval, an hour away.
 #[tokio::test]
 async fn the_statistics_watch_runs_the_check_when_a_parent_is_deleted() {
-    let cluster = cluster();
-    cognit_db(&cluster, DB, Version::V370);
+    let cluster = cognit_cluster(Version::V370);
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
     dir.write(
@@ -322,25 +320,21 @@ async fn the_statistics_watch_runs_the_check_when_a_parent_is_deleted() {
     );
     let port = common::free_port();
     let mut daemon = common::spawn_daemon(&dir, port);
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let value = |check: &'static str| {
-        let url = url.clone();
+    let base = format!("http://127.0.0.1:{port}");
+    // Waits until `check` exports `expected`.
+    let value_is = |what: String, check: &'static str, expected: f64| {
+        let base = base.clone();
         async move {
-            let (_, body) = common::get_or_none(&url).await?;
-            common::parse_metrics(&body)
-                .metric("deploywatch_check_value")
-                .label("check", check)
-                .value_opt()
+            common::wait_for_metrics(&base, &what, Duration::from_secs(60), |m| {
+                let value = m.metric("deploywatch_check_value").label("check", check);
+                (value.value_opt() == Some(expected)).then_some(())
+            })
+            .await
         }
     };
     // The first runs (full sweeps) at start; the next ones due in an hour.
     for check in ["orphaned_submissions", "orphaned_payments"] {
-        wait_until(
-            &format!("{check}: the first count"),
-            Duration::from_secs(60),
-            || async move { (value(check).await == Some(0.0)).then_some(()) },
-        )
-        .await;
+        value_is(format!("{check}: the first count"), check, 0.0).await;
     }
     let participant = cluster
         .psql(
@@ -375,12 +369,8 @@ async fn the_statistics_watch_runs_the_check_when_a_parent_is_deleted() {
         ("orphaned_submissions", submissions),
         ("orphaned_payments", payments),
     ] {
-        wait_until(
-            &format!("{check} = {expected} long before the next interval"),
-            Duration::from_secs(60),
-            || async move { (value(check).await == Some(expected)).then_some(()) },
-        )
-        .await;
+        let what = format!("{check} = {expected} long before the next interval");
+        value_is(what, check, expected).await;
     }
     let _ = daemon.start_kill();
     let _ = daemon.wait().await;
@@ -480,8 +470,7 @@ async fn a_truncate_or_a_key_going_backwards_resets_to_a_full_sweep() {
 /// stored position and keeps its watermark and count (no new full sweep).
 #[tokio::test]
 async fn kill_9_mid_sweep_resumes_from_the_stored_position_with_the_watermark() {
-    let cluster = cluster();
-    cognit_db(&cluster, DB, Version::V360);
+    let cluster = cognit_cluster(Version::V360);
     corrupt(&cluster, DB, "orphaned_submissions");
     let dir = ConfigDir::new();
     dir.add_shipped_pack("cognit-3.7.0.toml");
