@@ -20,7 +20,7 @@ pub(crate) mod web;
 
 use crate::analysis::deployment::VersionOrder;
 use crate::analysis::judging;
-use crate::analysis::regression::NewStatementThresholds;
+use crate::analysis::regression::{NewStatementThresholds, Thresholds};
 use crate::analysis::window::WindowDurations;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
@@ -326,22 +326,8 @@ pub(crate) struct DeploymentConfig {
     pub(crate) enabled: bool,
     pub(crate) sample_interval: Duration,
     pub(crate) baseline_span: Duration,
-    pub(crate) min_baseline_samples: usize,
-    pub(crate) min_window_samples: usize,
-    pub(crate) windows: WindowDurations,
-    /// Relative increase of a query's mean time that counts as a regression (0.2 = +20 %).
-    pub(crate) latency_min_increase: f64,
-    /// Calls per sample a query needs before its latency is judged.
-    pub(crate) latency_min_calls: u64,
-    /// Window samples a query needs before any latency verdict on it.
-    pub(crate) latency_min_window_samples: usize,
-    /// False-discovery level of the sequential tests (Benjamini–Hochberg across what is
-    /// tested at one look).
-    pub(crate) latency_p_value: f64,
-    /// Smallest change of a query's median time per call (ms) that can be a regression.
-    pub(crate) latency_min_delta_ms: f64,
-    /// When a statement the baseline never saw is a regression on its own.
-    pub(crate) new_statement: NewStatementThresholds,
+    /// The windows, the samples they need and the rules' thresholds.
+    pub(crate) judging: judging::Settings,
     /// How versions order, which tells a deployment from a rollback.
     pub(crate) version_order: VersionOrder,
     pub(crate) declared: Vec<DeclaredDeployment>,
@@ -941,7 +927,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     let deployments = validate_deployments(path, raw.deployments, f.problems);
     // A sample is needed for as long as it can be part of a baseline that a window open now
     // is judged against: the baseline span before a deployment plus the longest window.
-    let needed = deployments.baseline_span + deployments.windows.first_week;
+    let needed = deployments.baseline_span + deployments.judging.durations.first_week;
     if deployments.enabled && store.retention < needed {
         f.push(
             "store.retention",
@@ -1102,29 +1088,28 @@ fn validate_deployments(
             ),
         }
     }
-    DeploymentConfig {
-        enabled: raw.enabled.unwrap_or(true),
-        sample_interval: f.duration(
-            "deployments.sample_interval",
-            &raw.sample_interval,
-            secs(60),
-        ),
-        baseline_span: f.duration(
-            "deployments.baseline_span",
-            &raw.baseline_span,
-            secs(7 * 24 * 3600),
-        ),
-        min_baseline_samples: f.positive(
-            "deployments.min_baseline_samples",
-            raw.min_baseline_samples,
-            shipped.min_baseline_samples,
-        ),
-        min_window_samples: f.positive(
-            "deployments.min_window_samples",
-            raw.min_window_samples,
-            shipped.min_window_samples,
-        ),
-        windows,
+    let sample_interval = f.duration(
+        "deployments.sample_interval",
+        &raw.sample_interval,
+        secs(60),
+    );
+    let baseline_span = f.duration(
+        "deployments.baseline_span",
+        &raw.baseline_span,
+        secs(7 * 24 * 3600),
+    );
+    let min_baseline_samples = f.positive(
+        "deployments.min_baseline_samples",
+        raw.min_baseline_samples,
+        shipped.min_baseline_samples,
+    );
+    let min_window_samples = f.positive(
+        "deployments.min_window_samples",
+        raw.min_window_samples,
+        shipped.min_window_samples,
+    );
+    let thresholds = Thresholds {
+        min_samples: min_window_samples,
         latency_min_increase: f.fraction(
             "deployments.latency_min_increase",
             raw.latency_min_increase,
@@ -1169,6 +1154,17 @@ fn validate_deployments(
                     shipped.min_ms_per_call,
                 ),
             }
+        },
+    };
+    DeploymentConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        sample_interval,
+        baseline_span,
+        judging: judging::Settings {
+            durations: windows,
+            thresholds,
+            min_baseline_samples,
+            min_window_samples,
         },
         version_order: match raw.version_order.as_deref() {
             None => VersionOrder::default(),

@@ -26,7 +26,6 @@ use crate::analysis::deployment::{
     kind_of, place_announcement, DeploymentKind, DeploymentView, Detection, Placement,
 };
 use crate::analysis::judging::{self, Summaries};
-use crate::analysis::regression::Thresholds;
 use crate::analysis::sample::{self, CheckPoint, RawStats};
 use crate::analysis::summary::Summary;
 use crate::analysis::window;
@@ -254,7 +253,7 @@ async fn announced_view(
         &summaries,
         &persisted,
         now,
-        &judging_settings(settings),
+        &settings.judging,
         Vec::new(),
         rollbacks,
     );
@@ -757,7 +756,7 @@ impl Tracker {
                         );
                     }
                     if let Some(summaries) = self.summaries.as_mut() {
-                        summaries.add(&sample, &self.settings.windows);
+                        summaries.add(&sample, &self.settings.judging.durations);
                     }
                     let target = self.target.name.clone();
                     let stored = self
@@ -906,10 +905,6 @@ impl Tracker {
             .unwrap_or_default()
     }
 
-    fn judging_settings(&self) -> judging::Settings {
-        judging_settings(&self.settings)
-    }
-
     /// The summaries of `record`: kept from earlier passes, or made from the store — the
     /// baseline read twice (statement totals to choose the followed statements, then the
     /// summary), and the samples since the deployment once, one sample at a time.
@@ -948,7 +943,7 @@ impl Tracker {
                 limitations.push(reason.clone());
             }
         }
-        let settings = self.judging_settings();
+        let settings = self.settings.judging;
         let Some(summaries) = self.summaries.as_ref() else {
             return Err(StoreError::Closed);
         };
@@ -988,23 +983,6 @@ impl Tracker {
     }
 }
 
-fn judging_settings(settings: &DeploymentConfig) -> judging::Settings {
-    judging::Settings {
-        durations: settings.windows,
-        thresholds: Thresholds {
-            latency_min_increase: settings.latency_min_increase,
-            latency_min_calls: settings.latency_min_calls,
-            latency_p_value: settings.latency_p_value,
-            min_samples: settings.min_window_samples,
-            latency_min_window_samples: settings.latency_min_window_samples,
-            latency_min_delta_ms: settings.latency_min_delta_ms,
-            new_statement: settings.new_statement,
-        },
-        min_baseline_samples: settings.min_baseline_samples,
-        min_window_samples: settings.min_window_samples,
-    }
-}
-
 /// The summaries of `record`, made from the store: the baseline read twice (statement totals
 /// to choose the followed statements, then the summary), and the samples since the deployment
 /// once, one sample at a time.
@@ -1017,8 +995,8 @@ async fn load_summaries(
     let target = target.to_string();
     let record = record.clone();
     let span = settings.baseline_span;
-    let durations = settings.windows;
-    let min_calls = settings.latency_min_calls;
+    let durations = settings.judging.durations;
+    let min_calls = settings.judging.thresholds.latency_min_calls;
     store
         .run(move |store| {
             let previous = store.previous_deployment_time(&target, record.at)?;
