@@ -1,7 +1,9 @@
 //! The evaluation of the regression rules, simulated: many deployments, each looked at after
 //! every sample the way the daemon does (rules, then latching), so the figures count what would
 //! have been published and paged. Run with `cargo bench --bench evaluation`; prints Markdown for
-//! BENCHMARKS.md. `DEPLOYWATCH_BENCH_REPS` sets the deployments per scenario (default 10).
+//! BENCHMARKS.md. `DEPLOYWATCH_BENCH_REPS` sets the deployments per scenario (default 10);
+//! with `DEPLOYWATCH_BENCH_VERBOSE` set, every flag that is not the injected regression is
+//! printed to stderr with its message.
 //!
 //! The workload: 200 statements with heavy-tailed call rates (Zipf, exponent 1.1, about 150
 //! calls a second in all, three statements per transaction), per-sample mean times with
@@ -360,6 +362,15 @@ fn simulate(scenario: Scenario, seed: u64) -> Outcome {
                     outcome.first_confirmed.get_or_insert(step + 1);
                 }
             } else if !outcome.stray.contains(&f.signal) {
+                if std::env::var_os("DEPLOYWATCH_BENCH_VERBOSE").is_some() {
+                    eprintln!(
+                        "{} seed {seed} sample {}: {} {}",
+                        scenario.name(),
+                        step + 1,
+                        f.signal.as_str(),
+                        f.message
+                    );
+                }
                 outcome.stray.push(f.signal);
             }
         }

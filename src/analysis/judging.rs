@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::analysis::deployment::{
-    latch, DeploymentRecord, DeploymentView, Finding, VerdictRecord, WindowView,
+    latch, DeploymentRecord, DeploymentView, Finding, Signal, VerdictRecord, WindowView,
 };
 use crate::analysis::regression::{self, Thresholds};
 use crate::analysis::sample::Sample;
@@ -60,6 +60,35 @@ pub struct Summaries {
     /// The regressions each open window showed at the previous look, latched across looks
     /// (`deployment::latch`); the caller keeps them from one judging to the next.
     pub(crate) flags: BTreeMap<Window, Vec<Finding>>,
+    /// The same span of the clock as `first_hour`, one day earlier, when the history holds it
+    /// and no deployment came since (see [`same_time_yesterday`]): `first_hour` is judged
+    /// against it as well, for the signals that follow the time of day.
+    pub(crate) same_time_yesterday: Option<Summary>,
+}
+
+/// A day, in seconds: the period of the traffic cycle the time-of-day baseline follows.
+pub(crate) const DAY_SECONDS: f64 = 86_400.0;
+
+/// The span one day before `first_hour` (`[from, to)`), when the history allows it to serve as
+/// a time-of-day baseline: it must end before the deployment and come after the previous
+/// deployment (`previous`, its time), so the same version ran then as in the baseline.
+pub(crate) fn same_time_yesterday(
+    deployed_at: Timestamp,
+    durations: &WindowDurations,
+    previous: Option<Timestamp>,
+) -> Option<(Timestamp, Timestamp)> {
+    let from = deployed_at - DAY_SECONDS;
+    let to = from + durations.first_hour.as_secs_f64();
+    (to <= deployed_at && previous.is_none_or(|p| p < from)).then_some((from, to))
+}
+
+/// The signals whose level follows the time of day (traffic, latency under load): in
+/// `first_hour` they are flagged only when the same hour of the day before agrees.
+fn follows_time_of_day(signal: Signal) -> bool {
+    matches!(
+        signal,
+        Signal::QueryLatency | Signal::SeqScans | Signal::RollbackRatio | Signal::Deadlocks
+    )
 }
 
 /// Which baseline statements to follow: the `n` with the largest total time.
@@ -116,6 +145,7 @@ impl Summaries {
             since: Summary::new(min_calls, window_following.clone()),
             through: None,
             flags: BTreeMap::new(),
+            same_time_yesterday: None,
         }
     }
 
@@ -137,6 +167,33 @@ impl Summaries {
             self.since.add(sample);
         }
     }
+}
+
+/// Splits `regressions` (against the baseline) into those the judgement against the same
+/// time of the day before (`yesterday`) agrees with, or that do not follow the time of day, and
+/// those it does not. An agreed one carries `same_time_yesterday: true` in its evidence.
+fn agree_with_same_time(
+    regressions: Vec<Finding>,
+    yesterday: &regression::Judgement,
+) -> (Vec<Finding>, Vec<Finding>) {
+    let mut agreed = Vec::new();
+    let mut unexplained = Vec::new();
+    for mut f in regressions {
+        if !follows_time_of_day(f.signal) {
+            agreed.push(f);
+        } else if yesterday
+            .regressions
+            .iter()
+            .any(|y| y.signal == f.signal && y.subject == f.subject)
+        {
+            f.evidence
+                .insert("same_time_yesterday".into(), serde_json::Value::Bool(true));
+            agreed.push(f);
+        } else {
+            unexplained.push(f);
+        }
+    }
+    (agreed, unexplained)
 }
 
 /// The deployment as readers see it, and the verdicts of windows that closed by `now` and
@@ -184,7 +241,7 @@ pub fn judge(
         // Without enough baseline there is nothing to compare against: every signal is
         // inconclusive, and the window can only end so.
         let baseline_too_small = baseline.samples < settings.min_baseline_samples;
-        let judgement = if baseline_too_small {
+        let mut judgement = if baseline_too_small {
             regression::Judgement::default()
         } else {
             regression::judge_summaries(
@@ -196,6 +253,33 @@ pub fn judge(
                 &settings.thresholds,
             )
         };
+        // The first hour against the same hour of the day before as well: a rise that only
+        // the time of day explains (the morning peak after a quiet baseline) is not flagged.
+        let same_time = summaries
+            .same_time_yesterday
+            .as_ref()
+            .filter(|s| s.samples >= settings.min_baseline_samples);
+        if let (Window::FirstHour, Some(same_time), false) = (window, same_time, baseline_too_small)
+        {
+            let yesterday = regression::judge_summaries(
+                window,
+                same_time,
+                in_window,
+                &summaries.since,
+                closed,
+                &settings.thresholds,
+            );
+            let (agreed, unexplained) = agree_with_same_time(judgement.regressions, &yesterday);
+            for f in &unexplained {
+                limitations.push(format!(
+                    "{}: {} {} is not flagged: no rise against the same hour of the day before",
+                    window.as_str(),
+                    f.signal.as_str(),
+                    f.subject
+                ));
+            }
+            judgement.regressions = agreed;
+        }
         let judged_samples = if baseline_too_small {
             0
         } else {
@@ -347,6 +431,111 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].signal, Signal::QueryLatency);
         assert_eq!(found[0].evidence["query"], "SELECT * FROM submissions");
+    }
+
+    /// A summary of the hour one day before the deployment, statement "1" at `ms` per call.
+    fn same_hour_yesterday(ms: f64) -> Summary {
+        let d = record();
+        let (from, to) = same_time_yesterday(d.at, &settings().durations, None)
+            .unwrap_or((d.at - DAY_SECONDS, d.at - DAY_SECONDS + 3600.0));
+        let mut summary = Summary::new(5, statement_one());
+        let mut at = from;
+        let mut i = 0;
+        while at < to {
+            summary.add(&sample(at, ms, i));
+            at += 60.0;
+            i += 1;
+        }
+        summary
+    }
+
+    /// The baseline's following: statement "1".
+    fn statement_one() -> Following {
+        let mut totals = BTreeMap::new();
+        add_totals(&mut totals, &sample(0.0, 1.0, 0));
+        baseline_following(&totals)
+    }
+
+    /// `all` judged at two consecutive looks 20 minutes into the first hour.
+    fn first_hour_after_two_looks(mut all: Summaries) -> DeploymentView {
+        let d = record();
+        let now = d.at + 20.0 * 60.0;
+        let (first, _) = judge(&d, &all, &[], now - 60.0, &settings(), vec![], 0);
+        all.flags = first
+            .windows
+            .iter()
+            .map(|w| (w.window, w.regressions.clone()))
+            .collect();
+        judge(&d, &all, &[], now, &settings(), vec![], 0).0
+    }
+
+    #[test]
+    fn a_rise_the_same_hour_of_the_day_before_also_had_is_not_flagged() {
+        // The baseline was a quiet hour at 1 ms; the deployment came at the daily peak, when
+        // the query takes 1.6 ms, as it did at this hour the day before.
+        let mut all = summaries(1.6, 20);
+        let without = first_hour_after_two_looks(all.clone());
+        assert_eq!(without.windows[0].verdict, Verdict::Regression);
+        all.same_time_yesterday = Some(same_hour_yesterday(1.6));
+        let with = first_hour_after_two_looks(all);
+        assert_eq!(with.windows[0].verdict, Verdict::Watching, "{with:#?}");
+        assert!(with.windows[0].regressions.is_empty(), "{with:#?}");
+        assert!(
+            with.limitations
+                .iter()
+                .any(|l| l.contains("query_latency query 1")
+                    && l.contains("same hour of the day before")),
+            "{:?}",
+            with.limitations
+        );
+    }
+
+    #[test]
+    fn a_regression_against_both_baselines_is_flagged_and_says_so() {
+        let mut all = summaries(5.0, 20);
+        all.same_time_yesterday = Some(same_hour_yesterday(1.6));
+        let view = first_hour_after_two_looks(all);
+        assert_eq!(view.windows[0].verdict, Verdict::Regression);
+        let found = &view.windows[0].regressions;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].evidence["same_time_yesterday"], true);
+    }
+
+    #[test]
+    fn a_same_hour_with_too_few_samples_is_not_used() {
+        let mut all = summaries(1.6, 20);
+        let mut short = Summary::new(5, statement_one());
+        short.add(&sample(record().at - DAY_SECONDS, 1.6, 0));
+        all.same_time_yesterday = Some(short);
+        let view = first_hour_after_two_looks(all);
+        assert_eq!(view.windows[0].verdict, Verdict::Regression);
+    }
+
+    #[test]
+    fn the_same_hour_of_the_day_before_serves_only_without_a_deployment_since() {
+        let d = record();
+        let durations = settings().durations;
+        let from = d.at - DAY_SECONDS;
+        assert_eq!(
+            same_time_yesterday(d.at, &durations, None),
+            Some((from, from + 3600.0))
+        );
+        assert_eq!(
+            same_time_yesterday(d.at, &durations, Some(from - 10.0)),
+            Some((from, from + 3600.0))
+        );
+        // A deployment in the last day: the day before ran another version.
+        assert_eq!(
+            same_time_yesterday(d.at, &durations, Some(from + 10.0)),
+            None
+        );
+        // A first_hour longer than a day leaves no span before the deployment.
+        let long = WindowDurations {
+            first_hour: std::time::Duration::from_secs(2 * 86_400),
+            first_day: std::time::Duration::from_secs(3 * 86_400),
+            first_week: std::time::Duration::from_secs(7 * 86_400),
+        };
+        assert_eq!(same_time_yesterday(d.at, &long, None), None);
     }
 
     #[test]

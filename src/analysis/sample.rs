@@ -117,12 +117,6 @@ pub struct StatementDelta {
     pub query: String,
 }
 
-impl StatementDelta {
-    pub(crate) fn mean_ms(&self) -> Option<f64> {
-        (self.calls > 0.0).then(|| self.total_ms / self.calls)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexDelta {
     pub table: String,
@@ -376,7 +370,7 @@ mod tests {
         assert_eq!(s.database.map(|d| d.xact_commit), Some(15.0));
         let statement = &s.statements.as_ref().expect("statements")["42"];
         assert_eq!(statement.calls, 10.0);
-        assert_eq!(statement.mean_ms(), Some(20.0));
+        assert_eq!(statement.total_ms / statement.calls, 20.0);
         assert_eq!(statement.query, "SELECT 1 FROM t");
         assert!(s.resets.is_empty());
     }

@@ -69,10 +69,15 @@ pub struct StatementSummary {
     pub(crate) query: String,
     pub(crate) total_ms: f64,
     pub(crate) calls: f64,
-    /// Mean time per call of each sample with at least `min_calls` calls.
+    /// Mean time per call of each sample with at least `min_calls` calls; a sample with fewer
+    /// is pooled with the next ones until their calls reach `min_calls` (a statement slowed by
+    /// lock waits runs less often per sample, and its slowest samples must not drop out).
     pub(crate) means: Spread,
     /// Running moments of the natural log of those means, for the sequential test.
     pub(crate) log_means: RunningMoments,
+    /// Calls and time (ms) of samples with too few calls, not yet pooled into a mean.
+    pending_calls: f64,
+    pending_ms: f64,
     /// Database time per second (ms) of each sample in which it ran, whatever its calls.
     pub(crate) rates: RunningMoments,
     /// The summary's sample count when it was first seen (1 = the first sample).
@@ -398,6 +403,8 @@ impl Summary {
                         calls: 0.0,
                         means: Spread::new(capacity),
                         log_means: RunningMoments::default(),
+                        pending_calls: 0.0,
+                        pending_ms: 0.0,
                         rates: RunningMoments::default(),
                         first_sample,
                         seconds_before,
@@ -411,12 +418,17 @@ impl Summary {
                 if sample.seconds > 0.0 {
                     entry.rates.push(s.total_ms / sample.seconds);
                 }
-                if s.calls >= self.min_calls as f64 {
-                    if let Some(mean) = s.mean_ms() {
-                        entry.means.push(mean);
-                        if mean > 0.0 {
-                            entry.log_means.push(mean.ln());
-                        }
+                if s.calls > 0.0 && s.total_ms.is_finite() {
+                    entry.pending_calls += s.calls;
+                    entry.pending_ms += s.total_ms;
+                }
+                if entry.pending_calls >= self.min_calls as f64 {
+                    let mean = entry.pending_ms / entry.pending_calls;
+                    entry.pending_calls = 0.0;
+                    entry.pending_ms = 0.0;
+                    entry.means.push(mean);
+                    if mean > 0.0 {
+                        entry.log_means.push(mean.ln());
                     }
                 }
             }

@@ -984,8 +984,8 @@ impl Tracker {
 }
 
 /// The summaries of `record`, made from the store: the baseline read twice (statement totals
-/// to choose the followed statements, then the summary), and the samples since the deployment
-/// once, one sample at a time.
+/// to choose the followed statements, then the summary), the same hour of the day before when
+/// the history holds it, and the samples since the deployment once, one sample at a time.
 async fn load_summaries(
     store: &StoreActor,
     target: &str,
@@ -1008,6 +1008,16 @@ async fn load_summaries(
             let mut baseline = Summary::new(min_calls, judging::baseline_following(&totals));
             store.each_sample(&target, from, to, |sample| baseline.add(&sample))?;
             let mut summaries = Summaries::new(&record, baseline, &totals, min_calls);
+            // The first hour is judged against the same hour of the day before as well, when
+            // the store still holds it and the same version ran then.
+            if let Some((from, to)) = judging::same_time_yesterday(record.at, &durations, previous)
+            {
+                let mut same = Summary::new(min_calls, judging::baseline_following(&totals));
+                store.each_sample(&target, from, to, |sample| same.add(&sample))?;
+                if same.samples > 0 {
+                    summaries.same_time_yesterday = Some(same);
+                }
+            }
             let next = store.next_deployment(&target, record.at, record.id)?;
             let until = next.map_or(f64::MAX, |n| n.at);
             store.each_sample(&target, record.at, until, |sample| {
