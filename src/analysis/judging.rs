@@ -279,6 +279,24 @@ pub fn judge(
                 ));
             }
             judgement.regressions = agreed;
+            // Traffic far from the recent baseline's but like that hour of the day before (a
+            // deployment at the peak after a quiet night): the rates are judged against that
+            // hour instead of being left unjudged.
+            if !judgement.inconclusive.is_empty() && yesterday.inconclusive.is_empty() {
+                judgement.inconclusive.clear();
+                limitations.push(format!(
+                    "{}: traffic changed sharply against the recent baseline but not against the same hour of the day before: sequential scans and deadlocks are judged against that hour",
+                    window.as_str()
+                ));
+                for mut f in yesterday.regressions {
+                    let rate = matches!(f.signal, Signal::SeqScans | Signal::Deadlocks);
+                    if rate {
+                        f.evidence
+                            .insert("same_time_yesterday".into(), serde_json::Value::Bool(true));
+                        judgement.regressions.push(f);
+                    }
+                }
+            }
         }
         let judged_samples = if baseline_too_small {
             0
@@ -509,6 +527,58 @@ mod tests {
         all.same_time_yesterday = Some(short);
         let view = first_hour_after_two_looks(all);
         assert_eq!(view.windows[0].verdict, Verdict::Regression);
+    }
+
+    /// `s` with `transactions` application transactions.
+    fn with_traffic(mut s: Sample, transactions: f64) -> Sample {
+        s.database = Some(crate::analysis::sample::DbCounters {
+            xact_commit: transactions,
+            ..Default::default()
+        });
+        s
+    }
+
+    #[test]
+    fn traffic_like_the_same_hour_of_the_day_before_is_judged_against_it() {
+        // A quiet baseline (250 transactions a minute); the deployment at the daily peak
+        // (1,000), as busy as that hour the day before: against the baseline the rates cannot
+        // be compared, against the day before they can, and the window passes.
+        let d = record();
+        let quiet = |s: Sample| with_traffic(s, 250.0);
+        let busy = |s: Sample| with_traffic(s, 1000.0);
+        let baseline: Vec<Sample> = (0..60)
+            .map(|i| quiet(sample(d.at - 3600.0 + 60.0 * i as f64, 1.0, i)))
+            .collect();
+        let mut summary = Summary::new(5, statement_one());
+        for s in &baseline {
+            summary.add(s);
+        }
+        let mut totals = BTreeMap::new();
+        add_totals(&mut totals, &baseline[0]);
+        let mut all = Summaries::new(&d, summary, &totals, 5);
+        for i in 0..60 {
+            all.add(
+                &busy(sample(d.at + 30.0 + 60.0 * i as f64, 1.0, i)),
+                &settings().durations,
+            );
+        }
+        let closed_at = d.at + 3600.0 + 60.0;
+        let (view, _) = judge(&d, &all, &[], closed_at, &settings(), vec![], 0);
+        assert_eq!(view.windows[0].verdict, Verdict::Inconclusive);
+        let mut yesterday = Summary::new(5, statement_one());
+        for i in 0..60 {
+            yesterday.add(&busy(sample(d.at - DAY_SECONDS + 60.0 * i as f64, 1.0, i)));
+        }
+        all.same_time_yesterday = Some(yesterday);
+        let (view, _) = judge(&d, &all, &[], closed_at, &settings(), vec![], 0);
+        assert_eq!(view.windows[0].verdict, Verdict::Pass, "{view:#?}");
+        assert!(
+            view.limitations
+                .iter()
+                .any(|l| l.contains("not against the same hour of the day before")),
+            "{:?}",
+            view.limitations
+        );
     }
 
     #[test]
