@@ -229,6 +229,8 @@ async fn main() {
     let mut backend_cpu: HashMap<u32, f64> = HashMap::new();
     let mut loads = Vec::new();
     let mut half_way: Option<(f64, f64)> = None;
+    // Resident memory half way through and at the end: whether it still grows.
+    let mut half_rss = 0u64;
     // When /readyz first answered 200 (every database tried once).
     let mut ready_after: Option<f64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -274,6 +276,7 @@ async fn main() {
                 started.elapsed().as_secs_f64(),
                 process::stat(pid).map_or(0.0, |stat| stat.cpu),
             ));
+            half_rss = process::rss_kib(pid);
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -281,7 +284,8 @@ async fn main() {
     let machine_used = process::machine_cpu().0 - machine_start;
     let server_cpu_used = server_cpu(&pg) - server_cpu_start;
     let backends_used: f64 = backend_cpu.values().sum();
-    max_rss = max_rss.max(process::rss_kib(pid));
+    let end_rss = process::rss_kib(pid);
+    max_rss = max_rss.max(end_rss);
     let (_, body) =
         deploywatch::commands::client::get(&format!("http://127.0.0.1:{port}/metrics"), "*/*")
             .await
@@ -338,7 +342,12 @@ async fn main() {
         "| /readyz 200 (every database tried) after | {} |",
         ready_after.map_or("never".to_string(), |s| format!("{s:.1} s"))
     );
-    println!("| daemon RSS, peak | {:.0} MiB |", max_rss as f64 / 1024.0);
+    println!(
+        "| daemon RSS, peak / half way / end | {:.0} / {:.0} / {:.0} MiB |",
+        max_rss as f64 / 1024.0,
+        half_rss as f64 / 1024.0,
+        end_rss as f64 / 1024.0
+    );
     println!(
         "| check runs | {runs:.0} ({:.1}/s), errors {errors:.0} |",
         runs / elapsed
