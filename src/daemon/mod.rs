@@ -21,7 +21,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Overrides};
 use crate::postgres::pool::Servers;
 use crate::server::http::{self, AppContext, HttpSettings};
-use crate::server::metrics::{self, MetricsError};
 use crate::storage::actor::StoreActor;
 use crate::storage::incremental::ProgressStore;
 use crate::storage::Store;
@@ -40,8 +39,6 @@ pub enum Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error(transparent)]
-    Metrics(#[from] MetricsError),
     #[error("{0}")]
     Store(#[from] crate::storage::StoreError),
     #[error("the daemon task failed: {0}")]
@@ -121,7 +118,6 @@ pub(crate) fn start_with(
     let mut shown = config.clone();
     shown.retain_owned();
     state.apply_config(&shown, state.now());
-    let registry = metrics::registry(state.clone())?;
     let store = open_store(&config.store)?;
     let store = StoreActor::start(store)?;
     // Incremental checks keep their progress in a table of their own in the same store.
@@ -137,7 +133,6 @@ pub(crate) fn start_with(
     };
     let ctx = Arc::new(AppContext {
         state: state.clone(),
-        registry,
         announcer: announcer.clone(),
         settings: std::sync::RwLock::new(HttpSettings::from_config(&config)),
         web,

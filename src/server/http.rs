@@ -22,7 +22,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,7 +74,6 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the handlers need.
 pub(crate) struct AppContext {
     pub(crate) state: Arc<State>,
-    pub(crate) registry: Registry,
     pub(crate) announcer: Announcer,
     /// What a configuration reload can change for the handlers.
     pub(crate) settings: std::sync::RwLock<HttpSettings>,
@@ -101,7 +99,7 @@ impl AppContext {
             HttpSettings::from_config(config);
     }
 
-    fn metrics_text(&self) -> Result<Bytes, crate::server::metrics::MetricsError> {
+    fn metrics_text(&self) -> Bytes {
         let generation = (
             self.state.generation(),
             crate::server::metrics::log_lines_dropped(),
@@ -110,14 +108,14 @@ impl AppContext {
             let cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((cached, text)) = cache.as_ref() {
                 if *cached == generation {
-                    return Ok(text.clone());
+                    return text.clone();
                 }
             }
         }
-        let text = Bytes::from(crate::server::metrics::render(&self.registry)?);
+        let text = Bytes::from(crate::server::metrics::render(&self.state));
         let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
         *cache = Some((generation, text.clone()));
-        Ok(text)
+        text
     }
 }
 
@@ -293,10 +291,11 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
             _ => method_not_allowed("GET, HEAD"),
         },
         "/metrics" => match method {
-            Method::GET | Method::HEAD => match ctx.metrics_text() {
-                Ok(body) => response(StatusCode::OK, crate::server::metrics::CONTENT_TYPE, body),
-                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
-            },
+            Method::GET | Method::HEAD => response(
+                StatusCode::OK,
+                crate::server::metrics::CONTENT_TYPE,
+                ctx.metrics_text(),
+            ),
             _ => method_not_allowed("GET, HEAD"),
         },
         "/status" => match method {

@@ -1,75 +1,80 @@
-//! Prometheus exposition. A [`prometheus::core::Collector`] renders the in-memory [`State`] at
-//! scrape time into metric families, so a scrape never queries a database and always reflects
-//! the latest results. Metric and label names are a contract documented in the README; labels
+//! Prometheus exposition. [`render`] writes the in-memory [`State`] at scrape time straight
+//! into the text format 0.0.4, so a scrape never queries a database, always reflects the latest
+//! results, and holds nothing per series but the text itself. Metric and label names are a contract documented in the README; labels
 //! are bounded (target, check, category, severity, an error kind, a window, a signal).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
-
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{Encoder, Registry, TextEncoder};
+use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use crate::analysis::deployment::Signal;
 use crate::analysis::window::{Verdict, Window};
 use crate::checks::outcome::{Observation, Status};
 use crate::watch::state::{Snapshot, State};
 
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("cannot register the deploywatch collector: {0}")]
-    Register(#[source] prometheus::Error),
-    #[error("cannot encode metrics: {0}")]
-    Encode(#[source] prometheus::Error),
+/// A family's type, as the `# TYPE` line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricType {
+    Gauge,
+    Counter,
+}
+
+impl MetricType {
+    fn as_str(self) -> &'static str {
+        match self {
+            MetricType::Gauge => "gauge",
+            MetricType::Counter => "counter",
+        }
+    }
 }
 
 /// Every family deploywatch exports: name, help, type.
 const FAMILIES: &[(&str, &str, MetricType)] = &[
-    ("deploywatch_build_info", "Build information; always 1.", MetricType::GAUGE),
-    ("deploywatch_config_last_reload_successful", "1 if the last configuration (re)load succeeded.", MetricType::GAUGE),
-    ("deploywatch_config_last_reload_success_timestamp_seconds", "Time of the last successful configuration load.", MetricType::GAUGE),
-    ("deploywatch_up", "1 if the target database could be reached on the last attempt.", MetricType::GAUGE),
-    ("deploywatch_check_success", "1 if the check's last run passed, 0 if it failed or errored.", MetricType::GAUGE),
-    ("deploywatch_check_status", "1 for the check's current status (pending, pass, fail, error).", MetricType::GAUGE),
-    ("deploywatch_check_value", "The value the check's query returned (scalar checks) or one series per row and value column (rows checks).", MetricType::GAUGE),
-    ("deploywatch_check_duration_seconds", "Duration of the check's last run.", MetricType::GAUGE),
-    ("deploywatch_check_last_run_timestamp_seconds", "Time of the check's last run.", MetricType::GAUGE),
-    ("deploywatch_check_last_success_timestamp_seconds", "Time of the check's last run that completed without an error (pass or fail).", MetricType::GAUGE),
-    ("deploywatch_check_interval_seconds", "The check's configured interval.", MetricType::GAUGE),
-    ("deploywatch_check_runs_total", "Runs of the check.", MetricType::COUNTER),
-    ("deploywatch_check_errors_total", "Runs of the check that ended in an error, by kind.", MetricType::COUNTER),
-    ("deploywatch_check_delayed_total", "Due runs merged into a later run because no session to the server was free at their time: the check ran late, once, instead of being skipped.", MetricType::COUNTER),
-    ("deploywatch_check_skipped_total", "Runs skipped, by reason: overlap (the previous run was still going) or no_session (no session to the server within ten intervals).", MetricType::COUNTER),
-    ("deploywatch_check_rows_examined", "Incremental check: rows of its table the last run read (increment and sweep chunks).", MetricType::GAUGE),
-    ("deploywatch_check_rows_examined_total", "Incremental check: rows of its table read, summed over runs.", MetricType::COUNTER),
-    ("deploywatch_check_sweep_progress_ratio", "Incremental check: share of the current sweep done (1 between sweeps).", MetricType::GAUGE),
-    ("deploywatch_check_sweep_last_complete_timestamp_seconds", "Incremental check: when its last complete sweep ended.", MetricType::GAUGE),
-    ("deploywatch_check_sweep_period_seconds", "Incremental check: its sweep period (every sweep completes within it).", MetricType::GAUGE),
-    ("deploywatch_server_sessions", "Sessions open to the server (in use, idle or closing), all its targets together.", MetricType::GAUGE),
-    ("deploywatch_server_session_limit", "Sessions allowed to the server now: max_connections_per_server, or less when the server's share of max_connections is smaller.", MetricType::GAUGE),
-    ("deploywatch_server_session_queue", "Checks and samplers waiting for a session to the server.", MetricType::GAUGE),
-    ("deploywatch_server_session_oldest_wait_seconds", "How long the oldest waiting check has waited for a session (0 when none waits).", MetricType::GAUGE),
-    ("deploywatch_schema_version_info", "The target's schema version, from its version query; always 1.", MetricType::GAUGE),
-    ("deploywatch_pg_connections", "Backends in use on the target's server (sampled).", MetricType::GAUGE),
-    ("deploywatch_pg_max_connections", "The target server's max_connections (sampled).", MetricType::GAUGE),
-    ("deploywatch_sampling_errors_total", "Failed sampling steps of the target, by step (version, statistics).", MetricType::COUNTER),
-    ("deploywatch_deployment_info", "The target's latest deployment; always 1.", MetricType::GAUGE),
-    ("deploywatch_deployment_timestamp_seconds", "Time of the target's latest deployment.", MetricType::GAUGE),
-    ("deploywatch_deployment_window", "1 for the window the latest deployment is in now, 0 for the others.", MetricType::GAUGE),
-    ("deploywatch_window_verdict", "1 for each window's verdict (watching, pass, regression, inconclusive).", MetricType::GAUGE),
-    ("deploywatch_regressions", "Regression flags shown in a window, by signal: suspected or confirmed, not resolved.", MetricType::GAUGE),
-    ("deploywatch_confirmed_regressions", "Confirmed regressions in a window, by signal: found at two consecutive looks or when the window closed, not resolved. What pages.", MetricType::GAUGE),
-    ("deploywatch_improvements", "Improvements found in a window, by signal.", MetricType::GAUGE),
-    ("deploywatch_rollbacks_total", "Schema version rollbacks seen on the target.", MetricType::COUNTER),
-    ("deploywatch_shard_info", "This replica's shard of the fleet (shard of shards); always 1.", MetricType::GAUGE),
-    ("deploywatch_shards", "How many shards the fleet is split into (1: one replica watches every target).", MetricType::GAUGE),
-    ("deploywatch_shard_targets", "Targets this replica owns and watches.", MetricType::GAUGE),
-    ("deploywatch_store_bytes", "Bytes the state store takes (SQLite: database file and write-ahead log; PostgreSQL: its schema's tables and indexes).", MetricType::GAUGE),
-    ("deploywatch_target_leader", "1 when this replica samples and judges the target's deployments (always, with a store of its own; with a shared store, while it holds the target's lock there), 0 when another replica does.", MetricType::GAUGE),
-    ("deploywatch_store_errors_total", "Failed state store operations, by operation.", MetricType::COUNTER),
-    ("deploywatch_sampling_duration_seconds", "Duration of the target's last deployment-tracking sampling pass.", MetricType::GAUGE),
-    ("deploywatch_judging_duration_seconds", "Duration of the target's last judging pass over its deployment windows.", MetricType::GAUGE),
-    ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::COUNTER),
+    ("deploywatch_build_info", "Build information; always 1.", MetricType::Gauge),
+    ("deploywatch_config_last_reload_successful", "1 if the last configuration (re)load succeeded.", MetricType::Gauge),
+    ("deploywatch_config_last_reload_success_timestamp_seconds", "Time of the last successful configuration load.", MetricType::Gauge),
+    ("deploywatch_up", "1 if the target database could be reached on the last attempt.", MetricType::Gauge),
+    ("deploywatch_check_success", "1 if the check's last run passed, 0 if it failed or errored.", MetricType::Gauge),
+    ("deploywatch_check_status", "1 for the check's current status (pending, pass, fail, error).", MetricType::Gauge),
+    ("deploywatch_check_value", "The value the check's query returned (scalar checks) or one series per row and value column (rows checks).", MetricType::Gauge),
+    ("deploywatch_check_duration_seconds", "Duration of the check's last run.", MetricType::Gauge),
+    ("deploywatch_check_last_run_timestamp_seconds", "Time of the check's last run.", MetricType::Gauge),
+    ("deploywatch_check_last_success_timestamp_seconds", "Time of the check's last run that completed without an error (pass or fail).", MetricType::Gauge),
+    ("deploywatch_check_interval_seconds", "The check's configured interval.", MetricType::Gauge),
+    ("deploywatch_check_runs_total", "Runs of the check.", MetricType::Counter),
+    ("deploywatch_check_errors_total", "Runs of the check that ended in an error, by kind.", MetricType::Counter),
+    ("deploywatch_check_delayed_total", "Due runs merged into a later run because no session to the server was free at their time: the check ran late, once, instead of being skipped.", MetricType::Counter),
+    ("deploywatch_check_skipped_total", "Runs skipped, by reason: overlap (the previous run was still going) or no_session (no session to the server within ten intervals).", MetricType::Counter),
+    ("deploywatch_check_rows_examined", "Incremental check: rows of its table the last run read (increment and sweep chunks).", MetricType::Gauge),
+    ("deploywatch_check_rows_examined_total", "Incremental check: rows of its table read, summed over runs.", MetricType::Counter),
+    ("deploywatch_check_sweep_progress_ratio", "Incremental check: share of the current sweep done (1 between sweeps).", MetricType::Gauge),
+    ("deploywatch_check_sweep_last_complete_timestamp_seconds", "Incremental check: when its last complete sweep ended.", MetricType::Gauge),
+    ("deploywatch_check_sweep_period_seconds", "Incremental check: its sweep period (every sweep completes within it).", MetricType::Gauge),
+    ("deploywatch_server_sessions", "Sessions open to the server (in use, idle or closing), all its targets together.", MetricType::Gauge),
+    ("deploywatch_server_session_limit", "Sessions allowed to the server now: max_connections_per_server, or less when the server's share of max_connections is smaller.", MetricType::Gauge),
+    ("deploywatch_server_session_queue", "Checks and samplers waiting for a session to the server.", MetricType::Gauge),
+    ("deploywatch_server_session_oldest_wait_seconds", "How long the oldest waiting check has waited for a session (0 when none waits).", MetricType::Gauge),
+    ("deploywatch_schema_version_info", "The target's schema version, from its version query; always 1.", MetricType::Gauge),
+    ("deploywatch_pg_connections", "Backends in use on the target's server (sampled).", MetricType::Gauge),
+    ("deploywatch_pg_max_connections", "The target server's max_connections (sampled).", MetricType::Gauge),
+    ("deploywatch_sampling_errors_total", "Failed sampling steps of the target, by step (version, statistics).", MetricType::Counter),
+    ("deploywatch_deployment_info", "The target's latest deployment; always 1.", MetricType::Gauge),
+    ("deploywatch_deployment_timestamp_seconds", "Time of the target's latest deployment.", MetricType::Gauge),
+    ("deploywatch_deployment_window", "1 for the window the latest deployment is in now, 0 for the others.", MetricType::Gauge),
+    ("deploywatch_window_verdict", "1 for each window's verdict (watching, pass, regression, inconclusive).", MetricType::Gauge),
+    ("deploywatch_regressions", "Regression flags shown in a window, by signal: suspected or confirmed, not resolved.", MetricType::Gauge),
+    ("deploywatch_confirmed_regressions", "Confirmed regressions in a window, by signal: found at two consecutive looks or when the window closed, not resolved. What pages.", MetricType::Gauge),
+    ("deploywatch_improvements", "Improvements found in a window, by signal.", MetricType::Gauge),
+    ("deploywatch_rollbacks_total", "Schema version rollbacks seen on the target.", MetricType::Counter),
+    ("deploywatch_shard_info", "This replica's shard of the fleet (shard of shards); always 1.", MetricType::Gauge),
+    ("deploywatch_shards", "How many shards the fleet is split into (1: one replica watches every target).", MetricType::Gauge),
+    ("deploywatch_shard_targets", "Targets this replica owns and watches.", MetricType::Gauge),
+    ("deploywatch_store_bytes", "Bytes the state store takes (SQLite: database file and write-ahead log; PostgreSQL: its schema's tables and indexes).", MetricType::Gauge),
+    ("deploywatch_target_leader", "1 when this replica samples and judges the target's deployments (always, with a store of its own; with a shared store, while it holds the target's lock there), 0 when another replica does.", MetricType::Gauge),
+    ("deploywatch_store_errors_total", "Failed state store operations, by operation.", MetricType::Counter),
+    ("deploywatch_sampling_duration_seconds", "Duration of the target's last deployment-tracking sampling pass.", MetricType::Gauge),
+    ("deploywatch_judging_duration_seconds", "Duration of the target's last judging pass over its deployment windows.", MetricType::Gauge),
+    ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::Counter),
 ];
 
 /// The lossy log writer's count of dropped lines, when the process logs through one.
@@ -87,84 +92,113 @@ pub(crate) fn log_lines_dropped() -> u64 {
         .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
 }
 
-/// Renders a [`State`] as metric families.
-pub(crate) struct StateCollector {
-    state: Arc<State>,
-    version: String,
-    descs: Vec<Desc>,
+/// One family's sample lines, written as they are pushed.
+struct Family {
+    help: &'static str,
+    kind: MetricType,
+    lines: String,
 }
 
-impl StateCollector {
-    pub(crate) fn new(state: Arc<State>) -> Self {
-        let descs = FAMILIES
-            .iter()
-            .filter_map(|(name, help, _)| {
-                Desc::new(
-                    name.to_string(),
-                    help.to_string(),
-                    vec![],
-                    Default::default(),
-                )
-                .ok()
-            })
-            .collect();
-        StateCollector {
-            state,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            descs,
-        }
-    }
-}
-
-/// Builds families in a fixed order; each sample names its family.
-struct Families(BTreeMap<&'static str, MetricFamily>);
+/// Builds the exposition family by family; each sample names its family. Families come out
+/// sorted by name, as the text format groups them; samples keep the order they were pushed in.
+struct Families(BTreeMap<&'static str, Family>);
 
 impl Families {
     fn new() -> Self {
-        let mut map = BTreeMap::new();
-        for (name, help, kind) in FAMILIES {
-            let mut family = MetricFamily::default();
-            family.set_name(name.to_string());
-            family.set_help(help.to_string());
-            family.set_field_type(*kind);
-            map.insert(*name, family);
-        }
-        Families(map)
+        Families(
+            FAMILIES
+                .iter()
+                .map(|&(name, help, kind)| {
+                    (
+                        name,
+                        Family {
+                            help,
+                            kind,
+                            lines: String::new(),
+                        },
+                    )
+                })
+                .collect(),
+        )
     }
 
+    /// Appends `name{k="v",...} value` to the family's lines.
     fn push(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
         let Some(family) = self.0.get_mut(name) else {
             return;
         };
-        let mut metric = Metric::default();
-        metric.set_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut pair = LabelPair::default();
-                    pair.set_name(k.to_string());
-                    pair.set_value(v.to_string());
-                    pair
-                })
-                .collect(),
-        );
-        if family.get_field_type() == MetricType::COUNTER {
-            let mut counter = Counter::default();
-            counter.set_value(value);
-            metric.set_counter(counter);
-        } else {
-            let mut gauge = Gauge::default();
-            gauge.set_value(value);
-            metric.set_gauge(gauge);
+        let out = &mut family.lines;
+        out.push_str(name);
+        let mut separator = '{';
+        for (key, label_value) in labels {
+            out.push(separator);
+            out.push_str(key);
+            out.push_str("=\"");
+            escape_into(out, label_value, true);
+            out.push('"');
+            separator = ',';
         }
-        family.mut_metric().push(metric);
+        if !labels.is_empty() {
+            out.push('}');
+        }
+        out.push(' ');
+        write_value(out, value);
+        out.push('\n');
     }
 
-    fn into_vec(self) -> Vec<MetricFamily> {
-        self.0
-            .into_values()
-            .filter(|f| !f.get_metric().is_empty())
-            .collect()
+    /// The whole exposition: `# HELP`, `# TYPE` and the lines of every family with samples.
+    fn into_text(self) -> String {
+        let size = self
+            .0
+            .iter()
+            .filter(|(_, f)| !f.lines.is_empty())
+            .map(|(name, f)| 2 * name.len() + f.help.len() + f.lines.len() + 32)
+            .sum();
+        let mut text = String::with_capacity(size);
+        for (name, family) in self.0 {
+            if family.lines.is_empty() {
+                continue;
+            }
+            text.push_str("# HELP ");
+            text.push_str(name);
+            text.push(' ');
+            escape_into(&mut text, family.help, false);
+            text.push_str("\n# TYPE ");
+            text.push_str(name);
+            text.push(' ');
+            text.push_str(family.kind.as_str());
+            text.push('\n');
+            text.push_str(&family.lines);
+        }
+        text
+    }
+}
+
+/// Escapes as the text format requires: backslash and newline always, the double quote in
+/// label values.
+fn escape_into(out: &mut String, value: &str, quote: bool) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A sample value: Rust's shortest round-trip form of the number, and `+Inf`, `-Inf`, `NaN`
+/// for the values the text format spells so.
+fn write_value(out: &mut String, value: f64) {
+    if value.is_nan() {
+        out.push_str("NaN");
+    } else if value == f64::INFINITY {
+        out.push_str("+Inf");
+    } else if value == f64::NEG_INFINITY {
+        out.push_str("-Inf");
+    } else {
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{value}");
     }
 }
 
@@ -176,12 +210,8 @@ fn flag(b: bool) -> f64 {
     }
 }
 
-/// Pure rendering of a snapshot into families (tested without a registry).
-pub(crate) fn families(
-    snapshot: &Snapshot,
-    version: &str,
-    log_lines_dropped: u64,
-) -> Vec<MetricFamily> {
+/// Pure rendering of a snapshot into the text exposition.
+pub(crate) fn exposition(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> String {
     let mut f = Families::new();
     f.push("deploywatch_build_info", &[("version", version)], 1.0);
     f.push(
@@ -466,35 +496,16 @@ pub(crate) fn families(
             }
         }
     }
-    f.into_vec()
+    f.into_text()
 }
 
-impl Collector for StateCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        families(&self.state.snapshot(), &self.version, log_lines_dropped())
-    }
-}
-
-/// A registry holding deploywatch's collector. Passed explicitly; there is no global one.
-pub(crate) fn registry(state: Arc<State>) -> Result<Registry, MetricsError> {
-    let registry = Registry::new();
-    registry
-        .register(Box::new(StateCollector::new(state)))
-        .map_err(MetricsError::Register)?;
-    Ok(registry)
-}
-
-/// The text exposition of everything in the registry.
-pub(crate) fn render(registry: &Registry) -> Result<String, MetricsError> {
-    let mut buffer = Vec::new();
-    TextEncoder::new()
-        .encode(&registry.gather(), &mut buffer)
-        .map_err(MetricsError::Encode)?;
-    Ok(String::from_utf8_lossy(&buffer).into_owned())
+/// The text exposition of the state now.
+pub(crate) fn render(state: &State) -> String {
+    exposition(
+        &state.snapshot(),
+        env!("CARGO_PKG_VERSION"),
+        log_lines_dropped(),
+    )
 }
 
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -503,32 +514,166 @@ pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8"
 mod tests {
     use super::*;
 
-    fn value(families: &[MetricFamily], name: &str) -> Option<f64> {
-        let family = families.iter().find(|f| f.get_name() == name)?;
-        let metric = family.get_metric().first()?;
-        Some(match family.get_field_type() {
-            MetricType::COUNTER => metric.get_counter().get_value(),
-            _ => metric.get_gauge().get_value(),
-        })
+    /// A sample: family, labels, value.
+    type Sample<'a> = (&'static str, Vec<(&'a str, &'a str)>, f64);
+
+    fn scrape(text: &str) -> prometheus_parse::Scrape {
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parse")
+    }
+
+    fn value(scrape: &prometheus_parse::Scrape, name: &str) -> Option<prometheus_parse::Value> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| s.value.clone())
+    }
+
+    /// The same samples through the prometheus crate's protobuf families and `TextEncoder`,
+    /// families in name order as its registry gathered them.
+    fn encoded(samples: &[Sample<'_>]) -> String {
+        use prometheus::proto;
+        let mut by_name: BTreeMap<&str, proto::MetricFamily> = BTreeMap::new();
+        for (name, labels, value) in samples {
+            let (_, help, kind) = FAMILIES
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .expect("a family");
+            let family = by_name.entry(name).or_insert_with(|| {
+                let mut family = proto::MetricFamily::default();
+                family.set_name(name.to_string());
+                family.set_help(help.to_string());
+                family.set_field_type(match kind {
+                    MetricType::Counter => proto::MetricType::COUNTER,
+                    MetricType::Gauge => proto::MetricType::GAUGE,
+                });
+                family
+            });
+            let mut metric = proto::Metric::default();
+            metric.set_label(
+                labels
+                    .iter()
+                    .map(|(k, v)| {
+                        let mut pair = proto::LabelPair::default();
+                        pair.set_name(k.to_string());
+                        pair.set_value(v.to_string());
+                        pair
+                    })
+                    .collect(),
+            );
+            if *kind == MetricType::Counter {
+                let mut counter = proto::Counter::default();
+                counter.set_value(*value);
+                metric.set_counter(counter);
+            } else {
+                let mut gauge = proto::Gauge::default();
+                gauge.set_value(*value);
+                metric.set_gauge(gauge);
+            }
+            family.mut_metric().push(metric);
+        }
+        let families: Vec<_> = by_name.into_values().collect();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .expect("encode")
+    }
+
+    fn written(samples: &[Sample<'_>]) -> String {
+        let mut families = Families::new();
+        for (name, labels, value) in samples {
+            families.push(name, labels, *value);
+        }
+        families.into_text()
     }
 
     #[test]
     fn dropped_log_lines_are_a_counter_even_when_none_were_dropped() {
         let snapshot = Snapshot::default();
-        let none = families(&snapshot, "1.0.0", 0);
+        let none = scrape(&exposition(&snapshot, "1.0.0", 0));
         assert_eq!(
             value(&none, "deploywatch_log_lines_dropped_total"),
-            Some(0.0)
+            Some(prometheus_parse::Value::Counter(0.0))
         );
-        let some = families(&snapshot, "1.0.0", 7);
+        let some = scrape(&exposition(&snapshot, "1.0.0", 7));
         assert_eq!(
             value(&some, "deploywatch_log_lines_dropped_total"),
-            Some(7.0)
+            Some(prometheus_parse::Value::Counter(7.0))
         );
-        let family = some
-            .iter()
-            .find(|f| f.get_name() == "deploywatch_log_lines_dropped_total")
-            .map(|f| f.get_field_type());
-        assert_eq!(family, Some(MetricType::COUNTER));
+        assert_eq!(
+            value(&some, "deploywatch_build_info"),
+            Some(prometheus_parse::Value::Gauge(1.0))
+        );
+        // Families without samples are left out entirely.
+        assert!(!exposition(&snapshot, "1.0.0", 0).contains("deploywatch_check_value"));
+    }
+
+    #[test]
+    fn text_is_what_the_prometheus_text_encoder_wrote() {
+        let samples: Vec<Sample<'_>> = vec![
+            ("deploywatch_build_info", vec![("version", "1.2.3")], 1.0),
+            ("deploywatch_log_lines_dropped_total", vec![], 0.0),
+            ("deploywatch_up", vec![("target", "a")], 1.0),
+            ("deploywatch_up", vec![("target", "b")], 0.0),
+            (
+                "deploywatch_check_value",
+                vec![
+                    ("target", "db\"1"),
+                    ("check", "back\\slash"),
+                    ("column", "new\nline"),
+                    ("name", "ünïcode \\\" \n\n\\"),
+                ],
+                2.5,
+            ),
+            ("deploywatch_check_value", vec![("target", "x")], -0.0),
+            ("deploywatch_check_value", vec![("target", "y")], 1e21),
+            ("deploywatch_check_value", vec![("target", "z")], 1.5e-7),
+            ("deploywatch_check_value", vec![("target", "nan")], f64::NAN),
+            (
+                "deploywatch_check_runs_total",
+                vec![("target", "a"), ("check", "c")],
+                u64::MAX as f64,
+            ),
+            ("deploywatch_store_bytes", vec![], 123456789.0),
+        ];
+        let text = written(&samples);
+        assert_eq!(text, encoded(&samples));
+        assert!(text.contains(
+            "check_value{target=\"db\\\"1\",check=\"back\\\\slash\",column=\"new\\nline\",name=\"ünïcode \\\\\\\" \\n\\n\\\\\"} 2.5\n"
+        ));
+        assert!(text.contains("check_value{target=\"nan\"} NaN\n"));
+        // Every family the text names is one of ours, with its type.
+        let parsed = scrape(&text);
+        assert_eq!(parsed.samples.len(), samples.len());
+        assert_eq!(
+            value(&parsed, "deploywatch_check_runs_total"),
+            Some(prometheus_parse::Value::Counter(u64::MAX as f64))
+        );
+    }
+
+    #[test]
+    fn infinite_values_are_spelled_as_the_text_format_does() {
+        let text = written(&[
+            (
+                "deploywatch_check_value",
+                vec![("target", "a")],
+                f64::INFINITY,
+            ),
+            (
+                "deploywatch_check_value",
+                vec![("target", "b")],
+                f64::NEG_INFINITY,
+            ),
+        ]);
+        assert!(text.contains("check_value{target=\"a\"} +Inf\n"), "{text}");
+        assert!(text.contains("check_value{target=\"b\"} -Inf\n"), "{text}");
+        let parsed = scrape(&text);
+        let values: Vec<_> = parsed.samples.iter().map(|s| s.value.clone()).collect();
+        assert_eq!(
+            values,
+            [
+                prometheus_parse::Value::Gauge(f64::INFINITY),
+                prometheus_parse::Value::Gauge(f64::NEG_INFINITY)
+            ]
+        );
     }
 }
