@@ -12,7 +12,11 @@
 //! `cargo bench --bench fleet`; `FLEET_DATABASES` (default 500), `FLEET_SECONDS` (default 600),
 //! `FLEET_BUDGET` (default: unset, so the default budget of 4 applies), `FLEET_LOG` (the
 //! daemon's log file; default a file in the temporary directory, named when the run ends),
-//! `FLEET_WRAP` (a command the daemon runs under, such as a heap profiler).
+//! `FLEET_WRAP` (a command the daemon runs under, such as a heap profiler),
+//! `FLEET_SCRAPE_SECONDS` (default: unset, no scrapes; e.g. 15: `/metrics` is fetched at that
+//! period during the run, as a Prometheus would, and the scrapes' size and time are reported).
+//! Peak resident memory is the kernel's high-water mark (`VmHWM`), so a short peak while a
+//! scrape renders counts.
 //! Prints a Markdown table for BENCHMARKS.md.
 
 #[allow(dead_code)]
@@ -93,6 +97,41 @@ fn load_average() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The process' peak resident memory (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Scrapes `/metrics` every `period` until `stop`: each scrape's size in bytes and time.
+async fn scrape_periodically(
+    url: String,
+    period: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<(usize, f64)> {
+    let mut scrapes = Vec::new();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return scrapes,
+            _ = tick.tick() => {}
+        }
+        let start = Instant::now();
+        if let Ok((code, body)) = deploywatch::commands::client::get(&url, "*/*").await {
+            if code.is_success() {
+                scrapes.push((body.len(), start.elapsed().as_secs_f64()));
+            }
+        }
+    }
+}
+
 fn metric_sum(body: &str, name: &str, filter: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -138,6 +177,7 @@ async fn main() {
     let databases: usize = setting("FLEET_DATABASES", 500);
     let seconds: u64 = setting("FLEET_SECONDS", 600);
     let budget: usize = setting("FLEET_BUDGET", 0);
+    let scrape_seconds: u64 = setting("FLEET_SCRAPE_SECONDS", 0);
     let pg = PgCluster::start(ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".into()],
         max_connections: 100,
@@ -221,6 +261,14 @@ async fn main() {
         daemon_under(wrapper).await
     };
     let started = Instant::now();
+    let stop_scraping = tokio_util::sync::CancellationToken::new();
+    let scraper = (scrape_seconds > 0).then(|| {
+        tokio::spawn(scrape_periodically(
+            format!("http://127.0.0.1:{port}/metrics"),
+            Duration::from_secs(scrape_seconds),
+            stop_scraping.clone(),
+        ))
+    });
     let mut polls = 0u64;
     let mut over_budget = 0u64;
     let mut max_sessions = 0usize;
@@ -285,7 +333,12 @@ async fn main() {
     let server_cpu_used = server_cpu(&pg) - server_cpu_start;
     let backends_used: f64 = backend_cpu.values().sum();
     let end_rss = process::rss_kib(pid);
-    max_rss = max_rss.max(end_rss);
+    max_rss = max_rss.max(end_rss).max(peak_rss_kib(pid));
+    stop_scraping.cancel();
+    let scrapes = match scraper {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let (_, body) =
         deploywatch::commands::client::get(&format!("http://127.0.0.1:{port}/metrics"), "*/*")
             .await
@@ -348,6 +401,16 @@ async fn main() {
         half_rss as f64 / 1024.0,
         end_rss as f64 / 1024.0
     );
+    if scrape_seconds > 0 {
+        let times: Vec<f64> = scrapes.iter().map(|s| s.1).collect();
+        println!(
+            "| /metrics scrapes (every {scrape_seconds} s) | {}, {:.1} MB largest; {:.2} s mean, {:.2} s max |",
+            scrapes.len(),
+            scrapes.iter().map(|s| s.0).max().unwrap_or(0) as f64 / 1e6,
+            times.iter().sum::<f64>() / times.len().max(1) as f64,
+            times.iter().copied().fold(0.0, f64::max)
+        );
+    }
     println!(
         "| check runs | {runs:.0} ({:.1}/s), errors {errors:.0} |",
         runs / elapsed
