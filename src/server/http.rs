@@ -105,12 +105,15 @@ impl AppContext {
             crate::server::metrics::log_lines_dropped(),
         );
         {
-            let cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((cached, text)) = cache.as_ref() {
                 if *cached == generation {
                     return text.clone();
                 }
             }
+            // The stale text goes before the new one is written: at a large fleet it is tens
+            // of megabytes, and holding both would double a scrape's memory.
+            *cache = None;
         }
         let text = Bytes::from(crate::server::metrics::render(&self.state));
         let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
