@@ -649,29 +649,18 @@ mod tests {
     #[test]
     fn modules_are_found_in_lib_postgresql_and_in_lib() {
         let root = tempfile::tempdir().expect("tempdir");
-        let install = |layout: &str| {
+        // A `--prefix` build, Homebrew, relocatable builds: <prefix>/lib/postgresql.
+        // Debian: /usr/lib/postgresql/<major>/lib.
+        for layout in ["lib/postgresql", "lib"] {
             let prefix = root.path().join(layout.replace('/', "_"));
             std::fs::create_dir_all(prefix.join("bin")).expect("bin");
             std::fs::create_dir_all(prefix.join(layout)).expect("lib");
-            prefix
-        };
-        // A `--prefix` build, Homebrew, relocatable builds: <prefix>/lib/postgresql.
-        let prefix = install("lib/postgresql");
-        let library = prefix.join("lib/postgresql/pg_stat_statements.so");
-        std::fs::write(&library, b"").expect("library");
-        assert_eq!(
-            find_library(&prefix.join("bin"), "pg_stat_statements"),
-            Some(library)
-        );
-        // Debian: /usr/lib/postgresql/<major>/lib.
-        let prefix = install("lib");
-        let library = prefix.join("lib/pg_stat_statements.so");
-        std::fs::write(&library, b"").expect("library");
-        assert_eq!(
-            find_library(&prefix.join("bin"), "pg_stat_statements"),
-            Some(library)
-        );
-        assert_eq!(find_library(&prefix.join("bin"), "no_such_module"), None);
+            let library = prefix.join(layout).join("pg_stat_statements.so");
+            std::fs::write(&library, b"").expect("library");
+            let bin = prefix.join("bin");
+            assert_eq!(find_library(&bin, "pg_stat_statements"), Some(library));
+            assert_eq!(find_library(&bin, "no_such_module"), None);
+        }
     }
 
     #[test]
