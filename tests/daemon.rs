@@ -311,14 +311,31 @@ async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     handle.shutdown().await.expect("clean shutdown");
 }
 
-fn deploywatch_sessions(pg: &PgCluster) -> i64 {
+/// deploywatch's sessions on `pg` that also meet `filter` (a condition on `pg_stat_activity`),
+/// -1 when they cannot be counted.
+fn deploywatch_sessions(pg: &PgCluster, filter: &str) -> i64 {
     pg.psql(
         "postgres",
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'",
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'deploywatch' AND ({filter})"
+        ),
     )
     .ok()
     .and_then(|s| s.trim().parse().ok())
     .unwrap_or(-1)
+}
+
+/// The most sessions [`deploywatch_sessions`] counts when asked every `every` for `span`: an
+/// observation over a period, not a wait for a condition.
+async fn most_sessions(pg: &PgCluster, filter: &str, span: Duration, every: Duration) -> i64 {
+    let mut most = 0;
+    let deadline = Instant::now() + span;
+    while Instant::now() < deadline {
+        most = most.max(deploywatch_sessions(pg, filter));
+        tokio::time::sleep(every).await;
+    }
+    most
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +419,7 @@ async fn a_hung_database_times_out_without_delaying_other_targets() {
         "abandoned sessions are closed",
         Duration::from_secs(30),
         || {
-            let n = deploywatch_sessions(&hung);
+            let n = deploywatch_sessions(&hung, "true");
             async move { (0..=2).contains(&n).then_some(n) }
         },
     )
@@ -427,16 +444,15 @@ async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
     let sleepy =
         "interval = \"1s\"\nsql = \"SELECT count(*) FROM pg_sleep(0.05)\"\nexpect = \"== 1\"";
     let checks: Vec<(String, &str)> = (0..50).map(|i| (format!("sleepy_{i}"), sleepy)).collect();
-    let (pg, dir) = common::app_with_checks(&checks);
     let settings = common::fast_with_timeout("10s");
-    common::write_app_config(&dir, &pg, &settings, "max_connections = 2\n");
-    let handle = start(&dir).await;
-    let mut max_seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while Instant::now() < deadline {
-        max_seen = max_seen.max(deploywatch_sessions(&pg));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (pg, _dir, handle) = common::start_app(&checks, &settings, "max_connections = 2\n").await;
+    let max_seen = most_sessions(
+        &pg,
+        "true",
+        Duration::from_secs(6),
+        Duration::from_millis(50),
+    )
+    .await;
     assert!(max_seen >= 1, "checks were running");
     assert!(
         max_seen <= 2,
@@ -453,24 +469,17 @@ async fn fifty_due_checks_never_open_more_sessions_than_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_slower_than_its_interval_is_skipped_not_doubled() {
-    let (pg, dir) = common::app_with_checks(&[(
-        "slow",
-        "interval = \"1s\"\ntimeout = \"10s\"\nsql = \"SELECT count(*) FROM pg_sleep(2.5)\"\nexpect = \"== 1\"",
-    )]);
+    let slow = "interval = \"1s\"\ntimeout = \"10s\"\nsql = \"SELECT count(*) FROM pg_sleep(2.5)\"\nexpect = \"== 1\"";
     let settings = common::fast_with_timeout("10s");
-    common::write_app_config(&dir, &pg, &settings, "max_connections = 4\n");
-    let handle = start(&dir).await;
-    let mut max_running = 0;
-    let deadline = Instant::now() + Duration::from_secs(7);
-    while Instant::now() < deadline {
-        let n = pg
-            .psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' AND query LIKE '%pg_sleep(2.5)%' AND state = 'active'")
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .unwrap_or(0);
-        max_running = max_running.max(n);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (pg, _dir, handle) =
+        common::start_app(&[("slow", slow)], &settings, "max_connections = 4\n").await;
+    let max_running = most_sessions(
+        &pg,
+        "query LIKE '%pg_sleep(2.5)%' AND state = 'active'",
+        Duration::from_secs(7),
+        Duration::from_millis(100),
+    )
+    .await;
     assert_eq!(max_running, 1, "never two runs of one check at once");
     let m = scrape(&handle).await;
     let skipped = m

@@ -338,10 +338,8 @@ async fn a_hung_database_turns_up_off_and_stale_passes_into_errors_within_the_ti
             )
         })
         .collect();
-    let (pg, dir) = common::app_with_checks(&checks);
     // interval 1 s, check timeout 2 s, connect timeout 1 s
-    common::write_app_config(&dir, &pg, FAST, "max_connections = 2\n");
-    let handle = start(&dir).await;
+    let (pg, _dir, handle) = common::start_app(&checks, FAST, "max_connections = 2\n").await;
     wait_all_pass(&handle, "db").await;
     // A check due just after the hang starts within one interval and gives up within its
     // timeout plus the connect timeout.

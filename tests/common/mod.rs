@@ -238,6 +238,19 @@ pub fn app_with_checks(checks: &[(impl AsRef<str>, impl AsRef<str>)]) -> (PgClus
     (pg, dir)
 }
 
+/// An [`app_with_checks`] configuration whose main file [`write_app_config`] writes, and the
+/// daemon on it.
+pub async fn start_app(
+    checks: &[(impl AsRef<str>, impl AsRef<str>)],
+    settings: &str,
+    target_keys: &str,
+) -> (PgCluster, ConfigDir, DaemonHandle) {
+    let (pg, dir) = app_with_checks(checks);
+    write_app_config(&dir, &pg, settings, target_keys);
+    let handle = start(&dir).await;
+    (pg, dir, handle)
+}
+
 /// The daemon in this process on `dir`'s configuration, listening on a free port.
 pub async fn start(dir: &ConfigDir) -> DaemonHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
