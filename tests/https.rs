@@ -122,17 +122,31 @@ async fn https_get(
     Ok(status)
 }
 
-async fn daemon(dir: &ConfigDir, web: &str) -> deploywatch::daemon::DaemonHandle {
+/// The check pack of these tests: one check on a target that is never reached.
+const PACK: &str = "[pack]\nname = \"p\"\n\n[[check]]\nname = \"c\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n";
+
+/// The web configuration's TLS part: the server certificate and key [`write_pki`] writes.
+const TLS: &str = "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n";
+
+/// A web configuration: [`TLS`] with one user, `user`, whose password is `password`.
+fn tls_with_user(user: &str, password: &str) -> String {
+    let hash = bcrypt::hash(password, 4).expect("hash");
+    format!("{TLS}basic_auth_users:\n  {user}: '{hash}'\n")
+}
+
+/// The daemon serving HTTPS with `pki`'s server certificate and the web configuration `web`,
+/// on a new configuration directory.
+async fn daemon(pki: &Pki, web: &str) -> (ConfigDir, deploywatch::daemon::DaemonHandle) {
+    let dir = ConfigDir::new();
+    write_pki(&dir, pki);
     dir.write("web.yml", web);
-    dir.write(
-        "checks/p.toml",
-        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"c\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n",
-    );
+    dir.write("checks/p.toml", PACK);
     dir.write(
         "deploywatch.toml",
         "[server]\nweb_config_file = \"web.yml\"\n\n[deployments]\nenabled = false\n\n[[targets]]\nname = \"nowhere\"\nhost = \"127.0.0.1\"\nport = 1\ndbname = \"x\"\n",
     );
-    common::start(dir).await
+    let handle = common::start(&dir).await;
+    (dir, handle)
 }
 
 fn write_pki(dir: &ConfigDir, pki: &Pki) {
@@ -144,14 +158,7 @@ fn write_pki(dir: &ConfigDir, pki: &Pki) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_over_tls_with_basic_auth() {
     let pki = pki();
-    let dir = ConfigDir::new();
-    write_pki(&dir, &pki);
-    let hash = bcrypt::hash("scrape-pass", 4).expect("hash");
-    let handle = daemon(
-        &dir,
-        &format!("tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\nbasic_auth_users:\n  prometheus: '{hash}'\n"),
-    )
-    .await;
+    let (_dir, handle) = daemon(&pki, &tls_with_user("prometheus", "scrape-pass")).await;
     let port = handle.local_addr.port();
     assert_eq!(
         scrape_as(port, &pki.ca, "prometheus", "scrape-pass").await,
@@ -185,11 +192,9 @@ async fn metrics_over_tls_with_basic_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_a_certificate_is_refused_when_one_is_required() {
     let pki = pki();
-    let dir = ConfigDir::new();
-    write_pki(&dir, &pki);
-    let handle = daemon(
-        &dir,
-        "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n",
+    let (_dir, handle) = daemon(
+        &pki,
+        &format!("{TLS}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n"),
     )
     .await;
     let port = handle.local_addr.port();
@@ -213,7 +218,7 @@ fn a_broken_web_configuration_names_the_file_and_key() {
         "web.yml",
         "tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n",
     );
-    dir.write("checks/p.toml", "[pack]\nname = \"p\"\n\n[[check]]\nname = \"c\"\ncategory = \"health\"\nseverity = \"info\"\nsql = \"SELECT 1\"\n");
+    dir.write("checks/p.toml", PACK);
     dir.write(
         "deploywatch.toml",
         "[server]\nweb_config_file = \"web.yml\"\n\n[[targets]]\nname = \"t\"\nhost = \"h\"\n",
@@ -233,15 +238,7 @@ fn a_broken_web_configuration_names_the_file_and_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     let old = pki();
-    let dir = ConfigDir::new();
-    write_pki(&dir, &old);
-    let alice = bcrypt::hash("alice-pass", 4).expect("hash");
-    let tls = "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n";
-    let handle = daemon(
-        &dir,
-        &format!("{tls}basic_auth_users:\n  alice: '{alice}'\n"),
-    )
-    .await;
+    let (dir, handle) = daemon(&old, &tls_with_user("alice", "alice-pass")).await;
     let port = handle.local_addr.port();
     assert_eq!(
         scrape_as(port, &old.ca, "alice", "alice-pass").await,
@@ -250,12 +247,8 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
 
     // cert-manager renews the certificate from another CA; the users change too.
     let new = pki();
-    let bob = bcrypt::hash("bob-pass", 4).expect("hash");
     write_pki(&dir, &new);
-    dir.write(
-        "web.yml",
-        &format!("{tls}basic_auth_users:\n  bob: '{bob}'\n"),
-    );
+    dir.write("web.yml", &tls_with_user("bob", "bob-pass"));
     common::wait_until(
         "the new certificate is served",
         std::time::Duration::from_secs(10),
@@ -275,7 +268,7 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     // A broken version (a password instead of a hash) is ignored: bob still gets in.
     dir.write(
         "web.yml",
-        &format!("{tls}basic_auth_users:\n  bob: plain-text\n"),
+        &format!("{TLS}basic_auth_users:\n  bob: plain-text\n"),
     );
     // The file is re-read within a second: for longer than that, every request still gets in.
     let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
