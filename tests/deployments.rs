@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, cognit_cluster, get, parse_metrics, wait_until, ConfigDir, Version};
+use common::{cluster, cognit_cluster, get, scrape, wait_until, ConfigDir, Version};
 use deploywatch::analysis::deployment::{
     DeploymentKind, DeploymentView, Detection, FlagState, Signal, WindowView,
 };
@@ -294,8 +294,7 @@ async fn the_migration_is_detected_and_its_windows_close_in_order() {
     let view = once_closed(&handle, Window::FirstWeek, Duration::from_secs(30)).await;
     assert_eq!(view.current_window, Some(Window::Steady));
 
-    let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
-    let m = parse_metrics(&body);
+    let m = scrape(&handle).await;
     assert_eq!(
         m.metric("deploywatch_deployment_info")
             .label("version", "3.7.0")
@@ -545,8 +544,7 @@ async fn going_back_to_3_6_0_is_reported_as_a_rollback() {
     assert_eq!(view.from_version.as_deref(), Some("3.7.0"));
     assert_eq!(view.to_version, "3.6.0");
     assert_eq!(view.rollbacks_seen, 1);
-    let (_, body) = get(&format!("http://{}/metrics", handle.local_addr)).await;
-    let m = parse_metrics(&body);
+    let m = scrape(&handle).await;
     assert_eq!(
         m.metric("deploywatch_deployment_info")
             .label("kind", "rollback")
@@ -622,26 +620,30 @@ async fn the_deployment_api_checks_its_token_and_its_body() {
             (code.as_u16(), body)
         }
     };
-    assert_eq!(post(None, "{\"version\": \"3.8.0\"}").await.0, 401);
-    let (code, body) = post(Some("wrong"), "{\"version\": \"3.8.0\"}").await;
-    assert_eq!(code, 401);
-    assert!(!body.contains(TOKEN));
-    let (code, body) = post(Some(TOKEN), "{\"version\": ").await;
-    assert_eq!(code, 400);
-    assert!(body.contains("malformed body"), "{body}");
-    let (code, body) = post(
-        Some(TOKEN),
-        "{\"version\": \"3.8.0\", \"target\": \"nope\"}",
-    )
-    .await;
-    assert_eq!(code, 400);
-    assert!(body.contains("no target is named"), "{body}");
-    let (code, body) = post(
-        Some(TOKEN),
-        "{\"version\": \"3.8.0\", \"started_at\": \"yesterday\"}",
-    )
-    .await;
-    assert_eq!(code, 400, "{body}");
+    // Refused: who asks, what, the status and what the answer says.
+    let refused: [(Option<&'static str>, &'static str, u16, &str); 5] = [
+        (None, "{\"version\": \"3.8.0\"}", 401, ""),
+        (Some("wrong"), "{\"version\": \"3.8.0\"}", 401, ""),
+        (Some(TOKEN), "{\"version\": ", 400, "malformed body"),
+        (
+            Some(TOKEN),
+            "{\"version\": \"3.8.0\", \"target\": \"nope\"}",
+            400,
+            "no target is named",
+        ),
+        (
+            Some(TOKEN),
+            "{\"version\": \"3.8.0\", \"started_at\": \"yesterday\"}",
+            400,
+            "",
+        ),
+    ];
+    for (token, request, status, says) in refused {
+        let (code, body) = post(token, request).await;
+        assert_eq!(code, status, "{request}: {body}");
+        assert!(body.contains(says), "{request}: {body}");
+        assert!(!body.contains(TOKEN), "{body}");
+    }
     let (code, body) = post(
         Some(TOKEN),
         "{\"version\": \"3.8.0\", \"note\": \"release train 42\"}",
