@@ -20,6 +20,8 @@ const INTERVAL: u64 = 1;
 struct Pair {
     target: PgCluster,
     store: PgCluster,
+    /// The main configuration file's text.
+    main: String,
     dir: ConfigDir,
 }
 
@@ -29,32 +31,37 @@ impl Pair {
         let target = cognit_cluster(version);
         let store = common::bare_cluster();
         store.create_database("dwstore").expect("store database");
-        let dir = ConfigDir::new();
-        dir.add_shipped_pack("cognit-3.7.0.toml");
-        dir.write("token", TOKEN);
         let store_url = format!(
             "url = \"postgres://postgres@127.0.0.1:{}/dwstore\"",
             store.port()
         );
-        dir.write(
-            "deploywatch.toml",
-            &compressed_clock(
-                "cognit",
-                target.port(),
-                Some(&store_url),
-                INTERVAL,
-                hour.into(),
-            ),
+        let main = compressed_clock(
+            "cognit",
+            target.port(),
+            Some(&store_url),
+            INTERVAL,
+            hour.into(),
         );
-        Pair { target, store, dir }
+        let dir = Self::config_dir(&main);
+        Pair {
+            target,
+            store,
+            main,
+            dir,
+        }
+    }
+
+    /// A configuration directory with the shipped pack, the token and `main`.
+    fn config_dir(main: &str) -> ConfigDir {
+        let dir = ConfigDir::new();
+        dir.add_shipped_pack("cognit-3.7.0.toml");
+        dir.write("token", TOKEN);
+        dir.write("deploywatch.toml", main);
+        dir
     }
 
     fn spawn(&self) -> Replica {
-        let port = common::free_port();
-        Replica {
-            port,
-            child: common::spawn_daemon(&self.dir, port),
-        }
+        Replica::spawn(&self.dir)
     }
 
     /// One number from the store (psql's unaligned output).
@@ -86,6 +93,14 @@ struct Replica {
 }
 
 impl Replica {
+    fn spawn(dir: &ConfigDir) -> Replica {
+        let port = common::free_port();
+        Replica {
+            port,
+            child: common::spawn_daemon(dir, port),
+        }
+    }
+
     fn kill_9(&mut self) {
         std::process::Command::new("kill")
             .args(["-9", &self.child.id().expect("pid").to_string()])
@@ -404,4 +419,45 @@ async fn a_replica_starts_while_the_store_is_away_and_leads_once_it_is_back() {
     one_leader(&[&a]).await;
     pair.wait_samples("samples in the store", 30, |stored| stored > 0)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_a_reload_removes_is_handed_to_the_other_replica_at_once() {
+    let pair = Pair::new(Version::V370, 60);
+    // Each replica reads a directory of its own, so one can be reloaded apart.
+    let dirs = [Pair::config_dir(&pair.main), Pair::config_dir(&pair.main)];
+    let replicas = [Replica::spawn(&dirs[0]), Replica::spawn(&dirs[1])];
+    let leader = one_leader(&[&replicas[0], &replicas[1]]).await;
+    let follower = 1 - leader;
+    // The leader now watches the same database under another name: cognit is no longer its.
+    let renamed = pair
+        .main
+        .replace("name = \"cognit\"", "name = \"cognit-renamed\"");
+    assert_ne!(renamed, pair.main);
+    dirs[leader].write("deploywatch.toml", &renamed);
+    common::signal(replicas[leader].child.id().expect("pid"), "-HUP");
+    // Without the release, the lock stays with the leader's store session while it runs.
+    wait_until(
+        "the other replica leads cognit while the reloaded one runs on",
+        Duration::from_secs(15),
+        || async { (leader_gauge(replicas[follower].port).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let port = replicas[leader].port;
+    wait_until(
+        "the reloaded replica leads only the target it tracks now",
+        Duration::from_secs(15),
+        || async {
+            let body = metrics(port).await?;
+            let parsed = parse_metrics(&body);
+            let leader = |target| {
+                parsed
+                    .metric("deploywatch_target_leader")
+                    .label("target", target)
+                    .value_opt()
+            };
+            (leader("cognit-renamed") == Some(1.0) && leader("cognit").is_none()).then_some(())
+        },
+    )
+    .await;
 }

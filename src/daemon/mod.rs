@@ -10,6 +10,7 @@
 //! server. Reload: a bad new configuration is rejected and the old one
 //! keeps running.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -240,6 +241,22 @@ fn show(expanded: &Expanded, state: &State) {
 /// Replaces the running generation with one for `base` as discovery expanded it.
 fn restart(generation: &mut Generation, base: Arc<Config>, expanded: Expanded, rt: &Runtime<'_>) {
     generation.cancel.cancel();
+    // Queued before the new generation's trackers ask for their leads: a target this replica
+    // no longer tracks is handed to the other replicas now, not when this process stops.
+    let tracked: HashSet<String> = if expanded.config.deployments.enabled {
+        expanded
+            .config
+            .targets
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    rt.store
+        .submit("release the leads of untracked targets", move |store| {
+            store.keep_leads(tracked)
+        });
     let previous = generation.pools.clone();
     *generation = start_generation(base, expanded, &previous, rt);
 }

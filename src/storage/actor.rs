@@ -31,6 +31,23 @@ impl StoreActor {
         Ok(StoreActor { jobs })
     }
 
+    /// Queues `operation` on the store thread without waiting for it: it runs after every
+    /// operation queued before this call, and before every one queued after it. A failure is
+    /// logged.
+    pub(crate) fn submit<F>(&self, what: &'static str, operation: F)
+    where
+        F: FnOnce(&Store) -> Result<(), StoreError> + Send + 'static,
+    {
+        let job = Box::new(move |store: &Store| {
+            if let Err(error) = operation(store) {
+                tracing::warn!(operation = what, %error, "state store operation failed");
+            }
+        });
+        if self.jobs.send(job).is_err() {
+            tracing::warn!(operation = what, "the state store thread has stopped");
+        }
+    }
+
     /// Runs `operation` on the store thread and waits (asynchronously) for its result.
     pub(crate) async fn run<R, F>(&self, operation: F) -> Result<R, StoreError>
     where

@@ -33,7 +33,7 @@ pub mod actor;
 pub mod incremental;
 pub(crate) mod sql;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -207,6 +207,9 @@ struct Inner {
     /// The targets whose lock this replica holds in a shared store, with the generation of
     /// the session that took it: a lock does not outlive its session.
     leading: HashMap<String, u64>,
+    /// The targets this replica tracks since the last reload (`None`: every target): the
+    /// lock of any other target is neither taken nor kept.
+    tracked: Option<HashSet<String>>,
 }
 
 /// Whether this replica may sample and judge a target.
@@ -306,6 +309,7 @@ impl Store {
                 ids: HashMap::new(),
                 names: HashMap::new(),
                 leading: HashMap::new(),
+                tracked: None,
             })),
             path: None,
             health: Arc::default(),
@@ -324,9 +328,18 @@ impl Store {
     /// one not held is tried (`pg_try_advisory_lock`, never waited for).
     pub fn lead(&self, target: &str) -> Result<Lead, StoreError> {
         let mut inner = self.lock();
-        let Inner { db, leading, .. } = &mut *inner;
+        let Inner {
+            db,
+            leading,
+            tracked,
+            ..
+        } = &mut *inner;
         if !db.is_postgres() {
             return Ok(Lead::Leading { took_over: false });
+        }
+        if tracked.as_ref().is_some_and(|t| !t.contains(target)) {
+            // A tracker of a generation a reload replaced, still finishing its pass.
+            return Ok(Lead::Following { leader: None });
         }
         if let Some(held) = leading.get(target).copied() {
             let alive = db.value("SELECT 1", &[]);
@@ -362,6 +375,40 @@ impl Store {
             )?
             .opt_text()?;
         Ok(Lead::Following { leader })
+    }
+
+    /// Keeps the lead of the targets in `tracked` only (after a reload, the targets whose
+    /// deployments this replica now tracks): the lock of every other target it held is
+    /// released at once, so another replica takes the target over at its next pass instead
+    /// of when this one stops, and is not taken again until a reload tracks the target again.
+    pub(crate) fn keep_leads(&self, tracked: HashSet<String>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Inner {
+            db,
+            leading,
+            tracked: kept,
+            ..
+        } = &mut *inner;
+        let released: Vec<(String, u64)> = leading
+            .iter()
+            .filter(|(target, _)| !tracked.contains(*target))
+            .map(|(target, generation)| (target.clone(), *generation))
+            .collect();
+        *kept = Some(tracked);
+        let mut result = Ok(());
+        for (target, held) in released {
+            leading.remove(&target);
+            // A lock taken on an earlier session went with it.
+            if db.postgres().map(|s| s.generation()) == Some(held) {
+                if let Err(error) = db.value(
+                    &format!("SELECT pg_advisory_unlock({LEADER_KEY})::int"),
+                    &[target.as_str().into()],
+                ) {
+                    result = Err(error);
+                }
+            }
+        }
+        result
     }
 
     /// Runs the writes of a leader for `target` as one batch: with a shared store, only
@@ -543,6 +590,7 @@ impl Store {
             ids: HashMap::new(),
             names: HashMap::new(),
             leading: HashMap::new(),
+            tracked: None,
         };
         inner.load_series()?;
         Ok(Store {
