@@ -3,7 +3,8 @@
 //! have been published and paged. Run with `cargo bench --bench evaluation`; prints Markdown for
 //! BENCHMARKS.md. `DEPLOYWATCH_BENCH_REPS` sets the deployments per scenario (default 10);
 //! with `DEPLOYWATCH_BENCH_VERBOSE` set, every flag that is not the injected regression is
-//! printed to stderr with its message.
+//! printed to stderr with its message. `DEPLOYWATCH_BENCH_ONLY` keeps the scenarios whose name
+//! contains it.
 //!
 //! The workload: 200 statements with heavy-tailed call rates (Zipf, exponent 1.1, about 150
 //! calls a second in all, three statements per transaction), per-sample mean times with
@@ -407,8 +408,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let started = Instant::now();
-    let (harmless, injected): (Vec<Scenario>, Vec<Scenario>) =
-        ALL.iter().partition(|scenario| scenario.harmless());
+    let (harmless, injected): (Vec<Scenario>, Vec<Scenario>) = ALL
+        .iter()
+        .filter(|scenario| {
+            std::env::var("DEPLOYWATCH_BENCH_ONLY")
+                .map_or(true, |only| scenario.name().contains(only.as_str()))
+        })
+        .partition(|scenario| scenario.harmless());
     println!("## Evaluation, simulated: harmless changes and injected regressions\n");
     println!(
         "{reps} deployments per scenario (seeds 1..={reps}), each looked at after every sample \

@@ -438,8 +438,10 @@ fn query_message(id: &str, query: &str) -> String {
 /// tested, counted up to that half either way (a server made a few percent slower by more
 /// traffic slows every query, which is not one query's regression; a deployment that slows
 /// every query by more still has each flagged on what exceeds that half); the p-values of all statements tested at this
-/// look go through Benjamini–Hochberg, so testing hundreds of queries does not make one of them
-/// come out by chance. A regression also needs: at least `latency_min_window_samples` window
+/// look go through Benjamini–Hochberg weighted by each statement's share of the baseline's
+/// database time ([`time_weights`]), so testing hundreds of queries does not make one of them
+/// come out by chance, and a slowdown of a statement that costs the database time is found
+/// sooner than the same one of a statement that costs it nothing. A regression also needs: at least `latency_min_window_samples` window
 /// samples in which it ran, pooled time per call (total time / calls) `latency_min_increase` higher and
 /// `latency_min_delta_ms` more, and `LATENCY_MIN_EXTRA_MS_PER_SECOND` of extra database time
 /// per second. The pooled time per call sees intermittent waits (lock contention) that a median
@@ -454,6 +456,8 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
         pooled_b: f64,
         pooled_w: f64,
         calls_w: f64,
+        /// The statement's database time in the baseline (ms).
+        time_b: f64,
         b: &'a [f64],
         w: &'a [f64],
         n_b: u64,
@@ -492,6 +496,7 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
             pooled_b: before.total_ms / before.calls,
             pooled_w: after.total_ms / after.calls,
             calls_w: after.calls,
+            time_b: before.total_ms,
             b: before.means.values(),
             w: after.means.values(),
             n_b,
@@ -531,8 +536,12 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
             })
             .collect()
     };
-    let q_slower = stats::benjamini_hochberg(&one_sided(true));
-    let q_faster = stats::benjamini_hochberg(&one_sided(false));
+    // Benjamini–Hochberg weighted by each statement's share of the baseline's database time
+    // (weights averaging 1): a slowdown of a statement that costs the database time is what a
+    // page is for, and spending more of the level there finds it sooner.
+    let weights = time_weights(&tested.iter().map(|x| x.time_b).collect::<Vec<_>>());
+    let q_slower = stats::weighted_benjamini_hochberg(&one_sided(true), &weights);
+    let q_faster = stats::weighted_benjamini_hochberg(&one_sided(false), &weights);
     let m = tested.len();
     for (i, x) in tested.iter().enumerate() {
         let Some(change) = stats::relative_change(x.pooled_b, x.pooled_w) else {
@@ -655,6 +664,32 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
             ));
         }
     }
+}
+
+/// Share of the false-discovery level spread evenly over the queries tested; the rest follows
+/// each query's share of the baseline's database time.
+const LATENCY_EVEN_WEIGHT: f64 = 0.5;
+
+/// Weights for Benjamini–Hochberg across the queries tested, from each one's database time in
+/// the baseline: `LATENCY_EVEN_WEIGHT + (1 - LATENCY_EVEN_WEIGHT) · m · share`, which average 1
+/// (Genovese, Roeder & Wasserman 2006: weights averaging 1, fixed before the window is seen,
+/// keep the false discovery rate at the level). A query that takes a tenth of the database time
+/// among 200 gets weight 10.5; a query that takes almost none keeps half its level. No time at
+/// all (nothing to go by) gives every query weight 1.
+fn time_weights(times: &[f64]) -> Vec<f64> {
+    let clean = |t: f64| if t.is_finite() && t > 0.0 { t } else { 0.0 };
+    let total: f64 = times.iter().map(|t| clean(*t)).sum();
+    let m = times.len() as f64;
+    times
+        .iter()
+        .map(|t| {
+            if total > 0.0 {
+                LATENCY_EVEN_WEIGHT + (1.0 - LATENCY_EVEN_WEIGHT) * m * clean(*t) / total
+            } else {
+                1.0
+            }
+        })
+        .collect()
 }
 
 /// One-sided always-valid p-value for "the mean of these per-sample values is above `floor`":
@@ -1288,6 +1323,78 @@ mod tests {
             e["mann_whitney_p_value"].as_f64().unwrap_or(1.0) < 0.01,
             "{e:?}"
         );
+    }
+
+    /// A sample whose queries have the given mean times (ms per call) and calls.
+    fn sample_with_calls(at: f64, queries: &[(String, f64, f64)]) -> Sample {
+        let mut s = sample(at, &[]);
+        s.statements = Some(
+            queries
+                .iter()
+                .map(|(id, mean, calls)| {
+                    (
+                        id.clone(),
+                        StatementDelta {
+                            calls: *calls,
+                            total_ms: mean * calls,
+                            rows: *calls,
+                            query: format!("SELECT {id}"),
+                        },
+                    )
+                })
+                .collect(),
+        );
+        s
+    }
+
+    /// 200 queries: "0" takes half of the database time (2,000 calls of 2 ms a sample), the
+    /// other 199 20 calls of 1 ms each; `slower` is made `factor` times slower in the window.
+    fn busy_and_quiet(slower: &str, factor: f64) -> (Vec<Sample>, Vec<Sample>) {
+        let make = |at: f64, after: bool| {
+            let queries: Vec<(String, f64, f64)> = (0..200)
+                .map(|i| {
+                    let id = i.to_string();
+                    let (mean, calls) = if i == 0 { (2.0, 2000.0) } else { (1.0, 20.0) };
+                    let f = if after && id == slower { factor } else { 1.0 };
+                    (id, mean * f, calls)
+                })
+                .collect();
+            sample_with_calls(at, &queries)
+        };
+        let baseline = (0..60).map(|i| make(60.0 * i as f64, false)).collect();
+        let window = (0..6)
+            .map(|i| make(10_000.0 + 60.0 * i as f64, true))
+            .collect();
+        (baseline, window)
+    }
+
+    /// Benjamini–Hochberg weighted by the baseline's database time: among 200 queries, a query
+    /// that takes half of the database time gets about 50 times the level of one that takes
+    /// almost none, so the same +22 % over 6 samples (sequential p about 1.2e-4: a lone
+    /// discovery among 200 equally weighted queries needs 5e-5) is flagged for the busy query
+    /// and not for a quiet one.
+    #[test]
+    fn a_slowdown_of_a_query_that_costs_the_database_time_is_found_sooner() {
+        let (baseline, window) = busy_and_quiet("0", 1.22);
+        let j = judged(Window::FirstHour, &baseline, &window);
+        assert_eq!(
+            signals(&j.regressions),
+            vec![(Signal::QueryLatency, "query 0".to_string())]
+        );
+        let e = &j.regressions[0].evidence;
+        let p = e["sequential_p_value"].as_f64().unwrap_or(1.0);
+        let q = e["q_value"].as_f64().unwrap_or(1.0);
+        assert!(p > 0.01 / 200.0 && p < 0.01 / 50.0, "{e:?}");
+        assert!(q <= 0.01 && q < p * 200.0, "{e:?}");
+        // The same slowdown of a query that takes a quarter of a percent of the time.
+        let (baseline, window) = busy_and_quiet("7", 1.22);
+        let j = judged(Window::FirstHour, &baseline, &window);
+        assert!(j.regressions.is_empty(), "{:?}", j.regressions);
+        assert!(time_weights(&[]).is_empty());
+        let w = time_weights(&[4000.0, 20.0, 20.0, 0.0, f64::NAN]);
+        assert!((w.iter().sum::<f64>() - 5.0).abs() < 1e-9, "{w:?}");
+        assert!(w[0] > 2.9 && w[3] == 0.5 && w[4] == 0.5, "{w:?}");
+        assert_eq!(time_weights(&[0.0, 0.0]), vec![1.0, 1.0]);
     }
 
     /// Hundreds of unchanged queries looked at after every sample: without a sequential test
