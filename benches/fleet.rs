@@ -14,7 +14,9 @@
 //! daemon's log file; default a file in the temporary directory, named when the run ends),
 //! `FLEET_WRAP` (a command the daemon runs under, such as a heap profiler),
 //! `FLEET_SCRAPE_SECONDS` (default: unset, no scrapes; e.g. 15: `/metrics` is fetched at that
-//! period during the run, as a Prometheus would, and the scrapes' size and time are reported).
+//! period during the run, as a Prometheus would, and the scrapes' size and time are reported),
+//! `FLEET_SCRAPE_GZIP` (1: the scrapes ask for gzip, as Prometheus does, through `curl
+//! --compressed`; the size reported is then the compressed one).
 //! Peak resident memory is the kernel's high-water mark (`VmHWM`), so a short peak while a
 //! scrape renders counts.
 //! Prints a Markdown table for BENCHMARKS.md.
@@ -113,6 +115,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn scrape_periodically(
     url: String,
     period: Duration,
+    gzip: bool,
     stop: tokio_util::sync::CancellationToken,
 ) -> Vec<(usize, f64)> {
     let mut scrapes = Vec::new();
@@ -124,7 +127,22 @@ async fn scrape_periodically(
             _ = tick.tick() => {}
         }
         let start = Instant::now();
-        if let Ok((code, body)) = deploywatch::commands::client::get(&url, "*/*").await {
+        if gzip {
+            // The body is decoded and thrown away; curl reports the bytes it received.
+            let output = tokio::process::Command::new("curl")
+                .args(["-sS", "--fail", "--compressed", "-o", "/dev/null"])
+                .args(["-w", "%{size_download}", &url])
+                .output()
+                .await;
+            if let Ok(output) = output {
+                let size = String::from_utf8_lossy(&output.stdout)
+                    .trim()
+                    .parse::<usize>();
+                if let (true, Ok(size)) = (output.status.success(), size) {
+                    scrapes.push((size, start.elapsed().as_secs_f64()));
+                }
+            }
+        } else if let Ok((code, body)) = deploywatch::commands::client::get(&url, "*/*").await {
             if code.is_success() {
                 scrapes.push((body.len(), start.elapsed().as_secs_f64()));
             }
@@ -178,6 +196,7 @@ async fn main() {
     let seconds: u64 = setting("FLEET_SECONDS", 600);
     let budget: usize = setting("FLEET_BUDGET", 0);
     let scrape_seconds: u64 = setting("FLEET_SCRAPE_SECONDS", 0);
+    let scrape_gzip = setting("FLEET_SCRAPE_GZIP", 0u8) == 1;
     let pg = PgCluster::start(ClusterOptions {
         shared_preload_libraries: vec!["pg_stat_statements".into()],
         max_connections: 100,
@@ -266,6 +285,7 @@ async fn main() {
         tokio::spawn(scrape_periodically(
             format!("http://127.0.0.1:{port}/metrics"),
             Duration::from_secs(scrape_seconds),
+            scrape_gzip,
             stop_scraping.clone(),
         ))
     });
@@ -404,7 +424,8 @@ async fn main() {
     if scrape_seconds > 0 {
         let times: Vec<f64> = scrapes.iter().map(|s| s.1).collect();
         println!(
-            "| /metrics scrapes (every {scrape_seconds} s) | {}, {:.1} MB largest; {:.2} s mean, {:.2} s max |",
+            "| /metrics scrapes (every {scrape_seconds} s{}) | {}, {:.1} MB largest; {:.2} s mean, {:.2} s max |",
+            if scrape_gzip { ", gzip" } else { "" },
             scrapes.len(),
             scrapes.iter().map(|s| s.0).max().unwrap_or(0) as f64 / 1e6,
             times.iter().sum::<f64>() / times.len().max(1) as f64,

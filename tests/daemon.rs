@@ -257,6 +257,92 @@ async fn endpoints_answer_404_405_and_probes() {
     handle.shutdown().await.expect("clean shutdown");
 }
 
+/// `curl` fetching `url`, with `--compressed` (asks for gzip and decodes it) or without: the
+/// response headers (lower case) and the body.
+async fn curl(url: &str, compressed: bool) -> (String, String) {
+    let headers = tempfile::NamedTempFile::new().expect("temporary file");
+    let mut command = tokio::process::Command::new("curl");
+    command.args(["-sS", "--fail", "-D"]).arg(headers.path());
+    if compressed {
+        command.arg("--compressed");
+    }
+    let output = command.arg(url).output().await.expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl {url}: {}",
+        common::output_text(&output)
+    );
+    let headers = std::fs::read_to_string(headers.path())
+        .expect("headers")
+        .to_ascii_lowercase();
+    (
+        headers,
+        String::from_utf8(output.stdout).expect("UTF-8 text"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_streamed_gzipped_when_accepted_and_pass_promtool() {
+    let a = cognit_cluster(Version::V370);
+    let dir = fast_dir(&a);
+    let handle = start(&dir).await;
+    wait_ready(&handle).await;
+    wait_all_ran(&handle).await;
+    let url = format!("{}/metrics", base(&handle));
+
+    let (headers, gzipped) = curl(&url, true).await;
+    assert!(headers.contains("content-encoding: gzip"), "{headers}");
+    assert!(headers.contains("transfer-encoding: chunked"), "{headers}");
+    let (headers, plain) = curl(&url, false).await;
+    assert!(!headers.contains("content-encoding"), "{headers}");
+    assert!(
+        headers.contains("content-type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
+
+    // The same series either way (values move between the two scrapes).
+    let names = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_string()))
+            .collect()
+    };
+    assert_eq!(names(&gzipped), names(&plain));
+    let m = parse_metrics(&gzipped);
+    assert_eq!(
+        m.metric("deploywatch_up").label("target", "db").value(),
+        1.0
+    );
+
+    // promtool reads the decoded text as Prometheus would.
+    let mut promtool = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (apt-get install -y prometheus)");
+    let mut stdin = promtool.stdin.take().expect("stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, gzipped.as_bytes())
+        .await
+        .expect("write to promtool");
+    drop(stdin);
+    let checked = promtool.wait_with_output().await.expect("promtool ends");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}",
+        common::output_text(&checked)
+    );
+
+    // A HEAD is answered without rendering the text.
+    let (code, _) =
+        deploywatch::commands::client::request(hyper::Method::HEAD, &url, "*/*", None, None)
+            .await
+            .expect("head");
+    assert_eq!(code.as_u16(), 200);
+    handle.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_database_is_reported_and_recovers_without_a_restart() {
     let mut a = cognit_cluster(Version::V370);

@@ -137,7 +137,6 @@ pub(crate) fn start_with(
         announcer: announcer.clone(),
         settings: std::sync::RwLock::new(HttpSettings::from_config(&config)),
         web,
-        metrics_cache: std::sync::Mutex::new(None),
     });
     let task = tokio::spawn(main_loop(
         config,

@@ -10,12 +10,13 @@
 //! caller's bearer token, a bounded wait) and answered with its answer, or refused with 421.
 
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -79,9 +80,6 @@ pub(crate) struct AppContext {
     pub(crate) settings: std::sync::RwLock<HttpSettings>,
     /// TLS and basic authentication, when a web configuration file is given.
     pub(crate) web: Option<crate::config::web::LiveWebConfig>,
-    /// The last rendering of /metrics, with the state generation and dropped-log-line count
-    /// it shows: scrapes between two changes are served without rendering again.
-    pub(crate) metrics_cache: std::sync::Mutex<Option<((u64, u64), Bytes)>>,
 }
 
 impl AppContext {
@@ -98,34 +96,36 @@ impl AppContext {
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) =
             HttpSettings::from_config(config);
     }
+}
 
-    fn metrics_text(&self) -> Bytes {
-        let generation = (
-            self.state.generation(),
-            crate::server::metrics::log_lines_dropped(),
-        );
-        {
-            let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((cached, text)) = cache.as_ref() {
-                if *cached == generation {
-                    return text.clone();
-                }
-            }
-            // The stale text goes before the new one is written: at a large fleet it is tens
-            // of megabytes, and holding both would double a scrape's memory.
-            *cache = None;
-        }
-        let text = Bytes::from(crate::server::metrics::render(&self.state));
-        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
-        *cache = Some((generation, text.clone()));
-        text
+/// A response body: whole, or the chunks a task writes as they come (`/metrics`).
+type Body = Either<Full<Bytes>, Chunks>;
+
+/// Chunks of a body as another task writes them; the body ends when that task is done. A
+/// client that goes away drops the receiver, so the writer learns it at its next chunk.
+pub(crate) struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
     }
 }
 
-type Body = Full<Bytes>;
+/// A whole body.
+fn whole(bytes: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(bytes.into()))
+}
 
 fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(whole(body));
     *response.status_mut() = status;
     if let Ok(value) = HeaderValue::from_str(content_type) {
         response.headers_mut().insert(CONTENT_TYPE, value);
@@ -294,10 +294,12 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
             _ => method_not_allowed("GET, HEAD"),
         },
         "/metrics" => match method {
-            Method::GET | Method::HEAD => response(
+            Method::GET => metrics(ctx, &request),
+            // Nothing is rendered for a HEAD: it would be thrown away.
+            Method::HEAD => response(
                 StatusCode::OK,
                 crate::server::metrics::CONTENT_TYPE,
-                ctx.metrics_text(),
+                Bytes::new(),
             ),
             _ => method_not_allowed("GET, HEAD"),
         },
@@ -343,6 +345,85 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
     };
     tracing::debug!(%peer, %method, %path, status = response.status().as_u16(), "HTTP request");
     response
+}
+
+/// How many chunks of `/metrics` may wait for a slow client: the text a scrape holds.
+const METRICS_CHUNKS_QUEUED: usize = 2;
+
+/// `/metrics`: the exposition streamed as a blocking task writes it from the state, chunk by
+/// chunk (gzip-compressed when the client accepts it, as Prometheus does). The scrape never
+/// holds the whole text, and the writing never runs on the async workers.
+fn metrics(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
+    let gzip = accepts_gzip(
+        request
+            .headers()
+            .get(hyper::header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(METRICS_CHUNKS_QUEUED);
+    let state = ctx.state.clone();
+    tokio::task::spawn_blocking(move || {
+        let send = |bytes: Vec<u8>| bytes.is_empty() || sender.blocking_send(bytes.into()).is_ok();
+        if gzip {
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(crate::server::metrics::CHUNK_BYTES / 4),
+                flate2::Compression::fast(),
+            );
+            let mut open = true;
+            crate::server::metrics::render(&state, &mut |chunk| {
+                // Writing into a Vec cannot fail.
+                open = encoder.write_all(chunk.as_bytes()).is_ok()
+                    && send(std::mem::take(encoder.get_mut()));
+                open
+            });
+            if open {
+                if let Ok(rest) = encoder.finish() {
+                    send(rest);
+                }
+            }
+        } else {
+            crate::server::metrics::render(&state, &mut |chunk| send(chunk.into_bytes()));
+        }
+    });
+    let mut response = Response::new(Either::Right(Chunks(receiver)));
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::server::metrics::CONTENT_TYPE),
+    );
+    headers.insert(
+        hyper::header::VARY,
+        HeaderValue::from_static("accept-encoding"),
+    );
+    if gzip {
+        headers.insert(
+            hyper::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
+    }
+    response
+}
+
+/// Whether an `Accept-Encoding` header accepts gzip: listed (or `*`) without `q=0`.
+fn accepts_gzip(header: Option<&str>) -> bool {
+    let Some(header) = header else {
+        return false;
+    };
+    let mut gzip = None;
+    let mut any = None;
+    for item in header.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let accepted = parts
+            .filter_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
+            .all(|q| q.trim().parse::<f64>().map_or(true, |q| q > 0.0));
+        match coding.as_str() {
+            "gzip" | "x-gzip" => gzip = Some(accepted),
+            "*" => any = Some(accepted),
+            _ => {}
+        }
+    }
+    gzip.or(any).unwrap_or(false)
 }
 
 fn status_page(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
@@ -602,7 +683,7 @@ async fn forward(
     match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
         Ok(Ok((status, content_type, bytes))) => {
             tracing::info!(db_target = %target, owner = %peer, status = status.as_u16(), "announcement forwarded to the owner's shard");
-            let mut response = Response::new(Full::new(bytes));
+            let mut response = Response::new(whole(bytes));
             *response.status_mut() = status;
             if let Some(value) = content_type {
                 response.headers_mut().insert(CONTENT_TYPE, value);
@@ -616,7 +697,22 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::{accepts_gzip, same_secret};
+
+    #[test]
+    fn gzip_is_used_when_accepted_and_not_refused() {
+        assert!(accepts_gzip(Some("gzip")));
+        assert!(accepts_gzip(Some("identity, GZip;q=0.5")));
+        assert!(accepts_gzip(Some("br, *")));
+        assert!(accepts_gzip(Some("gzip, deflate, br")));
+        assert!(!accepts_gzip(None));
+        assert!(!accepts_gzip(Some("")));
+        assert!(!accepts_gzip(Some("identity")));
+        assert!(!accepts_gzip(Some("gzip;q=0")));
+        assert!(!accepts_gzip(Some("gzip; q=0.0, *")));
+        assert!(!accepts_gzip(Some("*;q=0")));
+        assert!(!accepts_gzip(Some("deflate")));
+    }
 
     #[test]
     fn secrets_compare_exactly() {

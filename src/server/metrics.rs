@@ -1,16 +1,19 @@
 //! Prometheus exposition. [`render`] writes the in-memory [`State`] at scrape time straight
-//! into the text format 0.0.4, so a scrape never queries a database, always reflects the latest
-//! results, and holds nothing per series but the text itself. Metric and label names are a contract documented in the README; labels
-//! are bounded (target, check, category, severity, an error kind, a window, a signal).
+//! into the text format 0.0.4, so a scrape never queries a database and always reflects the
+//! latest results. It streams: the state is read family by family, a few targets at a time
+//! under its lock, and the text is handed on in chunks of [`CHUNK_BYTES`], so a scrape holds
+//! neither a copy of the state nor the whole text (tens of megabytes at hundreds of
+//! databases). Metric and label names are a contract documented in the README; labels are
+//! bounded (target, check, category, severity, an error kind, a window, a signal).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::ops::Bound;
 use std::sync::OnceLock;
 
-use crate::analysis::deployment::Signal;
+use crate::analysis::deployment::{DeploymentView, Signal};
 use crate::analysis::window::{Verdict, Window};
 use crate::checks::outcome::{Observation, Status};
-use crate::watch::state::{Snapshot, State};
+use crate::watch::state::{Snapshot, State, TargetState};
 
 /// A family's type, as the `# TYPE` line names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,42 +95,105 @@ pub(crate) fn log_lines_dropped() -> u64 {
         .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
 }
 
-/// One family's sample lines, written as they are pushed.
-struct Family {
-    help: &'static str,
-    kind: MetricType,
-    lines: String,
+/// Text is handed on in chunks of about this size: a scrape holds one chunk, never the whole
+/// exposition (tens of megabytes at a fleet of hundreds of databases).
+pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Where the exposition reads the state from, one short look at a time.
+pub(crate) trait Source {
+    /// Runs `read` on the state (under its lock, for the live state).
+    fn read(&self, read: &mut dyn FnMut(&Snapshot));
 }
 
-/// Builds the exposition family by family; each sample names its family. Families come out
-/// sorted by name, as the text format groups them; samples keep the order they were pushed in.
-struct Families(BTreeMap<&'static str, Family>);
+impl Source for Snapshot {
+    fn read(&self, read: &mut dyn FnMut(&Snapshot)) {
+        read(self);
+    }
+}
 
-impl Families {
-    fn new() -> Self {
-        Families(
-            FAMILIES
-                .iter()
-                .map(|&(name, help, kind)| {
-                    (
-                        name,
-                        Family {
-                            help,
-                            kind,
-                            lines: String::new(),
-                        },
-                    )
-                })
-                .collect(),
-        )
+impl Source for State {
+    fn read(&self, read: &mut dyn FnMut(&Snapshot)) {
+        self.read_all(|snapshot| read(snapshot));
+    }
+}
+
+/// Writes one family at a time: samples pushed for any other family are ignored, and the
+/// family's `# HELP` and `# TYPE` lines go before its first sample (a family without samples
+/// is left out). Full chunks go to `emit`, which answers false once nobody reads any more.
+struct Writer<'e> {
+    family: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    started: bool,
+    out: String,
+    emit: &'e mut dyn FnMut(String) -> bool,
+    /// `emit` refused a chunk: the rest is not written.
+    gone: bool,
+}
+
+impl<'e> Writer<'e> {
+    fn new(emit: &'e mut dyn FnMut(String) -> bool) -> Self {
+        Writer {
+            family: "",
+            help: "",
+            kind: MetricType::Gauge,
+            started: false,
+            out: String::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4),
+            emit,
+            gone: false,
+        }
     }
 
-    /// Appends `name{k="v",...} value` to the family's lines.
-    fn push(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
-        let Some(family) = self.0.get_mut(name) else {
+    /// Starts the next family.
+    fn begin(&mut self, (family, help, kind): (&'static str, &'static str, MetricType)) {
+        self.family = family;
+        self.help = help;
+        self.kind = kind;
+        self.started = false;
+    }
+
+    /// Whether samples of `name` are written now.
+    fn wants(&self, name: &str) -> bool {
+        name == self.family
+    }
+
+    /// Whether the chunk is full (the caller lets go of the state and flushes).
+    fn full(&self) -> bool {
+        self.out.len() >= CHUNK_BYTES
+    }
+
+    /// Hands the text written so far on.
+    fn flush(&mut self) {
+        if self.out.is_empty() || self.gone {
             return;
-        };
-        let out = &mut family.lines;
+        }
+        let chunk = std::mem::replace(
+            &mut self.out,
+            String::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4),
+        );
+        if !(self.emit)(chunk) {
+            self.gone = true;
+        }
+    }
+
+    /// Appends `name{k="v",...} value` when `name` is the family being written.
+    fn push(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+        if !self.wants(name) {
+            return;
+        }
+        let out = &mut self.out;
+        if !self.started {
+            self.started = true;
+            out.push_str("# HELP ");
+            out.push_str(name);
+            out.push(' ');
+            escape_into(out, self.help, false);
+            out.push_str("\n# TYPE ");
+            out.push_str(name);
+            out.push(' ');
+            out.push_str(self.kind.as_str());
+            out.push('\n');
+        }
         out.push_str(name);
         let mut separator = '{';
         for (key, label_value) in labels {
@@ -145,33 +211,13 @@ impl Families {
         write_value(out, value);
         out.push('\n');
     }
+}
 
-    /// The whole exposition: `# HELP`, `# TYPE` and the lines of every family with samples.
-    fn into_text(self) -> String {
-        let size = self
-            .0
-            .iter()
-            .filter(|(_, f)| !f.lines.is_empty())
-            .map(|(name, f)| 2 * name.len() + f.help.len() + f.lines.len() + 32)
-            .sum();
-        let mut text = String::with_capacity(size);
-        for (name, family) in self.0 {
-            if family.lines.is_empty() {
-                continue;
-            }
-            text.push_str("# HELP ");
-            text.push_str(name);
-            text.push(' ');
-            escape_into(&mut text, family.help, false);
-            text.push_str("\n# TYPE ");
-            text.push_str(name);
-            text.push(' ');
-            text.push_str(family.kind.as_str());
-            text.push('\n');
-            text.push_str(&family.lines);
-        }
-        text
-    }
+/// The families in name order, as the text format groups them.
+fn families_by_name() -> Vec<(&'static str, &'static str, MetricType)> {
+    let mut families = FAMILIES.to_vec();
+    families.sort_by_key(|f| f.0);
+    families
 }
 
 /// Escapes as the text format requires: backslash and newline always, the double quote in
@@ -210,9 +256,8 @@ fn flag(b: bool) -> f64 {
     }
 }
 
-/// Pure rendering of a snapshot into the text exposition.
-pub(crate) fn exposition(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> String {
-    let mut f = Families::new();
+/// The samples that are not a target's: the build, the configuration, the shard, the servers' session budgets, the store.
+fn global_samples(snapshot: &Snapshot, version: &str, log_lines_dropped: u64, f: &mut Writer<'_>) {
     f.push("deploywatch_build_info", &[("version", version)], 1.0);
     f.push(
         "deploywatch_log_lines_dropped_total",
@@ -275,243 +320,343 @@ pub(crate) fn exposition(snapshot: &Snapshot, version: &str, log_lines_dropped: 
             *count as f64,
         );
     }
-    for (target, t) in &snapshot.targets {
-        let target = target.as_str();
+}
+
+/// One target's samples. `check_family`: whether the family being written is one of the
+/// checks' (`deploywatch_check_*`); if not, the checks are not looked at.
+fn target_samples(target: &str, t: &TargetState, check_family: bool, f: &mut Writer<'_>) {
+    f.push(
+        "deploywatch_up",
+        &[("target", target)],
+        flag(t.reachable == Some(true)),
+    );
+    if let Some(leadership) = &t.leadership {
         f.push(
-            "deploywatch_up",
+            "deploywatch_target_leader",
             &[("target", target)],
-            flag(t.reachable == Some(true)),
+            flag(leadership.leading),
         );
-        if let Some(leadership) = &t.leadership {
+    }
+    if let Some(seconds) = t.sampling_seconds {
+        f.push(
+            "deploywatch_sampling_duration_seconds",
+            &[("target", target)],
+            seconds,
+        );
+    }
+    if let Some(seconds) = t.judging_seconds {
+        f.push(
+            "deploywatch_judging_duration_seconds",
+            &[("target", target)],
+            seconds,
+        );
+    }
+    if let Some(version) = &t.schema_version {
+        f.push(
+            "deploywatch_schema_version_info",
+            &[("target", target), ("version", version)],
+            1.0,
+        );
+    }
+    for (step, count) in &t.sampling_errors {
+        f.push(
+            "deploywatch_sampling_errors_total",
+            &[("target", target), ("step", step)],
+            *count as f64,
+        );
+    }
+    if let Some((in_use, max)) = t.connections {
+        f.push("deploywatch_pg_connections", &[("target", target)], in_use);
+        f.push("deploywatch_pg_max_connections", &[("target", target)], max);
+    }
+    if !check_family {
+        return;
+    }
+    for (check, c) in &t.checks {
+        let check = check.as_str();
+        let category = c.spec.category.as_str();
+        let severity = c.spec.severity.as_str();
+        let ids = [("target", target), ("check", check)];
+        let full = [
+            ("target", target),
+            ("check", check),
+            ("category", category),
+            ("severity", severity),
+        ];
+        f.push(
+            "deploywatch_check_success",
+            &full,
+            flag(c.status == Status::Pass),
+        );
+        for &status in Status::ALL {
+            let [l0, l1, l2, l3] = full;
             f.push(
-                "deploywatch_target_leader",
-                &[("target", target)],
-                flag(leadership.leading),
+                "deploywatch_check_status",
+                &[l0, l1, l2, l3, ("status", status.as_str())],
+                flag(c.status == status),
             );
         }
-        if let Some(seconds) = t.sampling_seconds {
+        match c.outcome.as_ref().and_then(|o| o.observation.as_ref()) {
+            Some(Observation::Number(n)) => f.push("deploywatch_check_value", &full, n.to_f64()),
+            Some(Observation::Rows(series)) if f.wants("deploywatch_check_value") => {
+                for s in series {
+                    let mut labels = full.to_vec();
+                    labels.push(("column", s.column.as_str()));
+                    labels.extend(s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                    f.push("deploywatch_check_value", &labels, s.value);
+                }
+            }
+            Some(Observation::Rows(_) | Observation::Text(_)) | None => {}
+        }
+        if let Some(d) = c.duration_seconds {
+            f.push("deploywatch_check_duration_seconds", &ids, d);
+        }
+        if let Some(ts) = c.last_run {
+            f.push("deploywatch_check_last_run_timestamp_seconds", &ids, ts);
+        }
+        if let Some(ts) = c.last_success {
+            f.push("deploywatch_check_last_success_timestamp_seconds", &ids, ts);
+        }
+        f.push(
+            "deploywatch_check_interval_seconds",
+            &ids,
+            c.spec.interval.as_secs_f64(),
+        );
+        f.push("deploywatch_check_runs_total", &ids, c.runs as f64);
+        f.push("deploywatch_check_delayed_total", &ids, c.delayed as f64);
+        for (reason, count) in [("overlap", c.skipped), ("no_session", c.skipped_no_session)] {
             f.push(
-                "deploywatch_sampling_duration_seconds",
-                &[("target", target)],
-                seconds,
+                "deploywatch_check_skipped_total",
+                &[("target", target), ("check", check), ("reason", reason)],
+                count as f64,
             );
         }
-        if let Some(seconds) = t.judging_seconds {
+        if let Some(def) = &c.spec.incremental {
             f.push(
-                "deploywatch_judging_duration_seconds",
-                &[("target", target)],
-                seconds,
+                "deploywatch_check_sweep_period_seconds",
+                &ids,
+                def.sweep_period.as_secs_f64(),
+            );
+            f.push(
+                "deploywatch_check_rows_examined_total",
+                &ids,
+                c.rows_examined_total as f64,
             );
         }
-        if let Some(version) = &t.schema_version {
+        if let Some(report) = &c.incremental {
             f.push(
-                "deploywatch_schema_version_info",
-                &[("target", target), ("version", version)],
-                1.0,
+                "deploywatch_check_rows_examined",
+                &ids,
+                report.rows_examined as f64,
             );
-        }
-        for (step, count) in &t.sampling_errors {
             f.push(
-                "deploywatch_sampling_errors_total",
-                &[("target", target), ("step", step)],
+                "deploywatch_check_sweep_progress_ratio",
+                &ids,
+                report.sweep_progress,
+            );
+            if let Some(ts) = report.last_complete_sweep {
+                f.push(
+                    "deploywatch_check_sweep_last_complete_timestamp_seconds",
+                    &ids,
+                    ts,
+                );
+            }
+        }
+        for (kind, count) in &c.errors {
+            f.push(
+                "deploywatch_check_errors_total",
+                &[
+                    ("target", target),
+                    ("check", check),
+                    ("kind", kind.as_str()),
+                ],
                 *count as f64,
             );
         }
-        if let Some((in_use, max)) = t.connections {
-            f.push("deploywatch_pg_connections", &[("target", target)], in_use);
-            f.push("deploywatch_pg_max_connections", &[("target", target)], max);
-        }
-        for (check, c) in &t.checks {
-            let check = check.as_str();
-            let category = c.spec.category.as_str();
-            let severity = c.spec.severity.as_str();
-            let ids = [("target", target), ("check", check)];
-            let full = [
-                ("target", target),
-                ("check", check),
-                ("category", category),
-                ("severity", severity),
-            ];
-            f.push(
-                "deploywatch_check_success",
-                &full,
-                flag(c.status == Status::Pass),
-            );
-            for &status in Status::ALL {
-                let mut labels = full.to_vec();
-                labels.push(("status", status.as_str()));
-                f.push(
-                    "deploywatch_check_status",
-                    &labels,
-                    flag(c.status == status),
-                );
-            }
-            match c.outcome.as_ref().and_then(|o| o.observation.as_ref()) {
-                Some(Observation::Number(n)) => {
-                    f.push("deploywatch_check_value", &full, n.to_f64())
-                }
-                Some(Observation::Rows(series)) => {
-                    for s in series {
-                        let mut labels = full.to_vec();
-                        labels.push(("column", s.column.as_str()));
-                        labels.extend(s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                        f.push("deploywatch_check_value", &labels, s.value);
-                    }
-                }
-                Some(Observation::Text(_)) | None => {}
-            }
-            if let Some(d) = c.duration_seconds {
-                f.push("deploywatch_check_duration_seconds", &ids, d);
-            }
-            if let Some(ts) = c.last_run {
-                f.push("deploywatch_check_last_run_timestamp_seconds", &ids, ts);
-            }
-            if let Some(ts) = c.last_success {
-                f.push("deploywatch_check_last_success_timestamp_seconds", &ids, ts);
-            }
-            f.push(
-                "deploywatch_check_interval_seconds",
-                &ids,
-                c.spec.interval.as_secs_f64(),
-            );
-            f.push("deploywatch_check_runs_total", &ids, c.runs as f64);
-            f.push("deploywatch_check_delayed_total", &ids, c.delayed as f64);
-            for (reason, count) in [("overlap", c.skipped), ("no_session", c.skipped_no_session)] {
-                f.push(
-                    "deploywatch_check_skipped_total",
-                    &[("target", target), ("check", check), ("reason", reason)],
-                    count as f64,
-                );
-            }
-            if let Some(def) = &c.spec.incremental {
-                f.push(
-                    "deploywatch_check_sweep_period_seconds",
-                    &ids,
-                    def.sweep_period.as_secs_f64(),
-                );
-                f.push(
-                    "deploywatch_check_rows_examined_total",
-                    &ids,
-                    c.rows_examined_total as f64,
-                );
-            }
-            if let Some(report) = &c.incremental {
-                f.push(
-                    "deploywatch_check_rows_examined",
-                    &ids,
-                    report.rows_examined as f64,
-                );
-                f.push(
-                    "deploywatch_check_sweep_progress_ratio",
-                    &ids,
-                    report.sweep_progress,
-                );
-                if let Some(ts) = report.last_complete_sweep {
-                    f.push(
-                        "deploywatch_check_sweep_last_complete_timestamp_seconds",
-                        &ids,
-                        ts,
-                    );
-                }
-            }
-            for (kind, count) in &c.errors {
-                f.push(
-                    "deploywatch_check_errors_total",
-                    &[
-                        ("target", target),
-                        ("check", check),
-                        ("kind", kind.as_str()),
-                    ],
-                    *count as f64,
-                );
-            }
-        }
     }
-    for (target, d) in &snapshot.deployments {
-        let target = target.as_str();
-        f.push(
-            "deploywatch_deployment_info",
-            &[
-                ("target", target),
-                ("version", &d.to_version),
-                ("previous_version", d.from_version.as_deref().unwrap_or("")),
-                ("kind", d.kind.as_str()),
-            ],
-            1.0,
-        );
-        f.push(
-            "deploywatch_deployment_timestamp_seconds",
-            &[("target", target)],
-            d.at,
-        );
-        f.push(
-            "deploywatch_rollbacks_total",
-            &[("target", target)],
-            d.rollbacks_seen as f64,
-        );
-        for &window in Window::ALL {
-            f.push(
-                "deploywatch_deployment_window",
-                &[("target", target), ("window", window.as_str())],
-                flag(d.current_window == Some(window)),
-            );
-        }
-        for w in &d.windows {
-            let window = w.window.as_str();
-            for &verdict in Verdict::ALL {
-                f.push(
-                    "deploywatch_window_verdict",
-                    &[
-                        ("target", target),
-                        ("window", window),
-                        ("verdict", verdict.as_str()),
-                    ],
-                    flag(w.verdict == verdict),
-                );
-            }
-            for &signal in Signal::ALL {
-                let regressions = w
-                    .regressions
-                    .iter()
-                    .filter(|r| r.signal == signal && r.active())
-                    .count();
-                let confirmed = w
-                    .regressions
-                    .iter()
-                    .filter(|r| r.signal == signal && r.confirmed())
-                    .count();
-                let improvements = w.improvements.iter().filter(|r| r.signal == signal).count();
-                let labels = [
-                    ("target", target),
-                    ("window", window),
-                    ("signal", signal.as_str()),
-                ];
-                f.push("deploywatch_regressions", &labels, regressions as f64);
-                f.push(
-                    "deploywatch_confirmed_regressions",
-                    &labels,
-                    confirmed as f64,
-                );
-                f.push("deploywatch_improvements", &labels, improvements as f64);
-            }
-        }
-    }
-    f.into_text()
 }
 
-/// The text exposition of the state now.
-pub(crate) fn render(state: &State) -> String {
-    exposition(
-        &state.snapshot(),
-        env!("CARGO_PKG_VERSION"),
-        log_lines_dropped(),
-    )
+/// The samples of a target's latest deployment and its windows.
+fn deployment_samples(target: &str, d: &DeploymentView, f: &mut Writer<'_>) {
+    f.push(
+        "deploywatch_deployment_info",
+        &[
+            ("target", target),
+            ("version", &d.to_version),
+            ("previous_version", d.from_version.as_deref().unwrap_or("")),
+            ("kind", d.kind.as_str()),
+        ],
+        1.0,
+    );
+    f.push(
+        "deploywatch_deployment_timestamp_seconds",
+        &[("target", target)],
+        d.at,
+    );
+    f.push(
+        "deploywatch_rollbacks_total",
+        &[("target", target)],
+        d.rollbacks_seen as f64,
+    );
+    for &window in Window::ALL {
+        f.push(
+            "deploywatch_deployment_window",
+            &[("target", target), ("window", window.as_str())],
+            flag(d.current_window == Some(window)),
+        );
+    }
+    for w in &d.windows {
+        let window = w.window.as_str();
+        for &verdict in Verdict::ALL {
+            f.push(
+                "deploywatch_window_verdict",
+                &[
+                    ("target", target),
+                    ("window", window),
+                    ("verdict", verdict.as_str()),
+                ],
+                flag(w.verdict == verdict),
+            );
+        }
+        let counts = f.wants("deploywatch_regressions")
+            || f.wants("deploywatch_confirmed_regressions")
+            || f.wants("deploywatch_improvements");
+        if !counts {
+            continue;
+        }
+        for &signal in Signal::ALL {
+            let regressions = w
+                .regressions
+                .iter()
+                .filter(|r| r.signal == signal && r.active())
+                .count();
+            let confirmed = w
+                .regressions
+                .iter()
+                .filter(|r| r.signal == signal && r.confirmed())
+                .count();
+            let improvements = w.improvements.iter().filter(|r| r.signal == signal).count();
+            let labels = [
+                ("target", target),
+                ("window", window),
+                ("signal", signal.as_str()),
+            ];
+            f.push("deploywatch_regressions", &labels, regressions as f64);
+            f.push(
+                "deploywatch_confirmed_regressions",
+                &labels,
+                confirmed as f64,
+            );
+            f.push("deploywatch_improvements", &labels, improvements as f64);
+        }
+    }
+}
+
+/// Writes the text exposition of `source` family by family, in chunks of about
+/// [`CHUNK_BYTES`] handed to `emit` (which answers false to stop). The state is read a little
+/// at a time — the samples of one family for as many targets as fill a chunk — so no copy of
+/// it is made and its lock is never held for long: checks record their results and `/status`
+/// reads between two looks. A family's samples of different targets may be read a moment
+/// apart, as they would be by separate scrapes.
+pub(crate) fn write(
+    source: &dyn Source,
+    version: &str,
+    log_lines_dropped: u64,
+    emit: &mut dyn FnMut(String) -> bool,
+) {
+    let mut w = Writer::new(emit);
+    for family in families_by_name() {
+        w.begin(family);
+        source.read(&mut |s| global_samples(s, version, log_lines_dropped, &mut w));
+        let check_family = family.0.starts_with("deploywatch_check_");
+        let mut after: Option<String> = None;
+        loop {
+            let mut more = false;
+            source.read(&mut |s| {
+                let mut last = None;
+                let range = match &after {
+                    None => s.targets.range::<str, _>(..),
+                    Some(a) => s
+                        .targets
+                        .range::<str, _>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
+                };
+                for (target, t) in range {
+                    target_samples(target, t, check_family, &mut w);
+                    last = Some(target);
+                    if w.full() {
+                        more = true;
+                        break;
+                    }
+                }
+                if more {
+                    after = last.cloned();
+                }
+            });
+            if w.full() {
+                w.flush();
+            }
+            if !more || w.gone {
+                break;
+            }
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let mut more = false;
+            source.read(&mut |s| {
+                let mut last = None;
+                let range = match &after {
+                    None => s.deployments.range::<str, _>(..),
+                    Some(a) => s
+                        .deployments
+                        .range::<str, _>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
+                };
+                for (target, d) in range {
+                    deployment_samples(target, d, &mut w);
+                    last = Some(target);
+                    if w.full() {
+                        more = true;
+                        break;
+                    }
+                }
+                if more {
+                    after = last.cloned();
+                }
+            });
+            if w.full() {
+                w.flush();
+            }
+            if !more || w.gone {
+                break;
+            }
+        }
+        if w.gone {
+            return;
+        }
+    }
+    w.flush();
+}
+
+/// The whole text exposition of a snapshot, in one string.
+pub(crate) fn exposition(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> String {
+    let mut text = String::new();
+    write(snapshot, version, log_lines_dropped, &mut |chunk| {
+        text.push_str(&chunk);
+        true
+    });
+    text
+}
+
+/// Streams the text exposition of the live state to `emit`, chunk by chunk.
+pub(crate) fn render(state: &State, emit: &mut dyn FnMut(String) -> bool) {
+    write(state, env!("CARGO_PKG_VERSION"), log_lines_dropped(), emit);
 }
 
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     /// A sample: family, labels, value.
@@ -579,11 +724,138 @@ mod tests {
     }
 
     fn written(samples: &[Sample<'_>]) -> String {
-        let mut families = Families::new();
-        for (name, labels, value) in samples {
-            families.push(name, labels, *value);
+        let mut text = String::new();
+        let mut emit = |chunk: String| {
+            text.push_str(&chunk);
+            true
+        };
+        let mut w = Writer::new(&mut emit);
+        for family in families_by_name() {
+            w.begin(family);
+            for (name, labels, value) in samples {
+                w.push(name, labels, *value);
+            }
         }
-        families.into_text()
+        w.flush();
+        drop(w);
+        text
+    }
+
+    /// `targets` databases of `checks` checks each, every check run once (a few pass, the
+    /// rest fail with a value), and a deployment per database.
+    fn fleet(targets: usize, checks: usize) -> Snapshot {
+        use crate::checks::number::Number;
+        use crate::checks::outcome::CheckOutcome;
+        use crate::checks::spec::{Category, CheckSpec, Severity, Shape};
+        use crate::watch::state::CheckState;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let mut snapshot = Snapshot::default();
+        for t in 0..targets {
+            let mut target = TargetState {
+                reachable: Some(true),
+                ..TargetState::default()
+            };
+            for c in 0..checks {
+                let spec = Arc::new(CheckSpec {
+                    name: format!("check_{c}"),
+                    pack: "p".into(),
+                    category: Category::Health,
+                    severity: Severity::Warning,
+                    description: String::new(),
+                    sql: "select 1".into(),
+                    bind: vec![],
+                    expectation: None,
+                    interval: Duration::from_secs(60),
+                    timeout: Duration::from_secs(5),
+                    lock_timeout: Duration::from_secs(1),
+                    runbook: None,
+                    shape: Shape::Scalar,
+                    incremental: None,
+                });
+                let mut check = CheckState::new(spec);
+                check.status = if c % 3 == 0 {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                };
+                check.runs = (t * c) as u64;
+                check.last_run = Some(1.7e9 + c as f64);
+                check.duration_seconds = Some(0.002);
+                check.outcome = Some(CheckOutcome {
+                    status: check.status,
+                    observation: Some(Observation::Number(Number::Float(c as f64))),
+                    error: None,
+                    detail: None,
+                });
+                target.checks.insert(format!("check_{c}"), check);
+            }
+            snapshot.targets.insert(format!("tenant_{t:04}"), target);
+        }
+        snapshot
+    }
+
+    #[test]
+    fn a_fleet_is_written_in_chunks_of_bounded_size_that_make_the_whole_text() {
+        let snapshot = fleet(120, 26);
+        let whole = exposition(&snapshot, "1.0.0", 0);
+        assert!(whole.len() > 20 * CHUNK_BYTES, "{} bytes", whole.len());
+        let mut chunks = Vec::new();
+        write(&snapshot, "1.0.0", 0, &mut |chunk| {
+            chunks.push(chunk);
+            true
+        });
+        // No chunk holds much more than a chunk's worth: one target's lines of one family
+        // may go past the mark, never the whole text.
+        let largest = chunks.iter().map(String::len).max().unwrap_or(0);
+        assert!(
+            largest <= CHUNK_BYTES + 16 * 1024,
+            "largest chunk {largest} bytes of {}",
+            whole.len()
+        );
+        assert!(chunks.len() > 20, "{} chunks", chunks.len());
+        assert_eq!(chunks.concat(), whole);
+        // The text is the one a family-by-family writer makes of the same samples: every
+        // family once, its samples together, in name order.
+        let parsed = scrape(&whole);
+        assert_eq!(
+            parsed
+                .samples
+                .iter()
+                .filter(|s| s.metric == "deploywatch_check_status")
+                .count(),
+            120 * 26 * Status::ALL.len()
+        );
+        let mut seen = Vec::new();
+        for line in whole.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap_or_default();
+            assert!(!seen.contains(&name), "{name} twice");
+            seen.push(name);
+        }
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(seen, sorted);
+    }
+
+    #[test]
+    fn the_live_state_is_not_locked_while_a_chunk_is_handed_on_and_a_gone_reader_stops_it() {
+        let state = State::from_snapshot(fleet(60, 26));
+        let mut chunks = 0;
+        // Each chunk is handed on with the lock free: a change made then goes through (a
+        // held lock would deadlock here).
+        render(&state, &mut |_| {
+            chunks += 1;
+            state.set_store_bytes(chunks);
+            true
+        });
+        assert!(chunks > 5, "{chunks} chunks");
+        // A reader that goes away after the first chunk is sent no more.
+        let mut handed = 0;
+        render(&state, &mut |_| {
+            handed += 1;
+            false
+        });
+        assert_eq!(handed, 1);
     }
 
     #[test]

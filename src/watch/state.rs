@@ -5,7 +5,6 @@
 //! section is a few field updates, so scrapes never wait on the database.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -49,7 +48,7 @@ pub struct CheckState {
 }
 
 impl CheckState {
-    fn new(spec: Arc<CheckSpec>) -> Self {
+    pub(crate) fn new(spec: Arc<CheckSpec>) -> Self {
         CheckState {
             spec,
             status: Status::Pending,
@@ -135,8 +134,6 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct State {
     inner: Mutex<Snapshot>,
-    /// Bumped by every change, so readers can tell whether a rendering is still current.
-    generation: AtomicU64,
     /// The last logged state of each check and sampling step, so logs tell what changed.
     pub transitions: crate::watch::transitions::Transitions,
     /// Runs that started late for lack of a session, summed up per server for the log.
@@ -168,11 +165,18 @@ impl State {
     pub(crate) fn with_clock(clock: SharedClock) -> Self {
         State {
             inner: Mutex::new(Snapshot::default()),
-            generation: AtomicU64::new(0),
             transitions: Default::default(),
             late_runs: Default::default(),
             clock,
         }
+    }
+
+    /// A state holding `snapshot` (tests).
+    #[cfg(test)]
+    pub(crate) fn from_snapshot(snapshot: Snapshot) -> Self {
+        let state = State::new();
+        *state.lock() = snapshot;
+        state
     }
 
     /// Now, by the daemon's clock.
@@ -186,16 +190,9 @@ impl State {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The lock, for a change: the generation moves on.
+    /// The lock, for a change.
     fn write(&self) -> MutexGuard<'_, Snapshot> {
-        let guard = self.lock();
-        self.generation.fetch_add(1, Ordering::Release);
-        guard
-    }
-
-    /// Changes so far; equal generations mean equal contents.
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.lock()
     }
 
     /// Makes the targets and checks match a (new) configuration. Results and counters of
@@ -314,7 +311,7 @@ impl State {
         }
     }
 
-    /// Publishes the servers' session budgets (only a change moves the generation on).
+    /// Publishes the servers' session budgets.
     pub(crate) fn set_servers(&self, servers: Vec<crate::postgres::pool::ServerView>) {
         if self.lock().servers == servers {
             return;
@@ -470,6 +467,13 @@ impl State {
 
     pub fn snapshot(&self) -> Snapshot {
         self.lock().clone()
+    }
+
+    /// What `read` makes of the whole state, read under the lock without copying it. Checks
+    /// wait for the lock meanwhile: `read` must be short (a `/metrics` scrape reads a little
+    /// at a time).
+    pub(crate) fn read_all<R>(&self, read: impl FnOnce(&Snapshot) -> R) -> R {
+        read(&self.lock())
     }
 
     /// What `read` makes of one target's state, read under the lock without copying the
