@@ -323,7 +323,7 @@ fn global_samples(snapshot: &Snapshot, version: &str, log_lines_dropped: u64, f:
 }
 
 /// One target's samples. `check_family`: whether the family being written is one of the
-/// checks' (`deploywatch_check_*`); if not, the checks are not looked at.
+/// checks' families; if not, the checks are not looked at.
 fn target_samples(target: &str, t: &TargetState, check_family: bool, f: &mut Writer<'_>) {
     f.push(
         "deploywatch_up",
@@ -568,7 +568,8 @@ pub(crate) fn write(
     for family in families_by_name() {
         w.begin(family);
         source.read(&mut |s| global_samples(s, version, log_lines_dropped, &mut w));
-        let check_family = family.0.starts_with("deploywatch_check_");
+        // deploywatch_check_*: the families of checks.
+        let check_family = family.0.split('_').nth(1) == Some("check");
         let mut after: Option<String> = None;
         loop {
             let mut more = false;
@@ -637,6 +638,7 @@ pub(crate) fn write(
 }
 
 /// The whole text exposition of a snapshot, in one string.
+#[cfg(test)]
 pub(crate) fn exposition(snapshot: &Snapshot, version: &str, log_lines_dropped: u64) -> String {
     let mut text = String::new();
     write(snapshot, version, log_lines_dropped, &mut |chunk| {
