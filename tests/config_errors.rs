@@ -474,3 +474,81 @@ fn a_postgresql_store_with_a_password_in_its_url_or_beside_a_file() {
         "invalid sslmode \"bogus\"",
     );
 }
+
+/// A pack with one incremental orphan check whose sweep settings are `sweep`.
+fn sweep_pack(sweep: &str) -> String {
+    format!(
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"orphans\"\ncategory = \"integrity\"\n\
+         severity = \"critical\"\nexpect = \"== 0\"\nincremental_key = \"child_id\"\n\
+         incremental_table = \"child\"\n\
+         sql = \"SELECT count(*) FROM child WHERE child_id > $1::bigint AND child_id <= $2::bigint\"\n\
+         {sweep}"
+    )
+}
+
+#[test]
+fn a_sweep_key_and_its_query_come_together_and_use_their_parameters() {
+    let main = TARGET;
+    let sweep_sql = "SELECT count(*) FROM child c WHERE c.parent_id > $1::bigint \
+                     AND c.parent_id <= $2::bigint AND c.child_id <= $3::bigint";
+    // The good one loads.
+    let dir = config_dir(
+        main,
+        &sweep_pack(&format!(
+            "sweep_key = \"parent_id\"\nsweep_sql = \"{sweep_sql}\"\n"
+        )),
+    );
+    Config::load(&dir.main()).expect("a sweep key with its query loads");
+    check(
+        main,
+        &sweep_pack("sweep_key = \"parent_id\"\n"),
+        "pack.toml",
+        "check[0] (orphans).sweep_sql",
+        "sweep_key needs sweep_sql",
+    );
+    check(
+        main,
+        &sweep_pack(&format!("sweep_sql = \"{sweep_sql}\"\n")),
+        "pack.toml",
+        "check[0] (orphans).sweep_key",
+        "sweep_sql needs sweep_key",
+    );
+    check(
+        main,
+        &sweep_pack(&format!(
+            "sweep_key = \"child_id\"\nsweep_sql = \"{sweep_sql}\"\n"
+        )),
+        "pack.toml",
+        "check[0] (orphans).sweep_key",
+        "is the incremental_key",
+    );
+    check(
+        main,
+        &sweep_pack(&format!(
+            "sweep_key = \"Parent Id\"\nsweep_sql = \"{sweep_sql}\"\n"
+        )),
+        "pack.toml",
+        "check[0] (orphans).sweep_key",
+        "is not a column name",
+    );
+    // Without the bound on the incremental key, rows inserted during the sweep would be
+    // counted by the sweep and by the increments.
+    check(
+        main,
+        &sweep_pack(
+            "sweep_key = \"parent_id\"\nsweep_sql = \"SELECT count(*) FROM child c \
+             WHERE c.parent_id > $1::bigint AND c.parent_id <= $2::bigint AND c.x = $13\"\n",
+        ),
+        "pack.toml",
+        "check[0] (orphans).sweep_sql",
+        "does not use $3",
+    );
+    check(
+        main,
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"plain\"\ncategory = \"integrity\"\n\
+         severity = \"critical\"\nexpect = \"== 0\"\nsql = \"SELECT 0\"\nsweep_key = \"parent_id\"\n",
+        "pack.toml",
+        "check[0] (plain).sweep_key",
+        "only applies to an incremental check",
+    );
+}

@@ -380,6 +380,92 @@ async fn the_statistics_watch_runs_the_check_when_a_parent_is_deleted() {
 /// can find an updated old row.
 const NO_EARLY_SWEEP: &str = include_str!("fixtures/packs/late.toml");
 
+/// An orphan check swept over its parent's key, and two whose sweep key cannot work.
+const SWEEP_BY_PARENT: &str = include_str!("fixtures/packs/sweep_by_parent.toml");
+
+/// An orphan check that sweeps over the parent's key (`sweep_key`): an old row orphaned by a
+/// delete, with the statistics not consulted, is found by the next complete sweep; a new orphan
+/// inserted in the range that sweep has still to cover is counted once, by the increment.
+#[tokio::test]
+async fn a_sweep_over_the_parent_key_finds_an_orphaned_old_row_and_counts_new_rows_once() {
+    // 400 submissions, chunks of 50.
+    let h = Harness::new(Version::V370, 50, Some(SWEEP_BY_PARENT));
+    let check = "late_orphaned_submissions";
+    assert_eq!(h.value(check).await, 0, "first run: a full sweep");
+    assert_eq!(h.value(check).await, 0, "a periodic sweep starts");
+    let sweep = h.stored(check).sweep.expect("a periodic sweep");
+    assert_eq!(sweep.reason, SweepReason::Periodic);
+    assert!(sweep.rows >= 50 && sweep.rows < 400, "one chunk done");
+    // The largest participant id: its rows are in the sweep's last chunk, still ahead.
+    let participant: i64 = h
+        .sql(
+            "SELECT max(s.participant_id) FROM submissions s \
+             WHERE EXISTS (SELECT 1 FROM participants p WHERE p.participant_id = s.participant_id)",
+        )
+        .trim()
+        .parse()
+        .expect("a participant id");
+    h.sql(&format!(
+        "DELETE FROM participants WHERE participant_id = {participant}"
+    ));
+    let old = h.full_scan("orphaned_submissions");
+    assert!(old > 0, "the participant had submissions");
+    // A new row of the deleted participant: past the sweep's bound on submission_id, within
+    // its participant range.
+    h.sql(&format!(
+        "INSERT INTO submissions (participant_id, task_id) VALUES ({participant}, 'late')"
+    ));
+    let truth = old + 1;
+    assert_eq!(h.full_scan("orphaned_submissions"), truth);
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        assert!(runs <= 20, "the sweep never completed");
+        let value = h.value(check).await;
+        assert!(
+            value <= truth,
+            "{value} counted, {truth} exist: a row was counted twice"
+        );
+        let same_sweep = h
+            .stored(check)
+            .sweep
+            .as_ref()
+            .is_some_and(|s| s.started_at == sweep.started_at);
+        if !same_sweep {
+            assert_eq!(value, truth, "the complete sweep found the old orphans");
+            break;
+        }
+        assert!(value >= 1, "the increment counted the new orphan at once");
+    }
+    assert!(runs >= 3, "found by the paced sweep ({runs} runs)");
+    // And nothing is counted twice afterwards.
+    assert_eq!(h.value(check).await, truth);
+    assert_eq!(h.value(check).await, truth);
+}
+
+#[tokio::test]
+async fn a_sweep_key_that_may_be_null_or_is_not_a_column_is_an_error() {
+    let h = Harness::new(Version::V370, 50, Some(SWEEP_BY_PARENT));
+    for (check, message) in [
+        (
+            "nullable_sweep_key",
+            "sweep_key \"reward_id\" of payments may be NULL",
+        ),
+        (
+            "missing_sweep_key",
+            "sweep_key \"no_such_column\" is not a column of payments",
+        ),
+    ] {
+        let report = h.run(check).await;
+        let error = report.outcome.error.expect("an error");
+        assert!(
+            error.message.contains(message),
+            "{check}: {}",
+            error.message
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_update_that_breaks_an_old_row_is_found_by_the_next_complete_sweep() {
     // 100 attention_stats rows, chunks of 30: a sweep takes 4 runs.

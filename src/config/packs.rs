@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::checks::expectation;
-use crate::checks::incremental::IncrementalDef;
+use crate::checks::incremental::{IncrementalDef, SweepBy};
 use crate::checks::spec::{valid_label, RESERVED_LABELS};
 pub(crate) use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
 use crate::config::{parameter_text, Defaults, Problems};
@@ -62,6 +62,8 @@ struct RawCheck {
     sweep_period: Option<String>,
     sweep_max_rows: Option<i64>,
     sweep_max_time: Option<String>,
+    sweep_key: Option<String>,
+    sweep_sql: Option<String>,
 }
 
 /// A loaded pack file.
@@ -102,7 +104,10 @@ pub(crate) struct IncrementalDecl {
     pub(crate) sweep_period: Option<String>,
     pub(crate) sweep_max_rows: Option<u64>,
     pub(crate) sweep_max_time: Option<String>,
+    /// The sweep's own key and query, when it sweeps another column's range than the increments.
+    pub(crate) sweep_by: Option<SweepBy>,
 }
+
 /// Reads one pack file. Problems go to `problems`; `None` when the file could not be read at all.
 pub(crate) fn load(file: &Path, problems: &mut Problems) -> Option<Pack> {
     let text = match std::fs::read_to_string(file) {
@@ -354,6 +359,8 @@ fn incremental_decl(
             ("sweep_period", raw.sweep_period.is_some()),
             ("sweep_max_rows", raw.sweep_max_rows.is_some()),
             ("sweep_max_time", raw.sweep_max_time.is_some()),
+            ("sweep_key", raw.sweep_key.is_some()),
+            ("sweep_sql", raw.sweep_sql.is_some()),
         ];
         only_for(
             file,
@@ -422,6 +429,7 @@ fn incremental_decl(
             None
         }
     };
+    let sweep_by = sweep_by(file, key, raw, column, problems);
     if problems.len() > before {
         return None;
     }
@@ -433,6 +441,95 @@ fn incremental_decl(
         sweep_period: raw.sweep_period.clone(),
         sweep_max_rows,
         sweep_max_time: raw.sweep_max_time.clone(),
+        sweep_by,
+    })
+}
+
+/// `sweep_key` and `sweep_sql`, which come together: the sweep's own key (a NOT NULL column of
+/// the checked table, other than `incremental_key`) and its query over `($1, $2]` of that key,
+/// restricted to the incremental keys up to `$3`. Problems are reported; `None` when there are
+/// none declared or they are wrong.
+fn sweep_by(
+    file: &Path,
+    key: &str,
+    raw: &RawCheck,
+    incremental_key: &str,
+    problems: &mut Problems,
+) -> Option<SweepBy> {
+    let (column, sql) = match (&raw.sweep_key, &raw.sweep_sql) {
+        (None, None) => return None,
+        (Some(column), Some(sql)) => (column, sql.trim()),
+        (Some(_), None) => {
+            problems.push(
+                file,
+                format!("{key}.sweep_sql"),
+                "sweep_key needs sweep_sql: the query a sweep chunk runs over ($1, $2] of sweep_key, \
+                 restricted to incremental keys up to $3",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            problems.push(
+                file,
+                format!("{key}.sweep_key"),
+                "sweep_sql needs sweep_key: the column whose range ($1, $2] it sweeps",
+            );
+            return None;
+        }
+    };
+    let before = problems.len();
+    if !valid_column(column) {
+        problems.push(
+            file,
+            format!("{key}.sweep_key"),
+            format!("{column:?} is not a column name: use lower-case letters, digits and '_'"),
+        );
+    } else if column == incremental_key {
+        problems.push(
+            file,
+            format!("{key}.sweep_key"),
+            format!(
+                "{column:?} is the incremental_key: leave sweep_key and sweep_sql out to sweep \
+                 over it with sql"
+            ),
+        );
+    }
+    if sql.is_empty() {
+        problems.push(file, format!("{key}.sweep_sql"), "is empty");
+    } else {
+        let missing: Vec<&str> = ["$1", "$2", "$3"]
+            .into_iter()
+            .filter(|p| !mentions_parameter(sql, p))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(
+                file,
+                format!("{key}.sweep_sql"),
+                format!(
+                    "does not use {}: a sweep chunk counts the rows whose sweep_key is in \
+                     ($1, $2] and whose incremental_key is at most $3, e.g. \
+                     `{column} > $1 AND {column} <= $2 AND {incremental_key} <= $3`",
+                    missing.join(", ")
+                ),
+            );
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(SweepBy {
+        key: column.clone(),
+        sql: sql.to_string(),
+    })
+}
+
+/// Whether `sql` uses the parameter `$N` itself, not as the start of a longer one (`$1` in `$12`).
+fn mentions_parameter(sql: &str, parameter: &str) -> bool {
+    sql.match_indices(parameter).any(|(at, _)| {
+        !sql[at + parameter.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
     })
 }
 
@@ -545,6 +642,7 @@ pub(crate) fn resolve(
             &decl.sweep_max_time,
             defaults.sweep_max_time,
         ),
+        sweep_by: decl.sweep_by.clone(),
     });
     if problems_len(problems) > before {
         return None;

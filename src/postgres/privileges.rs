@@ -62,16 +62,22 @@ pub(crate) async fn role_membership(
     })
 }
 
-/// Plans the check's SQL with its parameters bound, without running it. An incremental
-/// check's key range (`$1`, `$2`) is planned as NULL, which every key type accepts.
+/// Plans the check's SQL with its parameters bound, without running it, and an incremental
+/// check's `sweep_sql` too. An incremental check's key range (`$1`, `$2`, and a sweep's bound
+/// `$3`) is planned as NULL, which every key type accepts.
 pub(crate) async fn plan(pool: &TargetPool, check: &CheckSpec) -> Result<(), CheckError> {
-    let explain = format!("EXPLAIN {}", check.sql);
-    let mut bind: Vec<Option<&str>> = Vec::new();
-    if check.incremental.is_some() {
-        bind.extend([None, None]);
+    let mut queries = vec![(
+        check.sql.as_str(),
+        if check.incremental.is_some() { 2 } else { 0 },
+    )];
+    if let Some(by) = check.incremental.as_ref().and_then(|d| d.sweep_by.as_ref()) {
+        queries.push((by.sql.as_str(), 3));
     }
-    bind.extend(check.bind.iter().map(|b| Some(b.as_str())));
-    query_read_only_opt(pool, &explain, &bind, check.timeout, check.lock_timeout)
-        .await
-        .map(|_| ())
+    for (sql, nulls) in queries {
+        let explain = format!("EXPLAIN {sql}");
+        let mut bind: Vec<Option<&str>> = vec![None; nulls];
+        bind.extend(check.bind.iter().map(|b| Some(b.as_str())));
+        query_read_only_opt(pool, &explain, &bind, check.timeout, check.lock_timeout).await?;
+    }
+    Ok(())
 }

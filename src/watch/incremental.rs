@@ -117,6 +117,8 @@ struct TableFacts {
     identity: TableIdentity,
     estimated_rows: u64,
     key_type: KeyType,
+    /// The sweep key's type, when the check declares one.
+    sweep_key_type: Option<KeyType>,
 }
 
 struct Runner<'c, 'a> {
@@ -126,7 +128,7 @@ struct Runner<'c, 'a> {
     rows_examined: u64,
 }
 
-impl Runner<'_, '_> {
+impl<'c> Runner<'c, '_> {
     async fn run(&mut self) -> Result<(i64, IncrementalReport), CheckError> {
         let now = self.context.clock.now();
         let fingerprint = fingerprint(self.spec, self.def);
@@ -155,6 +157,7 @@ impl Runner<'_, '_> {
             .as_ref()
             .is_some_and(|identity| *identity != facts.identity);
         let mut reset = false;
+        let mut swept = false;
         if replaced || backwards {
             reset = true;
             tracing::warn!(
@@ -182,7 +185,12 @@ impl Runner<'_, '_> {
             );
         } else {
             progress.identity = Some(facts.identity.clone());
-            self.increment(&mut progress, &facts.key_type, max_key.clone())
+            // The periodic sweep's next chunk goes with the increment, in its transaction,
+            // when its bounds need no query; it counts unless the statistics start an early
+            // sweep instead.
+            let planned = self.planned_chunk(&progress, &facts, now);
+            let prefetched = self
+                .increment(&mut progress, &facts, max_key.clone(), planned)
                 .await?;
             if let Some(why) =
                 progress.plan_sweep(self.def, counters.clone(), facts.estimated_rows, now)
@@ -192,10 +200,14 @@ impl Runner<'_, '_> {
                     "early sweep started"
                 );
             }
+            if let Some((chunk, count, elapsed)) = prefetched {
+                swept = self.take_prefetched(&mut progress, chunk, count, elapsed);
+            }
         }
         self.save(&fingerprint, &progress).await;
-        self.sweep(&mut progress, &facts.key_type, &fingerprint)
-            .await?;
+        if !swept {
+            self.sweep(&mut progress, &facts, &fingerprint).await?;
+        }
         let report = IncrementalReport {
             rows_examined: self.rows_examined,
             sweep_progress: progress.sweep_progress(),
@@ -266,7 +278,11 @@ impl Runner<'_, '_> {
         let mut tables = vec![self.def.table.clone()];
         tables.extend(self.def.parents.iter().cloned());
         let list = format!("{{{}}}", tables.join(","));
-        let facts_bind = [Some(self.def.table.as_str()), Some(self.def.key.as_str())];
+        let facts_bind = [
+            Some(self.def.table.as_str()),
+            Some(self.def.key.as_str()),
+            self.def.sweep_by.as_ref().map(|by| by.key.as_str()),
+        ];
         let counters_bind = [Some(list.as_str())];
         let max_bind = [watermark];
         let max_sql = progress.key_type.as_deref().map(|ty| self.max_key_sql(ty));
@@ -351,6 +367,10 @@ impl Runner<'_, '_> {
                 ),
             ));
         }
+        let sweep_key_type = match &self.def.sweep_by {
+            None => None,
+            Some(by) => Some(self.sweep_key_type(&by.key, row)?),
+        };
         Ok(TableFacts {
             identity: TableIdentity {
                 oid: *oid,
@@ -361,6 +381,43 @@ impl Runner<'_, '_> {
                 name: name.clone(),
                 category,
             },
+            sweep_key_type,
+        })
+    }
+
+    /// The sweep key's type from the catalog row (columns 5 to 7): a number, date or timestamp
+    /// column that cannot be NULL (a row with a NULL key would be in no chunk's range).
+    fn sweep_key_type(&self, column: &str, row: &[Cell]) -> Result<KeyType, CheckError> {
+        let table = &self.def.table;
+        let (Some(Cell::Text(name)), Some(Cell::Text(category)), Some(Cell::Bool(not_null))) =
+            (row.get(5), row.get(6), row.get(7))
+        else {
+            return Err(CheckError::new(
+                ErrorKind::Sql,
+                format!("sweep_key {column:?} is not a column of {table}"),
+            ));
+        };
+        let category = category.chars().next().unwrap_or('X');
+        if category != 'N' && category != 'D' {
+            return Err(CheckError::new(
+                ErrorKind::Sql,
+                format!(
+                    "sweep_key {column:?} of {table} has type {name}: use a number, date or timestamp column"
+                ),
+            ));
+        }
+        if !not_null {
+            return Err(CheckError::new(
+                ErrorKind::Sql,
+                format!(
+                    "sweep_key {column:?} of {table} may be NULL, and a sweep over its range \
+                     would never see those rows: use a NOT NULL column"
+                ),
+            ));
+        }
+        Ok(KeyType {
+            name: name.clone(),
+            category,
         })
     }
 
@@ -386,17 +443,23 @@ impl Runner<'_, '_> {
     }
 
     /// Counts the keys past the watermark, recounting the previous run's range.
+    /// With `planned`, the periodic sweep's next chunk is counted in the same transaction when
+    /// the increment is the usual small one: then that chunk, its count and how long the
+    /// transaction took.
     async fn increment(
         &mut self,
         progress: &mut Progress,
-        key_type: &KeyType,
+        facts: &TableFacts,
         max_key: Option<String>,
-    ) -> Result<(), CheckError> {
-        if let Some((settle, new_hi, new_count)) =
-            self.small_increment(progress, key_type, &max_key).await?
+        planned: Option<PlannedChunk>,
+    ) -> Result<Option<(PlannedChunk, i64, Duration)>, CheckError> {
+        let key_type = &facts.key_type;
+        if let Some(small) = self
+            .small_increment(progress, facts, &max_key, planned)
+            .await?
         {
-            progress.settle(settle, new_hi, new_count);
-            return Ok(());
+            progress.settle(small.settle, small.new_hi, small.new_count);
+            return Ok(small.chunk);
         }
         let settle = match (&progress.settled_hi, &progress.pending_hi) {
             (settled, Some(pending)) if settled.as_ref() != Some(pending) => {
@@ -415,18 +478,21 @@ impl Runner<'_, '_> {
             _ => (None, 0),
         };
         progress.settle(settle, new_hi, new_count);
-        Ok(())
+        Ok(None)
     }
 
     /// The usual increment on an integer key, both ranges (the previous run's, to recount, and
     /// the new keys) spanning at most `sweep_max_rows` keys: both counted in one transaction,
-    /// with no query for their bounds. `None` when it does not apply (then range by range).
+    /// with no query for their bounds, and `planned`, the periodic sweep's next chunk, after
+    /// them. `None` when it does not apply (then range by range).
     async fn small_increment(
         &mut self,
         progress: &Progress,
-        key_type: &KeyType,
+        facts: &TableFacts,
         max_key: &Option<String>,
-    ) -> Result<Option<(i64, Option<String>, i64)>, CheckError> {
+        planned: Option<PlannedChunk>,
+    ) -> Result<Option<SmallIncrement>, CheckError> {
+        let key_type = &facts.key_type;
         if !key_type.integer() {
             return Ok(None);
         }
@@ -459,10 +525,24 @@ impl Runner<'_, '_> {
                 bind
             })
             .collect();
-        let queries: Vec<(&str, &[Option<&str>])> = binds
+        let mut queries: Vec<(&str, &[Option<&str>])> = binds
             .iter()
             .map(|bind| (self.spec.sql.as_str(), bind.as_slice()))
             .collect();
+        let chunk_query = match (
+            &planned,
+            progress.sweep.as_ref().and_then(|s| s.hi.as_deref()),
+        ) {
+            (Some(chunk), Some(hi)) => Some((self.sweep_query(facts, hi).0, chunk)),
+            _ => None,
+        };
+        let chunk_bind = chunk_query
+            .as_ref()
+            .map(|(query, chunk)| self.range_bind(query, &chunk.lower, &chunk.upper));
+        if let (Some((query, _)), Some(bind)) = (&chunk_query, &chunk_bind) {
+            queries.push((query.sql, bind.as_slice()));
+        }
+        let started = Instant::now();
         let counts = if queries.is_empty() {
             Vec::new()
         } else {
@@ -477,6 +557,12 @@ impl Runner<'_, '_> {
             .map(scalar_count)
             .collect::<Result<Vec<_>, _>>()?
         };
+        let elapsed = started.elapsed();
+        let chunk_count = if chunk_bind.is_some() {
+            counts.last().copied()
+        } else {
+            None
+        };
         let mut counts = counts.into_iter();
         let settle = if pending > settled {
             counts.next().unwrap_or(0)
@@ -490,7 +576,94 @@ impl Runner<'_, '_> {
         };
         // Rows examined: the keys' span, which bounds the rows of a unique key.
         self.rows_examined += recount + new;
-        Ok(Some((settle, new_hi, new_count)))
+        Ok(Some(SmallIncrement {
+            settle,
+            new_hi,
+            new_count,
+            chunk: planned
+                .zip(chunk_count)
+                .map(|(chunk, count)| (chunk, count, elapsed)),
+        }))
+    }
+
+    /// The periodic sweep's next chunk when its bounds need no query (an integer key, the
+    /// sweep under way), as the sweep would take it now.
+    fn planned_chunk(
+        &self,
+        progress: &Progress,
+        facts: &TableFacts,
+        now: f64,
+    ) -> Option<PlannedChunk> {
+        let sweep = progress.sweep.as_ref()?;
+        if sweep.reason != SweepReason::Periodic {
+            return None;
+        }
+        let hi = sweep.hi.as_deref()?;
+        let lower = sweep.pos.as_ref()?;
+        let (_, key_type) = self.sweep_query(facts, hi);
+        let end = match &self.def.sweep_by {
+            Some(_) => sweep.end.as_ref()?,
+            None => sweep.hi.as_ref()?,
+        };
+        if !key_type.integer() {
+            return None;
+        }
+        let limit = paced_rows(
+            self.def,
+            sweep,
+            self.spec.interval,
+            progress.rows_per_second,
+            now,
+        );
+        let (upper, rows) = integer_chunk(
+            lower.parse().ok()?,
+            end.parse().ok()?,
+            sweep.estimated_rows.saturating_sub(sweep.rows),
+            limit,
+        )?;
+        let upper = upper.to_string();
+        Some(PlannedChunk {
+            started_at: sweep.started_at,
+            finished: &upper == end,
+            lower: lower.clone(),
+            upper,
+            rows,
+        })
+    }
+
+    /// Records a chunk counted with the increment, if the sweep it belongs to is still the one
+    /// under way (an early sweep started by the statistics replaces it); whether it did.
+    fn take_prefetched(
+        &mut self,
+        progress: &mut Progress,
+        chunk: PlannedChunk,
+        count: i64,
+        elapsed: Duration,
+    ) -> bool {
+        let current = progress.sweep.as_ref().is_some_and(|s| {
+            s.reason == SweepReason::Periodic
+                && s.started_at == chunk.started_at
+                && s.pos.as_deref() == Some(chunk.lower.as_str())
+        });
+        if !current {
+            return false;
+        }
+        self.rows_examined += chunk.rows;
+        let completed = progress.chunk_done(
+            Some(chunk.upper),
+            chunk.rows,
+            count,
+            chunk.finished,
+            elapsed,
+            self.context.clock.now(),
+        );
+        if completed {
+            tracing::debug!(
+                db_target = %self.context.target, check = %self.spec.name,
+                reason = SweepReason::Periodic.as_str(), "sweep complete"
+            );
+        }
+        true
     }
 
     /// Violations among the keys in `(lo, hi]`, chunk by chunk.
@@ -500,17 +673,18 @@ impl Runner<'_, '_> {
         lo: Option<&str>,
         hi: &str,
     ) -> Result<i64, CheckError> {
+        let query = self.increment_query();
         let mut lower = match lo {
             Some(lo) => lo.to_string(),
-            None => match self.below_smallest(key_type).await? {
-                Some(lower) => lower,
+            None => match self.key_range(&query, key_type).await? {
+                Some((lower, _)) => lower,
                 None => return Ok(0),
             },
         };
         let mut total = 0;
         loop {
             let chunk = self
-                .chunk(key_type, &lower, hi, self.def.sweep_max_rows)
+                .chunk(&query, key_type, &lower, hi, self.def.sweep_max_rows)
                 .await?;
             total += chunk.count;
             match chunk.upper {
@@ -520,36 +694,91 @@ impl Runner<'_, '_> {
         }
     }
 
-    /// A value just below the smallest key (the exclusive lower bound of a full range), or
-    /// `None` for an empty table.
-    async fn below_smallest(&self, key_type: &KeyType) -> Result<Option<String>, CheckError> {
+    /// The query of a sweep chunk and its key's type: over the sweep key with the sweep's
+    /// bound `hi` when the check declares one, else the check's own.
+    fn sweep_query<'q>(&self, facts: &'q TableFacts, hi: &'q str) -> (RangeQuery<'q>, &'q KeyType)
+    where
+        'c: 'q,
+    {
+        let def: &'c IncrementalDef = self.def;
+        match (&def.sweep_by, &facts.sweep_key_type) {
+            (Some(by), Some(ty)) => (
+                RangeQuery {
+                    column: &by.key,
+                    sql: &by.sql,
+                    bound: Some(hi),
+                },
+                ty,
+            ),
+            _ => (self.increment_query(), &facts.key_type),
+        }
+    }
+
+    /// The parameters of `query` over `(lower, upper]`: the range, the sweep's bound if any,
+    /// then the check's parameters.
+    fn range_bind<'q>(
+        &'q self,
+        query: &RangeQuery<'q>,
+        lower: &'q str,
+        upper: &'q str,
+    ) -> Vec<Option<&'q str>> {
+        let mut bind: Vec<Option<&str>> = vec![Some(lower), Some(upper)];
+        if let Some(bound) = query.bound {
+            bind.push(Some(bound));
+        }
+        bind.extend(self.spec.bind.iter().map(|b| Some(b.as_str())));
+        bind
+    }
+
+    /// The check's own query over its incremental key.
+    fn increment_query(&self) -> RangeQuery<'c> {
+        RangeQuery {
+            column: &self.def.key,
+            sql: &self.spec.sql,
+            bound: None,
+        }
+    }
+
+    /// A value just below the smallest key of `query`'s column (the exclusive lower bound of a
+    /// full range) and the largest, or `None` for an empty table.
+    async fn key_range(
+        &self,
+        query: &RangeQuery<'_>,
+        key_type: &KeyType,
+    ) -> Result<Option<(String, String)>, CheckError> {
         let step = if key_type.category == 'N' {
             "- 1"
         } else {
             "- interval '1 microsecond'"
         };
+        let key = quote_identifier(query.column);
         let sql = format!(
-            "SELECT (min({}) {step})::text FROM {}",
-            self.key(),
+            "SELECT (min({key}) {step})::text, max({key})::text FROM {}",
             self.table()
         );
         let result = self.query(&sql, &[]).await?;
-        Ok(match result.rows.first().and_then(|r| r.first()) {
-            Some(Cell::Text(t)) => Some(t.clone()),
-            _ => None,
-        })
+        let row = result.rows.first();
+        Ok(
+            match (row.and_then(|r| r.first()), row.and_then(|r| r.get(1))) {
+                (Some(Cell::Text(lower)), Some(Cell::Text(upper))) => {
+                    Some((lower.clone(), upper.clone()))
+                }
+                _ => None,
+            },
+        )
     }
 
-    /// One keyset chunk `(lower, upper]` of at most `limit` rows, `upper <= hi`: its bound, its
-    /// row count and the check's count over it.
+    /// One keyset chunk `(lower, upper]` of `query`'s column, of at most `limit` rows, `upper
+    /// <= hi`: its bound, its row count and the check's count over it.
     async fn chunk(
         &mut self,
+        query: &RangeQuery<'_>,
         key_type: &KeyType,
         lower: &str,
         hi: &str,
         limit: u64,
     ) -> Result<Chunk, CheckError> {
-        let (key, table, ty) = (self.key(), self.table(), &key_type.name);
+        let (key, table, ty) = (quote_identifier(query.column), self.table(), &key_type.name);
         let sql = format!(
             "SELECT max(k)::text, count(*)::bigint FROM ( \
                  SELECT {key} AS k FROM {table} \
@@ -576,31 +805,23 @@ impl Runner<'_, '_> {
             Some(Cell::Int(n)) => u64::try_from(*n).unwrap_or(0),
             _ => 0,
         };
-        let mut bind: Vec<Option<&str>> = vec![Some(lower), Some(&upper)];
-        bind.extend(self.spec.bind.iter().map(|b| Some(b.as_str())));
-        let result = self.query(&self.spec.sql, &bind).await?;
-        let count = scalar_count(&result)?;
-        self.rows_examined += rows;
-        Ok(Chunk {
-            finished: rows < limit || upper == hi,
-            upper: Some(upper),
-            rows,
-            count,
-        })
+        let finished = rows < limit || upper == hi;
+        self.counted_chunk(query, lower, &upper, rows, finished)
+            .await
     }
 
-    /// A chunk `(lower, upper]` whose bound was computed: the check's count over it, `rows` as
-    /// estimated.
+    /// A chunk `(lower, upper]` of `query`'s column whose bound is known: the check's count
+    /// over it, `rows` as read or estimated.
     async fn counted_chunk(
         &mut self,
+        query: &RangeQuery<'_>,
         lower: &str,
         upper: &str,
         rows: u64,
         finished: bool,
     ) -> Result<Chunk, CheckError> {
-        let mut bind: Vec<Option<&str>> = vec![Some(lower), Some(upper)];
-        bind.extend(self.spec.bind.iter().map(|b| Some(b.as_str())));
-        let result = self.query(&self.spec.sql, &bind).await?;
+        let bind = self.range_bind(query, lower, upper);
+        let result = self.query(query.sql, &bind).await?;
         let count = scalar_count(&result)?;
         self.rows_examined += rows;
         Ok(Chunk {
@@ -612,11 +833,14 @@ impl Runner<'_, '_> {
     }
 
     /// Works on the current sweep: every chunk up to the bound for an urgent sweep (within
-    /// about one interval), one paced chunk for a periodic one.
+    /// about one interval), one paced chunk for a periodic one. With a sweep key
+    /// ([`SweepBy`](crate::checks::incremental::SweepBy)) the chunks are ranges of that key,
+    /// from its smallest to its largest value when the sweep began, and its query counts in each
+    /// only the rows whose incremental key is at most the sweep's bound.
     async fn sweep(
         &mut self,
         progress: &mut Progress,
-        key_type: &KeyType,
+        facts: &TableFacts,
         fingerprint: &str,
     ) -> Result<(), CheckError> {
         let started = Instant::now();
@@ -633,11 +857,29 @@ impl Runner<'_, '_> {
                 self.save(fingerprint, progress).await;
                 return Ok(());
             };
-            let lower = match &sweep.pos {
-                Some(pos) => Some(pos.clone()),
-                None => self.below_smallest(key_type).await?,
+            let (query, key_type) = self.sweep_query(facts, &hi);
+            // The range left: `(lower, end]`.
+            let range = if self.def.sweep_by.is_some() {
+                match (&sweep.pos, &sweep.end) {
+                    (Some(pos), Some(end)) => Some((pos.clone(), end.clone())),
+                    (pos, _) => {
+                        let range = self.key_range(&query, key_type).await?;
+                        if let (Some((_, end)), Some(current)) = (&range, progress.sweep.as_mut()) {
+                            current.end = Some(end.clone());
+                        }
+                        range.map(|(lower, end)| (pos.clone().unwrap_or(lower), end))
+                    }
+                }
+            } else {
+                match &sweep.pos {
+                    Some(pos) => Some((pos.clone(), hi.clone())),
+                    None => self
+                        .key_range(&query, key_type)
+                        .await?
+                        .map(|(lower, _)| (lower, hi.clone())),
+                }
             };
-            let Some(lower) = lower else {
+            let Some((lower, end)) = range else {
                 progress.chunk_done(None, 0, 0, true, Duration::ZERO, now);
                 self.save(fingerprint, progress).await;
                 return Ok(());
@@ -665,7 +907,7 @@ impl Runner<'_, '_> {
                 )
             };
             let chunk_started = Instant::now();
-            let computed = match (lower.parse::<i64>(), hi.parse::<i64>()) {
+            let computed = match (lower.parse::<i64>(), end.parse::<i64>()) {
                 (Ok(from), Ok(to)) if key_type.integer() => integer_chunk(
                     from,
                     to,
@@ -676,10 +918,12 @@ impl Runner<'_, '_> {
             };
             let chunk = match computed {
                 Some((upper, rows)) => {
-                    self.counted_chunk(&lower, &upper.to_string(), rows, upper.to_string() == hi)
+                    let upper = upper.to_string();
+                    let finished = upper == end;
+                    self.counted_chunk(&query, &lower, &upper, rows, finished)
                         .await?
                 }
-                None => self.chunk(key_type, &lower, &hi, limit).await?,
+                None => self.chunk(&query, key_type, &lower, &end, limit).await?,
             };
             let completed = progress.chunk_done(
                 chunk.upper,
@@ -724,15 +968,20 @@ impl Runner<'_, '_> {
     }
 }
 
-/// The table's identity, the planner's row estimate and the key's type: `$1` the table, `$2`
-/// the key column.
+/// The table's identity, the planner's row estimate, the key's type and the sweep key's type
+/// and whether it is NOT NULL: `$1` the table, `$2` the key column, `$3` the sweep key (NULL
+/// for none).
 const FACTS_SQL: &str =
     "SELECT c.oid::bigint, c.relfilenode::bigint, greatest(c.reltuples, 0)::float8, \
-            format_type(a.atttypid, a.atttypmod), t.typcategory::text \
+            format_type(a.atttypid, a.atttypmod), t.typcategory::text, \
+            format_type(b.atttypid, b.atttypmod), u.typcategory::text, b.attnotnull \
      FROM pg_class c \
      LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
           AND a.attnum > 0 AND NOT a.attisdropped \
      LEFT JOIN pg_type t ON t.oid = a.atttypid \
+     LEFT JOIN pg_attribute b ON b.attrelid = c.oid AND b.attname = $3 \
+          AND b.attnum > 0 AND NOT b.attisdropped \
+     LEFT JOIN pg_type u ON u.oid = b.atttypid \
      WHERE c.oid = $1::regclass";
 
 /// `n_tup_upd` and `n_tup_del` of the tables in `$1`, an array literal of names.
@@ -850,6 +1099,33 @@ pub(crate) async fn watch_statistics(
     }
 }
 
+/// The periodic sweep's next chunk `(lower, upper]`, planned before the run's increment and
+/// counted in its transaction.
+struct PlannedChunk {
+    /// Which sweep it belongs to.
+    started_at: f64,
+    lower: String,
+    upper: String,
+    rows: u64,
+    finished: bool,
+}
+
+/// What the usual small increment found, and the sweep chunk counted with it.
+struct SmallIncrement {
+    settle: i64,
+    new_hi: Option<String>,
+    new_count: i64,
+    chunk: Option<(PlannedChunk, i64, Duration)>,
+}
+
+/// A query over a range `($1, $2]` of a column: the check's own over its incremental key, or a
+/// sweep's over its sweep key with the sweep's bound on the incremental key as `$3`.
+struct RangeQuery<'q> {
+    column: &'q str,
+    sql: &'q str,
+    bound: Option<&'q str>,
+}
+
 struct Chunk {
     upper: Option<String>,
     rows: u64,
@@ -894,6 +1170,13 @@ fn fingerprint(spec: &CheckSpec, def: &IncrementalDef) -> String {
     for value in &spec.bind {
         hash.update(value.as_bytes());
         hash.update([0]);
+    }
+    // Only when declared, so that the progress of a check without one stays valid.
+    if let Some(by) = &def.sweep_by {
+        for part in ["sweep_by", by.key.as_str(), by.sql.as_str()] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
     }
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
