@@ -349,6 +349,9 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
 
 /// How many chunks of `/metrics` may wait for a slow client: the text a scrape holds.
 const METRICS_CHUNKS_QUEUED: usize = 2;
+/// How long a client may take to read a chunk of `/metrics`: one that stops reading is cut
+/// off, so it does not hold a blocking thread for good.
+const METRICS_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `/metrics`: the exposition streamed as a blocking task writes it from the state, chunk by
 /// chunk (gzip-compressed when the client accepts it, as Prometheus does). The scrape never
@@ -362,8 +365,18 @@ fn metrics(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
     );
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(METRICS_CHUNKS_QUEUED);
     let state = ctx.state.clone();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let send = |bytes: Vec<u8>| bytes.is_empty() || sender.blocking_send(bytes.into()).is_ok();
+        let send = |bytes: Vec<u8>| {
+            bytes.is_empty()
+                || runtime.block_on(async {
+                    matches!(
+                        tokio::time::timeout(METRICS_CHUNK_TIMEOUT, sender.send(bytes.into()))
+                            .await,
+                        Ok(Ok(()))
+                    )
+                })
+        };
         if gzip {
             let mut encoder = flate2::write::GzEncoder::new(
                 Vec::with_capacity(crate::server::metrics::CHUNK_BYTES / 4),
