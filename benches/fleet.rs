@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use common::setting;
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
 use deploywatch_testkit::process;
+use deploywatch_testkit::workload::next_tick;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -121,11 +122,7 @@ async fn scrape_periodically(
     let mut scrapes = Vec::new();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return scrapes,
-            _ = tick.tick() => {}
-        }
+    while next_tick(&mut tick, &stop).await {
         let start = Instant::now();
         if gzip {
             // The body is decoded and thrown away; curl reports the bytes it received.
@@ -148,6 +145,7 @@ async fn scrape_periodically(
             }
         }
     }
+    scrapes
 }
 
 fn metric_sum(body: &str, name: &str, filter: &str) -> f64 {

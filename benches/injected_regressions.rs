@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use deploywatch::analysis::deployment::{DeploymentView, Signal};
 use deploywatch::analysis::window::{Verdict, Window};
+use deploywatch_testkit::workload::next_tick;
 use tokio_util::sync::CancellationToken;
 
 const BASE_SECONDS: f64 = 0.002;
@@ -73,11 +74,7 @@ async fn run() {
         let (sleep, cancel) = (sleep.clone(), cancel.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(55));
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
+            while next_tick(&mut tick, &cancel).await {
                 let seconds = f64::from_bits(sleep.load(Ordering::Relaxed));
                 let _ = client.query("SELECT pg_sleep($1)", &[&seconds]).await;
             }

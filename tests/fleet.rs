@@ -14,6 +14,7 @@ use common::{
 };
 use deploywatch::daemon::{DaemonHandle, Event};
 use deploywatch_testkit::pgcluster::{ClusterOptions, PgCluster};
+use deploywatch_testkit::workload::next_tick;
 use tokio_util::sync::CancellationToken;
 
 fn fleet_cluster(max_connections: u32) -> PgCluster {
@@ -67,11 +68,7 @@ impl SessionPoll {
         let (record, stop) = (seen.clone(), cancel.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+            while next_tick(&mut tick, &stop).await {
                 if let Ok(row) = client
                     .query_one(
                         "SELECT /* fleet-test */ count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch'",

@@ -93,6 +93,15 @@ impl Drop for Application {
     }
 }
 
+/// Waits for the next tick of `tick`: `true`, or `false` once `cancel` fires, so that
+/// `while next_tick(&mut tick, &cancel).await { … }` does something periodically until then.
+pub async fn next_tick(tick: &mut tokio::time::Interval, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tick.tick() => true,
+    }
+}
+
 /// Runs the workload until `cancel` fires: the hot query `hot_per_second` times a second and
 /// one statement of `workload.sql` every `mix_every`.
 pub async fn spawn(
