@@ -6,6 +6,7 @@
 //! databases). Metric and label names are a contract documented in the README; labels are
 //! bounded (target, check, category, severity, an error kind, a window, a signal).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::ops::Bound;
 use std::sync::OnceLock;
@@ -570,71 +571,57 @@ pub(crate) fn write(
         source.read(&mut |s| global_samples(s, version, log_lines_dropped, &mut w));
         // deploywatch_check_*: the families of checks.
         let check_family = family.0.split('_').nth(1) == Some("check");
-        let mut after: Option<String> = None;
-        loop {
-            let mut more = false;
-            source.read(&mut |s| {
-                let mut last = None;
-                let range = match &after {
-                    None => s.targets.range::<str, _>(..),
-                    Some(a) => s
-                        .targets
-                        .range::<str, _>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
-                };
-                for (target, t) in range {
-                    target_samples(target, t, check_family, &mut w);
-                    last = Some(target);
-                    if w.full() {
-                        more = true;
-                        break;
-                    }
-                }
-                if more {
-                    after = last.cloned();
-                }
-            });
-            if w.full() {
-                w.flush();
-            }
-            if !more || w.gone {
-                break;
-            }
-        }
-        let mut after: Option<String> = None;
-        loop {
-            let mut more = false;
-            source.read(&mut |s| {
-                let mut last = None;
-                let range = match &after {
-                    None => s.deployments.range::<str, _>(..),
-                    Some(a) => s
-                        .deployments
-                        .range::<str, _>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
-                };
-                for (target, d) in range {
-                    deployment_samples(target, d, &mut w);
-                    last = Some(target);
-                    if w.full() {
-                        more = true;
-                        break;
-                    }
-                }
-                if more {
-                    after = last.cloned();
-                }
-            });
-            if w.full() {
-                w.flush();
-            }
-            if !more || w.gone {
-                break;
-            }
-        }
+        write_each(
+            source,
+            &mut w,
+            |s| &s.targets,
+            |target, t, w| target_samples(target, t, check_family, w),
+        );
+        write_each(source, &mut w, |s| &s.deployments, deployment_samples);
         if w.gone {
             return;
         }
     }
     w.flush();
+}
+
+/// Writes the samples `samples` makes of every entry of the map of targets `map` picks from
+/// the state, reading the state again, from the entry after the last one written, whenever a
+/// chunk is full.
+fn write_each<V>(
+    source: &dyn Source,
+    w: &mut Writer<'_>,
+    map: fn(&Snapshot) -> &BTreeMap<String, V>,
+    mut samples: impl FnMut(&str, &V, &mut Writer<'_>),
+) {
+    let mut after: Option<String> = None;
+    loop {
+        let mut more = false;
+        source.read(&mut |s| {
+            let mut last = None;
+            let range = match &after {
+                None => map(s).range::<str, _>(..),
+                Some(a) => map(s).range::<str, _>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
+            };
+            for (target, value) in range {
+                samples(target, value, w);
+                last = Some(target);
+                if w.full() {
+                    more = true;
+                    break;
+                }
+            }
+            if more {
+                after = last.cloned();
+            }
+        });
+        if w.full() {
+            w.flush();
+        }
+        if !more || w.gone {
+            break;
+        }
+    }
 }
 
 /// The whole text exposition of a snapshot, in one string.
