@@ -320,6 +320,12 @@ fn valid_column(name: &str) -> bool {
         && name.len() <= 63
 }
 
+/// Why `name` is not a column name, when it is not one.
+fn column_problem(name: &str) -> Option<String> {
+    (!valid_column(name))
+        .then(|| format!("{name:?} is not a column name: use lower-case letters, digits and '_'"))
+}
+
 /// The incremental settings of a check, checked; `None` when it has none or they are wrong
 /// (then with problems reported).
 /// A problem for each `(field, present)` that is present although it only applies to `what`;
@@ -372,12 +378,8 @@ fn incremental_decl(
         return None;
     };
     let before = problems.len();
-    if !valid_column(column) {
-        problems.push(
-            file,
-            format!("{key}.incremental_key"),
-            format!("{column:?} is not a column name: use lower-case letters, digits and '_'"),
-        );
+    if let Some(problem) = column_problem(column) {
+        problems.push(file, format!("{key}.incremental_key"), problem);
     }
     let table = raw.incremental_table.clone().unwrap_or_default();
     if raw.incremental_table.is_none() {
@@ -478,12 +480,8 @@ fn sweep_by(
         }
     };
     let before = problems.len();
-    if !valid_column(column) {
-        problems.push(
-            file,
-            format!("{key}.sweep_key"),
-            format!("{column:?} is not a column name: use lower-case letters, digits and '_'"),
-        );
+    if let Some(problem) = column_problem(column) {
+        problems.push(file, format!("{key}.sweep_key"), problem);
     } else if column == incremental_key {
         problems.push(
             file,
