@@ -1436,6 +1436,40 @@ mod tests {
         }
     }
 
+    /// The weights give a busy query more of the level, never more than the level in all: a
+    /// query that takes half of the database time, unchanged but drifting like the other 199,
+    /// is not flagged at any of 40 looks, whatever the noise.
+    #[test]
+    fn a_busy_unchanged_query_among_hundreds_raises_nothing() {
+        for seed in [3, 5, 8, 13] {
+            let mut rng = Lcg(seed);
+            let mut drift = vec![0.0f64; 200];
+            let mut make = |at: f64| {
+                let queries: Vec<(String, f64, f64)> = drift
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        *d = 0.6 * *d + 0.2 * (rng.next() - 0.5);
+                        let (mean, calls) = if i == 0 { (2.0, 2000.0) } else { (1.0, 20.0) };
+                        (i.to_string(), mean * d.exp(), calls)
+                    })
+                    .collect();
+                sample_with_calls(at, &queries)
+            };
+            let baseline: Vec<Sample> = (0..60).map(|i| make(60.0 * i as f64)).collect();
+            let mut window = Vec::new();
+            for i in 0..40 {
+                window.push(make(10_000.0 + 60.0 * i as f64));
+                let j = judged(Window::FirstDay, &baseline, &window);
+                assert!(
+                    j.regressions.is_empty(),
+                    "seed {seed}, look {i}: {:?}",
+                    signals(&j.regressions)
+                );
+            }
+        }
+    }
+
     /// Lock waits that hit a third of the samples leave the median per-sample mean where it
     /// was; the pooled time per call and the extra database time show them.
     #[test]
