@@ -1578,25 +1578,33 @@ mod tests {
         assert_eq!(deployments, 2);
     }
 
+    /// Records a deployment of target `t` from `from` to `to` at `at`, found by `detection`.
+    fn deploy(
+        store: &Store,
+        from: Option<&str>,
+        to: &str,
+        detection: Detection,
+        at: f64,
+    ) -> DeploymentRecord {
+        store
+            .add_deployment(
+                "t",
+                from,
+                to,
+                DeploymentKind::Deploy,
+                detection,
+                at,
+                None,
+                None,
+            )
+            .expect("deployment")
+    }
+
     #[test]
     fn the_deployment_that_superseded_another_is_found() {
         let store = Store::in_memory().expect("store");
-        let add = |version: &str, at: f64| {
-            store
-                .add_deployment(
-                    "t",
-                    None,
-                    version,
-                    DeploymentKind::Deploy,
-                    Detection::Announced,
-                    at,
-                    None,
-                    None,
-                )
-                .expect("deployment")
-        };
-        let first = add("1", 100.0);
-        let second = add("2", 200.0);
+        let first = deploy(&store, None, "1", Detection::Announced, 100.0);
+        let second = deploy(&store, None, "2", Detection::Announced, 200.0);
         let next = store
             .next_deployment("t", first.at, first.id)
             .expect("query")
@@ -1624,18 +1632,13 @@ mod tests {
                 )
                 .expect("sample");
             store.set_last_version("t", "3.6.0", 5.0).expect("version");
-            let record = store
-                .add_deployment(
-                    "t",
-                    Some("3.6.0"),
-                    "3.7.0",
-                    DeploymentKind::Deploy,
-                    Detection::VersionChange,
-                    20.0,
-                    None,
-                    None,
-                )
-                .expect("deployment");
+            let record = deploy(
+                &store,
+                Some("3.6.0"),
+                "3.7.0",
+                Detection::VersionChange,
+                20.0,
+            );
             store
                 .set_verdict(
                     record.id,
