@@ -2,7 +2,8 @@
 //! `cargo bench --bench evaluation_e2e`; prints Markdown for BENCHMARKS.md.
 //! `DEPLOYWATCH_BENCH_RUNS` sets the deployments per scenario (default 5);
 //! `DEPLOYWATCH_BENCH_ONLY` (comma-separated parts of scenario names, e.g. `lock,slower`) runs
-//! only the scenarios it names.
+//! only the scenarios it names; `DEPLOYWATCH_BENCH_EVIDENCE=1` prints every flag a deployment
+//! raised (its first and latest message and evidence, as JSON) to stderr when it closes.
 //!
 //! The workload: 200 distinct statements (40 small tables, five query shapes each) called with
 //! Zipf rates (exponent 1.1) by four sessions, about 150 calls a second in all, plus a "work"
@@ -365,6 +366,19 @@ async fn run_one(
                     .windows
                     .iter()
                     .any(|w| w.verdict == Verdict::Regression);
+                if common::setting("DEPLOYWATCH_BENCH_EVIDENCE", 0u8) != 0 {
+                    for w in &view.windows {
+                        for f in &w.regressions {
+                            eprintln!(
+                                "{} {to_version} {:?} {:?}: {}",
+                                scenario.name(),
+                                w.window,
+                                w.verdict,
+                                serde_json::to_string(f).unwrap_or_default()
+                            );
+                        }
+                    }
+                }
                 break;
             }
         }
