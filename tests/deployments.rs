@@ -1180,6 +1180,47 @@ async fn a_new_expensive_statement_after_the_deployment_is_flagged_with_its_text
     setup.stop(handle).await;
 }
 
+/// Every sample holds the statements that ran in its own interval, however irregular the
+/// passes. Here every other pass waits 0.6 s on its version query before reading the
+/// statistics, so the next pass reads them about 0.4 s later; the server-wide reading (shared
+/// by the databases of a server within an interval) must not be handed to the same database
+/// twice, which made the second of those intervals look as if no statement had run and the
+/// next one hold two intervals' worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn irregular_passes_never_make_an_interval_look_empty_of_statements() {
+    let setup = Setup::with_statements(Version::V370, 40);
+    setup.edit_config(
+        "user = \"deploywatch\"\n",
+        "user = \"deploywatch\"\nversion_query = \"SELECT value FROM database_metadata, \
+         pg_sleep(CASE WHEN floor(extract(epoch FROM clock_timestamp()))::bigint % 2 = 0 THEN 0.6 ELSE 0 END) \
+         WHERE key = 'version'\"\n",
+    );
+    setup.workload().await;
+    let handle = setup.start_after_baseline(10).await;
+    let samples = setup
+        .store()
+        .samples("cognit", 0.0, f64::MAX)
+        .expect("samples");
+    assert!(samples.len() >= 10, "{} samples", samples.len());
+    // The workload runs its hot query 40 times a second, each call its own transaction.
+    let busy: Vec<_> = samples
+        .iter()
+        .filter(|s| s.database.is_some_and(|d| d.xact_commit >= 5.0))
+        .collect();
+    assert!(busy.len() >= 8, "{} samples with traffic", busy.len());
+    let empty: Vec<(f64, f64)> = busy
+        .iter()
+        .filter(|s| s.statements.as_ref().is_some_and(|m| m.is_empty()))
+        .map(|s| (s.at, s.database.map_or(0.0, |d| d.xact_commit)))
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "samples with commits but no statement: {empty:?} of {}",
+        busy.len()
+    );
+    setup.stop(handle).await;
+}
+
 /// A cheap statement the release brings (a lookup at a sliver of the database's time, touching
 /// no table so that no other signal moves) is followed but not a regression: the windows pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

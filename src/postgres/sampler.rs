@@ -175,18 +175,22 @@ impl ServerStats {
 
     /// The server-wide figures of this interval, read through `pool` when nobody has yet. A
     /// reading younger than 90 % of the interval is reused, so the databases of a server,
-    /// sampled at different moments of the interval, share one reading.
+    /// sampled at different moments of the interval, share one reading; but never one the
+    /// caller already took (`taken`, the `read_at` of its previous reading): a database whose
+    /// passes came closer than that (one late, the next on time) would get the same counters
+    /// twice, an interval in which no statement seemed to run and the next one with two
+    /// intervals' worth.
     pub(crate) async fn current(
         &self,
         pool: &TargetPool,
         support: &StatementsSupport,
+        taken: Option<Instant>,
     ) -> Result<Arc<ServerWide>, CheckError> {
         let every = *self.every.lock().unwrap_or_else(|e| e.into_inner());
         let mut latest = self.latest.lock().await;
         let wants_statements = matches!(support, StatementsSupport::Available { .. });
         if let Some(reading) = latest.as_ref() {
-            let fresh = reading.read_at.elapsed() < every.mul_f64(0.9);
-            if fresh && (reading.statements.is_some() || !wants_statements) {
+            if reusable(reading, every, wants_statements, taken) {
                 return Ok(reading.clone());
             }
         }
@@ -194,6 +198,21 @@ impl ServerStats {
         *latest = Some(reading.clone());
         Ok(reading)
     }
+}
+
+/// Whether `reading` may serve a database again: younger than 90 % of the interval `every`,
+/// holding the statements when they are wanted, and not the reading that database took last
+/// (`taken`).
+fn reusable(
+    reading: &ServerWide,
+    every: Duration,
+    wants_statements: bool,
+    taken: Option<Instant>,
+) -> bool {
+    let fresh = reading.read_at.elapsed() < every.mul_f64(0.9);
+    let complete = reading.statements.is_some() || !wants_statements;
+    let not_taken = taken.is_none_or(|t| reading.read_at > t);
+    fresh && complete && not_taken
 }
 
 async fn read_server_wide(
@@ -282,19 +301,22 @@ pub async fn read(
     support: &StatementsSupport,
     at: f64,
 ) -> Result<RawStats, CheckError> {
-    read_with(pool, support, &ServerStats::new(), at)
+    read_with(pool, support, &ServerStats::new(), None, at)
         .await
-        .map(|(raw, _)| raw)
+        .map(|(raw, _, _)| raw)
 }
 
-/// Reads this database's views, and its share of the server-wide ones from `server`. The
-/// second value says why pg_stat_statements could not be read, when it could not.
+/// Reads this database's views, and its share of the server-wide ones from `server` (never
+/// the reading it took last, `taken`). The second value says why pg_stat_statements could not
+/// be read, when it could not; the third is when the server-wide reading was made, to pass as
+/// `taken` next time.
 pub(crate) async fn read_with(
     pool: &TargetPool,
     support: &StatementsSupport,
     server: &ServerStats,
+    taken: Option<Instant>,
     at: f64,
-) -> Result<(RawStats, Option<String>), CheckError> {
+) -> Result<(RawStats, Option<String>, Instant), CheckError> {
     let mut raw = RawStats {
         at,
         ..RawStats::default()
@@ -344,7 +366,7 @@ pub(crate) async fn read_with(
         },
     )
     .await?;
-    let wide = server.current(pool, support).await?;
+    let wide = server.current(pool, support, taken).await?;
     raw.connections = wide.connections;
     raw.max_connections = wide.max_connections;
     let mut unreadable = None;
@@ -366,7 +388,7 @@ pub(crate) async fn read_with(
             None => {}
         }
     }
-    Ok((raw, unreadable))
+    Ok((raw, unreadable, wide.read_at))
 }
 
 /// What is wrong with a target's version query, from what reading it gave, as one sentence for
@@ -480,6 +502,42 @@ mod tests {
         let mut error = CheckError::new(ErrorKind::Sql, message);
         error.sqlstate = Some(sqlstate.to_string());
         Err(error)
+    }
+
+    fn reading(age: Duration) -> ServerWide {
+        ServerWide {
+            read_at: Instant::now() - age,
+            connections: 3.0,
+            max_connections: 100.0,
+            statements: Some(Ok(HashMap::new())),
+            statements_reset: None,
+        }
+    }
+
+    #[test]
+    fn a_fresh_reading_serves_the_other_databases_but_never_the_one_that_took_it() {
+        let every = Duration::from_secs(1);
+        let wide = reading(Duration::from_millis(300));
+        assert!(reusable(&wide, every, true, None));
+        let earlier = wide.read_at - Duration::from_secs(1);
+        assert!(reusable(&wide, every, true, Some(earlier)));
+        // The database whose late pass made it and whose next pass came 0.3 s later.
+        assert!(!reusable(&wide, every, true, Some(wide.read_at)));
+    }
+
+    #[test]
+    fn a_stale_or_incomplete_reading_is_read_again() {
+        let every = Duration::from_secs(1);
+        assert!(!reusable(
+            &reading(Duration::from_millis(950)),
+            every,
+            true,
+            None
+        ));
+        let mut without = reading(Duration::from_millis(100));
+        without.statements = None;
+        assert!(!reusable(&without, every, true, None));
+        assert!(reusable(&without, every, false, None));
     }
 
     #[test]

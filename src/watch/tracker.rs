@@ -345,6 +345,7 @@ pub(crate) fn start(
             store: store.clone(),
             state: state.clone(),
             previous: None,
+            server_taken: None,
             support: None,
             texts: None,
             passes: 0,
@@ -426,6 +427,9 @@ struct Tracker {
     store: StoreActor,
     state: Arc<State>,
     previous: Option<RawStats>,
+    /// When the server-wide reading behind `previous` was made: the next pass never takes it
+    /// again.
+    server_taken: Option<std::time::Instant>,
     support: Option<StatementsSupport>,
     /// Query texts by query id, as stored: a text is fetched once, when its id is new.
     texts: Option<HashMap<String, String>>,
@@ -722,9 +726,11 @@ impl Tracker {
             .support
             .clone()
             .unwrap_or(StatementsSupport::Unavailable(String::new()));
-        let read = sampler::read_with(&pool, &support, &self.server_stats, now).await;
+        let read =
+            sampler::read_with(&pool, &support, &self.server_stats, self.server_taken, now).await;
         match read {
-            Ok((mut raw, unreadable)) => {
+            Ok((mut raw, unreadable, server_read_at)) => {
+                self.server_taken = Some(server_read_at);
                 note_step(&self.state, self.name(), "statistics", Ok(()));
                 if let Some(reason) = unreadable {
                     // Looked up again after SUPPORT_REFRESH_PASSES passes.
