@@ -443,6 +443,46 @@ async fn a_sweep_over_the_parent_key_finds_an_orphaned_old_row_and_counts_new_ro
     assert_eq!(h.value(check).await, truth);
 }
 
+/// A periodic sweep is paced by its period and the check's interval, not by a row budget: with
+/// a 10 s interval and a 100 s period it takes a share of the table per run and completes
+/// within the period's runs, whatever `sweep_max_rows` would allow.
+#[tokio::test]
+async fn a_paced_sweep_completes_within_its_period() {
+    let h = Harness::new(Version::V370, 10_000, Some(SWEEP_BY_PARENT));
+    // 20 thousand rows more, so that a run's share is above the smallest chunk (1000 rows).
+    h.sql(
+        "INSERT INTO submissions (participant_id, task_id, quality_score) \
+         SELECT 1, 'bulk', 0.5 FROM generate_series(1, 20000); ANALYZE submissions",
+    );
+    let check = "paced_quality_score";
+    assert_eq!(h.value(check).await, 0, "first run: a full sweep");
+    let mut runs = 0;
+    let started = loop {
+        runs += 1;
+        assert_eq!(h.value(check).await, 0);
+        let sweep = h.stored(check).sweep.expect("a periodic sweep");
+        if runs == 1 {
+            break sweep.started_at;
+        }
+    };
+    loop {
+        runs += 1;
+        assert!(
+            runs <= 10,
+            "not complete after {runs} runs of 10 s: past its 100 s period"
+        );
+        assert_eq!(h.value(check).await, 0);
+        let stored = h.stored(check);
+        if stored.sweep.is_none_or(|s| s.started_at != started) {
+            break;
+        }
+    }
+    assert!(
+        runs >= 5,
+        "paced over the period, not swept at once ({runs} runs)"
+    );
+}
+
 #[tokio::test]
 async fn a_sweep_key_that_may_be_null_or_is_not_a_column_is_an_error() {
     let h = Harness::new(Version::V370, 50, Some(SWEEP_BY_PARENT));
