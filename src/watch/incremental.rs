@@ -12,8 +12,9 @@
 //! 4. otherwise counts the new keys (and recounts the previous run's range), then starts an
 //!    early sweep when `pg_stat_user_tables` shows deletes on a parent or updates on the table;
 //! 5. sweeps: chunk after chunk for an urgent sweep (first run, reset, early), one paced chunk
-//!    per run for the periodic one; a run ends early, once per sweep, when the sweep raised the
-//!    value, so that what it found is exported at once.
+//!    per run for the periodic one (counted in the increment's transaction when its bounds need
+//!    no query); a run ends early, once per sweep, when the sweep raised the value, so that what
+//!    it found is exported at once. With a sweep key the chunks are ranges of that key.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
