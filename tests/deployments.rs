@@ -1221,6 +1221,73 @@ async fn irregular_passes_never_make_an_interval_look_empty_of_statements() {
     setup.stop(handle).await;
 }
 
+/// A sample is stamped when its counters were read, not when its pass began. Every pass here
+/// waits 1.5 s on its version query before it reads the statistics; calls made after a
+/// deployment announced during that wait belong to the deployment's windows, never to its
+/// baseline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_an_announcement_are_never_in_the_baseline_of_a_slow_pass() {
+    const MARKER: &str = "ran_after_the_announcement";
+    let setup = Setup::with_statements(Version::V370, 40);
+    setup.edit_config(
+        "user = \"deploywatch\"\n",
+        "user = \"deploywatch\"\nversion_query = \"SELECT value FROM database_metadata, pg_sleep(1.5) WHERE key = 'version'\"\n",
+    );
+    let pg = &setup.pg;
+    let statement = format!("SELECT 1 AS {MARKER}");
+    // Known to pg_stat_statements from the start, so that every later call is in a sample.
+    pg.psql("cognit", &statement).expect("statement");
+    let handle = setup.start_after_baseline(2).await;
+    wait_until(
+        "a pass waiting on its version query",
+        Duration::from_secs(30),
+        || {
+            let waiting = pg
+                .psql(
+                    "cognit",
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deploywatch' \
+                     AND state = 'active' AND query LIKE '%pg_sleep(1.5)%'",
+                )
+                .is_ok_and(|n| n.trim() == "1");
+            async move { waiting.then_some(()) }
+        },
+    )
+    .await;
+    let deployed = announced(&handle, "3.7.1").await;
+    pg.psql("cognit", &format!("{statement}; {statement}; {statement}"))
+        .expect("statement");
+    let (query_id, _) = statement_in_view(pg, MARKER);
+    assert!(!query_id.is_empty(), "the statement ran");
+    wait_samples(&handle, 2).await;
+    let samples = setup
+        .store()
+        .samples("cognit", 0.0, f64::MAX)
+        .expect("samples");
+    let calls = |s: &deploywatch::analysis::sample::Sample| {
+        s.statements
+            .as_ref()
+            .and_then(|m| m.get(&query_id))
+            .map_or(0.0, |d| d.calls)
+    };
+    let before: f64 = samples
+        .iter()
+        .filter(|s| s.at < deployed.at)
+        .map(calls)
+        .sum();
+    let after: f64 = samples
+        .iter()
+        .filter(|s| s.at >= deployed.at)
+        .map(calls)
+        .sum();
+    assert_eq!(
+        (before, after),
+        (0.0, 3.0),
+        "calls in samples stamped before / after the deployment at {}",
+        deployed.at
+    );
+    setup.stop(handle).await;
+}
+
 /// A cheap statement the release brings (a lookup at a sliver of the database's time, touching
 /// no table so that no other signal moves) is followed but not a regression: the windows pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

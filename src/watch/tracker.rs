@@ -731,6 +731,11 @@ impl Tracker {
         match read {
             Ok((mut raw, unreadable, server_read_at)) => {
                 self.server_taken = Some(server_read_at);
+                // Stamped when its counters have been read, not when the pass began: a pass
+                // that waited for a session or a slow version query reads activity after its
+                // start, and a deployment announced meanwhile must not find that activity in
+                // its baseline.
+                raw.at = self.state.now();
                 note_step(&self.state, self.name(), "statistics", Ok(()));
                 if let Some(reason) = unreadable {
                     // Looked up again after SUPPORT_REFRESH_PASSES passes.
