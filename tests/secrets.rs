@@ -271,14 +271,15 @@ async fn a_rotated_password_file_is_picked_up_without_a_restart() {
     .await;
 
     // The role's password changes and its sessions end: the old file no longer opens one.
+    // Two statements, two transactions: sessions are ended only once the new password is
+    // committed, so none opened in between survives with the old one.
+    pg.psql("app", &format!("ALTER ROLE secretive PASSWORD '{ROTATED}'"))
+        .expect("rotate the role's password");
     pg.psql(
         "app",
-        &format!(
-            "ALTER ROLE secretive PASSWORD '{ROTATED}'; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'secretive'"
-        ),
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'secretive'",
     )
-    .expect("rotate the role's password");
+    .expect("end the role's sessions");
     // A session the server ended may first show as closed; the next attempt opens a new one,
     // which the old password cannot.
     let refused = target_where("the old password is refused", 30, |t, body| {
