@@ -1,6 +1,6 @@
 //! The layering ARCHITECTURE.md promises, checked on the source itself: each layer folder uses
 //! only the layers below it, SQL drivers, HTTP and SQLite stay in their one place, and the pure
-//! layers do no I/O and never read the clock.
+//! layers do no I/O and never read the clock; every declared dependency is used.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -208,4 +208,71 @@ fn pure_layers_do_no_io_and_never_read_the_clock() {
 /// Fails with `what` and the places found unless none was.
 fn assert_none(found: &[String], what: &str) {
     assert!(found.is_empty(), "{what}:\n{}", found.join("\n"));
+}
+
+/// Crate names (as code writes them) of the `section` dependencies in the manifest at `manifest`.
+fn declared_crates(manifest: &Path, section: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(manifest).expect("read manifest");
+    let table: toml::Table = text.parse().expect("parse manifest");
+    let Some(deps) = table.get(section).and_then(|d| d.as_table()) else {
+        return Vec::new();
+    };
+    deps.keys()
+        .map(|name| match name.as_str() {
+            "md-5" => "md5".to_string(),
+            other => other.replace('-', "_"),
+        })
+        .collect()
+}
+
+/// Whether any Rust file under `dirs` names `krate` as a path (`krate::` or `use krate`).
+fn used_under(dirs: &[PathBuf], krate: &str) -> bool {
+    let mut files = Vec::new();
+    for dir in dirs.iter().filter(|d| d.is_dir()) {
+        rust_files(dir, &mut files);
+    }
+    files.iter().any(|file| {
+        code_lines(file).iter().any(|(_, line)| {
+            line.contains(&format!("{krate}::"))
+                || line.contains(&format!("use {krate}"))
+                || line.contains(&format!("{krate}!"))
+        })
+    })
+}
+
+#[test]
+fn every_dependency_is_used_where_it_is_declared() {
+    let root = root();
+    let testkit = root.join("testkit");
+    let mut unused = Vec::new();
+    let cases = [
+        (
+            root.join("Cargo.toml"),
+            "dependencies",
+            vec![root.join("src")],
+        ),
+        (
+            root.join("Cargo.toml"),
+            "dev-dependencies",
+            vec![root.join("tests"), root.join("benches"), root.join("src")],
+        ),
+        (
+            testkit.join("Cargo.toml"),
+            "dependencies",
+            vec![testkit.join("src")],
+        ),
+        (
+            testkit.join("Cargo.toml"),
+            "dev-dependencies",
+            vec![testkit.join("src"), testkit.join("tests")],
+        ),
+    ];
+    for (manifest, section, dirs) in cases {
+        for krate in declared_crates(&manifest, section) {
+            if !used_under(&dirs, &krate) {
+                unused.push(format!("{} [{section}] {krate}", manifest.display()));
+            }
+        }
+    }
+    assert_none(&unused, "dependencies no code uses");
 }
