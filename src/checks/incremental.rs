@@ -53,12 +53,8 @@ pub(crate) struct IncrementalDef {
     pub(crate) parents: Vec<String>,
     /// Whether statistics may start a sweep early.
     pub(crate) early_sweep: bool,
-    /// Every sweep completes within this period.
-    pub(crate) sweep_period: Duration,
-    /// At most this many rows per chunk (one query), and per run for a periodic sweep.
-    pub(crate) sweep_max_rows: u64,
-    /// A periodic sweep's chunk is sized to take at most about this long.
-    pub(crate) sweep_max_time: Duration,
+    /// The check's sweep period, row cap and time budget.
+    pub(crate) sweep: SweepBudget,
     /// Sweep over another column's range than `key`, with a query of its own (an orphan check
     /// sweeping its parent key, so a chunk is a merge of two ordered index ranges instead of an
     /// index probe per row); `None`: sweep over `key` with the check's query.
@@ -73,6 +69,28 @@ pub(crate) struct SweepBy {
     /// A NOT NULL column of the checked table with a btree index.
     pub(crate) key: String,
     pub(crate) sql: String,
+}
+
+/// How fast an incremental check sweeps its table: the defaults' (`[defaults]`) and each
+/// check's own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SweepBudget {
+    /// Every sweep completes within this period.
+    pub(crate) period: Duration,
+    /// At most this many rows per chunk (one query), and per run for a periodic sweep.
+    pub(crate) max_rows: u64,
+    /// A periodic sweep's chunk is sized to take at most about this long.
+    pub(crate) max_time: Duration,
+}
+
+impl Default for SweepBudget {
+    fn default() -> SweepBudget {
+        SweepBudget {
+            period: DEFAULT_SWEEP_PERIOD,
+            max_rows: DEFAULT_SWEEP_MAX_ROWS,
+            max_time: DEFAULT_SWEEP_MAX_TIME,
+        }
+    }
 }
 
 /// Why a sweep runs.
@@ -405,20 +423,20 @@ pub(crate) fn paced_rows(
     rows_per_second: Option<f64>,
     now: f64,
 ) -> u64 {
-    let span = (def.sweep_period.as_secs_f64() * PACE_SHARE).max(0.001);
+    let span = (def.sweep.period.as_secs_f64() * PACE_SHARE).max(0.001);
     let estimate = sweep.estimated_rows as f64;
     let steady = (estimate * interval.as_secs_f64() / span).ceil() as u64;
     let due = (estimate * ((now - sweep.started_at) / span).clamp(0.0, 1.0)) as u64;
     let behind = due.saturating_sub(sweep.rows);
     let by_time = match rows_per_second {
-        Some(speed) if speed > 0.0 => (speed * def.sweep_max_time.as_secs_f64()) as u64,
+        Some(speed) if speed > 0.0 => (speed * def.sweep.max_time.as_secs_f64()) as u64,
         _ => u64::MAX,
     };
     steady
         .max(behind)
-        .min(def.sweep_max_rows)
+        .min(def.sweep.max_rows)
         .min(by_time)
-        .max(MIN_CHUNK_ROWS.min(def.sweep_max_rows))
+        .max(MIN_CHUNK_ROWS.min(def.sweep.max_rows))
 }
 
 /// The upper bound of a sweep chunk of about `rows` rows over an integer key, from the key
@@ -452,9 +470,7 @@ mod tests {
             key: "submission_id".into(),
             parents: vec!["participants".into()],
             early_sweep: true,
-            sweep_period: DEFAULT_SWEEP_PERIOD,
-            sweep_max_rows: DEFAULT_SWEEP_MAX_ROWS,
-            sweep_max_time: DEFAULT_SWEEP_MAX_TIME,
+            sweep: SweepBudget::default(),
             sweep_by: None,
         }
     }
@@ -750,7 +766,7 @@ mod tests {
         };
         assert_eq!(paced_rows(&d, &on_time, five_minutes, None, 3000.0), 38_581);
         // Behind schedule (the daemon was down), up to the row cap.
-        d.sweep_max_rows = 1_000_000;
+        d.sweep.max_rows = 1_000_000;
         assert_eq!(
             paced_rows(&d, &sweep, five_minutes, None, 43_000.0),
             1_000_000
@@ -761,9 +777,9 @@ mod tests {
             25_000
         );
         // Never below the minimum chunk, never above the cap.
-        d.sweep_max_rows = 500;
+        d.sweep.max_rows = 500;
         assert_eq!(paced_rows(&d, &sweep, five_minutes, Some(1.0), 0.0), 500);
-        d.sweep_max_rows = 1_000_000;
+        d.sweep.max_rows = 1_000_000;
         assert_eq!(
             paced_rows(&d, &sweep, five_minutes, Some(1.0), 0.0),
             MIN_CHUNK_ROWS

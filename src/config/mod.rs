@@ -22,6 +22,7 @@ use crate::analysis::deployment::VersionOrder;
 use crate::analysis::judging;
 use crate::analysis::regression::{NewStatementThresholds, Thresholds};
 use crate::analysis::window::WindowDurations;
+use crate::checks::incremental::SweepBudget;
 use crate::config::databases::Discovery;
 use crate::config::packs::{CheckSpec, Pack};
 use crate::postgres::target::{ConnectionParts, ConnectionSettings, PasswordSource};
@@ -295,12 +296,8 @@ pub(crate) struct Defaults {
     pub(crate) max_series: usize,
     /// How often targets with `databases` patterns ask their server again.
     pub(crate) discovery_interval: Duration,
-    /// Incremental checks: every sweep completes within this.
-    pub(crate) sweep_period: Duration,
-    /// Incremental checks: rows per sweep chunk.
-    pub(crate) sweep_max_rows: u64,
-    /// Incremental checks: a periodic sweep's chunk is sized to take about this long.
-    pub(crate) sweep_max_time: Duration,
+    /// Incremental checks' sweep budget where a check sets none.
+    pub(crate) sweep: SweepBudget,
     /// Incremental checks: how often the statistics of their tables are read between runs, a
     /// change that calls for an early sweep running the check at once; `None`: only at runs.
     pub(crate) early_sweep_watch: Option<Duration>,
@@ -869,21 +866,23 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             &d.discovery_interval,
             secs(300),
         ),
-        sweep_period: f.duration(
-            "defaults.sweep_period",
-            &d.sweep_period,
-            crate::checks::incremental::DEFAULT_SWEEP_PERIOD,
-        ),
-        sweep_max_rows: f.positive(
-            "defaults.sweep_max_rows",
-            d.sweep_max_rows,
-            crate::checks::incremental::DEFAULT_SWEEP_MAX_ROWS as usize,
-        ) as u64,
-        sweep_max_time: f.duration(
-            "defaults.sweep_max_time",
-            &d.sweep_max_time,
-            crate::checks::incremental::DEFAULT_SWEEP_MAX_TIME,
-        ),
+        sweep: SweepBudget {
+            period: f.duration(
+                "defaults.sweep_period",
+                &d.sweep_period,
+                crate::checks::incremental::DEFAULT_SWEEP_PERIOD,
+            ),
+            max_rows: f.positive(
+                "defaults.sweep_max_rows",
+                d.sweep_max_rows,
+                crate::checks::incremental::DEFAULT_SWEEP_MAX_ROWS as usize,
+            ) as u64,
+            max_time: f.duration(
+                "defaults.sweep_max_time",
+                &d.sweep_max_time,
+                crate::checks::incremental::DEFAULT_SWEEP_MAX_TIME,
+            ),
+        },
         early_sweep_watch: d
             .early_sweep_watch
             .as_ref()

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::checks::expectation;
-use crate::checks::incremental::{IncrementalDef, SweepBy};
+use crate::checks::incremental::{IncrementalDef, SweepBudget, SweepBy};
 use crate::checks::spec::{valid_label, RESERVED_LABELS};
 pub(crate) use crate::checks::spec::{valid_name, Category, CheckSpec, Severity, Shape};
 use crate::config::{parameter_text, Defaults, Problems};
@@ -629,17 +629,19 @@ pub(crate) fn resolve(
         key: decl.key.clone(),
         parents: decl.parents.clone(),
         early_sweep: decl.early_sweep,
-        sweep_period: f.duration(
-            &format!("{}.sweep_period", def.key),
-            &decl.sweep_period,
-            defaults.sweep_period,
-        ),
-        sweep_max_rows: decl.sweep_max_rows.unwrap_or(defaults.sweep_max_rows),
-        sweep_max_time: f.duration(
-            &format!("{}.sweep_max_time", def.key),
-            &decl.sweep_max_time,
-            defaults.sweep_max_time,
-        ),
+        sweep: SweepBudget {
+            period: f.duration(
+                &format!("{}.sweep_period", def.key),
+                &decl.sweep_period,
+                defaults.sweep.period,
+            ),
+            max_rows: decl.sweep_max_rows.unwrap_or(defaults.sweep.max_rows),
+            max_time: f.duration(
+                &format!("{}.sweep_max_time", def.key),
+                &decl.sweep_max_time,
+                defaults.sweep.max_time,
+            ),
+        },
         sweep_by: decl.sweep_by.clone(),
     });
     if problems_len(problems) > before {

@@ -436,7 +436,7 @@ fn target_samples(target: &str, t: &TargetState, check_family: bool, f: &mut Wri
             f.push(
                 "deploywatch_check_sweep_period_seconds",
                 &ids,
-                def.sweep_period.as_secs_f64(),
+                def.sweep.period.as_secs_f64(),
             );
             f.push(
                 "deploywatch_check_rows_examined_total",

@@ -214,7 +214,7 @@ impl<'c> Runner<'c, '_> {
             sweep_progress: progress.sweep_progress(),
             sweep_reason: progress.sweep.as_ref().map(|s| s.reason),
             last_complete_sweep: progress.last_complete_at,
-            sweep_period: self.def.sweep_period,
+            sweep_period: self.def.sweep.period,
             reset,
         };
         match progress.value() {
@@ -510,7 +510,7 @@ impl<'c> Runner<'c, '_> {
         };
         let span = |lo: i64, hi: i64| u64::try_from(i128::from(hi) - i128::from(lo)).unwrap_or(0);
         let (recount, new) = (span(settled, pending), span(pending, max));
-        if recount > self.def.sweep_max_rows || new > self.def.sweep_max_rows {
+        if recount > self.def.sweep.max_rows || new > self.def.sweep.max_rows {
             return Ok(None);
         }
         let ranges: Vec<(String, String)> = [(settled, pending), (pending, max)]
@@ -685,7 +685,7 @@ impl<'c> Runner<'c, '_> {
         let mut total = 0;
         loop {
             let chunk = self
-                .chunk(&query, key_type, &lower, hi, self.def.sweep_max_rows)
+                .chunk(&query, key_type, &lower, hi, self.def.sweep.max_rows)
                 .await?;
             total += chunk.count;
             match chunk.upper {
@@ -845,7 +845,7 @@ impl<'c> Runner<'c, '_> {
         fingerprint: &str,
     ) -> Result<(), CheckError> {
         let started = Instant::now();
-        let urgent_budget = self.spec.interval.max(self.def.sweep_max_time);
+        let urgent_budget = self.spec.interval.max(self.def.sweep.max_time);
         let before = progress.value();
         loop {
             let Some(sweep) = progress.sweep.clone() else {
@@ -895,9 +895,10 @@ impl<'c> Runner<'c, '_> {
                     _ => u64::MAX,
                 };
                 self.def
-                    .sweep_max_rows
+                    .sweep
+                    .max_rows
                     .min(by_time)
-                    .max(MIN_CHUNK_ROWS.min(self.def.sweep_max_rows))
+                    .max(MIN_CHUNK_ROWS.min(self.def.sweep.max_rows))
             } else {
                 paced_rows(
                     self.def,
