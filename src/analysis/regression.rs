@@ -1421,16 +1421,20 @@ mod tests {
                 .collect();
             sample(at, &queries)
         };
-        let baseline: Vec<Sample> = (0..60)
-            .map(|i| make(60.0 * i as f64, next(&mut drift)))
-            .collect();
+        nothing_at_any_look("", |at| make(at, next(&mut drift)));
+    }
+
+    /// Judges 40 first-day looks, one more sample each, against 60 baseline samples, all made
+    /// by `make` from their time, and asserts that none raises a regression.
+    fn nothing_at_any_look(context: &str, mut make: impl FnMut(f64) -> Sample) {
+        let baseline: Vec<Sample> = (0..60).map(|i| make(60.0 * i as f64)).collect();
         let mut window = Vec::new();
         for i in 0..40 {
-            window.push(make(10_000.0 + 60.0 * i as f64, next(&mut drift)));
+            window.push(make(10_000.0 + 60.0 * i as f64));
             let j = judged(Window::FirstDay, &baseline, &window);
             assert!(
                 j.regressions.is_empty(),
-                "look {i}: {:?}",
+                "{context}look {i}: {:?}",
                 signals(&j.regressions)
             );
         }
@@ -1444,7 +1448,7 @@ mod tests {
         for seed in [3, 5, 8, 13] {
             let mut rng = Lcg(seed);
             let mut drift = vec![0.0f64; 200];
-            let mut make = |at: f64| {
+            let make = |at: f64| {
                 let queries: Vec<(String, f64, f64)> = drift
                     .iter_mut()
                     .enumerate()
@@ -1456,17 +1460,7 @@ mod tests {
                     .collect();
                 sample_with_calls(at, &queries)
             };
-            let baseline: Vec<Sample> = (0..60).map(|i| make(60.0 * i as f64)).collect();
-            let mut window = Vec::new();
-            for i in 0..40 {
-                window.push(make(10_000.0 + 60.0 * i as f64));
-                let j = judged(Window::FirstDay, &baseline, &window);
-                assert!(
-                    j.regressions.is_empty(),
-                    "seed {seed}, look {i}: {:?}",
-                    signals(&j.regressions)
-                );
-            }
+            nothing_at_any_look(&format!("seed {seed}, "), make);
         }
     }
 
