@@ -503,28 +503,37 @@ mod tests {
     use super::*;
     use std::cmp::Ordering;
 
-    fn assert_order(a: &str, b: &str, expected: Ordering) {
-        assert_eq!(compare_versions(a, b), expected, "{a} vs {b}")
+    /// `(a, b, how a compares to b)`.
+    fn assert_orders(cases: &[(&str, &str, Ordering)]) {
+        for &(a, b, expected) in cases {
+            assert_eq!(compare_versions(a, b), expected, "{a} vs {b}")
+        }
     }
 
     #[test]
     fn versions_compare_numerically() {
-        assert_order("3.7.0", "3.6.0", Ordering::Greater);
-        assert_order("3.10.0", "3.9.9", Ordering::Greater);
-        assert_order("3.6.0", "3.6.0", Ordering::Equal);
-        assert_order("3.6", "3.6.1", Ordering::Less);
-        assert_order("v2", "v10", Ordering::Less);
-        assert_order("20261124_01", "20261123_07", Ordering::Greater);
+        use Ordering::{Equal, Greater, Less};
+        assert_orders(&[
+            ("3.7.0", "3.6.0", Greater),
+            ("3.10.0", "3.9.9", Greater),
+            ("3.6.0", "3.6.0", Equal),
+            ("3.6", "3.6.1", Less),
+            ("v2", "v10", Less),
+            ("20261124_01", "20261123_07", Greater),
+        ]);
     }
 
     #[test]
     fn semantic_versions_order_pre_releases_first() {
-        assert_order("3.7.0-rc1", "3.7.0", Ordering::Less);
-        assert_order("3.7.0", "3.7.0-rc1", Ordering::Greater);
-        assert_order("v3.7.0-rc.2", "v3.7.0-rc.10", Ordering::Less);
-        assert_order("3.7.0-alpha", "3.7.0-beta", Ordering::Less);
-        assert_order("3.7.0+build.5", "3.7.0+build.9", Ordering::Equal);
-        assert_order("3.10.0-rc1", "3.9.0", Ordering::Greater);
+        use Ordering::{Equal, Greater, Less};
+        assert_orders(&[
+            ("3.7.0-rc1", "3.7.0", Less),
+            ("3.7.0", "3.7.0-rc1", Greater),
+            ("v3.7.0-rc.2", "v3.7.0-rc.10", Less),
+            ("3.7.0-alpha", "3.7.0-beta", Less),
+            ("3.7.0+build.5", "3.7.0+build.9", Equal),
+            ("3.10.0-rc1", "3.9.0", Greater),
+        ]);
         let order = VersionOrder::Semver;
         assert_eq!(
             kind_of(Some("3.7.0-rc1"), "3.7.0", order, None),
