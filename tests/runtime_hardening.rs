@@ -825,3 +825,204 @@ async fn queries_still_running_when_the_grace_period_ends_are_cancelled() {
     // None is left running.
     common::wait_for_queries(&pg, running, 0, Duration::from_secs(3)).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Many scrapers
+
+/// A rows check of 1,000 series with long labels, watched as 40 targets (one database): an
+/// exposition of about 10 MB in chunks of a target's family each, far more than the socket
+/// buffers hold, so a scrape whose client stops reading stays unfinished.
+fn big_exposition_checks() -> Vec<(String, String)> {
+    vec![(
+        "big".to_string(),
+        "sql = \"SELECT repeat('x', 150) || i AS k, 1 AS v FROM generate_series(1, 1000) AS i\"\n\
+         shape = \"rows\"\nlabels = [\"k\"]\nvalues = [\"v\"]\nmax_series = 1000"
+            .to_string(),
+    )]
+}
+
+const BIG_TARGETS: usize = 40;
+
+/// The main file of a daemon under the scrape tests: `limit` concurrent scrapes, the check of
+/// [`big_exposition_checks`] on [`BIG_TARGETS`] targets.
+fn write_scrape_config(
+    dir: &ConfigDir,
+    pg: &deploywatch_testkit::pgcluster::PgCluster,
+    limit: usize,
+) {
+    let mut text = format!(
+        "[server]\nmax_concurrent_scrapes = {limit}\n\n[defaults]\ninterval = \"5s\"\ntimeout = \"30s\"\nconnect_timeout = \"2s\"\n\n[deployments]\nenabled = false\n\n"
+    );
+    for i in 0..BIG_TARGETS {
+        text.push_str(&target_toml(&format!("t{i}"), pg, "app"));
+    }
+    dir.write("deploywatch.toml", &text);
+}
+
+/// Waits until every check of every target has run once: the exposition is at its full size.
+async fn wait_all_ran(handle: &DaemonHandle) {
+    wait_until("every check ran", Duration::from_secs(120), || async {
+        let snapshot = handle.state.snapshot();
+        (snapshot.targets.len() == BIG_TARGETS
+            && snapshot
+                .targets
+                .values()
+                .all(|t| t.checks.values().all(|c| c.runs >= 1)))
+        .then_some(())
+    })
+    .await;
+}
+
+/// A scrape whose client reads the status line and then nothing: once the socket buffers are
+/// full, the daemon's writing of it waits on the client.
+async fn held_scrape(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: deploywatch\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut head))
+        .await
+        .expect("the held scrape answers within 30 s")
+        .expect("status line");
+    assert_eq!(&head, b"HTTP/1.1 200", "a held scrape is served");
+    stream
+}
+
+/// Reads what is left of a held scrape: `Some(bytes)` when the chunked body ended properly,
+/// `None` when the connection ended without the body's end.
+async fn finish_held(mut stream: tokio::net::TcpStream) -> Option<usize> {
+    use tokio::io::AsyncReadExt as _;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut rest))
+        .await
+        .expect("the held scrape ends within 120 s");
+    match read {
+        Ok(_) if rest.ends_with(b"\r\n0\r\n\r\n") => Some(rest.len()),
+        _ => None,
+    }
+}
+
+/// A one-off request with `Connection: close`: status code, head, body.
+async fn raw_request(addr: std::net::SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: deploywatch\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("request");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("answer");
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} answers within 30 s"));
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete head");
+    let head = String::from_utf8_lossy(&answer[..split]).to_string();
+    let code = head
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, head, answer[split + 4..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_beyond_the_limit_get_503_while_status_answers_and_held_ones_finish() {
+    let (pg, dir) = common::app_with_checks(&big_exposition_checks());
+    write_scrape_config(&dir, &pg, 2);
+    let handle = start(&dir).await;
+    let addr = handle.local_addr;
+    wait_all_ran(&handle).await;
+
+    // Two scrapes take both turns and stop reading.
+    let held = [held_scrape(addr).await, held_scrape(addr).await];
+
+    // A third waits briefly for a turn, then is refused; the other endpoints answer meanwhile.
+    let third = tokio::spawn(async move { raw_request(addr, "/metrics").await });
+    let (status_code, _, _) = raw_request(addr, "/status").await;
+    assert_eq!(status_code, 200, "/status answers while scrapes queue");
+    let (health_code, _, _) = raw_request(addr, "/healthz").await;
+    assert_eq!(health_code, 200, "/healthz answers while scrapes queue");
+    let (code, head, body) = third.await.expect("third scrape");
+    assert_eq!(code, 503, "a scrape beyond the limit is refused: {head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nretry-after: "),
+        "the refusal says when to retry: {head}"
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains("max_concurrent_scrapes"),
+        "the refusal names the setting"
+    );
+
+    // The held scrapes finish whole once read.
+    for stream in held {
+        let length = finish_held(stream).await.expect("a held scrape ends whole");
+        assert!(
+            length > 8 * 1024 * 1024,
+            "the exposition ({length} bytes) is larger than the socket buffers, so the scrape was really held"
+        );
+    }
+
+    // Their turns came back: a new scrape is served, and counts the refusal.
+    let (code, body) = common::get(&format!("{}/metrics", base(&handle))).await;
+    assert_eq!(code, 200, "a scrape after the held ones finished is served");
+    assert!(
+        body.lines()
+            .any(|l| l == "deploywatch_scrapes_refused_total 1"),
+        "the refusal is counted"
+    );
+    handle.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scraper_that_stops_reading_is_cut_off_and_its_turn_comes_back() {
+    let (pg, dir) = common::app_with_checks(&big_exposition_checks());
+    write_scrape_config(&dir, &pg, 1);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let handle = deploywatch::daemon::start_with_scrape_stall_timeout(
+        dir.load(),
+        listener,
+        Duration::from_secs(2),
+    )
+    .expect("daemon starts");
+    let addr = handle.local_addr;
+    wait_all_ran(&handle).await;
+
+    // The only turn is taken by a client that stops reading.
+    let stalled = held_scrape(addr).await;
+
+    // It is cut off: its turn comes back and another scrape is served.
+    wait_until(
+        "a scrape is served after the stalled one is cut off",
+        Duration::from_secs(20),
+        || async {
+            let (code, _, _) = raw_request(addr, "/metrics").await;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+
+    // The stalled client, reading again, does not get a body that looks whole.
+    assert_eq!(
+        finish_held(stalled).await,
+        None,
+        "a cut-off scrape ends without the end of its chunked body"
+    );
+    handle.shutdown().await.expect("shutdown");
+}

@@ -145,6 +145,7 @@ struct RawServer {
     web_config_file: Option<PathBuf>,
     shard: Option<String>,
     shard_peers: Option<Vec<String>>,
+    max_concurrent_scrapes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +278,8 @@ pub struct ServerConfig {
     /// The base URL of every replica, by shard index (empty: announcements for another
     /// shard's targets are refused with the owner's shard instead of forwarded).
     pub shard_peers: Vec<String>,
+    /// How many `/metrics` requests are written at once; more wait briefly, then get 503.
+    pub(crate) max_concurrent_scrapes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -823,6 +826,11 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         web_config_file,
         shard,
         shard_peers,
+        max_concurrent_scrapes: f.positive(
+            "server.max_concurrent_scrapes",
+            raw.server.max_concurrent_scrapes,
+            4,
+        ),
     };
 
     let d = &raw.defaults;

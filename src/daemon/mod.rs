@@ -94,7 +94,29 @@ pub fn start_with_overrides(
     listener: TcpListener,
     overrides: Overrides,
 ) -> Result<DaemonHandle, DaemonError> {
-    start_with(config, listener, crate::time::system_clock(), overrides)
+    start_with(
+        config,
+        listener,
+        crate::time::system_clock(),
+        overrides,
+        http::SCRAPE_STALL_TIMEOUT,
+    )
+}
+
+/// As [`start`], with a `/metrics` client cut off once it has read nothing for
+/// `stall_timeout` instead of [`http::SCRAPE_STALL_TIMEOUT`].
+pub fn start_with_scrape_stall_timeout(
+    config: Config,
+    listener: TcpListener,
+    stall_timeout: std::time::Duration,
+) -> Result<DaemonHandle, DaemonError> {
+    start_with(
+        config,
+        listener,
+        crate::time::system_clock(),
+        Overrides::default(),
+        stall_timeout,
+    )
 }
 
 /// As [`start`], with "now" taken from `clock` by every component.
@@ -103,7 +125,13 @@ pub fn start_with_clock(
     listener: TcpListener,
     clock: crate::time::SharedClock,
 ) -> Result<DaemonHandle, DaemonError> {
-    start_with(config, listener, clock, Overrides::default())
+    start_with(
+        config,
+        listener,
+        clock,
+        Overrides::default(),
+        http::SCRAPE_STALL_TIMEOUT,
+    )
 }
 
 /// As [`start_with_clock`] and [`start_with_overrides`] together.
@@ -112,6 +140,7 @@ pub(crate) fn start_with(
     listener: TcpListener,
     clock: crate::time::SharedClock,
     overrides: Overrides,
+    scrape_stall_timeout: std::time::Duration,
 ) -> Result<DaemonHandle, DaemonError> {
     let state = Arc::new(State::with_clock(clock));
     // Readers see every configured target of this replica's shard and its checks (as pending)
@@ -137,6 +166,7 @@ pub(crate) fn start_with(
         announcer: announcer.clone(),
         settings: std::sync::RwLock::new(HttpSettings::from_config(&config)),
         web,
+        scrapes: http::Scrapes::new(config.server.max_concurrent_scrapes, scrape_stall_timeout),
     });
     let task = tokio::spawn(main_loop(
         config,

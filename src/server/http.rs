@@ -53,6 +53,8 @@ pub(crate) struct HttpSettings {
     pub(crate) shard: Shard,
     /// Every replica's base URL, by shard; empty when they are not known.
     pub(crate) shard_peers: Vec<String>,
+    /// How many `/metrics` requests are written at once (`server.max_concurrent_scrapes`).
+    pub(crate) max_concurrent_scrapes: usize,
 }
 
 impl HttpSettings {
@@ -62,7 +64,59 @@ impl HttpSettings {
             api_token: config.server.api_token.clone(),
             shard: config.server.shard,
             shard_peers: config.server.shard_peers.clone(),
+            max_concurrent_scrapes: config.server.max_concurrent_scrapes,
         }
+    }
+}
+
+/// How long a scrape beyond `server.max_concurrent_scrapes` waits for a turn before its 503.
+const SCRAPE_QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// How long a client may take to read a chunk of `/metrics` by default: one that stops
+/// reading is cut off, so it does not hold a blocking thread and a scrape's turn for good.
+pub const SCRAPE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The turns of `/metrics`: a scrape writes the whole exposition on a blocking thread, so only
+/// a few are written at once, however many clients ask.
+pub(crate) struct Scrapes {
+    turns: Arc<tokio::sync::Semaphore>,
+    /// The limit the permits stand for now (it follows reloads).
+    limit: std::sync::Mutex<usize>,
+    /// How long a client may take to read one chunk before it is cut off.
+    stall_timeout: Duration,
+}
+
+impl Scrapes {
+    pub(crate) fn new(limit: usize, stall_timeout: Duration) -> Scrapes {
+        Scrapes {
+            turns: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit: std::sync::Mutex::new(limit),
+            stall_timeout,
+        }
+    }
+
+    /// Follows a reloaded limit. Turns in use when the limit shrinks are taken out of play
+    /// as they come back.
+    fn set_limit(&self, limit: usize) {
+        let mut current = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+        if limit > *current {
+            self.turns.add_permits(limit - *current);
+        } else if limit < *current {
+            let surplus = *current - limit;
+            let short = surplus - self.turns.forget_permits(surplus);
+            if short > 0 {
+                let turns = self.turns.clone();
+                if let (Ok(short), Ok(runtime)) =
+                    (u32::try_from(short), tokio::runtime::Handle::try_current())
+                {
+                    runtime.spawn(async move {
+                        if let Ok(permits) = turns.acquire_many_owned(short).await {
+                            permits.forget();
+                        }
+                    });
+                }
+            }
+        }
+        *current = limit;
     }
 }
 
@@ -80,6 +134,8 @@ pub(crate) struct AppContext {
     pub(crate) settings: std::sync::RwLock<HttpSettings>,
     /// TLS and basic authentication, when a web configuration file is given.
     pub(crate) web: Option<crate::config::web::LiveWebConfig>,
+    /// The turns of `/metrics`.
+    pub(crate) scrapes: Scrapes,
 }
 
 impl AppContext {
@@ -93,8 +149,9 @@ impl AppContext {
 
     /// Takes the settings of a (re)loaded configuration.
     pub(crate) fn apply(&self, config: &crate::config::Config) {
-        *self.settings.write().unwrap_or_else(|e| e.into_inner()) =
-            HttpSettings::from_config(config);
+        let settings = HttpSettings::from_config(config);
+        self.scrapes.set_limit(settings.max_concurrent_scrapes);
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
     }
 }
 
@@ -102,20 +159,34 @@ impl AppContext {
 type Body = Either<Full<Bytes>, Chunks>;
 
 /// Chunks of a body as another task writes them; the body ends when that task is done. A
-/// client that goes away drops the receiver, so the writer learns it at its next chunk.
-pub(crate) struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+/// client that goes away drops the receiver, so the writer learns it at its next chunk. A
+/// writer that stops before the end (a client cut off for not reading) leaves `complete`
+/// unset: the body then ends in an error, so the connection is dropped instead of the
+/// chunked encoding being closed as if the text were whole.
+pub(crate) struct Chunks {
+    receiver: tokio::sync::mpsc::Receiver<Bytes>,
+    complete: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A body whose writer stopped before the end.
+#[derive(Debug, thiserror::Error)]
+#[error("the response was cut off before its end")]
+pub(crate) struct CutOff;
 
 impl hyper::body::Body for Chunks {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = CutOff;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, CutOff>>> {
+        let complete = self.complete.clone();
+        self.receiver.poll_recv(cx).map(|chunk| match chunk {
+            Some(bytes) => Some(Ok(hyper::body::Frame::data(bytes))),
+            None if complete.load(std::sync::atomic::Ordering::Acquire) => None,
+            None => Some(Err(CutOff)),
+        })
     }
 }
 
@@ -294,7 +365,7 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
             _ => method_not_allowed("GET, HEAD"),
         },
         "/metrics" => match method {
-            Method::GET => metrics(ctx, &request),
+            Method::GET => metrics(ctx, &request).await,
             // Nothing is rendered for a HEAD: it would be thrown away.
             Method::HEAD => response(
                 StatusCode::OK,
@@ -349,14 +420,41 @@ async fn handle(ctx: &AppContext, request: Request<Incoming>, peer: SocketAddr) 
 
 /// How many chunks of `/metrics` may wait for a slow client: the text a scrape holds.
 const METRICS_CHUNKS_QUEUED: usize = 2;
-/// How long a client may take to read a chunk of `/metrics`: one that stops reading is cut
-/// off, so it does not hold a blocking thread for good.
-const METRICS_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `/metrics`: the exposition streamed as a blocking task writes it from the state, chunk by
 /// chunk (gzip-compressed when the client accepts it, as Prometheus does). The scrape never
-/// holds the whole text, and the writing never runs on the async workers.
-fn metrics(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
+/// holds the whole text, and the writing never runs on the async workers. At most
+/// `server.max_concurrent_scrapes` are written at once: another waits a moment for a turn,
+/// then gets 503 with `Retry-After`. The turn comes back when the writing ends, whole or cut
+/// off because the client stopped reading.
+async fn metrics(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
+    let turn = match tokio::time::timeout(
+        SCRAPE_QUEUE_WAIT,
+        ctx.scrapes.turns.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(turn)) => turn,
+        // Timed out, or (never) closed.
+        _ => {
+            ctx.state.count_refused_scrape();
+            let limit = ctx.settings().max_concurrent_scrapes;
+            tracing::debug!(
+                limit,
+                "scrape refused: the concurrent scrapes are at their limit"
+            );
+            let mut response = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{limit} scrapes are being written already (server.max_concurrent_scrapes); retry later\n"
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return response;
+        }
+    };
     let gzip = accepts_gzip(
         request
             .headers()
@@ -364,15 +462,19 @@ fn metrics(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
             .and_then(|v| v.to_str().ok()),
     );
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(METRICS_CHUNKS_QUEUED);
+    let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let completed = complete.clone();
     let state = ctx.state.clone();
+    let stall_timeout = ctx.scrapes.stall_timeout;
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
+        // Held until the writing ends.
+        let _turn = turn;
         let send = |bytes: Vec<u8>| {
             bytes.is_empty()
                 || runtime.block_on(async {
                     matches!(
-                        tokio::time::timeout(METRICS_CHUNK_TIMEOUT, sender.send(bytes.into()))
-                            .await,
+                        tokio::time::timeout(stall_timeout, sender.send(bytes.into())).await,
                         Ok(Ok(()))
                     )
                 })
@@ -391,14 +493,26 @@ fn metrics(ctx: &AppContext, request: &Request<Incoming>) -> Response<Body> {
             });
             if open {
                 if let Ok(rest) = encoder.finish() {
-                    send(rest);
+                    if send(rest) {
+                        completed.store(true, std::sync::atomic::Ordering::Release);
+                    }
                 }
             }
         } else {
-            crate::server::metrics::render(&state, &mut |chunk| send(chunk.into_bytes()));
+            let mut open = true;
+            crate::server::metrics::render(&state, &mut |chunk| {
+                open = send(chunk.into_bytes());
+                open
+            });
+            if open {
+                completed.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        if !completed.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::debug!("scrape cut off: the client stopped reading");
         }
     });
-    let mut response = Response::new(Either::Right(Chunks(receiver)));
+    let mut response = Response::new(Either::Right(Chunks { receiver, complete }));
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,
@@ -710,7 +824,9 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::{accepts_gzip, same_secret};
+    use std::time::Duration;
+
+    use super::{accepts_gzip, same_secret, Scrapes, SCRAPE_STALL_TIMEOUT};
 
     #[test]
     fn gzip_is_used_when_accepted_and_not_refused() {
@@ -725,6 +841,33 @@ mod tests {
         assert!(!accepts_gzip(Some("gzip; q=0.0, *")));
         assert!(!accepts_gzip(Some("*;q=0")));
         assert!(!accepts_gzip(Some("deflate")));
+    }
+
+    #[tokio::test]
+    async fn the_scrape_limit_follows_a_reload_even_while_turns_are_taken() {
+        let scrapes = Scrapes::new(2, SCRAPE_STALL_TIMEOUT);
+        scrapes.set_limit(3);
+        assert_eq!(scrapes.turns.available_permits(), 3);
+        let taken = scrapes
+            .turns
+            .clone()
+            .acquire_many_owned(3)
+            .await
+            .expect("turns");
+        // Shrinking while every turn is in use takes turns out as they come back.
+        scrapes.set_limit(1);
+        drop(taken);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while scrapes.turns.available_permits() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} turns left instead of 1",
+                scrapes.turns.available_permits()
+            );
+            tokio::task::yield_now().await;
+        }
+        scrapes.set_limit(1);
+        assert_eq!(scrapes.turns.available_permits(), 1);
     }
 
     #[test]

@@ -79,6 +79,7 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ("deploywatch_sampling_duration_seconds", "Duration of the target's last deployment-tracking sampling pass.", MetricType::Gauge),
     ("deploywatch_judging_duration_seconds", "Duration of the target's last judging pass over its deployment windows.", MetricType::Gauge),
     ("deploywatch_log_lines_dropped_total", "Log lines dropped because standard error did not keep up.", MetricType::Counter),
+    ("deploywatch_scrapes_refused_total", "Requests for /metrics refused with 503 because server.max_concurrent_scrapes scrapes were already being written.", MetricType::Counter),
 ];
 
 /// The lossy log writer's count of dropped lines, when the process logs through one.
@@ -264,6 +265,11 @@ fn global_samples(snapshot: &Snapshot, version: &str, log_lines_dropped: u64, f:
         "deploywatch_log_lines_dropped_total",
         &[],
         log_lines_dropped as f64,
+    );
+    f.push(
+        "deploywatch_scrapes_refused_total",
+        &[],
+        snapshot.scrapes_refused as f64,
     );
     f.push(
         "deploywatch_config_last_reload_successful",

@@ -129,6 +129,8 @@ pub struct Snapshot {
     /// This replica's part of a split fleet; its targets are the ones above.
     pub(crate) shard: crate::shard::Shard,
     pub(crate) store: StoreHealth,
+    /// `/metrics` requests refused with 503 because the concurrent scrapes were at their limit.
+    pub(crate) scrapes_refused: u64,
 }
 
 #[derive(Debug)]
@@ -238,6 +240,11 @@ impl State {
 
     pub(crate) fn set_reload_failed(&self) {
         self.write().config_reload_ok = false;
+    }
+
+    /// Counts a `/metrics` request refused because the concurrent scrapes were at their limit.
+    pub(crate) fn count_refused_scrape(&self) {
+        self.write().scrapes_refused += 1;
     }
 
     /// Changes the state of a check, if the target has it.
