@@ -552,3 +552,14 @@ fn a_sweep_key_and_its_query_come_together_and_use_their_parameters() {
         "only applies to an incremental check",
     );
 }
+
+#[test]
+fn no_scrape_turns() {
+    check(
+        &format!("[server]\nmax_concurrent_scrapes = 0\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server.max_concurrent_scrapes",
+        "must be at least 1, found 0",
+    );
+}
