@@ -17,6 +17,7 @@
 //! an increment cannot see (a deleted parent, an UPDATE of an old row) are found by it. While a
 //! sweep is under way and has already found more than the base, its count is reported at once.
 
+use crate::labels::label_enum;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -93,30 +94,21 @@ impl Default for SweepBudget {
     }
 }
 
-/// Why a sweep runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SweepReason {
-    /// No count yet: the first run.
-    Initial,
-    /// The table was truncated, restored or replaced, or its key went backwards.
-    Reset,
-    /// The statistics showed deletes on a parent or updates on the checked table.
-    Early,
-    /// The regular sweep, paced over its period.
-    Periodic,
+label_enum! {
+    /// Why a sweep runs.
+    pub enum SweepReason {
+        /// No count yet: the first run.
+        Initial,
+        /// The table was truncated, restored or replaced, or its key went backwards.
+        Reset,
+        /// The statistics showed deletes on a parent or updates on the checked table.
+        Early,
+        /// The regular sweep, paced over its period.
+        Periodic,
+    }
 }
 
 impl SweepReason {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            SweepReason::Initial => "initial",
-            SweepReason::Reset => "reset",
-            SweepReason::Early => "early",
-            SweepReason::Periodic => "periodic",
-        }
-    }
-
     /// Urgent sweeps run chunk after chunk within a run instead of at the period's pace: the
     /// count is unknown (initial, reset) or likely wrong (early) until they finish.
     pub(crate) fn urgent(self) -> bool {
