@@ -46,31 +46,21 @@ label_enum! {
     }
 }
 
-/// Where a published regression flag stands. Flags are latched: once shown, a flag stays
-/// until its window closes, `resolved` if the rule no longer finds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FlagState {
-    /// Found at the latest look only: shown, never paged.
-    Suspected,
-    /// Found at two consecutive looks, or still there when the window closed: pages.
-    #[default]
-    Confirmed,
-    /// Found before, gone at the latest look; kept with its evidence.
-    Resolved,
-    /// Worth knowing, not a regression: never changes the verdict, never pages (a new index
-    /// not scanned yet).
-    Notice,
-}
-
-impl FlagState {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            FlagState::Suspected => "suspected",
-            FlagState::Confirmed => "confirmed",
-            FlagState::Resolved => "resolved",
-            FlagState::Notice => "notice",
-        }
+label_enum! {
+    /// Where a published regression flag stands. Flags are latched: once shown, a flag stays
+    /// until its window closes, `resolved` if the rule no longer finds it.
+    #[derive(Default)]
+    pub enum FlagState {
+        /// Found at the latest look only: shown, never paged.
+        Suspected,
+        /// Found at two consecutive looks, or still there when the window closed: pages.
+        #[default]
+        Confirmed,
+        /// Found before, gone at the latest look; kept with its evidence.
+        Resolved,
+        /// Worth knowing, not a regression: never changes the verdict, never pages (a new index
+        /// not scanned yet).
+        Notice,
     }
 }
 
