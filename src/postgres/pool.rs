@@ -1351,11 +1351,8 @@ mod tests {
         // Thousands of checks wait in line when a fleet's budget is busy: what each holds
         // while waiting must not be sized for opening a session (a TLS handshake's state),
         // which only the one granted a place needs.
-        let settings = ConnectionSettings::parse(
-            "postgresql://deploywatch@127.0.0.1:1/tenant_1",
-            Duration::from_secs(1),
-        )
-        .expect("settings");
+        let settings =
+            ConnectionSettings::for_test("postgresql://deploywatch@127.0.0.1:1/tenant_1");
         let pool = TargetPool::new(
             "tenant_1",
             settings,
