@@ -117,7 +117,7 @@ const SHARE_MIXTURE_TAU: f64 = 0.05;
 fn traffic(summary: &Summary) -> Option<(f64, f64)> {
     let d = summary.database?;
     let transactions = d.xact_commit + d.xact_rollback;
-    (transactions > 0.0 && d.seconds > 0.0).then_some((transactions, d.seconds))
+    (transactions > 0.0 && d.coverage.seconds > 0.0).then_some((transactions, d.coverage.seconds))
 }
 
 /// Window traffic per second over the baseline's.
@@ -261,8 +261,8 @@ fn check_failures(baseline: &Summary, window: &Summary, j: &mut Judgement) {
 fn database_totals(summary: &Summary) -> Option<(DatabaseSummary, f64, usize)> {
     summary
         .database
-        .filter(|d| d.samples > 0)
-        .map(|d| (d, d.seconds, d.samples))
+        .filter(|d| d.coverage.samples > 0)
+        .map(|d| (d, d.coverage.seconds, d.coverage.samples))
 }
 
 /// The application's failure share: rolled-back transactions over all of them. deploywatch's
@@ -883,7 +883,7 @@ fn seq_scans(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut Judge
         let Some(before) = baseline.tables.get(table) else {
             continue;
         };
-        if after.samples < t.min_samples || before.samples < t.min_samples {
+        if after.coverage.samples < t.min_samples || before.coverage.samples < t.min_samples {
             continue;
         }
         let (per_tx_b, per_tx_w) = (before.seq_scan / tx_b, after.seq_scan / tx_w);
@@ -909,8 +909,8 @@ fn seq_scans(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut Judge
             rows_w: after.seq_tup_read / tx_w,
             expected,
             extra,
-            n_b: before.samples,
-            n_w: after.samples,
+            n_b: before.coverage.samples,
+            n_w: after.coverage.samples,
         });
     }
     let q = stats::benjamini_hochberg(&tested.iter().map(|x| x.p).collect::<Vec<_>>());

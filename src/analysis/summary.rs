@@ -121,13 +121,28 @@ pub enum Following {
     },
 }
 
+/// The samples that carried a series' counters and the seconds they cover: what the series'
+/// sums are over.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Coverage {
+    pub(crate) seconds: f64,
+    pub(crate) samples: usize,
+}
+
+impl Coverage {
+    /// One more sample, of `seconds`.
+    fn add(&mut self, seconds: f64) {
+        self.seconds += seconds;
+        self.samples += 1;
+    }
+}
+
 /// Sequential scans of one table.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct TableSummary {
     pub(crate) seq_scan: f64,
     pub(crate) seq_tup_read: f64,
-    pub(crate) seconds: f64,
-    pub(crate) samples: usize,
+    pub(crate) coverage: Coverage,
 }
 
 /// Scans of one index.
@@ -145,8 +160,7 @@ pub(crate) struct DatabaseSummary {
     pub(crate) xact_commit: f64,
     pub(crate) xact_rollback: f64,
     pub(crate) deadlocks: f64,
-    pub(crate) seconds: f64,
-    pub(crate) samples: usize,
+    pub(crate) coverage: Coverage,
 }
 
 /// Statements not followed in detail, added up.
@@ -365,8 +379,7 @@ impl Summary {
             total.xact_commit += d.xact_commit;
             total.xact_rollback += d.xact_rollback;
             total.deadlocks += d.deadlocks;
-            total.seconds += sample.seconds;
-            total.samples += 1;
+            total.coverage.add(sample.seconds);
         }
         if sample.max_connections > 0.0 {
             let share = sample.connections / sample.max_connections;
@@ -437,8 +450,7 @@ impl Summary {
             let entry = self.tables.entry(name.clone()).or_default();
             entry.seq_scan += t.seq_scan;
             entry.seq_tup_read += t.seq_tup_read;
-            entry.seconds += sample.seconds;
-            entry.samples += 1;
+            entry.coverage.add(sample.seconds);
         }
         for (name, index) in &sample.indexes {
             let entry = self
