@@ -1177,6 +1177,12 @@ mod tests {
         j.iter().map(|f| (f.signal, f.subject.clone())).collect()
     }
 
+    /// Asserts that `findings` are one: `signal` on `subject`.
+    #[track_caller]
+    fn assert_only(findings: &[Finding], signal: Signal, subject: &str) {
+        assert_eq!(signals(findings), vec![(signal, subject.to_string())]);
+    }
+
     #[test]
     fn a_5x_slower_query_is_flagged_and_only_that_one() {
         let mut rng = Lcg(7);
@@ -1196,10 +1202,7 @@ mod tests {
             ]
         });
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::QueryLatency, "query 1".to_string())]
-        );
+        assert_only(&j.regressions, Signal::QueryLatency, "query 1");
         let f = &j.regressions[0];
         assert!(f.message.contains("SELECT 1"), "{}", f.message);
         assert!(f.evidence["q_value"].as_f64().unwrap_or(1.0) < 0.01);
@@ -1264,10 +1267,7 @@ mod tests {
             })
             .collect();
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::QueryLatency, "query 1".to_string())]
-        );
+        assert_only(&j.regressions, Signal::QueryLatency, "query 1");
         assert_eq!(j.regressions[0].evidence["n_window"], 3.0);
         // Calls that never add up to `latency_min_calls` in enough samples are not judged.
         let sparse: Vec<Sample> = (0..6)
@@ -1301,10 +1301,7 @@ mod tests {
             .map(|i| sample_calls(10_000.0 + 60.0 * i as f64, 100.0, 0.09 * jitter()))
             .collect();
         let j = judged(Window::FirstWeek, &baseline, &steady);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::QueryLatency, "query 1".to_string())]
-        );
+        assert_only(&j.regressions, Signal::QueryLatency, "query 1");
     }
 
     #[test]
@@ -1340,10 +1337,7 @@ mod tests {
             .map(|i| make(10_000.0 + 60.0 * i as f64, 1.1, 1.65, 1.25))
             .collect();
         let j = judged(Window::FirstHour, &baseline, &busier);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::QueryLatency, "query 0".to_string())]
-        );
+        assert_only(&j.regressions, Signal::QueryLatency, "query 0");
         let e = &j.regressions[0].evidence;
         let server = e["server_wide_ratio"].as_f64().unwrap_or(0.0);
         assert!((server - 1.1).abs() < 0.01, "{server}");
@@ -1407,10 +1401,7 @@ mod tests {
     fn a_slowdown_of_a_query_that_costs_the_database_time_is_found_sooner() {
         let (baseline, window) = busy_and_quiet("0", 1.22);
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::QueryLatency, "query 0".to_string())]
-        );
+        assert_only(&j.regressions, Signal::QueryLatency, "query 0");
         let e = &j.regressions[0].evidence;
         let p = e["sequential_p_value"].as_f64().unwrap_or(1.0);
         let q = e["q_value"].as_f64().unwrap_or(1.0);
@@ -1506,10 +1497,7 @@ mod tests {
             vec![("1", wait * (1.0 + 0.1 * (rng.next() - 0.5)))]
         });
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::QueryLatency, "query 1".to_string())]
-        );
+        assert_only(&j.regressions, Signal::QueryLatency, "query 1");
         let e = &j.regressions[0].evidence;
         let pooled = e["window_ms_per_call"].as_f64().unwrap_or(0.0);
         assert!(pooled > 5.0, "{e:?}");
@@ -1575,10 +1563,7 @@ mod tests {
             with_traffic_reading(s, 1000.0, 2000.0, 4000.0)
         });
         let j = judged(Window::FirstHour, &baseline, &lost);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::SeqScans, "public.submissions".to_string())]
-        );
+        assert_only(&j.regressions, Signal::SeqScans, "public.submissions");
         let e = &j.regressions[0].evidence;
         let per_transaction = e["window_seq_scans_per_transaction"]
             .as_f64()
@@ -1617,10 +1602,7 @@ mod tests {
         let baseline = per_second(0.0, 8, 45.0, 0.5, 400.0);
         let window = per_second(100.0, 6, 45.0, 40.0, 400.0);
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::SeqScans, "public.submissions".to_string())]
-        );
+        assert_only(&j.regressions, Signal::SeqScans, "public.submissions");
         let extra = j.regressions[0].evidence["extra_rows_read_per_second"]
             .as_f64()
             .unwrap_or(0.0);
@@ -1684,10 +1666,7 @@ mod tests {
         let window = series(1000.0, 8, |i| vec![("1", 0.6 + 0.01 * i as f64)]);
         let j = judged(Window::FirstDay, &baseline, &window);
         assert!(j.regressions.is_empty());
-        assert_eq!(
-            signals(&j.improvements),
-            vec![(Signal::QueryLatency, "query 1".to_string())]
-        );
+        assert_only(&j.improvements, Signal::QueryLatency, "query 1");
         assert!(
             j.improvements[0].message.contains("faster"),
             "{}",
@@ -1764,10 +1743,7 @@ mod tests {
             with_check(s, "orphans", "integrity", "fail", 5.0)
         });
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::CheckFailure, "orphans".to_string())]
-        );
+        assert_only(&j.regressions, Signal::CheckFailure, "orphans");
         // A check that already failed before the deployment is not a regression of it.
         let failing: Vec<Sample> = series_with(0.0, 5, |s| {
             with_check(s, "orphans", "integrity", "fail", 5.0)
@@ -1864,10 +1840,7 @@ mod tests {
         let baseline: Vec<Sample> = series_with(0.0, 5, |s| with_table(s, 1.0, 100.0));
         let window: Vec<Sample> = series_with(1000.0, 5, |s| with_table(s, 600.0, 6e6));
         let j = judged(Window::FirstDay, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::SeqScans, "public.submissions".to_string())]
-        );
+        assert_only(&j.regressions, Signal::SeqScans, "public.submissions");
         assert!(judged(Window::FirstDay, &baseline, &baseline)
             .regressions
             .is_empty());
@@ -1912,9 +1885,10 @@ mod tests {
             )]));
         }
         let closed = judge(Window::FirstDay, &baseline, &since, &since, true, &t());
-        assert_eq!(
-            signals(&closed.regressions),
-            vec![(Signal::UnusedIndex, "public.idx_new_true".to_string())]
+        assert_only(
+            &closed.regressions,
+            Signal::UnusedIndex,
+            "public.idx_new_true",
         );
         // A notice with the queries on its table, never a regression.
         let notice = &closed.regressions[0];
@@ -1964,10 +1938,7 @@ mod tests {
             })
             .collect();
         let j = judged(Window::FirstDay, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::DbGrowth, "database size".to_string())]
-        );
+        assert_only(&j.regressions, Signal::DbGrowth, "database size");
     }
 
     #[test]
@@ -2121,10 +2092,7 @@ mod tests {
         // 20 calls of 50 ms a minute: 16.7 ms of database time a second, 94 % of it.
         let window = with_new(1000.0, 8, &old, |_| Some(("9", 20.0, 50.0)));
         let j = judged(Window::FirstHour, &baseline, &window);
-        assert_eq!(
-            signals(&j.regressions),
-            vec![(Signal::NewStatement, "query 9".to_string())]
-        );
+        assert_only(&j.regressions, Signal::NewStatement, "query 9");
         let f = &j.regressions[0];
         assert!(
             f.message.contains("SELECT 9 FROM new_feature"),
