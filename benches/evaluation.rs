@@ -4,7 +4,8 @@
 //! BENCHMARKS.md. `DEPLOYWATCH_BENCH_REPS` sets the deployments per scenario (default 10);
 //! with `DEPLOYWATCH_BENCH_VERBOSE` set, every flag that is not the injected regression is
 //! printed to stderr with its message. `DEPLOYWATCH_BENCH_ONLY` keeps the scenarios whose name
-//! contains it.
+//! contains it. `DEPLOYWATCH_BENCH_HOUR` sets the samples of `first_hour` (default 20; the
+//! shipped one-minute `sample_interval` gives 60).
 //!
 //! The workload: 200 statements with heavy-tailed call rates (Zipf, exponent 1.1, about 150
 //! calls a second in all, three statements per transaction), per-sample mean times with
@@ -36,11 +37,24 @@ const STATEMENTS: usize = 200;
 const TABLES: usize = 30;
 const LOOKUP_TABLES: usize = 4;
 const BASELINE: usize = 120;
-const HOUR: usize = 20;
+/// `first_hour`'s samples when `DEPLOYWATCH_BENCH_HOUR` is not set.
+const DEFAULT_HOUR: usize = 20;
 const DAY: usize = 40;
 const WEEK: usize = 40;
 const DAY_CYCLE: f64 = 240.0;
 const SECONDS: f64 = 60.0;
+
+/// `first_hour`'s samples: `DEPLOYWATCH_BENCH_HOUR`, else [`DEFAULT_HOUR`].
+fn hour() -> usize {
+    static HOUR: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *HOUR.get_or_init(|| {
+        std::env::var("DEPLOYWATCH_BENCH_HOUR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(DEFAULT_HOUR)
+    })
+}
 const CALLS_PER_SECOND: f64 = 150.0;
 const OWN_TRANSACTIONS_PER_SAMPLE: f64 = 22.0;
 
@@ -255,8 +269,8 @@ impl Workload {
             Scenario::Integrity(w) => {
                 let start = match w {
                     Window::FirstHour => 3,
-                    Window::FirstDay => (HOUR + 5) as i64,
-                    _ => (HOUR + DAY + 5) as i64,
+                    Window::FirstDay => (hour() + 5) as i64,
+                    _ => (hour() + DAY + 5) as i64,
                 };
                 t >= start
             }
@@ -317,9 +331,9 @@ impl Workload {
 type Outcome = common::scenario::Outcome<usize>;
 
 fn which_window(step: usize) -> Window {
-    if step < HOUR {
+    if step < hour() {
         Window::FirstHour
-    } else if step < HOUR + DAY {
+    } else if step < hour() + DAY {
         Window::FirstDay
     } else {
         Window::FirstWeek
@@ -336,15 +350,15 @@ fn simulate(scenario: Scenario, seed: u64) -> Outcome {
     let mut outcome = Outcome::default();
     let mut since: Vec<Sample> = Vec::new();
     let mut flags: BTreeMap<Window, Vec<Finding>> = BTreeMap::new();
-    let total = HOUR + DAY + WEEK;
+    let total = hour() + DAY + WEEK;
     for step in 0..total {
         since.push(workload.sample(step as i64, scenario, failing_share));
         let window = which_window(step);
-        let closed = step + 1 == HOUR || step + 1 == HOUR + DAY || step + 1 == total;
+        let closed = step + 1 == hour() || step + 1 == hour() + DAY || step + 1 == total;
         let start = match window {
             Window::FirstHour => 0,
-            Window::FirstDay => HOUR,
-            _ => HOUR + DAY,
+            Window::FirstDay => hour(),
+            _ => hour() + DAY,
         };
         let in_window = &since[start..];
         let judgement = regression::judge(window, &baseline, in_window, &since, closed, &t);
@@ -419,9 +433,10 @@ fn main() {
     println!(
         "{reps} deployments per scenario (seeds 1..={reps}), each looked at after every sample \
          through `regression::judge` and `deployment::latch` with the shipped thresholds. \
-         Compressed clock: a sample a minute, {BASELINE} baseline samples, `first_hour` {HOUR} \
+         Compressed clock: a sample a minute, {BASELINE} baseline samples, `first_hour` {} \
          samples, `first_day` {DAY} more, `first_week` {WEEK} more. {STATEMENTS} statements with \
-         Zipf call rates (about {CALLS_PER_SECOND} calls/s), AR(1) noise, a daily cycle.\n"
+         Zipf call rates (about {CALLS_PER_SECOND} calls/s), AR(1) noise, a daily cycle.\n",
+        hour()
     );
     println!("### Harmless changes\n");
     println!(
@@ -458,7 +473,7 @@ fn main() {
     );
     println!("\n### Injected regressions\n");
     println!(
-        "| regression | deployments | caught (published) | confirmed by the end of first_day (in first_week: of first_week) | median samples to publish | median samples to confirm | slowest to confirm | flagged in the window where it starts | other signals that fired |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| regression | deployments | caught (published) | confirmed by the end of first_day (in first_week: of first_week) | median samples to publish | median samples to confirm | slowest to confirm | published / confirmed within 10 samples | flagged in the window where it starts | other signals that fired |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for &scenario in &injected {
         let (mut caught, mut by_day, mut right_window) = (0, 0, 0);
@@ -470,16 +485,16 @@ fn main() {
                 // Samples since the regression began (integrity: since it was injected).
                 let offset = match scenario {
                     Scenario::Integrity(Window::FirstHour) => 3,
-                    Scenario::Integrity(Window::FirstDay) => HOUR + 5,
-                    Scenario::Integrity(_) => HOUR + DAY + 5,
+                    Scenario::Integrity(Window::FirstDay) => hour() + 5,
+                    Scenario::Integrity(_) => hour() + DAY + 5,
                     _ => 0,
                 };
                 to_publish.push(s.saturating_sub(offset));
                 if let Some(c) = o.first_confirmed {
                     to_confirm.push(c.saturating_sub(offset));
                     let deadline = match scenario {
-                        Scenario::Integrity(Window::FirstWeek) => HOUR + DAY + WEEK,
-                        _ => HOUR + DAY,
+                        Scenario::Integrity(Window::FirstWeek) => hour() + DAY + WEEK,
+                        _ => hour() + DAY,
                     };
                     if c <= deadline {
                         by_day += 1;
@@ -495,8 +510,11 @@ fn main() {
             .iter()
             .max()
             .map_or("-".to_string(), |v| v.to_string());
+        let within_ten = |samples: &[usize]| samples.iter().filter(|&&s| s <= 10).count();
+        let (published_in_ten, confirmed_in_ten) =
+            (within_ten(&to_publish), within_ten(&to_confirm));
         println!(
-            "| {} | {n} | {caught} ({}) | {by_day} ({}) | {} | {} | {slowest} | {right_window} of {n} | {} |",
+            "| {} | {n} | {caught} ({}) | {by_day} ({}) | {} | {} | {slowest} | {published_in_ten} / {confirmed_in_ten} of {n} | {right_window} of {n} | {} |",
             scenario.name(),
             percent(caught, n),
             percent(by_day, n),
