@@ -4,8 +4,6 @@
 //! probability ratio test whose p-values stay valid however often a growing window is looked
 //! at. Pure math; no NaN ever leaves this module.
 
-use serde::{Deserialize, Serialize};
-
 fn sorted(values: &[f64]) -> Vec<f64> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(f64::total_cmp);
@@ -360,8 +358,9 @@ pub fn weighted_benjamini_hochberg(p_values: &[f64], weights: &[f64]) -> Vec<f64
 
 /// Running moments of a series in constant memory: count, sum, sum of squares and the sum of
 /// products of consecutive values (for the lag-1 autocorrelation), so a window or a baseline of
-/// any length is summarised in six numbers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// any length is summarised in ten numbers (the two smallest and two largest values kept for
+/// winsorizing).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RunningMoments {
     pub n: u64,
     pub sum: f64,
