@@ -249,6 +249,7 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
         _ => None,
     };
     let mut indexes = BTreeMap::new();
+    let mut dropping: Vec<(&str, f64)> = Vec::new();
     for (name, now) in &current.indexes {
         match previous.indexes.get(name) {
             Some(then) if now.scans >= then.scans => {
@@ -259,6 +260,12 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
                         scans: now.scans - then.scans,
                     },
                 );
+            }
+            // Its statistics gone while the pass's catalog snapshot still lists it: a DROP
+            // INDEX committed during the pass (the statistics entry is removed at commit).
+            // Counted like a dropped index, not as a reset; it counts from zero if it stays.
+            Some(then) if now.scans == 0.0 => {
+                dropping.push((now.table.as_str(), then.scans));
             }
             Some(_) => {
                 if !resets.iter().any(|r| r == "pg_stat_user_indexes") {
@@ -282,6 +289,9 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
     // scans out of that sum; the table's interval is then counted without them.
     let mut vanished = Vec::new();
     let mut dropped_scans: BTreeMap<&str, f64> = BTreeMap::new();
+    for (table, scans) in dropping {
+        *dropped_scans.entry(table).or_default() += scans;
+    }
     for (name, then) in &previous.indexes {
         if !current.indexes.contains_key(name) {
             vanished.push(format!("index {name}"));
@@ -299,6 +309,19 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
             let idx_scan = match dropped_scans.get(name.as_str()) {
                 Some(dropped) if now.idx_scan < then.idx_scan => {
                     (now.idx_scan - (then.idx_scan - dropped)).max(0.0)
+                }
+                // The table's sum lost scans that its indexes, read just before it, still
+                // have: an index was dropped between the two reads (PostgreSQL 15 and older
+                // sum the table's idx_scan over its indexes). The indexes' own reading tells
+                // the interval; the index is found vanished at the next pass.
+                None if now.idx_scan < then.idx_scan => {
+                    let listed: f64 = current
+                        .indexes
+                        .values()
+                        .filter(|i| i.table == *name)
+                        .map(|i| i.scans)
+                        .sum();
+                    listed - then.idx_scan
                 }
                 _ => now.idx_scan - then.idx_scan,
             };
@@ -481,6 +504,51 @@ mod tests {
         let table = s.tables["public.submissions"];
         assert_eq!(table.seq_scan, 60.0);
         assert_eq!(table.idx_scan, 30.0);
+    }
+
+    #[test]
+    fn an_index_whose_statistics_end_during_the_pass_is_being_dropped_not_reset() {
+        // The pass's catalog snapshot still lists idx_b, but DROP INDEX committed before its
+        // statistics were read: its scans read 0, and the table's sum lost them.
+        let before = with_indexes(0.0, &[("idx_a", 100.0), ("idx_b", 40.0)], 10.0);
+        let after = with_indexes(60.0, &[("idx_a", 130.0), ("idx_b", 0.0)], 70.0);
+        let s = delta(&before, &after);
+        assert!(s.resets.is_empty(), "{:?}", s.resets);
+        let table = s.tables["public.submissions"];
+        assert_eq!((table.seq_scan, table.idx_scan), (60.0, 30.0));
+        assert!(!s.indexes.contains_key("public.idx_b"));
+        // At the next pass it is gone from the catalog too: vanished, still no reset.
+        let gone = with_indexes(120.0, &[("idx_a", 150.0)], 80.0);
+        let s = delta(&after, &gone);
+        assert!(s.resets.is_empty(), "{:?}", s.resets);
+        assert_eq!(s.vanished, vec!["index public.idx_b".to_string()]);
+        assert_eq!(s.tables["public.submissions"].idx_scan, 20.0);
+        // An index whose scans went down but not to zero is still a reset.
+        let lower = with_indexes(60.0, &[("idx_a", 130.0), ("idx_b", 10.0)], 70.0);
+        assert!(delta(&before, &lower)
+            .resets
+            .contains(&"pg_stat_user_indexes".to_string()));
+    }
+
+    #[test]
+    fn an_index_dropped_between_the_index_and_the_table_reads_is_no_reset() {
+        // The index read still saw idx_b (40 scans); the table read, a moment later, summed
+        // the table's idx_scan without it.
+        let before = with_indexes(0.0, &[("idx_a", 100.0), ("idx_b", 40.0)], 10.0);
+        let mut after = with_indexes(60.0, &[("idx_a", 130.0), ("idx_b", 40.0)], 70.0);
+        if let Some(t) = after.tables.get_mut("public.submissions") {
+            t.idx_scan = 130.0;
+        }
+        let s = delta(&before, &after);
+        assert!(s.resets.is_empty(), "{:?}", s.resets);
+        let table = s.tables["public.submissions"];
+        assert_eq!((table.seq_scan, table.idx_scan), (60.0, 30.0));
+        // Next pass: gone from the index read too.
+        let gone = with_indexes(120.0, &[("idx_a", 150.0)], 80.0);
+        let s = delta(&after, &gone);
+        assert!(s.resets.is_empty(), "{:?}", s.resets);
+        assert_eq!(s.vanished, vec!["index public.idx_b".to_string()]);
+        assert_eq!(s.tables["public.submissions"].idx_scan, 20.0);
     }
 
     #[test]
