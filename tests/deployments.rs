@@ -1330,3 +1330,80 @@ async fn a_new_cheap_statement_after_the_deployment_lets_the_windows_pass() {
     );
     setup.stop(handle).await;
 }
+
+/// One pass reads every index's and every table's scan counters from one reading of the
+/// statistics: on PostgreSQL 15 and older a table's `idx_scan` is the sum over its indexes, so
+/// under an application scanning the whole time the sum the pass reads for the table is exactly
+/// the sum of the index counts it read. Read in two statements, the application's statistics
+/// flushed in between made them disagree (which a dropped index turned into a false "reset").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_reads_index_and_table_counters_from_one_reading() {
+    use deploywatch::postgres::sampler::{self, StatementsSupport};
+
+    let pg = cluster();
+    pg.create_database("app").expect("database");
+    pg.psql(
+        "app",
+        "CREATE TABLE t (id int PRIMARY KEY, v int); \
+         CREATE INDEX t_v ON t (v); \
+         INSERT INTO t SELECT i, i % 97 FROM generate_series(1, 5000) i; \
+         ANALYZE t",
+    )
+    .expect("schema");
+    let version = pg.server_version_num().expect("version");
+    let cancel = CancellationToken::new();
+    let mut loaders = Vec::new();
+    for client in 0..3 {
+        let (app, connection) =
+            tokio_postgres::connect(&pg.connection_string("app"), tokio_postgres::NoTls)
+                .await
+                .expect("application session");
+        tokio::spawn(connection);
+        let cancel = cancel.clone();
+        loaders.push(tokio::spawn(async move {
+            let (by_id, by_v) = (
+                app.prepare("SELECT v FROM t WHERE id = $1").await?,
+                app.prepare("SELECT count(*) FROM t WHERE v = $1").await?,
+            );
+            let mut i = client;
+            while !cancel.is_cancelled() {
+                i += 1;
+                app.query(&by_id, &[&(i % 5000 + 1)]).await?;
+                app.query(&by_v, &[&(i % 97)]).await?;
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        }));
+    }
+    let pool = monitor_pool("one-reading", &pg, "app");
+    let none = StatementsSupport::Unavailable(String::new());
+    let mut table_scans_seen = 0.0;
+    for pass in 0..400 {
+        let raw = sampler::read(&pool, &none, pass as f64)
+            .await
+            .expect("read");
+        let table = raw.tables.get("public.t").expect("the table is listed");
+        let indexes: Vec<_> = raw
+            .indexes
+            .iter()
+            .filter(|(_, index)| index.table == "public.t")
+            .collect();
+        assert_eq!(indexes.len(), 2, "both indexes are listed: {indexes:?}");
+        if version < 160_000 {
+            let sum: f64 = indexes.iter().map(|(_, index)| index.scans).sum();
+            assert_eq!(
+                table.idx_scan, sum,
+                "pass {pass}: the table's idx_scan is the sum of the index counts read with it"
+            );
+        }
+        table_scans_seen = table.idx_scan;
+    }
+    cancel.cancel();
+    for loader in loaders {
+        loader.await.expect("loader").expect("application queries");
+    }
+    assert!(
+        table_scans_seen > 0.0,
+        "the application's scans reached the statistics"
+    );
+    pool.close();
+}

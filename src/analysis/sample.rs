@@ -61,10 +61,12 @@ pub struct StatementCounters {
     pub(crate) query: String,
 }
 
+/// One index's cumulative scans, as read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexCounters {
-    pub(crate) table: String,
-    pub(crate) scans: f64,
+    /// Its table, `schema.table`.
+    pub table: String,
+    pub scans: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -533,7 +535,8 @@ mod tests {
     #[test]
     fn an_index_dropped_between_the_index_and_the_table_reads_is_no_reset() {
         // The index read still saw idx_b (40 scans); the table read, a moment later, summed
-        // the table's idx_scan without it.
+        // the table's idx_scan without it (readings taken in two statements, as the sampler
+        // did before it read both in one).
         let before = with_indexes(0.0, &[("idx_a", 100.0), ("idx_b", 40.0)], 10.0);
         let mut after = with_indexes(60.0, &[("idx_a", 130.0), ("idx_b", 40.0)], 70.0);
         if let Some(t) = after.tables.get_mut("public.submissions") {

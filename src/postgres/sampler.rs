@@ -42,18 +42,58 @@ async fn query(pool: &TargetPool, sql: &str) -> Result<ResultTable, CheckError> 
     query_read_only(pool, sql, &[], TIMEOUT, LOCK_TIMEOUT).await
 }
 
-/// The rows of `sql` by the name in their first column, each made into a value by `value`.
-async fn named_rows<T>(
+/// The scan counters of every user index and table, read in one statement: one catalog
+/// snapshot and, within its transaction, one reading of each relation's statistics
+/// (PostgreSQL 14 and older take the statistics once per transaction; 15 and newer cache each
+/// relation's on first access). So an index dropped while the pass runs is either in both
+/// lists or in neither, and on PostgreSQL 15 and older a table's `idx_scan`, the sum over its
+/// indexes, adds up the very index counts the pass read. Read in two statements, a DROP INDEX
+/// committing between them made the table's sum lose scans the index list still had, which
+/// looked like a statistics reset.
+async fn relation_counters(
     pool: &TargetPool,
-    sql: &str,
-    value: impl Fn(&[Cell]) -> T,
-) -> Result<BTreeMap<String, T>, CheckError> {
-    let table = query(pool, sql).await?;
-    Ok(table
-        .rows
-        .iter()
-        .filter_map(|row| Some((text(row.first())?, value(row))))
-        .collect())
+) -> Result<
+    (
+        BTreeMap<String, IndexCounters>,
+        BTreeMap<String, TableCounters>,
+    ),
+    CheckError,
+> {
+    let table = query(
+        pool,
+        "SELECT true, schemaname || '.' || indexrelname, schemaname || '.' || relname, idx_scan, \
+                0::bigint, 0::bigint \
+         FROM pg_stat_user_indexes \
+         UNION ALL \
+         SELECT false, schemaname || '.' || relname, NULL, seq_scan, seq_tup_read, coalesce(idx_scan, 0) \
+         FROM pg_stat_user_tables",
+    )
+    .await?;
+    let (mut indexes, mut tables) = (BTreeMap::new(), BTreeMap::new());
+    for row in &table.rows {
+        let Some(name) = text(row.get(1)) else {
+            continue;
+        };
+        if matches!(row.first(), Some(Cell::Bool(true))) {
+            indexes.insert(
+                name,
+                IndexCounters {
+                    table: text(row.get(2)).unwrap_or_default(),
+                    scans: number(row.get(3)),
+                },
+            );
+        } else {
+            tables.insert(
+                name,
+                TableCounters {
+                    seq_scan: number(row.get(3)),
+                    seq_tup_read: number(row.get(4)),
+                    idx_scan: number(row.get(5)),
+                },
+            );
+        }
+    }
+    Ok((indexes, tables))
 }
 
 fn number(cell: Option<&Cell>) -> f64 {
@@ -347,25 +387,7 @@ pub(crate) async fn read_with(
         database = text(row.get(10)).or(database);
         raw.postmaster_start = row.get(11).map(|_| n(11)).filter(|t| *t > 0.0);
     }
-    raw.indexes = named_rows(
-        pool,
-        "SELECT schemaname || '.' || indexrelname, schemaname || '.' || relname, idx_scan FROM pg_stat_user_indexes",
-        |row| IndexCounters {
-            table: text(row.get(1)).unwrap_or_default(),
-            scans: number(row.get(2)),
-        },
-    )
-    .await?;
-    raw.tables = named_rows(
-        pool,
-        "SELECT schemaname || '.' || relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0) FROM pg_stat_user_tables",
-        |row| TableCounters {
-            seq_scan: number(row.get(1)),
-            seq_tup_read: number(row.get(2)),
-            idx_scan: number(row.get(3)),
-        },
-    )
-    .await?;
+    (raw.indexes, raw.tables) = relation_counters(pool).await?;
     let wide = server.current(pool, support, taken).await?;
     raw.connections = wide.connections;
     raw.max_connections = wide.max_connections;
