@@ -4,8 +4,8 @@
 //! session budget like a check.
 //!
 //! `pg_stat_statements`, `pg_stat_activity` and `max_connections` are server-wide: they are read
-//! once per server per sampling interval ([`ServerStats`]), by whichever database of the server
-//! samples first, and split by database; the per-database views are read per database.
+//! once per server and role per sampling interval ([`ServerStats`]), by whichever database of
+//! the server connecting as that role samples first, and split by database; the per-database views are read per database.
 //!
 //! The catalog is asked what the server offers rather than assuming a version: the
 //! pg_stat_statements schema, whether it has `total_exec_time` (1.8+) or `total_time`, and
@@ -189,7 +189,8 @@ pub(crate) struct ServerWide {
     pub(crate) statements_reset: Option<String>,
 }
 
-/// The server-wide statistics of one server, read at most once per sampling interval.
+/// The server-wide statistics of one server as one role reads them, read at most once per
+/// sampling interval.
 pub(crate) struct ServerStats {
     every: Mutex<Duration>,
     latest: tokio::sync::Mutex<Option<Arc<ServerWide>>>,

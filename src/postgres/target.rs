@@ -219,6 +219,18 @@ impl ConnectionSettings {
         format!("{host}:{port}")
     }
 
+    /// Who reads the server's statistics through these settings, `user@host:port`. The
+    /// server-wide views depend on the role that reads them (without `pg_read_all_stats`,
+    /// other roles' statements have no query id) and the sampler leaves out the reading role's
+    /// own statements, so one reading serves only targets that connect as the same role.
+    pub(crate) fn statistics_reader(&self) -> String {
+        format!(
+            "{}@{}",
+            self.base.get_user().unwrap_or_default(),
+            self.server()
+        )
+    }
+
     /// The same server, user, password source and TLS, on another database.
     pub(crate) fn with_dbname(&self, dbname: &str) -> ConnectionSettings {
         let mut base = self.base.clone();

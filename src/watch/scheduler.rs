@@ -41,7 +41,11 @@ use crate::watch::transitions::{LateLine, Punctuality, Transition};
 #[derive(Default, Clone)]
 pub struct Pools {
     servers: Servers,
+    /// Server-wide readings by who reads them (`user@host:port`, see
+    /// [`crate::postgres::target::ConnectionSettings::statistics_reader`]).
     stats: Arc<std::sync::Mutex<HashMap<String, Arc<ServerStats>>>>,
+    /// Each target's reader of the server-wide statistics.
+    readers: HashMap<String, String>,
     pools: HashMap<String, (String, usize, TargetPool)>,
     /// Each target's position among the targets of its server, their number, and the target's
     /// shortest interval (checks and sampling).
@@ -67,6 +71,7 @@ impl Pools {
         let mut used = std::collections::HashSet::new();
         let mut per_server: HashMap<String, usize> = HashMap::new();
         let mut phases = HashMap::new();
+        let mut readers = HashMap::new();
         for target in &config.targets {
             let key = target.connection.server();
             used.insert(key.clone());
@@ -74,6 +79,7 @@ impl Pools {
             if target.discover.is_some() {
                 continue;
             }
+            readers.insert(target.name.clone(), target.connection.statistics_reader());
             let index = per_server.entry(key.clone()).or_insert(0);
             let shortest = target
                 .checks
@@ -126,9 +132,10 @@ impl Pools {
         let stats = previous.stats.clone();
         {
             let mut all = stats.lock().unwrap_or_else(|e| e.into_inner());
-            all.retain(|server, _| used.contains(server));
-            for server in &used {
-                all.entry(server.clone())
+            let read_by: std::collections::HashSet<&String> = readers.values().collect();
+            all.retain(|reader, _| read_by.contains(reader));
+            for reader in read_by {
+                all.entry(reader.clone())
                     .or_insert_with(|| Arc::new(ServerStats::new()))
                     .set_interval(config.deployments.sample_interval);
             }
@@ -136,6 +143,7 @@ impl Pools {
         Pools {
             servers,
             stats,
+            readers,
             pools,
             phases,
         }
@@ -145,11 +153,12 @@ impl Pools {
         self.pools.get(target).map(|(_, _, pool)| pool)
     }
 
-    /// The server-wide statistics of the server `target` is on.
+    /// The server-wide statistics of the server `target` is on, as its role reads them.
     pub(crate) fn server_stats(&self, target: &str) -> Option<Arc<ServerStats>> {
-        let pool = self.get(target)?;
+        self.get(target)?;
+        let reader = self.readers.get(target)?;
         let all = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        all.get(pool.server().server()).cloned()
+        all.get(reader).cloned()
     }
 
     /// Where in `every` the target's first run goes (see [`first_run_offset`]), plus a little
@@ -629,6 +638,54 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    /// Two targets on one server that connect as different roles never share a reading of the
+    /// server-wide statistics: what pg_stat_statements shows depends on the role, and each
+    /// reading leaves out its reader's own statements, so another role's checks would be
+    /// counted as the application's. Databases read by the same role share one.
+    #[test]
+    fn server_wide_readings_are_shared_only_by_targets_of_one_role() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("deploywatch.toml");
+        let target = |name: &str, user: &str, db: &str| {
+            format!(
+                "[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = 5432\n\
+                 user = \"{user}\"\ndbname = \"{db}\"\n\n"
+            )
+        };
+        std::fs::create_dir(dir.path().join("checks")).expect("checks dir");
+        std::fs::write(
+            dir.path().join("checks/one.toml"),
+            "[pack]\nname = \"one\"\n\n[[check]]\nname = \"up\"\ncategory = \"health\"\n\
+             severity = \"info\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
+        )
+        .expect("pack");
+        let text = [
+            "[deployments]\nenabled = true\n\n".to_string(),
+            target("a", "team_a", "orders"),
+            target("a2", "team_a", "billing"),
+            target("b", "team_b", "catalog"),
+        ]
+        .concat();
+        std::fs::write(&path, text).expect("config");
+        let config = Config::load(&path).expect("valid config");
+        let pools = Pools::for_config(&Pools::default(), &config);
+        let stats = |name: &str| pools.server_stats(name).expect("a reading per target");
+        assert!(
+            Arc::ptr_eq(&stats("a"), &stats("a2")),
+            "one role, one reading"
+        );
+        assert!(
+            !Arc::ptr_eq(&stats("a"), &stats("b")),
+            "another role on the same server reads for itself"
+        );
+        assert_eq!(
+            pools.get("a").map(|p| p.server().server().to_string()),
+            pools.get("b").map(|p| p.server().server().to_string()),
+            "while the session budget stays the server's"
+        );
+        pools.close_all();
+    }
 
     #[test]
     fn a_databases_intervals_start_at_one_phase_of_the_shortest() {

@@ -420,7 +420,7 @@ struct Tracker {
     settings: DeploymentConfig,
     store_settings: StoreConfig,
     pool: TargetPool,
-    /// The server-wide statistics, shared by the databases of the server.
+    /// The server-wide statistics, shared by the databases of the server read as the same role.
     server_stats: Arc<ServerStats>,
     /// Where in the sampling interval this target's passes go (spread over a server's targets).
     offset: Duration,
