@@ -168,10 +168,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             url,
             target,
             format,
+            cacert,
         } => {
             let config = Config::load(&cli.config).ok();
+            let trust = commands::client::Trust {
+                ca_file: cacert.clone(),
+            };
             Ok(printed(
-                commands::status(url.as_deref(), config.as_ref(), target.as_deref(), *format).await,
+                commands::status(
+                    url.as_deref(),
+                    config.as_ref(),
+                    target.as_deref(),
+                    *format,
+                    &trust,
+                )
+                .await,
             ))
         }
         Command::Deploy {
@@ -183,9 +194,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     started_at,
                     url,
                     token_env,
+                    cacert,
                 },
         } => {
             let config = Config::load(&cli.config).ok();
+            let trust = commands::client::Trust {
+                ca_file: cacert.clone(),
+            };
             Ok(printed(
                 commands::deploy_mark(
                     config.as_ref(),
@@ -195,6 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     version,
                     note.as_deref(),
                     started_at.as_deref(),
+                    &trust,
                 )
                 .await,
             ))

@@ -847,3 +847,50 @@ async fn a_reload_applies_the_deployment_api_settings() {
     assert!(body.contains("3.7.1"), "{body}");
     handle.shutdown().await.expect("clean shutdown");
 }
+
+/// A target no check has given a result on yet is `pending`, never `ok`: a daemon that has
+/// just started answers `deploywatch status` with exit 1 for a database it has not reached
+/// (here one whose server accepts the connection and never answers), not a green 0. Once a
+/// check has a result the target is judged on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_not_reached_yet_is_pending_not_ok() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_port = silent.local_addr().expect("address").port();
+    // Accepted by the kernel's backlog and never answered.
+    let dir = ConfigDir::new();
+    dir.write(
+        "checks/p.toml",
+        "[pack]\nname = \"p\"\n\n[[check]]\nname = \"ping\"\ncategory = \"health\"\nseverity = \"critical\"\nsql = \"SELECT 1\"\nexpect = \"== 1\"\n",
+    );
+    dir.write(
+        "deploywatch.toml",
+        &format!(
+            "[defaults]\ninterval = \"1s\"\nconnect_timeout = \"15s\"\ntimeout = \"15s\"\n\n\
+             [deployments]\nenabled = false\n\n\
+             [[targets]]\nname = \"silent\"\nhost = \"127.0.0.1\"\nport = {silent_port}\ndbname = \"x\"\n"
+        ),
+    );
+    let handle = start(&dir).await;
+    // Alive, not ready: readiness waits for the first results, as `pending` does.
+    common::wait_until_ok(
+        &format!("{}/healthz", base(&handle)),
+        "healthz",
+        Duration::from_secs(10),
+    )
+    .await;
+    let (code, body) = get(&format!("{}/status", base(&handle))).await;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(status["status"], "pending", "{status:#}");
+    assert_eq!(status["targets"][0]["status"], "pending", "{status:#}");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .args(["status", "--url", &base(&handle)])
+        .output()
+        .await
+        .expect("status command");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("PENDING"), "{stdout}");
+    handle.shutdown().await.expect("shutdown");
+    drop(silent);
+}

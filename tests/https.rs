@@ -38,7 +38,7 @@ fn pki() -> Pki {
     };
     Pki {
         ca,
-        server: leaf(vec!["localhost".into()]),
+        server: leaf(vec!["localhost".into(), "127.0.0.1".into()]),
         client: leaf(vec![]),
     }
 }
@@ -279,5 +279,89 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
             "the broken version must not replace the last good one"
         );
     }
+    handle.shutdown().await.expect("shutdown");
+}
+
+/// The CLI talks to a daemon that serves HTTPS: `status` and `deploy mark` take `https://` URLs
+/// and check the certificate against the system's roots and `--cacert`; without the CA that
+/// signed it they fail as unreachable and say why. Without `--url` the scheme comes from the
+/// configuration: its web configuration serves TLS, so the listen address is asked over HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_a_daemon_that_serves_https() {
+    let pki = pki();
+    let (dir, handle) = daemon(&pki, TLS).await;
+    let port = handle.local_addr.port();
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = dir.path().join("ca.pem");
+    let ca = ca.to_str().expect("path");
+    let run = |args: &[&str]| {
+        let output = dir.run(args);
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, output) = run(&["status", "--format", "json", "--url", &url, "--cacert", ca]);
+    // The one target cannot be reached: `pending` until its check fails, then `failing`;
+    // exit 1 either way, not 2.
+    assert_eq!(code, Some(1), "{output}");
+    let status: serde_json::Value = serde_json::from_str(&output).expect("the JSON of /status");
+    assert!(
+        status["status"] == "pending" || status["status"] == "failing",
+        "{status}"
+    );
+    let (code, output) = run(&["status", "--url", &url]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("certificate"),
+        "an unknown issuer is named: {output}"
+    );
+    let (code, output) = run(&["status", "--url", &url, "--cacert", "missing.pem"]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("cannot read the CA certificate missing.pem"),
+        "{output}"
+    );
+    // An announcement goes over HTTPS too: the daemon answers it (it has no API token, so 401).
+    let output = dir
+        .command()
+        .args([
+            "deploy",
+            "mark",
+            "--version",
+            "1.0.0",
+            "--url",
+            &url,
+            "--cacert",
+            ca,
+        ])
+        .env("DW_TEST_TOKEN", "some-token")
+        .args(["--token-env", "DW_TEST_TOKEN"])
+        .output()
+        .expect("run deploywatch");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("401"), "{text}");
+    // No --url: the configured listen address, over HTTPS because web.yml serves TLS.
+    dir.write(
+        "cli.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nweb_config_file = \"web.yml\"\n\n\
+             [deployments]\nenabled = false\n\n[[targets]]\nname = \"nowhere\"\n\
+             host = \"127.0.0.1\"\nport = 1\ndbname = \"x\"\n"
+        ),
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(dir.path().join("cli.toml"))
+        .args(["status", "--format", "json", "--cacert", ca])
+        .output()
+        .expect("run deploywatch");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("\"targets\""), "the JSON of /status: {text}");
     handle.shutdown().await.expect("shutdown");
 }

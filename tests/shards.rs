@@ -300,6 +300,7 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
         None,
         None,
         deploywatch::commands::cli::OutputFormat::Table,
+        &client::Trust::default(),
     )
     .await;
     assert!(
@@ -336,6 +337,7 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
         "2.0.0",
         None,
         None,
+        &client::Trust::default(),
     )
     .await;
     assert_eq!(exit, 1, "{output}");

@@ -93,6 +93,10 @@ pub enum Command {
         /// Output: the text table, or the JSON of /status.
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
+        /// A CA certificate (PEM) the daemon's HTTPS certificate is checked against, besides
+        /// the system's roots (a private CA or a self-signed certificate).
+        #[arg(long, env = "DEPLOYWATCH_CACERT")]
+        cacert: Option<PathBuf>,
     },
     /// Deployments.
     Deploy {
@@ -151,5 +155,9 @@ pub enum DeployAction {
         /// Environment variable holding the API token (default: server.api_token_env).
         #[arg(long)]
         token_env: Option<String>,
+        /// A CA certificate (PEM) the daemon's HTTPS certificate is checked against, besides
+        /// the system's roots (a private CA or a self-signed certificate).
+        #[arg(long, env = "DEPLOYWATCH_CACERT")]
+        cacert: Option<PathBuf>,
     },
 }

@@ -1,6 +1,9 @@
 //! A small HTTP client for the CLI commands that talk to a running daemon
-//! (`deploywatch status`, `deploywatch deploy mark`). Only this module knows hyper's client side.
+//! (`deploywatch status`, `deploywatch deploy mark`), over plain HTTP or HTTPS (the daemon's
+//! `server.web_config_file`). Only this module knows hyper's client side.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,14 +23,77 @@ pub enum ClientError {
     Unreachable { url: String, reason: String },
     #[error("deploywatch at {url} did not answer within {TIMEOUT:?}")]
     Timeout { url: String },
+    #[error("cannot read the CA certificate {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// How the daemon's HTTPS certificate is checked: against the system's roots and, when given,
+/// the certificates of a PEM file (a private CA, a self-signed certificate).
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Trust {
+    fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A system certificate rustls cannot parse is skipped, as the system's own
+            // clients do.
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = &self.ca_file {
+            for cert in read_ca_file(path)? {
+                roots.add(cert).map_err(|e| ClientError::CaFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
+}
+
+fn read_ca_file(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
+    let error = |reason: String| ClientError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("no PEM certificate in it".to_string()));
+    }
+    Ok(certs)
 }
 
 /// A `GET`: the status and body. The status comes as hyper's type so callers need not know it.
 pub async fn get(url: &str, accept: &str) -> Result<(StatusCode, String), ClientError> {
-    request(Method::GET, url, accept, None, None).await
+    get_with(url, accept, &Trust::default()).await
 }
 
-/// Sends one request and returns the status and body.
+/// A `GET`, an HTTPS certificate checked with `trust`.
+pub async fn get_with(
+    url: &str,
+    accept: &str,
+    trust: &Trust,
+) -> Result<(StatusCode, String), ClientError> {
+    request_with(Method::GET, url, accept, None, None, trust).await
+}
+
+/// Sends one request and returns the status and body (an HTTPS certificate checked against
+/// the system's roots).
 pub async fn request(
     method: Method,
     url: &str,
@@ -35,16 +101,29 @@ pub async fn request(
     bearer: Option<&str>,
     body: Option<String>,
 ) -> Result<(StatusCode, String), ClientError> {
+    request_with(method, url, accept, bearer, body, &Trust::default()).await
+}
+
+/// Sends one request, an HTTPS certificate checked with `trust`, and returns the status and
+/// body.
+pub async fn request_with(
+    method: Method,
+    url: &str,
+    accept: &str,
+    bearer: Option<&str>,
+    body: Option<String>,
+    trust: &Trust,
+) -> Result<(StatusCode, String), ClientError> {
     let uri: hyper::Uri =
         url.parse()
             .map_err(|e: hyper::http::uri::InvalidUri| ClientError::Url {
                 url: url.to_string(),
                 reason: e.to_string(),
             })?;
-    if uri.scheme_str() != Some("http") {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err(ClientError::Url {
             url: url.to_string(),
-            reason: "only http:// URLs are supported".to_string(),
+            reason: "only http:// and https:// URLs are supported".to_string(),
         });
     }
     let mut builder = Request::builder()
@@ -63,7 +142,12 @@ pub async fn request(
             url: url.to_string(),
             reason: e.to_string(),
         })?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(trust.client_config()?)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let exchange = async {
         let response = client
             .request(request)
@@ -100,19 +184,31 @@ pub struct Announcement<'a> {
     pub started_at: Option<&'a str>,
 }
 
-/// Announces a deployment to the daemon at `base` (`http://host:port`) with the API token.
+/// Announces a deployment to the daemon at `base` (`http://host:port` or `https://…`) with the
+/// API token.
 pub async fn announce(
     base: &str,
     token: &str,
     announcement: &Announcement<'_>,
 ) -> Result<(StatusCode, String), ClientError> {
+    announce_with(base, token, announcement, &Trust::default()).await
+}
+
+/// As [`announce`], an HTTPS certificate checked with `trust`.
+pub async fn announce_with(
+    base: &str,
+    token: &str,
+    announcement: &Announcement<'_>,
+    trust: &Trust,
+) -> Result<(StatusCode, String), ClientError> {
     let body = serde_json::to_string(announcement).unwrap_or_default();
-    request(
+    request_with(
         Method::POST,
         &format!("{}/api/deployments", base.trim_end_matches('/')),
         "application/json",
         Some(token),
         Some(body),
+        trust,
     )
     .await
 }

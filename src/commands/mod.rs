@@ -198,6 +198,8 @@ pub fn validate(config: &Config) -> String {
     )
 }
 
+/// The daemon's base URL: `url`, else the configured listen address (loopback for an
+/// unspecified one), `https://` when the configured web configuration serves TLS.
 fn base_url(url: Option<&str>, config: Option<&Config>) -> String {
     match (url, config) {
         (Some(url), _) => url.trim_end_matches('/').to_string(),
@@ -206,7 +208,11 @@ fn base_url(url: Option<&str>, config: Option<&Config>) -> String {
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            format!("http://{addr}")
+            let scheme = match &config.server.web_config_file {
+                Some(file) if crate::config::web::serves_tls(file) => "https",
+                _ => "http",
+            };
+            format!("{scheme}://{addr}")
         }
         (None, None) => format!("http://{}", crate::config::DEFAULT_LISTEN),
     }
@@ -218,6 +224,7 @@ pub async fn status(
     config: Option<&Config>,
     target: Option<&str>,
     format: OutputFormat,
+    trust: &client::Trust,
 ) -> (u8, String) {
     let base = base_url(url, config);
     let mut full = format!("{base}/status?format=json");
@@ -225,7 +232,7 @@ pub async fn status(
         full.push_str("&target=");
         full.push_str(&url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>());
     }
-    let body = match client::get(&full, "application/json").await {
+    let body = match client::get_with(&full, "application/json", trust).await {
         Ok((code, body)) if code.is_success() => body,
         Ok((code, body)) if code.as_u16() == 404 && target.is_some() => {
             // An unknown target: the daemon's message lists the known ones.
@@ -265,7 +272,7 @@ pub async fn status(
         OutputFormat::Json => body,
         OutputFormat::Table => {
             let text_url = full.replace("format=json", "format=text");
-            match client::get(&text_url, "text/plain").await {
+            match client::get_with(&text_url, "text/plain", trust).await {
                 Ok((_, text)) => text,
                 Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
             }
@@ -284,6 +291,7 @@ pub async fn deploy_mark(
     version: &str,
     note: Option<&str>,
     started_at: Option<&str>,
+    trust: &client::Trust,
 ) -> (u8, String) {
     let base = base_url(url, config);
     let source = match token_env {
@@ -324,7 +332,7 @@ pub async fn deploy_mark(
         note,
         started_at,
     };
-    match client::announce(&base, &token, &announcement).await {
+    match client::announce_with(&base, &token, &announcement, trust).await {
         Ok((code, body)) if code.is_success() => (EXIT_OK, body + "\n"),
         Ok((code, body)) => (
             EXIT_FAILED,

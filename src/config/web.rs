@@ -69,6 +69,16 @@ struct RawTls {
     min_version: Option<String>,
 }
 
+/// Whether the web configuration at `path` makes the daemon serve HTTPS, read without loading
+/// its certificate or key (a client need not be able to read those). `false` when the file
+/// cannot be read or parsed: the daemon would refuse it anyway.
+pub(crate) fn serves_tls(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<RawWebConfig>(&text).ok())
+        .is_some_and(|raw| raw.tls_server_config.is_some())
+}
+
 /// The validated web configuration.
 pub(crate) struct WebConfig {
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,

@@ -14,8 +14,12 @@ use crate::time::{rfc3339, Timestamp};
 use crate::watch::state::Snapshot;
 
 label_enum! {
+    /// A target's state and the overall one (the worst of the targets'), best first.
     pub(crate) enum Overall {
         Ok,
+        /// Nothing is known yet: no check has given a result on the target since the daemon
+        /// started (or since the target was added), so it cannot be called ok.
+        Pending,
         Degraded,
         Failing,
     }
@@ -143,8 +147,14 @@ pub(crate) fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> Sta
     let mut targets = Vec::new();
     let mut overall = Overall::Ok;
     for (name, target) in &snapshot.targets {
+        // Before any check has given a result the target is not known to be ok: a daemon
+        // that just started must not answer green for a database it has not reached yet.
+        let nothing_known = target.reachable.is_none()
+            || (!target.checks.is_empty()
+                && target.checks.values().all(|c| c.status == Status::Pending));
         let mut target_status = match target.reachable {
             Some(false) => Overall::Failing,
+            _ if nothing_known => Overall::Pending,
             _ => Overall::Ok,
         };
         for check in target.checks.values() {
