@@ -1,6 +1,7 @@
 //! The `deploywatch` binary: parse the command line, start logging, load the configuration and
 //! dispatch. Everything else lives in the library.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -171,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cacert,
         } => {
             let config = Config::load(&cli.config).ok();
+            let url = daemon_url(url, config.as_ref(), &cli.config);
             let trust = commands::client::Trust {
                 ca_file: cacert.clone(),
             };
@@ -198,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let config = Config::load(&cli.config).ok();
+            let url = daemon_url(url, config.as_ref(), &cli.config);
             let trust = commands::client::Trust {
                 ca_file: cacert.clone(),
             };
@@ -264,4 +267,17 @@ fn forward_signals(events: tokio::sync::mpsc::Sender<Event>) -> anyhow::Result<(
         }
     });
     Ok(())
+}
+
+/// `--url`, else, when the configuration does not load as a whole (a web configuration whose
+/// key this user cannot read, a check pack with an error), the address its `[server]` gives:
+/// the commands that ask the daemon need nothing else from it.
+fn daemon_url(url: &Option<String>, config: Option<&Config>, path: &Path) -> Option<String> {
+    url.clone().or_else(|| {
+        config
+            .is_none()
+            .then(|| Config::daemon_endpoint(path))
+            .flatten()
+            .map(|(listen, tls)| commands::daemon_url(listen, tls))
+    })
 }

@@ -294,14 +294,22 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
     let url = format!("https://127.0.0.1:{port}");
     let ca = dir.path().join("ca.pem");
     let ca = ca.to_str().expect("path");
-    let run = |args: &[&str]| {
-        let output = dir.run(args);
+    // The CLI on the configuration file `config`, with `env` set: its exit code and output.
+    let cli = |config: &str, args: &[&str], env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .arg("--config")
+            .arg(dir.path().join(config))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run deploywatch");
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stdout).into_owned()
                 + &String::from_utf8_lossy(&output.stderr),
         )
     };
+    let run = |args: &[&str]| cli("deploywatch.toml", args, &[]);
     let (code, output) = run(&["status", "--format", "json", "--url", &url, "--cacert", ca]);
     // The one target cannot be reached: `pending` until its check fails, then `failing`;
     // exit 1 either way, not 2.
@@ -320,13 +328,13 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
     let (code, output) = run(&["status", "--url", &url, "--cacert", "missing.pem"]);
     assert_eq!(code, Some(2), "{output}");
     assert!(
-        output.contains("cannot read the CA certificate missing.pem"),
+        output.contains("cannot read --cacert missing.pem"),
         "{output}"
     );
     // An announcement goes over HTTPS too: the daemon answers it (it has no API token, so 401).
-    let output = dir
-        .command()
-        .args([
+    let (code, output) = cli(
+        "deploywatch.toml",
+        &[
             "deploy",
             "mark",
             "--version",
@@ -335,33 +343,37 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
             &url,
             "--cacert",
             ca,
-        ])
-        .env("DW_TEST_TOKEN", "some-token")
-        .args(["--token-env", "DW_TEST_TOKEN"])
-        .output()
-        .expect("run deploywatch");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{text}");
-    assert!(text.contains("401"), "{text}");
-    // No --url: the configured listen address, over HTTPS because web.yml serves TLS.
-    dir.write(
-        "cli.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nweb_config_file = \"web.yml\"\n\n\
+            "--token-env",
+            "DW_TEST_TOKEN",
+        ],
+        &[("DW_TEST_TOKEN", "some-token")],
+    );
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("401"), "{output}");
+    // No --url: the configured listen address, over HTTPS because web.yml serves TLS; the
+    // same when the configuration does not load as a whole because this user cannot read the
+    // daemon's key (here: it is not there), the address and the scheme then coming from
+    // `[server]` and the web configuration's `tls_server_config` alone.
+    let cli_config = |web: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nweb_config_file = \"{web}\"\n\n\
              [deployments]\nenabled = false\n\n[[targets]]\nname = \"nowhere\"\n\
              host = \"127.0.0.1\"\nport = 1\ndbname = \"x\"\n"
-        ),
+        )
+    };
+    dir.write("cli.toml", &cli_config("web.yml"));
+    dir.write(
+        "web-unreadable-key.yml",
+        "tls_server_config:\n  cert_file: server.pem\n  key_file: daemon-only.key\n",
     );
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-        .arg("--config")
-        .arg(dir.path().join("cli.toml"))
-        .args(["status", "--format", "json", "--cacert", ca])
-        .output()
-        .expect("run deploywatch");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{text}");
-    assert!(text.contains("\"targets\""), "the JSON of /status: {text}");
+    dir.write("cli-no-key.toml", &cli_config("web-unreadable-key.yml"));
+    for config in ["cli.toml", "cli-no-key.toml"] {
+        let (code, output) = cli(config, &["status", "--format", "json", "--cacert", ca], &[]);
+        assert_eq!(code, Some(1), "{config}: {output}");
+        assert!(
+            output.contains("\"targets\""),
+            "{config}: the JSON of /status: {output}"
+        );
+    }
     handle.shutdown().await.expect("shutdown");
 }

@@ -313,8 +313,8 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
                     (now.idx_scan - (then.idx_scan - dropped)).max(0.0)
                 }
                 // The table's sum lost scans that its indexes, read just before it, still
-                // have: an index was dropped between the two reads (PostgreSQL 15 and older
-                // sum the table's idx_scan over its indexes). The indexes' own reading tells
+                // have: an index was dropped between the two reads (the table's idx_scan is the
+                // sum over its indexes), as samples read in two statements can show. The indexes' own reading tells
                 // the interval; the index is found vanished at the next pass.
                 None if now.idx_scan < then.idx_scan => {
                     let listed: f64 = current

@@ -82,7 +82,8 @@ pub enum Command {
     },
     /// Validate the configuration and the check packs without connecting anywhere.
     Validate,
-    /// Ask a running daemon for its status. Exit code: 0 ok, 1 degraded or failing, 2 unreachable.
+    /// Ask a running daemon for its status. Exit code: 0 ok, 1 pending (nothing known yet), degraded
+    /// or failing, 2 unreachable.
     Status {
         /// The daemon's base URL (default: from server.listen in the configuration).
         #[arg(long)]

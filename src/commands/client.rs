@@ -2,7 +2,7 @@
 //! (`deploywatch status`, `deploywatch deploy mark`), over plain HTTP or HTTPS (the daemon's
 //! `server.web_config_file`). Only this module knows hyper's client side.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +23,8 @@ pub enum ClientError {
     Unreachable { url: String, reason: String },
     #[error("deploywatch at {url} did not answer within {TIMEOUT:?}")]
     Timeout { url: String },
-    #[error("cannot read the CA certificate {path}: {reason}")]
-    CaFile { path: PathBuf, reason: String },
+    #[error("CA certificate: {0}")]
+    CaFile(String),
     #[error("TLS configuration: {0}")]
     Tls(String),
 }
@@ -37,6 +37,17 @@ pub struct Trust {
 }
 
 impl Trust {
+    /// A TLS configuration that is never used: the connector needs one, and a plain http://
+    /// request should not read the system's roots or a CA file.
+    fn plain_http_config() -> Result<rustls::ClientConfig, ClientError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth())
+    }
+
     fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_native_certs::load_native_certs().certs {
@@ -45,11 +56,12 @@ impl Trust {
             let _ = roots.add(cert);
         }
         if let Some(path) = &self.ca_file {
-            for cert in read_ca_file(path)? {
-                roots.add(cert).map_err(|e| ClientError::CaFile {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            let certs = crate::postgres::tls::read_certs(path, "--cacert")
+                .map_err(|e| ClientError::CaFile(e.to_string()))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientError::CaFile(format!("{}: {e}", path.display())))?;
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -59,23 +71,6 @@ impl Trust {
             .with_root_certificates(roots)
             .with_no_client_auth())
     }
-}
-
-fn read_ca_file(
-    path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
-    let error = |reason: String| ClientError::CaFile {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let data = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(error("no PEM certificate in it".to_string()));
-    }
-    Ok(certs)
 }
 
 /// A `GET`: the status and body. The status comes as hyper's type so callers need not know it.
@@ -120,7 +115,8 @@ pub async fn request_with(
                 url: url.to_string(),
                 reason: e.to_string(),
             })?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+    let https = uri.scheme_str() == Some("https");
+    if !https && uri.scheme_str() != Some("http") {
         return Err(ClientError::Url {
             url: url.to_string(),
             reason: "only http:// and https:// URLs are supported".to_string(),
@@ -142,20 +138,33 @@ pub async fn request_with(
             url: url.to_string(),
             reason: e.to_string(),
         })?;
+    // The roots (and `--cacert`) are read only for an https:// URL.
+    let tls = if https {
+        trust.client_config()?
+    } else {
+        Trust::plain_http_config()?
+    };
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(trust.client_config()?)
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let exchange = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| ClientError::Unreachable {
+        let response = client.request(request).await.map_err(|e| {
+            let mut reason = error_chain(&e);
+            if https && reason.contains("certificate") {
+                reason.push_str(
+                    " (the daemon's certificate must be signed by a CA of the system or of \
+                         --cacert, and name the host of the URL: use --url https://<a name in the \
+                         certificate>:<port>)",
+                );
+            }
+            ClientError::Unreachable {
                 url: url.to_string(),
-                reason: error_chain(&e),
-            })?;
+                reason,
+            }
+        })?;
         let status = response.status();
         let bytes = response
             .into_body()

@@ -93,6 +93,8 @@ pub async fn check_with_warnings(
         for t in &mut config.targets {
             t.checks.retain(|c| c.name == name);
         }
+        // A target without that check is not asked about: it would only show as not tried.
+        config.targets.retain(|t| !t.checks.is_empty());
     }
     let state = Arc::new(State::new());
     state.apply_config(&config, unix_now());
@@ -203,19 +205,26 @@ pub fn validate(config: &Config) -> String {
 fn base_url(url: Option<&str>, config: Option<&Config>) -> String {
     match (url, config) {
         (Some(url), _) => url.trim_end_matches('/').to_string(),
-        (None, Some(config)) => {
-            let mut addr = config.server.listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            let scheme = match &config.server.web_config_file {
-                Some(file) if crate::config::web::serves_tls(file) => "https",
-                _ => "http",
-            };
-            format!("{scheme}://{addr}")
-        }
+        (None, Some(config)) => daemon_url(
+            config.server.listen,
+            config
+                .server
+                .web_config_file
+                .as_deref()
+                .is_some_and(crate::config::web::serves_tls),
+        ),
         (None, None) => format!("http://{}", crate::config::DEFAULT_LISTEN),
     }
+}
+
+/// The base URL of a daemon listening on `listen` (loopback for an unspecified address),
+/// `https://` when it serves TLS.
+pub fn daemon_url(mut listen: std::net::SocketAddr, tls: bool) -> String {
+    if listen.ip().is_unspecified() {
+        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{listen}")
 }
 
 /// `deploywatch status`: asks a running daemon.

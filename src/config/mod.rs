@@ -396,6 +396,27 @@ impl Config {
         }
     }
 
+    /// Where the daemon of the configuration at `path` listens and whether it serves HTTPS, read
+    /// from `[server]` alone (with the environment's overrides) for the CLI commands that ask
+    /// it: they need neither the checks nor the web configuration's key, which their user may
+    /// not be able to read. `None` when the file cannot be read or its listen address parsed.
+    pub fn daemon_endpoint(path: &Path) -> Option<(SocketAddr, bool)> {
+        let raw = read_raw(path, std::env::vars(), &mut Problems::default())?;
+        let listen = raw
+            .server
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse()
+            .ok()?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tls = raw
+            .server
+            .web_config_file
+            .is_some_and(|file| web::serves_tls(&base.join(file)));
+        Some((listen, tls))
+    }
+
     pub(crate) fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
     }

@@ -45,11 +45,13 @@ async fn query(pool: &TargetPool, sql: &str) -> Result<ResultTable, CheckError> 
 /// The scan counters of every user index and table, read in one statement: one catalog
 /// snapshot and, within its transaction, one reading of each relation's statistics
 /// (PostgreSQL 14 and older take the statistics once per transaction; 15 and newer cache each
-/// relation's on first access). So an index dropped while the pass runs is either in both
-/// lists or in neither, and on PostgreSQL 15 and older a table's `idx_scan`, the sum over its
-/// indexes, adds up the very index counts the pass read. Read in two statements, a DROP INDEX
-/// committing between them made the table's sum lose scans the index list still had, which
-/// looked like a statistics reset.
+/// relation's on first access under the default `stats_fetch_consistency = cache`, and
+/// `snapshot` takes them all at once; a server set to `none` reads them anew each time, which
+/// loses this). So an index dropped while the pass runs is either in both lists or in neither,
+/// and a table's `idx_scan`, which every version sums over its indexes, adds up the very index
+/// counts the pass read. Read in two statements, a DROP INDEX committing between them made the
+/// table's sum lose scans the index list still had, which looked like a statistics reset. The
+/// two lists share the internal row and byte caps of one query.
 async fn relation_counters(
     pool: &TargetPool,
 ) -> Result<

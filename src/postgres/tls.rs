@@ -274,7 +274,8 @@ impl TlsSettings {
     }
 }
 
-fn read_certs(
+/// The PEM certificates of `path`; `what` names the setting it came from in errors.
+pub(crate) fn read_certs(
     path: &PathBuf,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {

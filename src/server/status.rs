@@ -148,10 +148,11 @@ pub(crate) fn build(snapshot: &Snapshot, filter: &Filter, now: Timestamp) -> Sta
     let mut overall = Overall::Ok;
     for (name, target) in &snapshot.targets {
         // Before any check has given a result the target is not known to be ok: a daemon
-        // that just started must not answer green for a database it has not reached yet.
-        let nothing_known = target.reachable.is_none()
-            || (!target.checks.is_empty()
-                && target.checks.values().all(|c| c.status == Status::Pending));
+        // that just started must not answer green for a database it has not reached yet. A
+        // target without checks has nothing to wait for.
+        let nothing_known = !target.checks.is_empty()
+            && (target.reachable.is_none()
+                || target.checks.values().all(|c| c.status == Status::Pending));
         let mut target_status = match target.reachable {
             Some(false) => Overall::Failing,
             _ if nothing_known => Overall::Pending,
