@@ -173,9 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = Config::load(&cli.config).ok();
             let url = daemon_url(url, config.as_ref(), &cli.config);
-            let trust = commands::client::Trust {
-                ca_file: cacert.clone(),
-            };
+            let trust = commands::client::Trust::new(cacert.clone());
             Ok(printed(
                 commands::status(
                     url.as_deref(),
@@ -201,9 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = Config::load(&cli.config).ok();
             let url = daemon_url(url, config.as_ref(), &cli.config);
-            let trust = commands::client::Trust {
-                ca_file: cacert.clone(),
-            };
+            let trust = commands::client::Trust::new(cacert.clone());
             Ok(printed(
                 commands::deploy_mark(
                     config.as_ref(),

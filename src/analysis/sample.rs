@@ -314,8 +314,9 @@ pub fn delta(previous: &RawStats, current: &RawStats) -> Sample {
                 }
                 // The table's sum lost scans that its indexes, read just before it, still
                 // have: an index was dropped between the two reads (the table's idx_scan is the
-                // sum over its indexes), as samples read in two statements can show. The indexes' own reading tells
-                // the interval; the index is found vanished at the next pass.
+                // sum over its indexes), as samples read in two statements can show. The
+                // indexes' own reading tells the interval; the index is found vanished at the
+                // next pass.
                 None if now.idx_scan < then.idx_scan => {
                     let listed: f64 = current
                         .indexes

@@ -3,7 +3,7 @@
 //! `server.web_config_file`). Only this module knows hyper's client side.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,25 +30,27 @@ pub enum ClientError {
 }
 
 /// How the daemon's HTTPS certificate is checked: against the system's roots and, when given,
-/// the certificates of a PEM file (a private CA, a self-signed certificate).
-#[derive(Debug, Clone, Default)]
+/// the certificates of a PEM file (a private CA, a self-signed certificate). The roots are read
+/// once, at the first https:// request (`status` asks twice for its table).
+#[derive(Debug, Default)]
 pub struct Trust {
-    pub ca_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    roots: OnceLock<Arc<rustls::RootCertStore>>,
 }
 
 impl Trust {
-    /// A TLS configuration that is never used: the connector needs one, and a plain http://
-    /// request should not read the system's roots or a CA file.
-    fn plain_http_config() -> Result<rustls::ClientConfig, ClientError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Ok(rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth())
+    pub fn new(ca_file: Option<PathBuf>) -> Trust {
+        Trust {
+            ca_file,
+            roots: OnceLock::new(),
+        }
     }
 
-    fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
+    /// The system's roots and the CA file's certificates.
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, ClientError> {
+        if let Some(roots) = self.roots.get() {
+            return Ok(roots.clone());
+        }
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_native_certs::load_native_certs().certs {
             // A system certificate rustls cannot parse is skipped, as the system's own
@@ -64,6 +66,17 @@ impl Trust {
                     .map_err(|e| ClientError::CaFile(format!("{}: {e}", path.display())))?;
             }
         }
+        Ok(self.roots.get_or_init(|| Arc::new(roots)).clone())
+    }
+
+    /// The TLS configuration for a request: the roots for an https:// URL; none for a plain
+    /// http:// one, which never uses it (the connector needs one) and reads no roots or CA file.
+    fn client_config(&self, https: bool) -> Result<rustls::ClientConfig, ClientError> {
+        let roots = if https {
+            self.roots()?
+        } else {
+            Arc::new(rustls::RootCertStore::empty())
+        };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         Ok(rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -138,14 +151,8 @@ pub async fn request_with(
             url: url.to_string(),
             reason: e.to_string(),
         })?;
-    // The roots (and `--cacert`) are read only for an https:// URL.
-    let tls = if https {
-        trust.client_config()?
-    } else {
-        Trust::plain_http_config()?
-    };
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config(trust.client_config(https)?)
         .https_or_http()
         .enable_http1()
         .build();

@@ -5,7 +5,8 @@
 //!
 //! `pg_stat_statements`, `pg_stat_activity` and `max_connections` are server-wide: they are read
 //! once per server and role per sampling interval ([`ServerStats`]), by whichever database of
-//! the server connecting as that role samples first, and split by database; the per-database views are read per database.
+//! the server connecting as that role samples first, and split by database; the per-database
+//! views are read per database.
 //!
 //! The catalog is asked what the server offers rather than assuming a version: the
 //! pg_stat_statements schema, whether it has `total_exec_time` (1.8+) or `total_time`, and
