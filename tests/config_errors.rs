@@ -389,11 +389,19 @@ fn shard_peers_are_one_base_url_per_shard() {
         "lists 2 replicas, but the fleet is split into 3 shards",
     );
     check(
-        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"http://a:9788\", \"https://b:9788\"]\n{TARGET}"),
+        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"https://a:9788\", \"ftp://b:9788\"]\n{TARGET}"),
         GOOD_CHECK,
         "deploywatch.toml",
         "server.shard_peers[1]",
-        "only http:// peers",
+        "only http:// and https:// peers",
+    );
+    // The CA of https:// peers is read when the configuration is.
+    check(
+        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"https://a:9788\", \"https://b:9788\"]\nshard_peers_ca_file = \"missing-ca.pem\"\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server.shard_peers_ca_file",
+        "missing-ca.pem",
     );
     check(
         &format!(

@@ -1,6 +1,7 @@
 //! Protected endpoints with the exporter toolkit's web configuration: `/metrics` over TLS with
 //! basic auth, 401 without the right password, probes left open, and a client without a
-//! certificate refused when one is required.
+//! certificate refused when one is required; the CLI over HTTPS, and replicas forwarding
+//! announcements to each other over HTTPS.
 
 mod common;
 
@@ -376,4 +377,120 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
         );
     }
     handle.shutdown().await.expect("shutdown");
+}
+
+/// Replicas that serve HTTPS forward announcements to each other over HTTPS: an announcement
+/// sent to the replica that does not own its target reaches the owner, whose certificate is
+/// checked against `server.shard_peers_ca_file`. Without that file the owner's certificate is
+/// not trusted: the forward fails with 502 and says why, and nothing is recorded anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_serve_https_forward_announcements_over_https() {
+    use deploywatch::commands::client;
+    use deploywatch::shard::shard_of;
+    let pki = pki();
+    let name_of = |shard: u32| {
+        (0..)
+            .map(|i| format!("app{i}"))
+            .find(|name| shard_of(name, 2) == shard)
+            .expect("a name")
+    };
+    let (first, second) = (name_of(0), name_of(1));
+    let closed = common::free_port();
+    let bind = || async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+    };
+    let listeners = [bind().await, bind().await];
+    let urls: Vec<String> = listeners
+        .iter()
+        .map(|l| {
+            format!(
+                "https://127.0.0.1:{}",
+                l.local_addr().expect("address").port()
+            )
+        })
+        .collect();
+    // One configuration directory per replica, each with its own store.
+    let replica = |shard: u32, ca: bool| {
+        let dir = ConfigDir::new();
+        write_pki(&dir, &pki);
+        dir.write("web.yml", TLS);
+        dir.write("token", "shard-token");
+        dir.write("checks/p.toml", PACK);
+        let target = |name: &str| {
+            format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {closed}\ndbname = \"x\"\nuser = \"deploywatch\"\n")
+        };
+        dir.write(
+            "deploywatch.toml",
+            &format!(
+                "[server]\nweb_config_file = \"web.yml\"\napi_token_file = \"token\"\nshard = \"{shard}/2\"\nshard_peers = [\"{}\", \"{}\"]\n{}\n[defaults]\nconnect_timeout = \"1s\"\n\n{}{}",
+                urls[0],
+                urls[1],
+                if ca { "shard_peers_ca_file = \"ca.pem\"\n" } else { "" },
+                target(&first),
+                target(&second)
+            ),
+        );
+        dir
+    };
+    let [l0, l1] = listeners;
+    let dirs = [replica(0, true), replica(1, true)];
+    let owner = deploywatch::daemon::start(dirs[1].load(), l1).expect("shard 1 starts");
+    let asked = deploywatch::daemon::start(dirs[0].load(), l0).expect("shard 0 starts");
+    let trust = client::Trust::new(Some(dirs[0].path().join("ca.pem")));
+    let announcement = client::Announcement {
+        target: Some(&second),
+        version: "2.0.0",
+        note: None,
+        started_at: None,
+    };
+    let (code, body) = client::announce_with(&urls[0], "shard-token", &announcement, &trust)
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 201, "{body}");
+    let list = |url: &str| {
+        let trust = &trust;
+        let url = format!("{url}/api/deployments");
+        async move {
+            let (code, body) = client::get_with(&url, "application/json", trust)
+                .await
+                .expect("list");
+            assert_eq!(code.as_u16(), 200, "{body}");
+            body
+        }
+    };
+    let recorded = list(&urls[1]).await;
+    assert!(
+        recorded.contains("2.0.0") && recorded.contains(&second),
+        "the owner recorded it: {recorded}"
+    );
+    assert_eq!(
+        list(&urls[0]).await.trim(),
+        "[]",
+        "the replica asked did not"
+    );
+    asked.shutdown().await.expect("shutdown");
+
+    // The same replica without the CA file: the owner's certificate is not trusted.
+    let untrusting = replica(0, false);
+    let listener = tokio::net::TcpListener::bind(urls[0].trim_start_matches("https://"))
+        .await
+        .expect("bind the first replica's address again");
+    let asked = deploywatch::daemon::start(untrusting.load(), listener).expect("shard 0 starts");
+    let announcement = client::Announcement {
+        version: "3.0.0",
+        ..announcement
+    };
+    let (code, body) = client::announce_with(&urls[0], "shard-token", &announcement, &trust)
+        .await
+        .expect("announce");
+    assert_eq!(code.as_u16(), 502, "{body}");
+    assert!(
+        body.contains("certificate") && body.contains("server.shard_peers_ca_file"),
+        "{body}"
+    );
+    assert!(!list(&urls[1]).await.contains("3.0.0"), "nothing recorded");
+    asked.shutdown().await.expect("shutdown");
+    owner.shutdown().await.expect("shutdown");
 }

@@ -2,8 +2,6 @@
 //! (`deploywatch status`, `deploywatch deploy mark`), over plain HTTP or HTTPS (the daemon's
 //! `server.web_config_file`). Only this module knows hyper's client side.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,68 +21,12 @@ pub enum ClientError {
     Unreachable { url: String, reason: String },
     #[error("deploywatch at {url} did not answer within {TIMEOUT:?}")]
     Timeout { url: String },
-    #[error("CA certificate: {0}")]
-    CaFile(String),
-    #[error("TLS configuration: {0}")]
-    Tls(String),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
 }
 
-/// How the daemon's HTTPS certificate is checked: against the system's roots and, when given,
-/// the certificates of a PEM file (a private CA, a self-signed certificate). The roots are read
-/// once, at the first https:// request (`status` asks twice for its table).
-#[derive(Debug, Default)]
-pub struct Trust {
-    ca_file: Option<PathBuf>,
-    roots: OnceLock<Arc<rustls::RootCertStore>>,
-}
-
-impl Trust {
-    pub fn new(ca_file: Option<PathBuf>) -> Trust {
-        Trust {
-            ca_file,
-            roots: OnceLock::new(),
-        }
-    }
-
-    /// The system's roots and the CA file's certificates.
-    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, ClientError> {
-        if let Some(roots) = self.roots.get() {
-            return Ok(roots.clone());
-        }
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            // A system certificate rustls cannot parse is skipped, as the system's own
-            // clients do.
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = &self.ca_file {
-            let certs = crate::postgres::tls::read_certs(path, "--cacert")
-                .map_err(|e| ClientError::CaFile(e.to_string()))?;
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| ClientError::CaFile(format!("{}: {e}", path.display())))?;
-            }
-        }
-        Ok(self.roots.get_or_init(|| Arc::new(roots)).clone())
-    }
-
-    /// The TLS configuration for a request: the roots for an https:// URL; none for a plain
-    /// http:// one, which never uses it (the connector needs one) and reads no roots or CA file.
-    fn client_config(&self, https: bool) -> Result<rustls::ClientConfig, ClientError> {
-        let roots = if https {
-            self.roots()?
-        } else {
-            Arc::new(rustls::RootCertStore::empty())
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Ok(rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth())
-    }
-}
+pub use crate::server::trust::Trust;
+use crate::server::trust::{error_chain, TrustError};
 
 /// A `GET`: the status and body. The status comes as hyper's type so callers need not know it.
 pub async fn get(url: &str, accept: &str) -> Result<(StatusCode, String), ClientError> {
@@ -151,11 +93,7 @@ pub async fn request_with(
             url: url.to_string(),
             reason: e.to_string(),
         })?;
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(trust.client_config(https)?)
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let connector = trust.connector(https)?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let exchange = async {
         let response = client.request(request).await.map_err(|e| {
@@ -227,15 +165,4 @@ pub async fn announce_with(
         trust,
     )
     .await
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        message.push_str(": ");
-        message.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    message
 }

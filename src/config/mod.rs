@@ -145,6 +145,7 @@ struct RawServer {
     web_config_file: Option<PathBuf>,
     shard: Option<String>,
     shard_peers: Option<Vec<String>>,
+    shard_peers_ca_file: Option<PathBuf>,
     max_concurrent_scrapes: Option<i64>,
 }
 
@@ -278,6 +279,9 @@ pub struct ServerConfig {
     /// The base URL of every replica, by shard index (empty: announcements for another
     /// shard's targets are refused with the owner's shard instead of forwarded).
     pub shard_peers: Vec<String>,
+    /// Certificates (PEM) that `https://` peers' certificates may be signed by, besides the
+    /// system's roots.
+    pub(crate) shard_peers_ca_file: Option<PathBuf>,
     /// How many `/metrics` requests are written at once; more wait briefly, then get 503.
     pub(crate) max_concurrent_scrapes: usize,
 }
@@ -461,9 +465,9 @@ pub struct Overrides {
 /// A peer is a replica's base URL: plain HTTP, nothing after the address.
 fn check_peer_url(text: &str) -> Result<(), String> {
     let url = url::Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
-    if url.scheme() != "http" {
+    if url.scheme() != "http" && url.scheme() != "https" {
         return Err(format!(
-            "{text:?}: only http:// peers are supported (announcements are forwarded over plain HTTP)"
+            "{text:?}: only http:// and https:// peers are supported"
         ));
     }
     if url.host_str().is_none() || url.path() != "/" || url.query().is_some() {
@@ -833,6 +837,12 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
             f.push(format!("server.shard_peers[{index}]"), message);
         }
     }
+    let shard_peers_ca_file = raw.server.shard_peers_ca_file.map(|p| base.join(p));
+    if let Some(file) = &shard_peers_ca_file {
+        if let Err(error) = crate::postgres::tls::read_certs(file, "server.shard_peers_ca_file") {
+            f.push("server.shard_peers_ca_file", error.to_string());
+        }
+    }
     // Without `server.shard` the shard may still come from the command line (each pod of a
     // StatefulSet has its own): `run` checks the peers against it.
     if raw.server.shard.is_some() {
@@ -847,6 +857,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
         web_config_file,
         shard,
         shard_peers,
+        shard_peers_ca_file,
         max_concurrent_scrapes: f.positive(
             "server.max_concurrent_scrapes",
             raw.server.max_concurrent_scrapes,

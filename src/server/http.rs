@@ -6,7 +6,7 @@
 //! bodies are capped in size and time.
 //!
 //! On a replica of a split fleet (`server.shard`), an announcement for a target of another
-//! shard is forwarded once to the replica that owns it (`server.shard_peers`, plain HTTP, the
+//! shard is forwarded once to the replica that owns it (`server.shard_peers`, HTTP or HTTPS, the
 //! caller's bearer token, a bounded wait) and answered with its answer, or refused with 421.
 
 use std::convert::Infallible;
@@ -31,6 +31,7 @@ use crate::checks::outcome::Status;
 use crate::config::web::AuthVerdict;
 use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter};
+use crate::server::trust::{error_chain, Trust};
 use crate::shard::{shard_of, Shard};
 use crate::watch::state::State;
 use crate::watch::tracker::{Announcement, Announcer, TrackerError};
@@ -53,6 +54,8 @@ pub(crate) struct HttpSettings {
     pub(crate) shard: Shard,
     /// Every replica's base URL, by shard; empty when they are not known.
     pub(crate) shard_peers: Vec<String>,
+    /// Whom an `https://` peer's certificate is checked against (read again at a reload).
+    pub(crate) shard_peers_trust: Arc<Trust>,
     /// How many `/metrics` requests are written at once (`server.max_concurrent_scrapes`).
     pub(crate) max_concurrent_scrapes: usize,
 }
@@ -64,6 +67,10 @@ impl HttpSettings {
             api_token: config.server.api_token.clone(),
             shard: config.server.shard,
             shard_peers: config.server.shard_peers.clone(),
+            shard_peers_trust: Arc::new(Trust::from_setting(
+                config.server.shard_peers_ca_file.clone(),
+                "server.shard_peers_ca_file",
+            )),
             max_concurrent_scrapes: config.server.max_concurrent_scrapes,
         }
     }
@@ -709,7 +716,17 @@ async fn announce(ctx: &AppContext, request: Request<Incoming>) -> Response<Body
             let peer = settings.shard_peers.get(owner as usize);
             return match (peer, forwarded_by) {
                 (Some(peer), None) => {
-                    forward(peer, authorization, bytes, settings.shard, owner, target).await
+                    let trust = &settings.shard_peers_trust;
+                    forward(
+                        peer,
+                        trust,
+                        authorization,
+                        bytes,
+                        settings.shard,
+                        owner,
+                        target,
+                    )
+                    .await
                 }
                 (peer, forwarded_by) => misdirected(
                     settings.shard,
@@ -764,6 +781,7 @@ fn misdirected(
 /// Hands an announcement to the replica that owns its target and answers with its answer.
 async fn forward(
     peer: &str,
+    trust: &Trust,
     authorization: Option<HeaderValue>,
     body: Bytes,
     shard: Shard,
@@ -794,10 +812,24 @@ async fn forward(
         Ok(request) => request,
         Err(error) => return unreachable(error.to_string()),
     };
+    let https = url.starts_with("https://");
+    let connector = match trust.connector(https) {
+        Ok(connector) => connector,
+        Err(error) => return unreachable(error.to_string()),
+    };
     let client: Client<_, Full<Bytes>> =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let response = client.request(request).await.map_err(|e| {
+            let mut reason = error_chain(&e);
+            if https && reason.contains("certificate") {
+                reason.push_str(
+                    " (the replica's certificate must be signed by a CA of the system or of \
+                     server.shard_peers_ca_file, and name the host of its server.shard_peers URL)",
+                );
+            }
+            reason
+        })?;
         let status = response.status();
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
         let bytes = Limited::new(response.into_body(), MAX_BODY_BYTES)
