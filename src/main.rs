@@ -170,7 +170,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             format,
             cacert,
+            user,
         } => {
+            let basic = match user {
+                None => None,
+                Some(user) => match std::env::var("DEPLOYWATCH_PASSWORD") {
+                    Ok(password) => Some(commands::client::BasicAuth {
+                        user: user.clone(),
+                        password,
+                    }),
+                    Err(_) => {
+                        return Ok(printed((
+                            EXIT_UNREACHABLE,
+                            format!("--user {user}: set its password in DEPLOYWATCH_PASSWORD\n"),
+                        )))
+                    }
+                },
+            };
             let config = Config::load(&cli.config).ok();
             let url = daemon_url(url, config.as_ref(), &cli.config);
             let trust = commands::client::Trust::new(cacert.clone());
@@ -181,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     target.as_deref(),
                     *format,
                     &trust,
+                    basic.as_ref(),
                 )
                 .await,
             ))

@@ -494,3 +494,74 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
     asked.shutdown().await.expect("shutdown");
     owner.shutdown().await.expect("shutdown");
 }
+
+/// `deploywatch status` against a daemon whose web configuration asks for a user: without one
+/// it says how to give it; with `--user` and the password in `DEPLOYWATCH_PASSWORD` it reads
+/// `/status` (JSON and the text table); a wrong password is named as refused. Each failure
+/// exits 2, like any daemon that cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_logs_in_to_a_daemon_that_asks_for_a_user() {
+    let pki = pki();
+    let (dir, handle) = daemon(&pki, &tls_with_user("sre", "s3cret")).await;
+    let url = format!("https://127.0.0.1:{}", handle.local_addr.port());
+    let ca = dir.path().join("ca.pem");
+    let ca = ca.to_str().expect("path");
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+            .arg("--config")
+            .arg(dir.path().join("deploywatch.toml"))
+            .args(["status", "--url", &url, "--cacert", ca])
+            .args(args)
+            .env_remove("DEPLOYWATCH_USER")
+            .env_remove("DEPLOYWATCH_PASSWORD")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run deploywatch");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, output) = cli(&[], &[]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("401")
+            && output.contains("--user")
+            && output.contains("DEPLOYWATCH_PASSWORD"),
+        "{output}"
+    );
+    let (code, output) = cli(&["--user", "sre"], &[]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("DEPLOYWATCH_PASSWORD"), "{output}");
+    // Logged in: the one target cannot be reached, so pending or failing, exit 1.
+    let (code, output) = cli(
+        &["--user", "sre", "--format", "json"],
+        &[("DEPLOYWATCH_PASSWORD", "s3cret")],
+    );
+    assert_eq!(code, Some(1), "{output}");
+    let status: serde_json::Value = serde_json::from_str(&output).expect("the JSON of /status");
+    assert!(
+        status["targets"].is_array() || status["targets"].is_object(),
+        "{status}"
+    );
+    let (code, output) = cli(
+        &[],
+        &[
+            ("DEPLOYWATCH_USER", "sre"),
+            ("DEPLOYWATCH_PASSWORD", "s3cret"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("nowhere"),
+        "the table names the target: {output}"
+    );
+    let (code, output) = cli(&["--user", "sre"], &[("DEPLOYWATCH_PASSWORD", "wrong")]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("\"sre\" or its password was refused"),
+        "{output}"
+    );
+    handle.shutdown().await.expect("shutdown");
+}

@@ -301,6 +301,7 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
         None,
         deploywatch::commands::cli::OutputFormat::Table,
         &client::Trust::default(),
+        None,
     )
     .await;
     assert!(

@@ -98,6 +98,11 @@ pub enum Command {
         /// the system's roots (a private CA or a self-signed certificate).
         #[arg(long, env = "DEPLOYWATCH_CACERT")]
         cacert: Option<PathBuf>,
+        /// A user of the daemon's basic authentication (`basic_auth_users` of its web
+        /// configuration); the password comes from the environment variable
+        /// DEPLOYWATCH_PASSWORD, never from the command line.
+        #[arg(long, env = "DEPLOYWATCH_USER")]
+        user: Option<String>,
     },
     /// Deployments.
     Deploy {

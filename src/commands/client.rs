@@ -39,7 +39,45 @@ pub async fn get_with(
     accept: &str,
     trust: &Trust,
 ) -> Result<(StatusCode, String), ClientError> {
-    request_with(Method::GET, url, accept, None, None, trust).await
+    get_as(url, accept, trust, None).await
+}
+
+/// A user of the daemon's basic authentication (`basic_auth_users` of its web configuration).
+#[derive(Clone)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BasicAuth {
+    /// The `Authorization` header's value.
+    fn header(&self) -> String {
+        use base64::Engine as _;
+        let pair = format!("{}:{}", self.user, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    }
+}
+
+/// A `GET`, an HTTPS certificate checked with `trust`, as `basic`'s user when given.
+pub async fn get_as(
+    url: &str,
+    accept: &str,
+    trust: &Trust,
+    basic: Option<&BasicAuth>,
+) -> Result<(StatusCode, String), ClientError> {
+    let authorization = basic.map(BasicAuth::header);
+    send(Method::GET, url, accept, authorization, None, trust).await
 }
 
 /// Sends one request and returns the status and body (an HTTPS certificate checked against
@@ -64,6 +102,19 @@ pub async fn request_with(
     body: Option<String>,
     trust: &Trust,
 ) -> Result<(StatusCode, String), ClientError> {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    send(method, url, accept, authorization, body, trust).await
+}
+
+/// Sends one request with an `Authorization` header's value, when given.
+async fn send(
+    method: Method,
+    url: &str,
+    accept: &str,
+    authorization: Option<String>,
+    body: Option<String>,
+    trust: &Trust,
+) -> Result<(StatusCode, String), ClientError> {
     let uri: hyper::Uri =
         url.parse()
             .map_err(|e: hyper::http::uri::InvalidUri| ClientError::Url {
@@ -81,8 +132,8 @@ pub async fn request_with(
         .method(method)
         .uri(uri)
         .header(ACCEPT, accept);
-    if let Some(token) = bearer {
-        builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
+    if let Some(value) = authorization {
+        builder = builder.header(AUTHORIZATION, value);
     }
     if body.is_some() {
         builder = builder.header(CONTENT_TYPE, "application/json");

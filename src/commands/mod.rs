@@ -234,6 +234,7 @@ pub async fn status(
     target: Option<&str>,
     format: OutputFormat,
     trust: &client::Trust,
+    basic: Option<&client::BasicAuth>,
 ) -> (u8, String) {
     let base = base_url(url, config);
     let mut full = format!("{base}/status?format=json");
@@ -241,8 +242,20 @@ pub async fn status(
         full.push_str("&target=");
         full.push_str(&url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>());
     }
-    let body = match client::get_with(&full, "application/json", trust).await {
+    let body = match client::get_as(&full, "application/json", trust, basic).await {
         Ok((code, body)) if code.is_success() => body,
+        Ok((code, _)) if code.as_u16() == 401 => {
+            let why = match basic {
+                None => "its web configuration asks for a user: give --user NAME (or \
+                         DEPLOYWATCH_USER) with the password in DEPLOYWATCH_PASSWORD"
+                    .to_string(),
+                Some(basic) => format!("the user {:?} or its password was refused", basic.user),
+            };
+            return (
+                EXIT_UNREACHABLE,
+                format!("deploywatch at {base} answered {code}: {why}\n"),
+            );
+        }
         Ok((code, body)) if code.as_u16() == 404 && target.is_some() => {
             // An unknown target: the daemon's message lists the known ones.
             let message = serde_json::from_str::<serde_json::Value>(&body)
@@ -281,7 +294,7 @@ pub async fn status(
         OutputFormat::Json => body,
         OutputFormat::Table => {
             let text_url = full.replace("format=json", "format=text");
-            match client::get_with(&text_url, "text/plain", trust).await {
+            match client::get_as(&text_url, "text/plain", trust, basic).await {
                 Ok((_, text)) => text,
                 Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
             }
