@@ -283,6 +283,25 @@ async fn renewed_certificates_and_users_take_effect_without_a_restart() {
     handle.shutdown().await.expect("shutdown");
 }
 
+/// The CLI on the configuration file `config` with `args`, `env` set (and no login of the
+/// caller's environment): its exit code and its output, stdout then stderr.
+fn run_cli(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("DEPLOYWATCH_USER")
+        .env_remove("DEPLOYWATCH_PASSWORD")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run deploywatch");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
 /// The CLI talks to a daemon that serves HTTPS: `status` and `deploy mark` take `https://` URLs
 /// and check the certificate against the system's roots and `--cacert`; without the CA that
 /// signed it they fail as unreachable and say why. Without `--url` the scheme comes from the
@@ -295,20 +314,8 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
     let url = format!("https://127.0.0.1:{port}");
     let ca = dir.path().join("ca.pem");
     let ca = ca.to_str().expect("path");
-    // The CLI on the configuration file `config`, with `env` set: its exit code and output.
     let cli = |config: &str, args: &[&str], env: &[(&str, &str)]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .arg("--config")
-            .arg(dir.path().join(config))
-            .args(args)
-            .envs(env.iter().copied())
-            .output()
-            .expect("run deploywatch");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
+        run_cli(&dir.path().join(config), args, env)
     };
     let run = |args: &[&str]| cli("deploywatch.toml", args, &[]);
     let (code, output) = run(&["status", "--format", "json", "--url", &url, "--cacert", ca]);
@@ -386,15 +393,8 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_that_serve_https_forward_announcements_over_https() {
     use deploywatch::commands::client;
-    use deploywatch::shard::shard_of;
     let pki = pki();
-    let name_of = |shard: u32| {
-        (0..)
-            .map(|i| format!("app{i}"))
-            .find(|name| shard_of(name, 2) == shard)
-            .expect("a name")
-    };
-    let (first, second) = (name_of(0), name_of(1));
+    let (first, second) = (common::name_in_shard(0, 2), common::name_in_shard(1, 2));
     let closed = common::free_port();
     let bind = || async {
         tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -418,9 +418,7 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
         dir.write("web.yml", TLS);
         dir.write("token", "shard-token");
         dir.write("checks/p.toml", PACK);
-        let target = |name: &str| {
-            format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {closed}\ndbname = \"x\"\nuser = \"deploywatch\"\n")
-        };
+        let target = |name: &str| common::target_on_port(name, closed);
         dir.write(
             "deploywatch.toml",
             &format!(
@@ -506,22 +504,10 @@ async fn the_cli_logs_in_to_a_daemon_that_asks_for_a_user() {
     let url = format!("https://127.0.0.1:{}", handle.local_addr.port());
     let ca = dir.path().join("ca.pem");
     let ca = ca.to_str().expect("path");
+    let config = dir.path().join("deploywatch.toml");
     let cli = |args: &[&str], env: &[(&str, &str)]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_deploywatch"))
-            .arg("--config")
-            .arg(dir.path().join("deploywatch.toml"))
-            .args(["status", "--url", &url, "--cacert", ca])
-            .args(args)
-            .env_remove("DEPLOYWATCH_USER")
-            .env_remove("DEPLOYWATCH_PASSWORD")
-            .envs(env.iter().copied())
-            .output()
-            .expect("run deploywatch");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
+        let status = ["status", "--url", &url, "--cacert", ca];
+        run_cli(&config, &[&status[..], args].concat(), env)
     };
     let (code, output) = cli(&[], &[]);
     assert_eq!(code, Some(2), "{output}");

@@ -259,20 +259,12 @@ async fn two_shards_split_twenty_discovered_databases_keep_it_across_a_reload_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_owner() {
     // Two plain targets on a closed port, one of each shard (found with the same hash).
-    let name_of = |shard: u32| {
-        (0..)
-            .map(|i| format!("app{i}"))
-            .find(|name| shard_of(name, 2) == shard)
-            .expect("a name")
-    };
-    let (mine, theirs) = (name_of(0), name_of(1));
+    let (mine, theirs) = (common::name_in_shard(0, 2), common::name_in_shard(1, 2));
     let port = common::free_port();
     let dir = ConfigDir::new();
     dir.write("token", "shard-token");
     dir.write("checks/one.toml", ONE_CHECK);
-    let target = |name: &str| {
-        format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"deploywatch\"\n")
-    };
+    let target = |name: &str| common::target_on_port(name, port);
     dir.write(
         "deploywatch.toml",
         &format!(

@@ -298,6 +298,19 @@ pub fn free_port() -> u16 {
         .expect("a free port on 127.0.0.1")
 }
 
+/// The first target name `app0`, `app1`, … that shard `shard` of `count` owns.
+pub fn name_in_shard(shard: u32, count: u32) -> String {
+    (0..)
+        .map(|i| format!("app{i}"))
+        .find(|name| deploywatch::shard::shard_of(name, count) == shard)
+        .expect("a name")
+}
+
+/// A `[[targets]]` entry named `name` for a database on `port` of 127.0.0.1 (often a closed one).
+pub fn target_on_port(name: &str, port: u16) -> String {
+    format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"deploywatch\"\n")
+}
+
 /// An HTTP GET against the daemon; returns status code and body.
 pub async fn get(url: &str) -> (u16, String) {
     get_as(url, "*/*").await
