@@ -434,11 +434,13 @@ fn query_message(id: &str, query: &str) -> String {
 /// Latency per query, in every window. Each statement followed in the baseline and the window
 /// is tested with the mixture sequential test on the log of its per-sample mean time per call
 /// (valid however often the window is looked at; the window's most extreme sample winsorized,
-/// so one heavy sample is not a shift: [`stats::sequential_shift`]), for a change of more than half of
-/// `latency_min_increase` beyond the server-wide one: the median change of all statements
-/// tested, counted up to that half either way (a server made a few percent slower by more
-/// traffic slows every query, which is not one query's regression; a deployment that slows
-/// every query by more still has each flagged on what exceeds that half); the p-values of all statements tested at this
+/// so one heavy sample is not a shift, and the window's variance scaled up when its means hold
+/// fewer calls than the baseline's: [`stats::sequential_shift`]; one-sided, in the direction of
+/// the change), for a change of more than half of `latency_min_increase` beyond the server-wide
+/// one: the median change of all statements tested, counted up to that half either way (a
+/// server made a few percent slower by more traffic slows every query, which is not one
+/// query's regression; a deployment that slows every query by more still has each flagged on
+/// what exceeds that half); the p-values of all statements tested at this
 /// look go through Benjamini–Hochberg weighted by each statement's share of the baseline's
 /// database time ([`time_weights`]), so testing hundreds of queries does not make one of them
 /// come out by chance, and a slowdown of a statement that costs the database time is found
@@ -481,9 +483,13 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
         {
             continue;
         }
+        // Calls behind each per-sample mean, the baseline's over the window's: a window of
+        // fewer calls a mean (traffic fell) has noisier means under "no change".
+        let calls_ratio = (before.calls / n_b as f64) / (after.calls / n_w as f64);
         let Some(test) = stats::sequential_shift(
             &before.log_means,
             &after.log_means,
+            calls_ratio,
             LATENCY_MIXTURE_TAU,
             LATENCY_MIN_LOG_SD,
         ) else {
@@ -513,14 +519,17 @@ fn query_latency(baseline: &Summary, window: &Summary, t: &Thresholds, j: &mut J
     let margin = (1.0 + t.latency_min_increase / 2.0).ln();
     let shifts: Vec<f64> = tested.iter().map(|x| x.test.shift).collect();
     let server_wide = stats::median(&shifts).unwrap_or(0.0).clamp(-margin, margin);
+    // Beyond the server-wide change, and by more than the same half of `latency_min_increase`:
+    // per-sample times of few calls are heavy-tailed, and a change within that margin is not
+    // what a regression is.
     for x in tested.iter_mut() {
-        // Beyond the server-wide change, and by more than the same half of
-        // `latency_min_increase`: per-sample times of few calls are heavy-tailed, and a
-        // change within that margin is not what a regression is.
         x.beyond = x.test.shift - server_wide;
         let excess = x.beyond.abs() - margin;
+        // One-sided in the direction of the change: slower and faster are separate families
+        // below, and each only ever flags its own direction.
         x.test.p_value = if excess > 0.0 {
-            stats::mixture_test(excess, x.test.variance, LATENCY_MIXTURE_TAU).map_or(1.0, |r| r.1)
+            stats::one_sided_mixture_test(excess, x.test.variance, LATENCY_MIXTURE_TAU)
+                .map_or(1.0, |r| r.1)
         } else {
             1.0
         };
@@ -1416,6 +1425,42 @@ mod tests {
         assert!((w.iter().sum::<f64>() - 5.0).abs() < 1e-9, "{w:?}");
         assert!(w[0] > 2.9 && w[3] == 0.5 && w[4] == 0.5, "{w:?}");
         assert_eq!(time_weights(&[0.0, 0.0]), vec![1.0, 1.0]);
+    }
+
+    /// A statement called 40 times a sample, then a quiet hour with a quarter of the traffic:
+    /// each per-sample mean now averages 10 calls, so single calls' spread moves it twice as
+    /// much (`spread` 0.2 instead of 0.1 on the log), and the window wanders +30 % over 12
+    /// samples. Against the baseline's variance alone that is p about 10⁻⁵; with the window's
+    /// variance scaled for its calls it is noise. `factor` multiplies the window's times;
+    /// eight steady statements keep the server-wide change at none.
+    fn quiet_hour(calls_w: f64, spread_w: f64, factor: f64) -> Judgement {
+        let mut rng = Lcg(17);
+        let mut make = |at: f64, calls: f64, spread: f64, factor: f64| {
+            let z = (rng.next() - 0.5) * 12f64.sqrt();
+            let mut queries = vec![("1".to_string(), 10.0 * factor * (spread * z).exp(), calls)];
+            queries.extend((2..10).map(|i| (i.to_string(), 1.0, calls)));
+            sample_with_calls(at, &queries)
+        };
+        let baseline: Vec<Sample> = (0..60)
+            .map(|i| make(60.0 * i as f64, 40.0, 0.1, 1.0))
+            .collect();
+        let window: Vec<Sample> = (0..12)
+            .map(|i| make(10_000.0 + 60.0 * i as f64, calls_w, spread_w, factor))
+            .collect();
+        judged(Window::FirstHour, &baseline, &window)
+    }
+
+    #[test]
+    fn a_quiet_hours_noisier_means_are_not_a_slowdown() {
+        let j = quiet_hour(10.0, 0.2, 1.25);
+        assert!(j.regressions.is_empty(), "{:?}", j.regressions);
+        // The same values with the baseline's calls behind each mean are a slowdown: only the
+        // calls tell the two apart.
+        let j = quiet_hour(40.0, 0.2, 1.25);
+        assert_only(&j.regressions, Signal::QueryLatency, "query 1");
+        // And a quiet hour still shows a statement twice as slow.
+        let j = quiet_hour(10.0, 0.2, 2.0);
+        assert_only(&j.regressions, Signal::QueryLatency, "query 1");
     }
 
     /// Hundreds of unchanged queries looked at after every sample: without a sequential test

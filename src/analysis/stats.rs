@@ -474,7 +474,8 @@ pub struct SequentialShift {
     /// that mean is still below, else 0.
     pub shift: f64,
     /// Variance of that difference: the baseline's per-value variance (at least `min_sd`
-    /// squared), inflated for lag-1 autocorrelation, over both sample sizes.
+    /// squared), inflated for lag-1 autocorrelation as the mean of each side's number of
+    /// consecutive values is.
     pub variance: f64,
     /// Natural log of the mixture likelihood ratio.
     pub log_likelihood_ratio: f64,
@@ -500,6 +501,53 @@ pub fn mixture_test(estimate: f64, variance: f64, tau: f64) -> Option<(f64, f64)
     Some((log_lr, (-log_lr).exp().min(1.0)))
 }
 
+/// The one-sided form of [`mixture_test`], for "θ > 0" against "θ ≤ 0": the mixing
+/// distribution is the half-normal over θ > 0 (scale `tau`), which gives the two-sided ratio
+/// times `2 Φ(estimate · tau / sqrt(variance (variance + tau²)))`. Under any θ ≤ 0 the ratio is
+/// a supermartingale, so the p-value `min(1, 1 / ratio)` stays always valid; a test that only
+/// ever flags one direction gets about half the two-sided p-value for a clear change in it,
+/// and none of the level spent on the other direction. `None` as for [`mixture_test`].
+pub fn one_sided_mixture_test(estimate: f64, variance: f64, tau: f64) -> Option<(f64, f64)> {
+    let (two_sided, _) = mixture_test(estimate, variance, tau)?;
+    let tau2 = tau * tau;
+    let z = estimate * tau / (variance * (variance + tau2)).sqrt();
+    // 2 Φ(z) = 2 (1 − Φ(−z)) = 2 · P(Z > −z).
+    let log_lr = two_sided + (2.0 * normal_sf(-z)).ln();
+    Some((log_lr, (-log_lr).exp().min(1.0)))
+}
+
+/// How much the variance of the mean of `n` consecutive values of an AR(1) series with lag-1
+/// autocorrelation `r` exceeds that of `n` independent ones: `(1 + r) / (1 − r) −
+/// 2 r (1 − rⁿ) / (n (1 − r)²)`. 1 for a single value, rising toward the long-run
+/// `(1 + r) / (1 − r)` as `n` grows; using the long-run factor for a window of a few samples
+/// overstates its variance (by 40 % at six samples and r = 0.6).
+pub fn ar1_mean_variance_factor(n: f64, r: f64) -> f64 {
+    let r = r.clamp(0.0, MAX_AUTOCORRELATION);
+    let n = n.max(1.0);
+    ((1.0 + r) / (1.0 - r) - 2.0 * r * (1.0 - r.powf(n)) / (n * (1.0 - r) * (1.0 - r))).max(1.0)
+}
+
+/// Highest lag-1 autocorrelation the tests credit to a series: [`sequential_shift`] clamps to
+/// it, and [`fewer_calls_factor`] takes it as the most the drifting part of a series can have.
+pub const MAX_AUTOCORRELATION: f64 = 0.9;
+
+/// How much noisier than the baseline's a window's per-sample means are when each holds fewer
+/// calls: `1 + w (calls_ratio − 1)` for `calls_ratio` (the baseline's calls per mean over the
+/// window's) above 1, else 1. `w` is the largest share of the variance that can be white
+/// (single calls' spread over the calls averaged, which scales with 1 / calls): for a drifting
+/// AR(1) part with autocorrelation φ ≤ [`MAX_AUTOCORRELATION`] plus white noise, the series'
+/// lag-1 autocorrelation is `r` = φ · (1 − w), so `w` ≤ 1 − r / `MAX_AUTOCORRELATION`. Taking
+/// that bound errs toward a noisier window: a statement whose means hold a quarter of the
+/// calls, with `r` 0.45, gets its window variance scaled by 2.5; one with r = 0.9 (all drift)
+/// by 1. Not finite: 1.
+pub fn fewer_calls_factor(calls_ratio: f64, r: f64) -> f64 {
+    if !calls_ratio.is_finite() || calls_ratio <= 1.0 {
+        return 1.0;
+    }
+    let white = (1.0 - r.clamp(0.0, MAX_AUTOCORRELATION) / MAX_AUTOCORRELATION).clamp(0.0, 1.0);
+    1.0 + white * (calls_ratio - 1.0)
+}
+
 /// Mixture sequential probability ratio test (mSPRT, normal mixture with scale `tau`) of the
 /// difference between `window`'s mean and `baseline`'s, for a change carried by more than one
 /// window value.
@@ -515,9 +563,10 @@ pub fn mixture_test(estimate: f64, variance: f64, tau: f64) -> Option<(f64, f64)
 /// samples had not moved. A change present in several samples (a slower plan, intermittent
 /// waits in a share of the samples) loses little: the gap between its two largest values.
 ///
-/// Under "no change" the difference is about N(0, V) with V = s² (1 + r) / (1 - r) (1 / n_w +
-/// 1 / n_b), s² the baseline's variance (at least `min_sd` squared) and r its lag-1
-/// autocorrelation (sampled statistics drift, so consecutive values are correlated). The
+/// Under "no change" the difference is about N(0, V) with V = s² (f(n_w) / n_w + f(n_b) /
+/// n_b), s² the baseline's variance (at least `min_sd` squared), r its lag-1 autocorrelation
+/// (sampled statistics drift, so consecutive values are correlated) and f the variance factor
+/// of the mean of n consecutive AR(1) values ([`ar1_mean_variance_factor`]). The
 /// baseline's variance stands for the window's: under "no change" they are the same, and a
 /// window's own variance is large exactly when the change is intermittent waits in a share of
 /// its samples, which must be found (a Welch variance, s_b² / n_b + s_w² / n_w, would take lock
@@ -527,9 +576,18 @@ pub fn mixture_test(estimate: f64, variance: f64, tau: f64) -> Option<(f64, f64)
 /// against θ = 0 is sqrt(V / (V + tau²)) exp(tau² d² / (2 V (V + tau²))); by Ville's
 /// inequality it exceeds 1 / alpha at some look with probability at most alpha, however often
 /// the growing window is looked at. `None` without two baseline values and two window values.
+///
+/// The one way the window is known to be noisier than the baseline under "no change" is fewer
+/// calls behind each of its values: a per-sample mean of c calls varies by a part that drifts
+/// with the statement (the autocorrelated part) plus the spread of single calls over c (white
+/// noise). `calls_ratio` is the baseline's calls per value over the window's; above 1 (traffic
+/// fell at the deployment) the white part of the window's variance is scaled by it
+/// ([`fewer_calls_factor`]), so a quiet hour's noisier means of a rarely called statement are
+/// not a slowdown. Below 1 nothing is taken off: the baseline's variance still stands.
 pub fn sequential_shift(
     baseline: &RunningMoments,
     window: &RunningMoments,
+    calls_ratio: f64,
     tau: f64,
     min_sd: f64,
 ) -> Option<SequentialShift> {
@@ -546,9 +604,12 @@ pub fn sequential_shift(
     let r = baseline
         .lag1_autocorrelation()
         .unwrap_or(0.0)
-        .clamp(0.0, 0.9);
-    let inflation = (1.0 + r) / (1.0 - r);
-    let v = variance_b * inflation * (1.0 / window.n as f64 + 1.0 / baseline.n as f64);
+        .clamp(0.0, MAX_AUTOCORRELATION);
+    let (n_w, n_b) = (window.n as f64, baseline.n as f64);
+    let fewer_calls = fewer_calls_factor(calls_ratio, r);
+    let v = variance_b
+        * (ar1_mean_variance_factor(n_w, r) * fewer_calls / n_w
+            + ar1_mean_variance_factor(n_b, r) / n_b);
     let (log_lr, p_value) = mixture_test(d, v, tau)?;
     Some(SequentialShift {
         shift: d,
@@ -928,16 +989,16 @@ mod tests {
         let baseline = RunningMoments::of(&[0.0, 0.1, -0.1, 0.05, -0.05, 0.0, 0.1, -0.1]);
         let same = RunningMoments::of(&[0.02, -0.03, 0.04, -0.01, 0.0]);
         let doubled = RunningMoments::of(&[0.7, 0.68, 0.72, 0.69, 0.71]);
-        let quiet = sequential_shift(&baseline, &same, 0.3, 0.02).expect("test");
+        let quiet = sequential_shift(&baseline, &same, 1.0, 0.3, 0.02).expect("test");
         assert!(quiet.p_value > 0.5, "{quiet:?}");
-        let loud = sequential_shift(&baseline, &doubled, 0.3, 0.02).expect("test");
+        let loud = sequential_shift(&baseline, &doubled, 1.0, 0.3, 0.02).expect("test");
         assert!(loud.p_value < 1e-6 && loud.shift > 0.6, "{loud:?}");
-        assert!(sequential_shift(&RunningMoments::of(&[1.0]), &same, 0.3, 0.02).is_none());
-        assert!(sequential_shift(&baseline, &RunningMoments::default(), 0.3, 0.02).is_none());
+        assert!(sequential_shift(&RunningMoments::of(&[1.0]), &same, 1.0, 0.3, 0.02).is_none());
+        assert!(sequential_shift(&baseline, &RunningMoments::default(), 1.0, 0.3, 0.02).is_none());
         // A constant baseline does not make every wiggle significant: the floor on the spread.
         let flat = RunningMoments::of(&[1.0; 30]);
         let wiggle = RunningMoments::of(&[1.01, 0.99, 1.02, 1.0]);
-        let r = sequential_shift(&flat, &wiggle, 0.3, 0.05).expect("test");
+        let r = sequential_shift(&flat, &wiggle, 1.0, 0.3, 0.05).expect("test");
         assert!(r.p_value > 0.5, "{r:?}");
     }
 
@@ -963,10 +1024,12 @@ mod tests {
             let (mut seq_hit, mut naive_hit) = (false, false);
             for _ in 0..looks {
                 window.push(ar.next());
-                let Some(r) = sequential_shift(&baseline, &window, 0.3, 0.01) else {
+                let Some(r) = sequential_shift(&baseline, &window, 1.0, 0.3, 0.01) else {
                     continue;
                 };
-                seq_hit |= r.shift > 0.0 && r.p_value < alpha;
+                // The one-sided test of a slowdown, as `query_latency` uses it.
+                let slower = one_sided_mixture_test(r.shift, r.variance, 0.3).map_or(1.0, |t| t.1);
+                seq_hit |= r.shift > 0.0 && slower < alpha;
                 // The same difference judged as if this were the only look.
                 let z = r.shift / r.variance.sqrt();
                 naive_hit |= normal_sf(z) < alpha;
@@ -994,10 +1057,11 @@ mod tests {
             let mut found_at = None;
             for look in 1..=60 {
                 window.push(ar.next() + factor.ln());
-                let Some(r) = sequential_shift(&baseline, &window, 0.3, 0.01) else {
+                let Some(r) = sequential_shift(&baseline, &window, 1.0, 0.3, 0.01) else {
                     continue;
                 };
-                if r.p_value < alpha {
+                let slower = one_sided_mixture_test(r.shift, r.variance, 0.3).map_or(1.0, |t| t.1);
+                if slower < alpha {
                     found_at = Some(look);
                     break;
                 }
@@ -1009,6 +1073,65 @@ mod tests {
         }
     }
 
+    /// The one-sided mixture spends no level on the other direction: for a clear change in its
+    /// direction about half the two-sided p-value, for a change the other way nothing.
+    #[test]
+    fn the_one_sided_mixture_gives_about_half_the_p_value_in_its_direction() {
+        let (_, two) = mixture_test(0.3, 0.01, 0.3).expect("test");
+        let (_, one) = one_sided_mixture_test(0.3, 0.01, 0.3).expect("test");
+        assert!(
+            one < two && (one / two - 0.5).abs() < 0.01,
+            "{one} vs {two}"
+        );
+        let (_, against) = one_sided_mixture_test(-0.3, 0.01, 0.3).expect("test");
+        assert_eq!(against, 1.0);
+        assert!(one_sided_mixture_test(0.3, 0.0, 0.3).is_none());
+    }
+
+    #[test]
+    fn the_mean_of_few_autocorrelated_values_varies_less_than_the_long_run_factor_says() {
+        assert!((ar1_mean_variance_factor(1.0, 0.6) - 1.0).abs() < 1e-12);
+        assert!((ar1_mean_variance_factor(10.0, 0.0) - 1.0).abs() < 1e-12);
+        // Six values at r = 0.6: 2.81 against the long-run 4 (Var of the mean of AR(1)).
+        let six = ar1_mean_variance_factor(6.0, 0.6);
+        assert!((six - 2.8125).abs() < 0.01, "{six}");
+        let long = ar1_mean_variance_factor(10_000.0, 0.6);
+        assert!((long - 4.0).abs() < 0.001, "{long}");
+        // The clamp of the tests: no more than r = 0.9, none below 0.
+        assert_eq!(
+            ar1_mean_variance_factor(1e9, 0.99),
+            ar1_mean_variance_factor(1e9, 0.9)
+        );
+        assert!((ar1_mean_variance_factor(6.0, -0.5) - 1.0).abs() < 1e-12);
+    }
+
+    /// Fewer calls a mean make the window's means noisier by at most their white share.
+    #[test]
+    fn fewer_calls_a_mean_scale_only_the_white_part_of_the_variance() {
+        // All white (r = 0): a quarter of the calls, four times the variance.
+        assert!((fewer_calls_factor(4.0, 0.0) - 4.0).abs() < 1e-12);
+        // r = 0.45 at most half drift: 1 + 0.5 · 3.
+        assert!((fewer_calls_factor(4.0, 0.45) - 2.5).abs() < 1e-12);
+        // All drift: the calls change nothing.
+        assert!((fewer_calls_factor(4.0, 0.9) - 1.0).abs() < 1e-12);
+        // More calls a mean take nothing off, and nonsense changes nothing.
+        assert_eq!(fewer_calls_factor(0.5, 0.0), 1.0);
+        assert_eq!(fewer_calls_factor(f64::NAN, 0.0), 1.0);
+        assert_eq!(fewer_calls_factor(f64::INFINITY, 0.0), 1.0);
+        // And the sequential test's variance follows it.
+        let values: Vec<f64> = (0..60)
+            .map(|i| 0.1 * ((i * 7 % 11) as f64 - 5.0) / 5.0)
+            .collect();
+        let baseline = RunningMoments::of(&values);
+        let window = RunningMoments::of(&values[..12]);
+        let same = sequential_shift(&baseline, &window, 1.0, 0.3, 0.01).expect("test");
+        let quiet = sequential_shift(&baseline, &window, 4.0, 0.3, 0.01).expect("test");
+        assert!(
+            quiet.variance > 2.0 * same.variance,
+            "{quiet:?} vs {same:?}"
+        );
+    }
+
     /// One window sample 15x slower (a descheduled backend, one lock wait among few calls) on a
     /// tight baseline is not a shift: the rank test and the Hodges–Lehmann interval say the
     /// samples did not move, and neither may the sequential test. A steady shift still is.
@@ -1018,19 +1141,21 @@ mod tests {
         let mut values = vec![0.01, -0.01, 0.02, 0.0, -0.02];
         values.push(15f64.ln());
         let heavy = RunningMoments::of(&values);
-        let r = sequential_shift(&baseline, &heavy, 0.3, 0.05).expect("test");
+        let r = sequential_shift(&baseline, &heavy, 1.0, 0.3, 0.05).expect("test");
         assert!(r.p_value > 0.5, "{r:?}");
         // The same, the heavy sample first, among more samples.
         let mut values = vec![15f64.ln()];
         values.extend([0.01, -0.01, 0.02, 0.0, -0.02, 0.01, 0.0, -0.01, 0.02]);
-        let r = sequential_shift(&baseline, &RunningMoments::of(&values), 0.3, 0.05).expect("test");
+        let r = sequential_shift(&baseline, &RunningMoments::of(&values), 1.0, 0.3, 0.05)
+            .expect("test");
         assert!(r.p_value > 0.5, "{r:?}");
         // A steady 1.5x over the window is found at once.
         let steady: Vec<f64> = [0.01, -0.01, 0.02, 0.0, -0.02, 0.01]
             .iter()
             .map(|e| 1.5f64.ln() + e)
             .collect();
-        let r = sequential_shift(&baseline, &RunningMoments::of(&steady), 0.3, 0.05).expect("test");
+        let r = sequential_shift(&baseline, &RunningMoments::of(&steady), 1.0, 0.3, 0.05)
+            .expect("test");
         assert!(
             r.p_value < 1e-6 && (r.shift - 1.5f64.ln()).abs() < 0.05,
             "{r:?}"
@@ -1038,12 +1163,14 @@ mod tests {
         // So is a heavy share of samples (intermittent waits in a third of them).
         let mut waits = vec![0.01, -0.01, 0.02, 0.0, -0.02, 0.01, 0.0, -0.01, 0.02];
         waits.extend([20f64.ln(); 4]);
-        let r = sequential_shift(&baseline, &RunningMoments::of(&waits), 0.3, 0.05).expect("test");
+        let r =
+            sequential_shift(&baseline, &RunningMoments::of(&waits), 1.0, 0.3, 0.05).expect("test");
         assert!(r.p_value < 1e-6, "{r:?}");
         // And faster the same way: one fast sample is not an improvement.
         let mut values = vec![0.01, -0.01, 0.02, 0.0, -0.02];
         values.push(-(15f64.ln()));
-        let r = sequential_shift(&baseline, &RunningMoments::of(&values), 0.3, 0.05).expect("test");
+        let r = sequential_shift(&baseline, &RunningMoments::of(&values), 1.0, 0.3, 0.05)
+            .expect("test");
         assert!(r.p_value > 0.5, "{r:?}");
     }
 
@@ -1068,7 +1195,7 @@ mod tests {
                     (1..=100)
                         .find(|_| {
                             window.push(ar.next() + factor.ln());
-                            sequential_shift(&baseline, &window, 0.3, 0.05)
+                            sequential_shift(&baseline, &window, 1.0, 0.3, 0.05)
                                 .is_some_and(|r| r.p_value < 0.01 / 200.0)
                         })
                         .unwrap_or(usize::MAX)
