@@ -174,15 +174,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let basic = match user {
                 None => None,
+                Some(user) if user.contains(':') => {
+                    return Ok(printed((
+                        EXIT_UNREACHABLE,
+                        format!("--user {user:?}: a basic-auth user name cannot hold ':'\n"),
+                    )))
+                }
                 Some(user) => match std::env::var("DEPLOYWATCH_PASSWORD") {
                     Ok(password) => Some(commands::client::BasicAuth {
                         user: user.clone(),
                         password,
                     }),
-                    Err(_) => {
+                    Err(std::env::VarError::NotPresent) => {
                         return Ok(printed((
                             EXIT_UNREACHABLE,
                             format!("--user {user}: set its password in DEPLOYWATCH_PASSWORD\n"),
+                        )))
+                    }
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        return Ok(printed((
+                            EXIT_UNREACHABLE,
+                            "DEPLOYWATCH_PASSWORD is not valid UTF-8\n".to_string(),
                         )))
                     }
                 },

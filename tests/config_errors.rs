@@ -395,6 +395,13 @@ fn shard_peers_are_one_base_url_per_shard() {
         "server.shard_peers[1]",
         "only http:// and https:// peers",
     );
+    check(
+        &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"https://u:secret@a:9788\", \"https://b:9788\"]\n{TARGET}"),
+        GOOD_CHECK,
+        "deploywatch.toml",
+        "server.shard_peers[0]",
+        "holds no user or password",
+    );
     // The CA of https:// peers is read when the configuration is.
     check(
         &format!("[server]\nshard = \"0/2\"\nshard_peers = [\"https://a:9788\", \"https://b:9788\"]\nshard_peers_ca_file = \"missing-ca.pem\"\n{TARGET}"),

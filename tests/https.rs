@@ -488,7 +488,15 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
         body.contains("certificate") && body.contains("server.shard_peers_ca_file"),
         "{body}"
     );
-    assert!(!list(&urls[1]).await.contains("3.0.0"), "nothing recorded");
+    assert!(
+        !list(&urls[1]).await.contains("3.0.0"),
+        "the owner recorded nothing"
+    );
+    assert_eq!(
+        list(&urls[0]).await.trim(),
+        "[]",
+        "nor did the replica asked"
+    );
     asked.shutdown().await.expect("shutdown");
     owner.shutdown().await.expect("shutdown");
 }
@@ -543,11 +551,21 @@ async fn the_cli_logs_in_to_a_daemon_that_asks_for_a_user() {
         output.contains("nowhere"),
         "the table names the target: {output}"
     );
-    let (code, output) = cli(&["--user", "sre"], &[("DEPLOYWATCH_PASSWORD", "wrong")]);
+    let (code, output) = cli(
+        &["--user", "sre"],
+        &[("DEPLOYWATCH_PASSWORD", "n0t-the-password")],
+    );
     assert_eq!(code, Some(2), "{output}");
     assert!(
         output.contains("\"sre\" or its password was refused"),
         "{output}"
     );
+    assert!(
+        !output.contains("n0t-the-password"),
+        "the password is never shown: {output}"
+    );
+    let (code, output) = cli(&["--user", "s:re"], &[("DEPLOYWATCH_PASSWORD", "s3cret")]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("cannot hold ':'"), "{output}");
     handle.shutdown().await.expect("shutdown");
 }

@@ -1,6 +1,7 @@
 //! A small HTTP client for the CLI commands that talk to a running daemon
 //! (`deploywatch status`, `deploywatch deploy mark`), over plain HTTP or HTTPS (the daemon's
-//! `server.web_config_file`). Only this module knows hyper's client side.
+//! `server.web_config_file`). Whom HTTPS trusts is `server::trust`'s, which the replicas'
+//! forwarding shares.
 
 use std::time::Duration;
 

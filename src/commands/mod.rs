@@ -295,7 +295,13 @@ pub async fn status(
         OutputFormat::Table => {
             let text_url = full.replace("format=json", "format=text");
             match client::get_as(&text_url, "text/plain", trust, basic).await {
-                Ok((_, text)) => text,
+                Ok((code, text)) if code.is_success() => text,
+                Ok((code, body)) => {
+                    return (
+                        EXIT_UNREACHABLE,
+                        format!("deploywatch at {base} answered {code}: {body}\n"),
+                    )
+                }
                 Err(error) => return (EXIT_UNREACHABLE, format!("{error}\n")),
             }
         }

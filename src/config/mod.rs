@@ -462,12 +462,20 @@ pub struct Overrides {
     pub shard: Option<Shard>,
 }
 
-/// A peer is a replica's base URL: plain HTTP, nothing after the address.
+/// A peer is a replica's base URL: HTTP or HTTPS, no credentials in it (they would show in
+/// errors and logs; the caller's bearer token is passed on), nothing after the address.
 fn check_peer_url(text: &str) -> Result<(), String> {
     let url = url::Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(format!(
             "{text:?}: only http:// and https:// peers are supported"
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "a peer's URL holds no user or password (the caller's bearer token is passed on): {}://{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default()
         ));
     }
     if url.host_str().is_none() || url.path() != "/" || url.query().is_some() {
@@ -839,7 +847,10 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Conf
     }
     let shard_peers_ca_file = raw.server.shard_peers_ca_file.map(|p| base.join(p));
     if let Some(file) = &shard_peers_ca_file {
-        if let Err(error) = crate::postgres::tls::read_certs(file, "server.shard_peers_ca_file") {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Err(error) =
+            crate::postgres::tls::add_roots(&mut roots, file, "server.shard_peers_ca_file")
+        {
             f.push("server.shard_peers_ca_file", error.to_string());
         }
     }

@@ -294,6 +294,23 @@ pub(crate) fn read_certs(
     Ok(certs)
 }
 
+/// Adds the PEM certificates of `path` to `roots` as trust anchors; `what` names the setting
+/// it came from in errors (a file without a certificate, or one that cannot be an anchor).
+pub(crate) fn add_roots(
+    roots: &mut rustls::RootCertStore,
+    path: &PathBuf,
+    what: &'static str,
+) -> Result<(), TlsError> {
+    for cert in read_certs(path, what)? {
+        roots.add(cert).map_err(|e| TlsError::File {
+            what,
+            path: path.clone(),
+            reason: format!("not a CA certificate: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
 fn read_key(path: &PathBuf) -> Result<PrivateKeyDer<'static>, TlsError> {
     let file_error = |reason: String| TlsError::File {
         what: "sslkey",

@@ -812,7 +812,8 @@ async fn forward(
         Ok(request) => request,
         Err(error) => return unreachable(error.to_string()),
     };
-    let https = url.starts_with("https://");
+    // From the parsed scheme, which is case-insensitive (`HTTPS://` is HTTPS too).
+    let https = request.uri().scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
     let connector = match trust.connector(https) {
         Ok(connector) => connector,
         Err(error) => return unreachable(error.to_string()),

@@ -59,13 +59,8 @@ impl Trust {
             let _ = roots.add(cert);
         }
         if let Some(path) = &self.ca_file {
-            let certs = crate::postgres::tls::read_certs(path, self.what)
+            crate::postgres::tls::add_roots(&mut roots, path, self.what)
                 .map_err(|e| TrustError::CaFile(e.to_string()))?;
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| TrustError::CaFile(format!("{}: {e}", path.display())))?;
-            }
         }
         Ok(self.roots.get_or_init(|| Arc::new(roots)).clone())
     }
