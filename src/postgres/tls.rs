@@ -262,12 +262,7 @@ impl TlsSettings {
                         .map_err(|e| TlsError::Rustls(e.to_string()))?;
                 }
             }
-            Some(RootCert::System) => {
-                let loaded = rustls_native_certs::load_native_certs();
-                for cert in loaded.certs {
-                    let _ = roots.add(cert);
-                }
-            }
+            Some(RootCert::System) => add_system_roots(&mut roots),
             None => {}
         }
         Ok(roots)
@@ -292,6 +287,14 @@ pub(crate) fn read_certs(
         return Err(file_error("no PEM certificate in it".to_string()));
     }
     Ok(certs)
+}
+
+/// Adds the system's CA certificates to `roots`; one rustls cannot parse is skipped, as the
+/// system's own clients do.
+pub(crate) fn add_system_roots(roots: &mut rustls::RootCertStore) {
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
 }
 
 /// Adds the PEM certificates of `path` to `roots` as trust anchors; `what` names the setting

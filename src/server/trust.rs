@@ -53,11 +53,7 @@ impl Trust {
             return Ok(roots.clone());
         }
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            // A system certificate rustls cannot parse is skipped, as the system's own
-            // clients do.
-            let _ = roots.add(cert);
-        }
+        crate::postgres::tls::add_system_roots(&mut roots);
         if let Some(path) = &self.ca_file {
             crate::postgres::tls::add_roots(&mut roots, path, self.what)
                 .map_err(|e| TrustError::CaFile(e.to_string()))?;
