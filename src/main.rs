@@ -1,7 +1,7 @@
 //! The `deploywatch` binary: parse the command line, start logging, load the configuration and
 //! dispatch. Everything else lives in the library.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -199,16 +199,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 },
             };
-            let config = Config::load(&cli.config).ok();
-            let url = daemon_url(url, config.as_ref(), &cli.config);
-            let trust = commands::client::Trust::new(cacert.clone());
+            let daemon = Daemon::of(&cli.config, url, cacert);
             Ok(printed(
                 commands::status(
-                    url.as_deref(),
-                    config.as_ref(),
+                    daemon.url.as_deref(),
+                    daemon.config.as_ref(),
                     target.as_deref(),
                     *format,
-                    &trust,
+                    &daemon.trust,
                     basic.as_ref(),
                 )
                 .await,
@@ -226,19 +224,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cacert,
                 },
         } => {
-            let config = Config::load(&cli.config).ok();
-            let url = daemon_url(url, config.as_ref(), &cli.config);
-            let trust = commands::client::Trust::new(cacert.clone());
+            let daemon = Daemon::of(&cli.config, url, cacert);
             Ok(printed(
                 commands::deploy_mark(
-                    config.as_ref(),
-                    url.as_deref(),
+                    daemon.config.as_ref(),
+                    daemon.url.as_deref(),
                     token_env.as_deref(),
                     target.as_deref(),
                     version,
                     note.as_deref(),
                     started_at.as_deref(),
-                    &trust,
+                    &daemon.trust,
                 )
                 .await,
             ))
@@ -297,6 +293,23 @@ fn forward_signals(events: tokio::sync::mpsc::Sender<Event>) -> anyhow::Result<(
 /// `--url`, else, when the configuration does not load as a whole (a web configuration whose
 /// key this user cannot read, a check pack with an error), the address its `[server]` gives:
 /// the commands that ask the daemon need nothing else from it.
+/// What a command that talks to a running daemon needs: the configuration when it loads,
+/// the daemon's URL and whom its HTTPS certificate is checked against.
+struct Daemon {
+    config: Option<Config>,
+    url: Option<String>,
+    trust: commands::client::Trust,
+}
+
+impl Daemon {
+    fn of(path: &Path, url: &Option<String>, cacert: &Option<PathBuf>) -> Daemon {
+        let config = Config::load(path).ok();
+        let url = daemon_url(url, config.as_ref(), path);
+        let trust = commands::client::Trust::new(cacert.clone());
+        Daemon { config, url, trust }
+    }
+}
+
 fn daemon_url(url: &Option<String>, config: Option<&Config>, path: &Path) -> Option<String> {
     url.clone().or_else(|| {
         config

@@ -418,17 +418,18 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
         dir.write("web.yml", TLS);
         dir.write("token", "shard-token");
         dir.write("checks/p.toml", PACK);
-        let target = |name: &str| common::target_on_port(name, closed);
+        let ca = if ca {
+            "shard_peers_ca_file = \"ca.pem\"\n"
+        } else {
+            ""
+        };
+        let server = format!(
+            "web_config_file = \"web.yml\"\napi_token_file = \"token\"\nshard = \"{shard}/2\"\nshard_peers = [\"{}\", \"{}\"]\n{ca}",
+            urls[0], urls[1]
+        );
         dir.write(
             "deploywatch.toml",
-            &format!(
-                "[server]\nweb_config_file = \"web.yml\"\napi_token_file = \"token\"\nshard = \"{shard}/2\"\nshard_peers = [\"{}\", \"{}\"]\n{}\n[defaults]\nconnect_timeout = \"1s\"\n\n{}{}",
-                urls[0],
-                urls[1],
-                if ca { "shard_peers_ca_file = \"ca.pem\"\n" } else { "" },
-                target(&first),
-                target(&second)
-            ),
+            &common::replica_config(&server, closed, &[&first, &second]),
         );
         dir
     };

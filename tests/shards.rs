@@ -264,15 +264,9 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     let dir = ConfigDir::new();
     dir.write("token", "shard-token");
     dir.write("checks/one.toml", ONE_CHECK);
-    let target = |name: &str| common::target_on_port(name, port);
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\napi_token_file = \"token\"\nshard = \"0/2\"\n\n[defaults]\nconnect_timeout = \"1s\"\n\n{}{}",
-            target(&mine),
-            target(&theirs)
-        ),
-    );
+    let server = "api_token_file = \"token\"\nshard = \"0/2\"\n";
+    let replica = |server: &str| common::replica_config(server, port, &[&mine, &theirs]);
+    dir.write("deploywatch.toml", &replica(server));
     let config = dir.load();
     let handle = common::start(&dir).await;
     let url = common::base(&handle);
@@ -364,15 +358,11 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
         .await
         .expect("bind");
     let own_url = format!("http://{}", listener.local_addr().expect("address"));
-    dir.write(
-        "deploywatch.toml",
-        &format!(
-            "[server]\napi_token_file = \"token\"\nshard = \"0/2\"\nshard_peers = [\"http://127.0.0.1:{}\", \"{own_url}\"]\n\n[defaults]\nconnect_timeout = \"1s\"\n\n{}{}",
-            common::free_port(),
-            target(&mine),
-            target(&theirs)
-        ),
+    let peers = format!(
+        "shard_peers = [\"http://127.0.0.1:{}\", \"{own_url}\"]\n",
+        common::free_port()
     );
+    dir.write("deploywatch.toml", &replica(&format!("{server}{peers}")));
     let confused = daemon::start(dir.load(), listener).expect("starts");
     let (code, body) = client::announce(&own_url, "shard-token", &announcement)
         .await
@@ -390,10 +380,7 @@ async fn without_peers_an_announcement_for_another_shard_is_refused_with_its_own
     // target left to try.
     dir.write(
         "deploywatch.toml",
-        &format!(
-            "[server]\napi_token_file = \"token\"\nshard = \"0/2\"\n\n{}",
-            target(&theirs)
-        ),
+        &common::replica_config(server, port, &[&theirs]),
     );
     let idle = common::start(&dir).await;
     let url = common::base(&idle);

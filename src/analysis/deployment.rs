@@ -114,6 +114,16 @@ impl Finding {
         self
     }
 
+    /// A regression (suspected, confirmed or resolved), not a notice.
+    pub(crate) fn is_regression(&self) -> bool {
+        self.state != FlagState::Notice
+    }
+
+    /// How many of `findings` are regressions, not notices.
+    pub(crate) fn regressions_in(findings: &[Finding]) -> usize {
+        findings.iter().filter(|f| f.is_regression()).count()
+    }
+
     /// A regression shown and not resolved.
     pub fn active(&self) -> bool {
         matches!(self.state, FlagState::Suspected | FlagState::Confirmed)
@@ -241,36 +251,30 @@ pub(crate) fn render_text(view: &DeploymentView) -> String {
     );
     let _ = writeln!(out, "  baseline: {} samples", view.baseline_samples);
     for window in &view.windows {
+        let (name, verdict) = (window.window.as_str(), window.verdict.as_str());
+        let samples = window.samples;
+        let regressions = Finding::regressions_in(&window.regressions);
+        let improvements = window.improvements.len();
         let _ = writeln!(
             out,
-            "    {:<11} {:<12} samples {:<5} regressions {:<3} improvements {}",
-            window.window.as_str(),
-            window.verdict.as_str(),
-            window.samples,
-            window.regressions.len(),
-            window.improvements.len()
+            "    {name:<11} {verdict:<12} samples {samples:<5} regressions {regressions:<3} improvements {improvements}"
         );
-        for finding in &window.regressions {
-            let what = if finding.state == FlagState::Notice {
-                "notice"
-            } else {
+        // Regressions and notices with their state, then improvements.
+        let flagged = window.regressions.iter().map(|f| {
+            let what = if f.is_regression() {
                 "REGRESSION"
+            } else {
+                "notice"
             };
-            let _ = writeln!(
-                out,
-                "      {what} ({}) {}: {}",
-                finding.state.as_str(),
-                finding.signal.as_str(),
-                finding.message
-            );
-        }
-        for finding in &window.improvements {
-            let _ = writeln!(
-                out,
-                "      improvement {}: {}",
-                finding.signal.as_str(),
-                finding.message
-            );
+            (format!("{what} ({})", f.state.as_str()), f)
+        });
+        let improved = window
+            .improvements
+            .iter()
+            .map(|f| ("improvement".to_string(), f));
+        for (what, finding) in flagged.chain(improved) {
+            let (signal, message) = (finding.signal.as_str(), &finding.message);
+            let _ = writeln!(out, "      {what} {signal}: {message}");
         }
     }
     for limitation in &view.limitations {

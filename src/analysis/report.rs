@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::analysis::deployment::{DeploymentRecord, VerdictRecord};
-use crate::analysis::deployment::{Finding, FlagState, Signal};
+use crate::analysis::deployment::{Finding, Signal};
 use crate::analysis::sample::Sample;
 use crate::analysis::window::Verdict;
 use crate::time::rfc3339;
@@ -116,10 +116,7 @@ pub(crate) fn render(input: &ReportInput<'_>) -> String {
             v.window.as_str(),
             v.verdict.as_str(),
             v.samples,
-            v.regressions
-                .iter()
-                .filter(|f| f.state != FlagState::Notice)
-                .count(),
+            Finding::regressions_in(&v.regressions),
             v.improvements.len()
         );
     }
@@ -145,13 +142,13 @@ pub(crate) fn render(input: &ReportInput<'_>) -> String {
         .verdicts
         .iter()
         .flat_map(|v| v.regressions.iter())
-        .filter(|f| f.state != FlagState::Notice)
+        .filter(|f| f.is_regression())
         .collect();
     let notices: Vec<&Finding> = input
         .verdicts
         .iter()
         .flat_map(|v| v.regressions.iter())
-        .filter(|f| f.state == FlagState::Notice)
+        .filter(|f| !f.is_regression())
         .collect();
     let improvements: Vec<&Finding> = input
         .verdicts

@@ -125,7 +125,9 @@ pub enum Following {
 /// sums are over.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Coverage {
+    /// Seconds the samples cover.
     pub(crate) seconds: f64,
+    /// How many samples.
     pub(crate) samples: usize,
 }
 
@@ -140,8 +142,11 @@ impl Coverage {
 /// Sequential scans of one table.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct TableSummary {
+    /// Sequential scans started in the covered samples (sum of their deltas).
     pub(crate) seq_scan: f64,
+    /// Rows those scans read.
     pub(crate) seq_tup_read: f64,
+    /// The samples that carried the table's counters.
     pub(crate) coverage: Coverage,
 }
 
@@ -150,24 +155,33 @@ pub(crate) struct TableSummary {
 pub(crate) struct IndexSummary {
     /// The table, as first seen.
     pub(crate) table: String,
+    /// Index scans started in the samples that carried the index (sum of their deltas).
     pub(crate) scans: f64,
+    /// Samples that carried the index.
     pub(crate) samples: usize,
 }
 
 /// Database-wide counters over the samples that have them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct DatabaseSummary {
+    /// Transactions committed in the covered samples (sum of their deltas).
     pub(crate) xact_commit: f64,
+    /// Transactions rolled back (deploywatch's own end in COMMIT: these are the application's).
     pub(crate) xact_rollback: f64,
+    /// Deadlocks detected.
     pub(crate) deadlocks: f64,
+    /// The samples that carried `pg_stat_database`.
     pub(crate) coverage: Coverage,
 }
 
 /// Statements not followed in detail, added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Others {
+    /// How many statements were added up here.
     pub(crate) statements: usize,
+    /// Their calls.
     pub(crate) calls: f64,
+    /// Their execution time (ms).
     pub(crate) total_ms: f64,
 }
 
@@ -231,16 +245,21 @@ pub struct Summary {
     pub(crate) restarts: usize,
     /// Samples still to leave out of the statement times after a restart.
     warmup_left: usize,
+    /// Database-wide counters; `None` when no sample carried them.
     pub(crate) database: Option<DatabaseSummary>,
     /// Highest share of max_connections in use.
     pub(crate) connection_peak: Option<f64>,
+    /// The statements followed in detail, by query id.
     pub statements: BTreeMap<String, StatementSummary>,
+    /// The statements not followed, added up.
     pub(crate) others: Others,
     /// Time (ms) of every statement added, followed or not.
     pub(crate) statement_ms: f64,
     /// Statements of the baseline that are not followed, seen here (a bounded set: ids only).
     other_ids: BTreeSet<String>,
+    /// Sequential scans by table (`schema.table`).
     pub(crate) tables: BTreeMap<String, TableSummary>,
+    /// Scans by index (`schema.index`).
     pub(crate) indexes: BTreeMap<String, IndexSummary>,
     /// Size of the first and the latest sample (0 when not sampled).
     pub(crate) first_size: f64,
@@ -249,9 +268,13 @@ pub struct Summary {
     pub(crate) first_sized: Option<SizePoint>,
     pub(crate) last_sized: Option<SizePoint>,
     pub(crate) sized_samples: usize,
+    /// The checks' outcomes: first, latest and failing.
     pub(crate) checks: ChecksSummary,
+    /// Calls a statement's per-sample mean needs (fewer are pooled with the next samples).
     min_calls: u64,
+    /// Which statements are followed in detail.
     following: Following,
+    /// Per-sample values kept of each series at most (see [`Spread`]).
     capacity: usize,
     /// Statements followed because the baseline never saw them.
     new_followed: usize,

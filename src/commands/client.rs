@@ -6,11 +6,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -27,7 +25,7 @@ pub enum ClientError {
 }
 
 pub use crate::server::trust::Trust;
-use crate::server::trust::{error_chain, TrustError};
+use crate::server::trust::{exchange, ExchangeError, TrustError};
 
 /// A `GET`: the status and body. The status comes as hyper's type so callers need not know it.
 pub async fn get(url: &str, accept: &str) -> Result<(StatusCode, String), ClientError> {
@@ -122,8 +120,7 @@ async fn send(
                 url: url.to_string(),
                 reason: e.to_string(),
             })?;
-    let https = uri.scheme_str() == Some("https");
-    if !https && uri.scheme_str() != Some("http") {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err(ClientError::Url {
             url: url.to_string(),
             reason: "only http:// and https:// URLs are supported".to_string(),
@@ -145,40 +142,24 @@ async fn send(
             url: url.to_string(),
             reason: e.to_string(),
         })?;
-    let connector = trust.connector(https)?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| {
-            let mut reason = error_chain(&e);
-            if https && reason.contains("certificate") {
-                reason.push_str(
-                    " (the daemon's certificate must be signed by a CA of the system or of \
-                         --cacert, and name the host of the URL: use --url https://<a name in the \
-                         certificate>:<port>)",
-                );
-            }
-            ClientError::Unreachable {
+    let hint = "the daemon's certificate must be signed by a CA of the system or of --cacert, \
+                and name the host of the URL: use --url https://<a name in the certificate>:<port>";
+    let answer = exchange(trust, request, usize::MAX, TIMEOUT, hint)
+        .await
+        .map_err(|error| match error {
+            ExchangeError::Trust(error) => ClientError::Trust(error),
+            ExchangeError::Unreachable(reason) => ClientError::Unreachable {
                 url: url.to_string(),
                 reason,
-            }
-        })?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Unreachable {
+            },
+            ExchangeError::Timeout(_) => ClientError::Timeout {
                 url: url.to_string(),
-                reason: e.to_string(),
-            })?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    tokio::time::timeout(TIMEOUT, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            url: url.to_string(),
-        })?
+            },
+        })?;
+    Ok((
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
 }
 
 /// What a pipeline says when it announces a deployment (`POST /api/deployments`).

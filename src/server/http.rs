@@ -31,7 +31,7 @@ use crate::checks::outcome::Status;
 use crate::config::web::AuthVerdict;
 use crate::postgres::target::PasswordSource;
 use crate::server::status::{self, Filter};
-use crate::server::trust::{error_chain, Trust};
+use crate::server::trust::{self, Trust};
 use crate::shard::{shard_of, Shard};
 use crate::watch::state::State;
 use crate::watch::tracker::{Announcement, Announcer, TrackerError};
@@ -788,7 +788,6 @@ async fn forward(
     owner: u32,
     target: &str,
 ) -> Response<Body> {
-    use hyper_util::client::legacy::Client;
     let url = format!("{}/api/deployments", peer.trim_end_matches('/'));
     let unreachable = |reason: String| {
         json_error(
@@ -812,46 +811,19 @@ async fn forward(
         Ok(request) => request,
         Err(error) => return unreachable(error.to_string()),
     };
-    // From the parsed scheme, which is case-insensitive (`HTTPS://` is HTTPS too).
-    let https = request.uri().scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
-    let connector = match trust.connector(https) {
-        Ok(connector) => connector,
-        Err(error) => return unreachable(error.to_string()),
-    };
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| {
-            let mut reason = error_chain(&e);
-            if https && reason.contains("certificate") {
-                reason.push_str(
-                    " (the replica's certificate must be signed by a CA of the system or of \
-                     server.shard_peers_ca_file, and name the host of its server.shard_peers URL)",
-                );
-            }
-            reason
-        })?;
-        let status = response.status();
-        let content_type = response.headers().get(CONTENT_TYPE).cloned();
-        let bytes = Limited::new(response.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, content_type, bytes))
-    };
-    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
-        Ok(Ok((status, content_type, bytes))) => {
-            tracing::info!(db_target = %target, owner = %peer, status = status.as_u16(), "announcement forwarded to the owner's shard");
-            let mut response = Response::new(whole(bytes));
-            *response.status_mut() = status;
-            if let Some(value) = content_type {
+    let hint = "the replica's certificate must be signed by a CA of the system or of \
+                server.shard_peers_ca_file, and name the host of its server.shard_peers URL";
+    match trust::exchange(trust, request, MAX_BODY_BYTES, FORWARD_TIMEOUT, hint).await {
+        Ok(answer) => {
+            tracing::info!(db_target = %target, owner = %peer, status = answer.status.as_u16(), "announcement forwarded to the owner's shard");
+            let mut response = Response::new(whole(answer.body));
+            *response.status_mut() = answer.status;
+            if let Some(value) = answer.content_type {
                 response.headers_mut().insert(CONTENT_TYPE, value);
             }
             response
         }
-        Ok(Err(reason)) => unreachable(reason),
-        Err(_) => unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")),
+        Err(error) => unreachable(error.to_string()),
     }
 }
 

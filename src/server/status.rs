@@ -35,8 +35,11 @@ pub(crate) struct Filter {
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct StatusReport {
+    /// The worst of the targets' states.
     pub(crate) status: Overall,
+    /// RFC 3339.
     pub(crate) generated_at: String,
+    /// Whether the latest reload of the configuration was applied.
     pub(crate) config_reload_successful: bool,
     /// The session budget of each server: limit, sessions open, checks waiting.
     pub(crate) servers: Vec<crate::postgres::pool::ServerView>,
@@ -47,7 +50,9 @@ pub(crate) struct StatusReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ShardReport {
+    /// This replica's shard, from 0.
     pub(crate) index: u32,
+    /// How many shards the fleet is split into.
     pub(crate) count: u32,
     /// The targets this replica owns and watches (all of them, whatever the filters).
     pub(crate) targets: usize,
@@ -56,12 +61,15 @@ pub(crate) struct ShardReport {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct TargetReport {
     pub(crate) name: String,
+    /// Where it connects, without the password.
     pub(crate) connection: String,
+    /// The worst of its checks' states (`pending` before any result).
     pub(crate) status: Overall,
     /// `null` until the first attempt.
     pub(crate) reachable: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) connection_error: Option<String>,
+    /// What the target's `version_query` answered last.
     pub(crate) schema_version: Option<String>,
     /// Statistics samples stored since the daemon started.
     pub(crate) samples_recorded: u64,
@@ -70,6 +78,7 @@ pub(crate) struct TargetReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) leadership: Option<crate::watch::state::Leadership>,
     pub(crate) checks: Vec<CheckReport>,
+    /// The latest deployment and its windows (deployment tracking only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) deployment: Option<DeploymentView>,
 }
@@ -77,27 +86,39 @@ pub(crate) struct TargetReport {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct CheckReport {
     pub(crate) name: String,
+    /// The pack that defines it.
     pub(crate) pack: String,
+    /// `health`, `integrity`, `index_usage`… as the pack says.
     pub(crate) category: String,
+    /// `critical` (a failure makes the target failing) or `warning` (degraded).
     pub(crate) severity: String,
     pub(crate) description: String,
     pub(crate) status: Status,
+    /// What the latest run returned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) value: Option<Observation>,
+    /// What it must return (`== 0`, `< 0.8`…).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) expectation: Option<String>,
+    /// Why the latest result is what it is, when the check says more than its value.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) detail: Option<String>,
+    /// The latest error's class (`timeout`, `sql`, `connection`…).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error_kind: Option<String>,
+    /// The latest error's message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// RFC 3339: the latest run, the latest that gave a result, the latest that passed.
     pub(crate) last_run: Option<String>,
     pub(crate) last_success: Option<String>,
     pub(crate) last_pass: Option<String>,
+    /// How long the latest run took.
     pub(crate) duration_seconds: Option<f64>,
     pub(crate) interval_seconds: f64,
+    /// Runs since the daemon started.
     pub(crate) runs: u64,
+    /// Runs skipped: the previous one was still running, or no session was free.
     pub(crate) skipped: u64,
     /// Runs skipped because no session became free within the interval.
     pub(crate) skipped_no_session: u64,

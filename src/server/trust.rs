@@ -5,9 +5,16 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -85,6 +92,65 @@ impl Trust {
             .enable_http1()
             .build())
     }
+}
+
+/// Why a request got no whole answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExchangeError {
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// No connection, a failed handshake, or a body cut short or too large.
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A whole answer: its status, content type and body.
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: Option<HeaderValue>,
+    pub(crate) body: Bytes,
+}
+
+/// Sends `request` over HTTP or HTTPS, as its parsed scheme says (case-insensitive), with the
+/// certificate checked against `trust`, and reads a body of at most `max_body` bytes, all
+/// within `timeout`. A certificate error gets `certificate_hint` (where the CA comes from and
+/// which name the certificate must hold) appended.
+pub(crate) async fn exchange(
+    trust: &Trust,
+    request: Request<Full<Bytes>>,
+    max_body: usize,
+    timeout: Duration,
+    certificate_hint: &str,
+) -> Result<Answer, ExchangeError> {
+    let https = request.uri().scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(trust.connector(https)?);
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| {
+            let mut reason = error_chain(&e);
+            if https && reason.contains("certificate") {
+                reason.push_str(&format!(" ({certificate_hint})"));
+            }
+            ExchangeError::Unreachable(reason)
+        })?;
+        let status = response.status();
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let body = Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|e| ExchangeError::Unreachable(e.to_string()))?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ExchangeError::Timeout(timeout))?
 }
 
 /// An error and its sources, one after the other: hyper's client errors say what failed (a

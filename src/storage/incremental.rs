@@ -38,36 +38,46 @@ impl ProgressStore {
         Ok(ProgressStore::new(&StoreActor::start(Store::in_memory()?)?))
     }
 
-    /// The stored fingerprint and progress of `check` on `target`.
+    /// The stored fingerprint and progress of a check on a target.
     pub(crate) async fn load(
         &self,
-        target: &str,
-        check: &str,
+        key: &ProgressKey,
     ) -> Result<Option<(String, Progress)>, StoreError> {
-        let (target, check) = (target.to_string(), check.to_string());
+        let key = key.clone();
         self.store
-            .run(move |store| load(store, &target, &check))
+            .run(move |store| load(store, &key.target, &key.check))
             .await
     }
 
-    pub(crate) async fn save(
-        &self,
-        target: &str,
-        check: &str,
-        fingerprint: &str,
-        progress: &Progress,
-        now: f64,
-    ) -> Result<(), StoreError> {
-        let (target, check, fingerprint) = (
-            target.to_string(),
-            check.to_string(),
-            fingerprint.to_string(),
-        );
-        let progress = progress.clone();
+    /// Stores a check's progress and the fingerprint of the definition it was computed with.
+    pub(crate) async fn save(&self, key: &ProgressKey, saved: Saved) -> Result<(), StoreError> {
+        let key = key.clone();
         self.store
-            .run(move |store| save(store, &target, &check, &fingerprint, &progress, now))
+            .run(move |store| {
+                let Saved {
+                    fingerprint,
+                    progress,
+                    at,
+                } = &saved;
+                save(store, &key.target, &key.check, fingerprint, progress, *at)
+            })
             .await
     }
+}
+
+/// Whose progress: a check on a target.
+#[derive(Debug, Clone)]
+pub(crate) struct ProgressKey {
+    pub(crate) target: String,
+    pub(crate) check: String,
+}
+
+/// A check's progress, the fingerprint of the definition it was computed with, and when.
+pub(crate) struct Saved {
+    pub(crate) fingerprint: String,
+    pub(crate) progress: Progress,
+    /// Unix seconds.
+    pub(crate) at: f64,
 }
 
 /// The stored fingerprint and progress of `check` on `target`, read on the caller's thread.
@@ -151,14 +161,14 @@ mod tests {
             let store = ProgressStore::new(
                 &StoreActor::start(Store::open(&path).expect("open")).expect("actor"),
             );
-            assert_eq!(store.load("a", "c").await.expect("load"), None);
+            assert_eq!(store.load(&key("a", "c")).await.expect("load"), None);
             store
-                .save("a", "c", "f1", &progress, 1.0)
+                .save(&key("a", "c"), saved("f1", &progress, 1.0))
                 .await
                 .expect("save");
             progress.settle(1, Some("50".into()), 2);
             store
-                .save("a", "c", "f2", &progress, 2.0)
+                .save(&key("a", "c"), saved("f2", &progress, 2.0))
                 .await
                 .expect("save again");
         }
@@ -166,9 +176,24 @@ mod tests {
             &StoreActor::start(Store::open(&path).expect("reopen")).expect("actor"),
         );
         assert_eq!(
-            store.load("a", "c").await.expect("load"),
+            store.load(&key("a", "c")).await.expect("load"),
             Some(("f2".to_string(), progress))
         );
-        assert_eq!(store.load("b", "c").await.expect("load"), None);
+        assert_eq!(store.load(&key("b", "c")).await.expect("load"), None);
+    }
+
+    fn key(target: &str, check: &str) -> ProgressKey {
+        ProgressKey {
+            target: target.to_string(),
+            check: check.to_string(),
+        }
+    }
+
+    fn saved(fingerprint: &str, progress: &Progress, at: f64) -> Saved {
+        Saved {
+            fingerprint: fingerprint.to_string(),
+            progress: progress.clone(),
+            at,
+        }
     }
 }

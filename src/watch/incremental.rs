@@ -31,7 +31,7 @@ use crate::checks::outcome::{self, Cell, CheckError, CheckOutcome, ErrorKind, Re
 use crate::checks::spec::CheckSpec;
 use crate::postgres::pool::TargetPool;
 use crate::postgres::runner::{query_read_only_many, query_read_only_opt, RunReport};
-use crate::storage::incremental::ProgressStore;
+use crate::storage::incremental::{ProgressKey, ProgressStore, Saved};
 use crate::time::SharedClock;
 
 /// What the run needs besides the check: where progress is kept and whose it is.
@@ -133,12 +133,7 @@ impl<'c> Runner<'c, '_> {
     async fn run(&mut self) -> Result<(i64, IncrementalReport), CheckError> {
         let now = self.context.clock.now();
         let fingerprint = fingerprint(self.spec, self.def);
-        let mut progress = match self
-            .context
-            .store
-            .load(self.context.target, &self.spec.name)
-            .await
-        {
+        let mut progress = match self.context.store.load(&self.progress_key()).await {
             Ok(Some((stored_fingerprint, progress))) if stored_fingerprint == fingerprint => {
                 progress
             }
@@ -230,19 +225,21 @@ impl<'c> Runner<'c, '_> {
         }
     }
 
+    /// Whose progress this run reads and writes.
+    fn progress_key(&self) -> ProgressKey {
+        ProgressKey {
+            target: self.context.target.to_string(),
+            check: self.spec.name.clone(),
+        }
+    }
+
     async fn save(&self, fingerprint: &str, progress: &Progress) {
-        if let Err(error) = self
-            .context
-            .store
-            .save(
-                self.context.target,
-                &self.spec.name,
-                fingerprint,
-                progress,
-                self.context.clock.now(),
-            )
-            .await
-        {
+        let saved = Saved {
+            fingerprint: fingerprint.to_string(),
+            progress: progress.clone(),
+            at: self.context.clock.now(),
+        };
+        if let Err(error) = self.context.store.save(&self.progress_key(), saved).await {
             tracing::warn!(
                 db_target = %self.context.target, check = %self.spec.name, %error,
                 "cannot store the check's progress; a restart repeats the work"

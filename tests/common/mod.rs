@@ -311,6 +311,13 @@ pub fn target_on_port(name: &str, port: u16) -> String {
     format!("[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"x\"\nuser = \"deploywatch\"\n")
 }
 
+/// A `deploywatch.toml` of a replica: `server` (the `[server]` table's lines), a 1 s connect
+/// timeout and a [`target_on_port`] for each of `names`.
+pub fn replica_config(server: &str, port: u16, names: &[&str]) -> String {
+    let targets: String = names.iter().map(|n| target_on_port(n, port)).collect();
+    format!("[server]\n{server}\n[defaults]\nconnect_timeout = \"1s\"\n\n{targets}")
+}
+
 /// An HTTP GET against the daemon; returns status code and body.
 pub async fn get(url: &str) -> (u16, String) {
     get_as(url, "*/*").await
