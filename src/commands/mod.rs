@@ -227,6 +227,24 @@ pub fn daemon_url(mut listen: std::net::SocketAddr, tls: bool) -> String {
     format!("{scheme}://{listen}")
 }
 
+/// A warning when `user`'s password would cross the network unencrypted: a plain `http://`
+/// URL whose host is not this machine's loopback. Basic authentication sends the password
+/// with every request, readable by anyone on the path.
+fn cleartext_password_warning(base: &str, user: &str) -> Option<String> {
+    let url = url::Url::parse(base).ok()?;
+    let loopback = match url.host()? {
+        url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    (url.scheme() == "http" && !loopback).then(|| {
+        format!(
+            "warning: the password of --user {user} goes to {base} unencrypted (plain http://): \
+             serve TLS (server.web_config_file) and use an https:// URL"
+        )
+    })
+}
+
 /// `deploywatch status`: asks a running daemon.
 pub async fn status(
     url: Option<&str>,
@@ -237,6 +255,9 @@ pub async fn status(
     basic: Option<&client::BasicAuth>,
 ) -> (u8, String) {
     let base = base_url(url, config);
+    if let Some(warning) = basic.and_then(|b| cleartext_password_warning(&base, &b.user)) {
+        eprintln!("{warning}");
+    }
     let mut full = format!("{base}/status?format=json");
     if let Some(target) = target {
         full.push_str("&target=");
@@ -458,5 +479,30 @@ fn report_from(
                 now,
             },
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_password_over_plain_http_beyond_this_machine_is_warned_of() {
+        use super::cleartext_password_warning as warning;
+        let far = warning("http://10.1.2.3:9187", "sre").expect("a warning");
+        assert!(
+            far.contains("--user sre") && far.contains("unencrypted") && far.contains("https://"),
+            "{far}"
+        );
+        assert!(warning("http://dw.example.com:9187", "sre").is_some());
+        for near in [
+            "https://10.1.2.3:9187",
+            "https://dw.example.com",
+            "http://127.0.0.1:9187",
+            "http://127.8.0.1:9187",
+            "http://localhost:9187",
+            "http://LOCALHOST:9187",
+            "http://[::1]:9187",
+        ] {
+            assert_eq!(warning(near, "sre"), None, "{near}");
+        }
     }
 }
