@@ -388,8 +388,9 @@ async fn the_cli_reaches_a_daemon_that_serves_https() {
 
 /// Replicas that serve HTTPS forward announcements to each other over HTTPS: an announcement
 /// sent to the replica that does not own its target reaches the owner, whose certificate is
-/// checked against `server.shard_peers_ca_file`. Without that file the owner's certificate is
-/// not trusted: the forward fails with 502 and says why, and nothing is recorded anywhere.
+/// checked against `server.shard_peers_ca_file`. With another CA in that file the owner's
+/// certificate is not trusted: the forward fails with 502 and says why, and nothing is recorded
+/// anywhere. The file is read again at a reload: renewed, it is trusted without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_that_serve_https_forward_announcements_over_https() {
     use deploywatch::commands::client;
@@ -412,19 +413,14 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
         })
         .collect();
     // One configuration directory per replica, each with its own store.
-    let replica = |shard: u32, ca: bool| {
+    let replica = |shard: u32| {
         let dir = ConfigDir::new();
         write_pki(&dir, &pki);
         dir.write("web.yml", TLS);
         dir.write("token", "shard-token");
         dir.write("checks/p.toml", PACK);
-        let ca = if ca {
-            "shard_peers_ca_file = \"ca.pem\"\n"
-        } else {
-            ""
-        };
         let server = format!(
-            "web_config_file = \"web.yml\"\napi_token_file = \"token\"\nshard = \"{shard}/2\"\nshard_peers = [\"{}\", \"{}\"]\n{ca}",
+            "web_config_file = \"web.yml\"\napi_token_file = \"token\"\nshard = \"{shard}/2\"\nshard_peers = [\"{}\", \"{}\"]\nshard_peers_ca_file = \"ca.pem\"\n",
             urls[0], urls[1]
         );
         dir.write(
@@ -434,7 +430,7 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
         dir
     };
     let [l0, l1] = listeners;
-    let dirs = [replica(0, true), replica(1, true)];
+    let dirs = [replica(0), replica(1)];
     let owner = deploywatch::daemon::start(dirs[1].load(), l1).expect("shard 1 starts");
     let asked = deploywatch::daemon::start(dirs[0].load(), l0).expect("shard 0 starts");
     let trust = client::Trust::new(Some(dirs[0].path().join("ca.pem")));
@@ -471,8 +467,10 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
     );
     asked.shutdown().await.expect("shutdown");
 
-    // The same replica without the CA file: the owner's certificate is not trusted.
-    let untrusting = replica(0, false);
+    // The same replica with another CA in its CA file (the replicas' CA was rotated and this
+    // file not yet): the owner's certificate is not trusted.
+    let untrusting = replica(0);
+    untrusting.write("ca.pem", &crate::pki().ca);
     let listener = tokio::net::TcpListener::bind(urls[0].trim_start_matches("https://"))
         .await
         .expect("bind the first replica's address again");
@@ -497,6 +495,32 @@ async fn replicas_that_serve_https_forward_announcements_over_https() {
         list(&urls[0]).await.trim(),
         "[]",
         "nor did the replica asked"
+    );
+
+    // The CA file renewed and the configuration reloaded: the file is read again, and the
+    // owner's certificate is trusted without a restart.
+    untrusting.write("ca.pem", &pki.ca);
+    asked
+        .events
+        .send(deploywatch::daemon::Event::Reload)
+        .await
+        .expect("reload");
+    let body = common::wait_until(
+        "the announcement is forwarded after the reload",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (code, body) =
+                client::announce_with(&urls[0], "shard-token", &announcement, &trust)
+                    .await
+                    .expect("announce");
+            (code.as_u16() == 201).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("3.0.0"), "{body}");
+    assert!(
+        list(&urls[1]).await.contains("3.0.0"),
+        "the owner recorded it"
     );
     asked.shutdown().await.expect("shutdown");
     owner.shutdown().await.expect("shutdown");
