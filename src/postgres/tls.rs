@@ -255,13 +255,7 @@ impl TlsSettings {
     fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         match &self.root_cert {
-            Some(RootCert::File(path)) => {
-                for cert in read_certs(path, "sslrootcert")? {
-                    roots
-                        .add(cert)
-                        .map_err(|e| TlsError::Rustls(e.to_string()))?;
-                }
-            }
+            Some(RootCert::File(path)) => add_roots(&mut roots, path, "sslrootcert")?,
             Some(RootCert::System) => add_system_roots(&mut roots),
             None => {}
         }
