@@ -446,6 +446,27 @@ impl RunningMoments {
         Some(((self.sum_sq - n * mean * mean) / (n - 1.0)).max(0.0))
     }
 
+    /// Sample variance with the single value farthest from the mean replaced by its
+    /// neighbour (the largest by the second largest, or the smallest by the second smallest):
+    /// one value far out, such as a baseline sample whose calls met a lock wait, does not set
+    /// the spread of all the others. The plain variance below four values.
+    pub fn winsorized_variance(&self) -> Option<f64> {
+        if self.n < 4 {
+            return self.variance();
+        }
+        let n = self.n as f64;
+        let mean = self.sum / n;
+        let (out, by) = if self.max[0] - mean >= mean - self.min[0] {
+            (self.max[0], self.max[1])
+        } else {
+            (self.min[0], self.min[1])
+        };
+        let sum = self.sum - out + by;
+        let sum_sq = self.sum_sq - out * out + by * by;
+        let mean = sum / n;
+        Some(((sum_sq - n * mean * mean) / (n - 1.0)).max(0.0))
+    }
+
     /// Lag-1 autocorrelation; `None` below three values or without spread.
     pub fn lag1_autocorrelation(&self) -> Option<f64> {
         if self.n < 3 {
@@ -565,7 +586,10 @@ pub fn fewer_calls_factor(calls_ratio: f64, r: f64) -> f64 {
 /// waits in a share of the samples) loses little: the gap between its two largest values.
 ///
 /// Under "no change" the difference is about N(0, V) with V = s² (f(n_w) / n_w + f(n_b) /
-/// n_b), s² the baseline's variance (at least `min_sd` squared), r its lag-1 autocorrelation
+/// n_b), s² the baseline's variance with its value farthest from the mean winsorized
+/// ([`RunningMoments::winsorized_variance`]: one baseline sample that met a lock wait must
+/// not hide every later slowdown of the statement; at least `min_sd` squared), r its lag-1
+/// autocorrelation
 /// (sampled statistics drift, so consecutive values are correlated) and f the variance factor
 /// of the mean of n consecutive AR(1) values ([`ar1_mean_variance_factor`]). The
 /// baseline's variance stands for the window's: under "no change" they are the same, and a
@@ -593,7 +617,7 @@ pub fn sequential_shift(
     min_sd: f64,
 ) -> Option<SequentialShift> {
     let mean_b = baseline.mean()?;
-    let variance_b = baseline.variance()?.max(min_sd * min_sd);
+    let variance_b = baseline.winsorized_variance()?.max(min_sd * min_sd);
     let (lowered, raised) = window.winsorized_means()?;
     let d = if lowered > mean_b {
         lowered - mean_b
@@ -680,6 +704,28 @@ mod tests {
 
     fn close(a: f64, b: f64, tolerance: f64) -> bool {
         (a - b).abs() <= tolerance
+    }
+
+    #[test]
+    fn the_winsorized_variance_leaves_out_the_one_value_far_out() {
+        let tight = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02];
+        let mut with_outlier = tight.to_vec();
+        with_outlier.push(6.0);
+        let plain = RunningMoments::of(&with_outlier).variance().unwrap_or(0.0);
+        let winsorized = RunningMoments::of(&with_outlier)
+            .winsorized_variance()
+            .unwrap_or(f64::NAN);
+        assert!(plain > 2.0, "{plain}");
+        assert!(winsorized < 0.01, "{winsorized}");
+        // A low value far out is winsorized the same way.
+        let low: Vec<f64> = with_outlier.iter().map(|x| 2.0 - x).collect();
+        let w_low = RunningMoments::of(&low)
+            .winsorized_variance()
+            .unwrap_or(f64::NAN);
+        assert!((w_low - winsorized).abs() < 1e-12, "{w_low} {winsorized}");
+        // Below four values: the plain variance.
+        let three = RunningMoments::of(&[1.0, 2.0, 9.0]);
+        assert_eq!(three.winsorized_variance(), three.variance());
     }
 
     #[test]
