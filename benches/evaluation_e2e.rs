@@ -9,7 +9,8 @@
 //! Zipf rates (exponent 1.1) by four sessions, about 150 calls a second in all, plus a "work"
 //! function (2 ms), an order insert and an account update. The daemon samples every second;
 //! `first_hour` 6 s, `first_day` 12 s, `first_week` 18 s. Before each deployment a restoring
-//! deployment gives a clean baseline of 8 s. The change is made at the announcement.
+//! deployment gives a clean baseline of 8 s, two seconds after the previous change was undone
+//! (and the lock holder stopped). The change is made at the announcement.
 
 #[allow(dead_code)]
 mod common;
@@ -28,6 +29,10 @@ use common::scenario::{stray_signals, Hit, Scenario, Subjects, ALL};
 
 const HOUR: u64 = 6;
 const BASELINE: u64 = 8;
+/// Time between undoing a deployment's change and the next restoring deployment: two sample
+/// intervals, since the first sample of a baseline covers up to one interval before its
+/// deployment.
+const SETTLE: Duration = Duration::from_secs(2);
 const TABLES: usize = 40;
 const SHAPES: usize = 5;
 const CALLS_PER_SECOND: f64 = 150.0;
@@ -237,7 +242,7 @@ async fn apply(
     scenario: Scenario,
     knobs: &Knobs,
     lock: &CancellationToken,
-) {
+) -> Option<tokio::task::JoinHandle<()>> {
     let sql = |s: &str| cluster.psql("bench", s).map(|_| ()).expect("change");
     match scenario {
         Scenario::TrafficDouble => knobs.traffic.store(2.0f64.to_bits(), Ordering::Relaxed),
@@ -269,7 +274,7 @@ async fn apply(
             // Another session holds the rows the update needs for 150 ms out of every 500.
             let url = cluster.connection_string("bench");
             let lock = lock.clone();
-            tokio::spawn(async move {
+            return Some(tokio::spawn(async move {
                 let Ok((client, connection)) =
                     tokio_postgres::connect(&url, tokio_postgres::NoTls).await
                 else {
@@ -282,13 +287,17 @@ async fn apply(
                             "BEGIN; SELECT * FROM accounts FOR UPDATE; SELECT pg_sleep(0.15); COMMIT",
                         )
                         .await;
-                    tokio::time::sleep(Duration::from_millis(350)).await;
+                    tokio::select! {
+                        _ = lock.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(350)) => {}
+                    }
                 }
                 driver.abort();
-            });
+            }));
         }
         Scenario::Integrity(_) | Scenario::NoChange => {}
     }
+    None
 }
 
 fn undo(cluster: &PgCluster, scenario: Scenario, knobs: &Knobs) {
@@ -321,7 +330,7 @@ async fn run_one(
     *version += 1;
     let to_version = format!("1.0.{version}");
     let lock = CancellationToken::new();
-    apply(cluster, scenario, knobs, &lock).await;
+    let holding = apply(cluster, scenario, knobs, &lock).await;
     let announced = Instant::now();
     common::announce(daemon, &to_version, scenario.name().as_str()).await;
     let violation_at = match scenario {
@@ -396,8 +405,15 @@ async fn run_one(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The lock holder's transaction in flight ends before the change is undone, and the next
+    // restoring deployment comes `SETTLE` later: its baseline, which the next deployment is
+    // judged against, must not see this one's change.
     lock.cancel();
+    if let Some(holding) = holding {
+        let _ = holding.await;
+    }
     undo(cluster, scenario, knobs);
+    tokio::time::sleep(SETTLE).await;
     outcome
 }
 
