@@ -410,7 +410,14 @@ async fn run_one(
     // judged against, must not see this one's change.
     lock.cancel();
     if let Some(holding) = holding {
-        let _ = holding.await;
+        // A holder stuck in a statement is given up on after 5 s.
+        let abort = holding.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), holding)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     undo(cluster, scenario, knobs);
     tokio::time::sleep(SETTLE).await;

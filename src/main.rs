@@ -290,9 +290,6 @@ fn forward_signals(events: tokio::sync::mpsc::Sender<Event>) -> anyhow::Result<(
     Ok(())
 }
 
-/// `--url`, else, when the configuration does not load as a whole (a web configuration whose
-/// key this user cannot read, a check pack with an error), the address its `[server]` gives:
-/// the commands that ask the daemon need nothing else from it.
 /// What a command that talks to a running daemon needs: the configuration when it loads,
 /// the daemon's URL and whom its HTTPS certificate is checked against.
 struct Daemon {
@@ -310,6 +307,9 @@ impl Daemon {
     }
 }
 
+/// `--url`, else, when the configuration does not load as a whole (a web configuration whose
+/// key this user cannot read, a check pack with an error), the address its `[server]` gives:
+/// the commands that ask the daemon need nothing else from it.
 fn daemon_url(url: &Option<String>, config: Option<&Config>, path: &Path) -> Option<String> {
     url.clone().or_else(|| {
         config

@@ -177,7 +177,7 @@ pub(crate) struct DatabaseSummary {
 /// Statements not followed in detail, added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Others {
-    /// How many statements were added up here.
+    /// How many statements were added up here (0 when the summary follows no statement).
     pub(crate) statements: usize,
     /// Their calls.
     pub(crate) calls: f64,
@@ -268,7 +268,7 @@ pub struct Summary {
     pub(crate) first_sized: Option<SizePoint>,
     pub(crate) last_sized: Option<SizePoint>,
     pub(crate) sized_samples: usize,
-    /// The checks' outcomes: first, latest and failing.
+    /// The checks' outcomes: passes per check, which failed and how last, the latest states.
     pub(crate) checks: ChecksSummary,
     /// Calls a statement's per-sample mean needs (fewer are pooled with the next samples).
     min_calls: u64,

@@ -238,8 +238,12 @@ fn cleartext_password_warning(base: &str, user: &str) -> Option<String> {
         url::Host::Ipv6(ip) => ip.is_loopback(),
     };
     (url.scheme() == "http" && !loopback).then(|| {
+        // Whatever credentials the URL holds are not repeated.
+        let mut shown = url.clone();
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("");
         format!(
-            "warning: the password of --user {user} goes to {base} unencrypted (plain http://): \
+            "warning: the password of --user {user} goes to {shown} unencrypted (plain http://): \
              serve TLS (server.web_config_file) and use an https:// URL"
         )
     })
@@ -493,6 +497,8 @@ mod tests {
             "{far}"
         );
         assert!(warning("http://dw.example.com:9187", "sre").is_some());
+        let with_secret = warning("http://u:hunter2@10.1.2.3:9187", "sre").expect("a warning");
+        assert!(!with_secret.contains("hunter2"), "{with_secret}");
         for near in [
             "https://10.1.2.3:9187",
             "https://dw.example.com",

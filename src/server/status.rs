@@ -35,7 +35,7 @@ pub(crate) struct Filter {
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct StatusReport {
-    /// The worst of the targets' states.
+    /// The worst state of the targets asked about (all of them without `target`).
     pub(crate) status: Overall,
     /// RFC 3339.
     pub(crate) generated_at: String,
@@ -63,7 +63,8 @@ pub(crate) struct TargetReport {
     pub(crate) name: String,
     /// Where it connects, without the password.
     pub(crate) connection: String,
-    /// The worst of its checks' states (`pending` before any result).
+    /// The worst of: unreachable (failing), its checks' states, its deployment's active
+    /// regressions (degraded); `pending` before any result.
     pub(crate) status: Overall,
     /// `null` until the first attempt.
     pub(crate) reachable: Option<bool>,
@@ -118,7 +119,7 @@ pub(crate) struct CheckReport {
     pub(crate) interval_seconds: f64,
     /// Runs since the daemon started.
     pub(crate) runs: u64,
-    /// Runs skipped: the previous one was still running, or no session was free.
+    /// Runs skipped because the previous one was still running.
     pub(crate) skipped: u64,
     /// Runs skipped because no session became free within the interval.
     pub(crate) skipped_no_session: u64,
