@@ -9,7 +9,7 @@
 //! Zipf rates (exponent 1.1) by four sessions, about 150 calls a second in all, plus a "work"
 //! function (2 ms), an order insert and an account update. The daemon samples every second;
 //! `first_hour` 6 s, `first_day` 12 s, `first_week` 18 s. Before each deployment a restoring
-//! deployment gives a clean baseline of 8 s, two seconds after the previous change was undone
+//! deployment gives a clean baseline of 8 s, two samples after the previous change was undone
 //! (and the lock holder stopped). The change is made at the announcement.
 
 #[allow(dead_code)]
@@ -29,10 +29,10 @@ use common::scenario::{stray_signals, Hit, Scenario, Subjects, ALL};
 
 const HOUR: u64 = 6;
 const BASELINE: u64 = 8;
-/// Time between undoing a deployment's change and the next restoring deployment: two sample
-/// intervals, since the first sample of a baseline covers up to one interval before its
+/// Samples the daemon stores between undoing a deployment's change and the next restoring
+/// deployment: two, since the first sample of a baseline covers up to one interval before its
 /// deployment.
-const SETTLE: Duration = Duration::from_secs(2);
+const SETTLE_SAMPLES: u64 = 2;
 const TABLES: usize = 40;
 const SHAPES: usize = 5;
 const CALLS_PER_SECOND: f64 = 150.0;
@@ -406,8 +406,8 @@ async fn run_one(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The lock holder's transaction in flight ends before the change is undone, and the next
-    // restoring deployment comes `SETTLE` later: its baseline, which the next deployment is
-    // judged against, must not see this one's change.
+    // restoring deployment comes `SETTLE_SAMPLES` samples later: its baseline, which the next
+    // deployment is judged against, must not see this one's change.
     lock.cancel();
     if let Some(holding) = holding {
         // A holder stuck in a statement is given up on after 5 s.
@@ -420,7 +420,7 @@ async fn run_one(
         }
     }
     undo(cluster, scenario, knobs);
-    tokio::time::sleep(SETTLE).await;
+    common::wait_for_samples(daemon, SETTLE_SAMPLES, Duration::from_secs(10)).await;
     outcome
 }
 

@@ -87,6 +87,33 @@ pub async fn announce(daemon: &BenchDaemon, version: &str, note: &str) {
     assert_eq!(code.as_u16(), 201, "{answer}");
 }
 
+/// Statistics samples the daemon has stored of its one target since it started.
+async fn samples_recorded(daemon: &BenchDaemon) -> Option<u64> {
+    let url = format!("{}/status?format=json", daemon.base);
+    let (code, body) = deploywatch::commands::client::get(&url, "application/json")
+        .await
+        .ok()?;
+    if !code.is_success() {
+        return None;
+    }
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["targets"][0]["samples_recorded"].as_u64()
+}
+
+/// Waits until the daemon has stored `more` samples after this call (polling `/status`);
+/// panics after `deadline`.
+pub async fn wait_for_samples(daemon: &BenchDaemon, more: u64, deadline: std::time::Duration) {
+    let start = std::time::Instant::now();
+    let from = samples_recorded(daemon).await.unwrap_or(0);
+    while samples_recorded(daemon).await.unwrap_or(0) < from + more {
+        assert!(
+            start.elapsed() < deadline,
+            "the daemon stored fewer than {more} samples in {deadline:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A benchmark setting from the environment, or its default.
 pub fn setting<T: FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
