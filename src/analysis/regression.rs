@@ -1260,6 +1260,14 @@ mod tests {
         s
     }
 
+    /// One sample a minute from `start`, each of `calls` calls at the given time per call (ms).
+    fn samples_of(start: f64, calls: f64, ms: &[f64]) -> Vec<Sample> {
+        ms.iter()
+            .enumerate()
+            .map(|(i, ms)| sample_calls(start + 60.0 * i as f64, calls, *ms))
+            .collect()
+    }
+
     #[test]
     fn lock_waits_that_thin_out_the_calls_are_still_judged() {
         // An update runs 8 times a sample at 0.04 ms; once another session holds its rows it
@@ -1321,11 +1329,11 @@ mod tests {
     #[test]
     fn one_slow_baseline_sample_does_not_make_an_unchanged_query_faster() {
         let baseline = contended_baseline();
-        let window: Vec<Sample> = [0.0612, 0.0571, 0.0655, 0.0598, 0.0633, 0.0560, 0.0621]
-            .iter()
-            .enumerate()
-            .map(|(i, ms)| sample_calls(10_000.0 + 60.0 * i as f64, 8.0, *ms))
-            .collect();
+        let window = samples_of(
+            10_000.0,
+            8.0,
+            &[0.0612, 0.0571, 0.0655, 0.0598, 0.0633, 0.0560, 0.0621],
+        );
         let j = judged(Window::FirstHour, &baseline, &window);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
         assert!(j.improvements.is_empty(), "{:?}", j.improvements);
@@ -1337,28 +1345,24 @@ mod tests {
     /// (log variance 0.02, corrected, against 0.21), and a window within the baseline's range
     /// was a slowdown. The demo's inserts have baselines this short (four means each), and its
     /// first hour was once flagged on two of them (+109 % and +112 %, confirmed, then
-    /// resolved). In four values one far out is as likely the spread as a lock wait: they are
-    /// not winsorized.
+    /// resolved). In four values one far out may as well be the statement's own spread: they
+    /// are not winsorized.
     #[test]
     fn four_baseline_means_with_one_slow_do_not_confirm_a_window_within_their_range() {
-        let baseline: Vec<Sample> = [0.100, 0.110, 0.092, 0.250]
-            .iter()
-            .enumerate()
-            .map(|(i, ms)| sample_calls(60.0 * i as f64, 200.0, *ms))
-            .collect();
-        let window: Vec<Sample> = [0.210, 0.200, 0.230, 0.220, 0.205, 0.215, 0.225]
-            .iter()
-            .enumerate()
-            .map(|(i, ms)| sample_calls(10_000.0 + 60.0 * i as f64, 200.0, *ms))
-            .collect();
+        let baseline = samples_of(0.0, 200.0, &[0.100, 0.110, 0.092, 0.250]);
+        let window = samples_of(
+            10_000.0,
+            200.0,
+            &[0.210, 0.200, 0.230, 0.220, 0.205, 0.215, 0.225],
+        );
         let j = judged(Window::FirstHour, &baseline, &window);
         assert!(j.regressions.is_empty(), "{:?}", j.regressions);
         // The same window against eight tight baseline means is a slowdown.
-        let tight: Vec<Sample> = [0.100, 0.110, 0.092, 0.104, 0.098, 0.107, 0.095, 0.101]
-            .iter()
-            .enumerate()
-            .map(|(i, ms)| sample_calls(60.0 * i as f64, 200.0, *ms))
-            .collect();
+        let tight = samples_of(
+            0.0,
+            200.0,
+            &[0.100, 0.110, 0.092, 0.104, 0.098, 0.107, 0.095, 0.101],
+        );
         let j = judged(Window::FirstHour, &tight, &window);
         assert_only(&j.regressions, Signal::QueryLatency, "query 1");
     }
