@@ -103,15 +103,16 @@ async fn samples_recorded(daemon: &BenchDaemon) -> Option<u64> {
 /// Waits until the daemon has stored `more` samples after this call (polling `/status`);
 /// panics after `deadline`.
 pub async fn wait_for_samples(daemon: &BenchDaemon, more: u64, deadline: std::time::Duration) {
-    let start = std::time::Instant::now();
     let from = samples_recorded(daemon).await.unwrap_or(0);
-    while samples_recorded(daemon).await.unwrap_or(0) < from + more {
-        assert!(
-            start.elapsed() < deadline,
-            "the daemon stored fewer than {more} samples in {deadline:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    deploywatch_testkit::wait::wait_until(
+        &format!("{more} more samples stored by the daemon"),
+        deadline,
+        || async {
+            let now = samples_recorded(daemon).await.unwrap_or(0);
+            (now >= from + more).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A benchmark setting from the environment, or its default.

@@ -332,23 +332,7 @@ pub async fn get_as(url: &str, accept: &str) -> (u16, String) {
     (code.as_u16(), body)
 }
 
-/// Polls `probe` until it returns Some or the deadline passes.
-pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        if start.elapsed() > deadline {
-            panic!("timed out after {deadline:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use deploywatch_testkit::wait::wait_until;
 
 /// Polls `url` until `read` finds in an answer (status code, body) what the test waits for;
 /// what `read` returned. No answer at all counts as not yet.
